@@ -1,0 +1,1 @@
+//! motley-ingest (being built).

@@ -1,0 +1,1 @@
+//! motley-tokenizers (being built).

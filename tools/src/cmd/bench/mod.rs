@@ -1,0 +1,29 @@
+//! `motley bench ...`: every hot path measured against a baseline taken in the same run.
+
+use crate::output::Ctx;
+
+pub mod ingest;
+pub mod loader;
+pub mod tokenizers;
+pub mod trainer;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Streaming loader: tokens/s as finished batches vs memcpy and a numpy.memmap packer.
+    Loader(loader::Args),
+    /// Tokenizers: text BPE vs HF Python, speech real-time factor, image VQ throughput.
+    Tokenizers(tokenizers::Args),
+    /// Text ingest end to end vs HF Python `encode_batch`.
+    Ingest(ingest::Args),
+    /// MoT vs dense step time, and tch vs PyTorch eager.
+    Trainer(trainer::Args),
+}
+
+pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
+    match cmd {
+        Command::Loader(a) => loader::run(a, ctx),
+        Command::Tokenizers(a) => tokenizers::run(a, ctx),
+        Command::Ingest(a) => ingest::run(a, ctx),
+        Command::Trainer(a) => trainer::run(a, ctx),
+    }
+}

@@ -1,0 +1,143 @@
+//! `motley demo`: the end-to-end flow on the bundled sample corpus, as a user would run it.
+//!
+//! Each stage runs this same binary's subcommands as child processes, so the demo shows
+//! exactly the commands a user types (they are echoed) and a stage whose subcommand is not
+//! built yet is named and skipped instead of silently faked.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+
+use crate::output::{Ctx, EXIT_NOT_BUILT};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The bundled sample corpus folder.
+    #[arg(long, default_value = "data/sample")]
+    sample: PathBuf,
+    /// Where tokenizers, the corpus, runs and plots are written.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Training steps for each of MoT and dense (the tiny preset's default when omitted).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Start over even if the output folder holds a previous demo.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// One stage of the demo: a name and the `motley` arguments that perform it.
+struct Stage {
+    name: &'static str,
+    args: Vec<String>,
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn stages(a: &Args) -> Vec<Stage> {
+    let out = &a.out;
+    let tok = out.join("tokenizers");
+    let corpus = out.join("corpus");
+    let mut train_common = vec!["--preset".into(), "tiny".into(), "--data".into(), s(&corpus), "--overwrite".into()];
+    if let Some(n) = a.steps {
+        train_common.extend(["--steps".into(), n.to_string()]);
+    }
+    let with = |mut v: Vec<String>, extra: &[String]| {
+        v.extend_from_slice(extra);
+        v
+    };
+    vec![
+        Stage {
+            name: "text tokenizer (byte-level BPE)",
+            args: vec![
+                "tokenizer".into(),
+                "train-text".into(),
+                s(&a.sample.join("text")),
+                "--out".into(),
+                s(&tok.join("text.json")),
+            ],
+        },
+        Stage {
+            name: "image tokenizer (VQ codebook)",
+            args: vec![
+                "tokenizer".into(),
+                "fit-image".into(),
+                s(&a.sample.join("images")),
+                "--out".into(),
+                s(&tok.join("image")),
+            ],
+        },
+        Stage {
+            name: "speech tokenizer (units)",
+            args: vec![
+                "tokenizer".into(),
+                "fit-speech".into(),
+                s(&a.sample.join("speech")),
+                "--out".into(),
+                s(&tok.join("speech")),
+            ],
+        },
+        Stage {
+            name: "ingest the sample corpus",
+            args: vec![
+                "ingest".into(),
+                "--config".into(),
+                s(&a.sample.join("recipe.toml")),
+                "--tokenizers".into(),
+                s(&tok),
+                "--out".into(),
+                s(&corpus),
+                "--overwrite".into(),
+            ],
+        },
+        Stage { name: "verify the shards", args: vec!["shards".into(), "verify".into(), s(&corpus)] },
+        Stage { name: "corpus statistics", args: vec!["shards".into(), "stats".into(), s(&corpus)] },
+        Stage {
+            name: "train MoT and dense, compare",
+            args: with(
+                vec!["train".into(), "--compare".into(), "mot,dense".into(), "--out".into(), s(&out.join("train"))],
+                &train_common,
+            ),
+        },
+    ]
+}
+
+pub fn run(args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
+    if args.out.exists() && !args.overwrite && args.out.join("demo.done").exists() {
+        tracing::info!("{} holds a finished demo; rerunning its stages", args.out.display());
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let exe = std::env::current_exe().context("locating the motley binary")?;
+    let mut missing = Vec::new();
+    let mut failed = Vec::new();
+    for stage in stages(&args) {
+        // A stage depends on the ones before it; once something is missing, later stages
+        // would only fail on absent inputs.
+        if !missing.is_empty() || !failed.is_empty() {
+            missing.push(stage.name);
+            continue;
+        }
+        eprintln!("\n==> {}\n    $ motley {}", stage.name, stage.args.join(" "));
+        let status = Command::new(&exe).args(&stage.args).status().with_context(|| format!("running {}", stage.name))?;
+        match status.code() {
+            Some(0) => {}
+            Some(EXIT_NOT_BUILT) => {
+                eprintln!("    (not built yet: skipped)");
+                missing.push(stage.name);
+            }
+            _ => failed.push(stage.name),
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("demo stage failed: {}", failed.join(", "));
+    }
+    if !missing.is_empty() {
+        anyhow::bail!("demo incomplete; not built yet: {}", missing.join("; "));
+    }
+    std::fs::write(args.out.join("demo.done"), b"")?;
+    eprintln!("\ndemo finished: outputs in {}", args.out.display());
+    Ok(())
+}

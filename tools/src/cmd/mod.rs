@@ -1,0 +1,9 @@
+//! One module per subcommand; each is a thin layer over the library crates.
+
+pub mod bench;
+pub mod demo;
+pub mod ingest;
+pub mod sample;
+pub mod shards;
+pub mod tokenizer;
+pub mod train;

@@ -1,0 +1,23 @@
+//! `motley train` and `motley eval` (not built yet).
+
+use crate::output::{not_built, Ctx};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
+    not_built("train")
+}
+
+pub fn eval(_args: EvalArgs, _ctx: &Ctx) -> anyhow::Result<()> {
+    not_built("eval")
+}

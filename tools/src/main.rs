@@ -1,0 +1,62 @@
+//! `motley`: one binary for the whole data flow — tokenizers, ingest, shards, train, sample.
+//!
+//! Logs and progress go to stderr; results go to stdout (JSON with `--json`). A closed
+//! stdout pipe (`motley shards head | head -1`) ends the program quietly with status 0.
+
+mod cmd;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "motley", version, about = "Modality-tagged token shards and Mixture-of-Transformers training")]
+struct Cli {
+    /// Print machine-readable results as JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More logging on stderr (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train or fit tokenizers: text BPE, image VQ codebook / latent patches, speech units.
+    #[command(subcommand)]
+    Tokenizer(cmd::tokenizer::Command),
+    /// Turn folders, JSONL and Parquet of text, images and speech into a shard corpus.
+    Ingest(cmd::ingest::Args),
+    /// Inspect, verify, decode, merge and export shard corpora.
+    #[command(subcommand)]
+    Shards(cmd::shards::Command),
+    /// Train a Mixture-of-Transformers (or dense / MoE baseline) on shard corpora.
+    Train(cmd::train::Args),
+    /// Evaluate a checkpoint on a corpus: per-modality loss.
+    Eval(cmd::train::EvalArgs),
+    /// Generate text, images or speech from a checkpoint.
+    Sample(cmd::sample::Args),
+    /// Benchmarks that print ratios against baselines measured in the same run.
+    #[command(subcommand)]
+    Bench(cmd::bench::Command),
+    /// The end-to-end demo on the bundled sample corpus.
+    Demo(cmd::demo::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    output::init_logging(cli.verbose);
+    let ctx = output::Ctx { json: cli.json };
+    let result = match cli.command {
+        Command::Tokenizer(c) => cmd::tokenizer::run(c, &ctx),
+        Command::Ingest(a) => cmd::ingest::run(a, &ctx),
+        Command::Shards(c) => cmd::shards::run(c, &ctx),
+        Command::Train(a) => cmd::train::run(a, &ctx),
+        Command::Eval(a) => cmd::train::eval(a, &ctx),
+        Command::Sample(a) => cmd::sample::run(a, &ctx),
+        Command::Bench(c) => cmd::bench::run(c, &ctx),
+        Command::Demo(a) => cmd::demo::run(a, &ctx),
+    };
+    std::process::exit(output::exit_code(result));
+}

@@ -1,0 +1,79 @@
+//! Shared CLI plumbing: logging set-up, stdout results, exit codes, closed-pipe handling.
+
+use std::io::Write;
+
+/// Global options every subcommand sees.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub json: bool,
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// Writes one line of human-readable result to stdout.
+pub fn line(s: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{s}")?;
+    Ok(())
+}
+
+/// Writes a JSON value (pretty) to stdout.
+pub fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Exit status of a subcommand that is not built yet (the demo names such stages).
+pub const EXIT_NOT_BUILT: i32 = 3;
+
+/// The error of a subcommand whose issue has not landed yet.
+#[derive(Debug)]
+pub struct NotBuilt(pub String);
+
+impl std::fmt::Display for NotBuilt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`motley {}` is not built yet in this version of motley", self.0)
+    }
+}
+
+impl std::error::Error for NotBuilt {}
+
+/// A subcommand whose issue has not landed yet: say so plainly and fail.
+pub fn not_built(what: &str) -> anyhow::Result<()> {
+    Err(NotBuilt(what.to_string()).into())
+}
+
+/// 0 on success or when stdout was closed early (a pipe into `head`); 3 when the
+/// subcommand is not built yet; 1 on any other error.
+pub fn exit_code(result: anyhow::Result<()>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return 0;
+            }
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<NotBuilt>().is_some() { EXIT_NOT_BUILT } else { 1 }
+        }
+    }
+}
