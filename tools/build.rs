@@ -1,2 +1,2 @@
-//! Same libtorch rpath / no-as-needed link arguments as the trainer (see that file).
-include!("../trainer/build.rs");
+//! Same libtorch rpath / no-as-needed link arguments as the trainer (see trainer/link_libtorch.rs).
+include!("../trainer/link_libtorch.rs");
