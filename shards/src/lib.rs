@@ -1,8 +1,25 @@
 //! motley-shards: the modality-tagged token shard format, its crash-safe writer, the
 //! memory-mapped reader and the streaming loader that feeds the trainer. No libtorch here.
+//!
+//! Write with [`ShardWriter`] / [`CorpusWriter`] and [`Manifest`], read with [`Corpus`],
+//! train from [`loader::Loader`]. The byte layout is specified in docs/FORMAT.md.
 
 pub mod batch;
+pub mod error;
+pub mod format;
+pub mod loader;
+pub mod manifest;
+pub mod perm;
+pub mod reader;
 pub mod types;
+mod verify;
+pub mod writer;
 
 pub use batch::{Batch, Latents};
+pub use error::{Result, ShardError};
+pub use format::{Compression, ModalityStats};
+pub use loader::{Loader, LoaderConfig, LoaderState, Source, Split};
+pub use manifest::{Manifest, MANIFEST_NAME};
+pub use reader::{is_eval_doc, Corpus, DocIter, DocumentRef, Ids, Problem, SegmentRef, SegmentView, ShardReader, VerifyReport};
 pub use types::{Document, Modality, ModalityVocab, Segment, SegmentData, SegmentMeta, Vocab, SPECIAL_NAMES};
+pub use writer::{CorpusWriter, PerModality, ShardStats, ShardWriter, WriterProperties, WriterPropertiesBuilder};

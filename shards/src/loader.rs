@@ -1,0 +1,721 @@
+//! The streaming loader that feeds the trainer: deterministic shuffled packing of documents
+//! into fixed-shape [`Batch`]es, weighted mixing of corpora, exact and elastic resume, and a
+//! background prefetch thread.
+//!
+//! Global order: every rank walks the same global stream of packed sequences (rows), fixed by
+//! `(seed, sources, seq_len, split_segments, split)` and independent of world size. A global
+//! step takes `batch_size × world_size` consecutive rows; the k-th row of a step goes to rank
+//! `k mod world_size`, batch slot `k div world_size`. Ranks pack other ranks' rows in a cheap
+//! skip mode (lengths only). The state counts rows consumed, so resuming with another world
+//! size or batch size continues the same stream: no row is lost or repeated.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{Batch, Latents};
+use crate::error::{Result, ShardError};
+use crate::perm::{mix64, Permutation};
+use crate::reader::{is_eval_doc, Corpus, DocumentRef, SegmentView};
+use crate::types::{Modality, Vocab};
+
+/// Which documents the loader reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Documents not held out (all of them when `eval_fraction` is 0).
+    #[default]
+    Train,
+    /// The held-out documents: a fixed hash of the document id below `eval_fraction`.
+    Eval,
+}
+
+/// Loader configuration. `Default` gives a single-process loader; see [`LoaderConfig::from_env`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoaderConfig {
+    /// Positions per row (inputs and targets are both `seq_len` long).
+    pub seq_len: usize,
+    /// Rows per batch on this rank.
+    pub batch_size: usize,
+    pub seed: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Local rank (GPU index on the node); informational for the trainer.
+    pub local_rank: usize,
+    /// Allow cutting an image or speech segment across rows even when it would fit in one
+    /// (false: move it whole to the next row, padding the rest of the current one).
+    pub split_segments: bool,
+    /// Batches prepared ahead by the background thread; 0 packs on the caller's thread.
+    pub prefetch: usize,
+    pub split: Split,
+    /// Fraction of documents held out for evaluation (0 disables the split).
+    pub eval_fraction: f64,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            seq_len: 1024,
+            batch_size: 8,
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            split_segments: false,
+            prefetch: 4,
+            split: Split::Train,
+            eval_fraction: 0.0,
+        }
+    }
+}
+
+impl LoaderConfig {
+    /// `base` with `rank`, `world_size` and `local_rank` taken from the torchrun variables
+    /// `RANK`, `WORLD_SIZE`, `LOCAL_RANK` where they are set.
+    pub fn from_env(base: LoaderConfig) -> Result<LoaderConfig> {
+        let mut cfg = base;
+        let get = |name: &str| -> Result<Option<usize>> {
+            match std::env::var(name) {
+                Ok(v) => v.trim().parse().map(Some).map_err(|_| ShardError::Config(format!("{name}={v:?} is not a non-negative integer"))),
+                Err(_) => Ok(None),
+            }
+        };
+        if let Some(r) = get("RANK")? {
+            cfg.rank = r;
+        }
+        if let Some(w) = get("WORLD_SIZE")? {
+            cfg.world_size = w;
+        }
+        if let Some(l) = get("LOCAL_RANK")? {
+            cfg.local_rank = l;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.seq_len < 1 || self.batch_size < 1 {
+            return Err(ShardError::Config(format!("seq_len {} and batch_size {} must be at least 1", self.seq_len, self.batch_size)));
+        }
+        if self.seq_len > u32::MAX as usize / 2 {
+            return Err(ShardError::Config(format!("seq_len {} too large", self.seq_len)));
+        }
+        if self.world_size < 1 || self.rank >= self.world_size {
+            return Err(ShardError::Config(format!("rank {} must be below world_size {}", self.rank, self.world_size)));
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return Err(ShardError::Config(format!("eval_fraction {} must be in [0, 1)", self.eval_fraction)));
+        }
+        if self.split == Split::Eval && self.eval_fraction <= 0.0 {
+            return Err(ShardError::Config("split = eval needs eval_fraction > 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One corpus in the mixture and its sampling weight.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub corpus: Arc<Corpus>,
+    pub weight: f64,
+}
+
+impl Source {
+    pub fn new(corpus: Arc<Corpus>, weight: f64) -> Source {
+        Source { corpus, weight }
+    }
+    /// Opens the corpus in `dir`.
+    pub fn open(dir: impl AsRef<Path>, weight: f64) -> Result<Source> {
+        Ok(Source { corpus: Arc::new(Corpus::open(dir)?), weight })
+    }
+}
+
+/// Where one source's document stream stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceCursor {
+    /// Documents in the corpus (resume refuses a different corpus).
+    pub num_docs: u64,
+    /// This source's epoch (each source cycles on its own).
+    pub epoch: u64,
+    /// Position in this epoch's shuffled order of the current document.
+    pub position: u64,
+    /// Flattened-token offset inside the current document already consumed.
+    pub offset: u64,
+    /// Rows this source has produced in total.
+    pub rows: u64,
+}
+
+/// The loader's resumable state as of the batches already returned to the caller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoaderState {
+    pub version: u32,
+    pub seed: u64,
+    pub seq_len: usize,
+    pub split_segments: bool,
+    pub split: Split,
+    pub eval_fraction: f64,
+    /// Epoch of the first source.
+    pub epoch: u64,
+    /// Global steps taken (each `batch_size × world_size` rows, at the sizes then in force).
+    pub step: u64,
+    /// Global rows (packed sequences) consumed by all ranks together.
+    pub rows: u64,
+    pub sources: Vec<SourceCursor>,
+}
+
+const STATE_VERSION: u32 = 1;
+const FLAG_LATENT: u8 = 1;
+const FLAG_PAD: u8 = 2;
+
+/// Global ids of the structural specials and the per-modality blocks.
+#[derive(Debug, Clone)]
+struct Ids {
+    pad: u32,
+    bos: u32,
+    eos: u32,
+    open: [Option<u32>; 3],
+    close: [Option<u32>; 3],
+    offset: [u32; 3],
+    latent_dim: usize,
+}
+
+impl Ids {
+    fn new(v: &Vocab) -> Result<Ids> {
+        let sp = |n: &str| v.special(n).ok_or_else(|| ShardError::Config(format!("vocabulary has no special {n:?}")));
+        let mut offset = [0u32; 3];
+        let mut latent_dim = None;
+        for m in Modality::ALL {
+            if let Some(mv) = v.modality(m) {
+                offset[m.index()] = mv.offset;
+                if let Some(d) = mv.latent_dim {
+                    if latent_dim.is_some_and(|x| x != d) {
+                        return Err(ShardError::Config("modalities with different latent dims".into()));
+                    }
+                    latent_dim = Some(d);
+                }
+            }
+        }
+        Ok(Ids {
+            pad: sp("pad")?,
+            bos: sp("bos")?,
+            eos: sp("eos")?,
+            open: [None, Some(sp("boi")?), Some(sp("bosp")?)],
+            close: [None, Some(sp("eoi")?), Some(sp("eosp")?)],
+            offset,
+            latent_dim: latent_dim.unwrap_or(0) as usize,
+        })
+    }
+}
+
+/// One run of the flattened document.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    Special(u32),
+    Tokens { seg: usize, offset: u32 },
+    Latent { seg: usize, placeholder: u32 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PlanItem {
+    piece: Piece,
+    modality: u8,
+    start: usize,
+    len: usize,
+    /// Segment group inside the document: BOS, each segment with its markers, EOS.
+    group: u32,
+}
+
+/// Per-row scratch of `seq_len + 1` positions.
+#[derive(Debug, Default)]
+struct Row {
+    ids: Vec<u32>,
+    modality: Vec<u8>,
+    doc: Vec<u32>,
+    seg: Vec<u32>,
+    pos: Vec<u32>,
+    flags: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct SourceRt {
+    corpus: Arc<Corpus>,
+    weight: f64,
+    perm: Permutation,
+}
+
+/// The single-threaded packer; the loader runs it inline or on the prefetch thread.
+#[derive(Debug)]
+struct Packer {
+    cfg: LoaderConfig,
+    ids: Ids,
+    sources: Vec<SourceRt>,
+    state: LoaderState,
+    plan: Vec<PlanItem>,
+    units: Vec<(usize, usize)>,
+    row: Row,
+}
+
+fn perm_seed(seed: u64, source: usize, epoch: u64) -> u64 {
+    mix64(seed ^ mix64(source as u64 + 0x51) ^ mix64(epoch.wrapping_add(0xE90C)))
+}
+
+impl Packer {
+    fn new(sources: Vec<Source>, cfg: LoaderConfig, state: Option<LoaderState>) -> Result<Packer> {
+        cfg.validate()?;
+        let first = sources.first().ok_or_else(|| ShardError::Config("no sources".into()))?;
+        let vocab = first.corpus.vocab().clone();
+        let total_w: f64 = sources.iter().map(|s| s.weight).sum();
+        for (i, s) in sources.iter().enumerate() {
+            if s.corpus.vocab() != &vocab {
+                return Err(ShardError::Config(format!("source {i} ({}) has a different vocabulary", s.corpus.dir().display())));
+            }
+            if !(s.weight.is_finite() && s.weight > 0.0) {
+                return Err(ShardError::Config(format!("source {i} weight {} must be positive", s.weight)));
+            }
+        }
+        let state = match state {
+            Some(st) => {
+                check_resume(&st, &cfg, &sources)?;
+                st
+            }
+            None => LoaderState {
+                version: STATE_VERSION,
+                seed: cfg.seed,
+                seq_len: cfg.seq_len,
+                split_segments: cfg.split_segments,
+                split: cfg.split,
+                eval_fraction: cfg.eval_fraction,
+                epoch: 0,
+                step: 0,
+                rows: 0,
+                sources: sources
+                    .iter()
+                    .map(|s| SourceCursor { num_docs: s.corpus.num_docs(), epoch: 0, position: 0, offset: 0, rows: 0 })
+                    .collect(),
+            },
+        };
+        let rts: Vec<SourceRt> = sources
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let n = s.corpus.num_docs();
+                SourceRt { perm: Permutation::new(n, perm_seed(cfg.seed, i, state.sources[i].epoch)), weight: s.weight / total_w, corpus: s.corpus }
+            })
+            .collect();
+        for (i, s) in rts.iter().enumerate() {
+            let any = (0..s.corpus.num_docs()).any(|d| in_split(&cfg, d));
+            if !any {
+                return Err(ShardError::Config(format!("source {i} ({}) has no documents in the {:?} split", s.corpus.dir().display(), cfg.split)));
+            }
+        }
+        let l = cfg.seq_len + 1;
+        let row = Row {
+            ids: vec![0; l],
+            modality: vec![0; l],
+            doc: vec![0; l],
+            seg: vec![0; l],
+            pos: vec![0; l],
+            flags: vec![0; l],
+        };
+        Ok(Packer { ids: Ids::new(&vocab)?, cfg, sources: rts, state, plan: Vec::new(), units: Vec::new(), row })
+    }
+
+    /// Source of the next row: the one lagging furthest behind its weight (Megatron blending).
+    fn pick_source(&self) -> usize {
+        let next = (self.state.rows + 1) as f64;
+        let mut best = 0;
+        let mut best_lag = f64::NEG_INFINITY;
+        for (i, s) in self.sources.iter().enumerate() {
+            let lag = s.weight * next - self.state.sources[i].rows as f64;
+            if lag > best_lag {
+                best = i;
+                best_lag = lag;
+            }
+        }
+        best
+    }
+
+    /// Global document id the source's cursor points at, skipping documents of the other split
+    /// and rolling the source's epoch over when its order is exhausted.
+    fn current_doc(&mut self, src: usize) -> Result<u64> {
+        let mut wraps = 0;
+        loop {
+            let cur = &mut self.state.sources[src];
+            let rt = &mut self.sources[src];
+            if cur.position >= rt.perm.len() {
+                cur.epoch += 1;
+                cur.position = 0;
+                cur.offset = 0;
+                rt.perm = Permutation::new(rt.corpus.num_docs(), perm_seed(self.cfg.seed, src, cur.epoch));
+                wraps += 1;
+                if wraps > 1 {
+                    return Err(ShardError::Config(format!("source {src} has no documents in the split")));
+                }
+                continue;
+            }
+            let doc = rt.perm.get(cur.position);
+            if in_split(&self.cfg, doc) {
+                return Ok(doc);
+            }
+            cur.position += 1;
+        }
+    }
+
+    /// Lays out the flattened document: BOS, per segment (markers +) payload, EOS.
+    fn build_plan(&mut self, doc: &DocumentRef<'_>) -> usize {
+        fn push(plan: &mut Vec<PlanItem>, at: &mut usize, piece: Piece, modality: u8, len: usize, group: u32) {
+            plan.push(PlanItem { piece, modality, start: *at, len, group });
+            *at += len;
+        }
+        let plan = &mut self.plan;
+        plan.clear();
+        self.units.clear();
+        let mut at = 0usize;
+        push(plan, &mut at, Piece::Special(self.ids.bos), 0, 1, 0);
+        for (i, s) in doc.segments().enumerate() {
+            let m = s.modality().index();
+            let group = i as u32 + 1;
+            let unit_start = at;
+            if let Some(open) = self.ids.open[m] {
+                push(plan, &mut at, Piece::Special(open), 0, 1, group);
+            }
+            let piece = if s.is_latent() {
+                Piece::Latent { seg: i, placeholder: self.ids.offset[m] }
+            } else {
+                Piece::Tokens { seg: i, offset: self.ids.offset[m] }
+            };
+            push(plan, &mut at, piece, m as u8, s.len(), group);
+            if let Some(close) = self.ids.close[m] {
+                push(plan, &mut at, Piece::Special(close), 0, 1, group);
+                self.units.push((unit_start, at - unit_start));
+            }
+        }
+        let eos_group = doc.num_segments() as u32 + 1;
+        push(plan, &mut at, Piece::Special(self.ids.eos), 0, 1, eos_group);
+        at
+    }
+
+    /// Writes flattened positions `[a, b)` of the planned document at row position `p`.
+    #[allow(clippy::too_many_arguments)]
+    fn fill(&mut self, doc: &DocumentRef<'_>, a: usize, b: usize, p: usize, doc_idx: u32, seg_ctr: &mut u32, slot: usize, latents: &mut Latents) {
+        let t = self.cfg.seq_len;
+        let row = &mut self.row;
+        let mut last_group = None;
+        for item in &self.plan {
+            let s = a.max(item.start);
+            let e = b.min(item.start + item.len);
+            if s >= e {
+                continue;
+            }
+            if last_group != Some(item.group) {
+                if last_group.is_some() {
+                    *seg_ctr += 1;
+                }
+                last_group = Some(item.group);
+            }
+            let (d0, n) = (p + (s - a), e - s);
+            let dst = d0..d0 + n;
+            let within = s - item.start;
+            match item.piece {
+                Piece::Special(id) => {
+                    row.ids[dst.clone()].fill(id);
+                    row.flags[dst.clone()].fill(0);
+                }
+                Piece::Tokens { seg, offset } => {
+                    if let Some(ids) = doc.segment(seg).and_then(|sg| sg.ids()) {
+                        ids.copy_offset(within, offset, &mut row.ids[dst.clone()]);
+                    }
+                    row.flags[dst.clone()].fill(0);
+                }
+                Piece::Latent { seg, placeholder } => {
+                    row.ids[dst.clone()].fill(placeholder);
+                    row.flags[dst.clone()].fill(FLAG_LATENT);
+                    if let Some(SegmentView::Latent { dim, data }) = doc.segment(seg).map(|sg| sg.data()) {
+                        let dim = dim as usize;
+                        for j in 0..n {
+                            let q = d0 + j;
+                            if q < t {
+                                let r = within + j;
+                                latents.data.extend_from_slice(&data[r * dim..(r + 1) * dim]);
+                                latents.positions.push((slot * t + q) as u32);
+                            }
+                        }
+                    }
+                }
+            }
+            row.modality[dst.clone()].fill(item.modality);
+            row.doc[dst.clone()].fill(doc_idx);
+            row.seg[dst.clone()].fill(*seg_ctr);
+            for (k, v) in row.pos[dst].iter_mut().enumerate() {
+                *v = (s - a + k) as u32;
+            }
+        }
+        *seg_ctr += 1;
+    }
+
+    /// Packs the next row of source `src`; writes it into batch slot `slot` when given.
+    fn pack_row(&mut self, src: usize, slot: Option<usize>, batch: &mut Batch) -> Result<()> {
+        let l = self.cfg.seq_len + 1;
+        let t = self.cfg.seq_len;
+        let corpus = self.sources[src].corpus.clone();
+        let mut p = 0usize;
+        let mut doc_idx = 0u32;
+        let mut seg_ctr = 0u32;
+        let mut latents = std::mem::take(&mut batch.latents);
+        let result = (|| -> Result<()> {
+            while p < l {
+                let doc_id = self.current_doc(src)?;
+                let doc = corpus.get(doc_id)?;
+                let flat = self.build_plan(&doc);
+                let o = self.state.sources[src].offset as usize;
+                let o = o.min(flat.saturating_sub(1));
+                let (rem, space) = (flat - o, l - p);
+                if rem <= space {
+                    if let Some(slot) = slot {
+                        self.fill(&doc, o, flat, p, doc_idx, &mut seg_ctr, slot, &mut latents);
+                    }
+                    p += rem;
+                    doc_idx += 1;
+                    let cur = &mut self.state.sources[src];
+                    cur.position += 1;
+                    cur.offset = 0;
+                    continue;
+                }
+                let mut c = o + space;
+                if !self.cfg.split_segments {
+                    if let Some(&(u, len)) = self.units.iter().find(|&&(u, len)| u < c && c < u + len) {
+                        if len <= t && (p > 0 || u > o + 1) {
+                            c = u;
+                        }
+                    }
+                }
+                if p > 0 && c <= 1 {
+                    break; // nothing worth placing: the document starts the next row
+                }
+                if let Some(slot) = slot {
+                    self.fill(&doc, o, c, p, doc_idx, &mut seg_ctr, slot, &mut latents);
+                }
+                p += c - o;
+                doc_idx += 1;
+                // The last placed token is only a target here; it is the next row's first input.
+                self.state.sources[src].offset = (c - 1) as u64;
+                break;
+            }
+            Ok(())
+        })();
+        batch.latents = latents;
+        result?;
+        if let Some(slot) = slot {
+            let row = &mut self.row;
+            if p < l {
+                row.ids[p..].fill(self.ids.pad);
+                row.modality[p..].fill(0);
+                row.doc[p..].fill(doc_idx);
+                row.seg[p..].fill(seg_ctr);
+                row.flags[p..].fill(FLAG_PAD);
+                for (k, v) in row.pos[p..].iter_mut().enumerate() {
+                    *v = k as u32;
+                }
+            }
+            let o = slot * t;
+            batch.inputs[o..o + t].copy_from_slice(&row.ids[..t]);
+            batch.targets[o..o + t].copy_from_slice(&row.ids[1..]);
+            batch.modality[o..o + t].copy_from_slice(&row.modality[..t]);
+            batch.target_modality[o..o + t].copy_from_slice(&row.modality[1..]);
+            batch.positions[o..o + t].copy_from_slice(&row.pos[..t]);
+            batch.doc_ids[o..o + t].copy_from_slice(&row.doc[..t]);
+            batch.segment_ids[o..o + t].copy_from_slice(&row.seg[..t]);
+            for (k, m) in batch.loss_mask[o..o + t].iter_mut().enumerate() {
+                let ok = row.flags[k + 1] == 0 && row.flags[k] & FLAG_PAD == 0 && row.doc[k] == row.doc[k + 1];
+                *m = ok as u8;
+            }
+        }
+        Ok(())
+    }
+
+    /// Packs one global step and returns this rank's batch.
+    fn next_batch(&mut self) -> Result<Batch> {
+        let (b, t, w, r) = (self.cfg.batch_size, self.cfg.seq_len, self.cfg.world_size, self.cfg.rank);
+        let n = b * t;
+        let mut batch = Batch {
+            batch_size: b,
+            seq_len: t,
+            inputs: vec![0; n],
+            targets: vec![0; n],
+            modality: vec![0; n],
+            target_modality: vec![0; n],
+            positions: vec![0; n],
+            doc_ids: vec![0; n],
+            segment_ids: vec![0; n],
+            loss_mask: vec![0; n],
+            latents: Latents { dim: self.ids.latent_dim, data: Vec::new(), positions: Vec::new() },
+            padding_fraction: 0.0,
+        };
+        let mut pads = 0usize;
+        for k in 0..b * w {
+            let src = self.pick_source();
+            let slot = (k % w == r).then_some(k / w);
+            self.pack_row(src, slot, &mut batch)?;
+            if slot.is_some() {
+                pads += self.row.flags[..t].iter().filter(|&&f| f & FLAG_PAD != 0).count();
+            }
+            self.state.sources[src].rows += 1;
+            self.state.rows += 1;
+        }
+        self.state.step += 1;
+        self.state.epoch = self.state.sources.first().map_or(0, |s| s.epoch);
+        batch.padding_fraction = pads as f32 / n as f32;
+        Ok(batch)
+    }
+}
+
+fn in_split(cfg: &LoaderConfig, doc: u64) -> bool {
+    match cfg.split {
+        Split::Train => !is_eval_doc(doc, cfg.eval_fraction),
+        Split::Eval => is_eval_doc(doc, cfg.eval_fraction),
+    }
+}
+
+fn check_resume(st: &LoaderState, cfg: &LoaderConfig, sources: &[Source]) -> Result<()> {
+    let bad = |what: String| Err(ShardError::Resume(what));
+    if st.version != STATE_VERSION {
+        return bad(format!("state version {} (this build writes {STATE_VERSION})", st.version));
+    }
+    if st.seed != cfg.seed || st.seq_len != cfg.seq_len || st.split_segments != cfg.split_segments {
+        return bad(format!(
+            "state was saved with seed {} seq_len {} split_segments {}, config has {} {} {}",
+            st.seed, st.seq_len, st.split_segments, cfg.seed, cfg.seq_len, cfg.split_segments
+        ));
+    }
+    if st.split != cfg.split || st.eval_fraction != cfg.eval_fraction {
+        return bad("split or eval_fraction differ from the saved state".into());
+    }
+    if st.sources.len() != sources.len() {
+        return bad(format!("state has {} sources, {} given", st.sources.len(), sources.len()));
+    }
+    for (i, (c, s)) in st.sources.iter().zip(sources).enumerate() {
+        if c.num_docs != s.corpus.num_docs() {
+            return bad(format!("source {i} had {} documents, {} now has {}", c.num_docs, s.corpus.dir().display(), s.corpus.num_docs()));
+        }
+    }
+    Ok(())
+}
+
+type Produced = Result<(Batch, LoaderState)>;
+
+#[derive(Debug)]
+enum Engine {
+    Inline(Box<Packer>),
+    Prefetch { rx: Option<crossbeam_channel::Receiver<Produced>>, handle: Option<std::thread::JoinHandle<()>> },
+}
+
+/// Streaming loader: `next_batch()` returns this rank's next fixed-shape batch.
+#[derive(Debug)]
+pub struct Loader {
+    vocab: Vocab,
+    cfg: LoaderConfig,
+    state: LoaderState,
+    engine: Engine,
+}
+
+impl Loader {
+    pub fn new(sources: Vec<Source>, cfg: LoaderConfig) -> Result<Loader> {
+        Self::start(sources, cfg, None)
+    }
+
+    /// A loader over the single corpus in `dir`.
+    pub fn from_dir(dir: impl AsRef<Path>, cfg: LoaderConfig) -> Result<Loader> {
+        Self::new(vec![Source::open(dir, 1.0)?], cfg)
+    }
+
+    /// Continues exactly after the batches counted in `state` (world size and batch size may
+    /// differ from the run that saved it; seed, seq_len, split and sources may not).
+    pub fn resume(sources: Vec<Source>, cfg: LoaderConfig, state: LoaderState) -> Result<Loader> {
+        Self::start(sources, cfg, Some(state))
+    }
+
+    fn start(sources: Vec<Source>, cfg: LoaderConfig, state: Option<LoaderState>) -> Result<Loader> {
+        let packer = Packer::new(sources, cfg.clone(), state)?;
+        let vocab = packer.sources[0].corpus.vocab().clone();
+        let state = packer.state.clone();
+        let engine = if cfg.prefetch == 0 {
+            Engine::Inline(Box::new(packer))
+        } else {
+            let (tx, rx) = crossbeam_channel::bounded::<Produced>(cfg.prefetch);
+            let mut packer = packer;
+            let handle = std::thread::Builder::new()
+                .name(format!("motley-loader-{}", cfg.rank))
+                .spawn(move || {
+                    loop {
+                        let r = packer.next_batch().map(|b| (b, packer.state.clone()));
+                        let failed = r.is_err();
+                        // The receiver is gone when the loader was dropped: stop quietly.
+                        if tx.send(r).is_err() || failed {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| ShardError::Config(format!("cannot spawn the prefetch thread: {e}")))?;
+            Engine::Prefetch { rx: Some(rx), handle: Some(handle) }
+        };
+        Ok(Loader { vocab, cfg, state, engine })
+    }
+
+    /// This rank's next batch. Epochs roll over by themselves.
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        match &mut self.engine {
+            Engine::Inline(p) => {
+                let b = p.next_batch()?;
+                self.state = p.state.clone();
+                Ok(b)
+            }
+            Engine::Prefetch { rx, .. } => {
+                let rx = rx.as_ref().ok_or_else(|| ShardError::Config("loader closed".into()))?;
+                match rx.recv() {
+                    Ok(Ok((b, st))) => {
+                        self.state = st;
+                        Ok(b)
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(ShardError::Config("the prefetch thread stopped after an earlier error".into())),
+                }
+            }
+        }
+    }
+
+    /// State after the batches returned so far (not counting prefetched ones).
+    pub fn state(&self) -> LoaderState {
+        self.state.clone()
+    }
+
+    pub fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    /// Epoch of the first source as of the batches returned so far.
+    pub fn epoch(&self) -> u64 {
+        self.state.epoch
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        if let Engine::Prefetch { rx, handle } = &mut self.engine {
+            drop(rx.take()); // unblocks the thread's send
+            if let Some(h) = handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Copies latent rows out (used by tests and tools).
+pub fn latent_rows(l: &Latents) -> impl Iterator<Item = (u32, &[f16])> {
+    l.positions.iter().copied().zip(l.data.chunks(l.dim.max(1)))
+}

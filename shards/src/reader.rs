@@ -1,0 +1,633 @@
+//! The memory-mapped reader: `Corpus::open` reads only the manifest; each shard is mapped and
+//! its footer checked the first time a document in it is touched. Documents come back as
+//! borrowed views (`DocumentRef`), zero-copy for raw shards.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use half::f16;
+use serde::Serialize;
+
+use crate::error::{Result, ShardError};
+use crate::format::{
+    self, validate_record, ChunkEntry, Compression, Footer, Header, IndexEntry, ModalityStats, SegmentDesc, ALIGN,
+    CHUNK_ENTRY_LEN, FLAG_FRAME_RATE, FLAG_GRID, FLAG_SOURCE, INDEX_ENTRY_LEN, KIND_LATENT_F16,
+};
+use crate::manifest::{read_meta_vocab, Manifest};
+use crate::perm::{mix64, Permutation};
+use crate::types::{Document, Modality, Segment, SegmentData, SegmentMeta, Vocab};
+use crate::writer::PerModality;
+
+/// Bytes of one shard: a read-only memory map, or an owned 8-aligned buffer (tests, fuzzing).
+#[derive(Debug)]
+enum Storage {
+    Map(memmap2::Mmap),
+    Owned(Vec<u64>, usize),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Map(m) => m,
+            Storage::Owned(v, len) => {
+                let b: &[u8] = bytemuck::cast_slice(v);
+                &b[..*len]
+            }
+        }
+    }
+}
+
+/// An uncompressed chunk (zstd shards), 8-aligned so typed slices can borrow from it.
+#[derive(Debug)]
+struct ChunkBuf {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl ChunkBuf {
+    fn bytes(&self) -> &[u8] {
+        let b: &[u8] = bytemuck::cast_slice(&self.words);
+        &b[..self.len]
+    }
+}
+
+/// One opened shard. Opening checks header, footer and the index checksum (cost proportional
+/// to this shard's document count, paid on first touch); chunk checksums are checked the
+/// first time each chunk is read.
+#[derive(Debug)]
+pub struct ShardReader {
+    path: PathBuf,
+    storage: Storage,
+    header: Header,
+    footer: Footer,
+    verified: Vec<AtomicU64>,
+    cache: Mutex<Option<(u32, Arc<ChunkBuf>)>>,
+}
+
+impl ShardReader {
+    /// Maps and checks a shard file.
+    pub fn open(path: impl AsRef<Path>) -> Result<ShardReader> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ShardError::MissingShard { path: path.clone() },
+            _ => ShardError::io(&path, "open", e),
+        })?;
+        // SAFETY: shards are immutable once renamed into place and only ever mapped read-only.
+        // A concurrent truncation by another process would be a misuse outside this crate.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ShardError::io(&path, "mmap", e))?;
+        Self::from_storage(path, Storage::Map(map))
+    }
+
+    /// A shard held in memory; `label` names it in errors.
+    pub fn from_bytes(label: impl Into<PathBuf>, bytes: &[u8]) -> Result<ShardReader> {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Self::from_storage(label.into(), Storage::Owned(words, bytes.len()))
+    }
+
+    fn from_storage(path: PathBuf, storage: Storage) -> Result<ShardReader> {
+        let bytes = storage.bytes();
+        let header = Header::decode(&path, bytes)?;
+        let footer = Footer::decode(&path, bytes)?;
+        if footer.compression_code != header.compression.code() {
+            return Err(ShardError::corrupt(&path, "footer", (bytes.len() - format::FOOTER_LEN + 12) as u64, "compression differs from the header"));
+        }
+        let start = footer.chunk_table_offset as usize;
+        let end = (footer.doc_index_offset + footer.num_docs * INDEX_ENTRY_LEN as u64) as usize;
+        let actual = crc32c::crc32c(&bytes[start..end]);
+        if actual != footer.index_crc {
+            return Err(format::checksum(&path, "index", footer.chunk_table_offset, footer.index_crc, actual));
+        }
+        let verified = (0..footer.num_chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Ok(ShardReader { path, storage, header, footer, verified, cache: Mutex::new(None) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn num_docs(&self) -> u64 {
+        self.footer.num_docs
+    }
+    pub fn num_chunks(&self) -> u64 {
+        self.footer.num_chunks
+    }
+    pub fn compression(&self) -> Compression {
+        self.header.compression
+    }
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+    pub fn len_bytes(&self) -> u64 {
+        self.storage.bytes().len() as u64
+    }
+    pub fn bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+    /// Per-modality statistics from the footer.
+    pub fn stats(&self) -> PerModality {
+        PerModality::from_array(self.footer.stats)
+    }
+    /// The vocabulary recorded in the shard's meta block.
+    pub fn vocab(&self) -> Result<Vocab> {
+        read_meta_vocab(&self.path, self.storage.bytes(), &self.footer)
+    }
+
+    /// Checks the footer and meta block against the shard's manifest entry and vocabulary.
+    pub fn check_against(&self, entry: &crate::writer::ShardStats, vocab: &Vocab) -> Result<()> {
+        let mismatch = |field: &'static str, manifest: String, actual: String| ShardError::ManifestMismatch {
+            path: self.path.clone(),
+            field,
+            manifest,
+            actual,
+        };
+        if self.len_bytes() != entry.bytes {
+            return Err(mismatch("bytes", entry.bytes.to_string(), self.len_bytes().to_string()));
+        }
+        if self.num_docs() != entry.num_docs {
+            return Err(mismatch("num_docs", entry.num_docs.to_string(), self.num_docs().to_string()));
+        }
+        if self.num_chunks() != entry.num_chunks {
+            return Err(mismatch("num_chunks", entry.num_chunks.to_string(), self.num_chunks().to_string()));
+        }
+        if self.compression() != entry.compression {
+            return Err(mismatch("compression", entry.compression.as_str().into(), self.compression().as_str().into()));
+        }
+        if self.footer.payload_bytes != entry.payload_bytes {
+            return Err(mismatch("payload_bytes", entry.payload_bytes.to_string(), self.footer.payload_bytes.to_string()));
+        }
+        if self.stats() != entry.modalities {
+            return Err(mismatch("modalities", format!("{:?}", entry.modalities), format!("{:?}", self.stats())));
+        }
+        let v = self.vocab()?;
+        if &v != vocab {
+            return Err(mismatch("vocab", format!("{vocab:?}"), format!("{v:?}")));
+        }
+        Ok(())
+    }
+
+    /// Index entry of document `local` (O(1): read from the mapped index).
+    pub fn index_entry(&self, local: u64) -> Result<IndexEntry> {
+        if local >= self.footer.num_docs {
+            return Err(ShardError::DocOutOfRange { doc: local, num_docs: self.footer.num_docs });
+        }
+        let at = (self.footer.doc_index_offset + local * INDEX_ENTRY_LEN as u64) as usize;
+        Ok(IndexEntry::decode(&self.storage.bytes()[at..at + INDEX_ENTRY_LEN]))
+    }
+
+    /// Chunk table entry `i`, checked against the file layout.
+    pub fn chunk_entry(&self, i: u64) -> Result<ChunkEntry> {
+        if i >= self.footer.num_chunks {
+            return Err(ShardError::corrupt(&self.path, "document index", self.footer.doc_index_offset, format!("chunk {i} of {}", self.footer.num_chunks)));
+        }
+        let at = self.footer.chunk_table_offset + i * CHUNK_ENTRY_LEN as u64;
+        let c = ChunkEntry::decode(&self.storage.bytes()[at as usize..at as usize + CHUNK_ENTRY_LEN]);
+        let end = c.file_offset.checked_add(c.stored_len as u64);
+        let ok = c.file_offset >= format::HEADER_LEN as u64
+            && end.is_some_and(|e| e <= self.footer.chunk_table_offset)
+            && c.file_offset % ALIGN as u64 == 0
+            && (self.header.compression != Compression::Raw || c.stored_len == c.raw_len)
+            && (c.raw_len as u64) <= (c.stored_len as u64).saturating_mul(4096) + 4096;
+        if !ok {
+            return Err(ShardError::corrupt(
+                &self.path,
+                "chunk table",
+                at,
+                format!("chunk {i} at {}+{} (raw {}) lies outside the data region", c.file_offset, c.stored_len, c.raw_len),
+            ));
+        }
+        Ok(c)
+    }
+
+    fn stored_chunk(&self, i: u32, c: &ChunkEntry) -> Result<&[u8]> {
+        let bytes = &self.storage.bytes()[c.file_offset as usize..(c.file_offset + c.stored_len as u64) as usize];
+        let (word, bit) = (i as usize / 64, 1u64 << (i % 64));
+        let done = self.verified.get(word).is_some_and(|w| w.load(Ordering::Relaxed) & bit != 0);
+        if !done {
+            let actual = crc32c::crc32c(bytes);
+            if actual != c.crc {
+                return Err(format::checksum(&self.path, "chunk", c.file_offset, c.crc, actual));
+            }
+            if let Some(w) = self.verified.get(word) {
+                w.fetch_or(bit, Ordering::Relaxed);
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn decompressed(&self, i: u32, c: &ChunkEntry) -> Result<Arc<ChunkBuf>> {
+        if let Ok(guard) = self.cache.lock() {
+            if let Some((ci, buf)) = guard.as_ref() {
+                if *ci == i {
+                    return Ok(buf.clone());
+                }
+            }
+        }
+        let stored = self.stored_chunk(i, c)?;
+        let bad = |detail: String| ShardError::corrupt(&self.path, "zstd chunk", c.file_offset, detail);
+        match zstd::zstd_safe::get_frame_content_size(stored) {
+            Ok(Some(n)) if n == c.raw_len as u64 => {}
+            other => return Err(bad(format!("frame content size {other:?}, chunk table says {}", c.raw_len))),
+        }
+        let mut words = vec![0u64; (c.raw_len as usize).div_ceil(8)];
+        let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..c.raw_len as usize];
+        let n = zstd::bulk::decompress_to_buffer(stored, dst).map_err(|e| bad(e.to_string()))?;
+        if n != c.raw_len as usize {
+            return Err(bad(format!("decompressed to {n} bytes, chunk table says {}", c.raw_len)));
+        }
+        let buf = Arc::new(ChunkBuf { words, len: n });
+        if let Ok(mut guard) = self.cache.lock() {
+            *guard = Some((i, buf.clone()));
+        }
+        Ok(buf)
+    }
+
+    /// Document `local` of this shard as a validated borrowed view.
+    pub fn get(&self, local: u64) -> Result<DocumentRef<'_>> {
+        let e = self.index_entry(local)?;
+        let c = self.chunk_entry(e.chunk as u64)?;
+        let index_at = self.footer.doc_index_offset + local * INDEX_ENTRY_LEN as u64;
+        let end = e.offset as u64 + e.len as u64;
+        if end > c.raw_len as u64 || e.offset as usize % ALIGN != 0 {
+            return Err(ShardError::corrupt(
+                &self.path,
+                "document index",
+                index_at,
+                format!("document {local}: record {}..{end} outside chunk {} of {} bytes", e.offset, e.chunk, c.raw_len),
+            ));
+        }
+        let (bytes, base) = match self.header.compression {
+            Compression::Raw => {
+                let chunk = self.stored_chunk(e.chunk, &c)?;
+                (DocBytes::Mapped(&chunk[e.offset as usize..end as usize]), c.file_offset + e.offset as u64)
+            }
+            Compression::Zstd => {
+                let buf = self.decompressed(e.chunk, &c)?;
+                (DocBytes::Chunk(buf, e.offset as usize, end as usize), e.offset as u64)
+            }
+        };
+        let positions = validate_record(&self.path, base, bytes.get())?;
+        Ok(DocumentRef { bytes, positions })
+    }
+}
+
+#[derive(Debug)]
+enum DocBytes<'a> {
+    Mapped(&'a [u8]),
+    Chunk(Arc<ChunkBuf>, usize, usize),
+}
+
+impl DocBytes<'_> {
+    fn get(&self) -> &[u8] {
+        match self {
+            DocBytes::Mapped(b) => b,
+            DocBytes::Chunk(buf, s, e) => &buf.bytes()[*s..*e],
+        }
+    }
+}
+
+/// A borrowed, validated view of one document.
+#[derive(Debug)]
+pub struct DocumentRef<'a> {
+    bytes: DocBytes<'a>,
+    positions: u64,
+}
+
+impl DocumentRef<'_> {
+    pub fn num_segments(&self) -> usize {
+        format::record_segments(self.bytes.get())
+    }
+
+    /// Sequence positions (tokens + latent vectors) over all segments.
+    pub fn num_positions(&self) -> u64 {
+        self.positions
+    }
+
+    pub fn segment(&self, i: usize) -> Option<SegmentRef<'_>> {
+        (i < self.num_segments()).then(|| {
+            let rec = self.bytes.get();
+            SegmentRef { rec, desc: SegmentDesc::read(rec, i) }
+        })
+    }
+
+    pub fn segments(&self) -> impl ExactSizeIterator<Item = SegmentRef<'_>> + '_ {
+        let rec = self.bytes.get();
+        (0..self.num_segments()).map(move |i| SegmentRef { rec, desc: SegmentDesc::read(rec, i) })
+    }
+
+    /// Copies the document out into an owned [`Document`].
+    #[allow(clippy::should_implement_trait)]
+    pub fn to_owned(&self) -> Document {
+        Document { segments: self.segments().map(|s| s.to_owned()).collect() }
+    }
+}
+
+/// Borrowed token ids at their stored width.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Ids<'a> {
+    U8(&'a [u8]),
+    U16(&'a [u16]),
+    U32(&'a [u32]),
+}
+
+impl Ids<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Ids::U8(s) => s.len(),
+            Ids::U16(s) => s.len(),
+            Ids::U32(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn get(&self, i: usize) -> Option<u32> {
+        match self {
+            Ids::U8(s) => s.get(i).map(|&v| v as u32),
+            Ids::U16(s) => s.get(i).map(|&v| v as u32),
+            Ids::U32(s) => s.get(i).copied(),
+        }
+    }
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Ids::U8(s) => s.iter().map(|&v| v as u32).collect(),
+            Ids::U16(s) => s.iter().map(|&v| v as u32).collect(),
+            Ids::U32(s) => s.to_vec(),
+        }
+    }
+    /// Writes `ids[start..start + out.len()] + offset` into `out` (the loader's hot loop).
+    pub fn copy_offset(&self, start: usize, offset: u32, out: &mut [u32]) {
+        let n = out.len();
+        match self {
+            Ids::U8(s) => out.iter_mut().zip(&s[start..start + n]).for_each(|(o, &v)| *o = v as u32 + offset),
+            Ids::U16(s) => out.iter_mut().zip(&s[start..start + n]).for_each(|(o, &v)| *o = v as u32 + offset),
+            Ids::U32(s) => out.iter_mut().zip(&s[start..start + n]).for_each(|(o, &v)| *o = v.wrapping_add(offset)),
+        }
+    }
+}
+
+/// Borrowed payload of a segment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SegmentView<'a> {
+    Tokens(Ids<'a>),
+    /// `len` vectors of `dim` values, row-major.
+    Latent { dim: u32, data: &'a [f16] },
+}
+
+/// A borrowed view of one segment.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentRef<'a> {
+    rec: &'a [u8],
+    desc: SegmentDesc,
+}
+
+impl<'a> SegmentRef<'a> {
+    pub fn modality(&self) -> Modality {
+        self.desc.modality
+    }
+    /// Sequence positions: tokens, or latent vectors.
+    pub fn len(&self) -> usize {
+        self.desc.len as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.desc.len == 0
+    }
+    pub fn is_latent(&self) -> bool {
+        self.desc.kind == KIND_LATENT_F16
+    }
+    pub fn grid(&self) -> Option<(u16, u16)> {
+        (self.desc.flags & FLAG_GRID != 0).then_some(self.desc.grid)
+    }
+    pub fn frame_rate(&self) -> Option<f32> {
+        (self.desc.flags & FLAG_FRAME_RATE != 0).then_some(self.desc.frame_rate)
+    }
+    pub fn source(&self) -> Option<&'a str> {
+        if self.desc.flags & FLAG_SOURCE == 0 {
+            return None;
+        }
+        let s = self.desc.source_offset as usize;
+        self.rec.get(s..s + self.desc.source_len as usize).and_then(|b| std::str::from_utf8(b).ok())
+    }
+    pub fn meta(&self) -> SegmentMeta {
+        SegmentMeta { grid: self.grid(), frame_rate: self.frame_rate(), source: self.source().map(str::to_string) }
+    }
+    fn payload(&self) -> &'a [u8] {
+        let s = self.desc.payload_offset as usize;
+        self.rec.get(s..s + self.desc.payload_bytes as usize).unwrap_or(&[])
+    }
+    /// The payload, zero-copy (alignment and size were validated when the document was read).
+    pub fn data(&self) -> SegmentView<'a> {
+        let p = self.payload();
+        if self.desc.kind == KIND_LATENT_F16 {
+            return SegmentView::Latent { dim: self.desc.dim, data: bytemuck::try_cast_slice(p).unwrap_or(&[]) };
+        }
+        SegmentView::Tokens(match self.desc.width {
+            1 => Ids::U8(p),
+            2 => Ids::U16(bytemuck::try_cast_slice(p).unwrap_or(&[])),
+            _ => Ids::U32(bytemuck::try_cast_slice(p).unwrap_or(&[])),
+        })
+    }
+    /// Token ids, when the segment is discrete.
+    pub fn ids(&self) -> Option<Ids<'a>> {
+        match self.data() {
+            SegmentView::Tokens(ids) => Some(ids),
+            SegmentView::Latent { .. } => None,
+        }
+    }
+    #[allow(clippy::should_implement_trait)]
+    pub fn to_owned(&self) -> Segment {
+        let data = match self.data() {
+            SegmentView::Tokens(ids) => SegmentData::Tokens(ids.to_vec()),
+            SegmentView::Latent { dim, data } => SegmentData::Latent { dim, data: data.to_vec() },
+        };
+        Segment { modality: self.modality(), data, meta: self.meta() }
+    }
+}
+
+/// A corpus directory opened for reading.
+#[derive(Debug)]
+pub struct Corpus {
+    dir: PathBuf,
+    manifest: Manifest,
+    /// `starts[i]` = global id of shard i's first document; `starts[n]` = num_docs.
+    starts: Vec<u64>,
+    shards: Vec<OnceLock<ShardReader>>,
+}
+
+impl Corpus {
+    /// Opens a corpus: reads `manifest.json` only. Shards are mapped lazily on first access.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Corpus> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest = Manifest::read(&dir)?;
+        let mut starts = Vec::with_capacity(manifest.shards.len() + 1);
+        let mut acc = 0u64;
+        for s in &manifest.shards {
+            starts.push(acc);
+            acc += s.num_docs;
+        }
+        starts.push(acc);
+        let shards = manifest.shards.iter().map(|_| OnceLock::new()).collect();
+        Ok(Corpus { dir, manifest, starts, shards })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    pub fn vocab(&self) -> &Vocab {
+        &self.manifest.vocab
+    }
+    pub fn num_docs(&self) -> u64 {
+        self.manifest.num_docs
+    }
+    pub fn num_shards(&self) -> usize {
+        self.manifest.shards.len()
+    }
+
+    /// Shard index and document index inside it of global document `doc` (O(log shards)).
+    pub fn locate(&self, doc: u64) -> Result<(usize, u64)> {
+        if doc >= self.num_docs() {
+            return Err(ShardError::DocOutOfRange { doc, num_docs: self.num_docs() });
+        }
+        let i = self.starts.partition_point(|&s| s <= doc) - 1;
+        Ok((i, doc - self.starts[i]))
+    }
+
+    /// Global id of the first document of shard `i`.
+    pub fn shard_start(&self, i: usize) -> Option<u64> {
+        self.starts.get(i).copied()
+    }
+
+    /// Shard `i`, mapped and checked against the manifest on first use.
+    pub fn shard(&self, i: usize) -> Result<&ShardReader> {
+        let cell = self.shards.get(i).ok_or(ShardError::DocOutOfRange { doc: i as u64, num_docs: self.num_shards() as u64 })?;
+        if let Some(r) = cell.get() {
+            return Ok(r);
+        }
+        let entry = &self.manifest.shards[i];
+        let r = ShardReader::open(self.dir.join(&entry.name))?;
+        r.check_against(entry, self.vocab())?;
+        let _ = cell.set(r);
+        cell.get().ok_or_else(|| ShardError::Config("shard cache".into()))
+    }
+
+    /// Document `doc` as a borrowed view.
+    pub fn get(&self, doc: u64) -> Result<DocumentRef<'_>> {
+        let (i, local) = self.locate(doc)?;
+        self.shard(i)?.get(local)
+    }
+
+    /// Sequence positions of document `doc`, from the index alone (no payload touched).
+    pub fn doc_positions(&self, doc: u64) -> Result<u32> {
+        let (i, local) = self.locate(doc)?;
+        Ok(self.shard(i)?.index_entry(local)?.positions)
+    }
+
+    /// Documents in storage order, starting at `start` (resume by passing `DocIter::position`).
+    pub fn iter_from(&self, start: u64) -> DocIter<'_> {
+        DocIter { corpus: self, order: None, pos: start }
+    }
+
+    pub fn iter(&self) -> DocIter<'_> {
+        self.iter_from(0)
+    }
+
+    /// Documents in a seeded pseudo-random order, starting at position `start` of that order.
+    pub fn iter_shuffled(&self, seed: u64, start: u64) -> DocIter<'_> {
+        DocIter { corpus: self, order: Some(Permutation::new(self.num_docs(), seed)), pos: start }
+    }
+
+    /// Deep check: every shard's blake3, header, footer, index and chunk checksum, every
+    /// record, and every manifest total. Returns the problems found (empty when sound).
+    pub fn verify(&self) -> VerifyReport {
+        crate::verify::verify_corpus(self)
+    }
+}
+
+/// Whether document `doc` is in the held-out split for `eval_fraction` (a fixed hash of the
+/// document id, independent of the loader seed, so the split never moves between runs).
+pub fn is_eval_doc(doc: u64, eval_fraction: f64) -> bool {
+    if eval_fraction <= 0.0 {
+        return false;
+    }
+    let h = mix64(doc ^ 0x6576_616C_7370_6C74);
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < eval_fraction
+}
+
+/// Sequential or shuffled document iterator; `position()` is its resumable state.
+#[derive(Debug)]
+pub struct DocIter<'a> {
+    corpus: &'a Corpus,
+    order: Option<Permutation>,
+    pos: u64,
+}
+
+impl DocIter<'_> {
+    /// Number of documents already yielded (pass back to `iter_from` / `iter_shuffled`).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+}
+
+impl<'a> Iterator for DocIter<'a> {
+    type Item = Result<(u64, DocumentRef<'a>)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.corpus.num_docs() {
+            return None;
+        }
+        let doc = self.order.as_ref().map_or(self.pos, |p| p.get(self.pos));
+        self.pos += 1;
+        Some(self.corpus.get(doc).map(|d| (doc, d)))
+    }
+}
+
+/// One problem found by [`Corpus::verify`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Problem {
+    /// Shard file name, when the problem is inside one.
+    pub shard: Option<String>,
+    /// Error kind (`checksum`, `truncated`, `missing_shard`, `manifest_mismatch`, ...).
+    pub kind: String,
+    pub offset: Option<u64>,
+    pub message: String,
+}
+
+impl Problem {
+    pub(crate) fn from_error(shard: Option<&str>, e: &ShardError) -> Problem {
+        Problem { shard: shard.map(str::to_string), kind: e.kind().to_string(), offset: e.offset(), message: e.to_string() }
+    }
+}
+
+/// Result of a deep verification.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct VerifyReport {
+    pub shards: usize,
+    pub docs: u64,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Recomputes a shard's per-modality statistics from its records (used by verify).
+pub(crate) fn add_doc_stats(doc: &DocumentRef<'_>, stats: &mut [ModalityStats; 3]) {
+    let mut seen = [false; 3];
+    for s in doc.segments() {
+        let st = &mut stats[s.modality().index()];
+        st.segments += 1;
+        st.tokens += s.len() as u64;
+        seen[s.modality().index()] = true;
+    }
+    for (m, s) in seen.iter().enumerate() {
+        if *s {
+            stats[m].docs += 1;
+        }
+    }
+}
