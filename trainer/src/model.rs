@@ -1,0 +1,1067 @@
+//! The decoder-only transformer, read top to bottom: Config → Route → Attention → FFN → Block → Model.
+//!
+//! One code path serves three architectures:
+//! - `dense`: the baseline; every token goes through the same weights.
+//! - `mot`: Mixture-of-Transformers; Q/K/V/O, FFN, attention norm and FFN norm are untied
+//!   per modality ("towers"), attention stays one global softmax over the whole sequence.
+//!   `untie_head` also unties the final norm and the LM head.
+//! - `moe`: the paper's MoE-4x baseline; the FFN is 4 experts of the dense FFN's size with
+//!   expert-choice routing (token-choice top-k as an option).
+//!
+//! Modality routing (MoT): per batch, tokens are sorted by modality once (stable, integer
+//! indices computed on the host from the `Batch`), so each tower runs its matmuls on one
+//! contiguous slice; order is restored only around attention. The loss is computed in sorted
+//! order against targets permuted the same way. `Routing::GatherScatter` is the plain
+//! Algorithm-1 form (gather each modality's rows, scatter results back, per op), kept as the
+//! test oracle.
+//!
+//! Precision: weights are fp32 masters; `compute_kind` (bf16 on CUDA) is applied by hand at
+//! every matmul and attention call, norms and the loss run in fp32. tch's `autocast` only
+//! offers CUDA fp16, which would need loss scaling.
+
+use motley_shards::{Batch, Modality};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::TrainError;
+
+// ---------------------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------------------
+
+/// Which architecture the config builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Dense,
+    Mot,
+    Moe,
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dense" => Ok(Arch::Dense),
+            "mot" => Ok(Arch::Mot),
+            "moe" => Ok(Arch::Moe),
+            other => Err(format!("unknown arch `{other}` (expected dense, mot or moe)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Arch::Dense => "dense",
+            Arch::Mot => "mot",
+            Arch::Moe => "moe",
+        })
+    }
+}
+
+/// How MoE tokens meet experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoeRouting {
+    /// Each expert picks its top-C tokens (static shapes, no host sync; the paper's baseline).
+    ExpertChoice,
+    /// Each token picks its top-k experts; needs per-expert counts on the host (one sync per layer).
+    TokenChoice,
+}
+
+/// Where the per-block norms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormPlacement {
+    /// `h = x + Attn(Norm(x))` (llama).
+    Pre,
+    /// Chameleon's "swin" norm: `h = x + Norm(Attn(x))`.
+    Swin,
+}
+
+/// Model shape and architecture. Every field has a default, so a TOML `[model]` table only
+/// names what it changes; unknown keys are an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Global vocabulary size; 0 = `total_size` from the corpus manifest.
+    pub vocab_size: i64,
+    pub d_model: i64,
+    pub n_layers: i64,
+    pub n_heads: i64,
+    /// SwiGLU hidden size; 0 = 2/3 * 4 * d_model rounded up to `ffn_multiple_of`.
+    pub ffn_hidden: i64,
+    pub ffn_multiple_of: i64,
+    /// RMSNorm over head_dim on queries and keys (per modality under MoT).
+    pub qk_norm: bool,
+    pub norm: NormPlacement,
+    pub norm_eps: f64,
+    pub rope_theta: f64,
+    /// MoT only: untie the final norm and the LM head per modality as well.
+    pub untie_head: bool,
+    /// MoE only.
+    pub n_experts: i64,
+    pub moe_routing: MoeRouting,
+    pub moe_top_k: i64,
+    /// Expert-choice: tokens per expert = capacity_factor * N / n_experts.
+    pub moe_capacity_factor: f64,
+    /// Token-choice load-balancing loss weight (Switch Transformer form).
+    pub moe_aux_loss_coef: f64,
+    /// Std of the normal init for matrices and embeddings; output projections get
+    /// `init_std / sqrt(2 * n_layers)`.
+    pub init_std: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            arch: Arch::Mot,
+            vocab_size: 0,
+            d_model: 256,
+            n_layers: 4,
+            n_heads: 8,
+            ffn_hidden: 0,
+            ffn_multiple_of: 256,
+            qk_norm: true,
+            norm: NormPlacement::Pre,
+            norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            untie_head: false,
+            n_experts: 4,
+            moe_routing: MoeRouting::ExpertChoice,
+            moe_top_k: 1,
+            moe_capacity_factor: 1.0,
+            moe_aux_loss_coef: 0.01,
+            init_std: 0.02,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> i64 {
+        self.d_model / self.n_heads.max(1)
+    }
+
+    /// SwiGLU hidden width (the playbook's 2/3 * 4d rounded up).
+    pub fn ffn_dim(&self) -> i64 {
+        if self.ffn_hidden > 0 {
+            return self.ffn_hidden;
+        }
+        let raw = (2 * 4 * self.d_model) / 3;
+        let m = self.ffn_multiple_of.max(1);
+        (raw + m - 1) / m * m
+    }
+
+    /// Number of towers the untied parts get (3 under MoT, else 1).
+    pub fn towers(&self) -> usize {
+        if self.arch == Arch::Mot { Modality::COUNT } else { 1 }
+    }
+
+    /// Checks shapes before any tensor is allocated.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |msg: String| Err(TrainError::Config { path: "model".into(), msg });
+        if self.vocab_size <= 0 {
+            return bad(format!("vocab_size must be > 0 (got {})", self.vocab_size));
+        }
+        if self.d_model <= 0 || self.n_layers <= 0 || self.n_heads <= 0 {
+            return bad("d_model, n_layers and n_heads must be > 0".into());
+        }
+        if self.d_model % self.n_heads != 0 || self.head_dim() % 2 != 0 {
+            return bad(format!("d_model {} must split into n_heads {} of even head_dim", self.d_model, self.n_heads));
+        }
+        if self.arch == Arch::Moe {
+            if self.n_experts < 1 || self.moe_top_k < 1 || self.moe_top_k > self.n_experts {
+                return bad(format!("need 1 <= moe_top_k ({}) <= n_experts ({})", self.moe_top_k, self.n_experts));
+            }
+            if !(self.moe_capacity_factor > 0.0) {
+                return bad("moe_capacity_factor must be > 0".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Matmul FLOPs per token for one forward+backward pass (6 per active weight, plus
+    /// 12 * L * d * T for attention scores and values, PaLM appendix B). Embedding lookups
+    /// are free; the LM head counts. Equal for dense and MoT, as the paper notes.
+    pub fn flops_per_token(&self, seq_len: i64) -> f64 {
+        let d = self.d_model as f64;
+        let f = self.ffn_dim() as f64;
+        let l = self.n_layers as f64;
+        let v = self.vocab_size as f64;
+        let attn_proj = 4.0 * d * d;
+        let ffn = match self.arch {
+            Arch::Moe => {
+                let per_token_experts = match self.moe_routing {
+                    MoeRouting::ExpertChoice => self.moe_capacity_factor,
+                    MoeRouting::TokenChoice => self.moe_top_k as f64,
+                };
+                3.0 * d * f * per_token_experts + d * self.n_experts as f64
+            }
+            _ => 3.0 * d * f,
+        };
+        let active = l * (attn_proj + ffn) + d * v;
+        6.0 * active + 12.0 * l * d * seq_len as f64
+    }
+
+    /// Total parameter count (all towers / experts; embedding included).
+    pub fn param_count(&self) -> i64 {
+        let d = self.d_model;
+        let f = self.ffn_dim();
+        let t = self.towers() as i64;
+        let hd = self.head_dim();
+        let qk = if self.qk_norm { 2 * hd } else { 0 };
+        let attn = t * (4 * d * d + qk);
+        let ffn = match self.arch {
+            Arch::Moe => self.n_experts * 3 * d * f + self.n_experts * d,
+            _ => t * 3 * d * f,
+        };
+        let norms = t * 2 * d;
+        let head_towers = if self.untie_head { t } else { 1 };
+        self.n_layers * (attn + ffn + norms) + self.vocab_size * d + head_towers * (d + d * self.vocab_size)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Route: the per-batch token layout
+// ---------------------------------------------------------------------------------------
+
+/// How per-modality weights meet tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// Sort tokens by modality once per batch; each tower works on one contiguous slice.
+    Sorted,
+    /// Gather each modality's rows and scatter results back at every op (the oracle).
+    GatherScatter,
+}
+
+/// The layout of one batch's `N = batch * seq` tokens inside the layers. Built on the host,
+/// once per batch; layers never look at token values, so no device → host sync happens there.
+#[derive(Debug)]
+pub struct Route {
+    n: i64,
+    kind: RouteKind,
+}
+
+#[derive(Debug)]
+enum RouteKind {
+    /// One tower sees all tokens in sequence order (dense, MoE).
+    Single,
+    /// Layout order = tokens stably sorted by modality. `perm[i]` is the sequence index of
+    /// layout row i; `inv` maps back. `spans[m] = (start, len)` of modality m's rows.
+    Sorted { perm: Tensor, inv: Tensor, spans: [(i64, i64); Modality::COUNT] },
+    /// Layout order = sequence order; `idx[m]` lists modality m's rows (None if absent).
+    Scatter { idx: Vec<Option<Tensor>> },
+}
+
+impl Route {
+    /// Number of tokens.
+    pub fn len(&self) -> i64 {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Towers that have tokens in this batch, in modality order.
+    fn active(&self) -> Vec<usize> {
+        match &self.kind {
+            RouteKind::Single => vec![0],
+            RouteKind::Sorted { spans, .. } => (0..Modality::COUNT).filter(|&m| spans[m].1 > 0).collect(),
+            RouteKind::Scatter { idx } => (0..idx.len()).filter(|&m| idx[m].is_some()).collect(),
+        }
+    }
+
+    /// Rows of `x` (layout order) that belong to tower `m`.
+    fn slice(&self, x: &Tensor, m: usize) -> Tensor {
+        match &self.kind {
+            RouteKind::Single => x.shallow_clone(),
+            RouteKind::Sorted { spans, .. } => x.narrow(0, spans[m].0, spans[m].1),
+            RouteKind::Scatter { idx } => match &idx[m] {
+                Some(i) => x.index_select(0, i),
+                None => x.narrow(0, 0, 0),
+            },
+        }
+    }
+
+    /// Puts per-tower results (in `active()` order) back into one layout-order tensor.
+    fn combine(&self, parts: Vec<(usize, Tensor)>) -> Tensor {
+        match &self.kind {
+            RouteKind::Single | RouteKind::Sorted { .. } if parts.len() == 1 => {
+                parts.into_iter().next().map(|(_, t)| t).unwrap_or_else(Tensor::new)
+            }
+            RouteKind::Single | RouteKind::Sorted { .. } => {
+                let ts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
+                Tensor::cat(&ts, 0)
+            }
+            RouteKind::Scatter { idx } => {
+                let mut out: Option<Tensor> = None;
+                for (m, part) in parts {
+                    let Some(i) = &idx[m] else { continue };
+                    let mut shape = part.size();
+                    shape[0] = self.n;
+                    let base = out.take().unwrap_or_else(|| Tensor::zeros(shape.as_slice(), (part.kind(), part.device())));
+                    out = Some(base.index_copy(0, i, &part));
+                }
+                out.unwrap_or_else(Tensor::new)
+            }
+        }
+    }
+
+    /// Applies `f(tower, rows)` to every active tower's rows and recombines in layout order.
+    pub fn map(&self, x: &Tensor, f: impl Fn(usize, &Tensor) -> Tensor) -> Tensor {
+        let parts = self.active().into_iter().map(|m| (m, f(m, &self.slice(x, m)))).collect();
+        self.combine(parts)
+    }
+
+    /// Layout order → sequence order (before attention, and for inspecting outputs).
+    pub fn to_seq(&self, x: &Tensor) -> Tensor {
+        match &self.kind {
+            RouteKind::Sorted { inv, .. } => x.index_select(0, inv),
+            _ => x.shallow_clone(),
+        }
+    }
+
+    /// Sequence order → layout order (after attention).
+    pub fn from_seq(&self, x: &Tensor) -> Tensor {
+        match &self.kind {
+            RouteKind::Sorted { perm, .. } => x.index_select(0, perm),
+            _ => x.shallow_clone(),
+        }
+    }
+}
+
+/// A batch moved to the device in the model's layout, with everything attention needs.
+#[derive(Debug)]
+pub struct Prepared {
+    pub route: Route,
+    pub batch_size: i64,
+    pub seq_len: i64,
+    /// `[N]` int64 input ids, layout order.
+    pub tokens: Tensor,
+    /// `[N]` int64 target ids, layout order.
+    pub targets: Tensor,
+    /// `[N]` fp32 1/0 loss weights, layout order.
+    pub loss_weight: Tensor,
+    /// `[N]` int64 modality of each target, layout order.
+    pub target_modality: Tensor,
+    /// Loss-bearing tokens per target modality (host side, for averaging).
+    pub loss_tokens: [i64; Modality::COUNT],
+    /// `[B, 1, T, hd/2]` RoPE tables from the batch's positions, sequence order.
+    cos: Tensor,
+    sin: Tensor,
+    /// `[B, 1, T, T]` bool: causal and inside one document; None when plain causal suffices.
+    mask: Option<Tensor>,
+}
+
+impl Prepared {
+    /// Lays out `batch` for `cfg`. All checks on user data happen here, so the layers
+    /// themselves cannot fail on it.
+    pub fn new(cfg: &ModelConfig, batch: &Batch, routing: Routing, device: Device) -> Result<Self, TrainError> {
+        let n = batch.numel();
+        let (b, t) = (batch.batch_size as i64, batch.seq_len as i64);
+        for (name, len) in [
+            ("inputs", batch.inputs.len()),
+            ("targets", batch.targets.len()),
+            ("modality", batch.modality.len()),
+            ("target_modality", batch.target_modality.len()),
+            ("positions", batch.positions.len()),
+            ("doc_ids", batch.doc_ids.len()),
+            ("loss_mask", batch.loss_mask.len()),
+        ] {
+            if len != n {
+                return Err(TrainError::Batch(format!("{name} has {len} entries, expected batch_size*seq_len = {n}")));
+            }
+        }
+        let vocab = cfg.vocab_size;
+        for (i, (&x, &y)) in batch.inputs.iter().zip(&batch.targets).enumerate() {
+            if i64::from(x) >= vocab || i64::from(y) >= vocab {
+                return Err(TrainError::Batch(format!(
+                    "token id {} at flat position {i} is outside the model vocabulary ({vocab})",
+                    x.max(y)
+                )));
+            }
+        }
+        for (i, (&m, &tm)) in batch.modality.iter().zip(&batch.target_modality).enumerate() {
+            if usize::from(m.max(tm)) >= Modality::COUNT {
+                return Err(TrainError::Batch(format!("modality tag {} at flat position {i} is unknown", m.max(tm))));
+            }
+        }
+
+        // Stable counting sort by input modality: perm[i] = sequence index of layout row i.
+        let mut counts = [0i64; Modality::COUNT];
+        for &m in &batch.modality {
+            counts[usize::from(m)] += 1;
+        }
+        let (route, order): (Route, Option<Vec<usize>>) = if cfg.towers() == 1 {
+            (Route { n: n as i64, kind: RouteKind::Single }, None)
+        } else {
+            match routing {
+                Routing::Sorted => {
+                    let mut perm = Vec::with_capacity(n);
+                    let mut spans = [(0i64, 0i64); Modality::COUNT];
+                    for m in 0..Modality::COUNT {
+                        spans[m] = (perm.len() as i64, counts[m]);
+                        perm.extend((0..n).filter(|&i| usize::from(batch.modality[i]) == m));
+                    }
+                    let mut inv = vec![0i64; n];
+                    for (row, &i) in perm.iter().enumerate() {
+                        inv[i] = row as i64;
+                    }
+                    let perm_i64: Vec<i64> = perm.iter().map(|&i| i as i64).collect();
+                    let kind = RouteKind::Sorted {
+                        perm: Tensor::from_slice(&perm_i64).to_device(device),
+                        inv: Tensor::from_slice(&inv).to_device(device),
+                        spans,
+                    };
+                    (Route { n: n as i64, kind }, Some(perm))
+                }
+                Routing::GatherScatter => {
+                    let idx = (0..Modality::COUNT)
+                        .map(|m| {
+                            let rows: Vec<i64> =
+                                (0..n).filter(|&i| usize::from(batch.modality[i]) == m).map(|i| i as i64).collect();
+                            (!rows.is_empty()).then(|| Tensor::from_slice(&rows).to_device(device))
+                        })
+                        .collect();
+                    (Route { n: n as i64, kind: RouteKind::Scatter { idx } }, None)
+                }
+            }
+        };
+        let layout = |v: &[u32]| -> Tensor {
+            let data: Vec<i64> = match &order {
+                Some(p) => p.iter().map(|&i| i64::from(v[i])).collect(),
+                None => v.iter().map(|&x| i64::from(x)).collect(),
+            };
+            Tensor::from_slice(&data).to_device(device)
+        };
+        let widen = |v: &[u8]| -> Vec<u32> { v.iter().map(|&x| u32::from(x)).collect() };
+        let tokens = layout(&batch.inputs);
+        let targets = layout(&batch.targets);
+        let target_modality = layout(&widen(&batch.target_modality));
+        let loss_weight = layout(&widen(&batch.loss_mask)).gt(0).to_kind(Kind::Float);
+        let mut loss_tokens = [0i64; Modality::COUNT];
+        for (&tm, &w) in batch.target_modality.iter().zip(&batch.loss_mask) {
+            if w > 0 {
+                loss_tokens[usize::from(tm)] += 1;
+            }
+        }
+
+        // RoPE tables from the batch's per-document positions (sequence order).
+        let hd = cfg.head_dim();
+        let pos: Vec<f32> = batch.positions.iter().map(|&p| p as f32).collect();
+        let pos = Tensor::from_slice(&pos).to_device(device).view([b, 1, t, 1]);
+        let inv_freq: Vec<f32> =
+            (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
+        let inv_freq = Tensor::from_slice(&inv_freq).to_device(device).view([1, 1, 1, hd / 2]);
+        let angles = pos * inv_freq;
+        let (cos, sin) = (angles.cos(), angles.sin());
+
+        // A mask is only needed when some row packs more than one document.
+        let packed = batch.doc_ids.chunks(batch.seq_len.max(1)).any(|row| row.windows(2).any(|w| w[0] != w[1]));
+        let mask = packed.then(|| {
+            let docs: Vec<i64> = batch.doc_ids.iter().map(|&d| i64::from(d)).collect();
+            let docs = Tensor::from_slice(&docs).to_device(device).view([b, t]);
+            let same_doc = docs.unsqueeze(2).eq_tensor(&docs.unsqueeze(1));
+            let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+            (same_doc.logical_and(&causal)).unsqueeze(1)
+        });
+        Ok(Prepared {
+            route,
+            batch_size: b,
+            seq_len: t,
+            tokens,
+            targets,
+            loss_weight,
+            target_modality,
+            loss_tokens,
+            cos,
+            sin,
+            mask,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Building blocks: towers of untied weights, norms, linears
+// ---------------------------------------------------------------------------------------
+
+/// One weight per tower; a single tower is named without a modality suffix
+/// (`q_proj.weight`), several are named by modality (`q_proj.image.weight`).
+#[derive(Debug)]
+struct Towers<T>(Vec<T>);
+
+impl<T> Towers<T> {
+    fn new(p: &nn::Path, n: usize, make: impl Fn(&nn::Path) -> T) -> Self {
+        if n == 1 {
+            Towers(vec![make(p)])
+        } else {
+            Towers(Modality::ALL[..n].iter().map(|m| make(&(p / m.as_str()))).collect())
+        }
+    }
+
+    /// Runs `f` with each tower's weights on that tower's rows. A single tower takes the
+    /// whole tensor whatever the route (a shared head under MoT, for example).
+    fn apply(&self, route: &Route, x: &Tensor, f: impl Fn(&T, &Tensor) -> Tensor) -> Tensor {
+        if self.0.len() == 1 {
+            return f(&self.0[0], x);
+        }
+        route.map(x, |m, xs| f(&self.0[m], xs))
+    }
+}
+
+/// A bias-free linear layer whose matmul runs in the compute precision.
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+}
+
+impl Linear {
+    fn new(p: &nn::Path, d_in: i64, d_out: i64, std: f64) -> Self {
+        Linear { weight: p.var("weight", &[d_out, d_in], nn::Init::Randn { mean: 0.0, stdev: std }) }
+    }
+
+    fn forward(&self, x: &Tensor, ck: Kind) -> Tensor {
+        x.to_kind(ck).linear::<Tensor>(&self.weight.to_kind(ck), None)
+    }
+}
+
+/// RMSNorm over the last dimension, computed in fp32.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm { weight: p.var("weight", &[dim], nn::Init::Const(1.0)), eps }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = self.weight.size()[0];
+        x.to_kind(Kind::Float).rms_norm([dim], Some(&self.weight), self.eps)
+    }
+}
+
+/// Rotates query/key pairs `[B, H, T, hd]` by the per-token angles (llama's half split).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let kind = x.kind();
+    let x = x.to_kind(Kind::Float);
+    let (x1, x2) = (x.narrow(3, 0, half), x.narrow(3, half, half));
+    Tensor::cat(&[&x1 * cos - &x2 * sin, &x1 * sin + &x2 * cos], 3).to_kind(kind)
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------
+
+/// Multi-head attention: per-tower Q/K/V/O (and QK-norm), one global softmax.
+#[derive(Debug)]
+struct Attention {
+    q_proj: Towers<Linear>,
+    k_proj: Towers<Linear>,
+    v_proj: Towers<Linear>,
+    o_proj: Towers<Linear>,
+    qk_norm: Option<(Towers<RmsNorm>, Towers<RmsNorm>)>,
+    n_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let (d, t, std) = (cfg.d_model, cfg.towers(), cfg.init_std);
+        let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
+        let hd = cfg.head_dim();
+        Attention {
+            q_proj: Towers::new(&(p / "q_proj"), t, |p| Linear::new(p, d, d, std)),
+            k_proj: Towers::new(&(p / "k_proj"), t, |p| Linear::new(p, d, d, std)),
+            v_proj: Towers::new(&(p / "v_proj"), t, |p| Linear::new(p, d, d, std)),
+            o_proj: Towers::new(&(p / "o_proj"), t, |p| Linear::new(p, d, d, out_std)),
+            qk_norm: cfg.qk_norm.then(|| {
+                (
+                    Towers::new(&(p / "q_norm"), t, |p| RmsNorm::new(p, hd, cfg.norm_eps)),
+                    Towers::new(&(p / "k_norm"), t, |p| RmsNorm::new(p, hd, cfg.norm_eps)),
+                )
+            }),
+            n_heads: cfg.n_heads,
+            head_dim: hd,
+        }
+    }
+
+    /// `x`: `[N, D]` layout order → `[N, D]` layout order.
+    fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind) -> Tensor {
+        let (h, hd) = (self.n_heads, self.head_dim);
+        let d = h * hd;
+        // Per-tower projections on contiguous rows, fused into one [rows, 3D] block so that
+        // a single gather restores sequence order for q, k and v together.
+        let qkv = route_qkv(self, x, &p.route, ck);
+        let qkv = p.route.to_seq(&qkv).view([p.batch_size, p.seq_len, 3, h, hd]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let q = apply_rope(&q, &p.cos, &p.sin);
+        let k = apply_rope(&k, &p.cos, &p.sin);
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, p.mask.as_ref(), 0.0, p.mask.is_none(), None, false);
+        let y = y.transpose(1, 2).reshape([p.route.len(), d]);
+        let y = p.route.from_seq(&y);
+        self.o_proj.apply(&p.route, &y, |o, ys| o.forward(ys, ck))
+    }
+}
+
+/// Q, K, V of every tower's rows, QK-normed per tower, concatenated as `[N, 3D]`.
+fn route_qkv(a: &Attention, x: &Tensor, route: &Route, ck: Kind) -> Tensor {
+    let (h, hd) = (a.n_heads, a.head_dim);
+    let tower = |m: usize, xs: &Tensor| -> Tensor {
+        let pick = |t: &Towers<Linear>| -> Tensor { t.0[m.min(t.0.len() - 1)].forward(xs, ck) };
+        let (mut q, mut k, v) = (pick(&a.q_proj), pick(&a.k_proj), pick(&a.v_proj));
+        if let Some((qn, kn)) = &a.qk_norm {
+            let rows = xs.size()[0];
+            let norm = |t: &Towers<RmsNorm>, y: &Tensor| {
+                t.0[m.min(t.0.len() - 1)].forward(&y.view([rows, h, hd])).view([rows, h * hd]).to_kind(ck)
+            };
+            q = norm(qn, &q);
+            k = norm(kn, &k);
+        }
+        Tensor::cat(&[q, k, v], 1)
+    };
+    if a.q_proj.0.len() == 1 { tower(0, x) } else { route.map(x, tower) }
+}
+
+// ---------------------------------------------------------------------------------------
+// FFN: SwiGLU, per tower or as a mixture of experts
+// ---------------------------------------------------------------------------------------
+
+/// `down(silu(gate(x)) * up(x))`, one weight set per tower.
+#[derive(Debug)]
+struct SwiGlu {
+    gate_proj: Towers<Linear>,
+    up_proj: Towers<Linear>,
+    down_proj: Towers<Linear>,
+}
+
+impl SwiGlu {
+    fn new(p: &nn::Path, cfg: &ModelConfig, towers: usize) -> Self {
+        let (d, f, std) = (cfg.d_model, cfg.ffn_dim(), cfg.init_std);
+        let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
+        SwiGlu {
+            gate_proj: Towers::new(&(p / "gate_proj"), towers, |p| Linear::new(p, d, f, std)),
+            up_proj: Towers::new(&(p / "up_proj"), towers, |p| Linear::new(p, d, f, std)),
+            down_proj: Towers::new(&(p / "down_proj"), towers, |p| Linear::new(p, f, d, out_std)),
+        }
+    }
+
+    /// Tower `m`'s FFN on rows `x`.
+    fn tower(&self, m: usize, x: &Tensor, ck: Kind) -> Tensor {
+        let pick = |t: &Towers<Linear>| -> usize { m.min(t.0.len() - 1) };
+        let g = self.gate_proj.0[pick(&self.gate_proj)].forward(x, ck).silu();
+        let u = self.up_proj.0[pick(&self.up_proj)].forward(x, ck);
+        self.down_proj.0[pick(&self.down_proj)].forward(&(g * u), ck)
+    }
+
+    fn forward(&self, route: &Route, x: &Tensor, ck: Kind) -> Tensor {
+        if self.gate_proj.0.len() == 1 { self.tower(0, x, ck) } else { route.map(x, |m, xs| self.tower(m, xs, ck)) }
+    }
+}
+
+/// MoE-4x: `n_experts` SwiGLU experts of the dense FFN's size and a linear router.
+#[derive(Debug)]
+struct Moe {
+    router: Linear,
+    experts: Vec<SwiGlu>,
+    routing: MoeRouting,
+    top_k: i64,
+    capacity_factor: f64,
+}
+
+impl Moe {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let e = cfg.n_experts;
+        Moe {
+            router: Linear::new(&(p / "router"), cfg.d_model, e, cfg.init_std),
+            experts: (0..e).map(|i| SwiGlu::new(&(p / "experts" / i), cfg, 1)).collect(),
+            routing: cfg.moe_routing,
+            top_k: cfg.moe_top_k,
+            capacity_factor: cfg.moe_capacity_factor,
+        }
+    }
+
+    /// Returns the output and the load-balancing loss (zero for expert choice).
+    fn forward(&self, x: &Tensor, ck: Kind) -> (Tensor, Tensor) {
+        let n = x.size()[0];
+        let e = self.experts.len() as i64;
+        let probs = self.router.forward(x, Kind::Float).softmax(-1, Kind::Float); // [N, E]
+        let mut out = Tensor::zeros([n, x.size()[1]], (Kind::Float, x.device()));
+        match self.routing {
+            MoeRouting::ExpertChoice => {
+                // Each expert takes its C highest-scoring tokens (Zhou et al. 2022).
+                let c = ((self.capacity_factor * n as f64 / e as f64).ceil() as i64).clamp(1, n);
+                let (gates, idx) = probs.tr().topk(c, 1, true, false); // [E, C]
+                for (i, expert) in self.experts.iter().enumerate() {
+                    let rows = idx.get(i as i64);
+                    let y = expert.tower(0, &x.index_select(0, &rows), ck).to_kind(Kind::Float);
+                    out = out.index_add(0, &rows, &(y * gates.get(i as i64).unsqueeze(1)));
+                }
+                (out, Tensor::zeros([], (Kind::Float, x.device())))
+            }
+            MoeRouting::TokenChoice => {
+                let k = self.top_k;
+                let (gates, experts) = probs.topk(k, 1, true, false); // [N, k]
+                let gates = &gates / gates.sum_dim_intlist(1, true, Kind::Float);
+                let flat = experts.reshape([-1]);
+                let order = flat.argsort_stable(true, 0, false);
+                // Per-expert sizes are needed on the host to split: one sync per layer,
+                // the documented cost of token choice.
+                let counts: Vec<i64> = Vec::<i64>::try_from(flat.bincount::<Tensor>(None, e)).unwrap_or_default();
+                let token_of = order.divide_scalar_mode(k, "floor");
+                let gate_of = gates.reshape([-1]).index_select(0, &order);
+                let mut start = 0;
+                for (i, expert) in self.experts.iter().enumerate() {
+                    let len = counts.get(i).copied().unwrap_or(0);
+                    if len == 0 {
+                        continue;
+                    }
+                    let rows = token_of.narrow(0, start, len);
+                    let y = expert.tower(0, &x.index_select(0, &rows), ck).to_kind(Kind::Float);
+                    out = out.index_add(0, &rows, &(y * gate_of.narrow(0, start, len).unsqueeze(1)));
+                    start += len;
+                }
+                // Switch-style balance: E * sum_e (fraction routed to e) * (mean prob of e).
+                let frac = Tensor::from_slice(&counts).to_device(x.device()).to_kind(Kind::Float) / (n * k) as f64;
+                let mean_p = probs.mean_dim(0, false, Kind::Float);
+                (out, (frac * mean_p).sum(Kind::Float) * e as f64)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Ffn {
+    SwiGlu(SwiGlu),
+    Moe(Moe),
+}
+
+// ---------------------------------------------------------------------------------------
+// Block
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Block {
+    attn_norm: Towers<RmsNorm>,
+    attn: Attention,
+    ffn_norm: Towers<RmsNorm>,
+    ffn: Ffn,
+    placement: NormPlacement,
+}
+
+impl Block {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let t = cfg.towers();
+        let ffn = match cfg.arch {
+            Arch::Moe => Ffn::Moe(Moe::new(&(p / "ffn"), cfg)),
+            _ => Ffn::SwiGlu(SwiGlu::new(&(p / "ffn"), cfg, t)),
+        };
+        Block {
+            attn_norm: Towers::new(&(p / "attn_norm"), t, |p| RmsNorm::new(p, cfg.d_model, cfg.norm_eps)),
+            attn: Attention::new(&(p / "attn"), cfg),
+            ffn_norm: Towers::new(&(p / "ffn_norm"), t, |p| RmsNorm::new(p, cfg.d_model, cfg.norm_eps)),
+            ffn,
+            placement: cfg.norm,
+        }
+    }
+
+    /// Residual stream `x` (`[N, D]` fp32, layout order) → next residual stream, plus aux loss.
+    fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind) -> (Tensor, Option<Tensor>) {
+        let r = &p.route;
+        let mut aux = None;
+        let mut ffn = |h: &Tensor| -> Tensor {
+            match &self.ffn {
+                Ffn::SwiGlu(f) => f.forward(r, h, ck),
+                Ffn::Moe(m) => {
+                    let (y, a) = m.forward(h, ck);
+                    aux = Some(a);
+                    y
+                }
+            }
+        };
+        match self.placement {
+            NormPlacement::Pre => {
+                let a = self.attn.forward(&self.attn_norm.apply(r, x, |n, xs| n.forward(xs)), p, ck);
+                let h = x + a.to_kind(Kind::Float);
+                let f = ffn(&self.ffn_norm.apply(r, &h, |n, hs| n.forward(hs)));
+                (&h + f.to_kind(Kind::Float), aux)
+            }
+            NormPlacement::Swin => {
+                let a = self.attn.forward(x, p, ck);
+                let h = x + self.attn_norm.apply(r, &a, |n, s| n.forward(s));
+                let f = ffn(&h);
+                (&h + self.ffn_norm.apply(r, &f, |n, s| n.forward(s)), aux)
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------------
+
+/// Loss of one forward pass.
+#[derive(Debug)]
+pub struct LossOutput {
+    /// Scalar to backpropagate: mean next-token loss over loss-bearing tokens (+ MoE aux).
+    pub loss: Tensor,
+    /// `[3]` detached sums of token losses per target modality (divide by `loss_tokens`).
+    pub per_modality_sum: Tensor,
+    /// `[N]` per-token losses, layout order, detached (zero where the mask is 0).
+    pub token_loss: Tensor,
+}
+
+/// The whole network. Parameters live in the `VarStore` passed to [`Model::new`].
+#[derive(Debug)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    final_norm: Towers<RmsNorm>,
+    lm_head: Towers<Linear>,
+    /// Matmul / attention precision (bf16 on CUDA, fp32 on CPU).
+    pub compute_kind: Kind,
+}
+
+impl Model {
+    /// Creates every parameter under `root`; initialization draws from torch's generator,
+    /// so seed it (`tch::manual_seed`) first for a reproducible model.
+    pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
+        cfg.validate()?;
+        let head_towers = if cfg.untie_head { cfg.towers() } else { 1 };
+        let embed =
+            (root / "embed").var("weight", &[cfg.vocab_size, cfg.d_model], nn::Init::Randn { mean: 0.0, stdev: cfg.init_std });
+        let layers = (0..cfg.n_layers).map(|i| Block::new(&(root / "layers" / i), cfg)).collect();
+        let final_norm = Towers::new(&(root / "norm"), head_towers, |p| RmsNorm::new(p, cfg.d_model, cfg.norm_eps));
+        let lm_head = Towers::new(&(root / "lm_head"), head_towers, |p| Linear::new(p, cfg.d_model, cfg.vocab_size, cfg.init_std));
+        let compute_kind = if root.device().is_cuda() { Kind::BFloat16 } else { Kind::Float };
+        Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, compute_kind })
+    }
+
+    /// Final hidden states `[N, D]` (fp32, after the final norm), layout order; plus the
+    /// summed MoE aux loss if any.
+    pub fn hidden(&self, p: &Prepared) -> (Tensor, Option<Tensor>) {
+        let mut x = Tensor::embedding(&self.embed, &p.tokens, -1, false, false);
+        let mut aux: Option<Tensor> = None;
+        for layer in &self.layers {
+            let (y, a) = layer.forward(&x, p, self.compute_kind);
+            x = y;
+            if let Some(a) = a {
+                aux = Some(match aux {
+                    Some(s) => s + a,
+                    None => a,
+                });
+            }
+        }
+        (self.final_norm.apply(&p.route, &x, |n, xs| n.forward(xs)), aux)
+    }
+
+    /// Logits `[N, V]` (fp32), layout order. For inspection and sampling; the loss path
+    /// never materializes all towers' logits at once.
+    pub fn logits(&self, p: &Prepared) -> Tensor {
+        let (h, _) = self.hidden(p);
+        self.lm_head.apply(&p.route, &h, |w, hs| w.forward(hs, self.compute_kind).to_kind(Kind::Float))
+    }
+
+    /// Next-token cross-entropy, per token and per target modality.
+    pub fn loss(&self, p: &Prepared) -> LossOutput {
+        let (h, aux) = self.hidden(p);
+        let ck = self.compute_kind;
+        // Per-tower logits and CE over that tower's rows: targets are already in layout order.
+        let ce = |w: &Linear, hs: &Tensor, ts: &Tensor| -> Tensor {
+            w.forward(hs, ck).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(ts, None, tch::Reduction::None, -100, 0.0)
+        };
+        let token_loss = if self.lm_head.0.len() == 1 {
+            ce(&self.lm_head.0[0], &h, &p.targets)
+        } else {
+            let parts =
+                p.route.active().into_iter().map(|m| (m, ce(&self.lm_head.0[m], &p.route.slice(&h, m), &p.route.slice(&p.targets, m)))).collect();
+            p.route.combine(parts)
+        };
+        let weighted = &token_loss * &p.loss_weight;
+        let count: i64 = p.loss_tokens.iter().sum();
+        let mut loss = weighted.sum(Kind::Float) / count.max(1) as f64;
+        if let Some(a) = aux {
+            loss = loss + a * self.cfg.moe_aux_loss_coef;
+        }
+        let per_modality_sum = Tensor::zeros([Modality::COUNT as i64], (Kind::Float, weighted.device()))
+            .index_add(0, &p.target_modality, &weighted.detach());
+        LossOutput { loss, per_modality_sum, token_loss: weighted.detach() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{BatchSource, SyntheticSource};
+
+    fn tiny(arch: Arch) -> ModelConfig {
+        ModelConfig {
+            arch,
+            vocab_size: 0,
+            d_model: 32,
+            n_layers: 2,
+            n_heads: 4,
+            ffn_multiple_of: 16,
+            ..ModelConfig::default()
+        }
+    }
+
+    fn batch(vocab: &mut i64) -> Batch {
+        let mut src = SyntheticSource::new(7, 2, 48);
+        *vocab = i64::from(src.vocab().total_size);
+        src.next_batch().expect("synthetic batch")
+    }
+
+    fn grads(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.into_iter().map(|(n, t)| (n, t.grad())).collect()
+    }
+
+    fn run(cfg: &ModelConfig, b: &Batch, routing: Routing) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new(&vs.root(), cfg).expect("model");
+        let p = Prepared::new(cfg, b, routing, Device::Cpu).expect("prepare");
+        let logits = p.route.to_seq(&model.logits(&p));
+        let out = model.loss(&p);
+        out.loss.backward();
+        let tok = p.route.to_seq(&out.token_loss);
+        (logits.detach(), tok, grads(&vs))
+    }
+
+    #[test]
+    fn sorted_routing_matches_gather_scatter_oracle() {
+        for (untie, qk, placement) in [(false, true, NormPlacement::Pre), (true, false, NormPlacement::Swin)] {
+            let mut v = 0;
+            let b = batch(&mut v);
+            assert!(b.modality.iter().any(|&m| m == 1) && b.modality.iter().any(|&m| m == 2));
+            let cfg = ModelConfig { vocab_size: v, untie_head: untie, qk_norm: qk, norm: placement, ..tiny(Arch::Mot) };
+            let (l1, t1, g1) = run(&cfg, &b, Routing::Sorted);
+            let (l2, t2, g2) = run(&cfg, &b, Routing::GatherScatter);
+            assert!(l1.allclose(&l2, 1e-5, 1e-6, false), "logits differ");
+            assert!(t1.allclose(&t2, 1e-5, 1e-6, false), "token losses differ");
+            assert_eq!(g1.len(), g2.len());
+            for ((n1, a), (n2, b)) in g1.iter().zip(&g2) {
+                assert_eq!(n1, n2);
+                assert_eq!(a.defined(), b.defined(), "{n1}: gradient presence differs");
+                if a.defined() {
+                    assert!(a.allclose(b, 1e-4, 1e-6, false), "{n1}: gradients differ");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mot_with_identical_towers_equals_dense() {
+        let mut v = 0;
+        let b = batch(&mut v);
+        let dense_cfg = ModelConfig { vocab_size: v, ..tiny(Arch::Dense) };
+        let mot_cfg = ModelConfig { vocab_size: v, untie_head: true, ..tiny(Arch::Mot) };
+        tch::manual_seed(1);
+        let dense_vs = nn::VarStore::new(Device::Cpu);
+        let dense = Model::new(&dense_vs.root(), &dense_cfg).expect("dense");
+        let mot_vs = nn::VarStore::new(Device::Cpu);
+        let mot = Model::new(&mot_vs.root(), &mot_cfg).expect("mot");
+        // Copy each dense weight into every tower: `x.text.weight` <- `x.weight`.
+        let dense_vars = dense_vs.variables();
+        tch::no_grad(|| {
+            for (name, mut t) in mot_vs.variables() {
+                let shared = ["text", "image", "speech"]
+                    .iter()
+                    .fold(name.clone(), |n, m| n.replace(&format!(".{m}.weight"), ".weight"));
+                let src = dense_vars.get(&shared).unwrap_or_else(|| panic!("no dense twin for {name}"));
+                t.copy_(src);
+            }
+        });
+        let pd = Prepared::new(&dense_cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+        let pm = Prepared::new(&mot_cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+        let ld = pd.route.to_seq(&dense.logits(&pd));
+        let lm = pm.route.to_seq(&mot.logits(&pm));
+        assert!(ld.allclose(&lm, 1e-5, 1e-6, false));
+        let _ = dense.loss(&pd);
+    }
+
+    #[test]
+    fn parameter_names_are_self_describing() {
+        let cfg = ModelConfig { vocab_size: 64, untie_head: true, ..tiny(Arch::Mot) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = Model::new(&vs.root(), &cfg).expect("model");
+        let names = vs.variables();
+        for n in [
+            "embed.weight",
+            "layers.1.attn.q_proj.image.weight",
+            "layers.0.attn.k_norm.speech.weight",
+            "layers.0.ffn.down_proj.text.weight",
+            "layers.1.ffn_norm.image.weight",
+            "norm.speech.weight",
+            "lm_head.text.weight",
+        ] {
+            assert!(names.contains_key(n), "missing {n}");
+        }
+        let total: i64 = names.values().map(|t| t.numel() as i64).sum();
+        assert_eq!(total, cfg.param_count());
+        let moe = ModelConfig { vocab_size: 64, ..tiny(Arch::Moe) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = Model::new(&vs.root(), &moe).expect("moe");
+        assert!(vs.variables().contains_key("layers.0.ffn.experts.3.up_proj.weight"));
+        let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(total, moe.param_count());
+    }
+
+    #[test]
+    fn moe_both_routings_run_and_backprop() {
+        let mut v = 0;
+        let b = batch(&mut v);
+        for routing in [MoeRouting::ExpertChoice, MoeRouting::TokenChoice] {
+            let cfg = ModelConfig { vocab_size: v, moe_routing: routing, moe_top_k: 2, ..tiny(Arch::Moe) };
+            let (_, t, g) = run(&cfg, &b, Routing::Sorted);
+            assert!(f64::try_from(t.sum(Kind::Float)).map(f64::is_finite).unwrap_or(false));
+            let router = g.iter().find(|(n, _)| n == "layers.0.ffn.router.weight").map(|(_, t)| t.defined());
+            assert_eq!(router, Some(true), "router gets a gradient");
+        }
+    }
+
+    #[test]
+    fn packed_documents_do_not_attend_across_boundaries() {
+        // Changing the first document must not change the second document's logits.
+        let mut v = 0;
+        let mut b = batch(&mut v);
+        let cfg = ModelConfig { vocab_size: v, ..tiny(Arch::Mot) };
+        let row = b.seq_len;
+        let split = (1..row).find(|&i| b.doc_ids[i] != b.doc_ids[i - 1]).expect("synthetic rows pack several documents");
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new(&vs.root(), &cfg).expect("model");
+        let l1 = {
+            let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+            p.route.to_seq(&model.logits(&p))
+        };
+        b.inputs[0] = (b.inputs[0] + 1) % v as u32;
+        let l2 = {
+            let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+            p.route.to_seq(&model.logits(&p))
+        };
+        assert!(!l1.narrow(0, 0, 1).allclose(&l2.narrow(0, 0, 1), 1e-6, 1e-6, false));
+        let rest = row as i64 - split as i64;
+        assert!(l1.narrow(0, split as i64, rest).allclose(&l2.narrow(0, split as i64, rest), 1e-6, 1e-7, false));
+    }
+
+    #[test]
+    fn bad_token_ids_are_an_error_not_a_panic() {
+        let mut v = 0;
+        let mut b = batch(&mut v);
+        b.inputs[3] = v as u32 + 5;
+        let cfg = ModelConfig { vocab_size: v, ..tiny(Arch::Mot) };
+        let err = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect_err("out-of-range id");
+        assert!(err.to_string().contains("flat position 3"), "{err}");
+    }
+}
