@@ -15,7 +15,7 @@ pub mod types;
 mod verify;
 pub mod writer;
 
-pub use batch::{Batch, Latents};
+pub use batch::{Batch, DocSpan, Latents};
 pub use error::{Result, ShardError};
 pub use format::{Compression, ModalityStats};
 pub use loader::{Loader, LoaderConfig, LoaderState, Source, Split};

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use half::f16;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{Batch, Latents};
+use crate::batch::{Batch, DocSpan, Latents};
 use crate::error::{Result, ShardError};
 use crate::perm::{mix64, Permutation};
 use crate::reader::{is_eval_doc, Corpus, DocumentRef, SegmentView};
@@ -464,6 +464,7 @@ impl Packer {
         let mut doc_idx = 0u32;
         let mut seg_ctr = 0u32;
         let mut latents = std::mem::take(&mut batch.latents);
+        let mut spans = std::mem::take(&mut batch.spans);
         let result = (|| -> Result<()> {
             while p < l {
                 let doc_id = self.current_doc(src)?;
@@ -475,6 +476,7 @@ impl Packer {
                 if rem <= space {
                     if let Some(slot) = slot {
                         self.fill(&doc, o, flat, p, doc_idx, &mut seg_ctr, slot, &mut latents);
+                        spans.push(DocSpan { row: slot as u32, source: src as u32, doc: doc_id, start: o as u32, end: flat as u32, at: p as u32 });
                     }
                     p += rem;
                     doc_idx += 1;
@@ -496,6 +498,7 @@ impl Packer {
                 }
                 if let Some(slot) = slot {
                     self.fill(&doc, o, c, p, doc_idx, &mut seg_ctr, slot, &mut latents);
+                    spans.push(DocSpan { row: slot as u32, source: src as u32, doc: doc_id, start: o as u32, end: c as u32, at: p as u32 });
                 }
                 p += c - o;
                 doc_idx += 1;
@@ -506,6 +509,7 @@ impl Packer {
             Ok(())
         })();
         batch.latents = latents;
+        batch.spans = spans;
         result?;
         if let Some(slot) = slot {
             let row = &mut self.row;
@@ -552,13 +556,16 @@ impl Packer {
             loss_mask: vec![0; n],
             latents: Latents { dim: self.ids.latent_dim, data: Vec::new(), positions: Vec::new() },
             padding_fraction: 0.0,
+            row_ids: vec![0; b],
+            spans: Vec::new(),
         };
         let mut pads = 0usize;
         for k in 0..b * w {
             let src = self.pick_source();
             let slot = (k % w == r).then_some(k / w);
             self.pack_row(src, slot, &mut batch)?;
-            if slot.is_some() {
+            if let Some(slot) = slot {
+                batch.row_ids[slot] = self.state.rows;
                 pads += self.row.flags[..t].iter().filter(|&&f| f & FLAG_PAD != 0).count();
             }
             self.state.sources[src].rows += 1;
