@@ -476,3 +476,43 @@ pub fn id_width(vocab_size: u32) -> u8 {
 
 #[cfg(target_endian = "big")]
 compile_error!("motley-shards reads little-endian payloads zero-copy and needs a little-endian host");
+
+/// Recomputes every checksum of a (possibly mangled) shard image in place, wherever the
+/// footer's offsets allow. Only for fuzzing: it lets mutated inputs get past the checksums so
+/// the structural parser behind them is exercised. Never panics.
+#[doc(hidden)]
+pub fn fixup_checksums(file: &mut [u8]) {
+    if file.len() < HEADER_LEN + FOOTER_LEN {
+        return;
+    }
+    let crc = crc32c::crc32c(&file[0..60]);
+    file[60..64].copy_from_slice(&crc.to_le_bytes());
+    let at = file.len() - FOOTER_LEN;
+    let f = |o: usize| rd_u64(&file[at..], o);
+    let (num_docs, num_chunks, table, index, meta, meta_len) = (f(16), f(24), f(32), f(40), f(48), f(56));
+    let table_end = num_chunks.checked_mul(CHUNK_ENTRY_LEN as u64).and_then(|l| table.checked_add(l));
+    let index_end = num_docs.checked_mul(INDEX_ENTRY_LEN as u64).and_then(|l| index.checked_add(l));
+    if let (Some(te), Some(ie)) = (table_end, index_end) {
+        if te <= at as u64 && ie <= at as u64 && table <= te && te <= index.max(te) {
+            for c in 0..num_chunks as usize {
+                let e = table as usize + c * CHUNK_ENTRY_LEN;
+                let entry = ChunkEntry::decode(&file[e..e + CHUNK_ENTRY_LEN]);
+                let end = entry.file_offset.checked_add(entry.stored_len as u64);
+                if let Some(end) = end.filter(|&x| x <= at as u64) {
+                    let crc = crc32c::crc32c(&file[entry.file_offset as usize..end as usize]);
+                    file[e + 16..e + 20].copy_from_slice(&crc.to_le_bytes());
+                }
+            }
+            if te == index {
+                let crc = crc32c::crc32c(&file[table as usize..ie as usize]);
+                file[at + 144..at + 148].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+    }
+    if let Some(me) = meta.checked_add(meta_len).filter(|&e| e <= at as u64) {
+        let crc = crc32c::crc32c(&file[meta as usize..me as usize]);
+        file[at + 148..at + 152].copy_from_slice(&crc.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&file[at..at + 152]);
+    file[at + 152..at + 156].copy_from_slice(&crc.to_le_bytes());
+}

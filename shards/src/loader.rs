@@ -166,8 +166,6 @@ pub struct LoaderState {
 }
 
 const STATE_VERSION: u32 = 1;
-const FLAG_LATENT: u8 = 1;
-const FLAG_PAD: u8 = 2;
 
 /// Global ids of the structural specials and the per-modality blocks.
 #[derive(Debug, Clone)]
@@ -227,17 +225,6 @@ struct PlanItem {
     group: u32,
 }
 
-/// Per-row scratch of `seq_len + 1` positions.
-#[derive(Debug, Default)]
-struct Row {
-    ids: Vec<u32>,
-    modality: Vec<u8>,
-    doc: Vec<u32>,
-    seg: Vec<u32>,
-    pos: Vec<u32>,
-    flags: Vec<u8>,
-}
-
 #[derive(Debug)]
 struct SourceRt {
     corpus: Arc<Corpus>,
@@ -254,7 +241,6 @@ struct Packer {
     state: LoaderState,
     plan: Vec<PlanItem>,
     units: Vec<(usize, usize)>,
-    row: Row,
 }
 
 fn perm_seed(seed: u64, source: usize, epoch: u64) -> u64 {
@@ -310,16 +296,7 @@ impl Packer {
                 return Err(ShardError::Config(format!("source {i} ({}) has no documents in the {:?} split", s.corpus.dir().display(), cfg.split)));
             }
         }
-        let l = cfg.seq_len + 1;
-        let row = Row {
-            ids: vec![0; l],
-            modality: vec![0; l],
-            doc: vec![0; l],
-            seg: vec![0; l],
-            pos: vec![0; l],
-            flags: vec![0; l],
-        };
-        Ok(Packer { ids: Ids::new(&vocab)?, cfg, sources: rts, state, plan: Vec::new(), units: Vec::new(), row })
+        Ok(Packer { ids: Ids::new(&vocab)?, cfg, sources: rts, state, plan: Vec::new(), units: Vec::new() })
     }
 
     /// Source of the next row: the one lagging furthest behind its weight (Megatron blending).
@@ -397,11 +374,13 @@ impl Packer {
         at
     }
 
-    /// Writes flattened positions `[a, b)` of the planned document at row position `p`.
+    /// Writes flattened positions `[a, b)` of the planned document straight into batch slot
+    /// `slot`, starting at row position `p`: row position `q < seq_len` is input `q`, and row
+    /// position `q >= 1` is target `q - 1` (a row holds `seq_len + 1` positions).
     #[allow(clippy::too_many_arguments)]
-    fn fill(&mut self, doc: &DocumentRef<'_>, a: usize, b: usize, p: usize, doc_idx: u32, seg_ctr: &mut u32, slot: usize, latents: &mut Latents) {
+    fn fill(&self, doc: &DocumentRef<'_>, a: usize, b: usize, p: usize, doc_idx: u32, seg_ctr: &mut u32, slot: usize, batch: &mut Batch) {
         let t = self.cfg.seq_len;
-        let row = &mut self.row;
+        let base = slot * t;
         let mut last_group = None;
         for item in &self.plan {
             let s = a.max(item.start);
@@ -415,128 +394,144 @@ impl Packer {
                 }
                 last_group = Some(item.group);
             }
-            let (d0, n) = (p + (s - a), e - s);
-            let dst = d0..d0 + n;
+            let (q0, n) = (p + (s - a), e - s);
             let within = s - item.start;
+            // Inputs: row positions q0..min(q0 + n, t).
+            let in_end = (q0 + n).min(t);
+            let inp = (q0 < in_end).then(|| base + q0..base + in_end);
+            // Targets: row positions max(q0, 1)..q0 + n, shifted down by one.
+            let skip = usize::from(q0 == 0);
+            let tgt = (skip < n).then(|| base + q0 + skip - 1..base + q0 + n - 1);
             match item.piece {
                 Piece::Special(id) => {
-                    row.ids[dst.clone()].fill(id);
-                    row.flags[dst.clone()].fill(0);
+                    if let Some(r) = inp.clone() {
+                        batch.inputs[r].fill(id);
+                    }
+                    if let Some(r) = tgt.clone() {
+                        batch.targets[r].fill(id);
+                        // loss_mask stays as set below (1 for specials)
+                    }
                 }
                 Piece::Tokens { seg, offset } => {
                     if let Some(ids) = doc.segment(seg).and_then(|sg| sg.ids()) {
-                        ids.copy_offset(within, offset, &mut row.ids[dst.clone()]);
+                        if let Some(r) = inp.clone() {
+                            ids.copy_offset(within, offset, &mut batch.inputs[r]);
+                        }
+                        if let Some(r) = tgt.clone() {
+                            ids.copy_offset(within + skip, offset, &mut batch.targets[r]);
+                        }
                     }
-                    row.flags[dst.clone()].fill(0);
                 }
                 Piece::Latent { seg, placeholder } => {
-                    row.ids[dst.clone()].fill(placeholder);
-                    row.flags[dst.clone()].fill(FLAG_LATENT);
+                    if let Some(r) = inp.clone() {
+                        batch.inputs[r].fill(placeholder);
+                    }
+                    if let Some(r) = tgt.clone() {
+                        batch.targets[r].fill(placeholder);
+                    }
                     if let Some(SegmentView::Latent { dim, data }) = doc.segment(seg).map(|sg| sg.data()) {
                         let dim = dim as usize;
-                        for j in 0..n {
-                            let q = d0 + j;
-                            if q < t {
-                                let r = within + j;
-                                latents.data.extend_from_slice(&data[r * dim..(r + 1) * dim]);
-                                latents.positions.push((slot * t + q) as u32);
+                        for j in 0..in_end.saturating_sub(q0) {
+                            let r = within + j;
+                            if let Some(v) = data.get(r * dim..(r + 1) * dim) {
+                                batch.latents.data.extend_from_slice(v);
+                                batch.latents.positions.push((base + q0 + j) as u32);
                             }
                         }
                     }
                 }
             }
-            row.modality[dst.clone()].fill(item.modality);
-            row.doc[dst.clone()].fill(doc_idx);
-            row.seg[dst.clone()].fill(*seg_ctr);
-            for (k, v) in row.pos[dst].iter_mut().enumerate() {
-                *v = (s - a + k) as u32;
+            let loss = u8::from(!matches!(item.piece, Piece::Latent { .. }));
+            if let Some(r) = inp {
+                batch.modality[r.clone()].fill(item.modality);
+                batch.doc_ids[r.clone()].fill(doc_idx);
+                batch.segment_ids[r.clone()].fill(*seg_ctr);
+                let first = (s - a) as u32;
+                for (k, v) in batch.positions[r].iter_mut().enumerate() {
+                    *v = first + k as u32;
+                }
             }
+            if let Some(r) = tgt {
+                batch.target_modality[r.clone()].fill(item.modality);
+                batch.loss_mask[r].fill(loss);
+            }
+        }
+        // The document's first placed token is no target of the previous document.
+        if p > 0 {
+            batch.loss_mask[base + p - 1] = 0;
         }
         *seg_ctr += 1;
     }
 
     /// Packs the next row of source `src`; writes it into batch slot `slot` when given.
-    fn pack_row(&mut self, src: usize, slot: Option<usize>, batch: &mut Batch) -> Result<()> {
+    /// Returns the number of padding inputs written.
+    fn pack_row(&mut self, src: usize, slot: Option<usize>, batch: &mut Batch) -> Result<usize> {
         let l = self.cfg.seq_len + 1;
         let t = self.cfg.seq_len;
         let corpus = self.sources[src].corpus.clone();
         let mut p = 0usize;
         let mut doc_idx = 0u32;
         let mut seg_ctr = 0u32;
-        let mut latents = std::mem::take(&mut batch.latents);
-        let mut spans = std::mem::take(&mut batch.spans);
-        let result = (|| -> Result<()> {
-            while p < l {
-                let doc_id = self.current_doc(src)?;
-                let doc = corpus.get(doc_id)?;
-                let flat = self.build_plan(&doc);
-                let o = self.state.sources[src].offset as usize;
-                let o = o.min(flat.saturating_sub(1));
-                let (rem, space) = (flat - o, l - p);
-                if rem <= space {
-                    if let Some(slot) = slot {
-                        self.fill(&doc, o, flat, p, doc_idx, &mut seg_ctr, slot, &mut latents);
-                        spans.push(DocSpan { row: slot as u32, source: src as u32, doc: doc_id, start: o as u32, end: flat as u32, at: p as u32 });
-                    }
-                    p += rem;
-                    doc_idx += 1;
-                    let cur = &mut self.state.sources[src];
-                    cur.position += 1;
-                    cur.offset = 0;
-                    continue;
-                }
-                let mut c = o + space;
-                if !self.cfg.split_segments {
-                    if let Some(&(u, len)) = self.units.iter().find(|&&(u, len)| u < c && c < u + len) {
-                        if len <= t && (p > 0 || u > o + 1) {
-                            c = u;
-                        }
-                    }
-                }
-                if p > 0 && c <= 1 {
-                    break; // nothing worth placing: the document starts the next row
-                }
+        while p < l {
+            let doc_id = self.current_doc(src)?;
+            let doc = corpus.get(doc_id)?;
+            let flat = self.build_plan(&doc);
+            let o = self.state.sources[src].offset as usize;
+            let o = o.min(flat.saturating_sub(1));
+            let (rem, space) = (flat - o, l - p);
+            if rem <= space {
                 if let Some(slot) = slot {
-                    self.fill(&doc, o, c, p, doc_idx, &mut seg_ctr, slot, &mut latents);
-                    spans.push(DocSpan { row: slot as u32, source: src as u32, doc: doc_id, start: o as u32, end: c as u32, at: p as u32 });
+                    self.fill(&doc, o, flat, p, doc_idx, &mut seg_ctr, slot, batch);
+                    batch.spans.push(DocSpan { row: slot as u32, source: src as u32, doc: doc_id, start: o as u32, end: flat as u32, at: p as u32 });
                 }
-                p += c - o;
+                p += rem;
                 doc_idx += 1;
-                // The last placed token is only a target here; it is the next row's first input.
-                self.state.sources[src].offset = (c - 1) as u64;
-                break;
+                let cur = &mut self.state.sources[src];
+                cur.position += 1;
+                cur.offset = 0;
+                continue;
             }
-            Ok(())
-        })();
-        batch.latents = latents;
-        batch.spans = spans;
-        result?;
-        if let Some(slot) = slot {
-            let row = &mut self.row;
-            if p < l {
-                row.ids[p..].fill(self.ids.pad);
-                row.modality[p..].fill(0);
-                row.doc[p..].fill(doc_idx);
-                row.seg[p..].fill(seg_ctr);
-                row.flags[p..].fill(FLAG_PAD);
-                for (k, v) in row.pos[p..].iter_mut().enumerate() {
+            let mut c = o + space;
+            if !self.cfg.split_segments {
+                if let Some(&(u, len)) = self.units.iter().find(|&&(u, len)| u < c && c < u + len) {
+                    if len <= t && (p > 0 || u > o + 1) {
+                        c = u;
+                    }
+                }
+            }
+            if p > 0 && c <= 1 {
+                break; // nothing worth placing: the document starts the next row
+            }
+            if let Some(slot) = slot {
+                self.fill(&doc, o, c, p, doc_idx, &mut seg_ctr, slot, batch);
+                batch.spans.push(DocSpan { row: slot as u32, source: src as u32, doc: doc_id, start: o as u32, end: c as u32, at: p as u32 });
+            }
+            p += c - o;
+            doc_idx += 1;
+            // The last placed token is only a target here; it is the next row's first input.
+            self.state.sources[src].offset = (c - 1) as u64;
+            break;
+        }
+        let mut pads = 0;
+        if let (Some(slot), true) = (slot, p < l) {
+            let base = slot * t;
+            if p < t {
+                let r = base + p..base + t;
+                pads = t - p;
+                batch.inputs[r.clone()].fill(self.ids.pad);
+                batch.modality[r.clone()].fill(0);
+                batch.doc_ids[r.clone()].fill(doc_idx);
+                batch.segment_ids[r.clone()].fill(seg_ctr);
+                for (k, v) in batch.positions[r].iter_mut().enumerate() {
                     *v = k as u32;
                 }
             }
-            let o = slot * t;
-            batch.inputs[o..o + t].copy_from_slice(&row.ids[..t]);
-            batch.targets[o..o + t].copy_from_slice(&row.ids[1..]);
-            batch.modality[o..o + t].copy_from_slice(&row.modality[..t]);
-            batch.target_modality[o..o + t].copy_from_slice(&row.modality[1..]);
-            batch.positions[o..o + t].copy_from_slice(&row.pos[..t]);
-            batch.doc_ids[o..o + t].copy_from_slice(&row.doc[..t]);
-            batch.segment_ids[o..o + t].copy_from_slice(&row.seg[..t]);
-            for (k, m) in batch.loss_mask[o..o + t].iter_mut().enumerate() {
-                let ok = row.flags[k + 1] == 0 && row.flags[k] & FLAG_PAD == 0 && row.doc[k] == row.doc[k + 1];
-                *m = ok as u8;
-            }
+            let r = base + p.max(1) - 1..base + t;
+            batch.targets[r.clone()].fill(self.ids.pad);
+            batch.target_modality[r.clone()].fill(0);
+            batch.loss_mask[r].fill(0);
         }
-        Ok(())
+        Ok(pads)
     }
 
     /// Packs one global step and returns this rank's batch.
@@ -563,10 +558,9 @@ impl Packer {
         for k in 0..b * w {
             let src = self.pick_source();
             let slot = (k % w == r).then_some(k / w);
-            self.pack_row(src, slot, &mut batch)?;
+            pads += self.pack_row(src, slot, &mut batch)?;
             if let Some(slot) = slot {
                 batch.row_ids[slot] = self.state.rows;
-                pads += self.row.flags[..t].iter().filter(|&&f| f & FLAG_PAD != 0).count();
             }
             self.state.sources[src].rows += 1;
             self.state.rows += 1;
