@@ -6,7 +6,7 @@
 //! structure (the caption's class decides the image codes and the speech units), so a
 //! small model can learn it in a few steps.
 
-use motley_shards::{Batch, Modality, Vocab};
+use motley_shards::{Batch, Document, Modality, Segment, SegmentData, Vocab};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -39,46 +39,58 @@ impl SyntheticSource {
         SyntheticSource { seed, batch_size, seq_len, next_doc: 0, vocab: Vocab::build(32, 64, 24, None) }
     }
 
-    /// One document as (global id, modality) pairs.
-    fn document(&self, index: u64) -> Vec<(u32, Modality)> {
+    /// Document `index` as segments of per-modality local ids (what ingest would store).
+    pub fn document(&self, index: u64) -> Document {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index);
-        let sp = |name: &str| self.vocab.special(name).unwrap_or(0);
-        let off = |m: Modality| self.vocab.modality(m).map_or(0, |v| v.offset);
         let size = |m: Modality| self.vocab.modality(m).map_or(1, |v| v.vocab_size.max(1));
         let class: u32 = rng.random_range(0..CLASSES);
-        let mut doc = vec![(sp("bos"), Modality::Text), (class, Modality::Text)];
+        let mut caption = vec![class];
         for _ in 0..rng.random_range(2..6) {
             // Filler words drawn from the class's own small word set.
-            let w = CLASSES + (class * 3 + rng.random_range(0..3)) % (size(Modality::Text) - CLASSES);
-            doc.push((w, Modality::Text));
+            caption.push(CLASSES + (class * 3 + rng.random_range(0..3)) % (size(Modality::Text) - CLASSES));
         }
-        let image = |rng: &mut ChaCha8Rng, doc: &mut Vec<(u32, Modality)>| {
-            doc.push((sp("boi"), Modality::Text));
-            for i in 0..12u32 {
+        let image: Vec<u32> = (0..12u32)
+            .map(|i| {
                 let noise = if rng.random_bool(0.1) { rng.random_range(0..size(Modality::Image)) } else { 0 };
-                let code = (class * 7 + i * 3 + noise) % size(Modality::Image);
-                doc.push((off(Modality::Image) + code, Modality::Image));
-            }
-            doc.push((sp("eoi"), Modality::Text));
-        };
-        let speech = |rng: &mut ChaCha8Rng, doc: &mut Vec<(u32, Modality)>| {
-            doc.push((sp("bosp"), Modality::Text));
-            let mut u = rng.random_range(0..size(Modality::Speech));
-            for _ in 0..rng.random_range(6..12) {
-                doc.push((off(Modality::Speech) + u, Modality::Speech));
+                (class * 7 + i * 3 + noise) % size(Modality::Image)
+            })
+            .collect();
+        let mut u = rng.random_range(0..size(Modality::Speech));
+        let speech: Vec<u32> = (0..rng.random_range(6..12))
+            .map(|_| {
+                let unit = u;
                 u = (u + class + 1) % size(Modality::Speech);
-            }
-            doc.push((sp("eosp"), Modality::Text));
-        };
+                unit
+            })
+            .collect();
+        let (image, speech) = (Segment::tokens(Modality::Image, image), Segment::tokens(Modality::Speech, speech));
+        let mut segments = vec![Segment::tokens(Modality::Text, caption)];
         if rng.random_bool(0.5) {
-            image(&mut rng, &mut doc);
-            speech(&mut rng, &mut doc);
+            segments.extend([image, speech]);
         } else {
-            speech(&mut rng, &mut doc);
-            image(&mut rng, &mut doc);
+            segments.extend([speech, image]);
         }
-        doc.push((sp("eos"), Modality::Text));
-        doc
+        Document::new(segments)
+    }
+
+    /// The document flattened to (global id, modality): `bos text boi image eoi bosp speech eosp eos`.
+    fn flat_document(&self, index: u64) -> Vec<(u32, Modality)> {
+        let sp = |name: &str| self.vocab.special(name).unwrap_or(0);
+        let mut out = vec![(sp("bos"), Modality::Text)];
+        for seg in self.document(index).segments {
+            let SegmentData::Tokens(ids) = &seg.data else { continue };
+            let off = self.vocab.modality(seg.modality).map_or(0, |v| v.offset);
+            let (open, close) = match seg.modality {
+                Modality::Text => (None, None),
+                Modality::Image => (Some("boi"), Some("eoi")),
+                Modality::Speech => (Some("bosp"), Some("eosp")),
+            };
+            out.extend(open.map(|o| (sp(o), Modality::Text)));
+            out.extend(ids.iter().map(|&id| (off + id, seg.modality)));
+            out.extend(close.map(|c| (sp(c), Modality::Text)));
+        }
+        out.push((sp("eos"), Modality::Text));
+        out
     }
 }
 
@@ -91,7 +103,7 @@ impl BatchSource for SyntheticSource {
             let mut row: Vec<(u32, Modality, u32, u32)> = Vec::with_capacity(t + 1); // id, modality, doc, pos
             let mut doc_in_row = 0u32;
             while row.len() < t + 1 {
-                let doc = self.document(self.next_doc);
+                let doc = self.flat_document(self.next_doc);
                 self.next_doc += 1;
                 for (pos, (id, m)) in doc.into_iter().enumerate() {
                     if row.len() == t + 1 {

@@ -1,10 +1,24 @@
 //! motley-trainer: Mixture-of-Transformers (and dense / MoE-4x baselines) trained with libtorch.
 //!
 //! - [`model`]: the transformer, all three architectures, sorted modality routing.
-//! - [`data`]: the `BatchSource` seam and a synthetic source.
+//! - [`train`]: the loop, evaluation, checkpoints and resume, the MoT-vs-dense comparison.
+//! - [`config`]: TOML config, presets, overrides.
+//! - [`optim`]: AdamW with saveable moments, warmup + cosine schedule.
+//! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
+//! - [`checkpoint`], [`metrics`], [`dist`]: files on disk, metrics and plot, data parallel seam.
 
+pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
+pub mod loader;
+pub mod metrics;
 pub mod model;
+pub mod optim;
+pub mod train;
 
+pub use config::TrainConfig;
 pub use error::TrainError;
+pub use model::{Arch, Model, ModelConfig};
+pub use train::{compare_architectures, compare_mot_dense, evaluate_checkpoint, Comparison, TrainSummary, Trainer};

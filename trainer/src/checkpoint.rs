@@ -1,0 +1,195 @@
+//! Checkpoints: `model.safetensors`, `optimizer.safetensors` and `meta.json` in
+//! `RUN/checkpoints/step-NNNNNNNN/`, written into a temporary folder and renamed into place,
+//! so a crash leaves either the previous checkpoint or the new one, never half of one.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Tensor};
+
+use crate::config::TrainConfig;
+use crate::error::TrainError;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const META_FILE: &str = "meta.json";
+pub const META_VERSION: u32 = 1;
+
+/// Everything besides tensors that exact resume needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Steps whose update was dropped for a non-finite loss, in total and in a row.
+    pub skipped: u64,
+    pub skipped_in_a_row: u64,
+    /// Resolved configuration of the run.
+    pub config: TrainConfig,
+    /// Train data position (`BatchSource::state`).
+    pub loader_state: serde_json::Value,
+    /// Random state. Training draws no random numbers after initialization (no dropout,
+    /// deterministic routing), so the seed that drew the initial weights is all there is.
+    pub rng: RngState,
+    /// AdamW step count per parameter.
+    pub optimizer_steps: BTreeMap<String, i64>,
+    /// Tokens processed so far (this rank).
+    pub tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RngState {
+    pub init_seed: u64,
+    pub draws_after_init: u64,
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(TrainError::io("create", &tmp))?;
+        f.write_all(bytes).map_err(TrainError::io("write", &tmp))?;
+        f.sync_all().map_err(TrainError::io("sync", &tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(TrainError::io("rename", path))
+}
+
+fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn list(run: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
+    let dir = checkpoints_dir(run);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(TrainError::io("list checkpoints", &dir))? {
+        let entry = entry.map_err(TrainError::io("list checkpoints", &dir))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
+            && entry.path().join(META_FILE).exists()
+        {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Resolves `path` to a checkpoint folder: a checkpoint itself, or a run (its latest one).
+pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
+    if path.join(META_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() {
+        return Err(TrainError::Checkpoint { path: path.to_path_buf(), msg: "does not exist".into() });
+    }
+    list(path)?.pop().map(|(_, p)| p).ok_or_else(|| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: "holds no complete checkpoint (checkpoints/step-*/meta.json)".into(),
+    })
+}
+
+/// Named tensors on the CPU, contiguous, in name order.
+fn to_cpu(named: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = named.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Writes one checkpoint and prunes all but the newest `keep`.
+pub fn save(
+    run: &Path,
+    vars: Vec<(String, Tensor)>,
+    optimizer: Vec<(String, Tensor)>,
+    meta: &Meta,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let dir = checkpoints_dir(run);
+    std::fs::create_dir_all(&dir).map_err(TrainError::io("create", &dir))?;
+    let final_dir = dir.join(step_name(meta.step));
+    let tmp = dir.join(format!(".tmp-{}", step_name(meta.step)));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(TrainError::io("remove stale", &tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(TrainError::io("create", &tmp))?;
+    let torch_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: tch::TchError| TrainError::Checkpoint { path: p, msg: e.to_string() }
+    };
+    let model_path = tmp.join(MODEL_FILE);
+    Tensor::write_safetensors(&to_cpu(vars), &model_path).map_err(torch_err(&model_path))?;
+    let opt_path = tmp.join(OPTIMIZER_FILE);
+    Tensor::write_safetensors(&to_cpu(optimizer), &opt_path).map_err(torch_err(&opt_path))?;
+    let meta_json = serde_json::to_vec_pretty(meta)
+        .map_err(|e| TrainError::Checkpoint { path: tmp.join(META_FILE), msg: e.to_string() })?;
+    write_atomic(&tmp.join(META_FILE), &meta_json)?;
+    for f in [MODEL_FILE, OPTIMIZER_FILE] {
+        let p = tmp.join(f);
+        std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(TrainError::io("sync", &p))?;
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(TrainError::io("replace", &final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(TrainError::io("rename", &final_dir))?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    let all = list(run)?;
+    if all.len() > keep.max(1) {
+        for (_, old) in &all[..all.len() - keep.max(1)] {
+            std::fs::remove_dir_all(old).map_err(TrainError::io("prune", old))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+pub fn read_meta(ckpt: &Path) -> Result<Meta, TrainError> {
+    let p = ckpt.join(META_FILE);
+    let text = std::fs::read_to_string(&p).map_err(TrainError::io("read", &p))?;
+    let meta: Meta = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: p.clone(), msg: e.to_string() })?;
+    if meta.version != META_VERSION {
+        return Err(TrainError::Checkpoint { path: p, msg: format!("meta version {} (this build reads {META_VERSION})", meta.version) });
+    }
+    Ok(meta)
+}
+
+/// Reads a safetensors file into a name → tensor map.
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    if !path.exists() {
+        return Err(TrainError::Checkpoint { path: path.to_path_buf(), msg: "missing".into() });
+    }
+    let v = Tensor::read_safetensors(path).map_err(|e| TrainError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
+    Ok(v.into_iter().collect())
+}
+
+/// Copies `model.safetensors` into the VarStore; names and shapes must match exactly.
+pub fn load_weights(vs: &nn::VarStore, ckpt: &Path) -> Result<(), TrainError> {
+    let path = ckpt.join(MODEL_FILE);
+    let saved = read_tensors(&path)?;
+    let vars = vs.variables();
+    let bad = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
+    for name in saved.keys() {
+        if !vars.contains_key(name) {
+            return Err(bad(format!("unexpected tensor {name} (config and checkpoint disagree)")));
+        }
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in vars {
+            let src = saved.get(&name).ok_or_else(|| bad(format!("missing tensor {name}")))?;
+            if src.size() != var.size() {
+                return Err(bad(format!("{name} has shape {:?}, the model needs {:?}", src.size(), var.size())));
+            }
+            var.f_copy_(src).map_err(|e| bad(format!("{name}: {e}")))?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,319 @@
+//! Training configuration: TOML with unknown keys rejected, named presets, `key=value` overrides.
+//!
+//! A run's config is resolved once (preset → file → overrides → vocabulary from the corpus)
+//! and written into the run directory; resume and eval read it back from there.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+use crate::model::{Arch, ModelConfig, Routing};
+
+/// Where batches come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Shard corpus directories, mixed by `weights` (empty weights = equal).
+    pub paths: Vec<PathBuf>,
+    pub weights: Vec<f64>,
+    /// Use the built-in synthetic documents instead of a corpus (tests, smoke runs).
+    pub synthetic: bool,
+    pub seq_len: usize,
+    /// Rows per micro-batch on each rank.
+    pub batch_size: usize,
+    /// Fraction of documents held out for evaluation (0 disables evaluation).
+    pub eval_fraction: f64,
+    pub split_segments: bool,
+    /// Batches the loader prepares ahead on its own thread.
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            paths: Vec::new(),
+            weights: Vec::new(),
+            synthetic: false,
+            seq_len: 256,
+            batch_size: 8,
+            eval_fraction: 0.05,
+            split_segments: false,
+            prefetch: 2,
+        }
+    }
+}
+
+/// AdamW and the learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    /// Floor of the cosine decay.
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay on matrices (never on norms or embeddings).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    pub grad_clip: f64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: u64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 3e-4,
+            min_lr: 1.5e-5,
+            warmup_steps: 4000,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            grad_accum: 1,
+        }
+    }
+}
+
+/// What to do when a step's loss or gradient norm is NaN or inf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// End training with an error (the last checkpoint stays as it was).
+    Stop,
+    /// Drop the step's update, count it, and stop after `max_skipped` in a row.
+    Skip,
+}
+
+/// The loop: length, cadence, checkpoints, device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopConfig {
+    /// Optimizer steps in total (the cosine schedule ends here).
+    pub steps: u64,
+    pub seed: u64,
+    pub routing: Routing,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Console line and plot refresh every N steps (metrics.jsonl gets every step).
+    pub log_every: u64,
+    /// Held-out evaluation every N steps (0 = only at the end).
+    pub eval_every: u64,
+    pub eval_batches: u64,
+    /// Checkpoint every N steps (0 = only at the end).
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    pub on_nonfinite: OnNonFinite,
+    pub max_skipped: u64,
+    /// Peak dense bf16 TFLOP/s of one accelerator, for model FLOPs utilization (H100/H200: 989).
+    pub peak_tflops: f64,
+    /// CPU threads for torch (0 = torch's default).
+    pub threads: i32,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            steps: 1000,
+            seed: 0,
+            routing: Routing::Sorted,
+            device: "auto".into(),
+            log_every: 10,
+            eval_every: 100,
+            eval_batches: 4,
+            checkpoint_every: 500,
+            keep_checkpoints: 2,
+            on_nonfinite: OnNonFinite::Stop,
+            max_skipped: 10,
+            peak_tflops: 989.0,
+            threads: 0,
+        }
+    }
+}
+
+/// A whole run's configuration; serialized as TOML with `[model]`, `[data]`, `[optim]`, `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Name of the preset the config started from (informational).
+    #[serde(default)]
+    pub preset: String,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub train: LoopConfig,
+}
+
+/// Names accepted by [`TrainConfig::preset`].
+pub const PRESETS: [&str; 6] = ["tiny", "37m", "94m", "443m", "1.5b", "7b"];
+
+impl TrainConfig {
+    /// A named preset: `tiny` (CPU in minutes on the sample corpus) or the paper's Chameleon
+    /// sizes (Table 1: d_model, layers, heads; seq 4096; AdamW 3e-4, warmup 4000, cosine to 1.5e-5).
+    pub fn preset(name: &str) -> Result<Self, TrainError> {
+        let chameleon = |d: i64, l: i64, h: i64| TrainConfig {
+            preset: name.to_string(),
+            model: ModelConfig { d_model: d, n_layers: l, n_heads: h, ..ModelConfig::default() },
+            data: DataConfig { seq_len: 4096, batch_size: 8, ..DataConfig::default() },
+            optim: OptimConfig::default(),
+            train: LoopConfig { steps: 100_000, eval_every: 1000, checkpoint_every: 2000, ..LoopConfig::default() },
+        };
+        Ok(match name {
+            "tiny" => TrainConfig {
+                preset: name.to_string(),
+                model: ModelConfig { d_model: 128, n_layers: 4, n_heads: 4, ffn_multiple_of: 32, ..ModelConfig::default() },
+                data: DataConfig { seq_len: 256, batch_size: 8, ..DataConfig::default() },
+                optim: OptimConfig { lr: 3e-3, min_lr: 3e-4, warmup_steps: 20, ..OptimConfig::default() },
+                train: LoopConfig {
+                    steps: 200,
+                    log_every: 10,
+                    eval_every: 50,
+                    eval_batches: 4,
+                    checkpoint_every: 100,
+                    ..LoopConfig::default()
+                },
+            },
+            "37m" => chameleon(256, 4, 8),
+            "94m" => chameleon(512, 8, 8),
+            "443m" => chameleon(1024, 24, 16),
+            "1.5b" => chameleon(2048, 24, 16),
+            "7b" => chameleon(4096, 32, 32),
+            other => {
+                return Err(TrainError::Config {
+                    path: "preset".into(),
+                    msg: format!("unknown preset `{other}` (known: {})", PRESETS.join(", ")),
+                });
+            }
+        })
+    }
+
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, TrainError> {
+        toml::from_str(text).map_err(|e| TrainError::Config { path: origin.to_string(), msg: e.to_string() })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(TrainError::io("read config", path))?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    pub fn to_toml(&self) -> Result<String, TrainError> {
+        toml::to_string_pretty(self).map_err(|e| TrainError::Config { path: "<resolved>".into(), msg: e.to_string() })
+    }
+
+    /// Applies `section.key=value` overrides (`model.d_model=256`, `train.steps=50`,
+    /// `data.paths=["a","b"]`). Values parse as TOML, falling back to a bare string; the
+    /// result is re-checked against the schema, so a misspelt key is an error.
+    pub fn apply_overrides(&self, overrides: &[String]) -> Result<Self, TrainError> {
+        if overrides.is_empty() {
+            return Ok(self.clone());
+        }
+        let err = |path: &str, msg: String| TrainError::Config { path: path.to_string(), msg };
+        let mut doc = toml::Value::try_from(self).map_err(|e| err("<config>", e.to_string()))?;
+        for o in overrides {
+            let (key, raw) = o.split_once('=').ok_or_else(|| err(o, "expected key=value".into()))?;
+            let key = key.trim();
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+            let parts: Vec<&str> = key.split('.').collect();
+            let (last, parents) = parts.split_last().ok_or_else(|| err(key, "empty key".into()))?;
+            let mut cur = &mut doc;
+            for p in parents {
+                cur = cur
+                    .as_table_mut()
+                    .and_then(|t| t.get_mut(*p))
+                    .ok_or_else(|| err(key, format!("no section `{p}`")))?;
+            }
+            let table = cur.as_table_mut().ok_or_else(|| err(key, "not a section".into()))?;
+            if !table.contains_key(*last) {
+                return Err(err(key, format!("unknown key `{last}`")));
+            }
+            table.insert((*last).to_string(), value);
+        }
+        let text = toml::to_string(&doc).map_err(|e| err("<config>", e.to_string()))?;
+        Self::from_toml_str(&text, "--set overrides")
+    }
+
+    /// Checks the parts that do not depend on the corpus.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |path: &str, msg: String| Err(TrainError::Config { path: path.into(), msg });
+        if self.data.seq_len < 2 || self.data.batch_size < 1 {
+            return bad("data", "seq_len must be >= 2 and batch_size >= 1".into());
+        }
+        if !self.data.synthetic && self.data.paths.is_empty() {
+            return bad("data.paths", "no corpus given (use --data DIR)".into());
+        }
+        if !self.data.weights.is_empty() && self.data.weights.len() != self.data.paths.len() {
+            return bad("data.weights", format!("{} weights for {} paths", self.data.weights.len(), self.data.paths.len()));
+        }
+        if !(0.0..1.0).contains(&self.data.eval_fraction) {
+            return bad("data.eval_fraction", format!("{} is not in [0, 1)", self.data.eval_fraction));
+        }
+        if self.optim.grad_accum < 1 || self.train.steps < 1 {
+            return bad("optim.grad_accum / train.steps", "must be >= 1".into());
+        }
+        if !(self.optim.lr > 0.0) || self.optim.min_lr < 0.0 || self.optim.min_lr > self.optim.lr {
+            return bad("optim.lr", format!("need 0 <= min_lr ({}) <= lr ({})", self.optim.min_lr, self.optim.lr));
+        }
+        Ok(())
+    }
+
+    /// Short label: `mot`, `dense`, `moe`.
+    pub fn arch(&self) -> Arch {
+        self.model.arch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_round_trip_through_toml() {
+        for name in PRESETS {
+            let c = TrainConfig::preset(name).expect("preset");
+            let text = c.to_toml().expect("toml");
+            assert_eq!(TrainConfig::from_toml_str(&text, "t").expect("parse"), c);
+        }
+        let c = TrainConfig::preset("443m").expect("preset");
+        assert_eq!((c.model.d_model, c.model.n_layers, c.model.n_heads), (1024, 24, 16));
+        assert!(TrainConfig::preset("3b").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = TrainConfig::from_toml_str("[model]\nd_modle = 3\n", "x.toml").expect_err("typo");
+        assert!(e.to_string().contains("d_modle"), "{e}");
+        let base = TrainConfig::preset("tiny").expect("preset");
+        assert!(base.apply_overrides(&["model.d_modle=3".into()]).is_err());
+        assert!(base.apply_overrides(&["nosuch.key=3".into()]).is_err());
+    }
+
+    #[test]
+    fn overrides_parse_values() {
+        let base = TrainConfig::preset("tiny").expect("preset");
+        let c = base
+            .apply_overrides(&[
+                "model.arch=dense".into(),
+                "train.steps=7".into(),
+                "optim.lr=0.01".into(),
+                "data.paths=[\"a\", \"b\"]".into(),
+                "model.qk_norm=false".into(),
+            ])
+            .expect("overrides");
+        assert_eq!(c.model.arch, Arch::Dense);
+        assert_eq!(c.train.steps, 7);
+        assert_eq!(c.optim.lr, 0.01);
+        assert_eq!(c.data.paths, vec![PathBuf::from("a"), PathBuf::from("b")]);
+        assert!(!c.model.qk_norm);
+    }
+}

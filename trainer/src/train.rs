@@ -1,0 +1,596 @@
+//! The training loop: one optimizer step at a time, held-out evaluation, checkpoints,
+//! exact resume, and the MoT-vs-dense comparison the demo runs.
+//!
+//! A step: take `grad_accum` micro-batches, back-propagate each one's share of the mean
+//! next-token loss (weighted by loss-bearing tokens, so accumulation equals one big batch),
+//! check the loss is finite, average gradients over ranks, clip, AdamW with warmup + cosine.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use motley_shards::{Modality, Split};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::checkpoint::{self, Meta, RngState, META_VERSION};
+use crate::config::{OnNonFinite, TrainConfig};
+use crate::data::BatchSource;
+use crate::dist::{self, GradReducer};
+use crate::error::TrainError;
+use crate::loader::open_source;
+use crate::metrics::{EvalRecord, MetricsLog, PerModality, StepRecord, MODALITY_NAMES};
+use crate::model::{Arch, Model, Prepared};
+use crate::optim::{learning_rate, AdamW};
+
+/// `auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`.
+pub fn resolve_device(spec: &str) -> Result<Device, TrainError> {
+    let bad = |msg: String| TrainError::Config { path: "train.device".into(), msg };
+    match spec {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            if !tch::Cuda::is_available() {
+                return Err(bad(format!("`{s}` requested but CUDA is not available")));
+            }
+            let idx = s.strip_prefix("cuda:").map(|i| i.parse::<usize>().map_err(|_| bad(format!("bad device `{s}`")))).transpose()?;
+            Ok(Device::Cuda(idx.unwrap_or(0)))
+        }
+        other => Err(bad(format!("unknown device `{other}` (auto, cpu, cuda, cuda:N)"))),
+    }
+}
+
+/// Refuses to reuse a non-empty run directory unless `overwrite` (then empties it).
+pub fn prepare_run_dir(dir: &Path, overwrite: bool) -> Result<(), TrainError> {
+    let non_empty = dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true);
+    if non_empty {
+        if !overwrite {
+            return Err(TrainError::RunDir {
+                path: dir.to_path_buf(),
+                msg: "already exists; pass --resume to continue it or --overwrite to start over".into(),
+            });
+        }
+        std::fs::remove_dir_all(dir).map_err(TrainError::io("clear run dir", dir))?;
+    }
+    std::fs::create_dir_all(dir).map_err(TrainError::io("create run dir", dir))
+}
+
+/// A model, its optimizer and its data, stepping forward.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub device: Device,
+    vs: nn::VarStore,
+    pub model: Model,
+    opt: AdamW,
+    data: Box<dyn BatchSource>,
+    reducer: Box<dyn GradReducer>,
+    /// Optimizer steps completed.
+    pub step: u64,
+    skipped: u64,
+    skipped_in_a_row: u64,
+    tokens: u64,
+    run_dir: Option<PathBuf>,
+    log: Option<MetricsLog>,
+    /// Print a console line every `log_every` steps.
+    pub verbose: bool,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").field("arch", &self.cfg.model.arch).field("step", &self.step).field("device", &self.device).finish()
+    }
+}
+
+impl Trainer {
+    /// Builds a fresh model from `cfg` (seeded), opens its data and resolves the vocabulary.
+    pub fn new(cfg: TrainConfig) -> Result<Self, TrainError> {
+        let mut cfg = cfg;
+        cfg.validate()?;
+        if cfg.train.threads > 0 {
+            tch::set_num_threads(cfg.train.threads);
+        }
+        let device = resolve_device(&cfg.train.device)?;
+        let reducer = dist::reducer_from_env()?;
+        let data = open_source(&cfg.data, cfg.train.seed, Split::Train, reducer.rank(), reducer.world_size())?
+            .ok_or_else(|| TrainError::Data { path: "data".into(), msg: "no training split".into() })?;
+        let total = i64::from(data.vocab().total_size);
+        if cfg.model.vocab_size == 0 {
+            cfg.model.vocab_size = total;
+        } else if cfg.model.vocab_size < total {
+            return Err(TrainError::Config {
+                path: "model.vocab_size".into(),
+                msg: format!("{} is smaller than the corpus vocabulary ({total})", cfg.model.vocab_size),
+            });
+        }
+        tch::manual_seed(cfg.train.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = Model::new(&vs.root(), &cfg.model)?;
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let opt = AdamW::new(vars, &cfg.optim);
+        Ok(Trainer {
+            cfg,
+            device,
+            vs,
+            model,
+            opt,
+            data,
+            reducer,
+            step: 0,
+            skipped: 0,
+            skipped_in_a_row: 0,
+            tokens: 0,
+            run_dir: None,
+            log: None,
+            verbose: true,
+        })
+    }
+
+    /// Continues the run in `run` (or from a checkpoint folder) exactly where its latest
+    /// checkpoint left it. `overrides` may change the loop (`train.steps`, cadence, device)
+    /// and the corpus location, nothing that would change the model or its data stream.
+    pub fn resume(run: &Path, overrides: &[String]) -> Result<Self, TrainError> {
+        let ckpt = checkpoint::resolve(run)?;
+        let meta = checkpoint::read_meta(&ckpt)?;
+        let saved = meta.config.clone();
+        let cfg = saved.apply_overrides(overrides)?;
+        let frozen_ok = cfg.model == saved.model
+            && cfg.optim == saved.optim
+            && cfg.train.seed == saved.train.seed
+            && cfg.train.routing == saved.train.routing
+            && DataShape::of(&cfg) == DataShape::of(&saved);
+        if !frozen_ok {
+            return Err(TrainError::Config {
+                path: "--resume".into(),
+                msg: "overrides may only change train.steps / cadence / device and data.paths on resume".into(),
+            });
+        }
+        let mut t = Trainer::new(cfg)?;
+        checkpoint::load_weights(&t.vs, &ckpt)?;
+        let opt_tensors = checkpoint::read_tensors(&ckpt.join(checkpoint::OPTIMIZER_FILE))?;
+        t.opt.load_state(&opt_tensors, &meta.optimizer_steps, &ckpt.join(checkpoint::OPTIMIZER_FILE))?;
+        t.data.restore(&meta.loader_state)?;
+        t.step = meta.step;
+        t.skipped = meta.skipped;
+        t.skipped_in_a_row = meta.skipped_in_a_row;
+        t.tokens = meta.tokens;
+        // The run directory is the checkpoint's grandparent (RUN/checkpoints/step-N).
+        if let Some(run_dir) = ckpt.parent().and_then(Path::parent) {
+            t.attach_run_dir(run_dir)?;
+        }
+        Ok(t)
+    }
+
+    /// Writes the resolved config into `dir` and appends metrics there from now on.
+    pub fn attach_run_dir(&mut self, dir: &Path) -> Result<(), TrainError> {
+        std::fs::create_dir_all(dir).map_err(TrainError::io("create run dir", dir))?;
+        if self.reducer.rank() == 0 {
+            checkpoint::write_atomic(&dir.join("config.toml"), self.cfg.to_toml()?.as_bytes())?;
+            self.log = Some(MetricsLog::open(dir, self.step)?);
+        }
+        self.run_dir = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.run_dir.as_deref()
+    }
+
+    /// Step records logged so far (empty without a run directory).
+    pub fn records(&self) -> &[StepRecord] {
+        self.log.as_ref().map_or(&[], |l| l.records.as_slice())
+    }
+
+    pub fn param_count(&self) -> i64 {
+        self.vs.variables().values().map(|t| t.numel() as i64).sum()
+    }
+
+    /// One optimizer step (several micro-batches under gradient accumulation).
+    pub fn train_step(&mut self) -> Result<StepRecord, TrainError> {
+        let started = Instant::now();
+        let step = self.step + 1;
+        let routing = self.cfg.train.routing;
+        // Lay out all micro-batches first: their loss-token counts weight the accumulation.
+        let mut micro = Vec::with_capacity(self.cfg.optim.grad_accum as usize);
+        let mut tokens = 0u64;
+        for _ in 0..self.cfg.optim.grad_accum {
+            let batch = self.data.next_batch()?;
+            tokens += batch.numel() as u64;
+            micro.push(Prepared::new(&self.model.cfg, &batch, routing, self.device)?);
+        }
+        let mut counts = [0i64; Modality::COUNT];
+        for p in &micro {
+            for (c, n) in counts.iter_mut().zip(p.loss_tokens) {
+                *c += n;
+            }
+        }
+        let total: i64 = counts.iter().sum::<i64>().max(1);
+        let mut loss_acc = Tensor::zeros([], (Kind::Float, self.device));
+        let mut sums_acc = Tensor::zeros([Modality::COUNT as i64], (Kind::Float, self.device));
+        for p in &micro {
+            let out = self.model.loss(p);
+            let share = p.loss_tokens.iter().sum::<i64>() as f64 / total as f64;
+            let scaled = out.loss * share;
+            scaled.backward();
+            loss_acc += scaled.detach();
+            sums_acc += out.per_modality_sum;
+        }
+        // One device → host read per step: the loss, for the finiteness check and the log.
+        let mut host: Vec<f64> = Vec::<f64>::try_from(Tensor::cat(&[loss_acc.view([1]), sums_acc], 0).to_kind(Kind::Double))
+            .map_err(TrainError::torch("read loss"))?;
+        let mut reduce = host.clone();
+        reduce.extend(counts.iter().map(|&c| c as f64));
+        self.reducer.all_reduce_sum(&mut reduce)?;
+        let world = self.reducer.world_size() as f64;
+        host[0] = reduce[0] / world;
+        let per_modality: PerModality =
+            std::array::from_fn(|m| (reduce[4 + m] > 0.0).then(|| reduce[1 + m] / reduce[4 + m]));
+        let loss = host[0];
+        let lr = learning_rate(&self.cfg.optim, step, self.cfg.train.steps);
+        let mut record = StepRecord {
+            step,
+            loss: Some(loss).filter(|l| l.is_finite()),
+            loss_text: per_modality[0].filter(|l| l.is_finite()),
+            loss_image: per_modality[1].filter(|l| l.is_finite()),
+            loss_speech: per_modality[2].filter(|l| l.is_finite()),
+            lr,
+            grad_norm: 0.0,
+            tokens,
+            tokens_per_s: 0.0,
+            mfu: None,
+            skipped: false,
+            eval: None,
+        };
+        let detail = || {
+            MODALITY_NAMES
+                .iter()
+                .zip(per_modality)
+                .map(|(n, v)| format!("{n}={}", v.map_or("-".to_string(), |v| format!("{v}"))))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        if !loss.is_finite() {
+            self.non_finite("loss", step, format!("loss={loss} ({})", detail()))?;
+            record.skipped = true;
+        } else {
+            let mut grads = self.opt.grads();
+            self.reducer.all_reduce_mean(&mut grads)?;
+            let norm = self.opt.grad_norm();
+            record.grad_norm = norm;
+            if !norm.is_finite() {
+                self.non_finite("gradient norm", step, format!("grad_norm={norm}, loss={loss} ({})", detail()))?;
+                record.skipped = true;
+            } else {
+                let clip = self.cfg.optim.grad_clip;
+                if clip > 0.0 && norm > clip {
+                    self.opt.scale_grads(clip / (norm + 1e-6));
+                }
+                self.opt.step(lr);
+                self.skipped_in_a_row = 0;
+            }
+        }
+        self.opt.zero_grad();
+        self.step = step;
+        self.tokens += tokens;
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        record.tokens_per_s = tokens as f64 / secs;
+        if self.device.is_cuda() && self.cfg.train.peak_tflops > 0.0 {
+            let flops = self.model.cfg.flops_per_token(self.cfg.data.seq_len as i64) * record.tokens_per_s;
+            record.mfu = Some(flops / (self.cfg.train.peak_tflops * 1e12));
+        }
+        Ok(record)
+    }
+
+    /// Drops the step's gradients; stops or counts according to `on_nonfinite`.
+    fn non_finite(&mut self, what: &'static str, step: u64, detail: String) -> Result<(), TrainError> {
+        self.opt.zero_grad();
+        match self.cfg.train.on_nonfinite {
+            OnNonFinite::Stop => Err(TrainError::NonFinite { what, step, detail }),
+            OnNonFinite::Skip => {
+                self.skipped += 1;
+                self.skipped_in_a_row += 1;
+                tracing::warn!("step {step}: non-finite {what}, update skipped ({detail}); {} skipped so far", self.skipped);
+                if self.skipped_in_a_row > self.cfg.train.max_skipped {
+                    return Err(TrainError::NonFinite {
+                        what,
+                        step,
+                        detail: format!("{detail}; {} steps in a row exceed train.max_skipped", self.skipped_in_a_row),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Mean held-out loss per modality over `eval_batches` batches of the eval split
+    /// (the same batches every time). None when the config holds no documents out.
+    pub fn evaluate(&self) -> Result<Option<EvalRecord>, TrainError> {
+        let Some(mut src) = open_source(&self.cfg.data, self.cfg.train.seed, Split::Eval, self.reducer.rank(), self.reducer.world_size())? else {
+            return Ok(None);
+        };
+        evaluate_model(&self.model, src.as_mut(), self.cfg.train.eval_batches, self.cfg.train.routing, self.device, self.reducer.as_ref()).map(Some)
+    }
+
+    /// Writes a checkpoint into the run directory (rank 0 only).
+    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, TrainError> {
+        let Some(run) = &self.run_dir else { return Ok(None) };
+        if self.reducer.rank() != 0 {
+            return Ok(None);
+        }
+        let (opt_tensors, optimizer_steps) = self.opt.state();
+        let meta = Meta {
+            version: META_VERSION,
+            step: self.step,
+            skipped: self.skipped,
+            skipped_in_a_row: self.skipped_in_a_row,
+            config: self.cfg.clone(),
+            loader_state: self.data.state(),
+            rng: RngState { init_seed: self.cfg.train.seed, draws_after_init: 0 },
+            optimizer_steps,
+            tokens: self.tokens,
+        };
+        let vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        checkpoint::save(run, vars, opt_tensors, &meta, self.cfg.train.keep_checkpoints).map(Some)
+    }
+
+    /// Trains until `train.steps`, logging, evaluating and checkpointing on the way.
+    pub fn run(&mut self) -> Result<TrainSummary, TrainError> {
+        let started = Instant::now();
+        let total = self.cfg.train.steps;
+        let t = &self.cfg.train;
+        let (log_every, eval_every, ckpt_every) = (t.log_every.max(1), t.eval_every, t.checkpoint_every);
+        if self.verbose {
+            eprintln!(
+                "training {} ({} parameters, {}) on {:?} from step {} to {total}: {} x {} tokens x {} accumulation",
+                self.cfg.model.arch,
+                self.param_count(),
+                self.cfg.preset,
+                self.device,
+                self.step,
+                self.cfg.data.batch_size,
+                self.cfg.data.seq_len,
+                self.cfg.optim.grad_accum
+            );
+        }
+        let title = format!("{} {} ({})", self.cfg.preset, self.cfg.model.arch, self.run_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+        let mut last_eval = None;
+        while self.step < total {
+            let mut record = self.train_step()?;
+            let step = record.step;
+            if (eval_every > 0 && step % eval_every == 0) || step == total {
+                record.eval = self.evaluate()?;
+                last_eval = record.eval.clone().or(last_eval);
+            }
+            let log_now = step % log_every == 0 || step == 1 || step == total || record.eval.is_some();
+            if self.verbose && log_now && self.reducer.rank() == 0 {
+                eprintln!("{}", record.console_line(total));
+            }
+            if let Some(log) = &mut self.log {
+                log.append(record)?;
+                if log_now {
+                    log.plot(&title)?;
+                }
+            }
+            if (ckpt_every > 0 && step % ckpt_every == 0) || step == total {
+                self.save_checkpoint()?;
+            }
+        }
+        let summary = TrainSummary {
+            arch: self.cfg.model.arch,
+            run_dir: self.run_dir.clone(),
+            steps: self.step,
+            skipped: self.skipped,
+            tokens: self.tokens,
+            wall_s: started.elapsed().as_secs_f64(),
+            params: self.param_count(),
+            final_train: final_train_losses(self.records()),
+            final_eval: last_eval,
+        };
+        if self.verbose {
+            eprintln!("{}", summary.line());
+        }
+        Ok(summary)
+    }
+}
+
+/// The parts of `[data]` that decide the batch stream (paths may move on resume).
+#[derive(Debug, PartialEq)]
+struct DataShape {
+    synthetic: bool,
+    seq_len: usize,
+    batch_size: usize,
+    eval_fraction: u64,
+    split_segments: bool,
+    weights: Vec<u64>,
+}
+
+impl DataShape {
+    fn of(c: &TrainConfig) -> Self {
+        DataShape {
+            synthetic: c.data.synthetic,
+            seq_len: c.data.seq_len,
+            batch_size: c.data.batch_size,
+            eval_fraction: c.data.eval_fraction.to_bits(),
+            split_segments: c.data.split_segments,
+            weights: c.data.weights.iter().map(|w| w.to_bits()).collect(),
+        }
+    }
+}
+
+/// Mean per-modality loss over `batches` batches of `src`, without gradients.
+pub fn evaluate_model(
+    model: &Model,
+    src: &mut dyn BatchSource,
+    batches: u64,
+    routing: crate::model::Routing,
+    device: Device,
+    reducer: &dyn GradReducer,
+) -> Result<EvalRecord, TrainError> {
+    let mut sums = [0f64; 3];
+    let mut tokens = [0i64; 3];
+    for _ in 0..batches.max(1) {
+        let batch = src.next_batch()?;
+        let p = Prepared::new(&model.cfg, &batch, routing, device)?;
+        let s = tch::no_grad(|| model.loss(&p).per_modality_sum);
+        let s: Vec<f64> = Vec::<f64>::try_from(s.to_kind(Kind::Double)).map_err(TrainError::torch("read eval loss"))?;
+        for m in 0..3 {
+            sums[m] += s[m];
+            tokens[m] += p.loss_tokens[m];
+        }
+    }
+    let mut all: Vec<f64> = sums.iter().copied().chain(tokens.iter().map(|&t| t as f64)).collect();
+    reducer.all_reduce_sum(&mut all)?;
+    Ok(EvalRecord::from_sums([all[0], all[1], all[2]], [all[3] as i64, all[4] as i64, all[5] as i64]))
+}
+
+/// Mean per-modality train loss over the last tenth of the logged steps (at least one,
+/// at most 20), which is steadier than the last step alone.
+fn final_train_losses(records: &[StepRecord]) -> PerModality {
+    let n = (records.len() / 10).clamp(1, 20).min(records.len());
+    let tail = &records[records.len() - n..];
+    std::array::from_fn(|m| {
+        let v: Vec<f64> = tail.iter().filter_map(|r| r.per_modality()[m]).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    })
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub arch: Arch,
+    pub run_dir: Option<PathBuf>,
+    pub steps: u64,
+    pub skipped: u64,
+    pub tokens: u64,
+    pub wall_s: f64,
+    pub params: i64,
+    /// Mean train loss per modality over the last logged steps.
+    pub final_train: PerModality,
+    /// Held-out loss at the last evaluation.
+    pub final_eval: Option<EvalRecord>,
+}
+
+fn fmt_loss(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+impl TrainSummary {
+    pub fn line(&self) -> String {
+        let eval = self.final_eval.as_ref().map(EvalRecord::per_modality).unwrap_or([None; 3]);
+        format!(
+            "{}: {} steps, {} tokens in {:.1}s | final train text {} image {} speech {} | held-out text {} image {} speech {}",
+            self.arch,
+            self.steps,
+            self.tokens,
+            self.wall_s,
+            fmt_loss(self.final_train[0]),
+            fmt_loss(self.final_train[1]),
+            fmt_loss(self.final_train[2]),
+            fmt_loss(eval[0]),
+            fmt_loss(eval[1]),
+            fmt_loss(eval[2]),
+        )
+    }
+}
+
+/// The result of training several architectures on the same data and steps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    pub runs: Vec<TrainSummary>,
+}
+
+impl Comparison {
+    /// A table: one row per modality, train and held-out loss per architecture, and the
+    /// MoT − dense difference (negative = MoT better).
+    pub fn table(&self) -> String {
+        let mut s = String::from("modality  split     ");
+        for r in &self.runs {
+            s.push_str(&format!("{:>10}", r.arch.to_string()));
+        }
+        let mot = self.runs.iter().position(|r| r.arch == Arch::Mot);
+        let dense = self.runs.iter().position(|r| r.arch == Arch::Dense);
+        let diff = mot.zip(dense);
+        if diff.is_some() {
+            s.push_str("  mot-dense");
+        }
+        s.push('\n');
+        for (m, name) in MODALITY_NAMES.iter().enumerate() {
+            for split in ["train", "held-out"] {
+                let get = |r: &TrainSummary| -> Option<f64> {
+                    if split == "train" { r.final_train[m] } else { r.final_eval.as_ref().and_then(|e| e.per_modality()[m]) }
+                };
+                s.push_str(&format!("{name:<9} {split:<9} "));
+                for r in &self.runs {
+                    s.push_str(&format!("{:>10}", fmt_loss(get(r))));
+                }
+                if let Some((a, b)) = diff
+                    && let (Some(x), Some(y)) = (get(&self.runs[a]), get(&self.runs[b]))
+                {
+                    s.push_str(&format!("  {:>+9.4}", x - y));
+                }
+                s.push('\n');
+            }
+        }
+        for r in &self.runs {
+            s.push_str(&format!("{}: {} steps, {} parameters, {:.1}s\n", r.arch, r.steps, r.params, r.wall_s));
+        }
+        s
+    }
+}
+
+/// Trains each of `archs` from `base` (same data, seed and steps) in `out/<arch>` and
+/// returns the comparison. This is what `motley train --compare` and the demo call.
+pub fn compare_architectures(base: &TrainConfig, out: &Path, archs: &[Arch], overwrite: bool, verbose: bool) -> Result<Comparison, TrainError> {
+    let mut runs = Vec::new();
+    for &arch in archs {
+        let mut cfg = base.clone();
+        cfg.model.arch = arch;
+        let dir = out.join(arch.to_string());
+        prepare_run_dir(&dir, overwrite)?;
+        let mut t = Trainer::new(cfg)?;
+        t.verbose = verbose;
+        t.attach_run_dir(&dir)?;
+        runs.push(t.run()?);
+    }
+    Ok(Comparison { runs })
+}
+
+/// MoT vs dense on the same data and steps; prints nothing, returns the comparison.
+pub fn compare_mot_dense(base: &TrainConfig, out: &Path, overwrite: bool, verbose: bool) -> Result<Comparison, TrainError> {
+    compare_architectures(base, out, &[Arch::Mot, Arch::Dense], overwrite, verbose)
+}
+
+/// `motley eval`: held-out loss of a checkpoint on `data` (or the corpus it trained on).
+pub fn evaluate_checkpoint(
+    checkpoint: &Path,
+    data: Option<Vec<PathBuf>>,
+    batches: u64,
+    split: Split,
+    device: &str,
+) -> Result<(u64, EvalRecord), TrainError> {
+    let ckpt = checkpoint::resolve(checkpoint)?;
+    let meta = checkpoint::read_meta(&ckpt)?;
+    let mut cfg = meta.config;
+    if let Some(paths) = data {
+        cfg.data.paths = paths;
+        cfg.data.synthetic = false;
+        cfg.data.weights.clear();
+    }
+    let device = resolve_device(device)?;
+    let reducer = dist::SingleProcess;
+    let mut src = open_source(&cfg.data, cfg.train.seed, split, 0, 1)?.ok_or_else(|| TrainError::Config {
+        path: "data.eval_fraction".into(),
+        msg: "the run held no documents out (eval_fraction = 0); use --split train".into(),
+    })?;
+    let total = i64::from(src.vocab().total_size);
+    if total > cfg.model.vocab_size {
+        return Err(TrainError::Config {
+            path: "model.vocab_size".into(),
+            msg: format!("checkpoint vocabulary {} is smaller than the corpus's {total}", cfg.model.vocab_size),
+        });
+    }
+    let vs = nn::VarStore::new(device);
+    let model = Model::new(&vs.root(), &cfg.model)?;
+    checkpoint::load_weights(&vs, &ckpt)?;
+    let r = evaluate_model(&model, src.as_mut(), batches, cfg.train.routing, device, &reducer)?;
+    Ok((meta.step, r))
+}

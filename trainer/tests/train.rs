@@ -1,0 +1,124 @@
+//! Training behaviour: losses fall per modality, guards against silent mistakes, NaN handling.
+
+mod common;
+
+use motley_trainer::config::OnNonFinite;
+use motley_trainer::train::prepare_run_dir;
+use motley_trainer::{checkpoint, evaluate_checkpoint, Arch, TrainError, Trainer};
+
+#[test]
+fn every_modality_loss_falls_for_mot_dense_and_moe() -> anyhow::Result<()> {
+    for arch in [Arch::Mot, Arch::Dense, Arch::Moe] {
+        let mut cfg = common::tiny_cfg();
+        cfg.model.arch = arch;
+        cfg.train.steps = 30;
+        cfg.train.eval_every = 0;
+        let dir = tempfile::tempdir()?;
+        let mut t = Trainer::new(cfg)?;
+        t.verbose = false;
+        t.attach_run_dir(dir.path())?;
+        let summary = t.run()?;
+        let first = t.records()[0].per_modality();
+        for m in 0..3 {
+            let (a, b) = (first[m].expect("first loss"), summary.final_train[m].expect("final loss"));
+            assert!(b < a - 0.5, "{arch}: modality {m} loss {a} -> {b}");
+        }
+        let eval = summary.final_eval.expect("final eval");
+        assert!(eval.tokens.iter().all(|&n| n > 0));
+        assert!(dir.path().join("losses.png").exists());
+        assert!(dir.path().join("config.toml").exists());
+        let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl"))?;
+        assert_eq!(lines.lines().count(), 30);
+        // `motley eval` path: the checkpoint gives the same held-out loss as the run's last eval.
+        let (step, r) = evaluate_checkpoint(dir.path(), None, 1, motley_shards::Split::Eval, "cpu")?;
+        assert_eq!(step, 30);
+        assert_eq!(r.per_modality(), eval.per_modality());
+    }
+    Ok(())
+}
+
+#[test]
+fn guards_against_silent_mistakes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A missing corpus is an error, never a fresh start on nothing.
+    let mut cfg = common::tiny_cfg();
+    cfg.data.synthetic = false;
+    cfg.data.paths = vec![dir.path().join("no-such-corpus")];
+    let e = Trainer::new(cfg).expect_err("missing corpus");
+    assert!(e.to_string().contains("no-such-corpus"), "{e}");
+    // No data at all.
+    let mut cfg = common::tiny_cfg();
+    cfg.data.synthetic = false;
+    assert!(matches!(Trainer::new(cfg), Err(TrainError::Config { .. })));
+    // An existing run directory needs --resume or --overwrite.
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run)?;
+    std::fs::write(run.join("metrics.jsonl"), "")?;
+    assert!(matches!(prepare_run_dir(&run, false), Err(TrainError::RunDir { .. })));
+    prepare_run_dir(&run, true)?;
+    // Resuming a run without checkpoints is an error.
+    assert!(matches!(Trainer::resume(&run, &[]), Err(TrainError::Checkpoint { .. })));
+    assert!(Trainer::resume(&dir.path().join("nope"), &[]).is_err());
+    Ok(())
+}
+
+#[test]
+fn resume_refuses_model_changes_and_checkpoints_are_pruned() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = common::tiny_cfg();
+    cfg.train.checkpoint_every = 1;
+    cfg.train.keep_checkpoints = 2;
+    cfg.train.steps = 4;
+    let mut t = Trainer::new(cfg)?;
+    t.verbose = false;
+    t.attach_run_dir(dir.path())?;
+    t.run()?;
+    let kept: Vec<u64> = checkpoint::list(dir.path())?.into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept, vec![3, 4]);
+    assert!(Trainer::resume(dir.path(), &["model.d_model=64".into()]).is_err());
+    let mut more = Trainer::resume(dir.path(), &["train.steps=5".into()])?;
+    more.verbose = false;
+    assert_eq!(more.run()?.steps, 5);
+    Ok(())
+}
+
+#[test]
+fn non_finite_loss_stops_or_skips_and_never_corrupts_a_checkpoint() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = common::tiny_cfg();
+    // An absurd learning rate without clipping blows the weights up after the first update.
+    cfg.optim.lr = 1e30;
+    cfg.optim.min_lr = 0.0;
+    cfg.optim.warmup_steps = 0;
+    cfg.optim.grad_clip = 0.0;
+    cfg.train.checkpoint_every = 1;
+    cfg.train.eval_every = 0;
+    let mut t = Trainer::new(cfg.clone())?;
+    t.verbose = false;
+    t.attach_run_dir(&dir.path().join("stop"))?;
+    let e = t.run().expect_err("must stop");
+    let TrainError::NonFinite { step, .. } = e else { panic!("unexpected error {e}") };
+    let good: Vec<u64> = checkpoint::list(&dir.path().join("stop"))?.into_iter().map(|(s, _)| s).collect();
+    assert!(good.iter().all(|&s| s < step), "checkpoint written at or after the bad step");
+    // Skip mode: counts, keeps going, and gives up after max_skipped in a row.
+    cfg.train.on_nonfinite = OnNonFinite::Skip;
+    cfg.train.max_skipped = 2;
+    let mut t = Trainer::new(cfg)?;
+    t.verbose = false;
+    t.attach_run_dir(&dir.path().join("skip"))?;
+    assert!(matches!(t.run(), Err(TrainError::NonFinite { .. })));
+    assert!(t.records().iter().filter(|r| r.skipped).count() >= 2);
+    Ok(())
+}
+
+#[test]
+fn compare_mot_dense_reports_both() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = common::tiny_cfg();
+    cfg.train.steps = 4;
+    let c = motley_trainer::compare_mot_dense(&cfg, dir.path(), false, false)?;
+    assert_eq!(c.runs.len(), 2);
+    let table = c.table();
+    assert!(table.contains("mot-dense") && table.contains("speech") && table.contains("held-out"), "{table}");
+    Ok(())
+}
