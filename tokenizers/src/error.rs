@@ -1,0 +1,75 @@
+//! The crate's one error type: every variant names the file (or source) and the operation.
+
+use std::path::PathBuf;
+
+/// Result alias used across motley-tokenizers.
+pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while fitting, loading or running a tokenizer.
+///
+/// `source` fields are human-readable references to the input (a path, or something like
+/// `train.parquet#17`), so a bad record can be found again.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{op} {path}: {err}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    /// The image bytes could not be decoded (undecodable, truncated, unsupported format).
+    #[error("cannot decode image {source_name}: {msg}")]
+    ImageDecode { source_name: String, msg: String },
+    /// The image header declares dimensions beyond the configured limits (decompression bomb guard).
+    #[error("image {source_name} is too large: {msg}")]
+    ImageTooLarge { source_name: String, msg: String },
+    /// The image exists but has no pixels or a degenerate shape.
+    #[error("image {source_name} is empty or degenerate: {width}x{height}")]
+    ImageEmpty { source_name: String, width: u32, height: u32 },
+    /// Audio that the demuxer or decoder rejected.
+    #[error("cannot decode audio {source_name}: {msg}")]
+    AudioDecode { source_name: String, msg: String },
+    /// Audio that decodes to zero samples (or too few for a single frame).
+    #[error("audio {source_name} has no samples to tokenize ({samples} samples at {rate} Hz)")]
+    AudioEmpty { source_name: String, samples: usize, rate: u32 },
+    /// Resampling failed (bad rate, resampler construction).
+    #[error("cannot resample audio {source_name} from {from} Hz: {msg}")]
+    Resample { source_name: String, from: u32, msg: String },
+    /// Errors from the Hugging Face `tokenizers` crate (training, loading, encoding).
+    #[error("text tokenizer {op} {what}: {msg}")]
+    Text { op: &'static str, what: String, msg: String },
+    /// A saved tokenizer file that is malformed or of the wrong kind.
+    #[error("bad tokenizer file {path}: {msg}")]
+    BadFile { path: PathBuf, msg: String },
+    /// A segment handed to decode that this tokenizer cannot have produced.
+    #[error("cannot decode segment{}: {msg}", source_name.as_ref().map(|s| format!(" from {s}")).unwrap_or_default())]
+    BadSegment { source_name: Option<String>, msg: String },
+    /// Invalid configuration (codebook size, patch size, rates...).
+    #[error("invalid {what}: {msg}")]
+    Config { what: &'static str, msg: String },
+    /// A fit that had nothing (or too little) to learn from.
+    #[error("cannot fit {what}: {msg}")]
+    NoData { what: &'static str, msg: String },
+    /// Encoding a preview (PNG, WAV) failed.
+    #[error("cannot write {what}: {msg}")]
+    Render { what: &'static str, msg: String },
+}
+
+impl TokenizerError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        TokenizerError::Io { op, path: path.into(), err }
+    }
+
+    pub(crate) fn bad_file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        TokenizerError::BadFile { path: path.into(), msg: msg.to_string() }
+    }
+
+    pub(crate) fn config(what: &'static str, msg: impl std::fmt::Display) -> Self {
+        TokenizerError::Config { what, msg: msg.to_string() }
+    }
+
+    pub(crate) fn bad_segment(source_name: Option<&str>, msg: impl std::fmt::Display) -> Self {
+        TokenizerError::BadSegment { source_name: source_name.map(str::to_string), msg: msg.to_string() }
+    }
+}
