@@ -5,6 +5,7 @@
 //! train from [`loader::Loader`]. The byte layout is specified in docs/FORMAT.md.
 
 pub mod batch;
+pub mod bench;
 pub mod error;
 pub mod format;
 pub mod loader;

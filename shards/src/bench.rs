@@ -1,0 +1,276 @@
+//! Loader benchmark body behind `motley bench loader`: builds a synthetic corpus, measures
+//! finished-batch throughput against a memcpy of the same bytes and a numpy.memmap packer run
+//! in the same process tree, the open time of a 10,000-shard corpus and first-batch latency.
+//! Lives here (not in the CLI) so it runs without building libtorch.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Result, ShardError};
+use crate::format::Compression;
+use crate::loader::{Loader, LoaderConfig, Source};
+use crate::manifest::Manifest;
+use crate::perm::mix64;
+use crate::reader::Corpus;
+use crate::types::{Document, Modality, Segment, Vocab};
+use crate::writer::{CorpusWriter, ShardWriter, WriterProperties};
+
+/// Bytes of one position in a finished [`crate::Batch`]: inputs, targets, positions, doc_ids,
+/// segment_ids (u32 each) and modality, target_modality, loss_mask (u8 each).
+pub const BATCH_BYTES_PER_TOKEN: u64 = 5 * 4 + 3;
+
+#[derive(Debug, Clone)]
+pub struct LoaderBenchConfig {
+    /// Scratch directory (created; the caller removes it).
+    pub dir: PathBuf,
+    pub docs: u64,
+    pub mean_len: u32,
+    pub text_vocab: u32,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    /// Tokens each throughput measurement delivers.
+    pub tokens: u64,
+    /// The open-time corpus: this many shards of `open_docs_per_shard` documents.
+    pub open_shards: usize,
+    pub open_docs_per_shard: u64,
+    /// `(python, script)` for the numpy.memmap baseline; None skips it.
+    pub python: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub tokens: u64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    /// Bytes of finished batch fields written per second.
+    pub batch_bytes_per_s: f64,
+    pub padding_fraction: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoaderBenchReport {
+    pub docs: u64,
+    pub corpus_tokens: u64,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub raw_bytes: u64,
+    pub zstd_bytes: u64,
+    pub zstd_ratio: f64,
+    pub write_raw_tokens_per_s: f64,
+    /// Loader on the caller's thread (prefetch 0), raw shards: the one-core figure.
+    pub loader_one_core_raw: Throughput,
+    pub loader_one_core_zstd: Throughput,
+    /// Loader with its prefetch thread (what the trainer sees; 2 threads).
+    pub loader_prefetch_raw: Throughput,
+    /// memcpy of the same number of batch bytes through buffers larger than the caches.
+    pub memcpy_bytes_per_s: f64,
+    /// loader_one_core_raw batch bytes/s ÷ memcpy bytes/s.
+    pub loader_fraction_of_memcpy: f64,
+    /// The numpy.memmap packer (same corpus, same fields), when run.
+    pub numpy_tokens_per_s: Option<f64>,
+    pub numpy_padding_fraction: Option<f64>,
+    /// loader_one_core_raw tokens/s ÷ numpy tokens/s.
+    pub ratio_vs_numpy: Option<f64>,
+    pub numpy_error: Option<String>,
+    pub first_batch_seconds: f64,
+    pub open_shards: usize,
+    pub open_docs: u64,
+    pub open_seconds: f64,
+    /// Mean time of a random `get` on the big corpus, first touches of shards included.
+    pub open_random_get_us: f64,
+}
+
+fn rng_next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(1);
+    mix64(*state)
+}
+
+/// Zipf-like ids (small ids frequent), so zstd sees something like real BPE output.
+fn synth_doc(i: u64, mean: u32, vocab: u32) -> Document {
+    let mut s = mix64(i ^ 0xB0C5);
+    let lo = (mean / 10).max(1) as u64;
+    let len = lo + rng_next(&mut s) % (2 * mean as u64 - 2 * lo + 1);
+    let ids = (0..len)
+        .map(|_| {
+            let u = (rng_next(&mut s) >> 11) as f64 / (1u64 << 53) as f64;
+            ((u * u * u) * vocab as f64) as u32 % vocab
+        })
+        .collect();
+    Document::new(vec![Segment::tokens(Modality::Text, ids)])
+}
+
+fn write_synth(dir: &Path, cfg: &LoaderBenchConfig, vocab: &Vocab, c: Compression) -> Result<(Manifest, f64)> {
+    let props = WriterProperties::builder().compression(c).max_shard_bytes(64 << 20).build();
+    let t0 = Instant::now();
+    let mut w = CorpusWriter::create(dir, vocab, props, "bench")?;
+    for i in 0..cfg.docs {
+        w.add_document(&synth_doc(i, cfg.mean_len, cfg.text_vocab))?;
+    }
+    let m = w.finish_with_manifest()?;
+    Ok((m, t0.elapsed().as_secs_f64()))
+}
+
+/// Delivers `cfg.tokens` tokens of batches, or fewer when `max_seconds` runs out first.
+fn measure(corpus: &std::sync::Arc<Corpus>, cfg: &LoaderBenchConfig, prefetch: usize, max_seconds: f64) -> Result<Throughput> {
+    let lc = LoaderConfig { seq_len: cfg.seq_len, batch_size: cfg.batch_size, seed: 1, prefetch, ..Default::default() };
+    let mut l = Loader::new(vec![Source::new(corpus.clone(), 1.0)], lc)?;
+    l.next_batch()?; // warm-up: first touches of the shards
+    let per = (cfg.seq_len * cfg.batch_size) as u64;
+    let n = cfg.tokens.div_ceil(per).max(1);
+    let t0 = Instant::now();
+    let mut pad = 0.0f64;
+    let mut done = 0u64;
+    while done < n {
+        let b = l.next_batch()?;
+        pad += b.padding_fraction as f64;
+        std::hint::black_box(&b);
+        done += 1;
+        if t0.elapsed().as_secs_f64() > max_seconds {
+            break;
+        }
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    let (n, tokens) = (done, done * per);
+    Ok(Throughput {
+        tokens,
+        seconds: dt,
+        tokens_per_s: tokens as f64 / dt,
+        batch_bytes_per_s: (tokens * BATCH_BYTES_PER_TOKEN) as f64 / dt,
+        padding_fraction: pad / n as f64,
+    })
+}
+
+/// memcpy bandwidth over 256 MiB buffers in 4 MiB blocks, `total` bytes in all.
+fn memcpy_bytes_per_s(total: u64) -> f64 {
+    let (size, block) = (256usize << 20, 4usize << 20);
+    let src = vec![1u8; size];
+    let mut dst = vec![0u8; size];
+    dst.copy_from_slice(&src); // fault both buffers in
+    let t0 = Instant::now();
+    let (mut done, mut at) = (0u64, 0usize);
+    while done < total.max(block as u64) {
+        dst[at..at + block].copy_from_slice(&src[at..at + block]);
+        std::hint::black_box(&mut dst);
+        at = (at + block) % size;
+        done += block as u64;
+    }
+    done as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// The 10,000-shard corpus: one real shard of tiny documents, hard-linked under every name.
+fn build_open_corpus(dir: &Path, cfg: &LoaderBenchConfig, vocab: &Vocab) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ShardError::io(dir, "create dir", e))?;
+    let first = dir.join("open-00000.mshard");
+    let mut w = ShardWriter::create(&first, vocab, WriterProperties::default())?;
+    for i in 0..cfg.open_docs_per_shard {
+        w.add_document(&Document::new(vec![Segment::tokens(Modality::Text, vec![(i % 100) as u32])]))?;
+    }
+    let stats = w.finish()?;
+    let mut shards = Vec::with_capacity(cfg.open_shards);
+    for s in 0..cfg.open_shards {
+        let name = format!("open-{s:05}.mshard");
+        if s > 0 {
+            let p = dir.join(&name);
+            std::fs::hard_link(&first, &p).or_else(|_| std::fs::copy(&first, &p).map(|_| ())).map_err(|e| ShardError::io(&p, "link", e))?;
+        }
+        shards.push(crate::writer::ShardStats { name, ..stats.clone() });
+    }
+    Manifest::from_stats(vocab.clone(), shards).write(dir)
+}
+
+/// Runs the whole benchmark; `progress` receives a line per phase.
+pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBenchReport> {
+    let vocab = Vocab::build(cfg.text_vocab, 0, 0, None);
+    let raw_dir = cfg.dir.join("raw");
+    let zstd_dir = cfg.dir.join("zstd");
+    progress("writing the synthetic corpus (raw)");
+    let (raw_m, raw_s) = write_synth(&raw_dir, cfg, &vocab, Compression::Raw)?;
+    progress("writing the synthetic corpus (zstd)");
+    let (zstd_m, _) = write_synth(&zstd_dir, cfg, &vocab, Compression::Zstd)?;
+    let corpus_tokens = raw_m.totals.text.tokens;
+
+    progress("first-batch latency");
+    let t0 = Instant::now();
+    {
+        let lc = LoaderConfig { seq_len: cfg.seq_len, batch_size: cfg.batch_size, seed: 1, ..Default::default() };
+        let mut l = Loader::from_dir(&raw_dir, lc)?;
+        std::hint::black_box(l.next_batch()?);
+    }
+    let first_batch_seconds = t0.elapsed().as_secs_f64();
+
+    let raw = std::sync::Arc::new(Corpus::open(&raw_dir)?);
+    let zstd = std::sync::Arc::new(Corpus::open(&zstd_dir)?);
+    progress("loader, one core, raw");
+    let one_raw = measure(&raw, cfg, 0, 60.0)?;
+    progress("loader, one core, zstd");
+    // Shuffled access decompresses a whole chunk per document: capped, it is far slower.
+    let one_zstd = measure(&zstd, cfg, 0, 2.0)?;
+    progress("loader with prefetch thread, raw");
+    let pre_raw = measure(&raw, cfg, 4, 60.0)?;
+    progress("memcpy of the same batch bytes");
+    let memcpy = memcpy_bytes_per_s(one_raw.tokens * BATCH_BYTES_PER_TOKEN);
+
+    let (mut numpy_tps, mut numpy_pad, mut numpy_error) = (None, None, None);
+    if let Some((python, script)) = &cfg.python {
+        progress("numpy.memmap baseline");
+        let out = std::process::Command::new(python)
+            .arg(script)
+            .arg(&raw_dir)
+            .args(["--seq-len", &cfg.seq_len.to_string(), "--batch-size", &cfg.batch_size.to_string()])
+            .args(["--tokens", &cfg.tokens.to_string(), "--json"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => match serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+                Ok(v) => {
+                    numpy_tps = v.get("tokens_per_s").and_then(|x| x.as_f64());
+                    numpy_pad = v.get("padding_fraction").and_then(|x| x.as_f64());
+                }
+                Err(e) => numpy_error = Some(format!("bad JSON from {}: {e}", script.display())),
+            },
+            Ok(o) => numpy_error = Some(format!("{} failed: {}", script.display(), String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => numpy_error = Some(format!("cannot run {}: {e}", python.display())),
+        }
+    }
+
+    progress("open time of the 10,000-shard corpus");
+    let open_dir = cfg.dir.join("open");
+    build_open_corpus(&open_dir, cfg, &vocab)?;
+    let t0 = Instant::now();
+    let big = Corpus::open(&open_dir)?;
+    let open_seconds = t0.elapsed().as_secs_f64();
+    let probes = 2000u64;
+    let t0 = Instant::now();
+    let mut s = 7u64;
+    for _ in 0..probes {
+        let d = rng_next(&mut s) % big.num_docs().max(1);
+        std::hint::black_box(big.get(d)?.num_positions());
+    }
+    let open_random_get_us = t0.elapsed().as_secs_f64() * 1e6 / probes as f64;
+
+    Ok(LoaderBenchReport {
+        docs: cfg.docs,
+        corpus_tokens,
+        seq_len: cfg.seq_len,
+        batch_size: cfg.batch_size,
+        raw_bytes: raw_m.bytes,
+        zstd_bytes: zstd_m.bytes,
+        zstd_ratio: raw_m.bytes as f64 / zstd_m.bytes.max(1) as f64,
+        write_raw_tokens_per_s: corpus_tokens as f64 / raw_s,
+        loader_fraction_of_memcpy: one_raw.batch_bytes_per_s / memcpy,
+        ratio_vs_numpy: numpy_tps.map(|n| one_raw.tokens_per_s / n),
+        loader_one_core_raw: one_raw,
+        loader_one_core_zstd: one_zstd,
+        loader_prefetch_raw: pre_raw,
+        memcpy_bytes_per_s: memcpy,
+        numpy_tokens_per_s: numpy_tps,
+        numpy_padding_fraction: numpy_pad,
+        numpy_error,
+        first_batch_seconds,
+        open_shards: big.num_shards(),
+        open_docs: big.num_docs(),
+        open_seconds,
+        open_random_get_us,
+    })
+}
