@@ -1,0 +1,225 @@
+//! `motley shards merge`: joins corpora (such as ingest's `--part i/N` outputs) into one after
+//! checking that their vocabularies agree. Shards are hard-linked into the output (no payload
+//! copy on one filesystem), copied when linking fails; the manifest is written last.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use motley_shards::{Manifest, Modality, ShardStats, MANIFEST_NAME};
+use serde::Serialize;
+
+use super::tokenizer_path;
+use crate::output::{self, Ctx};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Corpus directories to join, in order (document ids follow this order).
+    #[arg(required = true, num_args = 1..)]
+    dirs: Vec<PathBuf>,
+    /// Output corpus directory (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Out {
+    out: String,
+    inputs: usize,
+    documents: u64,
+    shards: usize,
+    bytes: u64,
+    /// Shards placed by hard link (no payload copy).
+    linked: usize,
+    /// Shards copied (linking was impossible, e.g. across filesystems).
+    copied: usize,
+}
+
+/// How a file got into the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    Linked,
+    Copied,
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let manifests: Vec<Manifest> = args
+        .dirs
+        .iter()
+        .map(|d| Manifest::read(d).with_context(|| format!("reading the corpus at {}", d.display())))
+        .collect::<anyhow::Result<_>>()?;
+    let Some(first) = manifests.first() else { bail!("no corpora to merge") };
+    for (d, m) in args.dirs.iter().zip(&manifests).skip(1) {
+        if m.vocab != first.vocab {
+            bail!(
+                "cannot merge {} with {}: their vocabularies differ ({})",
+                d.display(),
+                args.dirs[0].display(),
+                vocab_difference(&first.vocab, &m.vocab)
+            );
+        }
+    }
+    let tokenizer_files = check_tokenizers(&args.dirs, &manifests)?;
+    prepare_out(&args.out)?;
+
+    // Shard names stay as they are unless two inputs use the same one.
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for m in &manifests {
+        for s in &m.shards {
+            *count.entry(s.name.as_str()).or_default() += 1;
+        }
+    }
+    let mut shards: Vec<ShardStats> = Vec::new();
+    let mut taken: HashSet<String> = tokenizer_files.iter().map(|(name, _)| name.clone()).collect();
+    taken.insert(MANIFEST_NAME.to_string());
+    let (mut linked, mut copied) = (0usize, 0usize);
+    for (i, (d, m)) in args.dirs.iter().zip(&manifests).enumerate() {
+        for s in &m.shards {
+            let name = if count.get(s.name.as_str()).copied().unwrap_or(0) > 1 || taken.contains(&s.name) {
+                format!("part{i:03}-{}", s.name)
+            } else {
+                s.name.clone()
+            };
+            if !taken.insert(name.clone()) {
+                bail!("two shards would be named {name} in {}", args.out.display());
+            }
+            let src = d.join(&s.name);
+            let len = std::fs::metadata(&src).with_context(|| format!("shard {} of {}", s.name, d.display()))?.len();
+            if len != s.bytes {
+                bail!("{}: {} bytes but its manifest says {} (run `motley shards verify`)", src.display(), len, s.bytes);
+            }
+            match place(&src, &args.out.join(&name))? {
+                Placed::Linked => linked += 1,
+                Placed::Copied => copied += 1,
+            }
+            shards.push(ShardStats { name, ..s.clone() });
+        }
+    }
+    for (name, src) in &tokenizer_files {
+        let dst = args.out.join(name);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        place(src, &dst)?;
+    }
+    let mut merged = Manifest::from_stats(first.vocab.clone(), shards);
+    merged.tokenizers = first.tokenizers.clone();
+    merged.extra = first.extra.clone();
+    let sources: Vec<String> = args.dirs.iter().map(|d| d.display().to_string()).collect();
+    merged.extra.insert("merged_from".to_string(), serde_json::json!(sources));
+    merged.write(&args.out)?;
+
+    let out = Out {
+        out: args.out.display().to_string(),
+        inputs: manifests.len(),
+        documents: merged.num_docs,
+        shards: merged.shards.len(),
+        bytes: merged.bytes,
+        linked,
+        copied,
+    };
+    if ctx.json {
+        return output::json(&out);
+    }
+    let mut w = std::io::stdout().lock();
+    writeln!(
+        w,
+        "{}: {} documents in {} shards from {} corpora ({} hard-linked, {} copied)",
+        out.out, out.documents, out.shards, out.inputs, linked, copied
+    )?;
+    Ok(())
+}
+
+/// Which part of two vocabularies differs, for the error message.
+fn vocab_difference(a: &motley_shards::Vocab, b: &motley_shards::Vocab) -> String {
+    let mut diffs = Vec::new();
+    for m in Modality::ALL {
+        match (a.modality(m), b.modality(m)) {
+            (Some(x), Some(y)) if x != y => diffs.push(format!(
+                "{m}: size {} / {}, offset {} / {}, latent {:?} / {:?}",
+                x.vocab_size, y.vocab_size, x.offset, y.offset, x.latent_dim, y.latent_dim
+            )),
+            (Some(_), None) | (None, Some(_)) => diffs.push(format!("{m} present in only one")),
+            _ => {}
+        }
+    }
+    if a.specials != b.specials {
+        diffs.push("specials differ".into());
+    }
+    if a.total_size != b.total_size {
+        diffs.push(format!("total size {} / {}", a.total_size, b.total_size));
+    }
+    if diffs.is_empty() { "tokenizer descriptions differ".into() } else { diffs.join("; ") }
+}
+
+/// The tokenizer files named by the inputs must be the same bytes (or absent everywhere);
+/// returns the files inside the first corpus to bring along, as (name in output, source).
+fn check_tokenizers(dirs: &[PathBuf], manifests: &[Manifest]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut files = Vec::new();
+    let (Some(dir0), Some(m0)) = (dirs.first(), manifests.first()) else { return Ok(files) };
+    for m in Modality::ALL {
+        let p0 = tokenizer_path(dir0, m0, m);
+        let h0 = p0.as_deref().map(hash_file).transpose()?.flatten();
+        for (d, man) in dirs.iter().zip(manifests).skip(1) {
+            let p = tokenizer_path(d, man, m);
+            let h = p.as_deref().map(hash_file).transpose()?.flatten();
+            if h != h0 {
+                bail!(
+                    "cannot merge {} with {}: their {m} tokenizers differ ({} vs {})",
+                    d.display(),
+                    dir0.display(),
+                    p.map_or("none".into(), |p| p.display().to_string()),
+                    p0.as_ref().map_or("none".into(), |p| p.display().to_string())
+                );
+            }
+        }
+        // Files inside the corpus travel with it; absolute paths elsewhere stay where they are.
+        if let (Some(p), Some(_)) = (&p0, &h0) {
+            if let Ok(rel) = p.strip_prefix(dir0) {
+                if rel.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+                    files.push((rel.display().to_string(), p.clone()));
+                }
+            }
+        }
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// blake3 of a file, None when it does not exist.
+fn hash_file(p: &Path) -> anyhow::Result<Option<String>> {
+    match std::fs::File::open(p) {
+        Ok(mut f) => {
+            let mut h = blake3::Hasher::new();
+            std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", p.display()))?;
+            Ok(Some(h.finalize().to_hex().to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("opening {}", p.display())),
+    }
+}
+
+/// Creates the output directory; refuses one that already holds files.
+fn prepare_out(out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        let mut entries = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
+        if entries.next().is_some() {
+            bail!("output {} exists and is not empty", out.display());
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
+}
+
+/// Hard-links `src` to `dst`, copying when linking fails (another filesystem, no support).
+fn place(src: &Path, dst: &Path) -> anyhow::Result<Placed> {
+    match std::fs::hard_link(src, dst) {
+        Ok(()) => Ok(Placed::Linked),
+        Err(e) => {
+            tracing::debug!("hard link {} -> {} failed ({e}); copying", src.display(), dst.display());
+            std::fs::copy(src, dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+            Ok(Placed::Copied)
+        }
+    }
+}

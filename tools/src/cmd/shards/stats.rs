@@ -1,0 +1,412 @@
+//! `motley shards stats`: corpus totals from the manifest alone (instant on any size), and with
+//! `--deep` a streaming scan of every document for length histograms and vocabulary usage.
+//! The JSON schema (`motley.shards.stats/1`) is documented in docs/CLI.md.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use motley_shards::{Corpus, Manifest, Modality, SegmentView, Vocab};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::seconds;
+use crate::output::{self, Ctx};
+
+/// Version tag of the JSON output; bump on any incompatible change.
+pub const SCHEMA: &str = "motley.shards.stats/1";
+/// Most frequent ids listed per modality.
+const TOP_IDS: usize = 10;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Corpus directory (holds manifest.json).
+    dir: PathBuf,
+    /// Also scan every document: length histograms and vocabulary usage.
+    #[arg(long)]
+    deep: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Stats {
+    schema: &'static str,
+    documents: u64,
+    shards: usize,
+    bytes: Bytes,
+    /// Shard count per compression (`raw`, `zstd`).
+    compression: BTreeMap<String, u64>,
+    modalities: BTreeMap<String, ModalityTotals>,
+    vocab_total_size: u32,
+    tokenizers: BTreeMap<String, serde_json::Value>,
+    /// Present only with `--deep`.
+    deep: Option<Deep>,
+}
+
+#[derive(Debug, Serialize)]
+struct Bytes {
+    /// Shard files on disk (compressed when the shards are zstd).
+    compressed: u64,
+    /// Uncompressed document records.
+    raw: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ModalityTotals {
+    documents: u64,
+    segments: u64,
+    tokens: u64,
+    vocab_size: u32,
+    latent_dim: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct Deep {
+    histograms: BTreeMap<&'static str, HistogramOut>,
+    vocabulary: BTreeMap<String, VocabUsage>,
+}
+
+#[derive(Debug, Serialize)]
+struct VocabUsage {
+    vocab_size: u32,
+    /// Distinct ids that occur at least once.
+    used: u64,
+    fraction_used: f64,
+    /// Most frequent ids, most frequent first (ties: smaller id first).
+    top: Vec<IdCount>,
+}
+
+#[derive(Debug, Serialize)]
+struct IdCount {
+    id: u32,
+    count: u64,
+}
+
+/// A streaming histogram over fixed bin edges; the last bin is open-ended.
+#[derive(Debug, Clone)]
+struct Histogram {
+    edges: &'static [f64],
+    counts: Vec<u64>,
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct HistogramOut {
+    count: u64,
+    min: Option<f64>,
+    max: Option<f64>,
+    mean: Option<f64>,
+    /// Non-empty bins only: `lo <= x < hi` (`hi` null for the last, open bin).
+    bins: Vec<Bin>,
+}
+
+#[derive(Debug, Serialize)]
+struct Bin {
+    lo: f64,
+    hi: Option<f64>,
+    count: u64,
+}
+
+/// 0, 1, 2, 4, ... 2^31: lengths in tokens.
+const POW2_EDGES: [f64; 33] = {
+    let mut e = [0.0; 33];
+    let mut i = 1;
+    while i < 33 {
+        e[i] = (1u64 << (i - 1)) as f64;
+        i += 1;
+    }
+    e
+};
+const COUNT_EDGES: [f64; 12] = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 16.0, 32.0, 64.0];
+const SECONDS_EDGES: [f64; 11] = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+impl Histogram {
+    fn new(edges: &'static [f64]) -> Self {
+        Histogram { edges, counts: vec![0; edges.len()], count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY }
+    }
+
+    fn add(&mut self, x: f64) {
+        let bin = self.edges.partition_point(|&e| e <= x).saturating_sub(1);
+        self.counts[bin] += 1;
+        self.count += 1;
+        self.sum += x;
+        self.min = self.min.min(x);
+        self.max = self.max.max(x);
+    }
+
+    fn merge(&mut self, o: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+            *a += b;
+        }
+        self.count += o.count;
+        self.sum += o.sum;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+    }
+
+    fn out(&self) -> HistogramOut {
+        let bins = self
+            .counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| Bin { lo: self.edges[i], hi: self.edges.get(i + 1).copied(), count: *c })
+            .collect();
+        let some = self.count > 0;
+        HistogramOut {
+            count: self.count,
+            min: some.then_some(self.min),
+            max: some.then_some(self.max),
+            mean: some.then(|| round6(self.sum / self.count as f64)),
+            bins,
+        }
+    }
+}
+
+/// Rounded so the JSON does not depend on summation order's last bits.
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+/// What the deep scan accumulates (per shard, then merged in shard order).
+#[derive(Debug, Clone)]
+struct Acc {
+    text_run: Histogram,
+    images_per_doc: Histogram,
+    speech_seconds: Histogram,
+    doc_positions: Histogram,
+    segments_per_doc: Histogram,
+    /// Per modality: occurrences of each local id.
+    ids: [Vec<u64>; 3],
+}
+
+impl Acc {
+    fn new(vocab: &Vocab) -> Self {
+        let size = |m| vocab.modality(m).map_or(0, |v| v.vocab_size as usize);
+        Acc {
+            text_run: Histogram::new(&POW2_EDGES),
+            images_per_doc: Histogram::new(&COUNT_EDGES),
+            speech_seconds: Histogram::new(&SECONDS_EDGES),
+            doc_positions: Histogram::new(&POW2_EDGES),
+            segments_per_doc: Histogram::new(&POW2_EDGES),
+            ids: [vec![0; size(Modality::Text)], vec![0; size(Modality::Image)], vec![0; size(Modality::Speech)]],
+        }
+    }
+
+    fn merge(&mut self, o: &Acc) {
+        self.text_run.merge(&o.text_run);
+        self.images_per_doc.merge(&o.images_per_doc);
+        self.speech_seconds.merge(&o.speech_seconds);
+        self.doc_positions.merge(&o.doc_positions);
+        self.segments_per_doc.merge(&o.segments_per_doc);
+        for (a, b) in self.ids.iter_mut().zip(&o.ids) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+    }
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let manifest = Manifest::read(&args.dir).with_context(|| format!("reading the corpus at {}", args.dir.display()))?;
+    let mut stats = from_manifest(&manifest);
+    if args.deep {
+        let corpus = Corpus::open(&args.dir)?;
+        stats.deep = Some(deep_scan(&corpus)?);
+    }
+    if ctx.json {
+        return output::json(&stats);
+    }
+    print_human(&stats)
+}
+
+fn from_manifest(m: &Manifest) -> Stats {
+    let mut compression = BTreeMap::new();
+    for s in &m.shards {
+        *compression.entry(s.compression.as_str().to_string()).or_insert(0) += 1;
+    }
+    let modalities = Modality::ALL
+        .iter()
+        .map(|&md| {
+            let t = m.totals.get(md);
+            let v = m.vocab.modality(md);
+            let totals = ModalityTotals {
+                documents: t.docs,
+                segments: t.segments,
+                tokens: t.tokens,
+                vocab_size: v.map_or(0, |v| v.vocab_size),
+                latent_dim: v.and_then(|v| v.latent_dim),
+            };
+            (md.as_str().to_string(), totals)
+        })
+        .collect();
+    Stats {
+        schema: SCHEMA,
+        documents: m.num_docs,
+        shards: m.shards.len(),
+        bytes: Bytes { compressed: m.bytes, raw: m.shards.iter().map(|s| s.payload_bytes).sum() },
+        compression,
+        modalities,
+        vocab_total_size: m.vocab.total_size,
+        tokenizers: m.tokenizers.clone(),
+        deep: None,
+    }
+}
+
+/// Scans every document once, shards in parallel; memory is the id counters plus one
+/// accumulator per worker, whatever the corpus size.
+fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
+    let vocab = corpus.vocab().clone();
+    let pb = ProgressBar::new(corpus.num_docs());
+    pb.set_style(
+        ProgressStyle::with_template("stats --deep {bar:30} {pos}/{len} docs {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let per_shard: Vec<anyhow::Result<Acc>> = (0..corpus.num_shards())
+        .into_par_iter()
+        .map(|i| {
+            let mut acc = Acc::new(&vocab);
+            let shard = corpus.shard(i)?;
+            let name = &corpus.manifest().shards[i].name;
+            for local in 0..shard.num_docs() {
+                let doc = shard.get(local).with_context(|| format!("shard {name}, document {local} (run `motley shards verify`)"))?;
+                let mut images = 0u64;
+                for seg in doc.segments() {
+                    match seg.modality() {
+                        Modality::Text => acc.text_run.add(seg.len() as f64),
+                        Modality::Image => images += 1,
+                        Modality::Speech => {
+                            if let Some(s) = seconds(seg.len(), seg.frame_rate()) {
+                                acc.speech_seconds.add(s);
+                            }
+                        }
+                    }
+                    if let SegmentView::Tokens(ids) = seg.data() {
+                        let counts = &mut acc.ids[seg.modality().index()];
+                        for j in 0..ids.len() {
+                            if let Some(c) = ids.get(j).and_then(|id| counts.get_mut(id as usize)) {
+                                *c += 1;
+                            }
+                        }
+                    }
+                }
+                acc.images_per_doc.add(images as f64);
+                acc.doc_positions.add(doc.num_positions() as f64);
+                acc.segments_per_doc.add(doc.num_segments() as f64);
+                if local % 4096 == 4095 {
+                    pb.inc(4096);
+                }
+            }
+            pb.inc(shard.num_docs() % 4096);
+            Ok(acc)
+        })
+        .collect();
+    pb.finish_and_clear();
+    let mut total = Acc::new(&vocab);
+    for acc in per_shard {
+        total.merge(&acc?);
+    }
+    let mut histograms = BTreeMap::new();
+    histograms.insert("text_run_tokens", total.text_run.out());
+    histograms.insert("images_per_document", total.images_per_doc.out());
+    histograms.insert("speech_seconds", total.speech_seconds.out());
+    histograms.insert("document_positions", total.doc_positions.out());
+    histograms.insert("segments_per_document", total.segments_per_doc.out());
+    let mut vocabulary = BTreeMap::new();
+    for m in Modality::ALL {
+        let Some(v) = vocab.modality(m) else { continue };
+        if v.vocab_size == 0 {
+            continue;
+        }
+        let counts = &total.ids[m.index()];
+        let used = counts.iter().filter(|&&c| c > 0).count() as u64;
+        let mut top: Vec<IdCount> =
+            counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(id, &count)| IdCount { id: id as u32, count }).collect();
+        top.sort_by(|a, b| b.count.cmp(&a.count).then(a.id.cmp(&b.id)));
+        top.truncate(TOP_IDS);
+        vocabulary.insert(
+            m.as_str().to_string(),
+            VocabUsage { vocab_size: v.vocab_size, used, fraction_used: round6(used as f64 / v.vocab_size as f64), top },
+        );
+    }
+    Ok(Deep { histograms, vocabulary })
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{x:.1} {}", UNITS[u]) }
+}
+
+fn print_human(s: &Stats) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let comp: Vec<String> = s.compression.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    writeln!(out, "documents  {}", s.documents)?;
+    writeln!(out, "shards     {} ({})", s.shards, comp.join(", "))?;
+    writeln!(out, "bytes      {} on disk, {} raw records", human_bytes(s.bytes.compressed), human_bytes(s.bytes.raw))?;
+    writeln!(out, "vocab      {} global ids", s.vocab_total_size)?;
+    writeln!(out, "{:<8} {:>12} {:>12} {:>14} {:>10}", "modality", "documents", "segments", "tokens", "vocab")?;
+    for (name, m) in &s.modalities {
+        let vocab = match m.latent_dim {
+            Some(d) => format!("latent {d}"),
+            None => m.vocab_size.to_string(),
+        };
+        writeln!(out, "{name:<8} {:>12} {:>12} {:>14} {vocab:>10}", m.documents, m.segments, m.tokens)?;
+    }
+    if let Some(d) = &s.deep {
+        for (name, h) in &d.histograms {
+            writeln!(out)?;
+            let mean = h.mean.map_or("-".to_string(), |m| format!("{m:.2}"));
+            let (min, max) = (h.min.unwrap_or(0.0), h.max.unwrap_or(0.0));
+            writeln!(out, "{name}: n={} min={min} max={max} mean={mean}", h.count)?;
+            let peak = h.bins.iter().map(|b| b.count).max().unwrap_or(1).max(1);
+            for b in &h.bins {
+                let hi = b.hi.map_or("inf".to_string(), |h| h.to_string());
+                let bar = "#".repeat(((b.count * 40).div_ceil(peak)) as usize);
+                writeln!(out, "  [{:>8}, {hi:>8}) {:>10} {bar}", b.lo, b.count)?;
+            }
+        }
+        for (name, v) in &d.vocabulary {
+            writeln!(out)?;
+            writeln!(out, "{name} vocabulary: {}/{} ids used ({:.1}%)", v.used, v.vocab_size, 100.0 * v.fraction_used)?;
+            let top: Vec<String> = v.top.iter().map(|t| format!("{}×{}", t.id, t.count)).collect();
+            writeln!(out, "  most frequent: {}", top.join(" "))?;
+        }
+    } else {
+        writeln!(out, "(histograms and vocabulary usage: --deep)")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_bins_and_merge() {
+        let mut h = Histogram::new(&POW2_EDGES);
+        for x in [0.0, 1.0, 3.0, 4.0, 1000.0] {
+            h.add(x);
+        }
+        let mut g = Histogram::new(&POW2_EDGES);
+        g.add(3.5);
+        h.merge(&g);
+        let o = h.out();
+        assert_eq!(o.count, 6);
+        let bins: Vec<(f64, u64)> = o.bins.iter().map(|b| (b.lo, b.count)).collect();
+        assert_eq!(bins, vec![(0.0, 1), (1.0, 1), (2.0, 2), (4.0, 1), (512.0, 1)]);
+        assert_eq!(o.max, Some(1000.0));
+        let mut s = Histogram::new(&SECONDS_EDGES);
+        s.add(500.0);
+        assert_eq!(s.out().bins[0].hi, None, "past the last edge lands in the open bin");
+    }
+}
