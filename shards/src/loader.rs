@@ -75,11 +75,17 @@ impl LoaderConfig {
     /// `base` with `rank`, `world_size` and `local_rank` taken from the torchrun variables
     /// `RANK`, `WORLD_SIZE`, `LOCAL_RANK` where they are set.
     pub fn from_env(base: LoaderConfig) -> Result<LoaderConfig> {
+        Self::from_vars(base, |name| std::env::var(name).ok())
+    }
+
+    /// [`LoaderConfig::from_env`] over any variable lookup (testable without touching the
+    /// process environment).
+    pub fn from_vars(base: LoaderConfig, var: impl Fn(&str) -> Option<String>) -> Result<LoaderConfig> {
         let mut cfg = base;
         let get = |name: &str| -> Result<Option<usize>> {
-            match std::env::var(name) {
-                Ok(v) => v.trim().parse().map(Some).map_err(|_| ShardError::Config(format!("{name}={v:?} is not a non-negative integer"))),
-                Err(_) => Ok(None),
+            match var(name) {
+                Some(v) => v.trim().parse().map(Some).map_err(|_| ShardError::Config(format!("{name}={v:?} is not a non-negative integer"))),
+                None => Ok(None),
             }
         };
         if let Some(r) = get("RANK")? {
@@ -719,4 +725,23 @@ impl Drop for Loader {
 /// Copies latent rows out (used by tests and tools).
 pub fn latent_rows(l: &Latents) -> impl Iterator<Item = (u32, &[f16])> {
     l.positions.iter().copied().zip(l.data.chunks(l.dim.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torchrun_variables() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let cfg = LoaderConfig::from_vars(LoaderConfig::default(), vars(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")]));
+        let cfg = cfg.map_err(|e| e.to_string());
+        assert_eq!(cfg.as_ref().map(|c| (c.rank, c.world_size, c.local_rank)), Ok((3, 4, 1)));
+        let unset = LoaderConfig::from_vars(LoaderConfig { rank: 1, world_size: 2, ..Default::default() }, vars(&[]));
+        assert_eq!(unset.map(|c| (c.rank, c.world_size)).ok(), Some((1, 2)));
+        assert!(LoaderConfig::from_vars(LoaderConfig::default(), vars(&[("RANK", "4"), ("WORLD_SIZE", "4")])).is_err());
+        assert!(LoaderConfig::from_vars(LoaderConfig::default(), vars(&[("RANK", "x")])).is_err());
+    }
 }

@@ -486,6 +486,15 @@ impl CorpusWriter {
         if prefix.is_empty() || prefix.contains(['/', '\\']) {
             return Err(ShardError::Config(format!("shard prefix {prefix:?} must be a non-empty file name")));
         }
+        // Leftovers of a crashed earlier run with this prefix are never part of a corpus.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("{prefix}-")) && name.ends_with(&format!(".{SHARD_EXT}{TMP_SUFFIX}")) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(CorpusWriter {
             dir,
             prefix: prefix.to_string(),
