@@ -34,6 +34,9 @@ pub struct KMeansConfig {
     pub init_sample: usize,
     /// Stop Lloyd early when the relative inertia improvement falls below this.
     pub tol: f64,
+    /// Most point-to-codeword distance evaluations to spend refining; large codebooks get
+    /// fewer Lloyd iterations (or mini-batch steps) so a fit stays in minutes on 2 cores.
+    pub work_budget: u64,
     pub seed: u64,
 }
 
@@ -47,6 +50,7 @@ impl KMeansConfig {
             minibatch_steps: 300,
             init_sample: 20_000,
             tol: 1e-4,
+            work_budget: 3_000_000_000,
             seed,
         }
     }
@@ -76,7 +80,7 @@ pub struct Codebook {
 
 impl Codebook {
     pub fn new(dim: usize, words: Vec<f32>) -> Result<Self> {
-        if dim == 0 || words.is_empty() || words.len() % dim != 0 {
+        if dim == 0 || words.is_empty() || !words.len().is_multiple_of(dim) {
             return Err(TokenizerError::config(
                 "codebook",
                 format!("{} values do not make rows of dimension {dim}", words.len()),
@@ -196,7 +200,7 @@ pub fn fit(
     what: &'static str,
     progress: &ProgressBar,
 ) -> Result<(Codebook, KMeansReport)> {
-    if dim == 0 || data.len() % dim != 0 {
+    if dim == 0 || !data.len().is_multiple_of(dim) {
         return Err(TokenizerError::config("k-means input", format!("{} values, dimension {dim}", data.len())));
     }
     let n = data.len() / dim;
@@ -232,7 +236,9 @@ pub fn fit(
     drop(sample);
 
     let minibatch = n > cfg.full_batch_limit;
-    let steps = if minibatch { cfg.minibatch_steps } else { cfg.max_iter };
+    let per_step = (if minibatch { cfg.batch_size.clamp(1, n) } else { n } as u64) * cfg.k as u64;
+    let affordable = (cfg.work_budget / per_step.max(1)).max(3) as usize;
+    let steps = if minibatch { cfg.minibatch_steps } else { cfg.max_iter }.min(affordable);
     progress.set_length(steps as u64);
     progress.set_position(0);
     progress.set_message(format!("{what}: {} k-means", if minibatch { "mini-batch" } else { "Lloyd" }));

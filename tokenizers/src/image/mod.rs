@@ -279,7 +279,7 @@ pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
 
 /// Checks resolution / patch / grid limits shared by both image tokenizers.
 pub(crate) fn check_geometry(resolution: u32, patch: u32) -> Result<()> {
-    if patch == 0 || resolution == 0 || resolution % patch != 0 {
+    if patch == 0 || resolution == 0 || !resolution.is_multiple_of(patch) {
         return Err(TokenizerError::config("image geometry", format!("resolution {resolution} must be a positive multiple of patch {patch}")));
     }
     if resolution > 4096 || patch > 64 {
@@ -340,7 +340,7 @@ pub(crate) fn split_holdout(n: usize, holdout: f32, seed: u64) -> (Vec<usize>, V
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_4e1d);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed0f_4e1d);
     idx.shuffle(&mut rng);
     let mut h = ((n as f32) * holdout.clamp(0.0, 0.9)).round() as usize;
     if holdout > 0.0 && n >= 2 {

@@ -230,6 +230,11 @@ impl SpeechTokenizer {
         self.encode_samples(&a.samples, a.sample_rate, Some(&path.display().to_string()))
     }
 
+    /// Encodes many files in parallel on the rayon pool; one result per file, in order.
+    pub fn encode_files(&self, paths: &[PathBuf]) -> Vec<Result<Segment>> {
+        paths.par_iter().map(|p| self.encode_file(p)).collect()
+    }
+
     /// Decodes and encodes in-memory audio; `hint` is an extension like `wav` or `flac`.
     pub fn encode_bytes(&self, bytes: &[u8], hint: Option<&str>, source: &str) -> Result<Segment> {
         let a = audio::decode_bytes(bytes, hint, source)?;

@@ -1,13 +1,378 @@
-//! `motley bench tokenizers` (not built yet).
+//! `motley bench tokenizers`: text BPE encode throughput against HF Python `encode_batch`
+//! (same tokenizer.json, same input, same thread count), speech real-time factor per core,
+//! and image VQ images/s and tokens/s per core at the sample resolution and at 256×256.
 
-use crate::output::{not_built, Ctx};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::ProgressBar;
+use motley_tokenizers::{ImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig, VqImageTokenizer};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::cmd::tokenizer::collect_inputs;
+use crate::output::{self, Ctx};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// Which parts to run.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["text".to_string(), "speech".to_string(), "image".to_string()])]
+    only: Vec<String>,
+    /// Text corpus (one document per line); default: data/sample text files, else a generated corpus.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// tokenizer.json for the text benchmark; default: train one (--vocab-size) on the corpus.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 8192)]
+    vocab_size: u32,
+    /// Repeat the corpus until it has at least this many MiB.
+    #[arg(long, default_value_t = 8.0)]
+    text_mib: f64,
+    /// Threads for the text comparison (both sides).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Python with HF `tokenizers`.
+    #[arg(long, default_value = ".venv/bin/python")]
+    python: PathBuf,
+    #[arg(long, default_value = "scripts/bench/text_hf.py")]
+    python_script: PathBuf,
+    /// Audio files or directories; default: data/sample audio, else generated clips.
+    #[arg(long)]
+    audio: Option<PathBuf>,
+    /// Image files or directories; default: data/sample images, else generated images.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Seconds to spend timing each speech / image measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
 }
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
-    not_built("bench tokenizers")
+pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let tmp = std::env::temp_dir().join(format!("motley-bench-tokenizers-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let mut results = serde_json::Map::new();
+    let wants = |s: &str| args.only.iter().any(|o| o == s);
+    if wants("text") {
+        results.insert("text".into(), bench_text(&args, &tmp, ctx)?);
+    }
+    if wants("speech") {
+        results.insert("speech".into(), bench_speech(&args, &tmp, ctx)?);
+    }
+    if wants("image") {
+        results.insert("image".into(), bench_image(&args, &tmp, ctx)?);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    if ctx.json {
+        output::json(&serde_json::Value::Object(results))?;
+    }
+    Ok(())
+}
+
+fn sample_dir() -> PathBuf {
+    PathBuf::from("data/sample")
+}
+
+fn find_inputs(given: &Option<PathBuf>, exts: &[&str]) -> Option<Vec<PathBuf>> {
+    let root = given.clone().unwrap_or_else(sample_dir);
+    collect_inputs(&[root], exts).ok().filter(|v| !v.is_empty())
+}
+
+fn pool(threads: usize) -> anyhow::Result<rayon::ThreadPool> {
+    Ok(rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build()?)
+}
+
+/// Runs `f` repeatedly for about `secs` seconds (at least twice); returns (calls, seconds).
+fn time_for(secs: f64, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(usize, f64)> {
+    f()?; // warm-up
+    let start = Instant::now();
+    let mut n = 0;
+    while n < 2 || start.elapsed().as_secs_f64() < secs {
+        f()?;
+        n += 1;
+    }
+    Ok((n, start.elapsed().as_secs_f64()))
+}
+
+fn bench_text(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
+    // Corpus: given file, sample text files, or generated text; repeated to the target size.
+    let mut base = String::new();
+    let sources = match &args.text {
+        Some(p) => vec![p.clone()],
+        None => find_inputs(&None, &["txt"]).unwrap_or_default(),
+    };
+    for s in &sources {
+        base.push_str(&std::fs::read_to_string(s).with_context(|| format!("reading {}", s.display()))?);
+        base.push('\n');
+    }
+    if base.trim().is_empty() {
+        base = generated_text(20_000);
+    }
+    let mut corpus = String::new();
+    while (corpus.len() as f64) < args.text_mib * (1 << 20) as f64 {
+        corpus.push_str(&base);
+        if !base.ends_with('\n') {
+            corpus.push('\n');
+        }
+    }
+    let corpus_path = tmp.join("corpus.txt");
+    std::fs::write(&corpus_path, &corpus)?;
+    let lines: Vec<&str> = corpus.lines().filter(|l| !l.is_empty()).collect();
+
+    let tok_path = match &args.tokenizer {
+        Some(p) => p.clone(),
+        None => {
+            let train_path = tmp.join("train.txt");
+            std::fs::write(&train_path, &base)?;
+            let cfg = TextTrainConfig { vocab_size: args.vocab_size, ..Default::default() };
+            let (t, _) = TextTokenizer::train(&[train_path], &cfg)?;
+            let p = tmp.join("tokenizer.json");
+            t.save(&p)?;
+            p
+        }
+    };
+    let tok = TextTokenizer::from_file(&tok_path)?;
+    let pool = pool(args.threads)?;
+    let batches: Vec<&[&str]> = lines.chunks(args.batch_size.max(1)).collect();
+    let mut best = f64::INFINITY;
+    let (mut tokens, mut id_sum) = (0usize, 0u64);
+    for _ in 0..args.repeat.max(1) {
+        let start = Instant::now();
+        let out: Vec<Vec<Vec<u32>>> = pool.install(|| batches.iter().map(|b| tok.encode_batch(b)).collect::<Result<_, _>>())?;
+        best = best.min(start.elapsed().as_secs_f64());
+        tokens = out.iter().flatten().map(Vec::len).sum();
+        id_sum = out.iter().flatten().flatten().map(|&i| i as u64).sum();
+    }
+    let bytes: usize = lines.iter().map(|l| l.len()).sum();
+
+    let py = std::process::Command::new(&args.python)
+        .arg(&args.python_script)
+        .arg("--tokenizer")
+        .arg(&tok_path)
+        .arg("--input")
+        .arg(&corpus_path)
+        .arg("--batch-size")
+        .arg(args.batch_size.to_string())
+        .arg("--repeat")
+        .arg(args.repeat.to_string())
+        .env("RAYON_NUM_THREADS", args.threads.to_string())
+        .env("RAYON_RS_NUM_CPUS", args.threads.to_string())
+        .env("TOKENIZERS_PARALLELISM", "true")
+        .output()
+        .with_context(|| format!("running {} {}", args.python.display(), args.python_script.display()))?;
+    if !py.status.success() {
+        anyhow::bail!("Python baseline failed: {}", String::from_utf8_lossy(&py.stderr));
+    }
+    let pj: serde_json::Value = serde_json::from_slice(&py.stdout).context("parsing the Python baseline's JSON")?;
+    let py_secs = pj["seconds"].as_f64().unwrap_or(f64::NAN);
+    let same_ids = pj["tokens"].as_u64() == Some(tokens as u64) && pj["id_sum"].as_u64() == Some(id_sum);
+    let ratio = py_secs / best;
+    let r = json!({
+        "tokenizer": tok_path, "threads": args.threads, "lines": lines.len(), "bytes": bytes, "tokens": tokens,
+        "rust_seconds": best, "python_seconds": py_secs,
+        "rust_mib_per_s": bytes as f64 / best / (1 << 20) as f64,
+        "python_mib_per_s": bytes as f64 / py_secs / (1 << 20) as f64,
+        "rust_tokens_per_s": tokens as f64 / best,
+        "ratio_vs_hf_python": ratio, "same_ids_as_python": same_ids,
+    });
+    if !ctx.json {
+        output::line(format!(
+            "text BPE encode ({} threads, {:.1} MiB, {} lines, {} tokens): motley {:.1} MiB/s, HF Python encode_batch {:.1} MiB/s, ratio {:.2}x (goal >= 1.0); ids identical: {}",
+            args.threads,
+            bytes as f64 / (1 << 20) as f64,
+            lines.len(),
+            tokens,
+            bytes as f64 / best / (1 << 20) as f64,
+            bytes as f64 / py_secs / (1 << 20) as f64,
+            ratio,
+            same_ids
+        ))?;
+    }
+    Ok(r)
+}
+
+fn generated_text(lines: usize) -> String {
+    const WORDS: &[&str] = &[
+        "the", "of", "and", "model", "tokens", "image", "speech", "mixture", "transformer", "modality", "shard", "loader",
+        "training", "sparse", "dense", "attention", "global", "tower", "Zürich", "naïve", "日本語", "🙂", "2026", "x=1+2;",
+    ];
+    let mut s = String::new();
+    let mut state = 12345u64;
+    for _ in 0..lines {
+        let n = 6 + state % 20;
+        for i in 0..n {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            if i > 0 {
+                s.push(' ');
+            }
+            s.push_str(WORDS[((state >> 33) % WORDS.len() as u64) as usize]);
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn bench_speech(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
+    let files = match find_inputs(&args.audio, &["wav", "flac", "mp3", "ogg"]) {
+        Some(f) => f,
+        None => {
+            // Generated harmonic "babble" at 22.05 kHz so the resampler is exercised too.
+            (0..8)
+                .map(|i| -> anyhow::Result<PathBuf> {
+                    let p = tmp.join(format!("clip{i}.wav"));
+                    let rate = 22_050u32;
+                    let samples: Vec<f32> = (0..rate * 4)
+                        .map(|n| {
+                            let t = n as f32 / rate as f32;
+                            let f0 = 100.0 + 40.0 * ((t * 2.0 + i as f32).sin());
+                            (1..8).map(|h| (2.0 * std::f32::consts::PI * f0 * h as f32 * t).sin() / h as f32).sum::<f32>() * 0.2
+                        })
+                        .collect();
+                    std::fs::write(&p, motley_tokenizers::speech::audio::wav_bytes(&samples, rate)?)?;
+                    Ok(p)
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+    };
+    let pb = ProgressBar::hidden();
+    let probe = SpeechConfig { units: 2, max_iter: 1, ..SpeechConfig::default() };
+    let (_, s0) = SpeechTokenizer::fit_files(&files, &probe, &pb)?;
+    let units = 500.min((s0.frames / 2) as u32).max(2);
+    let cfg = SpeechConfig { units, max_iter: 10, ..SpeechConfig::default() };
+    let (tok, fit) = SpeechTokenizer::fit_files(&files, &cfg, &pb)?;
+    let bytes: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|p| Ok((p.display().to_string(), std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)))
+        .collect::<anyhow::Result<_>>()?;
+    let one = pool(1)?;
+    // Per core: everything on one thread, from file bytes (decode + resample + features + units).
+    let (n, secs) = one.install(|| {
+        time_for(args.seconds, || {
+            for (name, b) in &bytes {
+                let hint = Path::new(name).extension().and_then(|e| e.to_str());
+                tok.encode_bytes(b, hint, name)?;
+            }
+            Ok(())
+        })
+    })?;
+    let audio_secs = fit.audio_seconds * n as f64;
+    let rtf = audio_secs / secs;
+    // Decode-only reference (symphonia + resample) to show where time goes.
+    let (nd, dsecs) = one.install(|| {
+        time_for(args.seconds / 2.0, || {
+            for (name, b) in &bytes {
+                let hint = Path::new(name).extension().and_then(|e| e.to_str());
+                let a = motley_tokenizers::speech::audio::decode_bytes(b, hint, name)?;
+                motley_tokenizers::speech::audio::resample(&a, 16_000, name)?;
+            }
+            Ok(())
+        })
+    })?;
+    let decode_rtf = fit.audio_seconds * nd as f64 / dsecs;
+    let r = json!({
+        "files": files.len(), "audio_seconds": fit.audio_seconds, "units": units,
+        "real_time_factor_per_core": rtf, "goal": 500.0, "ratio_vs_goal": rtf / 500.0,
+        "decode_resample_only_rtf": decode_rtf, "fit_seconds": fit.seconds,
+    });
+    if !ctx.json {
+        output::line(format!(
+            "speech units ({} files, {:.1} s audio, {} units, 1 core): real-time factor {:.0}x (goal 500x, ratio {:.2}); \
+             decode+resample alone {:.0}x; fit took {:.2} s",
+            files.len(),
+            fit.audio_seconds,
+            units,
+            rtf,
+            rtf / 500.0,
+            decode_rtf,
+            fit.seconds
+        ))?;
+    }
+    Ok(r)
+}
+
+fn bench_image(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
+    let files = match find_inputs(&args.images, &["png", "jpg", "jpeg"]) {
+        Some(f) => f,
+        None => {
+            (0..64)
+                .map(|i| -> anyhow::Result<PathBuf> {
+                    let p = tmp.join(format!("img{i}.png"));
+                    let img = image::RgbImage::from_fn(320, 256, |x, y| {
+                        image::Rgb([((x * 3 + i * 17) % 256) as u8, ((y * 5 + i * 29) % 256) as u8, (((x ^ y) + i) % 256) as u8])
+                    });
+                    img.save(&p)?;
+                    Ok(p)
+                })
+                .collect::<anyhow::Result<_>>()?
+        }
+    };
+    let bytes: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|p| Ok((p.display().to_string(), std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)))
+        .collect::<anyhow::Result<_>>()?;
+    let decoded: Vec<image::DynamicImage> =
+        bytes.par_iter().map(|(n, b)| motley_tokenizers::decode_image_bytes(b, n)).collect::<Result<_, _>>()?;
+    let sample_res = decoded.first().map_or(32, |i| i.width().min(i.height())).clamp(8, 256) / 4 * 4;
+    let one = pool(1)?;
+    let mut out = Vec::new();
+    for (res, patch, k) in [(sample_res.max(8), 4u32, 256u32), (256, 8, 256)] {
+        let patches = (decoded.len() * (res / patch).pow(2) as usize).max(1);
+        let k = k.min(patches as u32 / 2).max(2);
+        let cfg = VqConfig { resolution: res, patch, codebook_size: k, max_iter: 10, max_patches: 200_000, ..VqConfig::default() };
+        let (tok, fit) = VqImageTokenizer::fit_images(&decoded, &cfg, &ProgressBar::hidden())?;
+        let (n, secs) = one.install(|| {
+            time_for(args.seconds, || {
+                for (name, b) in &bytes {
+                    tok.encode_bytes(b, name)?;
+                }
+                Ok(())
+            })
+        })?;
+        let (nd, dsecs) = one.install(|| {
+            time_for(args.seconds / 2.0, || {
+                for (name, b) in &bytes {
+                    motley_tokenizers::decode_image_bytes(b, name)?;
+                }
+                Ok(())
+            })
+        })?;
+        let (ne, esecs) = one.install(|| {
+            time_for(args.seconds / 2.0, || {
+                for img in &decoded {
+                    tok.encode_image(img, None)?;
+                }
+                Ok(())
+            })
+        })?;
+        let ips = (n * bytes.len()) as f64 / secs;
+        let tokens_per_image = (res / patch).pow(2) as f64;
+        let decode_ips = (nd * bytes.len()) as f64 / dsecs;
+        let encode_only_ips = (ne * decoded.len()) as f64 / esecs;
+        let r = json!({
+            "resolution": res, "patch": patch, "codebook_size": k, "images": bytes.len(),
+            "images_per_s_per_core": ips, "tokens_per_s_per_core": ips * tokens_per_image,
+            "encode_only_images_per_s": encode_only_ips, "image_decode_only_images_per_s": decode_ips,
+            "ratio_vs_image_decode": ips / decode_ips, "psnr_holdout": fit.psnr_holdout,
+        });
+        if !ctx.json {
+            output::line(format!(
+                "image VQ {res}x{res}, {patch}px patches, {k} codes ({} images, 1 core): {:.0} images/s, {:.0} tokens/s from file bytes; \
+                 {:.0} images/s from decoded images; PNG/JPEG decode alone {:.0} images/s (ratio {:.2}); held-out PSNR {:.2} dB",
+                bytes.len(),
+                ips,
+                ips * tokens_per_image,
+                encode_only_ips,
+                decode_ips,
+                ips / decode_ips,
+                fit.psnr_holdout
+            ))?;
+        }
+        out.push(r);
+    }
+    Ok(serde_json::Value::Array(out))
 }
