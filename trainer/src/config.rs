@@ -204,6 +204,19 @@ impl TrainConfig {
         Self::from_toml_str(&text, &path.display().to_string())
     }
 
+    /// This config with the keys of the TOML file at `path` laid over it, key by key
+    /// (a file naming only `[model] d_model = 512` keeps everything else).
+    pub fn merge_file(&self, path: &Path) -> Result<Self, TrainError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(TrainError::io("read config", path))?;
+        let err = |msg: String| TrainError::Config { path: origin.clone(), msg };
+        let over: toml::Value = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let mut doc = toml::Value::try_from(self).map_err(|e| err(e.to_string()))?;
+        merge_toml(&mut doc, over);
+        let merged = toml::to_string(&doc).map_err(|e| err(e.to_string()))?;
+        Self::from_toml_str(&merged, &origin)
+    }
+
     pub fn to_toml(&self) -> Result<String, TrainError> {
         toml::to_string_pretty(self).map_err(|e| TrainError::Config { path: "<resolved>".into(), msg: e.to_string() })
     }
@@ -273,6 +286,22 @@ impl TrainConfig {
     }
 }
 
+fn merge_toml(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge_toml(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +325,17 @@ mod tests {
         let base = TrainConfig::preset("tiny").expect("preset");
         assert!(base.apply_overrides(&["model.d_modle=3".into()]).is_err());
         assert!(base.apply_overrides(&["nosuch.key=3".into()]).is_err());
+    }
+
+    #[test]
+    fn a_config_file_lays_over_the_preset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[model]\nd_model = 64\n[train]\nsteps = 9\n").expect("write");
+        let c = TrainConfig::preset("tiny").expect("preset").merge_file(&path).expect("merge");
+        assert_eq!((c.model.d_model, c.model.n_layers, c.train.steps), (64, 4, 9));
+        std::fs::write(&path, "[model]\nd_model = 64\nwidth = 3\n").expect("write");
+        assert!(TrainConfig::preset("tiny").expect("preset").merge_file(&path).is_err());
     }
 
     #[test]

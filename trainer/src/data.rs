@@ -155,6 +155,58 @@ impl BatchSource for SyntheticSource {
     }
 }
 
+/// One packed batch of benchmark-sized documents over `vocab`: each document is a caption
+/// (8–128 text tokens), an image (`image_len` codes) and an utterance (32–256 speech units) in
+/// random order, wrapped in the usual specials, packed and cut at row ends. Deterministic in `seed`.
+pub fn mixed_batch(vocab: &Vocab, batch_size: usize, seq_len: usize, image_len: usize, seed: u64) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let sp = |name: &str| vocab.special(name).unwrap_or(0);
+    let block = |m: Modality| vocab.modality(m).map_or((0, 1), |v| (v.offset, v.vocab_size.max(1)));
+    let mut batch = Batch { batch_size, seq_len, ..Batch::default() };
+    for _ in 0..batch_size {
+        let mut row: Vec<(u32, Modality, u32, u32)> = Vec::with_capacity(seq_len + 1);
+        let mut doc = 0u32;
+        while row.len() < seq_len + 1 {
+            let mut d: Vec<(u32, Modality)> = vec![(sp("bos"), Modality::Text)];
+            let mut parts = [(Modality::Text, rng.random_range(8..128)), (Modality::Image, image_len), (Modality::Speech, rng.random_range(32..256))];
+            if rng.random_bool(0.5) {
+                parts.swap(1, 2);
+            }
+            for (m, len) in parts {
+                let (off, size) = block(m);
+                let (open, close) = match m {
+                    Modality::Text => (None, None),
+                    Modality::Image => (Some("boi"), Some("eoi")),
+                    Modality::Speech => (Some("bosp"), Some("eosp")),
+                };
+                d.extend(open.map(|o| (sp(o), Modality::Text)));
+                d.extend((0..len).map(|_| (off + rng.random_range(0..size), m)));
+                d.extend(close.map(|c| (sp(c), Modality::Text)));
+            }
+            d.push((sp("eos"), Modality::Text));
+            for (pos, (id, m)) in d.into_iter().enumerate() {
+                if row.len() == seq_len + 1 {
+                    break;
+                }
+                row.push((id, m, doc, pos as u32));
+            }
+            doc += 1;
+        }
+        for i in 0..seq_len {
+            let (x, y) = (row[i], row[i + 1]);
+            batch.inputs.push(x.0);
+            batch.targets.push(y.0);
+            batch.modality.push(x.1 as u8);
+            batch.target_modality.push(y.1 as u8);
+            batch.positions.push(x.3);
+            batch.doc_ids.push(x.2);
+            batch.segment_ids.push(0);
+            batch.loss_mask.push(u8::from(x.2 == y.2));
+        }
+    }
+    batch
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,3 +22,6 @@ pub use config::TrainConfig;
 pub use error::TrainError;
 pub use model::{Arch, Model, ModelConfig};
 pub use train::{compare_architectures, compare_mot_dense, evaluate_checkpoint, Comparison, TrainSummary, Trainer};
+
+/// The tch this crate links, for tools that drive the model directly (benchmarks).
+pub use tch;

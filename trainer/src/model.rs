@@ -503,13 +503,9 @@ impl<T> Towers<T> {
         }
     }
 
-    /// Runs `f` with each tower's weights on that tower's rows. A single tower takes the
-    /// whole tensor whatever the route (a shared head under MoT, for example).
-    fn apply(&self, route: &Route, x: &Tensor, f: impl Fn(&T, &Tensor) -> Tensor) -> Tensor {
-        if self.0.len() == 1 {
-            return f(&self.0[0], x);
-        }
-        route.map(x, |m, xs| f(&self.0[m], xs))
+    /// Tower `m`'s weights (the only tower when untied weights are not in use).
+    fn pick(&self, m: usize) -> &T {
+        &self.0[m.min(self.0.len() - 1)]
     }
 }
 
@@ -593,41 +589,50 @@ impl Attention {
         }
     }
 
-    /// `x`: `[N, D]` layout order → `[N, D]` layout order.
-    fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind) -> Tensor {
+    /// `x`: `[N, D]` layout order → `[N, D]` layout order. `pre` / `post` are the block's
+    /// per-tower attention norm (pre-norm or swin placement), fused into the tower work so
+    /// the rows are concatenated once on the way in and once on the way out.
+    fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind, pre: Option<&Towers<RmsNorm>>, post: Option<&Towers<RmsNorm>>) -> Tensor {
         let (h, hd) = (self.n_heads, self.head_dim);
         let d = h * hd;
-        // Per-tower projections on contiguous rows, fused into one [rows, 3D] block so that
-        // a single gather restores sequence order for q, k and v together.
-        let qkv = route_qkv(self, x, &p.route, ck);
+        let qkv = if self.q_proj.0.len() == 1 {
+            self.qkv_tower(0, x, ck, pre)
+        } else {
+            p.route.map(x, |m, xs| self.qkv_tower(m, xs, ck, pre))
+        };
+        // One gather restores sequence order for q, k and v together.
         let qkv = p.route.to_seq(&qkv).view([p.batch_size, p.seq_len, 3, h, hd]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let q = apply_rope(&q, &p.cos, &p.sin);
         let k = apply_rope(&k, &p.cos, &p.sin);
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, p.mask.as_ref(), 0.0, p.mask.is_none(), None, false);
-        let y = y.transpose(1, 2).reshape([p.route.len(), d]);
-        let y = p.route.from_seq(&y);
-        self.o_proj.apply(&p.route, &y, |o, ys| o.forward(ys, ck))
+        let y = p.route.from_seq(&y.transpose(1, 2).reshape([p.route.len(), d]));
+        let out = |m: usize, ys: &Tensor| -> Tensor {
+            let o = self.o_proj.pick(m).forward(ys, ck);
+            match post {
+                Some(n) => n.pick(m).forward(&o),
+                None => o,
+            }
+        };
+        if self.o_proj.0.len() == 1 { out(0, &y) } else { p.route.map(&y, out) }
     }
-}
 
-/// Q, K, V of every tower's rows, QK-normed per tower, concatenated as `[N, 3D]`.
-fn route_qkv(a: &Attention, x: &Tensor, route: &Route, ck: Kind) -> Tensor {
-    let (h, hd) = (a.n_heads, a.head_dim);
-    let tower = |m: usize, xs: &Tensor| -> Tensor {
-        let pick = |t: &Towers<Linear>| -> Tensor { t.0[m.min(t.0.len() - 1)].forward(xs, ck) };
-        let (mut q, mut k, v) = (pick(&a.q_proj), pick(&a.k_proj), pick(&a.v_proj));
-        if let Some((qn, kn)) = &a.qk_norm {
-            let rows = xs.size()[0];
-            let norm = |t: &Towers<RmsNorm>, y: &Tensor| {
-                t.0[m.min(t.0.len() - 1)].forward(&y.view([rows, h, hd])).view([rows, h * hd]).to_kind(ck)
-            };
-            q = norm(qn, &q);
-            k = norm(kn, &k);
-        }
-        Tensor::cat(&[q, k, v], 1)
-    };
-    if a.q_proj.0.len() == 1 { tower(0, x) } else { route.map(x, tower) }
+    /// Tower `m`'s rows → `[rows, 3D]`: optional pre-norm, one fused Q|K|V matmul, QK-norm.
+    fn qkv_tower(&self, m: usize, xs: &Tensor, ck: Kind, pre: Option<&Towers<RmsNorm>>) -> Tensor {
+        let xs = match pre {
+            Some(n) => n.pick(m).forward(xs),
+            None => xs.shallow_clone(),
+        };
+        let w = Tensor::cat(&[&self.q_proj.pick(m).weight, &self.k_proj.pick(m).weight, &self.v_proj.pick(m).weight], 0);
+        let qkv = xs.to_kind(ck).linear::<Tensor>(&w.to_kind(ck), None);
+        let Some((qn, kn)) = &self.qk_norm else { return qkv };
+        let (rows, h, hd) = (xs.size()[0], self.n_heads, self.head_dim);
+        let d = h * hd;
+        let norm = |n: &RmsNorm, y: Tensor| n.forward(&y.reshape([rows, h, hd])).reshape([rows, d]).to_kind(ck);
+        let q = norm(qn.pick(m), qkv.narrow(1, 0, d));
+        let k = norm(kn.pick(m), qkv.narrow(1, d, d));
+        Tensor::cat(&[q, k, qkv.narrow(1, 2 * d, d)], 1)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -653,16 +658,26 @@ impl SwiGlu {
         }
     }
 
-    /// Tower `m`'s FFN on rows `x`.
-    fn tower(&self, m: usize, x: &Tensor, ck: Kind) -> Tensor {
-        let pick = |t: &Towers<Linear>| -> usize { m.min(t.0.len() - 1) };
-        let g = self.gate_proj.0[pick(&self.gate_proj)].forward(x, ck).silu();
-        let u = self.up_proj.0[pick(&self.up_proj)].forward(x, ck);
-        self.down_proj.0[pick(&self.down_proj)].forward(&(g * u), ck)
+    /// Tower `m`'s FFN on rows `x` (one fused gate|up matmul), with the block's norm
+    /// before (pre-norm) or after (swin) it.
+    fn tower(&self, m: usize, x: &Tensor, ck: Kind, pre: Option<&RmsNorm>, post: Option<&RmsNorm>) -> Tensor {
+        let x = match pre {
+            Some(n) => n.forward(x),
+            None => x.shallow_clone(),
+        };
+        let f = self.gate_proj.pick(m).weight.size()[0];
+        let w = Tensor::cat(&[&self.gate_proj.pick(m).weight, &self.up_proj.pick(m).weight], 0);
+        let gu = x.to_kind(ck).linear::<Tensor>(&w.to_kind(ck), None);
+        let y = self.down_proj.pick(m).forward(&(gu.narrow(1, 0, f).silu() * gu.narrow(1, f, f)), ck);
+        match post {
+            Some(n) => n.forward(&y),
+            None => y,
+        }
     }
 
-    fn forward(&self, route: &Route, x: &Tensor, ck: Kind) -> Tensor {
-        if self.gate_proj.0.len() == 1 { self.tower(0, x, ck) } else { route.map(x, |m, xs| self.tower(m, xs, ck)) }
+    fn forward(&self, route: &Route, x: &Tensor, ck: Kind, pre: Option<&Towers<RmsNorm>>, post: Option<&Towers<RmsNorm>>) -> Tensor {
+        let run = |m: usize, xs: &Tensor| self.tower(m, xs, ck, pre.map(|n| n.pick(m)), post.map(|n| n.pick(m)));
+        if self.gate_proj.0.len() == 1 { run(0, x) } else { route.map(x, run) }
     }
 }
 
@@ -701,7 +716,7 @@ impl Moe {
                 let (gates, idx) = probs.tr().topk(c, 1, true, false); // [E, C]
                 for (i, expert) in self.experts.iter().enumerate() {
                     let rows = idx.get(i as i64);
-                    let y = expert.tower(0, &x.index_select(0, &rows), ck).to_kind(Kind::Float);
+                    let y = expert.tower(0, &x.index_select(0, &rows), ck, None, None).to_kind(Kind::Float);
                     out = out.index_add(0, &rows, &(y * gates.get(i as i64).unsqueeze(1)));
                 }
                 (out, Tensor::zeros([], (Kind::Float, x.device())))
@@ -724,7 +739,7 @@ impl Moe {
                         continue;
                     }
                     let rows = token_of.narrow(0, start, len);
-                    let y = expert.tower(0, &x.index_select(0, &rows), ck).to_kind(Kind::Float);
+                    let y = expert.tower(0, &x.index_select(0, &rows), ck, None, None).to_kind(Kind::Float);
                     out = out.index_add(0, &rows, &(y * gate_of.narrow(0, start, len).unsqueeze(1)));
                     start += len;
                 }
@@ -774,32 +789,23 @@ impl Block {
 
     /// Residual stream `x` (`[N, D]` fp32, layout order) → next residual stream, plus aux loss.
     fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind) -> (Tensor, Option<Tensor>) {
-        let r = &p.route;
-        let mut aux = None;
-        let mut ffn = |h: &Tensor| -> Tensor {
-            match &self.ffn {
-                Ffn::SwiGlu(f) => f.forward(r, h, ck),
-                Ffn::Moe(m) => {
-                    let (y, a) = m.forward(h, ck);
-                    aux = Some(a);
-                    y
-                }
+        let (an, fnorm) = (&self.attn_norm, &self.ffn_norm);
+        let (attn_pre, attn_post, ffn_pre, ffn_post) = match self.placement {
+            NormPlacement::Pre => (Some(an), None, Some(fnorm), None),
+            NormPlacement::Swin => (None, Some(an), None, Some(fnorm)),
+        };
+        let a = self.attn.forward(x, p, ck, attn_pre, attn_post);
+        let h = x + a.to_kind(Kind::Float);
+        let (f, aux) = match &self.ffn {
+            Ffn::SwiGlu(f) => (f.forward(&p.route, &h, ck, ffn_pre, ffn_post), None),
+            Ffn::Moe(m) => {
+                // MoE models have one tower of norms, applied to all tokens.
+                let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.pick(0).forward(&h));
+                let (y, aux) = m.forward(&hn, ck);
+                (ffn_post.map_or(y.shallow_clone(), |n| n.pick(0).forward(&y)), Some(aux))
             }
         };
-        match self.placement {
-            NormPlacement::Pre => {
-                let a = self.attn.forward(&self.attn_norm.apply(r, x, |n, xs| n.forward(xs)), p, ck);
-                let h = x + a.to_kind(Kind::Float);
-                let f = ffn(&self.ffn_norm.apply(r, &h, |n, hs| n.forward(hs)));
-                (&h + f.to_kind(Kind::Float), aux)
-            }
-            NormPlacement::Swin => {
-                let a = self.attn.forward(x, p, ck);
-                let h = x + self.attn_norm.apply(r, &a, |n, s| n.forward(s));
-                let f = ffn(&h);
-                (&h + self.ffn_norm.apply(r, &f, |n, s| n.forward(s)), aux)
-            }
-        }
+        (&h + f.to_kind(Kind::Float), aux)
     }
 }
 
@@ -845,8 +851,8 @@ impl Model {
         Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, compute_kind })
     }
 
-    /// Final hidden states `[N, D]` (fp32, after the final norm), layout order; plus the
-    /// summed MoE aux loss if any.
+    /// Residual stream after the last block `[N, D]` (fp32, before the final norm), layout
+    /// order; plus the summed MoE aux loss if any.
     pub fn hidden(&self, p: &Prepared) -> (Tensor, Option<Tensor>) {
         let mut x = Tensor::embedding(&self.embed, &p.tokens, -1, false, false);
         let mut aux: Option<Tensor> = None;
@@ -860,29 +866,32 @@ impl Model {
                 });
             }
         }
-        (self.final_norm.apply(&p.route, &x, |n, xs| n.forward(xs)), aux)
+        (x, aux)
+    }
+
+    /// Final norm and LM head of tower `m` on rows `xs` → fp32 logits.
+    fn head(&self, m: usize, xs: &Tensor) -> Tensor {
+        self.lm_head.pick(m).forward(&self.final_norm.pick(m).forward(xs), self.compute_kind).to_kind(Kind::Float)
     }
 
     /// Logits `[N, V]` (fp32), layout order. For inspection and sampling; the loss path
     /// never materializes all towers' logits at once.
     pub fn logits(&self, p: &Prepared) -> Tensor {
-        let (h, _) = self.hidden(p);
-        self.lm_head.apply(&p.route, &h, |w, hs| w.forward(hs, self.compute_kind).to_kind(Kind::Float))
+        let (x, _) = self.hidden(p);
+        if self.lm_head.0.len() == 1 { self.head(0, &x) } else { p.route.map(&x, |m, xs| self.head(m, xs)) }
     }
 
     /// Next-token cross-entropy, per token and per target modality.
     pub fn loss(&self, p: &Prepared) -> LossOutput {
-        let (h, aux) = self.hidden(p);
-        let ck = self.compute_kind;
+        let (x, aux) = self.hidden(p);
         // Per-tower logits and CE over that tower's rows: targets are already in layout order.
-        let ce = |w: &Linear, hs: &Tensor, ts: &Tensor| -> Tensor {
-            w.forward(hs, ck).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(ts, None, tch::Reduction::None, -100, 0.0)
+        let ce = |m: usize, xs: &Tensor, ts: &Tensor| -> Tensor {
+            self.head(m, xs).cross_entropy_loss::<Tensor>(ts, None, tch::Reduction::None, -100, 0.0)
         };
         let token_loss = if self.lm_head.0.len() == 1 {
-            ce(&self.lm_head.0[0], &h, &p.targets)
+            ce(0, &x, &p.targets)
         } else {
-            let parts =
-                p.route.active().into_iter().map(|m| (m, ce(&self.lm_head.0[m], &p.route.slice(&h, m), &p.route.slice(&p.targets, m)))).collect();
+            let parts = p.route.active().into_iter().map(|m| (m, ce(m, &p.route.slice(&x, m), &p.route.slice(&p.targets, m)))).collect();
             p.route.combine(parts)
         };
         let weighted = &token_loss * &p.loss_weight;

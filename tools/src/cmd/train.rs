@@ -1,23 +1,178 @@
-//! `motley train` and `motley eval` (not built yet).
+//! `motley train` and `motley eval`: a thin layer over motley-trainer.
 
-use crate::output::{not_built, Ctx};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use motley_shards::Split;
+use motley_trainer::train::prepare_run_dir;
+use motley_trainer::{compare_mot_dense, evaluate_checkpoint, Arch, TrainConfig, Trainer};
+
+use crate::output::{self, Ctx};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  motley train --preset tiny --data runs/demo/corpus --out runs/tiny-mot\n  motley train --preset tiny --data runs/demo/corpus --arch dense --steps 300 --out runs/tiny-dense\n  motley train --preset tiny --data runs/demo/corpus --compare --out runs/compare\n  motley train --resume runs/tiny-mot --steps 400\n  motley train --config my.toml --set model.untie_head=true --set optim.lr=1e-3 --out runs/x")]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// Start from a preset: tiny, 37m, 94m, 443m, 1.5b, 7b (the paper's Chameleon sizes).
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// TOML config file ([model], [data], [optim], [train]); applied over the preset.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Shard corpus directory (repeat to mix several; weights via --set data.weights=[..]).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Run directory (config, metrics.jsonl, losses.png, checkpoints/).
+    #[arg(long, short = 'o')]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its latest checkpoint.
+    #[arg(long, conflicts_with_all = ["config", "compare", "overwrite"])]
+    resume: Option<PathBuf>,
+    /// Replace an existing run directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// Architecture: mot, dense or moe.
+    #[arg(long)]
+    arch: Option<Arch>,
+    /// Optimizer steps in total.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override any config key: --set model.d_model=256 --set train.eval_every=50.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Train MoT and dense on the same data and steps (in OUT/mot and OUT/dense) and print
+    /// the per-modality comparison.
+    #[arg(long)]
+    compare: bool,
+    /// Print the resolved config and stop.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  motley eval --checkpoint runs/tiny-mot --data runs/demo/corpus\n  motley eval --checkpoint runs/tiny-mot/checkpoints/step-00000200 --json")]
 pub struct EvalArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// Run directory (its latest checkpoint) or one checkpoint folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Corpus to evaluate on (default: the one the run trained on).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Batches to average over.
+    #[arg(long, default_value_t = 16)]
+    batches: u64,
+    /// Which documents: the held-out split (eval) or the training split (train).
+    #[arg(long, default_value = "eval", value_parser = ["eval", "train"])]
+    split: String,
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
-    not_built("train")
+/// Preset → config file → explicit flags → `--set`, in that order.
+fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
+    let mut cfg = TrainConfig::preset(&args.preset)?;
+    if let Some(path) = &args.config {
+        cfg = cfg.merge_file(path)?;
+    }
+    let mut sets = Vec::new();
+    if let Some(a) = args.arch {
+        sets.push(format!("model.arch=\"{a}\""));
+    }
+    if let Some(s) = args.steps {
+        sets.push(format!("train.steps={s}"));
+    }
+    if let Some(d) = &args.device {
+        sets.push(format!("train.device=\"{d}\""));
+    }
+    if let Some(s) = args.seed {
+        sets.push(format!("train.seed={s}"));
+    }
+    sets.extend(args.set.iter().cloned());
+    cfg = cfg.apply_overrides(&sets)?;
+    if !args.data.is_empty() {
+        cfg.data.paths = args.data.clone();
+        cfg.data.synthetic = false;
+    }
+    cfg.validate()?;
+    Ok(cfg)
 }
 
-pub fn eval(_args: EvalArgs, _ctx: &Ctx) -> anyhow::Result<()> {
-    not_built("eval")
+pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    if let Some(run) = &args.resume {
+        let mut sets = Vec::new();
+        if let Some(s) = args.steps {
+            sets.push(format!("train.steps={s}"));
+        }
+        if let Some(d) = &args.device {
+            sets.push(format!("train.device=\"{d}\""));
+        }
+        if !args.data.is_empty() {
+            let list: Vec<String> = args.data.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+            sets.push(format!("data.paths=[{}]", list.join(",")));
+        }
+        sets.extend(args.set.iter().cloned());
+        let mut t = Trainer::resume(run, &sets).with_context(|| format!("resuming {}", run.display()))?;
+        let summary = t.run()?;
+        if ctx.json {
+            output::json(&summary)?;
+        } else {
+            output::line(summary.line())?;
+        }
+        return Ok(());
+    }
+    let cfg = resolve_config(&args)?;
+    if args.dry_run {
+        return output::line(cfg.to_toml()?);
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.preset, if args.compare { "compare".into() } else { cfg.model.arch.to_string() })));
+    if args.compare {
+        let c = compare_mot_dense(&cfg, &out, args.overwrite, true)?;
+        if ctx.json {
+            output::json(&c)?;
+        } else {
+            output::line(c.table())?;
+        }
+        return Ok(());
+    }
+    prepare_run_dir(&out, args.overwrite)?;
+    let mut t = Trainer::new(cfg)?;
+    t.attach_run_dir(&out)?;
+    let summary = t.run()?;
+    if ctx.json {
+        output::json(&summary)?;
+    } else {
+        output::line(summary.line())?;
+    }
+    Ok(())
+}
+
+pub fn eval(args: EvalArgs, ctx: &Ctx) -> anyhow::Result<()> {
+    let split = if args.split == "train" { Split::Train } else { Split::Eval };
+    let data = (!args.data.is_empty()).then(|| args.data.clone());
+    let (step, r) = evaluate_checkpoint(&args.checkpoint, data, args.batches, split, &args.device)?;
+    if ctx.json {
+        let v = serde_json::json!({
+            "checkpoint": args.checkpoint,
+            "step": step,
+            "split": args.split,
+            "batches": args.batches,
+            "loss": r.loss,
+            "text": r.text,
+            "image": r.image,
+            "speech": r.speech,
+            "tokens": { "text": r.tokens[0], "image": r.tokens[1], "speech": r.tokens[2] },
+        });
+        return output::json(&v);
+    }
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    output::line(format!("checkpoint {} (step {step}), {} split, {} batches", args.checkpoint.display(), args.split, args.batches))?;
+    output::line(format!("loss {} | text {} | image {} | speech {}", f(r.loss), f(r.text), f(r.image), f(r.speech)))?;
+    output::line(format!("target tokens: text {} image {} speech {}", r.tokens[0], r.tokens[1], r.tokens[2]))
 }

@@ -1,13 +1,221 @@
-//! `motley bench trainer` (not built yet).
+//! `motley bench trainer`: MoT vs dense step time at the same shapes, and tch vs PyTorch eager
+//! on the same MoT forward + backward; both ratios measured in one run.
 
-use crate::output::{not_built, Ctx};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use motley_shards::{Batch, Vocab};
+use motley_trainer::config::OptimConfig;
+use motley_trainer::model::{Arch, Model, ModelConfig, Prepared, Routing};
+use motley_trainer::optim::AdamW;
+use motley_trainer::train::resolve_device;
+use motley_trainer::tch::{self, nn, Device, Tensor};
+
+use crate::output::{self, Ctx};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  motley bench trainer\n  motley bench trainer --device cuda --d-model 1024 --layers 24 --heads 16 --seq 2048 --batch 4\n  motley bench trainer --no-torch --json")]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// auto, cpu, cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Model width (default: 128 on CPU, 512 on CUDA).
+    #[arg(long)]
+    d_model: Option<i64>,
+    /// Layers (default: 2 on CPU, 8 on CUDA).
+    #[arg(long)]
+    layers: Option<i64>,
+    /// Attention heads (default: 4 on CPU, 8 on CUDA).
+    #[arg(long)]
+    heads: Option<i64>,
+    /// Sequence length (default: 256 on CPU, 2048 on CUDA).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Rows per batch (default: 4 on CPU, 8 on CUDA).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Text vocabulary (image 8192 codes and 500 speech units are added, as in the paper).
+    #[arg(long, default_value_t = 8192)]
+    text_vocab: u32,
+    /// Timed steps per measurement.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Skip the PyTorch baseline.
+    #[arg(long)]
+    no_torch: bool,
+    /// Python with torch (the same libtorch version as motley).
+    #[arg(long, default_value = ".venv/bin/python")]
+    python: PathBuf,
+    #[arg(long, default_value = "scripts/bench/mot_torch.py")]
+    script: PathBuf,
 }
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
-    not_built("bench trainer")
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    device: String,
+    threads: i32,
+    shapes: serde_json::Value,
+    steps: usize,
+    dense_step_ms: f64,
+    mot_step_ms: f64,
+    /// MoT / dense full step (goal <= 1.10).
+    mot_over_dense: f64,
+    mot_fwd_bwd_ms: f64,
+    torch_fwd_bwd_ms: Option<f64>,
+    /// tch / PyTorch eager, MoT forward + backward (goal <= 1.0).
+    tch_over_torch: Option<f64>,
+    torch_note: Option<String>,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Mean milliseconds per step: `full` = layout + forward + backward + clip norm + AdamW,
+/// otherwise forward + backward on a batch laid out once (what the PyTorch script times).
+fn time_steps(cfg: &ModelConfig, batch: &Batch, device: Device, warmup: usize, steps: usize, full: bool) -> anyhow::Result<f64> {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(device);
+    let model = Model::new(&vs.root(), cfg)?;
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = AdamW::new(vars, &OptimConfig::default());
+    let fixed = Prepared::new(cfg, batch, Routing::Sorted, device)?;
+    let mut total = 0.0;
+    for i in 0..warmup + steps {
+        sync(device);
+        let t0 = Instant::now();
+        if full {
+            let p = Prepared::new(cfg, batch, Routing::Sorted, device)?;
+            model.loss(&p).loss.backward();
+            let _norm = opt.grad_norm();
+            opt.step(1e-4);
+        } else {
+            model.loss(&fixed).loss.backward();
+        }
+        sync(device);
+        if i >= warmup {
+            total += t0.elapsed().as_secs_f64();
+        }
+        opt.zero_grad();
+    }
+    Ok(1000.0 * total / steps.max(1) as f64)
+}
+
+/// Runs the PyTorch reference on the same config and batch; None (with why) if unavailable.
+fn torch_baseline(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device) -> Result<f64, String> {
+    if !args.python.exists() || !args.script.exists() {
+        return Err(format!("{} or {} not found (run from the repository root)", args.python.display(), args.script.display()));
+    }
+    let spec = serde_json::json!({
+        "config": {
+            "arch": cfg.arch.to_string(), "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+            "ffn_dim": cfg.ffn_dim(), "vocab_size": cfg.vocab_size, "qk_norm": cfg.qk_norm,
+        },
+        "batch": batch,
+    });
+    let path = std::env::temp_dir().join(format!("motley-bench-trainer-{}.json", std::process::id()));
+    std::fs::write(&path, spec.to_string()).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let dev = if device.is_cuda() { "cuda" } else { "cpu" };
+    let out = Command::new(&args.python)
+        .arg(&args.script)
+        .arg(&path)
+        .args(["--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string(), "--device", dev])
+        .output();
+    let _ = std::fs::remove_file(&path);
+    let out = out.map_err(|e| format!("running {}: {e}", args.python.display()))?;
+    if !out.status.success() {
+        return Err(format!("PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| format!("reading its output: {e}"))?;
+    v["ms_per_step"].as_f64().ok_or_else(|| "no ms_per_step in its output".into())
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let device = resolve_device(&args.device)?;
+    let gpu = device.is_cuda();
+    let d = args.d_model.unwrap_or(if gpu { 512 } else { 128 });
+    let layers = args.layers.unwrap_or(if gpu { 8 } else { 2 });
+    let heads = args.heads.unwrap_or(if gpu { 8 } else { 4 });
+    let seq = args.seq.unwrap_or(if gpu { 2048 } else { 256 });
+    let bsz = args.batch.unwrap_or(if gpu { 8 } else { 4 });
+    let vocab = Vocab::build(args.text_vocab, 8192, 500, None);
+    let image_len = (seq / 4).clamp(16, 1026);
+    let batch = motley_trainer::data::mixed_batch(&vocab, bsz, seq, image_len, 7);
+    let base = ModelConfig {
+        vocab_size: i64::from(vocab.total_size),
+        d_model: d,
+        n_layers: layers,
+        n_heads: heads,
+        ..ModelConfig::default()
+    };
+    let mot = ModelConfig { arch: Arch::Mot, ..base.clone() };
+    let dense = ModelConfig { arch: Arch::Dense, ..base.clone() };
+    let dev_name = if gpu { "cuda (bf16 compute)".to_string() } else { format!("cpu (fp32, {} threads)", tch::get_num_threads()) };
+    eprintln!("device: {dev_name}; d_model {d}, {layers} layers, {heads} heads, seq {seq}, batch {bsz}, vocab {}", vocab.total_size);
+    let mut counts = [0usize; 3];
+    for &m in &batch.modality {
+        counts[usize::from(m)] += 1;
+    }
+    eprintln!("tokens per modality (text/image/speech): {counts:?}");
+
+    // Interleave the two architectures so drift on a shared machine hits both alike.
+    let (mut dense_ms, mut mot_ms) = (0.0, 0.0);
+    for _ in 0..2 {
+        dense_ms += time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
+        mot_ms += time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
+    }
+    dense_ms /= 2.0;
+    mot_ms /= 2.0;
+    eprintln!("step (layout + fwd + bwd + AdamW): dense {dense_ms:.2} ms, MoT {mot_ms:.2} ms");
+    let mot_fb = time_steps(&mot, &batch, device, args.warmup, args.steps, false).context("MoT fwd+bwd")?;
+    let (torch_ms, note) = if args.no_torch {
+        (None, Some("skipped (--no-torch)".to_string()))
+    } else {
+        match torch_baseline(&args, &mot, &batch, device) {
+            Ok(ms) => (Some(ms), None),
+            Err(why) => (None, Some(why)),
+        }
+    };
+    let report = Report {
+        device: dev_name,
+        threads: tch::get_num_threads(),
+        shapes: serde_json::json!({ "d_model": d, "layers": layers, "heads": heads, "seq": seq, "batch": bsz, "vocab": vocab.total_size }),
+        steps: args.steps,
+        dense_step_ms: dense_ms,
+        mot_step_ms: mot_ms,
+        mot_over_dense: mot_ms / dense_ms,
+        mot_fwd_bwd_ms: mot_fb,
+        torch_fwd_bwd_ms: torch_ms,
+        tch_over_torch: torch_ms.map(|t| mot_fb / t),
+        torch_note: note,
+    };
+    if ctx.json {
+        return output::json(&report);
+    }
+    output::line(format!("device: {}", report.device))?;
+    output::line(format!(
+        "MoT vs dense, full step: {:.2} ms vs {:.2} ms -> ratio {:.3} (goal <= 1.10)",
+        report.mot_step_ms, report.dense_step_ms, report.mot_over_dense
+    ))?;
+    match (report.torch_fwd_bwd_ms, report.tch_over_torch) {
+        (Some(t), Some(r)) => output::line(format!(
+            "tch vs PyTorch eager, MoT fwd+bwd: {:.2} ms vs {t:.2} ms -> ratio {r:.3} (goal <= 1.0)",
+            report.mot_fwd_bwd_ms
+        ))?,
+        _ => output::line(format!(
+            "tch MoT fwd+bwd: {:.2} ms; PyTorch baseline unavailable: {}",
+            report.mot_fwd_bwd_ms,
+            report.torch_note.clone().unwrap_or_default()
+        ))?,
+    }
+    Ok(())
 }

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""PyTorch eager reference of motley's MoT forward + backward, for `motley bench trainer`.
+
+Same algorithm as trainer/src/model.rs: tokens sorted by modality once per batch, per-modality
+Q/K/V/O, QK-norm, attention norm, FFN norm and SwiGLU FFN on contiguous slices, order restored
+around scaled_dot_product_attention, causal + same-document mask, RoPE from positions, shared
+embedding and LM head, cross-entropy in sorted order. Precision as in motley: fp32 master
+weights, matmuls and attention in the compute dtype (bf16 on CUDA), norms and loss in fp32.
+
+Input: a JSON file written by the bench (config + one batch). Output: one JSON line on stdout
+with the mean milliseconds of forward + backward per step.
+
+    python scripts/bench/mot_torch.py batch.json --steps 10 --warmup 3 --device cpu
+"""
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, d_in, d_out, std):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d_out, d_in) * std)
+
+    def forward(self, x, ck):
+        return F.linear(x.to(ck), self.weight.to(ck))
+
+
+class RmsNorm(torch.nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (self.weight.shape[0],), self.weight, self.eps)
+
+
+def towers(n, make):
+    return torch.nn.ModuleList([make() for _ in range(n)])
+
+
+class Block(torch.nn.Module):
+    def __init__(self, c, t):
+        super().__init__()
+        d, f, hd, std = c["d_model"], c["ffn_dim"], c["d_model"] // c["n_heads"], 0.02
+        out_std = std / math.sqrt(2 * c["n_layers"])
+        self.h, self.hd = c["n_heads"], hd
+        self.attn_norm = towers(t, lambda: RmsNorm(d, 1e-5))
+        self.ffn_norm = towers(t, lambda: RmsNorm(d, 1e-5))
+        self.q = towers(t, lambda: Linear(d, d, std))
+        self.k = towers(t, lambda: Linear(d, d, std))
+        self.v = towers(t, lambda: Linear(d, d, std))
+        self.o = towers(t, lambda: Linear(d, d, out_std))
+        self.qn = towers(t, lambda: RmsNorm(hd, 1e-5)) if c["qk_norm"] else None
+        self.kn = towers(t, lambda: RmsNorm(hd, 1e-5)) if c["qk_norm"] else None
+        self.gate = towers(t, lambda: Linear(d, f, std))
+        self.up = towers(t, lambda: Linear(d, f, std))
+        self.down = towers(t, lambda: Linear(f, d, out_std))
+
+    def per_tower(self, x, spans, fn):
+        if len(self.q) == 1:
+            return fn(0, x)
+        return torch.cat([fn(m, x[s : s + n]) for m, (s, n) in enumerate(spans) if n > 0], 0)
+
+    def forward(self, x, r, ck):
+        spans, b, t = r["spans"], r["b"], r["t"]
+        h, hd = self.h, self.hd
+
+        def qkv(m, xs):
+            xs = self.attn_norm[m](xs)
+            q, k, v = self.q[m](xs, ck), self.k[m](xs, ck), self.v[m](xs, ck)
+            if self.qn is not None:
+                rows = xs.shape[0]
+                q = self.qn[m](q.view(rows, h, hd)).view(rows, h * hd).to(ck)
+                k = self.kn[m](k.view(rows, h, hd)).view(rows, h * hd).to(ck)
+            return torch.cat([q, k, v], 1)
+
+        y = self.per_tower(x, spans, qkv)
+        if r["inv"] is not None:
+            y = y.index_select(0, r["inv"])
+        y = y.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = rope(y[0], r), rope(y[1], r), y[2]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=r["mask"], is_causal=r["mask"] is None)
+        a = a.transpose(1, 2).reshape(b * t, h * hd)
+        if r["perm"] is not None:
+            a = a.index_select(0, r["perm"])
+        x = x + self.per_tower(a, spans, lambda m, s: self.o[m](s, ck)).float()
+
+        def ffn(m, xs):
+            xs = self.ffn_norm[m](xs)
+            return self.down[m](F.silu(self.gate[m](xs, ck)) * self.up[m](xs, ck), ck)
+
+        return x + self.per_tower(x, spans, ffn).float()
+
+
+def rope(x, r):
+    half = x.shape[3] // 2
+    kind = x.dtype
+    x = x.float()
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = r["cos"], r["sin"]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], 3).to(kind)
+
+
+class Model(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        t = 3 if c["arch"] == "mot" else 1
+        self.embed = torch.nn.Parameter(torch.randn(c["vocab_size"], c["d_model"]) * 0.02)
+        self.layers = torch.nn.ModuleList([Block(c, t) for _ in range(c["n_layers"])])
+        self.norm = RmsNorm(c["d_model"], 1e-5)
+        self.head = Linear(c["d_model"], c["vocab_size"], 0.02)
+
+    def forward(self, r, ck):
+        x = F.embedding(r["tokens"], self.embed)
+        for layer in self.layers:
+            x = layer(x, r, ck)
+        logits = self.head(self.norm(x), ck).float()
+        tok = F.cross_entropy(logits, r["targets"], reduction="none")
+        return (tok * r["weight"]).sum() / r["weight"].sum().clamp(min=1)
+
+
+def prepare(batch, c, device):
+    """Host-side layout, as motley's Prepared::new: stable sort by modality, RoPE, mask."""
+    b, t = batch["batch_size"], batch["seq_len"]
+    n = b * t
+    mod = torch.tensor(batch["modality"], dtype=torch.long)
+    if c["arch"] == "mot":
+        perm = torch.argsort(mod, stable=True)
+        counts = torch.bincount(mod, minlength=3).tolist()
+        starts = [0, counts[0], counts[0] + counts[1]]
+        spans = list(zip(starts, counts))
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n)
+    else:
+        perm, inv, spans = None, None, [(0, n)]
+    lay = (lambda v: v[perm]) if perm is not None else (lambda v: v)
+    tokens = lay(torch.tensor(batch["inputs"], dtype=torch.long))
+    targets = lay(torch.tensor(batch["targets"], dtype=torch.long))
+    weight = lay(torch.tensor(batch["loss_mask"], dtype=torch.float32))
+    hd = c["d_model"] // c["n_heads"]
+    pos = torch.tensor(batch["positions"], dtype=torch.float32).view(b, 1, t, 1)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd // 2, dtype=torch.float64) * 2 / hd)).float()
+    ang = pos * inv_freq.view(1, 1, 1, -1)
+    docs = torch.tensor(batch["doc_ids"], dtype=torch.long).view(b, t)
+    packed = bool((docs[:, 1:] != docs[:, :-1]).any())
+    mask = None
+    if packed:
+        mask = (docs.unsqueeze(2) == docs.unsqueeze(1)) & torch.ones(t, t, dtype=torch.bool).tril()
+        mask = mask.unsqueeze(1).to(device)
+    to = lambda x: None if x is None else x.to(device)
+    return {
+        "b": b, "t": t, "spans": spans, "perm": to(perm), "inv": to(inv), "tokens": to(tokens),
+        "targets": to(targets), "weight": to(weight), "cos": ang.cos().to(device), "sin": ang.sin().to(device), "mask": mask,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("batch")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    with open(args.batch) as f:
+        spec = json.load(f)
+    c, batch = spec["config"], spec["batch"]
+    device = torch.device(args.device)
+    ck = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = Model(c).to(device)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    r = prepare(batch, c, device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = model(r, ck)
+        loss.backward()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    print(json.dumps({"ms_per_step": 1000 * sum(times) / len(times), "loss": float(loss.detach()), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "device": str(device)}))
+
+
+if __name__ == "__main__":
+    main()
