@@ -258,7 +258,7 @@ impl Footer {
                 && te == f.doc_index_offset
                 && ie <= f.meta_offset
                 && me <= foot_at
-                && f.chunk_table_offset % ALIGN as u64 == 0);
+                && f.chunk_table_offset.is_multiple_of(ALIGN as u64));
         if !ok {
             return Err(ShardError::corrupt(
                 path,
@@ -436,7 +436,7 @@ pub fn validate_record(path: &Path, base: u64, record: &[u8]) -> Result<u64> {
             return Err(bad(at, format!("segment {i}: payload of {} bytes does not hold {elems} elements", d.payload_bytes)));
         }
         let p_end = d.payload_offset as u64 + d.payload_bytes as u64;
-        if (d.payload_offset as usize) < table_end || p_end > record.len() as u64 || d.payload_offset as usize % ALIGN != 0 {
+        if (d.payload_offset as usize) < table_end || p_end > record.len() as u64 || !(d.payload_offset as usize).is_multiple_of(ALIGN) {
             return Err(bad(at, format!("segment {i}: payload {}..{p_end} outside the record or misaligned", d.payload_offset)));
         }
         if d.flags & FLAG_SOURCE != 0 {
@@ -492,8 +492,8 @@ pub fn fixup_checksums(file: &mut [u8]) {
     let (num_docs, num_chunks, table, index, meta, meta_len) = (f(16), f(24), f(32), f(40), f(48), f(56));
     let table_end = num_chunks.checked_mul(CHUNK_ENTRY_LEN as u64).and_then(|l| table.checked_add(l));
     let index_end = num_docs.checked_mul(INDEX_ENTRY_LEN as u64).and_then(|l| index.checked_add(l));
-    if let (Some(te), Some(ie)) = (table_end, index_end) {
-        if te <= at as u64 && ie <= at as u64 && table <= te && te <= index.max(te) {
+    if let (Some(te), Some(ie)) = (table_end, index_end)
+        && te <= at as u64 && ie <= at as u64 && table <= te && te <= index.max(te) {
             for c in 0..num_chunks as usize {
                 let e = table as usize + c * CHUNK_ENTRY_LEN;
                 let entry = ChunkEntry::decode(&file[e..e + CHUNK_ENTRY_LEN]);
@@ -508,7 +508,6 @@ pub fn fixup_checksums(file: &mut [u8]) {
                 file[at + 144..at + 148].copy_from_slice(&crc.to_le_bytes());
             }
         }
-    }
     if let Some(me) = meta.checked_add(meta_len).filter(|&e| e <= at as u64) {
         let crc = crc32c::crc32c(&file[meta as usize..me as usize]);
         file[at + 148..at + 152].copy_from_slice(&crc.to_le_bytes());

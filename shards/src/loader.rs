@@ -498,13 +498,11 @@ impl Packer {
                 continue;
             }
             let mut c = o + space;
-            if !self.cfg.split_segments {
-                if let Some(&(u, len)) = self.units.iter().find(|&&(u, len)| u < c && c < u + len) {
-                    if len <= t && (p > 0 || u > o + 1) {
+            if !self.cfg.split_segments
+                && let Some(&(u, len)) = self.units.iter().find(|&&(u, len)| u < c && c < u + len)
+                    && len <= t && (p > 0 || u > o + 1) {
                         c = u;
                     }
-                }
-            }
             if p > 0 && c <= 1 {
                 break; // nothing worth placing: the document starts the next row
             }

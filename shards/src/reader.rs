@@ -185,7 +185,7 @@ impl ShardReader {
         let end = c.file_offset.checked_add(c.stored_len as u64);
         let ok = c.file_offset >= format::HEADER_LEN as u64
             && end.is_some_and(|e| e <= self.footer.chunk_table_offset)
-            && c.file_offset % ALIGN as u64 == 0
+            && c.file_offset.is_multiple_of(ALIGN as u64)
             && (self.header.compression != Compression::Raw || c.stored_len == c.raw_len)
             && (c.raw_len as u64) <= (c.stored_len as u64).saturating_mul(4096) + 4096;
         if !ok {
@@ -216,13 +216,11 @@ impl ShardReader {
     }
 
     fn decompressed(&self, i: u32, c: &ChunkEntry) -> Result<Arc<ChunkBuf>> {
-        if let Ok(guard) = self.cache.lock() {
-            if let Some((ci, buf)) = guard.as_ref() {
-                if *ci == i {
+        if let Ok(guard) = self.cache.lock()
+            && let Some((ci, buf)) = guard.as_ref()
+                && *ci == i {
                     return Ok(buf.clone());
                 }
-            }
-        }
         let stored = self.stored_chunk(i, c)?;
         let bad = |detail: String| ShardError::corrupt(&self.path, "zstd chunk", c.file_offset, detail);
         match zstd::zstd_safe::get_frame_content_size(stored) {
@@ -248,7 +246,7 @@ impl ShardReader {
         let c = self.chunk_entry(e.chunk as u64)?;
         let index_at = self.footer.doc_index_offset + local * INDEX_ENTRY_LEN as u64;
         let end = e.offset as u64 + e.len as u64;
-        if end > c.raw_len as u64 || e.offset as usize % ALIGN != 0 {
+        if end > c.raw_len as u64 || !(e.offset as usize).is_multiple_of(ALIGN) {
             return Err(ShardError::corrupt(
                 &self.path,
                 "document index",

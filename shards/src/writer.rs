@@ -523,11 +523,10 @@ impl CorpusWriter {
     fn add_inner(&mut self, doc: &Document, rec: &mut Vec<u8>) -> Result<()> {
         encode_record(doc, &self.vocab, self.docs, rec)?;
         let grow = rec.len() as u64 + INDEX_ENTRY_LEN as u64 + ALIGN as u64;
-        if let Some(cur) = &self.current {
-            if cur.num_docs() > 0 && cur.estimated_size() + grow > self.props.max_shard_bytes {
+        if let Some(cur) = &self.current
+            && cur.num_docs() > 0 && cur.estimated_size() + grow > self.props.max_shard_bytes {
                 self.roll()?;
             }
-        }
         if self.current.is_none() {
             let path = self.dir.join(Self::shard_name(&self.prefix, self.next_shard));
             self.next_shard += 1;

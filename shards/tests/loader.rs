@@ -150,10 +150,10 @@ fn packed_content_matches_documents_and_one_epoch_covers_each_doc_once() -> anyh
         let mut batches = Vec::new();
         while l.state().epoch == 0 {
             let b = l.next_batch()?;
-            check_batch(&[c.clone()], &b, split_segments)?;
+            check_batch(std::slice::from_ref(&c), &b, split_segments)?;
             batches.push(b);
         }
-        let done = completed_docs(&[c.clone()], &spans_by_row(&batches))?;
+        let done = completed_docs(std::slice::from_ref(&c), &spans_by_row(&batches))?;
         let first: Vec<u64> = done.iter().take(120).map(|&(_, d)| d).collect();
         let set: HashSet<u64> = first.iter().copied().collect();
         assert_eq!(set.len(), 120, "each document exactly once in the epoch");
@@ -238,7 +238,7 @@ fn elastic_resume_two_to_three_ranks_covers_epoch_exactly_once() -> anyhow::Resu
             assert_eq!(spans, want, "row {r} differs from the single-rank stream");
         }
     }
-    let done = completed_docs(&[c.clone()], &rows)?;
+    let done = completed_docs(std::slice::from_ref(&c), &rows)?;
     let set: HashSet<u64> = done.iter().take(150).map(|&(_, d)| d).collect();
     assert_eq!(set.len(), 150);
     Ok(())

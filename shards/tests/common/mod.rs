@@ -38,7 +38,7 @@ pub fn doc(i: u64) -> Document {
         }
         _ => {}
     }
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         segs.push(Segment::tokens(Modality::Text, vec![(i % 1000) as u32, 7, 9]));
     }
     Document::new(segs)
