@@ -175,12 +175,11 @@ fn check_tokenizers(dirs: &[PathBuf], manifests: &[Manifest]) -> anyhow::Result<
             }
         }
         // Files inside the corpus travel with it; absolute paths elsewhere stay where they are.
-        if let (Some(p), Some(_)) = (&p0, &h0) {
-            if let Ok(rel) = p.strip_prefix(dir0) {
-                if rel.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
-                    files.push((rel.display().to_string(), p.clone()));
-                }
-            }
+        if let (Some(p), Some(_)) = (&p0, &h0)
+            && let Ok(rel) = p.strip_prefix(dir0)
+            && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            files.push((rel.display().to_string(), p.clone()));
         }
     }
     files.sort();

@@ -12,7 +12,9 @@ use motley_shards::{Corpus, Manifest, Modality, SegmentView, Vocab};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::seconds;
+use motley_tokenizers::TextTokenizer;
+
+use super::{find_tokenizer, seconds, Found};
 use crate::output::{self, Ctx};
 
 /// Version tag of the JSON output; bump on any incompatible change.
@@ -81,6 +83,8 @@ struct VocabUsage {
 struct IdCount {
     id: u32,
     count: u64,
+    /// The token's string (text, when the corpus's tokenizer is available), else null.
+    token: Option<String>,
 }
 
 /// A streaming histogram over fixed bin edges; the last bin is open-ended.
@@ -216,7 +220,16 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let mut stats = from_manifest(&manifest);
     if args.deep {
         let corpus = Corpus::open(&args.dir)?;
-        stats.deep = Some(deep_scan(&corpus)?);
+        let mut deep = deep_scan(&corpus)?;
+        if let (Found::Loaded(tok), Some(usage)) = (
+            find_tokenizer(corpus.dir(), corpus.manifest(), Modality::Text, |p| TextTokenizer::from_file(p)),
+            deep.vocabulary.get_mut(Modality::Text.as_str()),
+        ) {
+            for t in &mut usage.top {
+                t.token = tok.inner().id_to_token(t.id);
+            }
+        }
+        stats.deep = Some(deep);
     }
     if ctx.json {
         return output::json(&stats);
@@ -325,7 +338,7 @@ fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
         let counts = &total.ids[m.index()];
         let used = counts.iter().filter(|&&c| c > 0).count() as u64;
         let mut top: Vec<IdCount> =
-            counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(id, &count)| IdCount { id: id as u32, count }).collect();
+            counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(id, &count)| IdCount { id: id as u32, count, token: None }).collect();
         top.sort_by(|a, b| b.count.cmp(&a.count).then(a.id.cmp(&b.id)));
         top.truncate(TOP_IDS);
         vocabulary.insert(
@@ -378,7 +391,14 @@ fn print_human(s: &Stats) -> anyhow::Result<()> {
         for (name, v) in &d.vocabulary {
             writeln!(out)?;
             writeln!(out, "{name} vocabulary: {}/{} ids used ({:.1}%)", v.used, v.vocab_size, 100.0 * v.fraction_used)?;
-            let top: Vec<String> = v.top.iter().map(|t| format!("{}×{}", t.id, t.count)).collect();
+            let top: Vec<String> = v
+                .top
+                .iter()
+                .map(|t| match &t.token {
+                    Some(tok) => format!("{}={tok:?}×{}", t.id, t.count),
+                    None => format!("{}×{}", t.id, t.count),
+                })
+                .collect();
             writeln!(out, "  most frequent: {}", top.join(" "))?;
         }
     } else {
