@@ -380,9 +380,10 @@ impl Packer {
         at
     }
 
-    /// Writes flattened positions `[a, b)` of the planned document straight into batch slot
-    /// `slot`, starting at row position `p`: row position `q < seq_len` is input `q`, and row
-    /// position `q >= 1` is target `q - 1` (a row holds `seq_len + 1` positions).
+    /// Appends flattened positions `[a, b)` of the planned document to batch slot `slot`,
+    /// starting at row position `p`: row position `q < seq_len` is input `q`, and row
+    /// position `q >= 1` is target `q - 1` (a row holds `seq_len + 1` positions). Rows and
+    /// pieces arrive in order, so every field is built by appending (no zero-fill pass).
     #[allow(clippy::too_many_arguments)]
     fn fill(&self, doc: &DocumentRef<'_>, a: usize, b: usize, p: usize, doc_idx: u32, seg_ctr: &mut u32, slot: usize, batch: &mut Batch) {
         let t = self.cfg.seq_len;
@@ -403,41 +404,34 @@ impl Packer {
             let (q0, n) = (p + (s - a), e - s);
             let within = s - item.start;
             // Inputs: row positions q0..min(q0 + n, t).
-            let in_end = (q0 + n).min(t);
-            let inp = (q0 < in_end).then(|| base + q0..base + in_end);
-            // Targets: row positions max(q0, 1)..q0 + n, shifted down by one.
+            let n_in = (q0 + n).min(t).saturating_sub(q0);
+            // Targets: row positions max(q0, 1)..q0 + n.
             let skip = usize::from(q0 == 0);
-            let tgt = (skip < n).then(|| base + q0 + skip - 1..base + q0 + n - 1);
+            let n_tgt = n - skip;
             match item.piece {
                 Piece::Special(id) => {
-                    if let Some(r) = inp.clone() {
-                        batch.inputs[r].fill(id);
-                    }
-                    if let Some(r) = tgt.clone() {
-                        batch.targets[r].fill(id);
-                        // loss_mask stays as set below (1 for specials)
-                    }
+                    batch.inputs.extend(std::iter::repeat_n(id, n_in));
+                    batch.targets.extend(std::iter::repeat_n(id, n_tgt));
                 }
                 Piece::Tokens { seg, offset } => {
-                    if let Some(ids) = doc.segment(seg).and_then(|sg| sg.ids()) {
-                        if let Some(r) = inp.clone() {
-                            ids.copy_offset(within, offset, &mut batch.inputs[r]);
+                    let ids = doc.segment(seg).and_then(|sg| sg.ids()).filter(|ids| within + n <= ids.len());
+                    match ids {
+                        Some(ids) => {
+                            ids.extend_offset(within, n_in, offset, &mut batch.inputs);
+                            ids.extend_offset(within + skip, n_tgt, offset, &mut batch.targets);
                         }
-                        if let Some(r) = tgt.clone() {
-                            ids.copy_offset(within + skip, offset, &mut batch.targets[r]);
+                        None => {
+                            batch.inputs.extend(std::iter::repeat_n(offset, n_in));
+                            batch.targets.extend(std::iter::repeat_n(offset, n_tgt));
                         }
                     }
                 }
                 Piece::Latent { seg, placeholder } => {
-                    if let Some(r) = inp.clone() {
-                        batch.inputs[r].fill(placeholder);
-                    }
-                    if let Some(r) = tgt.clone() {
-                        batch.targets[r].fill(placeholder);
-                    }
+                    batch.inputs.extend(std::iter::repeat_n(placeholder, n_in));
+                    batch.targets.extend(std::iter::repeat_n(placeholder, n_tgt));
                     if let Some(SegmentView::Latent { dim, data }) = doc.segment(seg).map(|sg| sg.data()) {
                         let dim = dim as usize;
-                        for j in 0..in_end.saturating_sub(q0) {
+                        for j in 0..n_in {
                             let r = within + j;
                             if let Some(v) = data.get(r * dim..(r + 1) * dim) {
                                 batch.latents.data.extend_from_slice(v);
@@ -448,23 +442,19 @@ impl Packer {
                 }
             }
             let loss = u8::from(!matches!(item.piece, Piece::Latent { .. }));
-            if let Some(r) = inp {
-                batch.modality[r.clone()].fill(item.modality);
-                batch.doc_ids[r.clone()].fill(doc_idx);
-                batch.segment_ids[r.clone()].fill(*seg_ctr);
-                let first = (s - a) as u32;
-                for (k, v) in batch.positions[r].iter_mut().enumerate() {
-                    *v = first + k as u32;
-                }
-            }
-            if let Some(r) = tgt {
-                batch.target_modality[r.clone()].fill(item.modality);
-                batch.loss_mask[r].fill(loss);
-            }
+            batch.modality.extend(std::iter::repeat_n(item.modality, n_in));
+            batch.doc_ids.extend(std::iter::repeat_n(doc_idx, n_in));
+            batch.segment_ids.extend(std::iter::repeat_n(*seg_ctr, n_in));
+            let first = (s - a) as u32;
+            batch.positions.extend(first..first + n_in as u32);
+            batch.target_modality.extend(std::iter::repeat_n(item.modality, n_tgt));
+            batch.loss_mask.extend(std::iter::repeat_n(loss, n_tgt));
         }
         // The document's first placed token is no target of the previous document.
         if p > 0 {
-            batch.loss_mask[base + p - 1] = 0;
+            if let Some(m) = batch.loss_mask.get_mut(base + p - 1) {
+                *m = 0;
+            }
         }
         *seg_ctr += 1;
     }
@@ -517,23 +507,18 @@ impl Packer {
             break;
         }
         let mut pads = 0;
-        if let (Some(slot), true) = (slot, p < l) {
-            let base = slot * t;
-            if p < t {
-                let r = base + p..base + t;
-                pads = t - p;
-                batch.inputs[r.clone()].fill(self.ids.pad);
-                batch.modality[r.clone()].fill(0);
-                batch.doc_ids[r.clone()].fill(doc_idx);
-                batch.segment_ids[r.clone()].fill(seg_ctr);
-                for (k, v) in batch.positions[r].iter_mut().enumerate() {
-                    *v = k as u32;
-                }
-            }
-            let r = base + p.max(1) - 1..base + t;
-            batch.targets[r.clone()].fill(self.ids.pad);
-            batch.target_modality[r.clone()].fill(0);
-            batch.loss_mask[r].fill(0);
+        if let (Some(_), true) = (slot, p < l) {
+            let n_in = t.saturating_sub(p);
+            pads = n_in;
+            batch.inputs.extend(std::iter::repeat_n(self.ids.pad, n_in));
+            batch.modality.extend(std::iter::repeat_n(0, n_in));
+            batch.doc_ids.extend(std::iter::repeat_n(doc_idx, n_in));
+            batch.segment_ids.extend(std::iter::repeat_n(seg_ctr, n_in));
+            batch.positions.extend(0..n_in as u32);
+            let n_tgt = l - p.max(1);
+            batch.targets.extend(std::iter::repeat_n(self.ids.pad, n_tgt));
+            batch.target_modality.extend(std::iter::repeat_n(0, n_tgt));
+            batch.loss_mask.extend(std::iter::repeat_n(0, n_tgt));
         }
         Ok(pads)
     }
@@ -545,14 +530,14 @@ impl Packer {
         let mut batch = Batch {
             batch_size: b,
             seq_len: t,
-            inputs: vec![0; n],
-            targets: vec![0; n],
-            modality: vec![0; n],
-            target_modality: vec![0; n],
-            positions: vec![0; n],
-            doc_ids: vec![0; n],
-            segment_ids: vec![0; n],
-            loss_mask: vec![0; n],
+            inputs: Vec::with_capacity(n),
+            targets: Vec::with_capacity(n),
+            modality: Vec::with_capacity(n),
+            target_modality: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
+            doc_ids: Vec::with_capacity(n),
+            segment_ids: Vec::with_capacity(n),
+            loss_mask: Vec::with_capacity(n),
             latents: Latents { dim: self.ids.latent_dim, data: Vec::new(), positions: Vec::new() },
             padding_fraction: 0.0,
             row_ids: vec![0; b],
@@ -568,6 +553,19 @@ impl Packer {
             }
             self.state.sources[src].rows += 1;
             self.state.rows += 1;
+        }
+        let lens = [
+            batch.inputs.len(),
+            batch.targets.len(),
+            batch.modality.len(),
+            batch.target_modality.len(),
+            batch.positions.len(),
+            batch.doc_ids.len(),
+            batch.segment_ids.len(),
+            batch.loss_mask.len(),
+        ];
+        if lens.iter().any(|&x| x != n) {
+            return Err(ShardError::Config(format!("internal: packed field lengths {lens:?}, expected {n}")));
         }
         self.state.step += 1;
         self.state.epoch = self.state.sources.first().map_or(0, |s| s.epoch);

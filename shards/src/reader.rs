@@ -353,7 +353,15 @@ impl Ids<'_> {
             Ids::U32(s) => s.to_vec(),
         }
     }
-    /// Writes `ids[start..start + out.len()] + offset` into `out` (the loader's hot loop).
+    /// Appends `ids[start..start + n] + offset` to `out` (the loader's hot loop).
+    pub fn extend_offset(&self, start: usize, n: usize, offset: u32, out: &mut Vec<u32>) {
+        match self {
+            Ids::U8(s) => out.extend(s[start..start + n].iter().map(|&v| v as u32 + offset)),
+            Ids::U16(s) => out.extend(s[start..start + n].iter().map(|&v| v as u32 + offset)),
+            Ids::U32(s) => out.extend(s[start..start + n].iter().map(|&v| v.wrapping_add(offset))),
+        }
+    }
+    /// Writes `ids[start..start + out.len()] + offset` into `out`.
     pub fn copy_offset(&self, start: usize, offset: u32, out: &mut [u32]) {
         let n = out.len();
         match self {
