@@ -429,3 +429,52 @@ fn decode_writes_png_and_wav_that_open() -> TestResult {
     assert!(out2.join("003-speech.wav").is_file());
     Ok(())
 }
+
+#[test]
+fn closed_stdout_pipe_exits_zero() -> TestResult {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("corpus");
+    let mut w = CorpusWriter::create(&dir, &fixture_vocab(), WriterProperties::default(), "pipe")?;
+    let doc = Document::new(vec![Segment::tokens(Modality::Text, (0..40).map(|i| 1 + i % 11).collect())]);
+    for _ in 0..4000 {
+        w.add_document(&doc)?;
+    }
+    w.finish_with_manifest()?;
+    // Far more output than a pipe buffer holds: the writer must hit the closed pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_motley"))
+        .args(["shards", "head", s(&dir), "-n", "4000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut first = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut first)?;
+    }
+    let status = child.wait()?;
+    assert!(first.starts_with("── doc 0"), "{first}");
+    assert!(status.success(), "head into a closed pipe: {status}");
+    Ok(())
+}
+
+/// Writes a large synthetic corpus for measuring (not run by default):
+/// `MOTLEY_BIG_CORPUS=/tmp/big MOTLEY_BIG_DOCS=10000000 cargo test -p motley-tools --release
+/// --test shards_cli -- --ignored write_big_corpus`.
+#[test]
+#[ignore = "writes a large corpus for manual measurements"]
+fn write_big_corpus() -> TestResult {
+    let Some(dir) = std::env::var_os("MOTLEY_BIG_CORPUS") else { anyhow::bail!("set MOTLEY_BIG_CORPUS") };
+    let n: u64 = std::env::var("MOTLEY_BIG_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
+    let mut w = CorpusWriter::create(PathBuf::from(dir), &fixture_vocab(), WriterProperties::default(), "big")?;
+    let mut r = Lcg(1);
+    for d in 0..n {
+        let mut segs = vec![Segment::tokens(Modality::Text, (0..1 + r.next(16)).map(|_| 1 + r.next(11)).collect())];
+        if d % 10 == 0 {
+            segs.push(Segment::tokens(Modality::Image, (0..16).map(|_| r.next(16)).collect()));
+        }
+        w.add_document(&Document::new(segs))?;
+    }
+    let m = w.finish_with_manifest()?;
+    eprintln!("{} documents in {} shards, {} bytes", m.num_docs, m.shards.len(), m.bytes);
+    Ok(())
+}
