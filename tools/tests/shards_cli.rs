@@ -330,6 +330,26 @@ fn merge_joins_parts_with_hard_links() -> TestResult {
     let (h, f): (Value, Value) = (serde_json::from_str(&head)?, serde_json::from_str(&first)?);
     assert_eq!(h[0]["segments"], f[0]["segments"], "document 12 of the merge is document 0 of the second input");
 
+    // Across filesystems (tmpfs /dev/shm vs the temp dir) linking fails and shards are copied.
+    let shm = Path::new("/dev/shm");
+    let other_fs = {
+        use std::os::unix::fs::MetadataExt;
+        shm.is_dir() && std::fs::metadata(shm)?.dev() != std::fs::metadata(tmp.path())?.dev()
+    };
+    if other_fs {
+        let far = tempfile::tempdir_in(shm)?;
+        let src = far.path().join("a");
+        build_fixture(&src)?;
+        let out4 = tmp.path().join("merged4");
+        let v: Value = serde_json::from_str(&ok(&["shards", "merge", s(&src), "--out", s(&out4), "--json"])?)?;
+        assert_eq!(v["linked"], json!(0), "{v}");
+        assert!(v["copied"].as_u64().is_some_and(|c| c > 0), "{v}");
+        ok(&["shards", "verify", s(&out4)])?;
+        assert!(out4.join("text.json").is_file(), "the tokenizer file comes along");
+    } else {
+        eprintln!("NOTICE: no second filesystem at /dev/shm; the copy fallback of merge is not exercised");
+    }
+
     // Different vocabularies are refused, and nothing is written.
     let c = tmp.path().join("c");
     let mut w = CorpusWriter::create(&c, &Vocab::build(99, 16, 8, None), WriterProperties::default(), "c")?;
