@@ -924,6 +924,7 @@ mod tests {
     }
 
     fn batch(vocab: &mut i64) -> Batch {
+        tch::set_num_threads(1);
         let mut src = SyntheticSource::new(7, 2, 48);
         *vocab = i64::from(src.vocab().total_size);
         src.next_batch().expect("synthetic batch")

@@ -551,10 +551,15 @@ pub fn compare_architectures(base: &TrainConfig, out: &Path, archs: &[Arch], ove
         t.attach_run_dir(&dir)?;
         runs.push(t.run()?);
     }
-    Ok(Comparison { runs })
+    let c = Comparison { runs };
+    if verbose {
+        eprintln!("{}", c.table());
+    }
+    Ok(c)
 }
 
-/// MoT vs dense on the same data and steps; prints nothing, returns the comparison.
+/// MoT vs dense on the same data and steps (`out/mot`, `out/dense`); with `verbose`, prints
+/// each run's console lines and the comparison table on stderr.
 pub fn compare_mot_dense(base: &TrainConfig, out: &Path, overwrite: bool, verbose: bool) -> Result<Comparison, TrainError> {
     compare_architectures(base, out, &[Arch::Mot, Arch::Dense], overwrite, verbose)
 }

@@ -21,5 +21,8 @@ pub fn tiny_cfg() -> TrainConfig {
     c.train.eval_batches = 1;
     c.train.checkpoint_every = 3;
     c.train.device = "cpu".into();
+    // One intra-op thread: tests run side by side, and OpenMP spin-waits badly when
+    // threads outnumber free cores.
+    c.train.threads = 1;
     c
 }
