@@ -1,13 +1,145 @@
-//! `motley bench loader` (not built yet).
+//! `motley bench loader`: the streaming loader's tokens/s as finished batches (all fields),
+//! against a memcpy of the same bytes and a numpy.memmap packer doing the same packing
+//! (scripts/bench/loader_numpy.py), plus the open time of a 10,000-shard / 10M-document corpus
+//! and first-batch latency. The body lives in `motley_shards::bench`.
 
-use crate::output::{not_built, Ctx};
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+use motley_shards::bench::{self, LoaderBenchConfig, LoaderBenchReport};
+
+use crate::output::{self, Ctx};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// Documents in the synthetic text corpus.
+    #[arg(long, default_value_t = 40_000)]
+    docs: u64,
+    /// Mean tokens per document (uniform between a tenth and ~twice this).
+    #[arg(long, default_value_t = 1000)]
+    mean_len: u32,
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens each throughput measurement delivers.
+    #[arg(long, default_value_t = 50_000_000)]
+    tokens: u64,
+    /// Shards in the open-time corpus.
+    #[arg(long, default_value_t = 10_000)]
+    open_shards: usize,
+    /// Documents per shard in the open-time corpus.
+    #[arg(long, default_value_t = 1000)]
+    open_docs_per_shard: u64,
+    /// Python with numpy (default: MOTLEY_PYTHON, else <repo>/.venv/bin/python, else python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// The numpy baseline (default: MOTLEY_LOADER_NUMPY, else scripts/bench/loader_numpy.py
+    /// under the current directory or the repository this binary was built from).
+    #[arg(long)]
+    python_script: Option<PathBuf>,
+    /// Skip the numpy baseline.
+    #[arg(long)]
+    no_python: bool,
+    /// Scratch directory (default: a fresh one under the system temp dir, removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
-    not_built("bench loader")
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn find_script(arg: Option<PathBuf>) -> Option<PathBuf> {
+    let rel = Path::new("scripts/bench/loader_numpy.py");
+    arg.or_else(|| std::env::var_os("MOTLEY_LOADER_NUMPY").map(PathBuf::from))
+        .or_else(|| Some(rel.to_path_buf()).filter(|p| p.is_file()))
+        .or_else(|| Some(repo_root().join(rel)).filter(|p| p.is_file()))
+}
+
+fn find_python(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("MOTLEY_PYTHON").map(PathBuf::from))
+        .or_else(|| Some(PathBuf::from(".venv/bin/python")).filter(|p| p.is_file()))
+        .or_else(|| Some(repo_root().join(".venv/bin/python")).filter(|p| p.is_file()))
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let (dir, remove) = match &args.dir {
+        Some(d) => (d.clone(), false),
+        None => (std::env::temp_dir().join(format!("motley-bench-loader-{}", std::process::id())), true),
+    };
+    let python = if args.no_python {
+        None
+    } else {
+        let script = find_script(args.python_script.clone())
+            .ok_or_else(|| anyhow::anyhow!("scripts/bench/loader_numpy.py not found: pass --python-script or set MOTLEY_LOADER_NUMPY (or --no-python)"))?;
+        Some((find_python(args.python.clone()), script))
+    };
+    let cfg = LoaderBenchConfig {
+        dir: dir.clone(),
+        docs: args.docs,
+        mean_len: args.mean_len.max(2),
+        text_vocab: 32_000,
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        tokens: args.tokens,
+        open_shards: args.open_shards.max(1),
+        open_docs_per_shard: args.open_docs_per_shard.max(1),
+        python,
+    };
+    let spinner = ProgressBar::new_spinner();
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let result = bench::run(&cfg, &|m| spinner.set_message(m.to_string()));
+    spinner.finish_and_clear();
+    if remove {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let r = result?;
+    if ctx.json {
+        return output::json(&r);
+    }
+    print_human(&r)
+}
+
+fn print_human(r: &LoaderBenchReport) -> anyhow::Result<()> {
+    let m = |x: f64| x / 1e6;
+    output::line(format!(
+        "corpus: {} docs, {:.1}M tokens, raw {:.1} MiB, zstd {:.1} MiB (ratio {:.2}); written at {:.1}M tokens/s",
+        r.docs,
+        m(r.corpus_tokens as f64),
+        r.raw_bytes as f64 / 1048576.0,
+        r.zstd_bytes as f64 / 1048576.0,
+        r.zstd_ratio,
+        m(r.write_raw_tokens_per_s)
+    ))?;
+    let one = &r.loader_one_core_raw;
+    output::line(format!(
+        "loader, 1 core, raw:   {:.1}M tokens/s as finished [{}, {}] batches ({:.2} GB/s of batch fields, padding {:.4})",
+        m(one.tokens_per_s),
+        r.batch_size,
+        r.seq_len,
+        one.batch_bytes_per_s / 1e9,
+        one.padding_fraction
+    ))?;
+    output::line(format!("loader, 1 core, zstd:  {:.2}M tokens/s (shuffled access decodes a chunk per document)", m(r.loader_one_core_zstd.tokens_per_s)))?;
+    output::line(format!("loader, prefetch, raw: {:.1}M tokens/s", m(r.loader_prefetch_raw.tokens_per_s)))?;
+    output::line(format!(
+        "memcpy of the same bytes: {:.2} GB/s -> loader at {:.0}% of memcpy",
+        r.memcpy_bytes_per_s / 1e9,
+        100.0 * r.loader_fraction_of_memcpy
+    ))?;
+    match (r.numpy_tokens_per_s, r.ratio_vs_numpy, &r.numpy_error) {
+        (Some(n), Some(x), _) => output::line(format!("numpy.memmap packer: {:.1}M tokens/s -> loader {x:.2}x", m(n)))?,
+        (_, _, Some(e)) => output::line(format!("numpy.memmap packer: not measured ({e})"))?,
+        _ => output::line("numpy.memmap packer: skipped")?,
+    }
+    output::line(format!("first batch: {:.1} ms", r.first_batch_seconds * 1e3))?;
+    output::line(format!(
+        "open {} shards / {} docs: {:.1} ms; random get with first shard touches: {:.1} us",
+        r.open_shards,
+        r.open_docs,
+        r.open_seconds * 1e3,
+        r.open_random_get_us
+    ))
 }
