@@ -368,7 +368,8 @@ fn print_human(s: &Stats) -> anyhow::Result<()> {
     writeln!(out, "bytes      {} on disk, {} raw records", human_bytes(s.bytes.compressed), human_bytes(s.bytes.raw))?;
     writeln!(out, "vocab      {} global ids", s.vocab_total_size)?;
     writeln!(out, "{:<8} {:>12} {:>12} {:>14} {:>10}", "modality", "documents", "segments", "tokens", "vocab")?;
-    for (name, m) in &s.modalities {
+    // Modality order (text, image, speech), not the JSON map's alphabetical order.
+    for (name, m) in Modality::ALL.iter().filter_map(|md| s.modalities.get_key_value(md.as_str())) {
         let vocab = match m.latent_dim {
             Some(d) => format!("latent {d}"),
             None => m.vocab_size.to_string(),
