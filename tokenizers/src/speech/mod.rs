@@ -305,6 +305,14 @@ impl SpeechTokenizer {
         crate::image::png_bytes(&spectrogram_image(&mel, self.mean.len()))
     }
 
+    /// Spectrogram PNG of an audio file's own log-mel features (to compare with the units').
+    pub fn audio_spectrogram_png(&self, path: impl AsRef<Path>) -> Result<Vec<u8>> {
+        let path = path.as_ref();
+        let a = audio::decode_file(path)?;
+        let s = audio::resample(&a, self.frontend.config().sample_rate, &path.display().to_string())?;
+        crate::image::png_bytes(&spectrogram_image(&self.frontend.log_mel(&s), self.mean.len()))
+    }
+
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let h = SpeechHeader {
@@ -347,10 +355,15 @@ impl SpeechTokenizer {
     }
 }
 
-/// Renders log-mel frames as a colour image: 4 px per frame, 2 px per band, 80 dB range.
+/// Pixels per frame in spectrograms: wide enough that short clips stay readable (≥ 480 px).
+pub fn spectrogram_px_per_frame(frames: usize) -> u32 {
+    (480u32.div_ceil(frames.max(1) as u32)).clamp(4, 32)
+}
+
+/// Renders log-mel frames as a colour image (time → right, frequency ↑, 80 dB range).
 pub fn spectrogram_image(log_mel: &[f32], n_mels: usize) -> RgbImage {
     let frames = log_mel.len() / n_mels.max(1);
-    let (sx, sy) = (4u32, 2u32);
+    let (sx, sy) = (spectrogram_px_per_frame(frames), 2u32);
     let mut img = RgbImage::new((frames as u32 * sx).max(1), n_mels as u32 * sy);
     let max = log_mel.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     // 80 dB of power is ln(10^8) in natural-log units.

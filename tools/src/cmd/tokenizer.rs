@@ -357,6 +357,7 @@ fn fit_speech(a: FitSpeechArgs, ctx: &Ctx) -> anyhow::Result<()> {
         let seg = tok.encode_file(first)?;
         std::fs::write(dir.join("units.wav"), tok.decode_to_wav(&seg)?)?;
         std::fs::write(dir.join("units.png"), tok.spectrogram_png(&seg)?)?;
+        std::fs::write(dir.join("original.png"), tok.audio_spectrogram_png(first)?)?;
         tracing::info!("preview of {} written to {}", first.display(), dir.display());
     }
     Ok(())
