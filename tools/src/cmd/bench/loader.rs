@@ -65,6 +65,9 @@ fn find_python(arg: Option<PathBuf>) -> PathBuf {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        tracing::warn!("debug build: motley-shards is unoptimized, so the loader figures mean nothing; build with --release");
+    }
     let (dir, remove) = match &args.dir {
         Some(d) => (d.clone(), false),
         None => (std::env::temp_dir().join(format!("motley-bench-loader-{}", std::process::id())), true),
