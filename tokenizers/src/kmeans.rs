@@ -382,6 +382,7 @@ fn kmeans_pp(sample: &[f32], dim: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -98,6 +98,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1,5 +1,6 @@
 //! Bad input never panics: unusual-but-valid images are converted, broken ones are typed
 //! errors naming the source; the same for audio.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Image tokenizers: VQ quality grows with codebook size, fits are deterministic, files
 //! round-trip, segments carry grid and source, latent patches invert.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

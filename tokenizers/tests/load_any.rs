@@ -1,5 +1,6 @@
 //! `load_any` opens every kind of tokenizer file through the shared trait, and the `Fit`
 //! trait fits and reloads each modality the same way.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

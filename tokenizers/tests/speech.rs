@@ -1,5 +1,6 @@
 //! Speech units: WAV and FLAC of the same audio give the same units, fits are deterministic,
 //! files round-trip, decode gives audible WAV and a spectrogram.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! tokenizer.json files written by HF's Python library (fixtures made by
 //! fixtures/make_text_fixture.py) load here and encode to exactly the ids Python produced.
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 

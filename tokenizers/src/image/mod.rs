@@ -374,6 +374,7 @@ pub(crate) fn check_grid(seg: &Segment, grid: (u16, u16)) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -390,7 +391,7 @@ mod tests {
 
     #[test]
     fn square_crops_centre_and_resizes() {
-        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(40, 20, |x, _| image::Rgb([if x < 10 || x >= 30 { 255 } else { 0 }, 0, 0])));
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(40, 20, |x, _| image::Rgb([if (10..30).contains(&x) { 0 } else { 255 }, 0, 0])));
         let s = square(&img, 20, None).unwrap();
         assert_eq!(s.dimensions(), (20, 20));
         assert!(s.pixels().all(|p| p.0[0] == 0), "centre crop should drop the red borders");

@@ -179,6 +179,7 @@ pub fn wav_bytes(samples: &[f32], sample_rate: u32) -> Result<Vec<u8>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -295,11 +295,10 @@ impl MelFrontend {
             }
             let _ = self.inv.process_with_scratch(&mut buf, &mut frame, &mut scratch);
             let start = (t * hop + hop / 2) as isize - (n / 2) as isize;
-            for i in 0..n {
+            for (i, (&f, &w)) in frame.iter().zip(&self.window).enumerate() {
                 let p = start + i as isize;
                 if p >= 0 && (p as usize) < len {
-                    let w = self.window[i];
-                    out[p as usize] += frame[i] / n as f32 * w;
+                    out[p as usize] += f / n as f32 * w;
                     wsum[p as usize] += w * w;
                 }
             }
@@ -314,6 +313,7 @@ impl MelFrontend {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
