@@ -58,6 +58,8 @@ fn stages(a: &Args) -> Vec<Stage> {
                 s(&a.sample.join("text")),
                 "--out".into(),
                 s(&tok.join("text.json")),
+                "--vocab-size".into(),
+                "4096".into(),
             ],
         },
         Stage {
@@ -68,6 +70,15 @@ fn stages(a: &Args) -> Vec<Stage> {
                 s(&a.sample.join("images")),
                 "--out".into(),
                 s(&tok.join("image")),
+                // 32 px digits (8x8 originals upscaled 4x): 8 px patches give a 4x4 grid of
+                // codes, each patch holding 2x2 original pixels, so the codebook has real
+                // variety to learn; 4 px patches would only see the 17 grey levels.
+                "--resolution".into(),
+                "32".into(),
+                "--patch".into(),
+                "8".into(),
+                "--codebook-size".into(),
+                "256".into(),
             ],
         },
         Stage {
@@ -78,6 +89,9 @@ fn stages(a: &Args) -> Vec<Stage> {
                 s(&a.sample.join("speech")),
                 "--out".into(),
                 s(&tok.join("speech")),
+                // ~120 s of sample speech is ~3,000 frames: 128 units, not the paper's 500.
+                "--units".into(),
+                "128".into(),
             ],
         },
         Stage {
@@ -98,7 +112,7 @@ fn stages(a: &Args) -> Vec<Stage> {
         Stage {
             name: "train MoT and dense, compare",
             args: with(
-                vec!["train".into(), "--compare".into(), "mot,dense".into(), "--out".into(), s(&out.join("train"))],
+                vec!["train".into(), "--compare".into(), "--out".into(), s(&out.join("train"))],
                 &train_common,
             ),
         },
