@@ -44,6 +44,8 @@ pub struct Throughput {
     pub tokens: u64,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// Per second of this thread's CPU time (Linux schedstat; robust on a shared machine).
+    pub tokens_per_cpu_s: Option<f64>,
     /// Bytes of finished batch fields written per second.
     pub batch_bytes_per_s: f64,
     pub padding_fraction: f64,
@@ -64,15 +66,28 @@ pub struct LoaderBenchReport {
     pub loader_one_core_zstd: Throughput,
     /// Loader with its prefetch thread (what the trainer sees; 2 threads).
     pub loader_prefetch_raw: Throughput,
-    /// memcpy of the same number of batch bytes through buffers larger than the caches.
+    /// memcpy of the same number of batch bytes, batch-sized pieces from a 256 MiB source.
     pub memcpy_bytes_per_s: f64,
+    /// Per second of CPU time.
+    pub memcpy_bytes_per_cpu_s: Option<f64>,
     /// loader_one_core_raw batch bytes/s ÷ memcpy bytes/s.
     pub loader_fraction_of_memcpy: f64,
+    /// The same ratio over CPU time.
+    pub loader_fraction_of_memcpy_cpu: Option<f64>,
     /// The numpy.memmap packer (same corpus, same fields), when run.
     pub numpy_tokens_per_s: Option<f64>,
     pub numpy_padding_fraction: Option<f64>,
+    pub numpy_tokens_per_cpu_s: Option<f64>,
     /// loader_one_core_raw tokens/s ÷ numpy tokens/s.
     pub ratio_vs_numpy: Option<f64>,
+    /// The same ratio over CPU time.
+    pub ratio_vs_numpy_cpu: Option<f64>,
+    /// Reference, not the same work: numpy filling every field from one flat slice per batch
+    /// with no document structure at all (an upper bound for any numpy packer).
+    pub numpy_stream_tokens_per_s: Option<f64>,
+    pub numpy_stream_tokens_per_cpu_s: Option<f64>,
+    /// loader tokens per CPU second ÷ that upper bound's.
+    pub ratio_vs_numpy_stream_cpu: Option<f64>,
     pub numpy_error: Option<String>,
     pub first_batch_seconds: f64,
     pub open_shards: usize,
@@ -80,6 +95,13 @@ pub struct LoaderBenchReport {
     pub open_seconds: f64,
     /// Mean time of a random `get` on the big corpus, first touches of shards included.
     pub open_random_get_us: f64,
+}
+
+/// CPU time of the calling thread in seconds (Linux `/proc/thread-self/schedstat`).
+fn thread_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
 }
 
 fn rng_next(state: &mut u64) -> u64 {
@@ -120,6 +142,7 @@ fn measure(corpus: &std::sync::Arc<Corpus>, cfg: &LoaderBenchConfig, prefetch: u
     let per = (cfg.seq_len * cfg.batch_size) as u64;
     let n = cfg.tokens.div_ceil(per).max(1);
     let t0 = Instant::now();
+    let c0 = thread_cpu_seconds();
     let mut pad = 0.0f64;
     let mut done = 0u64;
     while done < n {
@@ -132,31 +155,42 @@ fn measure(corpus: &std::sync::Arc<Corpus>, cfg: &LoaderBenchConfig, prefetch: u
         }
     }
     let dt = t0.elapsed().as_secs_f64();
+    let cpu = thread_cpu_seconds().zip(c0).map(|(a, b)| a - b).filter(|&c| c > 0.0);
     let (n, tokens) = (done, done * per);
     Ok(Throughput {
         tokens,
         seconds: dt,
         tokens_per_s: tokens as f64 / dt,
+        // With prefetch the work runs on another thread: only the inline figure is CPU-timed.
+        tokens_per_cpu_s: cpu.filter(|_| prefetch == 0).map(|c| tokens as f64 / c),
         batch_bytes_per_s: (tokens * BATCH_BYTES_PER_TOKEN) as f64 / dt,
         padding_fraction: pad / n as f64,
     })
 }
 
-/// memcpy bandwidth over 256 MiB buffers in 4 MiB blocks, `total` bytes in all.
-fn memcpy_bytes_per_s(total: u64) -> f64 {
-    let (size, block) = (256usize << 20, 4usize << 20);
+/// memcpy bandwidth for the loader's access pattern: `total` bytes copied in batch-sized
+/// pieces (`block` bytes, the size of one finished batch) from a 256 MiB source ring, larger
+/// than the caches, into one reused batch-sized destination (as the allocator hands the loader
+/// recycled batch buffers).
+fn memcpy_bytes_per_s(total: u64, block: usize) -> (f64, Option<f64>) {
+    let size = 256usize << 20;
+    let block = block.clamp(1, size);
     let src = vec![1u8; size];
-    let mut dst = vec![0u8; size];
-    dst.copy_from_slice(&src); // fault both buffers in
+    let mut dst = vec![0u8; block];
     let t0 = Instant::now();
+    let c0 = thread_cpu_seconds();
     let (mut done, mut at) = (0u64, 0usize);
     while done < total.max(block as u64) {
-        dst[at..at + block].copy_from_slice(&src[at..at + block]);
+        if at + block > size {
+            at = 0;
+        }
+        dst.copy_from_slice(&src[at..at + block]);
         std::hint::black_box(&mut dst);
-        at = (at + block) % size;
+        at += block;
         done += block as u64;
     }
-    done as f64 / t0.elapsed().as_secs_f64()
+    let cpu = thread_cpu_seconds().zip(c0).map(|(a, b)| a - b).filter(|&c| c > 0.0);
+    (done as f64 / t0.elapsed().as_secs_f64(), cpu.map(|c| done as f64 / c))
 }
 
 /// The 10,000-shard corpus: one real shard of tiny documents, hard-linked under every name.
@@ -210,9 +244,10 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
     progress("loader with prefetch thread, raw");
     let pre_raw = measure(&raw, cfg, 4, 60.0)?;
     progress("memcpy of the same batch bytes");
-    let memcpy = memcpy_bytes_per_s(one_raw.tokens * BATCH_BYTES_PER_TOKEN);
+    let (memcpy, memcpy_cpu) = memcpy_bytes_per_s(one_raw.tokens * BATCH_BYTES_PER_TOKEN, cfg.seq_len * cfg.batch_size * BATCH_BYTES_PER_TOKEN as usize);
 
     let (mut numpy_tps, mut numpy_pad, mut numpy_error) = (None, None, None);
+    let (mut numpy_cpu, mut stream, mut stream_cpu) = (None, None, None);
     if let Some((python, script)) = &cfg.python {
         progress("numpy.memmap baseline");
         let out = std::process::Command::new(python)
@@ -226,6 +261,9 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
                 Ok(v) => {
                     numpy_tps = v.get("tokens_per_s").and_then(|x| x.as_f64());
                     numpy_pad = v.get("padding_fraction").and_then(|x| x.as_f64());
+                    numpy_cpu = v.get("tokens_per_cpu_s").and_then(|x| x.as_f64());
+                    stream = v.get("stream_tokens_per_s").and_then(|x| x.as_f64());
+                    stream_cpu = v.get("stream_tokens_per_cpu_s").and_then(|x| x.as_f64());
                 }
                 Err(e) => numpy_error = Some(format!("bad JSON from {}: {e}", script.display())),
             },
@@ -259,7 +297,14 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
         zstd_ratio: raw_m.bytes as f64 / zstd_m.bytes.max(1) as f64,
         write_raw_tokens_per_s: corpus_tokens as f64 / raw_s,
         loader_fraction_of_memcpy: one_raw.batch_bytes_per_s / memcpy,
+        loader_fraction_of_memcpy_cpu: one_raw.tokens_per_cpu_s.zip(memcpy_cpu).map(|(l, m)| l * BATCH_BYTES_PER_TOKEN as f64 / m),
+        memcpy_bytes_per_cpu_s: memcpy_cpu,
         ratio_vs_numpy: numpy_tps.map(|n| one_raw.tokens_per_s / n),
+        ratio_vs_numpy_cpu: one_raw.tokens_per_cpu_s.zip(numpy_cpu).map(|(l, n)| l / n),
+        numpy_tokens_per_cpu_s: numpy_cpu,
+        numpy_stream_tokens_per_s: stream,
+        numpy_stream_tokens_per_cpu_s: stream_cpu,
+        ratio_vs_numpy_stream_cpu: one_raw.tokens_per_cpu_s.zip(stream_cpu).map(|(l, n)| l / n),
         loader_one_core_raw: one_raw,
         loader_one_core_zstd: one_zstd,
         loader_prefetch_raw: pre_raw,

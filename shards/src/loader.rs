@@ -451,10 +451,8 @@ impl Packer {
             batch.loss_mask.extend(std::iter::repeat_n(loss, n_tgt));
         }
         // The document's first placed token is no target of the previous document.
-        if p > 0 {
-            if let Some(m) = batch.loss_mask.get_mut(base + p - 1) {
-                *m = 0;
-            }
+        if let Some(m) = p.checked_sub(1).and_then(|q| batch.loss_mask.get_mut(base + q)) {
+            *m = 0;
         }
         *seg_ctr += 1;
     }
