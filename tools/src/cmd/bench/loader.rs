@@ -117,9 +117,11 @@ fn print_human(r: &LoaderBenchReport) -> anyhow::Result<()> {
         m(r.write_raw_tokens_per_s)
     ))?;
     let one = &r.loader_one_core_raw;
+    let per_cpu = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{:.1}M", m(v)));
     output::line(format!(
-        "loader, 1 core, raw:   {:.1}M tokens/s as finished [{}, {}] batches ({:.2} GB/s of batch fields, padding {:.4})",
+        "loader, 1 core, raw:   {:.1}M tokens/s ({} per CPU-second) as finished [{}, {}] batches ({:.2} GB/s of batch fields, padding {:.4})",
         m(one.tokens_per_s),
+        per_cpu(one.tokens_per_cpu_s),
         r.batch_size,
         r.seq_len,
         one.batch_bytes_per_s / 1e9,
@@ -128,14 +130,29 @@ fn print_human(r: &LoaderBenchReport) -> anyhow::Result<()> {
     output::line(format!("loader, 1 core, zstd:  {:.2}M tokens/s (shuffled access decodes a chunk per document)", m(r.loader_one_core_zstd.tokens_per_s)))?;
     output::line(format!("loader, prefetch, raw: {:.1}M tokens/s", m(r.loader_prefetch_raw.tokens_per_s)))?;
     output::line(format!(
-        "memcpy of the same bytes: {:.2} GB/s -> loader at {:.0}% of memcpy",
+        "memcpy of the same bytes: {:.2} GB/s ({} per CPU-second) -> loader at {:.0}% of memcpy ({} over CPU time)",
         r.memcpy_bytes_per_s / 1e9,
-        100.0 * r.loader_fraction_of_memcpy
+        r.memcpy_bytes_per_cpu_s.map_or_else(|| "-".to_string(), |v| format!("{:.2} GB/s", v / 1e9)),
+        100.0 * r.loader_fraction_of_memcpy,
+        r.loader_fraction_of_memcpy_cpu.map_or_else(|| "-".to_string(), |v| format!("{:.0}%", 100.0 * v))
     ))?;
     match (r.numpy_tokens_per_s, r.ratio_vs_numpy, &r.numpy_error) {
-        (Some(n), Some(x), _) => output::line(format!("numpy.memmap packer: {:.1}M tokens/s -> loader {x:.2}x", m(n)))?,
+        (Some(n), Some(x), _) => output::line(format!(
+            "numpy.memmap packer (same packing, same fields): {:.1}M tokens/s ({} per CPU-second) -> loader {x:.2}x ({} over CPU time)",
+            m(n),
+            per_cpu(r.numpy_tokens_per_cpu_s),
+            r.ratio_vs_numpy_cpu.map_or_else(|| "-".to_string(), |v| format!("{v:.2}x"))
+        ))?,
         (_, _, Some(e)) => output::line(format!("numpy.memmap packer: not measured ({e})"))?,
         _ => output::line("numpy.memmap packer: skipped")?,
+    }
+    if let Some(s) = r.numpy_stream_tokens_per_s {
+        output::line(format!(
+            "numpy flat-slice reference (no document structure, an upper bound): {:.1}M tokens/s ({} per CPU-second) -> loader {} over CPU time",
+            m(s),
+            per_cpu(r.numpy_stream_tokens_per_cpu_s),
+            r.ratio_vs_numpy_stream_cpu.map_or_else(|| "-".to_string(), |v| format!("{v:.2}x"))
+        ))?;
     }
     output::line(format!("first batch: {:.1} ms", r.first_batch_seconds * 1e3))?;
     output::line(format!(
