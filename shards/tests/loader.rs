@@ -289,3 +289,29 @@ fn eval_split_is_disjoint_and_stable() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn edge_sequence_lengths_and_world_sizes_cover_the_epoch() -> anyhow::Result<()> {
+    let (_d, c) = corpus(30, Compression::Raw)?;
+    for seq_len in [1usize, 2, 3, 5, 17, 64] {
+        for split_segments in [false, true] {
+            for world_size in [1usize, 3] {
+                let cfg = |rank| LoaderConfig { seq_len, batch_size: 2, rank, world_size, split_segments, ..cfg() };
+                let mut ranks: Vec<Loader> =
+                    (0..world_size).map(|r| Loader::new(vec![Source::new(c.clone(), 1.0)], cfg(r))).collect::<Result<_, _>>()?;
+                let mut got = Vec::new();
+                while ranks[0].state().epoch == 0 {
+                    for l in &mut ranks {
+                        let b = l.next_batch()?;
+                        check_batch(std::slice::from_ref(&c), &b, split_segments)?;
+                        got.push(b);
+                    }
+                }
+                let done = completed_docs(std::slice::from_ref(&c), &spans_by_row(&got))?;
+                let set: HashSet<u64> = done.iter().take(30).map(|&(_, d)| d).collect();
+                assert_eq!(set.len(), 30, "seq_len {seq_len} split {split_segments} world {world_size}");
+            }
+        }
+    }
+    Ok(())
+}
