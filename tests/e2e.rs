@@ -1,17 +1,127 @@
-//! End-to-end tests: the `motley` binary driven like a user would.
+//! End-to-end tests: the `motley` binary driven like a user would, from raw sample files to a
+//! trained checkpoint — tokenizers fitted, corpus ingested, shards verified, MoT trained, eval.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 fn motley() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_motley"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_motley"));
+    // libtorch on a 2-core machine shared with the other test binaries.
+    c.env("OMP_NUM_THREADS", "1");
+    c
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run_ok(args: &[&str]) -> Output {
+    let out = motley().args(args).output().expect("spawn motley");
+    assert!(
+        out.status.success(),
+        "motley {} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 #[test]
 fn help_lists_the_data_flow() {
-    let out = motley().arg("--help").output().expect("run motley --help");
-    assert!(out.status.success());
+    let out = run_ok(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
     for sub in ["tokenizer", "ingest", "shards", "train", "sample", "bench", "demo"] {
         assert!(text.contains(sub), "--help misses {sub}:\n{text}");
     }
+}
+
+#[test]
+fn unbuilt_subcommand_says_so_and_fails() {
+    let out = motley().args(["sample", "--prompt", "seven"]).output().expect("spawn motley");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+}
+
+/// Copies a small, self-consistent slice of data/sample (interleaved documents and the files
+/// they name, plus some text) into `dst`, so the whole flow runs in seconds in a debug build.
+fn sample_subset(dst: &Path) -> std::io::Result<()> {
+    let src = repo().join("data/sample");
+    std::fs::create_dir_all(dst.join("images"))?;
+    std::fs::create_dir_all(dst.join("speech"))?;
+    std::fs::create_dir_all(dst.join("text"))?;
+    let lines: Vec<String> =
+        std::fs::read_to_string(src.join("interleaved.jsonl"))?.lines().take(40).map(str::to_string).collect();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).expect("sample interleaved.jsonl is valid JSON");
+        for part in v["parts"].as_array().into_iter().flatten() {
+            for key in ["image", "audio"] {
+                if let Some(rel) = part.get(key).and_then(|p| p.as_str()) {
+                    std::fs::copy(src.join(rel), dst.join(rel))?;
+                }
+            }
+        }
+    }
+    std::fs::write(dst.join("interleaved.jsonl"), lines.join("\n") + "\n")?;
+    let kjv = std::fs::read_to_string(src.join("text/kjv.txt"))?;
+    let cut = kjv.char_indices().nth(150_000).map_or(kjv.len(), |(i, _)| i);
+    std::fs::write(dst.join("text/kjv.txt"), &kjv[..cut])?;
+    std::fs::write(
+        dst.join("recipe.toml"),
+        "[options]\nseed = 0\nmax_text_bytes = 2048\n\n\
+         [[source]]\nname = \"text\"\nkind = \"text\"\npaths = [\"text/*.txt\"]\n\n\
+         [[source]]\nname = \"interleaved\"\nkind = \"interleaved\"\npaths = [\"interleaved.jsonl\"]\n",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn sample_flow_tokenize_ingest_verify_train_eval() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    sample_subset(&data).expect("copy the sample subset");
+    let tok = tmp.path().join("tok");
+    let d = |p: &Path| p.display().to_string();
+
+    run_ok(&["tokenizer", "train-text", &d(&data.join("text")), "--out", &d(&tok.join("text.json")), "--vocab-size", "512"]);
+    run_ok(&[
+        "tokenizer", "fit-image", &d(&data.join("images")), "--out", &d(&tok.join("image/vq.safetensors")),
+        "--patch", "8", "--codebook-size", "32", "--max-iter", "5",
+    ]);
+    run_ok(&[
+        "tokenizer", "fit-speech", &d(&data.join("speech")), "--out", &d(&tok.join("speech/units.safetensors")),
+        "--units", "16", "--max-iter", "5",
+    ]);
+
+    let corpus = tmp.path().join("corpus");
+    let out = run_ok(&[
+        "ingest", "--config", &d(&data.join("recipe.toml")), "--tokenizers", &d(&tok), "--out", &d(&corpus),
+        "--json", "--no-progress",
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ingest --json prints JSON");
+    assert!(summary["documents"].as_u64().unwrap_or(0) > 40, "{summary}");
+
+    run_ok(&["shards", "verify", &d(&corpus)]);
+    let out = run_ok(&["shards", "stats", &d(&corpus), "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats --json prints JSON");
+    let text = stats.to_string();
+    for m in ["text", "image", "speech"] {
+        assert!(text.contains(m), "stats misses {m}: {text}");
+    }
+
+    let run = tmp.path().join("run");
+    run_ok(&[
+        "train", "--preset", "tiny", "--data", &d(&corpus), "--out", &d(&run), "--steps", "4",
+        "--set", "train.threads=1",
+    ]);
+    assert!(run.join("metrics.jsonl").is_file());
+    assert!(run.join("config.toml").is_file());
+    let out = run_ok(&["eval", "--checkpoint", &d(&run), "--data", &d(&corpus), "--json"]);
+    let eval: serde_json::Value = serde_json::from_slice(&out.stdout).expect("eval --json prints JSON");
+    assert!(eval.to_string().contains("text"), "{eval}");
+
+    // A run directory that exists is never silently restarted.
+    let again = motley().args(["train", "--preset", "tiny", "--data", &d(&corpus), "--out", &d(&run)]).output().expect("spawn");
+    assert!(!again.status.success());
 }

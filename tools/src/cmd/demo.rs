@@ -69,7 +69,7 @@ fn stages(a: &Args) -> Vec<Stage> {
                 "fit-image".into(),
                 s(&a.sample.join("images")),
                 "--out".into(),
-                s(&tok.join("image")),
+                s(&tok.join("image").join("vq.safetensors")),
                 // 32 px digits (8x8 originals upscaled 4x): 8 px patches give a 4x4 grid of
                 // codes, each patch holding 2x2 original pixels, so the codebook has real
                 // variety to learn; 4 px patches would only see the 17 grey levels.
@@ -88,7 +88,7 @@ fn stages(a: &Args) -> Vec<Stage> {
                 "fit-speech".into(),
                 s(&a.sample.join("speech")),
                 "--out".into(),
-                s(&tok.join("speech")),
+                s(&tok.join("speech").join("units.safetensors")),
                 // ~120 s of sample speech is ~3,000 frames: 128 units, not the paper's 500.
                 "--units".into(),
                 "128".into(),
