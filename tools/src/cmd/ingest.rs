@@ -1,13 +1,172 @@
-//! `motley ingest` (not built yet).
+//! `motley ingest`: build a shard corpus from a TOML recipe or, for simple cases, from files
+//! and globs given on the command line.
 
-use crate::output::{not_built, Ctx};
+use std::path::PathBuf;
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+use anyhow::Context;
+use motley_ingest::{ImageMode, IngestConfig, Part, Recipe, SourceKind, SourceSpec, Summary};
+
+use crate::output::{self, Ctx};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Text,
+    Image,
+    Speech,
+    Interleaved,
 }
 
-pub fn run(_args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
-    not_built("ingest")
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ImageModeArg {
+    Vq,
+    Latent,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  motley ingest --config data/sample/recipe.toml --tokenizers runs/demo/tokenizers --out runs/demo/corpus\n  motley ingest 'books/*.txt' --tokenizers tok --out corpus\n  motley ingest train.parquet --text-column content --tokenizers tok --out corpus --part 0/4")]
+pub struct Args {
+    /// Input files, directories or globs (one source of --kind); or use --config.
+    inputs: Vec<String>,
+    /// TOML recipe combining sources and tokenizers (paths relative to the recipe).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Directory holding text.json, image/ and speech/ (overrides the recipe's paths).
+    #[arg(long)]
+    tokenizers: Option<PathBuf>,
+    /// Output corpus directory.
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+    /// Kind of the command-line inputs.
+    #[arg(long, value_enum, default_value = "text")]
+    kind: KindArg,
+    /// JSONL key of the text / caption / transcript.
+    #[arg(long)]
+    text_key: Option<String>,
+    /// Parquet column of the text / caption / transcript.
+    #[arg(long)]
+    text_column: Option<String>,
+    /// JSONL key / Parquet column of the image.
+    #[arg(long)]
+    image_key: Option<String>,
+    /// JSONL key / Parquet column of the audio.
+    #[arg(long)]
+    audio_key: Option<String>,
+    /// Probability that the caption/transcript precedes the image/speech.
+    #[arg(long)]
+    text_first: Option<f64>,
+    /// Store images as VQ codes or latent patches (default: what the image tokenizer is).
+    #[arg(long, value_enum)]
+    image_mode: Option<ImageModeArg>,
+    /// Drop exact duplicate records (content hash), keeping the first.
+    #[arg(long)]
+    dedup: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Stop after N documents (dry runs).
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Ingest part i of N (0-based), e.g. 0/4; join the parts with `motley shards merge`.
+    #[arg(long, default_value = "0/1")]
+    part: Part,
+    /// Stop when more than N records were skipped.
+    #[arg(long)]
+    max_errors: Option<u64>,
+    /// Replace an existing corpus in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn build_recipe(args: &Args) -> anyhow::Result<Recipe> {
+    let mut recipe = match (&args.config, args.inputs.is_empty()) {
+        (Some(_), false) => anyhow::bail!("give either --config or input paths, not both"),
+        (None, true) => anyhow::bail!("nothing to ingest: give input paths or --config recipe.toml"),
+        (Some(path), true) => Recipe::from_file(path)?,
+        (None, false) => {
+            let kind = match args.kind {
+                KindArg::Text => SourceKind::Text,
+                KindArg::Image => SourceKind::Image,
+                KindArg::Speech => SourceKind::Speech,
+                KindArg::Interleaved => SourceKind::Interleaved,
+            };
+            if args.text_key.is_some() && args.text_column.is_some() && args.text_key != args.text_column {
+                anyhow::bail!("--text-key and --text-column name different fields; one source reads one field");
+            }
+            let spec = SourceSpec {
+                text_field: args.text_key.clone().or_else(|| args.text_column.clone()),
+                image_field: args.image_key.clone(),
+                audio_field: args.audio_key.clone(),
+                text_first: args.text_first,
+                ..SourceSpec::new(kind, args.inputs.clone())
+            };
+            let recipe = Recipe { tokenizers: Default::default(), options: Default::default(), sources: vec![spec] };
+            recipe.validate().map_err(anyhow::Error::msg)?;
+            recipe
+        }
+    };
+    if args.config.is_some()
+        && (args.text_key.is_some() || args.text_column.is_some() || args.image_key.is_some() || args.audio_key.is_some() || args.text_first.is_some())
+    {
+        anyhow::bail!("--text-key/--text-column/--image-key/--audio-key/--text-first apply to input paths; set them per source in the recipe");
+    }
+    if let Some(dir) = &args.tokenizers {
+        anyhow::ensure!(dir.is_dir(), "--tokenizers {}: not a directory", dir.display());
+        recipe.locate_tokenizers(dir);
+    }
+    if let Some(m) = args.image_mode {
+        recipe.options.image_mode = Some(match m {
+            ImageModeArg::Vq => ImageMode::Vq,
+            ImageModeArg::Latent => ImageMode::Latent,
+        });
+    }
+    recipe.options.dedup |= args.dedup;
+    Ok(recipe)
+}
+
+pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let recipe = build_recipe(&args)?;
+    let cfg = IngestConfig {
+        recipe,
+        out: args.out.clone(),
+        workers: args.workers,
+        limit: args.limit,
+        part: args.part,
+        max_errors: args.max_errors,
+        overwrite: args.overwrite,
+        progress: !args.no_progress,
+    };
+    let summary = motley_ingest::ingest(&cfg).with_context(|| format!("ingest into {}", args.out.display()))?;
+    if ctx.json {
+        return output::json(&summary);
+    }
+    print_summary(&summary)
+}
+
+fn print_summary(s: &Summary) -> anyhow::Result<()> {
+    output::line(format!(
+        "corpus {} (part {}): {} documents in {} shards, {} bytes",
+        s.out.display(),
+        s.part,
+        s.documents,
+        s.shards,
+        s.output_bytes
+    ))?;
+    output::line(format!("tokens: text {}, image {}, speech {}", s.tokens.text, s.tokens.image, s.tokens.speech))?;
+    output::line(format!(
+        "tasks: {} ({} run now, {} resumed); records read {}; duplicates dropped {}",
+        s.tasks, s.tasks_run, s.tasks_resumed, s.records, s.duplicates
+    ))?;
+    if s.errors > 0 {
+        let reasons: Vec<String> = s.errors_by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        output::line(format!("skipped records: {} ({}), listed in {}/errors.jsonl", s.errors, reasons.join(", "), s.out.display()))?;
+    } else {
+        output::line("skipped records: 0")?;
+    }
+    output::line(format!(
+        "throughput: {:.1} s, {:.0} docs/s, {:.0} tokens/s, {:.1} MB/s input",
+        s.elapsed_s, s.docs_per_s, s.tokens_per_s, s.input_mb_per_s
+    ))
 }
