@@ -836,9 +836,21 @@ pub struct Model {
     pub compute_kind: Kind,
 }
 
+/// Serializes "seed torch's global generator, then draw the initial weights": two threads doing
+/// it at once (parallel tests, several models in one process) would interleave their draws.
+static SEEDED_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Model {
+    /// Seeds torch's global generator and creates the model while no other seeded
+    /// initialization can draw from it: the same seed always gives the same weights.
+    pub fn new_seeded(root: &nn::Path, cfg: &ModelConfig, seed: i64) -> Result<Self, TrainError> {
+        let _guard = SEEDED_INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tch::manual_seed(seed);
+        Model::new(root, cfg)
+    }
+
     /// Creates every parameter under `root`; initialization draws from torch's generator,
-    /// so seed it (`tch::manual_seed`) first for a reproducible model.
+    /// so prefer [`Model::new_seeded`] for a reproducible model.
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
         cfg.validate()?;
         let head_towers = if cfg.untie_head { cfg.towers() } else { 1 };
@@ -937,9 +949,8 @@ mod tests {
     }
 
     fn run(cfg: &ModelConfig, b: &Batch, routing: Routing) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
-        tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = Model::new(&vs.root(), cfg).expect("model");
+        let model = Model::new_seeded(&vs.root(), cfg, 3).expect("model");
         let p = Prepared::new(cfg, b, routing, Device::Cpu).expect("prepare");
         let logits = p.route.to_seq(&model.logits(&p));
         let out = model.loss(&p);

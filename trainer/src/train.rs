@@ -101,9 +101,8 @@ impl Trainer {
                 msg: format!("{} is smaller than the corpus vocabulary ({total})", cfg.model.vocab_size),
             });
         }
-        tch::manual_seed(cfg.train.seed as i64);
         let vs = nn::VarStore::new(device);
-        let model = Model::new(&vs.root(), &cfg.model)?;
+        let model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let opt = AdamW::new(vars, &cfg.optim);
