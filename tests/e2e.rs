@@ -84,20 +84,51 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
     let tok = tmp.path().join("tok");
     let d = |p: &Path| p.display().to_string();
 
-    run_ok(&["tokenizer", "train-text", &d(&data.join("text")), "--out", &d(&tok.join("text.json")), "--vocab-size", "512"]);
     run_ok(&[
-        "tokenizer", "fit-image", &d(&data.join("images")), "--out", &d(&tok.join("image/vq.safetensors")),
-        "--patch", "8", "--codebook-size", "32", "--max-iter", "5",
+        "tokenizer",
+        "train-text",
+        &d(&data.join("text")),
+        "--out",
+        &d(&tok.join("text.json")),
+        "--vocab-size",
+        "512",
     ]);
     run_ok(&[
-        "tokenizer", "fit-speech", &d(&data.join("speech")), "--out", &d(&tok.join("speech/units.safetensors")),
-        "--units", "16", "--max-iter", "5",
+        "tokenizer",
+        "fit-image",
+        &d(&data.join("images")),
+        "--out",
+        &d(&tok.join("image/vq.safetensors")),
+        "--patch",
+        "8",
+        "--codebook-size",
+        "32",
+        "--max-iter",
+        "5",
+    ]);
+    run_ok(&[
+        "tokenizer",
+        "fit-speech",
+        &d(&data.join("speech")),
+        "--out",
+        &d(&tok.join("speech/units.safetensors")),
+        "--units",
+        "16",
+        "--max-iter",
+        "5",
     ]);
 
     let corpus = tmp.path().join("corpus");
     let out = run_ok(&[
-        "ingest", "--config", &d(&data.join("recipe.toml")), "--tokenizers", &d(&tok), "--out", &d(&corpus),
-        "--json", "--no-progress",
+        "ingest",
+        "--config",
+        &d(&data.join("recipe.toml")),
+        "--tokenizers",
+        &d(&tok),
+        "--out",
+        &d(&corpus),
+        "--json",
+        "--no-progress",
     ]);
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ingest --json prints JSON");
     assert!(summary["documents"].as_u64().unwrap_or(0) > 40, "{summary}");
@@ -112,8 +143,17 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
 
     let run = tmp.path().join("run");
     run_ok(&[
-        "train", "--preset", "tiny", "--data", &d(&corpus), "--out", &d(&run), "--steps", "4",
-        "--set", "train.threads=1",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        &d(&corpus),
+        "--out",
+        &d(&run),
+        "--steps",
+        "4",
+        "--set",
+        "train.threads=1",
     ]);
     assert!(run.join("metrics.jsonl").is_file());
     assert!(run.join("config.toml").is_file());
@@ -122,6 +162,7 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
     assert!(eval.to_string().contains("text"), "{eval}");
 
     // A run directory that exists is never silently restarted.
-    let again = motley().args(["train", "--preset", "tiny", "--data", &d(&corpus), "--out", &d(&run)]).output().expect("spawn");
+    let again =
+        motley().args(["train", "--preset", "tiny", "--data", &d(&corpus), "--out", &d(&run)]).output().expect("spawn");
     assert!(!again.status.success());
 }

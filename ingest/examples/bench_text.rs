@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let tokenizer_arg = args.first().ok_or_else(|| anyhow::anyhow!("usage: bench_text TOKENIZER.json|- [COPIES] [WORKERS]"))?;
+    let tokenizer_arg =
+        args.first().ok_or_else(|| anyhow::anyhow!("usage: bench_text TOKENIZER.json|- [COPIES] [WORKERS]"))?;
     let copies: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(4);
     let workers: usize = match args.get(2) {
         Some(s) => s.parse()?,
@@ -31,11 +32,28 @@ fn main() -> anyhow::Result<()> {
     };
     let input = motley_ingest::bench::prepare_text(&inputs, copies, 4096, 8, &work)?;
     let rust = motley_ingest::bench::run_ingest(&input, &tokenizer, workers, 3, &work)?;
-    let py = motley_ingest::bench::run_python(Path::new(".venv/bin/python"), Path::new("scripts/bench/ingest_hf.py"), &input, &tokenizer, workers, 3)?;
+    let py = motley_ingest::bench::run_python(
+        Path::new(".venv/bin/python"),
+        Path::new("scripts/bench/ingest_hf.py"),
+        &input,
+        &tokenizer,
+        workers,
+        3,
+    )?;
     let _ = std::fs::remove_dir_all(&work);
     println!("input: {} documents, {:.1} MB, {workers} threads", input.documents, input.bytes as f64 / 1e6);
-    println!("motley ingest (end to end): {} tokens in {:.3} s = {:.0} tokens/s", rust.tokens, rust.seconds, rust.tokens_per_s);
-    println!("HF Python encode_batch:     {} tokens in {:.3} s = {:.0} tokens/s", py.tokens, py.seconds, py.tokens_per_s);
-    println!("ratio: {:.2}x (goal >= 1.0), same tokens: {}", rust.tokens_per_s / py.tokens_per_s, rust.tokens == py.tokens);
+    println!(
+        "motley ingest (end to end): {} tokens in {:.3} s = {:.0} tokens/s",
+        rust.tokens, rust.seconds, rust.tokens_per_s
+    );
+    println!(
+        "HF Python encode_batch:     {} tokens in {:.3} s = {:.0} tokens/s",
+        py.tokens, py.seconds, py.tokens_per_s
+    );
+    println!(
+        "ratio: {:.2}x (goal >= 1.0), same tokens: {}",
+        rust.tokens_per_s / py.tokens_per_s,
+        rust.tokens == py.tokens
+    );
     Ok(())
 }

@@ -34,7 +34,13 @@ fn bench_err(e: impl std::fmt::Display) -> Error {
 
 /// Cuts `files` into documents of about `doc_bytes` (at line ends), repeats them `copies`
 /// times, and writes them to `work` as `files` JSONL files plus one combined JSONL.
-pub fn prepare_text(files: &[PathBuf], copies: usize, doc_bytes: usize, n_files: usize, work: &Path) -> Result<TextBenchInput> {
+pub fn prepare_text(
+    files: &[PathBuf],
+    copies: usize,
+    doc_bytes: usize,
+    n_files: usize,
+    work: &Path,
+) -> Result<TextBenchInput> {
     let mut docs = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(f).map_err(|e| Error::io("read", f, e))?;
@@ -73,7 +79,13 @@ pub fn prepare_text(files: &[PathBuf], copies: usize, doc_bytes: usize, n_files:
 }
 
 /// `motley ingest` of the JSONL files into `work/corpus`, best of `repeat`.
-pub fn run_ingest(input: &TextBenchInput, tokenizer: &Path, workers: usize, repeat: usize, work: &Path) -> Result<Timing> {
+pub fn run_ingest(
+    input: &TextBenchInput,
+    tokenizer: &Path,
+    workers: usize,
+    repeat: usize,
+    work: &Path,
+) -> Result<Timing> {
     let mut best = f64::INFINITY;
     let mut tokens = 0;
     for _ in 0..repeat.max(1) {
@@ -101,7 +113,14 @@ pub fn run_ingest(input: &TextBenchInput, tokenizer: &Path, workers: usize, repe
 }
 
 /// HF Python `encode_batch` alone on the same documents (reading excluded), best of `repeat`.
-pub fn run_python(python: &Path, script: &Path, input: &TextBenchInput, tokenizer: &Path, workers: usize, repeat: usize) -> Result<Timing> {
+pub fn run_python(
+    python: &Path,
+    script: &Path,
+    input: &TextBenchInput,
+    tokenizer: &Path,
+    workers: usize,
+    repeat: usize,
+) -> Result<Timing> {
     let out = Command::new(python)
         .arg(script)
         .arg("--tokenizer")
@@ -118,7 +137,8 @@ pub fn run_python(python: &Path, script: &Path, input: &TextBenchInput, tokenize
     if !out.status.success() {
         return Err(bench_err(format!("python baseline failed: {}", String::from_utf8_lossy(&out.stderr))));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| bench_err(format!("python output: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| bench_err(format!("python output: {e}")))?;
     let tokens = v["tokens"].as_u64().ok_or_else(|| bench_err("python output lacks tokens"))?;
     let seconds = v["seconds"].as_f64().ok_or_else(|| bench_err("python output lacks seconds"))?;
     Ok(Timing { tokens, seconds, tokens_per_s: tokens as f64 / seconds })

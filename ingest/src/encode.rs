@@ -58,11 +58,17 @@ fn load_image_from(path: &Path, mode: Option<ImageMode>) -> Result<(Box<dyn Imag
     // Without an explicit mode a directory holding both prefers the discrete codebook.
     loaded.sort_by_key(|(t, _)| t.latent_dim().is_some());
     loaded.into_iter().next().ok_or_else(|| {
-        tok_err(path, format!("no {} image tokenizer found", match mode {
-            Some(ImageMode::Vq) => "VQ",
-            Some(ImageMode::Latent) => "latent",
-            None => "",
-        }))
+        tok_err(
+            path,
+            format!(
+                "no {} image tokenizer found",
+                match mode {
+                    Some(ImageMode::Vq) => "VQ",
+                    Some(ImageMode::Latent) => "latent",
+                    None => "",
+                }
+            ),
+        )
     })
 }
 
@@ -202,13 +208,21 @@ impl Tokenizers {
             let seg = match part {
                 RawPart::Text(_) => None,
                 RawPart::Image(blob) => {
-                    let (tok, _) = self.image.as_ref().ok_or_else(|| r.error(Reason::Image, "an image part but no image tokenizer"))?;
+                    let (tok, _) = self
+                        .image
+                        .as_ref()
+                        .ok_or_else(|| r.error(Reason::Image, "an image part but no image tokenizer"))?;
                     let bytes = load_blob(blob).map_err(|(reason, e)| r.error(reason, format!("part {pi}: {e}")))?;
-                    let seg = tok.encode_bytes(&bytes, &blob.name()).map_err(|e| r.error(reason_of(&e, Reason::Image), e.to_string()))?;
+                    let seg = tok
+                        .encode_bytes(&bytes, &blob.name())
+                        .map_err(|e| r.error(reason_of(&e, Reason::Image), e.to_string()))?;
                     Some(with_source(seg, blob))
                 }
                 RawPart::Audio(blob) => {
-                    let (tok, _) = self.speech.as_ref().ok_or_else(|| r.error(Reason::Audio, "an audio part but no speech tokenizer"))?;
+                    let (tok, _) = self
+                        .speech
+                        .as_ref()
+                        .ok_or_else(|| r.error(Reason::Audio, "an audio part but no speech tokenizer"))?;
                     let bytes = load_blob(blob).map_err(|(reason, e)| r.error(reason, format!("part {pi}: {e}")))?;
                     let name = blob.name();
                     let hint = Path::new(&name).extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
@@ -234,8 +248,12 @@ fn reason_of(e: &TokenizerError, default: Reason) -> Reason {
     match e {
         TokenizerError::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => Reason::MissingFile,
         TokenizerError::Io { .. } => Reason::Io,
-        TokenizerError::ImageDecode { .. } | TokenizerError::ImageTooLarge { .. } | TokenizerError::ImageEmpty { .. } => Reason::Image,
-        TokenizerError::AudioDecode { .. } | TokenizerError::AudioEmpty { .. } | TokenizerError::Resample { .. } => Reason::Audio,
+        TokenizerError::ImageDecode { .. }
+        | TokenizerError::ImageTooLarge { .. }
+        | TokenizerError::ImageEmpty { .. } => Reason::Image,
+        TokenizerError::AudioDecode { .. } | TokenizerError::AudioEmpty { .. } | TokenizerError::Resample { .. } => {
+            Reason::Audio
+        }
         TokenizerError::Text { .. } => Reason::Text,
         _ => default,
     }

@@ -34,4 +34,6 @@ pub mod source;
 pub use error::{Error, Reason, RecordError, Result};
 pub use plan::{Part, Task, plan, select_part};
 pub use recipe::{ImageMode, Recipe, RecipeOptions, SourceKind, SourceSpec, SpeechMode, TokenizerPaths};
-pub use run::{ERRORS_FILE, IngestConfig, ModalityCounts, STATE_DIR, Summary, TOKENIZERS_DIR, TaskMarker, ingest, read_errors};
+pub use run::{
+    ERRORS_FILE, IngestConfig, ModalityCounts, STATE_DIR, Summary, TOKENIZERS_DIR, TaskMarker, ingest, read_errors,
+};

@@ -24,7 +24,12 @@ fn file_err(file: &Path, reason: Reason, e: impl Into<String>) -> RecordError {
     RecordError { file: file.display().to_string(), record: None, byte_offset: None, reason, error: e.into() }
 }
 
-pub(crate) fn read_parquet(ctx: &ReadCtx<'_>, unit: &Unit, file: &Arc<Path>, f: &mut dyn FnMut(Item) -> ControlFlow<()>) -> ControlFlow<()> {
+pub(crate) fn read_parquet(
+    ctx: &ReadCtx<'_>,
+    unit: &Unit,
+    file: &Arc<Path>,
+    f: &mut dyn FnMut(Item) -> ControlFlow<()>,
+) -> ControlFlow<()> {
     let spec = ctx.spec;
     let handle = match std::fs::File::open(file) {
         Ok(h) => h,
@@ -48,12 +53,22 @@ pub(crate) fn read_parquet(ctx: &ReadCtx<'_>, unit: &Unit, file: &Arc<Path>, f: 
     let find = |name: &str| root_names.iter().position(|n| n == name);
     let text_idx = find(spec.text_field());
     if text_required && text_idx.is_none() {
-        return f(Err(file_err(file, Reason::MissingField, format!("no column {:?} (columns: {root_names:?})", spec.text_field()))));
+        return f(Err(file_err(
+            file,
+            Reason::MissingField,
+            format!("no column {:?} (columns: {root_names:?})", spec.text_field()),
+        )));
     }
     let media_idx = match media_field {
         Some(m) => match find(m) {
             Some(i) => Some(i),
-            None => return f(Err(file_err(file, Reason::MissingField, format!("no column {m:?} (columns: {root_names:?})")))),
+            None => {
+                return f(Err(file_err(
+                    file,
+                    Reason::MissingField,
+                    format!("no column {m:?} (columns: {root_names:?})"),
+                )));
+            }
         },
         None => None,
     };
@@ -84,7 +99,9 @@ pub(crate) fn read_parquet(ctx: &ReadCtx<'_>, unit: &Unit, file: &Arc<Path>, f: 
         let text_col = match batch.column_by_name(spec.text_field()) {
             Some(c) => match TextColumn::from_array(c) {
                 Ok(t) => Some(t),
-                Err(e) => return f(Err(file_err(file, Reason::WrongType, format!("column {:?} {e}", spec.text_field())))),
+                Err(e) => {
+                    return f(Err(file_err(file, Reason::WrongType, format!("column {:?} {e}", spec.text_field()))));
+                }
             },
             None => None,
         };
@@ -120,14 +137,24 @@ pub(crate) fn read_parquet(ctx: &ReadCtx<'_>, unit: &Unit, file: &Arc<Path>, f: 
                     Err(e) => Err(err(Reason::WrongType, format!("column {mname:?}: {e}"))),
                     Ok(None) => Err(err(Reason::MissingField, format!("column {mname:?} is null"))),
                     Ok(Some(blob)) => {
-                        let media = if spec.kind == SourceKind::Speech { RawPart::Audio(blob) } else { RawPart::Image(blob) };
-                        Ok(RawRecord { file: file.clone(), index, byte_offset: None, parts: ctx_pair(ctx, file, index, text, media) })
+                        let media =
+                            if spec.kind == SourceKind::Speech { RawPart::Audio(blob) } else { RawPart::Image(blob) };
+                        Ok(RawRecord {
+                            file: file.clone(),
+                            index,
+                            byte_offset: None,
+                            parts: ctx_pair(ctx, file, index, text, media),
+                        })
                     }
                 },
                 _ => match text {
                     None => Err(err(Reason::MissingField, format!("column {:?} is null", spec.text_field()))),
-                    Some(t) if t.trim().is_empty() => Err(err(Reason::Empty, format!("column {:?} is empty", spec.text_field()))),
-                    Some(t) => Ok(RawRecord { file: file.clone(), index, byte_offset: None, parts: vec![RawPart::Text(t)] }),
+                    Some(t) if t.trim().is_empty() => {
+                        Err(err(Reason::Empty, format!("column {:?} is empty", spec.text_field())))
+                    }
+                    Some(t) => {
+                        Ok(RawRecord { file: file.clone(), index, byte_offset: None, parts: vec![RawPart::Text(t)] })
+                    }
                 },
             };
             f(item)?;

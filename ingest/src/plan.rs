@@ -145,7 +145,8 @@ fn expand(kind: SourceKind, pattern: &str) -> Result<Vec<(PathBuf, FileFormat)>>
         // A plain path that does not exist: an error now beats an empty corpus later.
         return Err(Error::io("open input", path, std::io::Error::from(std::io::ErrorKind::NotFound)));
     }
-    let entries = glob::glob(pattern).map_err(|e| Error::Glob { pattern: pattern.to_string(), message: e.to_string() })?;
+    let entries =
+        glob::glob(pattern).map_err(|e| Error::Glob { pattern: pattern.to_string(), message: e.to_string() })?;
     let mut files = Vec::new();
     for entry in entries {
         let p = entry.map_err(|e| Error::io("glob", e.path().to_path_buf(), std::io::Error::other(e.to_string())))?;
@@ -181,7 +182,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 fn parquet_row_groups(path: &Path) -> Result<Vec<(u64, u64)>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let reader = SerializedFileReader::new(file).map_err(|e| Error::Parquet { path: path.to_path_buf(), message: e.to_string() })?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| Error::Parquet { path: path.to_path_buf(), message: e.to_string() })?;
     Ok(reader
         .metadata()
         .row_groups()
@@ -226,7 +228,13 @@ pub fn plan(recipe: &Recipe) -> Result<Vec<Task>> {
                     acc += size;
                     rows_before += rows;
                     if acc >= target || g + 1 == groups.len() {
-                        let unit = Unit { file: file.clone(), format, bytes: acc, row_groups: Some((start, g + 1)), first_row };
+                        let unit = Unit {
+                            file: file.clone(),
+                            format,
+                            bytes: acc,
+                            row_groups: Some((start, g + 1)),
+                            first_row,
+                        };
                         tasks.push(Task { id: tasks.len() as u32, source: si, units: vec![unit] });
                         start = g + 1;
                         acc = 0;

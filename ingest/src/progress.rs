@@ -33,7 +33,9 @@ impl Progress {
                 .progress_chars("=> "),
         );
         let stats = multi.add(ProgressBar::new_spinner());
-        stats.set_style(ProgressStyle::with_template("       {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+        stats.set_style(
+            ProgressStyle::with_template("       {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
         let p = Progress {
             bytes,
             stats,

@@ -282,7 +282,8 @@ impl Recipe {
     /// Parses a recipe file and makes its relative paths absolute against the file's folder.
     pub fn from_file(path: &Path) -> Result<Recipe> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("read recipe", path, e))?;
-        let mut recipe = Recipe::from_toml(&text).map_err(|message| Error::Recipe { path: path.to_path_buf(), message })?;
+        let mut recipe =
+            Recipe::from_toml(&text).map_err(|message| Error::Recipe { path: path.to_path_buf(), message })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         recipe.rebase(&base);
         Ok(recipe)
@@ -326,7 +327,9 @@ impl Recipe {
     /// Joins relative source and tokenizer paths onto `base`.
     pub fn rebase(&mut self, base: &Path) {
         let join = |p: &PathBuf| if p.is_absolute() { p.clone() } else { base.join(p) };
-        for p in [&mut self.tokenizers.text, &mut self.tokenizers.image, &mut self.tokenizers.speech].into_iter().flatten() {
+        for p in
+            [&mut self.tokenizers.text, &mut self.tokenizers.image, &mut self.tokenizers.speech].into_iter().flatten()
+        {
             *p = join(p);
         }
         for s in &mut self.sources {
@@ -437,8 +440,10 @@ mod tests {
 
     #[test]
     fn rebases_relative_paths() {
-        let mut r = Recipe::from_toml("[tokenizers]\ntext = \"t.json\"\n[[source]]\nkind = \"text\"\npaths = [\"a/*.txt\", \"/abs\"]\n")
-            .expect("valid");
+        let mut r = Recipe::from_toml(
+            "[tokenizers]\ntext = \"t.json\"\n[[source]]\nkind = \"text\"\npaths = [\"a/*.txt\", \"/abs\"]\n",
+        )
+        .expect("valid");
         r.rebase(Path::new("/data/x"));
         assert_eq!(r.tokenizers.text.as_deref(), Some(Path::new("/data/x/t.json")));
         assert_eq!(r.sources[0].paths, vec!["/data/x/a/*.txt".to_string(), "/abs".to_string()]);

@@ -218,11 +218,17 @@ impl Shared<'_> {
 
 /// Runs one task to its marker. `budget` caps its documents (`--limit`); `drop` lists
 /// (unit, record) pairs that are duplicates of earlier records.
-fn run_task(sh: &Shared<'_>, task: &Task, budget: Option<u64>, drop: &BTreeSet<(u32, u64)>) -> Result<Option<TaskMarker>> {
+fn run_task(
+    sh: &Shared<'_>,
+    task: &Task,
+    budget: Option<u64>,
+    drop: &BTreeSet<(u32, u64)>,
+) -> Result<Option<TaskMarker>> {
     let cfg = sh.cfg;
     let nth = sh.started.fetch_add(1, Ordering::SeqCst) + 1;
     let props = WriterProperties::builder().max_shard_bytes(cfg.recipe.options.shard_mib << 20).build();
-    let mut writer = CorpusWriter::create(&cfg.out, sh.vocab, props, &task.name()).map_err(|e| shard_err(&cfg.out, e))?;
+    let mut writer =
+        CorpusWriter::create(&cfg.out, sh.vocab, props, &task.name()).map_err(|e| shard_err(&cfg.out, e))?;
     let spec = &cfg.recipe.sources[task.source];
     let ctx = ReadCtx { spec, options: &cfg.recipe.options };
     let mut m = TaskMarker {
@@ -334,9 +340,11 @@ fn run_task(sh: &Shared<'_>, task: &Task, budget: Option<u64>, drop: &BTreeSet<(
     }
     m.shards = writer.finish().map_err(|e| shard_err(&cfg.out, e))?;
     // Reader errors are seen before encoding errors of the same batch: list them in input order.
-    let unit_of = |file: &str| task.units.iter().position(|u| u.file.display().to_string() == file).unwrap_or(usize::MAX);
+    let unit_of =
+        |file: &str| task.units.iter().position(|u| u.file.display().to_string() == file).unwrap_or(usize::MAX);
     m.errors.sort_by_cached_key(|e| (unit_of(&e.file), e.record));
-    let json = serde_json::to_vec(&m).map_err(|e| Error::Marker { path: marker_path(&cfg.out, task.id), message: e.to_string() })?;
+    let json = serde_json::to_vec(&m)
+        .map_err(|e| Error::Marker { path: marker_path(&cfg.out, task.id), message: e.to_string() })?;
     write_atomic(&marker_path(&cfg.out, task.id), &json)?;
     let done = sh.finished.fetch_add(1, Ordering::SeqCst) + 1;
     sh.progress.task_done();
@@ -412,7 +420,8 @@ fn prepare_out(cfg: &IngestConfig, plan_file: &PlanFile) -> Result<()> {
     if out.exists() {
         let empty = std::fs::read_dir(out).map_err(|e| Error::io("list", out, e))?.next().is_none();
         if !empty {
-            let existing: Option<PlanFile> = std::fs::read(&plan_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let existing: Option<PlanFile> =
+                std::fs::read(&plan_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
             let same = existing.as_ref() == Some(plan_file);
             let finished = manifest.exists();
             if same && !finished {
@@ -552,7 +561,8 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
         fp.update(hash_path(&p)?.as_bytes());
     }
     let fingerprint = fp.finalize().to_hex().to_string();
-    let plan_file = PlanFile { fingerprint: fingerprint.clone(), part: cfg.part, tasks: tasks.iter().map(|t| t.id).collect() };
+    let plan_file =
+        PlanFile { fingerprint: fingerprint.clone(), part: cfg.part, tasks: tasks.iter().map(|t| t.id).collect() };
     prepare_out(cfg, &plan_file)?;
     let tok_files = copy_tokenizers(&cfg.out, &toks)?;
     let vocab = toks.vocab(&tok_files);
@@ -572,7 +582,8 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
         .thread_name(|i| format!("ingest-{i}"))
         .build()
         .map_err(|e| Error::Options(format!("cannot start {workers} worker threads: {e}")))?;
-    let progress = Progress::new(cfg.progress, tasks.len() as u64, done.len() as u64, pending.iter().map(|t| t.bytes()).sum());
+    let progress =
+        Progress::new(cfg.progress, tasks.len() as u64, done.len() as u64, pending.iter().map(|t| t.bytes()).sum());
     let resumed_errors: u64 = done.values().map(|m| m.errors.len() as u64).sum();
     let sh = Shared {
         cfg,
@@ -650,7 +661,8 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     let mut errors_text = Vec::new();
     for m in done.values() {
         for e in &m.errors {
-            serde_json::to_writer(&mut errors_text, e).map_err(|e| Error::Marker { path: cfg.out.clone(), message: e.to_string() })?;
+            serde_json::to_writer(&mut errors_text, e)
+                .map_err(|e| Error::Marker { path: cfg.out.clone(), message: e.to_string() })?;
             errors_text.push(b'\n');
         }
     }
@@ -658,7 +670,8 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     let mut orphans = orphans;
     orphans.sort_by_key(|(t, _)| *t);
     for (_, e) in &orphans {
-        serde_json::to_writer(&mut errors_text, e).map_err(|e| Error::Marker { path: cfg.out.clone(), message: e.to_string() })?;
+        serde_json::to_writer(&mut errors_text, e)
+            .map_err(|e| Error::Marker { path: cfg.out.clone(), message: e.to_string() })?;
         errors_text.push(b'\n');
     }
     write_atomic(&cfg.out.join(ERRORS_FILE), &errors_text)?;
@@ -706,7 +719,8 @@ fn summarize(
 ) -> Summary {
     let mut tokens = ModalityCounts::default();
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
-    let (mut records, mut documents, mut input_bytes, mut output_bytes, mut shards, mut dups, mut errors) = (0, 0, 0, 0, 0, 0, 0);
+    let (mut records, mut documents, mut input_bytes, mut output_bytes, mut shards, mut dups, mut errors) =
+        (0, 0, 0, 0, 0, 0, 0);
     for m in done.values() {
         tokens.merge(&m.tokens);
         records += m.records;

@@ -20,9 +20,15 @@ use crate::recipe::{RecipeOptions, SourceKind, SourceSpec, SpeechMode};
 /// Image or audio content: inline bytes (Parquet) or a file to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Blob {
-    Bytes { data: Vec<u8>, name: String },
+    Bytes {
+        data: Vec<u8>,
+        name: String,
+    },
     /// A file to read; `name` is the reference as written in the input (e.g. `images/x.png`).
-    Path { path: PathBuf, name: String },
+    Path {
+        path: PathBuf,
+        name: String,
+    },
 }
 
 impl Blob {
@@ -66,7 +72,13 @@ impl RawRecord {
 
 pub type Item = Result<RawRecord, RecordError>;
 
-fn rec_err(file: &Path, index: Option<u64>, byte_offset: Option<u64>, reason: Reason, error: impl Into<String>) -> RecordError {
+fn rec_err(
+    file: &Path,
+    index: Option<u64>,
+    byte_offset: Option<u64>,
+    reason: Reason,
+    error: impl Into<String>,
+) -> RecordError {
     RecordError { file: file.display().to_string(), record: index, byte_offset, reason, error: error.into() }
 }
 
@@ -189,9 +201,9 @@ fn text_item(file: &Arc<Path>, index: u64, start: u64, bytes: Vec<u8>) -> Item {
 fn read_sidecar_text(media: &Path) -> Result<Option<String>, (Reason, String)> {
     let side = media.with_extension("txt");
     match std::fs::read(&side) {
-        Ok(b) => String::from_utf8(b)
-            .map(|s| Some(s.trim().to_string()))
-            .map_err(|e| (Reason::InvalidUtf8, format!("{}: invalid UTF-8 at byte {}", side.display(), e.utf8_error().valid_up_to()))),
+        Ok(b) => String::from_utf8(b).map(|s| Some(s.trim().to_string())).map_err(|e| {
+            (Reason::InvalidUtf8, format!("{}: invalid UTF-8 at byte {}", side.display(), e.utf8_error().valid_up_to()))
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err((Reason::Io, format!("read {}: {e}", side.display()))),
     }
@@ -248,7 +260,9 @@ fn parse_jsonl_record(ctx: &ReadCtx<'_>, file: &Arc<Path>, base: &Path, index: u
     let spec = ctx.spec;
     let get_text = |key: &str, required: bool| -> Result<Option<String>, RecordError> {
         match obj.get(key) {
-            None | Some(serde_json::Value::Null) if required => Err(err(Reason::MissingField, format!("no {key:?} field"))),
+            None | Some(serde_json::Value::Null) if required => {
+                Err(err(Reason::MissingField, format!("no {key:?} field")))
+            }
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
             Some(other) => Err(err(Reason::WrongType, format!("{key:?} is {}, not a string", json_type(other)))),
@@ -277,9 +291,13 @@ fn parse_jsonl_record(ctx: &ReadCtx<'_>, file: &Arc<Path>, base: &Path, index: u
         SourceKind::Interleaved => {
             let key = spec.parts_field();
             let list = match obj.get(key) {
-                None | Some(serde_json::Value::Null) => return Err(err(Reason::MissingField, format!("no {key:?} field"))),
+                None | Some(serde_json::Value::Null) => {
+                    return Err(err(Reason::MissingField, format!("no {key:?} field")));
+                }
                 Some(serde_json::Value::Array(a)) => a,
-                Some(other) => return Err(err(Reason::WrongType, format!("{key:?} is {}, not a list", json_type(other)))),
+                Some(other) => {
+                    return Err(err(Reason::WrongType, format!("{key:?} is {}, not a list", json_type(other))));
+                }
             };
             let mut parts = Vec::with_capacity(list.len());
             for (pi, p) in list.iter().enumerate() {
@@ -338,7 +356,9 @@ fn interleaved_part(v: &serde_json::Value, base: &Path) -> Result<RawPart, (Reas
             other => Err((Reason::WrongType, format!("text is {}", json_type(other)))),
         },
         "image" => json_blob(val, base).map(RawPart::Image).map_err(|e| (Reason::WrongType, format!("image {e}"))),
-        "audio" | "speech" => json_blob(val, base).map(RawPart::Audio).map_err(|e| (Reason::WrongType, format!("audio {e}"))),
+        "audio" | "speech" => {
+            json_blob(val, base).map(RawPart::Audio).map_err(|e| (Reason::WrongType, format!("audio {e}")))
+        }
         other => Err((Reason::WrongType, format!("unknown part kind {other:?}"))),
     }
 }
@@ -372,7 +392,9 @@ impl TextColumn {
                 if !b.is_valid(i) {
                     return Ok(None);
                 }
-                std::str::from_utf8(b.value(i)).map(Some).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))
+                std::str::from_utf8(b.value(i))
+                    .map(Some)
+                    .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))
             }
         }
     }
@@ -571,7 +593,8 @@ mod tests {
         let spec = SourceSpec { text_first: Some(0.8), ..SourceSpec::new(SourceKind::Image, vec![]) };
         let options = RecipeOptions::default();
         let items = collect(&ReadCtx { spec: &spec, options: &options }, &unit(p.clone(), FileFormat::Jsonl));
-        let first: usize = items.iter().filter(|i| matches!(i, Ok(r) if matches!(r.parts[0], RawPart::Text(_)))).count();
+        let first: usize =
+            items.iter().filter(|i| matches!(i, Ok(r) if matches!(r.parts[0], RawPart::Text(_)))).count();
         assert!((280..=360).contains(&first), "caption first {first}/400 for p = 0.8");
         let again = collect(&ReadCtx { spec: &spec, options: &options }, &unit(p, FileFormat::Jsonl));
         assert_eq!(items, again);

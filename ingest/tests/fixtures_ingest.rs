@@ -73,7 +73,13 @@ fn bad_inputs_are_reported_and_valid_records_kept() -> anyhow::Result<()> {
     let errors = read_errors(&out)?;
     let got: Vec<(String, Option<u64>, Reason)> = errors
         .iter()
-        .map(|e| (std::path::Path::new(&e.file).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), e.record, e.reason))
+        .map(|e| {
+            (
+                std::path::Path::new(&e.file).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                e.record,
+                e.reason,
+            )
+        })
         .collect();
     let want = vec![
         ("images.jsonl".to_string(), Some(1), Reason::Image),

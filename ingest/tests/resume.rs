@@ -166,7 +166,10 @@ fn refuses_to_clobber_what_is_not_a_corpus_and_dedups() -> anyhow::Result<()> {
         std::fs::write(data.join(format!("{i}.txt")), t)?;
     }
     let recipe = |dedup: bool| {
-        common::recipe(&format!("[options]\ndedup = {dedup}\ntask_files = 2\n[[source]]\nkind = \"text\"\npaths = [\"*.txt\"]\n"), &data)
+        common::recipe(
+            &format!("[options]\ndedup = {dedup}\ntask_files = 2\n[[source]]\nkind = \"text\"\npaths = [\"*.txt\"]\n"),
+            &data,
+        )
     };
     let notes = tmp.path().join("notes");
     std::fs::create_dir_all(&notes)?;
@@ -188,4 +191,3 @@ fn refuses_to_clobber_what_is_not_a_corpus_and_dedups() -> anyhow::Result<()> {
     assert!(matches!(ingest(&common::config(recipe(false), &out)), Err(Error::OutputExists { .. })));
     Ok(())
 }
-

@@ -23,7 +23,11 @@ fn sample_recipe_ingests_end_to_end() -> anyhow::Result<()> {
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.docs, s.documents);
     let m = corpus.manifest();
-    for (name, file) in [("text", "tokenizers/text.json"), ("image", "tokenizers/image.safetensors"), ("speech", "tokenizers/speech.safetensors")] {
+    for (name, file) in [
+        ("text", "tokenizers/text.json"),
+        ("image", "tokenizers/image.safetensors"),
+        ("speech", "tokenizers/speech.safetensors"),
+    ] {
         assert_eq!(m.tokenizers.get(name).and_then(|v| v.as_str()), Some(file));
         assert!(out.join(file).is_file(), "{file} copied into the corpus");
     }

@@ -2,7 +2,7 @@
 //! cargo run --release -p motley-shards --example bench_loader [DOCS] [TOKENS]
 //! The `motley bench loader` subcommand runs the same code with more options.
 
-use motley_shards::bench::{run, LoaderBenchConfig};
+use motley_shards::bench::{LoaderBenchConfig, run};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

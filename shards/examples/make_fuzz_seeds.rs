@@ -11,9 +11,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let docs = vec![
         Document::new(vec![Segment::tokens(Modality::Text, vec![1, 299, 7])]),
         Document::new(vec![
-            Segment::tokens(Modality::Image, vec![0, 15, 3, 4])
-                .with_meta(SegmentMeta { grid: Some((2, 2)), frame_rate: None, source: Some("a.png".into()) }),
-            Segment::tokens(Modality::Speech, vec![69_999, 5]).with_meta(SegmentMeta { grid: None, frame_rate: Some(50.0), source: None }),
+            Segment::tokens(Modality::Image, vec![0, 15, 3, 4]).with_meta(SegmentMeta {
+                grid: Some((2, 2)),
+                frame_rate: None,
+                source: Some("a.png".into()),
+            }),
+            Segment::tokens(Modality::Speech, vec![69_999, 5]).with_meta(SegmentMeta {
+                grid: None,
+                frame_rate: Some(50.0),
+                source: None,
+            }),
         ]),
         Document::new(vec![Segment::latent(Modality::Image, 2, vec![f16::ONE, f16::ZERO, f16::NEG_ONE, f16::MAX])]),
         Document::default(),

@@ -135,7 +135,12 @@ fn write_synth(dir: &Path, cfg: &LoaderBenchConfig, vocab: &Vocab, c: Compressio
 }
 
 /// Delivers `cfg.tokens` tokens of batches, or fewer when `max_seconds` runs out first.
-fn measure(corpus: &std::sync::Arc<Corpus>, cfg: &LoaderBenchConfig, prefetch: usize, max_seconds: f64) -> Result<Throughput> {
+fn measure(
+    corpus: &std::sync::Arc<Corpus>,
+    cfg: &LoaderBenchConfig,
+    prefetch: usize,
+    max_seconds: f64,
+) -> Result<Throughput> {
     let lc = LoaderConfig { seq_len: cfg.seq_len, batch_size: cfg.batch_size, seed: 1, prefetch, ..Default::default() };
     let mut l = Loader::new(vec![Source::new(corpus.clone(), 1.0)], lc)?;
     l.next_batch()?; // warm-up: first touches of the shards
@@ -207,7 +212,9 @@ fn build_open_corpus(dir: &Path, cfg: &LoaderBenchConfig, vocab: &Vocab) -> Resu
         let name = format!("open-{s:05}.mshard");
         if s > 0 {
             let p = dir.join(&name);
-            std::fs::hard_link(&first, &p).or_else(|_| std::fs::copy(&first, &p).map(|_| ())).map_err(|e| ShardError::io(&p, "link", e))?;
+            std::fs::hard_link(&first, &p)
+                .or_else(|_| std::fs::copy(&first, &p).map(|_| ()))
+                .map_err(|e| ShardError::io(&p, "link", e))?;
         }
         shards.push(crate::writer::ShardStats { name, ..stats.clone() });
     }
@@ -244,7 +251,10 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
     progress("loader with prefetch thread, raw");
     let pre_raw = measure(&raw, cfg, 4, 60.0)?;
     progress("memcpy of the same batch bytes");
-    let (memcpy, memcpy_cpu) = memcpy_bytes_per_s(one_raw.tokens * BATCH_BYTES_PER_TOKEN, cfg.seq_len * cfg.batch_size * BATCH_BYTES_PER_TOKEN as usize);
+    let (memcpy, memcpy_cpu) = memcpy_bytes_per_s(
+        one_raw.tokens * BATCH_BYTES_PER_TOKEN,
+        cfg.seq_len * cfg.batch_size * BATCH_BYTES_PER_TOKEN as usize,
+    );
 
     let (mut numpy_tps, mut numpy_pad, mut numpy_error) = (None, None, None);
     let (mut numpy_cpu, mut stream, mut stream_cpu) = (None, None, None);
@@ -267,7 +277,10 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
                 }
                 Err(e) => numpy_error = Some(format!("bad JSON from {}: {e}", script.display())),
             },
-            Ok(o) => numpy_error = Some(format!("{} failed: {}", script.display(), String::from_utf8_lossy(&o.stderr).trim())),
+            Ok(o) => {
+                numpy_error =
+                    Some(format!("{} failed: {}", script.display(), String::from_utf8_lossy(&o.stderr).trim()))
+            }
             Err(e) => numpy_error = Some(format!("cannot run {}: {e}", python.display())),
         }
     }
@@ -297,7 +310,10 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
         zstd_ratio: raw_m.bytes as f64 / zstd_m.bytes.max(1) as f64,
         write_raw_tokens_per_s: corpus_tokens as f64 / raw_s,
         loader_fraction_of_memcpy: one_raw.batch_bytes_per_s / memcpy,
-        loader_fraction_of_memcpy_cpu: one_raw.tokens_per_cpu_s.zip(memcpy_cpu).map(|(l, m)| l * BATCH_BYTES_PER_TOKEN as f64 / m),
+        loader_fraction_of_memcpy_cpu: one_raw
+            .tokens_per_cpu_s
+            .zip(memcpy_cpu)
+            .map(|(l, m)| l * BATCH_BYTES_PER_TOKEN as f64 / m),
         memcpy_bytes_per_cpu_s: memcpy_cpu,
         ratio_vs_numpy: numpy_tps.map(|n| one_raw.tokens_per_s / n),
         ratio_vs_numpy_cpu: one_raw.tokens_per_cpu_s.zip(numpy_cpu).map(|(l, n)| l / n),

@@ -68,16 +68,21 @@ impl ShardError {
         ShardError::Io { path: path.into(), op, source }
     }
 
-    pub(crate) fn corrupt(path: impl Into<PathBuf>, what: &'static str, offset: u64, detail: impl Into<String>) -> Self {
+    pub(crate) fn corrupt(
+        path: impl Into<PathBuf>,
+        what: &'static str,
+        offset: u64,
+        detail: impl Into<String>,
+    ) -> Self {
         ShardError::Corrupt { path: path.into(), what, offset, detail: detail.into() }
     }
 
     /// Byte offset the error points at, when it has one.
     pub fn offset(&self) -> Option<u64> {
         match self {
-            ShardError::Checksum { offset, .. } | ShardError::Truncated { offset, .. } | ShardError::Corrupt { offset, .. } => {
-                Some(*offset)
-            }
+            ShardError::Checksum { offset, .. }
+            | ShardError::Truncated { offset, .. }
+            | ShardError::Corrupt { offset, .. } => Some(*offset),
             _ => None,
         }
     }

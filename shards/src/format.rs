@@ -115,7 +115,12 @@ impl Header {
             len: file.len() as u64,
         })?;
         if b[0..8] != MAGIC {
-            return Err(ShardError::corrupt(path, "header", 0, format!("bad magic {:?}", String::from_utf8_lossy(&b[0..8]))));
+            return Err(ShardError::corrupt(
+                path,
+                "header",
+                0,
+                format!("bad magic {:?}", String::from_utf8_lossy(&b[0..8])),
+            ));
         }
         let stored = rd_u32(b, 60);
         let actual = crc32c::crc32c(&b[0..60]);
@@ -266,7 +271,13 @@ impl Footer {
                 foot_at,
                 format!(
                     "regions out of order or past the footer: chunk table @{} ({} chunks), index @{} ({} docs), meta @{}+{}, footer @{}",
-                    f.chunk_table_offset, f.num_chunks, f.doc_index_offset, f.num_docs, f.meta_offset, f.meta_len, foot_at
+                    f.chunk_table_offset,
+                    f.num_chunks,
+                    f.doc_index_offset,
+                    f.num_docs,
+                    f.meta_offset,
+                    f.meta_len,
+                    foot_at
                 ),
             ));
         }
@@ -433,11 +444,20 @@ pub fn validate_record(path: &Path, base: u64, record: &[u8]) -> Result<u64> {
             _ => return Err(bad(at, format!("segment {i}: bad kind {} / width {} / dim {}", d.kind, d.width, d.dim))),
         };
         if elems * d.width as u64 != d.payload_bytes as u64 {
-            return Err(bad(at, format!("segment {i}: payload of {} bytes does not hold {elems} elements", d.payload_bytes)));
+            return Err(bad(
+                at,
+                format!("segment {i}: payload of {} bytes does not hold {elems} elements", d.payload_bytes),
+            ));
         }
         let p_end = d.payload_offset as u64 + d.payload_bytes as u64;
-        if (d.payload_offset as usize) < table_end || p_end > record.len() as u64 || !(d.payload_offset as usize).is_multiple_of(ALIGN) {
-            return Err(bad(at, format!("segment {i}: payload {}..{p_end} outside the record or misaligned", d.payload_offset)));
+        if (d.payload_offset as usize) < table_end
+            || p_end > record.len() as u64
+            || !(d.payload_offset as usize).is_multiple_of(ALIGN)
+        {
+            return Err(bad(
+                at,
+                format!("segment {i}: payload {}..{p_end} outside the record or misaligned", d.payload_offset),
+            ));
         }
         if d.flags & FLAG_SOURCE != 0 {
             let s_end = d.source_offset as u64 + d.source_len as u64;
@@ -493,21 +513,25 @@ pub fn fixup_checksums(file: &mut [u8]) {
     let table_end = num_chunks.checked_mul(CHUNK_ENTRY_LEN as u64).and_then(|l| table.checked_add(l));
     let index_end = num_docs.checked_mul(INDEX_ENTRY_LEN as u64).and_then(|l| index.checked_add(l));
     if let (Some(te), Some(ie)) = (table_end, index_end)
-        && te <= at as u64 && ie <= at as u64 && table <= te && te <= index.max(te) {
-            for c in 0..num_chunks as usize {
-                let e = table as usize + c * CHUNK_ENTRY_LEN;
-                let entry = ChunkEntry::decode(&file[e..e + CHUNK_ENTRY_LEN]);
-                let end = entry.file_offset.checked_add(entry.stored_len as u64);
-                if let Some(end) = end.filter(|&x| x <= at as u64) {
-                    let crc = crc32c::crc32c(&file[entry.file_offset as usize..end as usize]);
-                    file[e + 16..e + 20].copy_from_slice(&crc.to_le_bytes());
-                }
-            }
-            if te == index {
-                let crc = crc32c::crc32c(&file[table as usize..ie as usize]);
-                file[at + 144..at + 148].copy_from_slice(&crc.to_le_bytes());
+        && te <= at as u64
+        && ie <= at as u64
+        && table <= te
+        && te <= index.max(te)
+    {
+        for c in 0..num_chunks as usize {
+            let e = table as usize + c * CHUNK_ENTRY_LEN;
+            let entry = ChunkEntry::decode(&file[e..e + CHUNK_ENTRY_LEN]);
+            let end = entry.file_offset.checked_add(entry.stored_len as u64);
+            if let Some(end) = end.filter(|&x| x <= at as u64) {
+                let crc = crc32c::crc32c(&file[entry.file_offset as usize..end as usize]);
+                file[e + 16..e + 20].copy_from_slice(&crc.to_le_bytes());
             }
         }
+        if te == index {
+            let crc = crc32c::crc32c(&file[table as usize..ie as usize]);
+            file[at + 144..at + 148].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
     if let Some(me) = meta.checked_add(meta_len).filter(|&e| e <= at as u64) {
         let crc = crc32c::crc32c(&file[meta as usize..me as usize]);
         file[at + 148..at + 152].copy_from_slice(&crc.to_le_bytes());

@@ -20,7 +20,9 @@ pub use batch::{Batch, DocSpan, Latents};
 pub use error::{Result, ShardError};
 pub use format::{Compression, ModalityStats};
 pub use loader::{Loader, LoaderConfig, LoaderState, Source, Split};
-pub use manifest::{Manifest, MANIFEST_NAME};
-pub use reader::{is_eval_doc, Corpus, DocIter, DocumentRef, Ids, Problem, SegmentRef, SegmentView, ShardReader, VerifyReport};
-pub use types::{Document, Modality, ModalityVocab, Segment, SegmentData, SegmentMeta, Vocab, SPECIAL_NAMES};
+pub use manifest::{MANIFEST_NAME, Manifest};
+pub use reader::{
+    Corpus, DocIter, DocumentRef, Ids, Problem, SegmentRef, SegmentView, ShardReader, VerifyReport, is_eval_doc,
+};
+pub use types::{Document, Modality, ModalityVocab, SPECIAL_NAMES, Segment, SegmentData, SegmentMeta, Vocab};
 pub use writer::{CorpusWriter, PerModality, ShardStats, ShardWriter, WriterProperties, WriterPropertiesBuilder};

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, DocSpan, Latents};
 use crate::error::{Result, ShardError};
-use crate::perm::{mix64, Permutation};
-use crate::reader::{is_eval_doc, Corpus, DocumentRef, SegmentView};
+use crate::perm::{Permutation, mix64};
+use crate::reader::{Corpus, DocumentRef, SegmentView, is_eval_doc};
 use crate::types::{Modality, Vocab};
 
 /// Which documents the loader reads.
@@ -84,7 +84,11 @@ impl LoaderConfig {
         let mut cfg = base;
         let get = |name: &str| -> Result<Option<usize>> {
             match var(name) {
-                Some(v) => v.trim().parse().map(Some).map_err(|_| ShardError::Config(format!("{name}={v:?} is not a non-negative integer"))),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| ShardError::Config(format!("{name}={v:?} is not a non-negative integer"))),
                 None => Ok(None),
             }
         };
@@ -103,7 +107,10 @@ impl LoaderConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.seq_len < 1 || self.batch_size < 1 {
-            return Err(ShardError::Config(format!("seq_len {} and batch_size {} must be at least 1", self.seq_len, self.batch_size)));
+            return Err(ShardError::Config(format!(
+                "seq_len {} and batch_size {} must be at least 1",
+                self.seq_len, self.batch_size
+            )));
         }
         if self.seq_len > u32::MAX as usize / 2 {
             return Err(ShardError::Config(format!("seq_len {} too large", self.seq_len)));
@@ -261,7 +268,10 @@ impl Packer {
         let total_w: f64 = sources.iter().map(|s| s.weight).sum();
         for (i, s) in sources.iter().enumerate() {
             if s.corpus.vocab() != &vocab {
-                return Err(ShardError::Config(format!("source {i} ({}) has a different vocabulary", s.corpus.dir().display())));
+                return Err(ShardError::Config(format!(
+                    "source {i} ({}) has a different vocabulary",
+                    s.corpus.dir().display()
+                )));
             }
             if !(s.weight.is_finite() && s.weight > 0.0) {
                 return Err(ShardError::Config(format!("source {i} weight {} must be positive", s.weight)));
@@ -293,13 +303,21 @@ impl Packer {
             .enumerate()
             .map(|(i, s)| {
                 let n = s.corpus.num_docs();
-                SourceRt { perm: Permutation::new(n, perm_seed(cfg.seed, i, state.sources[i].epoch)), weight: s.weight / total_w, corpus: s.corpus }
+                SourceRt {
+                    perm: Permutation::new(n, perm_seed(cfg.seed, i, state.sources[i].epoch)),
+                    weight: s.weight / total_w,
+                    corpus: s.corpus,
+                }
             })
             .collect();
         for (i, s) in rts.iter().enumerate() {
             let any = (0..s.corpus.num_docs()).any(|d| in_split(&cfg, d));
             if !any {
-                return Err(ShardError::Config(format!("source {i} ({}) has no documents in the {:?} split", s.corpus.dir().display(), cfg.split)));
+                return Err(ShardError::Config(format!(
+                    "source {i} ({}) has no documents in the {:?} split",
+                    s.corpus.dir().display(),
+                    cfg.split
+                )));
             }
         }
         Ok(Packer { ids: Ids::new(&vocab)?, cfg, sources: rts, state, plan: Vec::new(), units: Vec::new() })
@@ -385,7 +403,17 @@ impl Packer {
     /// position `q >= 1` is target `q - 1` (a row holds `seq_len + 1` positions). Rows and
     /// pieces arrive in order, so every field is built by appending (no zero-fill pass).
     #[allow(clippy::too_many_arguments)]
-    fn fill(&self, doc: &DocumentRef<'_>, a: usize, b: usize, p: usize, doc_idx: u32, seg_ctr: &mut u32, slot: usize, batch: &mut Batch) {
+    fn fill(
+        &self,
+        doc: &DocumentRef<'_>,
+        a: usize,
+        b: usize,
+        p: usize,
+        doc_idx: u32,
+        seg_ctr: &mut u32,
+        slot: usize,
+        batch: &mut Batch,
+    ) {
         let t = self.cfg.seq_len;
         let base = slot * t;
         let mut last_group = None;
@@ -476,7 +504,14 @@ impl Packer {
             if rem <= space {
                 if let Some(slot) = slot {
                     self.fill(&doc, o, flat, p, doc_idx, &mut seg_ctr, slot, batch);
-                    batch.spans.push(DocSpan { row: slot as u32, source: src as u32, doc: doc_id, start: o as u32, end: flat as u32, at: p as u32 });
+                    batch.spans.push(DocSpan {
+                        row: slot as u32,
+                        source: src as u32,
+                        doc: doc_id,
+                        start: o as u32,
+                        end: flat as u32,
+                        at: p as u32,
+                    });
                 }
                 p += rem;
                 doc_idx += 1;
@@ -488,15 +523,24 @@ impl Packer {
             let mut c = o + space;
             if !self.cfg.split_segments
                 && let Some(&(u, len)) = self.units.iter().find(|&&(u, len)| u < c && c < u + len)
-                    && len <= t && (p > 0 || u > o + 1) {
-                        c = u;
-                    }
+                && len <= t
+                && (p > 0 || u > o + 1)
+            {
+                c = u;
+            }
             if p > 0 && c <= 1 {
                 break; // nothing worth placing: the document starts the next row
             }
             if let Some(slot) = slot {
                 self.fill(&doc, o, c, p, doc_idx, &mut seg_ctr, slot, batch);
-                batch.spans.push(DocSpan { row: slot as u32, source: src as u32, doc: doc_id, start: o as u32, end: c as u32, at: p as u32 });
+                batch.spans.push(DocSpan {
+                    row: slot as u32,
+                    source: src as u32,
+                    doc: doc_id,
+                    start: o as u32,
+                    end: c as u32,
+                    at: p as u32,
+                });
             }
             p += c - o;
             doc_idx += 1;
@@ -598,7 +642,12 @@ fn check_resume(st: &LoaderState, cfg: &LoaderConfig, sources: &[Source]) -> Res
     }
     for (i, (c, s)) in st.sources.iter().zip(sources).enumerate() {
         if c.num_docs != s.corpus.num_docs() {
-            return bad(format!("source {i} had {} documents, {} now has {}", c.num_docs, s.corpus.dir().display(), s.corpus.num_docs()));
+            return bad(format!(
+                "source {i} had {} documents, {} now has {}",
+                c.num_docs,
+                s.corpus.dir().display(),
+                s.corpus.num_docs()
+            ));
         }
     }
     Ok(())
@@ -730,7 +779,10 @@ mod tests {
         let vars = |pairs: &'static [(&'static str, &'static str)]| {
             move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
         };
-        let cfg = LoaderConfig::from_vars(LoaderConfig::default(), vars(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")]));
+        let cfg = LoaderConfig::from_vars(
+            LoaderConfig::default(),
+            vars(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")]),
+        );
         let cfg = cfg.map_err(|e| e.to_string());
         assert_eq!(cfg.as_ref().map(|c| (c.rank, c.world_size, c.local_rank)), Ok((3, 4, 1)));
         let unset = LoaderConfig::from_vars(LoaderConfig { rank: 1, world_size: 2, ..Default::default() }, vars(&[]));

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, ShardError};
 use crate::format::{Compression, Footer, Header};
 use crate::types::Vocab;
-use crate::writer::{sync_dir, PerModality, ShardStats};
+use crate::writer::{PerModality, ShardStats, sync_dir};
 
 /// File name of the manifest inside a corpus directory.
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -109,7 +109,8 @@ impl Manifest {
         let dir = dir.as_ref();
         let path = dir.join(MANIFEST_NAME);
         let bytes = std::fs::read(&path).map_err(|e| ShardError::io(&path, "read", e))?;
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ShardError::Manifest { path: path.clone(), detail: e.to_string() })?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| ShardError::Manifest { path: path.clone(), detail: e.to_string() })?;
         m.check(dir)?;
         Ok(m)
     }
@@ -155,7 +156,8 @@ impl Manifest {
         let dir = dir.as_ref();
         let path = dir.join(MANIFEST_NAME);
         let tmp = dir.join(format!("{MANIFEST_NAME}.tmp"));
-        let json = serde_json::to_vec_pretty(self).map_err(|e| ShardError::Manifest { path: path.clone(), detail: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| ShardError::Manifest { path: path.clone(), detail: e.to_string() })?;
         let mut f = std::fs::File::create(&tmp).map_err(|e| ShardError::io(&tmp, "create", e))?;
         f.write_all(&json).and_then(|()| f.write_all(b"\n")).map_err(|e| ShardError::io(&tmp, "write", e))?;
         f.sync_all().map_err(|e| ShardError::io(&tmp, "fsync", e))?;
@@ -177,7 +179,10 @@ fn check_name(dir: &Path, name: &str) -> Result<()> {
     if plain {
         Ok(())
     } else {
-        Err(ShardError::Manifest { path: dir.join(MANIFEST_NAME), detail: format!("shard name {name:?} is not a plain file name") })
+        Err(ShardError::Manifest {
+            path: dir.join(MANIFEST_NAME),
+            detail: format!("shard name {name:?} is not a plain file name"),
+        })
     }
 }
 
@@ -185,7 +190,8 @@ fn check_name(dir: &Path, name: &str) -> Result<()> {
 pub(crate) fn read_meta_vocab(path: &Path, file: &[u8], footer: &Footer) -> Result<Vocab> {
     let start = footer.meta_offset as usize;
     let end = start + footer.meta_len as usize; // bounds checked by Footer::decode
-    let meta = file.get(start..end).ok_or_else(|| ShardError::corrupt(path, "meta", footer.meta_offset, "out of range"))?;
+    let meta =
+        file.get(start..end).ok_or_else(|| ShardError::corrupt(path, "meta", footer.meta_offset, "out of range"))?;
     let actual = crc32c::crc32c(meta);
     if actual != footer.meta_crc {
         return Err(crate::format::checksum(path, "meta", footer.meta_offset, footer.meta_crc, actual));
@@ -194,6 +200,7 @@ pub(crate) fn read_meta_vocab(path: &Path, file: &[u8], footer: &Footer) -> Resu
     struct Meta {
         vocab: Vocab,
     }
-    let m: Meta = serde_json::from_slice(meta).map_err(|e| ShardError::corrupt(path, "meta", footer.meta_offset, e.to_string()))?;
+    let m: Meta = serde_json::from_slice(meta)
+        .map_err(|e| ShardError::corrupt(path, "meta", footer.meta_offset, e.to_string()))?;
     Ok(m.vocab)
 }

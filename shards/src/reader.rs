@@ -11,11 +11,11 @@ use serde::Serialize;
 
 use crate::error::{Result, ShardError};
 use crate::format::{
-    self, validate_record, ChunkEntry, Compression, Footer, Header, IndexEntry, ModalityStats, SegmentDesc, ALIGN,
-    CHUNK_ENTRY_LEN, FLAG_FRAME_RATE, FLAG_GRID, FLAG_SOURCE, INDEX_ENTRY_LEN, KIND_LATENT_F16,
+    self, ALIGN, CHUNK_ENTRY_LEN, ChunkEntry, Compression, FLAG_FRAME_RATE, FLAG_GRID, FLAG_SOURCE, Footer, Header,
+    INDEX_ENTRY_LEN, IndexEntry, KIND_LATENT_F16, ModalityStats, SegmentDesc, validate_record,
 };
-use crate::manifest::{read_meta_vocab, Manifest};
-use crate::perm::{mix64, Permutation};
+use crate::manifest::{Manifest, read_meta_vocab};
+use crate::perm::{Permutation, mix64};
 use crate::types::{Document, Modality, Segment, SegmentData, SegmentMeta, Vocab};
 use crate::writer::PerModality;
 
@@ -91,7 +91,12 @@ impl ShardReader {
         let header = Header::decode(&path, bytes)?;
         let footer = Footer::decode(&path, bytes)?;
         if footer.compression_code != header.compression.code() {
-            return Err(ShardError::corrupt(&path, "footer", (bytes.len() - format::FOOTER_LEN + 12) as u64, "compression differs from the header"));
+            return Err(ShardError::corrupt(
+                &path,
+                "footer",
+                (bytes.len() - format::FOOTER_LEN + 12) as u64,
+                "compression differs from the header",
+            ));
         }
         let start = footer.chunk_table_offset as usize;
         let end = (footer.doc_index_offset + footer.num_docs * INDEX_ENTRY_LEN as u64) as usize;
@@ -154,7 +159,11 @@ impl ShardReader {
             return Err(mismatch("compression", entry.compression.as_str().into(), self.compression().as_str().into()));
         }
         if self.footer.payload_bytes != entry.payload_bytes {
-            return Err(mismatch("payload_bytes", entry.payload_bytes.to_string(), self.footer.payload_bytes.to_string()));
+            return Err(mismatch(
+                "payload_bytes",
+                entry.payload_bytes.to_string(),
+                self.footer.payload_bytes.to_string(),
+            ));
         }
         if self.stats() != entry.modalities {
             return Err(mismatch("modalities", format!("{:?}", entry.modalities), format!("{:?}", self.stats())));
@@ -178,7 +187,12 @@ impl ShardReader {
     /// Chunk table entry `i`, checked against the file layout.
     pub fn chunk_entry(&self, i: u64) -> Result<ChunkEntry> {
         if i >= self.footer.num_chunks {
-            return Err(ShardError::corrupt(&self.path, "document index", self.footer.doc_index_offset, format!("chunk {i} of {}", self.footer.num_chunks)));
+            return Err(ShardError::corrupt(
+                &self.path,
+                "document index",
+                self.footer.doc_index_offset,
+                format!("chunk {i} of {}", self.footer.num_chunks),
+            ));
         }
         let at = self.footer.chunk_table_offset + i * CHUNK_ENTRY_LEN as u64;
         let c = ChunkEntry::decode(&self.storage.bytes()[at as usize..at as usize + CHUNK_ENTRY_LEN]);
@@ -193,7 +207,10 @@ impl ShardReader {
                 &self.path,
                 "chunk table",
                 at,
-                format!("chunk {i} at {}+{} (raw {}) lies outside the data region", c.file_offset, c.stored_len, c.raw_len),
+                format!(
+                    "chunk {i} at {}+{} (raw {}) lies outside the data region",
+                    c.file_offset, c.stored_len, c.raw_len
+                ),
             ));
         }
         Ok(c)
@@ -218,9 +235,10 @@ impl ShardReader {
     fn decompressed(&self, i: u32, c: &ChunkEntry) -> Result<Arc<ChunkBuf>> {
         if let Ok(guard) = self.cache.lock()
             && let Some((ci, buf)) = guard.as_ref()
-                && *ci == i {
-                    return Ok(buf.clone());
-                }
+            && *ci == i
+        {
+            return Ok(buf.clone());
+        }
         let stored = self.stored_chunk(i, c)?;
         let bad = |detail: String| ShardError::corrupt(&self.path, "zstd chunk", c.file_offset, detail);
         match zstd::zstd_safe::get_frame_content_size(stored) {
@@ -251,7 +269,10 @@ impl ShardReader {
                 &self.path,
                 "document index",
                 index_at,
-                format!("document {local}: record {}..{end} outside chunk {} of {} bytes", e.offset, e.chunk, c.raw_len),
+                format!(
+                    "document {local}: record {}..{end} outside chunk {} of {} bytes",
+                    e.offset, e.chunk, c.raw_len
+                ),
             ));
         }
         let (bytes, base) = match self.header.compression {
@@ -377,7 +398,10 @@ impl Ids<'_> {
 pub enum SegmentView<'a> {
     Tokens(Ids<'a>),
     /// `len` vectors of `dim` values, row-major.
-    Latent { dim: u32, data: &'a [f16] },
+    Latent {
+        dim: u32,
+        data: &'a [f16],
+    },
 }
 
 /// A borrowed view of one segment.
@@ -508,7 +532,10 @@ impl Corpus {
 
     /// Shard `i`, mapped and checked against the manifest on first use.
     pub fn shard(&self, i: usize) -> Result<&ShardReader> {
-        let cell = self.shards.get(i).ok_or(ShardError::DocOutOfRange { doc: i as u64, num_docs: self.num_shards() as u64 })?;
+        let cell = self
+            .shards
+            .get(i)
+            .ok_or(ShardError::DocOutOfRange { doc: i as u64, num_docs: self.num_shards() as u64 })?;
         if let Some(r) = cell.get() {
             return Ok(r);
         }
@@ -602,7 +629,12 @@ pub struct Problem {
 
 impl Problem {
     pub(crate) fn from_error(shard: Option<&str>, e: &ShardError) -> Problem {
-        Problem { shard: shard.map(str::to_string), kind: e.kind().to_string(), offset: e.offset(), message: e.to_string() }
+        Problem {
+            shard: shard.map(str::to_string),
+            kind: e.kind().to_string(),
+            offset: e.offset(),
+            message: e.to_string(),
+        }
     }
 }
 

@@ -170,7 +170,13 @@ impl Vocab {
         let speech_offset = image_offset + image_vocab;
         Vocab {
             modalities: vec![
-                ModalityVocab { modality: Modality::Text, vocab_size: text_vocab, latent_dim: None, offset: 0, tokenizer: None },
+                ModalityVocab {
+                    modality: Modality::Text,
+                    vocab_size: text_vocab,
+                    latent_dim: None,
+                    offset: 0,
+                    tokenizer: None,
+                },
                 ModalityVocab {
                     modality: Modality::Image,
                     vocab_size: image_vocab,
@@ -178,7 +184,13 @@ impl Vocab {
                     offset: image_offset,
                     tokenizer: None,
                 },
-                ModalityVocab { modality: Modality::Speech, vocab_size: speech_vocab, latent_dim: None, offset: speech_offset, tokenizer: None },
+                ModalityVocab {
+                    modality: Modality::Speech,
+                    vocab_size: speech_vocab,
+                    latent_dim: None,
+                    offset: speech_offset,
+                    tokenizer: None,
+                },
             ],
             specials,
             total_size: speech_offset + speech_vocab,

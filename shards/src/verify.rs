@@ -3,7 +3,7 @@
 
 use crate::error::ShardError;
 use crate::format::ModalityStats;
-use crate::reader::{add_doc_stats, Corpus, Problem, ShardReader, VerifyReport};
+use crate::reader::{Corpus, Problem, ShardReader, VerifyReport, add_doc_stats};
 use crate::writer::PerModality;
 
 /// At most this many record-level problems are listed per shard (the rest are counted).
@@ -71,7 +71,12 @@ pub(crate) fn verify_corpus(corpus: &Corpus) -> VerifyReport {
         }
         if shard_problems > MAX_PROBLEMS_PER_SHARD {
             push(
-                ShardError::corrupt(&path, "shard", 0, format!("{} more problems not listed", shard_problems - MAX_PROBLEMS_PER_SHARD)),
+                ShardError::corrupt(
+                    &path,
+                    "shard",
+                    0,
+                    format!("{} more problems not listed", shard_problems - MAX_PROBLEMS_PER_SHARD),
+                ),
                 &mut report,
             );
         }

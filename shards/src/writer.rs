@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ShardError};
 use crate::format::{
-    self, align_up, ChunkEntry, Compression, Footer, Header, IndexEntry, ModalityStats, SegmentDesc, ALIGN,
-    FLAG_FRAME_RATE, FLAG_GRID, FLAG_SOURCE, INDEX_ENTRY_LEN, KIND_LATENT_F16, KIND_TOKENS, RECORD_HEADER_LEN,
-    SEGMENT_DESC_LEN,
+    self, ALIGN, ChunkEntry, Compression, FLAG_FRAME_RATE, FLAG_GRID, FLAG_SOURCE, Footer, Header, INDEX_ENTRY_LEN,
+    IndexEntry, KIND_LATENT_F16, KIND_TOKENS, ModalityStats, RECORD_HEADER_LEN, SEGMENT_DESC_LEN, SegmentDesc,
+    align_up,
 };
 use crate::manifest::Manifest;
 use crate::types::{Document, Modality, SegmentData, Vocab};
@@ -37,7 +37,12 @@ impl Default for WriterProperties {
     fn default() -> Self {
         // Raw by default: zero-copy reads, and the loader benchmark shows zstd decoding costs
         // more than it saves on token ids (see docs/FORMAT.md, "Compression").
-        WriterProperties { compression: Compression::Raw, chunk_size: 1 << 20, zstd_level: 3, max_shard_bytes: 256 << 20 }
+        WriterProperties {
+            compression: Compression::Raw,
+            chunk_size: 1 << 20,
+            zstd_level: 3,
+            max_shard_bytes: 256 << 20,
+        }
     }
 }
 
@@ -172,7 +177,11 @@ impl ShardWriter {
             record: Vec::new(),
             props,
         };
-        let header = Header { version: format::VERSION, compression: w.props.compression, chunk_size: w.props.chunk_size as u32 };
+        let header = Header {
+            version: format::VERSION,
+            compression: w.props.compression,
+            chunk_size: w.props.chunk_size as u32,
+        };
         w.write(&header.encode())?;
         Ok(w)
     }
@@ -264,13 +273,15 @@ impl ShardWriter {
         let stored = match self.props.compression {
             Compression::Raw => None,
             Compression::Zstd => Some(
-                zstd::bulk::compress(&raw, self.props.zstd_level).map_err(|e| ShardError::io(&self.tmp_path, "zstd compress", e))?,
+                zstd::bulk::compress(&raw, self.props.zstd_level)
+                    .map_err(|e| ShardError::io(&self.tmp_path, "zstd compress", e))?,
             ),
         };
         let bytes: &[u8] = stored.as_deref().unwrap_or(&raw);
         let entry = ChunkEntry {
             file_offset: self.pos,
-            stored_len: u32::try_from(bytes.len()).map_err(|_| ShardError::Config("compressed chunk exceeds 4 GiB".into()))?,
+            stored_len: u32::try_from(bytes.len())
+                .map_err(|_| ShardError::Config("compressed chunk exceeds 4 GiB".into()))?,
             raw_len: raw.len() as u32,
             crc: crc32c::crc32c(bytes),
             first_doc: self.first_doc_of_chunk,
@@ -373,17 +384,25 @@ pub(crate) fn encode_record(doc: &Document, vocab: &Vocab, doc_no: u64, out: &mu
     let mut descs = Vec::with_capacity(n);
     // Source strings right after the descriptor table, then the aligned payloads.
     for (i, s) in doc.segments.iter().enumerate() {
-        let mv = vocab.modality(s.modality).ok_or_else(|| invalid(i, format!("modality {} not in the vocabulary", s.modality)))?;
+        let mv = vocab
+            .modality(s.modality)
+            .ok_or_else(|| invalid(i, format!("modality {} not in the vocabulary", s.modality)))?;
         let (kind, width, len, dim) = match &s.data {
             SegmentData::Tokens(ids) => {
                 if let Some((j, &bad)) = ids.iter().enumerate().find(|(_, id)| **id >= mv.vocab_size) {
-                    return Err(invalid(i, format!("{} id {bad} at position {j} is outside vocab size {}", s.modality, mv.vocab_size)));
+                    return Err(invalid(
+                        i,
+                        format!("{} id {bad} at position {j} is outside vocab size {}", s.modality, mv.vocab_size),
+                    ));
                 }
                 (KIND_TOKENS, format::id_width(mv.vocab_size), ids.len(), 0u32)
             }
             SegmentData::Latent { dim, data } => {
                 if mv.latent_dim != Some(*dim) || *dim == 0 {
-                    return Err(invalid(i, format!("latent dim {dim} but the vocabulary says {:?} for {}", mv.latent_dim, s.modality)));
+                    return Err(invalid(
+                        i,
+                        format!("latent dim {dim} but the vocabulary says {:?} for {}", mv.latent_dim, s.modality),
+                    ));
                 }
                 if data.len() % *dim as usize != 0 {
                     return Err(invalid(i, format!("{} latent values are not a multiple of dim {dim}", data.len())));
@@ -524,9 +543,11 @@ impl CorpusWriter {
         encode_record(doc, &self.vocab, self.docs, rec)?;
         let grow = rec.len() as u64 + INDEX_ENTRY_LEN as u64 + ALIGN as u64;
         if let Some(cur) = &self.current
-            && cur.num_docs() > 0 && cur.estimated_size() + grow > self.props.max_shard_bytes {
-                self.roll()?;
-            }
+            && cur.num_docs() > 0
+            && cur.estimated_size() + grow > self.props.max_shard_bytes
+        {
+            self.roll()?;
+        }
         if self.current.is_none() {
             let path = self.dir.join(Self::shard_name(&self.prefix, self.next_shard));
             self.next_shard += 1;

@@ -195,7 +195,10 @@ fn assemble_reads_footers_in_the_given_order() -> anyhow::Result<()> {
     assert_eq!(rev.num_docs, m.num_docs);
     assert_eq!(rev.shards[0], *m.shards.last().ok_or_else(|| anyhow::anyhow!("no shards"))?);
     let wrong_vocab = motley_shards::Vocab::build(10, 10, 10, None);
-    assert!(matches!(Manifest::assemble(dir.path(), &names, &wrong_vocab), Err(ShardError::ManifestMismatch { field: "vocab", .. })));
+    assert!(matches!(
+        Manifest::assemble(dir.path(), &names, &wrong_vocab),
+        Err(ShardError::ManifestMismatch { field: "vocab", .. })
+    ));
     Ok(())
 }
 
@@ -204,7 +207,8 @@ fn corpus_writer_removes_crash_leftovers_of_its_prefix() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("task-00017-000.mshard.tmp"), b"partial")?;
     std::fs::write(dir.path().join("task-00018-000.mshard.tmp"), b"other task")?;
-    let w = motley_shards::CorpusWriter::create(dir.path(), &common::vocab(), WriterProperties::default(), "task-00017")?;
+    let w =
+        motley_shards::CorpusWriter::create(dir.path(), &common::vocab(), WriterProperties::default(), "task-00017")?;
     assert!(!dir.path().join("task-00017-000.mshard.tmp").exists());
     assert!(dir.path().join("task-00018-000.mshard.tmp").exists());
     assert!(w.finish()?.is_empty());

@@ -6,7 +6,9 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use motley_shards::{Batch, Compression, Corpus, DocSpan, Loader, LoaderConfig, LoaderState, Modality, Source, Split, Vocab};
+use motley_shards::{
+    Batch, Compression, Corpus, DocSpan, Loader, LoaderConfig, LoaderState, Modality, Source, Split, Vocab,
+};
 
 /// Reference flattening: global ids, per-position latent flag, and keep-whole units.
 struct Flat {
@@ -272,7 +274,8 @@ fn mixing_follows_weights() -> anyhow::Result<()> {
 fn eval_split_is_disjoint_and_stable() -> anyhow::Result<()> {
     let (_d, c) = corpus(200, Compression::Raw)?;
     let docs_of = |split| -> anyhow::Result<HashSet<u64>> {
-        let mut l = Loader::new(vec![Source::new(c.clone(), 1.0)], LoaderConfig { split, eval_fraction: 0.2, ..cfg() })?;
+        let mut l =
+            Loader::new(vec![Source::new(c.clone(), 1.0)], LoaderConfig { split, eval_fraction: 0.2, ..cfg() })?;
         let mut s = HashSet::new();
         while l.state().epoch == 0 {
             s.extend(l.next_batch()?.spans.iter().map(|x| x.doc));
@@ -297,8 +300,9 @@ fn edge_sequence_lengths_and_world_sizes_cover_the_epoch() -> anyhow::Result<()>
         for split_segments in [false, true] {
             for world_size in [1usize, 3] {
                 let cfg = |rank| LoaderConfig { seq_len, batch_size: 2, rank, world_size, split_segments, ..cfg() };
-                let mut ranks: Vec<Loader> =
-                    (0..world_size).map(|r| Loader::new(vec![Source::new(c.clone(), 1.0)], cfg(r))).collect::<Result<_, _>>()?;
+                let mut ranks: Vec<Loader> = (0..world_size)
+                    .map(|r| Loader::new(vec![Source::new(c.clone(), 1.0)], cfg(r)))
+                    .collect::<Result<_, _>>()?;
                 let mut got = Vec::new();
                 while ranks[0].state().epoch == 0 {
                     for l in &mut ranks {

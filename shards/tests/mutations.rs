@@ -3,7 +3,7 @@
 
 mod common;
 
-use motley_shards::{format::fixup_checksums, Compression, SegmentView, ShardReader, ShardWriter, WriterProperties};
+use motley_shards::{Compression, SegmentView, ShardReader, ShardWriter, WriterProperties, format::fixup_checksums};
 use rand::{Rng, SeedableRng};
 
 fn exercise(bytes: &[u8]) -> bool {

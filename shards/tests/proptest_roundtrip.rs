@@ -2,7 +2,10 @@
 //! at every id width, through a single shard and through a rolled corpus.
 
 use half::f16;
-use motley_shards::{Compression, Corpus, CorpusWriter, Document, Modality, Segment, SegmentData, SegmentMeta, ShardReader, ShardWriter, Vocab, WriterProperties};
+use motley_shards::{
+    Compression, Corpus, CorpusWriter, Document, Modality, Segment, SegmentData, SegmentMeta, ShardReader, ShardWriter,
+    Vocab, WriterProperties,
+};
 use proptest::prelude::*;
 
 fn vocab_strategy() -> impl Strategy<Value = Vocab> {
@@ -28,7 +31,11 @@ fn segment_strategy(v: &Vocab) -> BoxedStrategy<Segment> {
             );
         }
     }
-    let meta = (prop::option::of((any::<u16>(), any::<u16>())), prop::option::of(0.0f32..1000.0), prop::option::of("\\PC{0,12}"))
+    let meta = (
+        prop::option::of((any::<u16>(), any::<u16>())),
+        prop::option::of(0.0f32..1000.0),
+        prop::option::of("\\PC{0,12}"),
+    )
         .prop_map(|(grid, frame_rate, source)| SegmentMeta { grid, frame_rate, source });
     (prop::sample::select((0..options.len()).collect::<Vec<_>>()), meta)
         .prop_flat_map(move |(i, meta)| options[i].clone().prop_map(move |s| s.with_meta(meta.clone())))
@@ -37,7 +44,8 @@ fn segment_strategy(v: &Vocab) -> BoxedStrategy<Segment> {
 
 fn case() -> impl Strategy<Value = (Vocab, Vec<Document>, bool, usize)> {
     vocab_strategy().prop_flat_map(|v| {
-        let docs = prop::collection::vec(prop::collection::vec(segment_strategy(&v), 0..5).prop_map(Document::new), 1..12);
+        let docs =
+            prop::collection::vec(prop::collection::vec(segment_strategy(&v), 0..5).prop_map(Document::new), 1..12);
         (Just(v), docs, any::<bool>(), 1usize..600)
     })
 }

@@ -62,9 +62,15 @@ impl Loaded {
 
     /// Takes a tensor, checking its shape.
     pub fn take(&mut self, path: &Path, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (s, d) = self.tensors.remove(name).ok_or_else(|| TokenizerError::bad_file(path, format!("missing tensor `{name}`")))?;
+        let (s, d) = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| TokenizerError::bad_file(path, format!("missing tensor `{name}`")))?;
         if s != shape {
-            return Err(TokenizerError::bad_file(path, format!("tensor `{name}` has shape {s:?}, header says {shape:?}")));
+            return Err(TokenizerError::bad_file(
+                path,
+                format!("tensor `{name}` has shape {s:?}, header says {shape:?}"),
+            ));
         }
         if d.iter().any(|v| !v.is_finite()) {
             return Err(TokenizerError::bad_file(path, format!("tensor `{name}` holds NaN or infinity")));
@@ -76,12 +82,11 @@ impl Loaded {
 /// Reads a file written by [`save`].
 pub fn load(path: &Path) -> Result<Loaded> {
     let buf = std::fs::read(path).map_err(|e| TokenizerError::io("read", path, e))?;
-    let (_, meta) = SafeTensors::read_metadata(&buf).map_err(|e| TokenizerError::bad_file(path, format!("not a safetensors file: {e}")))?;
-    let header_json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(HEADER_KEY))
-        .ok_or_else(|| TokenizerError::bad_file(path, format!("no `{HEADER_KEY}` header in the safetensors metadata")))?;
+    let (_, meta) = SafeTensors::read_metadata(&buf)
+        .map_err(|e| TokenizerError::bad_file(path, format!("not a safetensors file: {e}")))?;
+    let header_json = meta.metadata().as_ref().and_then(|m| m.get(HEADER_KEY)).ok_or_else(|| {
+        TokenizerError::bad_file(path, format!("no `{HEADER_KEY}` header in the safetensors metadata"))
+    })?;
     let header: serde_json::Value =
         serde_json::from_str(header_json).map_err(|e| TokenizerError::bad_file(path, format!("header JSON: {e}")))?;
     let st = SafeTensors::deserialize(&buf).map_err(|e| TokenizerError::bad_file(path, e))?;
@@ -107,8 +112,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.safetensors");
         let data = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-        save(&p, &serde_json::json!({"kind": "vq", "k": 2}), &[Tensor { name: "codebook", shape: vec![2, 3], data: &data }])
-            .unwrap();
+        save(
+            &p,
+            &serde_json::json!({"kind": "vq", "k": 2}),
+            &[Tensor { name: "codebook", shape: vec![2, 3], data: &data }],
+        )
+        .unwrap();
         let mut l = load(&p).unwrap();
         assert_eq!(l.kind(), Some("vq"));
         assert!(l.take(&p, "codebook", &[3, 2]).is_err());

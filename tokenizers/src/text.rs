@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use motley_shards::{Modality, Segment, SegmentMeta};
 use serde::{Deserialize, Serialize};
-use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -106,9 +106,15 @@ impl TextTokenizer {
         tk.with_decoder(Some(ByteLevel::default()));
         tk.with_post_processor(Some(ByteLevel::new(false, true, true)));
         let names: Vec<String> = files.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-        tk.train_from_files(&mut trainer, names).map_err(|e| text_err("train on", format!("{} files", files.len()), e))?;
+        tk.train_from_files(&mut trainer, names)
+            .map_err(|e| text_err("train on", format!("{} files", files.len()), e))?;
         let t = TextTokenizer { inner: tk, origin: "trained".into() };
-        let summary = TextTrainSummary { vocab_size: t.vocab_size(), files: files.len(), bytes, seconds: start.elapsed().as_secs_f64() };
+        let summary = TextTrainSummary {
+            vocab_size: t.vocab_size(),
+            files: files.len(),
+            bytes,
+            seconds: start.elapsed().as_secs_f64(),
+        };
         Ok((t, summary))
     }
 
@@ -152,7 +158,10 @@ impl TextTokenizer {
 
     /// Encodes many texts in parallel on the rayon pool (no special tokens added).
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        let encs = self.inner.encode_batch_fast(texts.to_vec(), false).map_err(|e| text_err("encode with", &self.origin, e))?;
+        let encs = self
+            .inner
+            .encode_batch_fast(texts.to_vec(), false)
+            .map_err(|e| text_err("encode with", &self.origin, e))?;
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
@@ -179,7 +188,10 @@ impl TextTokenizer {
                 TokenizerError::BadSegment { msg, .. } => TokenizerError::bad_segment(seg.meta.source.as_deref(), msg),
                 other => other,
             }),
-            _ => Err(TokenizerError::bad_segment(seg.meta.source.as_deref(), format!("not a text token segment ({})", seg.modality))),
+            _ => Err(TokenizerError::bad_segment(
+                seg.meta.source.as_deref(),
+                format!("not a text token segment ({})", seg.modality),
+            )),
         }
     }
 
@@ -200,7 +212,11 @@ mod tests {
         let f = dir.path().join("a.txt");
         let text = "the quick brown fox jumps over the lazy dog\n".repeat(50) + "héllo wörld ünïcode 🦀\n";
         std::fs::write(&f, &text).unwrap();
-        let cfg = TextTrainConfig { vocab_size: 300, special_tokens: vec!["<|endoftext|>".into(), "<|pad|>".into()], ..Default::default() };
+        let cfg = TextTrainConfig {
+            vocab_size: 300,
+            special_tokens: vec!["<|endoftext|>".into(), "<|pad|>".into()],
+            ..Default::default()
+        };
         let (t, s) = TextTokenizer::train(&[f], &cfg).unwrap();
         assert!(s.vocab_size <= 300 && s.vocab_size > 258, "vocab {}", s.vocab_size);
         assert_eq!(t.token_to_id("<|endoftext|>"), Some(0));

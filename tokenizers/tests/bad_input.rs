@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use image::{DynamicImage, ImageBuffer, Luma, LumaA, Rgb, Rgba};
 use indicatif::ProgressBar;
 use motley_tokenizers::speech::audio;
-use motley_tokenizers::{ImageTokenizer, SpeechConfig, SpeechTokenizer, TokenizerError, VqConfig, VqImageTokenizer, decode_image_bytes};
+use motley_tokenizers::{
+    ImageTokenizer, SpeechConfig, SpeechTokenizer, TokenizerError, VqConfig, VqImageTokenizer, decode_image_bytes,
+};
 
 fn vq() -> anyhow::Result<VqImageTokenizer> {
     let imgs = common::synthetic_images(8, 11);
@@ -37,11 +39,15 @@ fn crc32(bytes: &[u8]) -> u32 {
 fn unusual_colour_types_are_converted() -> anyhow::Result<()> {
     let t = vq()?;
     let grey = DynamicImage::ImageLuma8(ImageBuffer::from_fn(20, 20, |x, _| Luma([(x * 12) as u8])));
-    let grey_alpha = DynamicImage::ImageLumaA8(ImageBuffer::from_fn(20, 20, |x, y| LumaA([(x * 12) as u8, (y * 12) as u8])));
+    let grey_alpha =
+        DynamicImage::ImageLumaA8(ImageBuffer::from_fn(20, 20, |x, y| LumaA([(x * 12) as u8, (y * 12) as u8])));
     let rgba = DynamicImage::ImageRgba8(ImageBuffer::from_fn(33, 31, |x, y| Rgba([x as u8 * 7, y as u8 * 7, 90, 128])));
-    let rgb16 = DynamicImage::ImageRgb16(ImageBuffer::from_fn(40, 40, |x, y| Rgb([x as u16 * 1600, y as u16 * 1600, 30_000])));
+    let rgb16 =
+        DynamicImage::ImageRgb16(ImageBuffer::from_fn(40, 40, |x, y| Rgb([x as u16 * 1600, y as u16 * 1600, 30_000])));
     let grey16 = DynamicImage::ImageLuma16(ImageBuffer::from_fn(16, 16, |x, _| Luma([x as u16 * 4000])));
-    for (name, img) in [("grey", grey), ("grey_alpha", grey_alpha), ("rgba", rgba), ("rgb16", rgb16), ("grey16", grey16)] {
+    for (name, img) in
+        [("grey", grey), ("grey_alpha", grey_alpha), ("rgba", rgba), ("rgb16", rgb16), ("grey16", grey16)]
+    {
         let bytes = common::png(&img);
         let seg = t.encode_bytes(&bytes, name)?;
         assert_eq!(seg.data.len(), 64, "{name}");
@@ -139,7 +145,8 @@ fn broken_audio_is_a_typed_error_naming_the_file() -> anyhow::Result<()> {
     let cfg = SpeechConfig { units: 8, max_iter: 3, ..SpeechConfig::default() };
     let e = SpeechTokenizer::fit_files(&[good.clone(), junk.clone()], &cfg, &ProgressBar::hidden()).unwrap_err();
     assert!(e.to_string().contains("junk.mp3"), "{e}");
-    let (tok, s) = SpeechTokenizer::fit_files(&[good, junk], &SpeechConfig { skip_bad: true, ..cfg }, &ProgressBar::hidden())?;
+    let (tok, s) =
+        SpeechTokenizer::fit_files(&[good, junk], &SpeechConfig { skip_bad: true, ..cfg }, &ProgressBar::hidden())?;
     assert_eq!((s.files, s.skipped_files), (1, 1));
     let e = tok.encode_samples(&[], 16_000, Some("nothing")).unwrap_err();
     assert!(matches!(e, TokenizerError::AudioEmpty { .. }));
@@ -150,7 +157,12 @@ fn broken_audio_is_a_typed_error_naming_the_file() -> anyhow::Result<()> {
 fn stereo_and_float_wav_are_mixed_to_mono() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let p = dir.path().join("stereo.wav");
-    let spec = hound::WavSpec { channels: 2, sample_rate: 8_000, bits_per_sample: 32, sample_format: hound::SampleFormat::Float };
+    let spec = hound::WavSpec {
+        channels: 2,
+        sample_rate: 8_000,
+        bits_per_sample: 32,
+        sample_format: hound::SampleFormat::Float,
+    };
     let mut w = hound::WavWriter::create(&p, spec)?;
     for i in 0..8_000 {
         w.write_sample(0.5f32)?;

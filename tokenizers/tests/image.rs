@@ -20,7 +20,11 @@ fn psnr_rises_with_codebook_size() -> anyhow::Result<()> {
         let (_, s) = VqImageTokenizer::fit_images(&imgs, &cfg(k), &ProgressBar::hidden())?;
         assert_eq!(s.holdout_images, 6);
         assert!(s.psnr_holdout.is_finite());
-        assert!(s.psnr_holdout > last + 0.3, "k={k}: held-out PSNR {:.2} dB did not rise above {last:.2}", s.psnr_holdout);
+        assert!(
+            s.psnr_holdout > last + 0.3,
+            "k={k}: held-out PSNR {:.2} dB did not rise above {last:.2}",
+            s.psnr_holdout
+        );
         assert!(s.psnr_train >= s.psnr_holdout - 3.0);
         last = s.psnr_holdout;
     }
@@ -74,7 +78,10 @@ fn vq_fit_is_deterministic_and_round_trips_through_a_file() -> anyhow::Result<()
 #[test]
 fn larger_images_and_resolutions() -> anyhow::Result<()> {
     // Non-square input at another resolution: centre-cropped, 16x16 grid of 4px patches.
-    let imgs: Vec<image::DynamicImage> = common::synthetic_images(12, 5).iter().map(|i| i.resize_exact(96, 64, image::imageops::FilterType::Nearest)).collect();
+    let imgs: Vec<image::DynamicImage> = common::synthetic_images(12, 5)
+        .iter()
+        .map(|i| i.resize_exact(96, 64, image::imageops::FilterType::Nearest))
+        .collect();
     let c = VqConfig { resolution: 64, patch: 4, codebook_size: 16, holdout: 0.0, max_iter: 5, ..VqConfig::default() };
     let (t, s) = VqImageTokenizer::fit_images(&imgs, &c, &ProgressBar::hidden())?;
     assert_eq!(s.grid, (16, 16));
@@ -107,7 +114,10 @@ fn latent_patches_invert_and_pca_trades_dims_for_fidelity() -> anyhow::Result<()
     assert_eq!(back.latent_dim(), Some(8));
     assert_eq!(back.vocab_size(), 0);
     assert_eq!(back.decode_to_image(&seg)?, p8.decode_to_image(&seg)?);
-    assert_eq!(raw.encode_image(&imgs[1], None)?, LatentImageTokenizer::fit_images(&imgs, &full)?.0.encode_image(&imgs[1], None)?);
+    assert_eq!(
+        raw.encode_image(&imgs[1], None)?,
+        LatentImageTokenizer::fit_images(&imgs, &full)?.0.encode_image(&imgs[1], None)?
+    );
     Ok(())
 }
 

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use indicatif::ProgressBar;
 use motley_shards::Modality;
 use motley_tokenizers::{
-    Fit, ImageTokenizer, LatentImageTokenizer, ModalityTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, VqConfig,
-    VqImageTokenizer, load_any,
+    Fit, ImageTokenizer, LatentImageTokenizer, ModalityTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer,
+    VqConfig, VqImageTokenizer, load_any,
 };
 
 #[test]
@@ -28,7 +28,11 @@ fn load_any_dispatches_on_the_file() -> anyhow::Result<()> {
 
     // Speech units from synthetic features (fit_features skips audio decoding).
     let feats: Vec<f32> = (0..400 * 80).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
-    let (sp, _) = SpeechTokenizer::fit_features(&feats, &SpeechConfig { units: 16, max_iter: 3, ..SpeechConfig::default() }, &ProgressBar::hidden())?;
+    let (sp, _) = SpeechTokenizer::fit_features(
+        &feats,
+        &SpeechConfig { units: 16, max_iter: 3, ..SpeechConfig::default() },
+        &ProgressBar::hidden(),
+    )?;
     let sp_path = dir.path().join("speech.safetensors");
     sp.save(&sp_path)?;
 
@@ -85,6 +89,7 @@ fn fit_trait_fits_and_reloads() -> anyhow::Result<()> {
     fit_save_load::<VqImageTokenizer>(&paths, &c, &dir.path().join("vq.safetensors"))?;
     let lc = motley_tokenizers::LatentConfig { dim: Some(4), ..Default::default() };
     fit_save_load::<LatentImageTokenizer>(&paths, &lc, &dir.path().join("latent.safetensors"))?;
-    let _ = TextTokenizer::from_file(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_bytelevel.json"))?;
+    let _ =
+        TextTokenizer::from_file(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_bytelevel.json"))?;
     Ok(())
 }

@@ -112,9 +112,15 @@ fn decode_gives_wav_and_spectrogram_and_collapse_removes_repeats() -> anyhow::Re
     let rendered = tok.render(&seg)?;
     assert_eq!(rendered.iter().map(|r| r.extension).collect::<Vec<_>>(), ["wav", "png"]);
 
-    let (collapsed, _) = SpeechTokenizer::fit_files(&clips, &SpeechConfig { collapse_repeats: true, ..small_cfg(2) }, &ProgressBar::hidden())?;
+    let (collapsed, _) = SpeechTokenizer::fit_files(
+        &clips,
+        &SpeechConfig { collapse_repeats: true, ..small_cfg(2) },
+        &ProgressBar::hidden(),
+    )?;
     let cs = collapsed.encode_file(&clips[0])?;
-    let (SegmentData::Tokens(full), SegmentData::Tokens(short)) = (&seg.data, &cs.data) else { anyhow::bail!("tokens") };
+    let (SegmentData::Tokens(full), SegmentData::Tokens(short)) = (&seg.data, &cs.data) else {
+        anyhow::bail!("tokens")
+    };
     let mut dedup = full.clone();
     dedup.dedup();
     assert_eq!(short, &dedup);

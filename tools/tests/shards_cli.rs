@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use motley_shards::{CorpusWriter, Document, Manifest, Modality, Segment, SegmentMeta, Vocab, WriterProperties};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 type TestResult = anyhow::Result<()>;
 
@@ -34,7 +34,8 @@ const WORDS: [&str; 12] = ["[UNK]", "the", "digit", "seven", "is", "here", "a", 
 
 /// A tiny HF word-level `tokenizer.json`: decoding joins words with spaces, deterministically.
 fn wordlevel_json() -> String {
-    let vocab: serde_json::Map<String, Value> = WORDS.iter().enumerate().map(|(i, w)| ((*w).to_string(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> =
+        WORDS.iter().enumerate().map(|(i, w)| ((*w).to_string(), json!(i))).collect();
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -166,7 +167,10 @@ fn verify_json(dir: &Path) -> anyhow::Result<(bool, Value)> {
 }
 
 fn kinds(v: &Value) -> Vec<String> {
-    v["problems"].as_array().map(|a| a.iter().filter_map(|p| p["kind"].as_str().map(String::from)).collect()).unwrap_or_default()
+    v["problems"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["kind"].as_str().map(String::from)).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -255,7 +259,9 @@ fn python_with_pyarrow() -> Option<PathBuf> {
         candidates.push(PathBuf::from(p));
     }
     candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
-    candidates.into_iter().find(|p| Command::new(p).args(["-c", "import pyarrow.parquet"]).output().is_ok_and(|o| o.status.success()))
+    candidates
+        .into_iter()
+        .find(|p| Command::new(p).args(["-c", "import pyarrow.parquet"]).output().is_ok_and(|o| o.status.success()))
 }
 
 #[test]
@@ -358,7 +364,11 @@ fn merge_joins_parts_with_hard_links() -> TestResult {
     let out3 = tmp.path().join("merged3");
     let o = motley(&["shards", "merge", s(&a), s(&c), "--out", s(&out3)])?;
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("vocabularies differ"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("vocabularies differ"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!out3.join("manifest.json").exists());
     Ok(())
 }
@@ -424,7 +434,8 @@ fn decode_writes_png_and_wav_that_open() -> TestResult {
     let dir = tmp.path().join("corpus");
     ingest_sample_doc(&dir)?;
     let out = tmp.path().join("decoded");
-    let v: Value = serde_json::from_str(&ok(&["shards", "decode", s(&dir), "--doc", "0", "--out", s(&out), "--json"])?)?;
+    let v: Value =
+        serde_json::from_str(&ok(&["shards", "decode", s(&dir), "--doc", "0", "--out", s(&out), "--json"])?)?;
     assert_eq!(v["missing_decoders"], json!({}), "{v}");
 
     let text = std::fs::read_to_string(out.join("000-text.txt"))?;
@@ -442,7 +453,8 @@ fn decode_writes_png_and_wav_that_open() -> TestResult {
     // Without the decoders, the ids are written and the output says so.
     std::fs::remove_file(dir.join("image.safetensors"))?;
     let out2 = tmp.path().join("decoded2");
-    let v: Value = serde_json::from_str(&ok(&["shards", "decode", s(&dir), "--doc", "0", "--out", s(&out2), "--json"])?)?;
+    let v: Value =
+        serde_json::from_str(&ok(&["shards", "decode", s(&dir), "--doc", "0", "--out", s(&out2), "--json"])?)?;
     assert!(v["missing_decoders"]["image"].as_str().is_some_and(|w| w.contains("missing")), "{v}");
     let ids = std::fs::read_to_string(out2.join("001-image.ids.txt"))?;
     assert_eq!(ids.split_whitespace().count(), 64);

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Tensor};
+use tch::{Device, Tensor, nn};
 
 use crate::config::TrainConfig;
 use crate::error::TrainError;
@@ -100,7 +100,8 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
 
 /// Named tensors on the CPU, contiguous, in name order.
 fn to_cpu(named: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = named.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous())).collect();
+    let mut v: Vec<(String, Tensor)> =
+        named.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -155,9 +156,13 @@ pub fn save(
 pub fn read_meta(ckpt: &Path) -> Result<Meta, TrainError> {
     let p = ckpt.join(META_FILE);
     let text = std::fs::read_to_string(&p).map_err(TrainError::io("read", &p))?;
-    let meta: Meta = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: p.clone(), msg: e.to_string() })?;
+    let meta: Meta =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: p.clone(), msg: e.to_string() })?;
     if meta.version != META_VERSION {
-        return Err(TrainError::Checkpoint { path: p, msg: format!("meta version {} (this build reads {META_VERSION})", meta.version) });
+        return Err(TrainError::Checkpoint {
+            path: p,
+            msg: format!("meta version {} (this build reads {META_VERSION})", meta.version),
+        });
     }
     Ok(meta)
 }
@@ -167,7 +172,8 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, TrainError>
     if !path.exists() {
         return Err(TrainError::Checkpoint { path: path.to_path_buf(), msg: "missing".into() });
     }
-    let v = Tensor::read_safetensors(path).map_err(|e| TrainError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
+    let v = Tensor::read_safetensors(path)
+        .map_err(|e| TrainError::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
     Ok(v.into_iter().collect())
 }
 

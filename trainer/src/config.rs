@@ -169,7 +169,13 @@ impl TrainConfig {
         Ok(match name {
             "tiny" => TrainConfig {
                 preset: name.to_string(),
-                model: ModelConfig { d_model: 128, n_layers: 4, n_heads: 4, ffn_multiple_of: 32, ..ModelConfig::default() },
+                model: ModelConfig {
+                    d_model: 128,
+                    n_layers: 4,
+                    n_heads: 4,
+                    ffn_multiple_of: 32,
+                    ..ModelConfig::default()
+                },
                 data: DataConfig { seq_len: 256, batch_size: 8, ..DataConfig::default() },
                 optim: OptimConfig { lr: 3e-3, min_lr: 3e-4, warmup_steps: 20, ..OptimConfig::default() },
                 train: LoopConfig {
@@ -266,7 +272,10 @@ impl TrainConfig {
             return bad("data.paths", "no corpus given (use --data DIR)".into());
         }
         if !self.data.weights.is_empty() && self.data.weights.len() != self.data.paths.len() {
-            return bad("data.weights", format!("{} weights for {} paths", self.data.weights.len(), self.data.paths.len()));
+            return bad(
+                "data.weights",
+                format!("{} weights for {} paths", self.data.weights.len(), self.data.paths.len()),
+            );
         }
         if !(0.0..1.0).contains(&self.data.eval_fraction) {
             return bad("data.eval_fraction", format!("{} is not in [0, 1)", self.data.eval_fraction));

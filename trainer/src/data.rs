@@ -168,7 +168,11 @@ pub fn mixed_batch(vocab: &Vocab, batch_size: usize, seq_len: usize, image_len: 
         let mut doc = 0u32;
         while row.len() < seq_len + 1 {
             let mut d: Vec<(u32, Modality)> = vec![(sp("bos"), Modality::Text)];
-            let mut parts = [(Modality::Text, rng.random_range(8..128)), (Modality::Image, image_len), (Modality::Speech, rng.random_range(32..256))];
+            let mut parts = [
+                (Modality::Text, rng.random_range(8..128)),
+                (Modality::Image, image_len),
+                (Modality::Speech, rng.random_range(32..256)),
+            ];
             if rng.random_bool(0.5) {
                 parts.swap(1, 2);
             }

@@ -40,7 +40,10 @@ impl GradReducer for SingleProcess {
 pub fn rank_from_env() -> Result<(usize, usize), TrainError> {
     let get = |name: &str, default: usize| -> Result<usize, TrainError> {
         match std::env::var(name) {
-            Ok(v) => v.trim().parse().map_err(|_| TrainError::Distributed(format!("{name}={v:?} is not a non-negative integer"))),
+            Ok(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| TrainError::Distributed(format!("{name}={v:?} is not a non-negative integer"))),
             Err(_) => Ok(default),
         }
     };

@@ -21,7 +21,7 @@ pub mod train;
 pub use config::TrainConfig;
 pub use error::TrainError;
 pub use model::{Arch, Model, ModelConfig};
-pub use train::{compare_architectures, compare_mot_dense, evaluate_checkpoint, Comparison, TrainSummary, Trainer};
+pub use train::{Comparison, TrainSummary, Trainer, compare_architectures, compare_mot_dense, evaluate_checkpoint};
 
 /// The tch this crate links, for tools that drive the model directly (benchmarks).
 pub use tch;

@@ -20,7 +20,13 @@ pub struct ShardSource {
 
 impl ShardSource {
     /// Opens every corpus of `data`; a missing directory is an error naming it.
-    pub fn open(data: &DataConfig, seed: u64, split: Split, rank: usize, world_size: usize) -> Result<Self, TrainError> {
+    pub fn open(
+        data: &DataConfig,
+        seed: u64,
+        split: Split,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self, TrainError> {
         let label = data.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(",");
         if data.paths.is_empty() {
             return Err(TrainError::Data { path: "data.paths".into(), msg: "no corpus directory given".into() });
@@ -28,10 +34,14 @@ impl ShardSource {
         let mut sources = Vec::with_capacity(data.paths.len());
         for (i, p) in data.paths.iter().enumerate() {
             if !p.is_dir() {
-                return Err(TrainError::Data { path: p.display().to_string(), msg: "corpus directory does not exist".into() });
+                return Err(TrainError::Data {
+                    path: p.display().to_string(),
+                    msg: "corpus directory does not exist".into(),
+                });
             }
             let w = data.weights.get(i).copied().unwrap_or(1.0);
-            let s = Source::open(p, w).map_err(|e| TrainError::Data { path: p.display().to_string(), msg: e.to_string() })?;
+            let s = Source::open(p, w)
+                .map_err(|e| TrainError::Data { path: p.display().to_string(), msg: e.to_string() })?;
             sources.push(s);
         }
         let cfg = LoaderConfig {
@@ -46,7 +56,8 @@ impl ShardSource {
             split,
             eval_fraction: data.eval_fraction,
         };
-        let loader = Loader::new(sources.clone(), cfg.clone()).map_err(|e| TrainError::Data { path: label.clone(), msg: e.to_string() })?;
+        let loader = Loader::new(sources.clone(), cfg.clone())
+            .map_err(|e| TrainError::Data { path: label.clone(), msg: e.to_string() })?;
         Ok(ShardSource { sources, cfg, loader, label })
     }
 }

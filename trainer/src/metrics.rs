@@ -82,7 +82,12 @@ impl StepRecord {
                 None => s.push_str(&format!(" {name} -")),
             }
         }
-        s.push_str(&format!(" | lr {:.2e} | gnorm {:.2} | {} tok/s", self.lr, self.grad_norm, human(self.tokens_per_s)));
+        s.push_str(&format!(
+            " | lr {:.2e} | gnorm {:.2} | {} tok/s",
+            self.lr,
+            self.grad_norm,
+            human(self.tokens_per_s)
+        ));
         if let Some(m) = self.mfu {
             s.push_str(&format!(" | mfu {:.1}%", 100.0 * m));
         }
@@ -160,7 +165,8 @@ impl MetricsLog {
             .append(true)
             .open(&self.path)
             .map_err(TrainError::io("open metrics", &self.path))?;
-        let line = serde_json::to_string(&r).map_err(|e| TrainError::Data { path: self.path.display().to_string(), msg: e.to_string() })?;
+        let line = serde_json::to_string(&r)
+            .map_err(|e| TrainError::Data { path: self.path.display().to_string(), msg: e.to_string() })?;
         writeln!(f, "{line}").map_err(TrainError::io("append metrics", &self.path))?;
         self.records.push(r);
         Ok(())
@@ -213,8 +219,10 @@ pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(
             .map_err(|e| err(e.to_string()))?;
         for (m, name) in MODALITY_NAMES.iter().enumerate() {
             let color = colors[m];
-            let train: Vec<(u64, f64)> =
-                records.iter().filter_map(|r| r.per_modality()[m].filter(|v| v.is_finite()).map(|v| (r.step, v))).collect();
+            let train: Vec<(u64, f64)> = records
+                .iter()
+                .filter_map(|r| r.per_modality()[m].filter(|v| v.is_finite()).map(|v| (r.step, v)))
+                .collect();
             if !train.is_empty() {
                 chart
                     .draw_series(LineSeries::new(train, color.stroke_width(2)))
@@ -224,7 +232,9 @@ pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(
             }
             let eval: Vec<(u64, f64)> = records
                 .iter()
-                .filter_map(|r| r.eval.as_ref().and_then(|e| e.per_modality()[m]).filter(|v| v.is_finite()).map(|v| (r.step, v)))
+                .filter_map(|r| {
+                    r.eval.as_ref().and_then(|e| e.per_modality()[m]).filter(|v| v.is_finite()).map(|v| (r.step, v))
+                })
                 .collect();
             if !eval.is_empty() {
                 chart

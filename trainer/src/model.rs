@@ -21,7 +21,7 @@
 
 use motley_shards::{Batch, Modality};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::error::TrainError;
 
@@ -303,7 +303,8 @@ impl Route {
                     let Some(i) = &idx[m] else { continue };
                     let mut shape = part.size();
                     shape[0] = self.n;
-                    let base = out.take().unwrap_or_else(|| Tensor::zeros(shape.as_slice(), (part.kind(), part.device())));
+                    let base =
+                        out.take().unwrap_or_else(|| Tensor::zeros(shape.as_slice(), (part.kind(), part.device())));
                     out = Some(base.index_copy(0, i, &part));
                 }
                 out.unwrap_or_else(Tensor::new)
@@ -592,7 +593,14 @@ impl Attention {
     /// `x`: `[N, D]` layout order → `[N, D]` layout order. `pre` / `post` are the block's
     /// per-tower attention norm (pre-norm or swin placement), fused into the tower work so
     /// the rows are concatenated once on the way in and once on the way out.
-    fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind, pre: Option<&Towers<RmsNorm>>, post: Option<&Towers<RmsNorm>>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        p: &Prepared,
+        ck: Kind,
+        pre: Option<&Towers<RmsNorm>>,
+        post: Option<&Towers<RmsNorm>>,
+    ) -> Tensor {
         let (h, hd) = (self.n_heads, self.head_dim);
         let d = h * hd;
         let qkv = if self.q_proj.0.len() == 1 {
@@ -623,7 +631,8 @@ impl Attention {
             Some(n) => n.pick(m).forward(xs),
             None => xs.shallow_clone(),
         };
-        let w = Tensor::cat(&[&self.q_proj.pick(m).weight, &self.k_proj.pick(m).weight, &self.v_proj.pick(m).weight], 0);
+        let w =
+            Tensor::cat(&[&self.q_proj.pick(m).weight, &self.k_proj.pick(m).weight, &self.v_proj.pick(m).weight], 0);
         let qkv = xs.to_kind(ck).linear::<Tensor>(&w.to_kind(ck), None);
         let Some((qn, kn)) = &self.qk_norm else { return qkv };
         let (rows, h, hd) = (xs.size()[0], self.n_heads, self.head_dim);
@@ -675,7 +684,14 @@ impl SwiGlu {
         }
     }
 
-    fn forward(&self, route: &Route, x: &Tensor, ck: Kind, pre: Option<&Towers<RmsNorm>>, post: Option<&Towers<RmsNorm>>) -> Tensor {
+    fn forward(
+        &self,
+        route: &Route,
+        x: &Tensor,
+        ck: Kind,
+        pre: Option<&Towers<RmsNorm>>,
+        post: Option<&Towers<RmsNorm>>,
+    ) -> Tensor {
         let run = |m: usize, xs: &Tensor| self.tower(m, xs, ck, pre.map(|n| n.pick(m)), post.map(|n| n.pick(m)));
         if self.gate_proj.0.len() == 1 { run(0, x) } else { route.map(x, run) }
     }
@@ -854,11 +870,16 @@ impl Model {
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
         cfg.validate()?;
         let head_towers = if cfg.untie_head { cfg.towers() } else { 1 };
-        let embed =
-            (root / "embed").var("weight", &[cfg.vocab_size, cfg.d_model], nn::Init::Randn { mean: 0.0, stdev: cfg.init_std });
+        let embed = (root / "embed").var(
+            "weight",
+            &[cfg.vocab_size, cfg.d_model],
+            nn::Init::Randn { mean: 0.0, stdev: cfg.init_std },
+        );
         let layers = (0..cfg.n_layers).map(|i| Block::new(&(root / "layers" / i), cfg)).collect();
         let final_norm = Towers::new(&(root / "norm"), head_towers, |p| RmsNorm::new(p, cfg.d_model, cfg.norm_eps));
-        let lm_head = Towers::new(&(root / "lm_head"), head_towers, |p| Linear::new(p, cfg.d_model, cfg.vocab_size, cfg.init_std));
+        let lm_head = Towers::new(&(root / "lm_head"), head_towers, |p| {
+            Linear::new(p, cfg.d_model, cfg.vocab_size, cfg.init_std)
+        });
         let compute_kind = if root.device().is_cuda() { Kind::BFloat16 } else { Kind::Float };
         Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, compute_kind })
     }
@@ -903,7 +924,12 @@ impl Model {
         let token_loss = if self.lm_head.0.len() == 1 {
             ce(0, &x, &p.targets)
         } else {
-            let parts = p.route.active().into_iter().map(|m| (m, ce(m, &p.route.slice(&x, m), &p.route.slice(&p.targets, m)))).collect();
+            let parts = p
+                .route
+                .active()
+                .into_iter()
+                .map(|m| (m, ce(m, &p.route.slice(&x, m), &p.route.slice(&p.targets, m))))
+                .collect();
             p.route.combine(parts)
         };
         let weighted = &token_loss * &p.loss_weight;
@@ -912,8 +938,11 @@ impl Model {
         if let Some(a) = aux {
             loss = loss + a * self.cfg.moe_aux_loss_coef;
         }
-        let per_modality_sum = Tensor::zeros([Modality::COUNT as i64], (Kind::Float, weighted.device()))
-            .index_add(0, &p.target_modality, &weighted.detach());
+        let per_modality_sum = Tensor::zeros([Modality::COUNT as i64], (Kind::Float, weighted.device())).index_add(
+            0,
+            &p.target_modality,
+            &weighted.detach(),
+        );
         LossOutput { loss, per_modality_sum, token_loss: weighted.detach() }
     }
 }
@@ -1058,7 +1087,8 @@ mod tests {
         let mut b = batch(&mut v);
         let cfg = ModelConfig { vocab_size: v, ..tiny(Arch::Mot) };
         let row = b.seq_len;
-        let split = (1..row).find(|&i| b.doc_ids[i] != b.doc_ids[i - 1]).expect("synthetic rows pack several documents");
+        let split =
+            (1..row).find(|&i| b.doc_ids[i] != b.doc_ids[i - 1]).expect("synthetic rows pack several documents");
         tch::manual_seed(5);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Model::new(&vs.root(), &cfg).expect("model");

@@ -60,7 +60,8 @@ impl AdamW {
 
     /// Global L2 norm of all gradients (one value read back to the host).
     pub fn grad_norm(&self) -> f64 {
-        let norms: Vec<Tensor> = self.grads().iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+        let norms: Vec<Tensor> =
+            self.grads().iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
         if norms.is_empty() {
             return 0.0;
         }
@@ -126,7 +127,11 @@ impl AdamW {
                     let key = format!("{}.{suffix}", p.name);
                     let src = tensors.get(&key).ok_or_else(|| missing(format!("optimizer state lacks {key}")))?;
                     if src.size() != dst.size() {
-                        return Err(missing(format!("{key} has shape {:?}, the model needs {:?}", src.size(), dst.size())));
+                        return Err(missing(format!(
+                            "{key} has shape {:?}, the model needs {:?}",
+                            src.size(),
+                            dst.size()
+                        )));
                     }
                     dst.f_copy_(src).map_err(TrainError::torch(format!("copy {key}")))?;
                 }

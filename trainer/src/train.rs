@@ -10,17 +10,17 @@ use std::time::Instant;
 
 use motley_shards::{Modality, Split};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor, nn};
 
-use crate::checkpoint::{self, Meta, RngState, META_VERSION};
+use crate::checkpoint::{self, META_VERSION, Meta, RngState};
 use crate::config::{OnNonFinite, TrainConfig};
 use crate::data::BatchSource;
 use crate::dist::{self, GradReducer};
 use crate::error::TrainError;
 use crate::loader::open_source;
-use crate::metrics::{EvalRecord, MetricsLog, PerModality, StepRecord, MODALITY_NAMES};
+use crate::metrics::{EvalRecord, MODALITY_NAMES, MetricsLog, PerModality, StepRecord};
 use crate::model::{Arch, Model, Prepared};
-use crate::optim::{learning_rate, AdamW};
+use crate::optim::{AdamW, learning_rate};
 
 /// `auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`.
 pub fn resolve_device(spec: &str) -> Result<Device, TrainError> {
@@ -32,7 +32,10 @@ pub fn resolve_device(spec: &str) -> Result<Device, TrainError> {
             if !tch::Cuda::is_available() {
                 return Err(bad(format!("`{s}` requested but CUDA is not available")));
             }
-            let idx = s.strip_prefix("cuda:").map(|i| i.parse::<usize>().map_err(|_| bad(format!("bad device `{s}`")))).transpose()?;
+            let idx = s
+                .strip_prefix("cuda:")
+                .map(|i| i.parse::<usize>().map_err(|_| bad(format!("bad device `{s}`"))))
+                .transpose()?;
             Ok(Device::Cuda(idx.unwrap_or(0)))
         }
         other => Err(bad(format!("unknown device `{other}` (auto, cpu, cuda, cuda:N)"))),
@@ -76,7 +79,11 @@ pub struct Trainer {
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Trainer").field("arch", &self.cfg.model.arch).field("step", &self.step).field("device", &self.device).finish()
+        f.debug_struct("Trainer")
+            .field("arch", &self.cfg.model.arch)
+            .field("step", &self.step)
+            .field("device", &self.device)
+            .finish()
     }
 }
 
@@ -214,8 +221,9 @@ impl Trainer {
             sums_acc += out.per_modality_sum;
         }
         // One device → host read per step: the loss, for the finiteness check and the log.
-        let mut host: Vec<f64> = Vec::<f64>::try_from(Tensor::cat(&[loss_acc.view([1]), sums_acc], 0).to_kind(Kind::Double))
-            .map_err(TrainError::torch("read loss"))?;
+        let mut host: Vec<f64> =
+            Vec::<f64>::try_from(Tensor::cat(&[loss_acc.view([1]), sums_acc], 0).to_kind(Kind::Double))
+                .map_err(TrainError::torch("read loss"))?;
         let mut reduce = host.clone();
         reduce.extend(counts.iter().map(|&c| c as f64));
         self.reducer.all_reduce_sum(&mut reduce)?;
@@ -287,7 +295,10 @@ impl Trainer {
             OnNonFinite::Skip => {
                 self.skipped += 1;
                 self.skipped_in_a_row += 1;
-                tracing::warn!("step {step}: non-finite {what}, update skipped ({detail}); {} skipped so far", self.skipped);
+                tracing::warn!(
+                    "step {step}: non-finite {what}, update skipped ({detail}); {} skipped so far",
+                    self.skipped
+                );
                 if self.skipped_in_a_row > self.cfg.train.max_skipped {
                     return Err(TrainError::NonFinite {
                         what,
@@ -303,10 +314,25 @@ impl Trainer {
     /// Mean held-out loss per modality over `eval_batches` batches of the eval split
     /// (the same batches every time). None when the config holds no documents out.
     pub fn evaluate(&self) -> Result<Option<EvalRecord>, TrainError> {
-        let Some(mut src) = open_source(&self.cfg.data, self.cfg.train.seed, Split::Eval, self.reducer.rank(), self.reducer.world_size())? else {
+        let Some(mut src) = open_source(
+            &self.cfg.data,
+            self.cfg.train.seed,
+            Split::Eval,
+            self.reducer.rank(),
+            self.reducer.world_size(),
+        )?
+        else {
             return Ok(None);
         };
-        evaluate_model(&self.model, src.as_mut(), self.cfg.train.eval_batches, self.cfg.train.routing, self.device, self.reducer.as_ref()).map(Some)
+        evaluate_model(
+            &self.model,
+            src.as_mut(),
+            self.cfg.train.eval_batches,
+            self.cfg.train.routing,
+            self.device,
+            self.reducer.as_ref(),
+        )
+        .map(Some)
     }
 
     /// Writes a checkpoint into the run directory (rank 0 only).
@@ -350,7 +376,12 @@ impl Trainer {
                 self.cfg.optim.grad_accum
             );
         }
-        let title = format!("{} {} ({})", self.cfg.preset, self.cfg.model.arch, self.run_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+        let title = format!(
+            "{} {} ({})",
+            self.cfg.preset,
+            self.cfg.model.arch,
+            self.run_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        );
         let mut last_eval = None;
         while self.step < total {
             let mut record = self.train_step()?;
@@ -515,7 +546,11 @@ impl Comparison {
         for (m, name) in MODALITY_NAMES.iter().enumerate() {
             for split in ["train", "held-out"] {
                 let get = |r: &TrainSummary| -> Option<f64> {
-                    if split == "train" { r.final_train[m] } else { r.final_eval.as_ref().and_then(|e| e.per_modality()[m]) }
+                    if split == "train" {
+                        r.final_train[m]
+                    } else {
+                        r.final_eval.as_ref().and_then(|e| e.per_modality()[m])
+                    }
                 };
                 s.push_str(&format!("{name:<9} {split:<9} "));
                 for r in &self.runs {
@@ -538,7 +573,13 @@ impl Comparison {
 
 /// Trains each of `archs` from `base` (same data, seed and steps) in `out/<arch>` and
 /// returns the comparison. This is what `motley train --compare` and the demo call.
-pub fn compare_architectures(base: &TrainConfig, out: &Path, archs: &[Arch], overwrite: bool, verbose: bool) -> Result<Comparison, TrainError> {
+pub fn compare_architectures(
+    base: &TrainConfig,
+    out: &Path,
+    archs: &[Arch],
+    overwrite: bool,
+    verbose: bool,
+) -> Result<Comparison, TrainError> {
     let mut runs = Vec::new();
     for &arch in archs {
         let mut cfg = base.clone();
@@ -559,7 +600,12 @@ pub fn compare_architectures(base: &TrainConfig, out: &Path, archs: &[Arch], ove
 
 /// MoT vs dense on the same data and steps (`out/mot`, `out/dense`); with `verbose`, prints
 /// each run's console lines and the comparison table on stderr.
-pub fn compare_mot_dense(base: &TrainConfig, out: &Path, overwrite: bool, verbose: bool) -> Result<Comparison, TrainError> {
+pub fn compare_mot_dense(
+    base: &TrainConfig,
+    out: &Path,
+    overwrite: bool,
+    verbose: bool,
+) -> Result<Comparison, TrainError> {
     compare_architectures(base, out, &[Arch::Mot, Arch::Dense], overwrite, verbose)
 }
 

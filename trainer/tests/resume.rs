@@ -2,7 +2,7 @@
 
 mod common;
 
-use motley_trainer::{loader, Trainer};
+use motley_trainer::{Trainer, loader};
 
 fn losses(t: &Trainer) -> Vec<(u64, Option<f64>, [Option<f64>; 3], Option<[Option<f64>; 3]>)> {
     t.records().iter().map(|r| (r.step, r.loss, r.per_modality(), r.eval.as_ref().map(|e| e.per_modality()))).collect()

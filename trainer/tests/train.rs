@@ -4,7 +4,7 @@ mod common;
 
 use motley_trainer::config::OnNonFinite;
 use motley_trainer::train::prepare_run_dir;
-use motley_trainer::{checkpoint, evaluate_checkpoint, Arch, TrainError, Trainer};
+use motley_trainer::{Arch, TrainError, Trainer, checkpoint, evaluate_checkpoint};
 
 #[test]
 fn every_modality_loss_falls_for_mot_dense_and_moe() -> anyhow::Result<()> {

@@ -8,7 +8,10 @@ use std::sync::OnceLock;
 use indicatif::ProgressBar;
 use motley_ingest::{IngestConfig, Recipe};
 use motley_shards::{Corpus, Document};
-use motley_tokenizers::{Fit, LatentConfig, LatentImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig, VqImageTokenizer};
+use motley_tokenizers::{
+    Fit, LatentConfig, LatentImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig,
+    VqImageTokenizer,
+};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -61,7 +64,16 @@ fn build_tokenizers(dir: &Path) -> anyhow::Result<()> {
 pub fn config(recipe: Recipe, out: &Path) -> IngestConfig {
     let mut recipe = recipe;
     recipe.locate_tokenizers(tokenizers_dir());
-    IngestConfig { recipe, out: out.to_path_buf(), workers: Some(2), limit: None, part: Default::default(), max_errors: None, overwrite: false, progress: false }
+    IngestConfig {
+        recipe,
+        out: out.to_path_buf(),
+        workers: Some(2),
+        limit: None,
+        part: Default::default(),
+        max_errors: None,
+        overwrite: false,
+        progress: false,
+    }
 }
 
 /// Parses recipe text whose relative paths are relative to `base`.

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use half::f16;
-use motley_shards::{Compression, CorpusWriter, Document, Manifest, Modality, Segment, SegmentMeta, Vocab, WriterProperties};
+use motley_shards::{
+    Compression, CorpusWriter, Document, Manifest, Modality, Segment, SegmentMeta, Vocab, WriterProperties,
+};
 
 pub const LATENT_DIM: u32 = 4;
 
@@ -24,8 +26,11 @@ pub fn doc(i: u64) -> Document {
                 .with_meta(SegmentMeta { grid: Some((4, 4)), frame_rate: None, source: Some(format!("img/{i}.png")) }),
         ),
         1 => segs.push(
-            Segment::tokens(Modality::Speech, (0..(5 + i as u32 % 9)).map(|k| (k * 4099 + i as u32) % 70_000).collect())
-                .with_meta(SegmentMeta { grid: None, frame_rate: Some(50.0), source: None }),
+            Segment::tokens(
+                Modality::Speech,
+                (0..(5 + i as u32 % 9)).map(|k| (k * 4099 + i as u32) % 70_000).collect(),
+            )
+            .with_meta(SegmentMeta { grid: None, frame_rate: Some(50.0), source: None }),
         ),
         2 => {
             let patches = 2 + (i % 3) as usize;
@@ -46,7 +51,8 @@ pub fn doc(i: u64) -> Document {
 
 /// Writes `n` documents `doc(0..n)` into `dir` with a manifest; returns it.
 pub fn write_corpus(dir: &Path, n: u64, compression: Compression, max_shard_bytes: u64) -> anyhow::Result<Manifest> {
-    let props = WriterProperties::builder().compression(compression).chunk_size(512).max_shard_bytes(max_shard_bytes).build();
+    let props =
+        WriterProperties::builder().compression(compression).chunk_size(512).max_shard_bytes(max_shard_bytes).build();
     let mut w = CorpusWriter::create(dir, &vocab(), props, "part")?;
     for i in 0..n {
         w.add_document(&doc(i))?;

@@ -13,7 +13,9 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{ColorNorm, ImageTokenizer, PreparedImages, check_geometry, check_grid, image_meta, patchify, square, unpatchify};
+use super::{
+    ColorNorm, ImageTokenizer, PreparedImages, check_geometry, check_grid, image_meta, patchify, square, unpatchify,
+};
 use crate::error::{Result, TokenizerError};
 use crate::pca::Pca;
 use crate::store;
@@ -34,7 +36,15 @@ pub struct LatentConfig {
 
 impl Default for LatentConfig {
     fn default() -> Self {
-        LatentConfig { resolution: 32, patch: 4, dim: Some(16), holdout: 0.1, max_patches: 200_000, seed: 0, skip_bad: false }
+        LatentConfig {
+            resolution: 32,
+            patch: 4,
+            dim: Some(16),
+            holdout: 0.1,
+            max_patches: 200_000,
+            seed: 0,
+            skip_bad: false,
+        }
     }
 }
 
@@ -85,7 +95,11 @@ impl LatentImageTokenizer {
         Ok(LatentImageTokenizer { resolution, patch, norm: ColorNorm::default(), pca: None })
     }
 
-    pub fn fit_files(paths: &[PathBuf], cfg: &LatentConfig, progress: &ProgressBar) -> Result<(Self, LatentFitSummary)> {
+    pub fn fit_files(
+        paths: &[PathBuf],
+        cfg: &LatentConfig,
+        progress: &ProgressBar,
+    ) -> Result<(Self, LatentFitSummary)> {
         check_geometry(cfg.resolution, cfg.patch)?;
         let start = Instant::now();
         let prepared = super::prepare_files(paths, cfg.resolution, cfg.skip_bad, progress)?;
@@ -103,10 +117,16 @@ impl LatentImageTokenizer {
         if let Some(d) = cfg.dim
             && (d == 0 || d as usize > input_dim)
         {
-            return Err(TokenizerError::config("latent dimension", format!("{d} (must be 1..={input_dim} for {}x{} patches)", cfg.patch, cfg.patch)));
+            return Err(TokenizerError::config(
+                "latent dimension",
+                format!("{d} (must be 1..={input_dim} for {}x{} patches)", cfg.patch, cfg.patch),
+            ));
         }
         if input_dim > 768 && cfg.dim.is_some() {
-            return Err(TokenizerError::config("latent dimension", format!("PCA on {input_dim}-dimensional patches is not supported (max 768)")));
+            return Err(TokenizerError::config(
+                "latent dimension",
+                format!("PCA on {input_dim}-dimensional patches is not supported (max 768)"),
+            ));
         }
         let n = prepared.images.len();
         if n == 0 {
@@ -206,14 +226,20 @@ impl LatentImageTokenizer {
 
     pub(crate) fn from_loaded(path: &Path, mut loaded: store::Loaded) -> Result<Self> {
         if loaded.kind() != Some("latent") {
-            return Err(TokenizerError::bad_file(path, format!("expected a latent image tokenizer, found kind {:?}", loaded.kind())));
+            return Err(TokenizerError::bad_file(
+                path,
+                format!("expected a latent image tokenizer, found kind {:?}", loaded.kind()),
+            ));
         }
         let h: LatentHeader = loaded.header_as(path)?;
         check_geometry(h.resolution, h.patch).map_err(|e| TokenizerError::bad_file(path, e))?;
         h.norm.validate(path)?;
         let input_dim = (h.patch * h.patch * 3) as usize;
         if h.input_dim as usize != input_dim || h.latent_dim == 0 || h.latent_dim as usize > input_dim {
-            return Err(TokenizerError::bad_file(path, format!("inconsistent header: input_dim {}, latent_dim {}", h.input_dim, h.latent_dim)));
+            return Err(TokenizerError::bad_file(
+                path,
+                format!("inconsistent header: input_dim {}, latent_dim {}", h.input_dim, h.latent_dim),
+            ));
         }
         let pca = if h.pca {
             let k = h.latent_dim as usize;
@@ -250,7 +276,8 @@ impl ImageTokenizer for LatentImageTokenizer {
 
     fn encode_image(&self, img: &DynamicImage, source: Option<&str>) -> Result<Segment> {
         let sq = square(img, self.resolution, source)?;
-        Ok(Segment::latent(Modality::Image, self.dim(), self.encode_squared(&sq)).with_meta(image_meta(self.grid(), source)))
+        Ok(Segment::latent(Modality::Image, self.dim(), self.encode_squared(&sq))
+            .with_meta(image_meta(self.grid(), source)))
     }
 
     fn decode_to_image(&self, seg: &Segment) -> Result<RgbImage> {
@@ -266,7 +293,11 @@ impl ImageTokenizer for LatentImageTokenizer {
         if *dim != self.dim() || data.len() != gh as usize * gw as usize * self.dim() as usize {
             return Err(TokenizerError::bad_segment(
                 src,
-                format!("{} values of dimension {dim}; expected {gh}x{gw} vectors of dimension {}", data.len(), self.dim()),
+                format!(
+                    "{} values of dimension {dim}; expected {gh}x{gw} vectors of dimension {}",
+                    data.len(),
+                    self.dim()
+                ),
             ));
         }
         Ok(self.latents_to_image(data))

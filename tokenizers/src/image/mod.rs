@@ -107,7 +107,11 @@ pub fn decode_image_bytes(bytes: &[u8], source: &str) -> Result<DynamicImage> {
         other => TokenizerError::ImageDecode { source_name: source.into(), msg: other.to_string() },
     })?;
     if img.width() == 0 || img.height() == 0 {
-        return Err(TokenizerError::ImageEmpty { source_name: source.into(), width: img.width(), height: img.height() });
+        return Err(TokenizerError::ImageEmpty {
+            source_name: source.into(),
+            width: img.width(),
+            height: img.height(),
+        });
     }
     Ok(img)
 }
@@ -140,11 +144,19 @@ pub fn to_rgb8(img: &DynamicImage) -> RgbImage {
 pub fn square(img: &DynamicImage, resolution: u32, source: Option<&str>) -> Result<RgbImage> {
     let (w, h) = (img.width(), img.height());
     if w == 0 || h == 0 {
-        return Err(TokenizerError::ImageEmpty { source_name: source.unwrap_or("<image>").into(), width: w, height: h });
+        return Err(TokenizerError::ImageEmpty {
+            source_name: source.unwrap_or("<image>").into(),
+            width: w,
+            height: h,
+        });
     }
     let side = w.min(h);
     let rgb = to_rgb8(img);
-    let cropped = if w == h { rgb } else { image::imageops::crop_imm(&rgb, (w - side) / 2, (h - side) / 2, side, side).to_image() };
+    let cropped = if w == h {
+        rgb
+    } else {
+        image::imageops::crop_imm(&rgb, (w - side) / 2, (h - side) / 2, side, side).to_image()
+    };
     if side == resolution {
         return Ok(cropped);
     }
@@ -280,10 +292,16 @@ pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
 /// Checks resolution / patch / grid limits shared by both image tokenizers.
 pub(crate) fn check_geometry(resolution: u32, patch: u32) -> Result<()> {
     if patch == 0 || resolution == 0 || !resolution.is_multiple_of(patch) {
-        return Err(TokenizerError::config("image geometry", format!("resolution {resolution} must be a positive multiple of patch {patch}")));
+        return Err(TokenizerError::config(
+            "image geometry",
+            format!("resolution {resolution} must be a positive multiple of patch {patch}"),
+        ));
     }
     if resolution > 4096 || patch > 64 {
-        return Err(TokenizerError::config("image geometry", format!("resolution {resolution} / patch {patch} too large (max 4096 / 64)")));
+        return Err(TokenizerError::config(
+            "image geometry",
+            format!("resolution {resolution} / patch {patch} too large (max 4096 / 64)"),
+        ));
     }
     Ok(())
 }
@@ -299,7 +317,12 @@ pub struct PreparedImages {
 
 /// Reads, decodes and squares image files in parallel. With `skip_bad` undecodable files are
 /// logged and skipped; otherwise the first one (in input order) is the error.
-pub fn prepare_files(paths: &[PathBuf], resolution: u32, skip_bad: bool, progress: &indicatif::ProgressBar) -> Result<PreparedImages> {
+pub fn prepare_files(
+    paths: &[PathBuf],
+    resolution: u32,
+    skip_bad: bool,
+    progress: &indicatif::ProgressBar,
+) -> Result<PreparedImages> {
     progress.set_length(paths.len() as u64);
     progress.set_position(0);
     progress.set_message("reading images");
@@ -331,7 +354,11 @@ pub fn prepare_files(paths: &[PathBuf], resolution: u32, skip_bad: bool, progres
 /// Squares in-memory images (for callers that already hold decoded images).
 pub fn prepare_images(images: &[DynamicImage], resolution: u32) -> Result<PreparedImages> {
     let squared: Result<Vec<RgbImage>> = images.par_iter().map(|i| square(i, resolution, None)).collect();
-    Ok(PreparedImages { names: (0..images.len()).map(|i| format!("image#{i}")).collect(), images: squared?, skipped: Vec::new() })
+    Ok(PreparedImages {
+        names: (0..images.len()).map(|i| format!("image#{i}")).collect(),
+        images: squared?,
+        skipped: Vec::new(),
+    })
 }
 
 /// Deterministic train / held-out split: a seeded shuffle, `holdout` fraction (≥ 1 image when
@@ -391,7 +418,9 @@ mod tests {
 
     #[test]
     fn square_crops_centre_and_resizes() {
-        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(40, 20, |x, _| image::Rgb([if (10..30).contains(&x) { 0 } else { 255 }, 0, 0])));
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(40, 20, |x, _| {
+            image::Rgb([if (10..30).contains(&x) { 0 } else { 255 }, 0, 0])
+        }));
         let s = square(&img, 20, None).unwrap();
         assert_eq!(s.dimensions(), (20, 20));
         assert!(s.pixels().all(|p| p.0[0] == 0), "centre crop should drop the red borders");

@@ -11,7 +11,9 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{ColorNorm, ImageTokenizer, PreparedImages, check_geometry, check_grid, image_meta, patchify, square, unpatchify};
+use super::{
+    ColorNorm, ImageTokenizer, PreparedImages, check_geometry, check_grid, image_meta, patchify, square, unpatchify,
+};
 use crate::error::{Result, TokenizerError};
 use crate::kmeans::{self, Codebook, KMeansConfig};
 use crate::store;
@@ -42,7 +44,16 @@ pub struct VqConfig {
 
 impl Default for VqConfig {
     fn default() -> Self {
-        VqConfig { resolution: 32, patch: 4, codebook_size: 256, holdout: 0.1, max_patches: 500_000, max_iter: 25, seed: 0, skip_bad: false }
+        VqConfig {
+            resolution: 32,
+            patch: 4,
+            codebook_size: 256,
+            holdout: 0.1,
+            max_patches: 500_000,
+            max_iter: 25,
+            seed: 0,
+            skip_bad: false,
+        }
     }
 }
 
@@ -109,7 +120,12 @@ impl VqImageTokenizer {
         Self::fit_prepared(prepared, cfg, progress, start)
     }
 
-    fn fit_prepared(prepared: PreparedImages, cfg: &VqConfig, progress: &ProgressBar, start: Instant) -> Result<(Self, VqFitSummary)> {
+    fn fit_prepared(
+        prepared: PreparedImages,
+        cfg: &VqConfig,
+        progress: &ProgressBar,
+        start: Instant,
+    ) -> Result<(Self, VqFitSummary)> {
         let n = prepared.images.len();
         if n == 0 {
             return Err(TokenizerError::NoData { what: "image VQ", msg: "no training images".into() });
@@ -165,7 +181,8 @@ impl VqImageTokenizer {
         if images.is_empty() {
             return f64::NAN;
         }
-        let mses: Vec<f64> = images.par_iter().map(|img| super::mse_u8(img.as_raw(), self.reconstruct(img).as_raw())).collect();
+        let mses: Vec<f64> =
+            images.par_iter().map(|img| super::mse_u8(img.as_raw(), self.reconstruct(img).as_raw())).collect();
         super::psnr_from_mse(mses.iter().sum::<f64>() / mses.len() as f64)
     }
 
@@ -203,13 +220,19 @@ impl VqImageTokenizer {
 
     pub(crate) fn from_loaded(path: &Path, mut loaded: store::Loaded) -> Result<Self> {
         if loaded.kind() != Some("vq") {
-            return Err(TokenizerError::bad_file(path, format!("expected a VQ image tokenizer, found kind {:?}", loaded.kind())));
+            return Err(TokenizerError::bad_file(
+                path,
+                format!("expected a VQ image tokenizer, found kind {:?}", loaded.kind()),
+            ));
         }
         let h: VqHeader = loaded.header_as(path)?;
         check_geometry(h.resolution, h.patch).map_err(|e| TokenizerError::bad_file(path, e))?;
         h.norm.validate(path)?;
         if h.dim != h.patch * h.patch * 3 || !(MIN_CODEBOOK..=MAX_CODEBOOK).contains(&h.codebook_size) {
-            return Err(TokenizerError::bad_file(path, format!("inconsistent header: dim {}, patch {}, codebook {}", h.dim, h.patch, h.codebook_size)));
+            return Err(TokenizerError::bad_file(
+                path,
+                format!("inconsistent header: dim {}, patch {}, codebook {}", h.dim, h.patch, h.codebook_size),
+            ));
         }
         let words = loaded.take(path, "codebook", &[h.codebook_size as usize, h.dim as usize])?;
         let codebook = Codebook::new(h.dim as usize, words).map_err(|e| TokenizerError::bad_file(path, e))?;
@@ -220,7 +243,10 @@ impl VqImageTokenizer {
 fn check_config(cfg: &VqConfig) -> Result<()> {
     check_geometry(cfg.resolution, cfg.patch)?;
     if !(MIN_CODEBOOK..=MAX_CODEBOOK).contains(&cfg.codebook_size) {
-        return Err(TokenizerError::config("codebook size", format!("{} (allowed {MIN_CODEBOOK}..={MAX_CODEBOOK})", cfg.codebook_size)));
+        return Err(TokenizerError::config(
+            "codebook size",
+            format!("{} (allowed {MIN_CODEBOOK}..={MAX_CODEBOOK})", cfg.codebook_size),
+        ));
     }
     Ok(())
 }
@@ -255,7 +281,10 @@ impl ImageTokenizer for VqImageTokenizer {
     fn decode_to_image(&self, seg: &Segment) -> Result<RgbImage> {
         let src = seg.meta.source.as_deref();
         let SegmentData::Tokens(ids) = &seg.data else {
-            return Err(TokenizerError::bad_segment(src, "VQ tokenizer needs discrete image tokens, got latent vectors"));
+            return Err(TokenizerError::bad_segment(
+                src,
+                "VQ tokenizer needs discrete image tokens, got latent vectors",
+            ));
         };
         if seg.modality != Modality::Image {
             return Err(TokenizerError::bad_segment(src, format!("not an image segment ({})", seg.modality)));
@@ -266,7 +295,10 @@ impl ImageTokenizer for VqImageTokenizer {
             return Err(TokenizerError::bad_segment(src, format!("{} codes for a {gh}x{gw} grid", ids.len())));
         }
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.codebook.len()) {
-            return Err(TokenizerError::bad_segment(src, format!("code {bad} outside the codebook of {}", self.codebook.len())));
+            return Err(TokenizerError::bad_segment(
+                src,
+                format!("code {bad} outside the codebook of {}", self.codebook.len()),
+            ));
         }
         Ok(self.ids_to_image(ids))
     }
@@ -285,7 +317,11 @@ impl ImageTokenizer for VqImageTokenizer {
         store::save(
             path,
             &h,
-            &[store::Tensor { name: "codebook", shape: vec![self.codebook.len(), self.codebook.dim()], data: self.codebook.words() }],
+            &[store::Tensor {
+                name: "codebook",
+                shape: vec![self.codebook.len(), self.codebook.dim()],
+                data: self.codebook.words(),
+            }],
         )
     }
 }

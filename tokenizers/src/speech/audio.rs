@@ -133,7 +133,8 @@ pub fn resample(audio: &Audio, to: u32, source: &str) -> Result<Vec<f32>> {
     }
     let rerr = |msg: String| TokenizerError::Resample { source_name: source.into(), from: audio.sample_rate, msg };
     let chunk = 1024;
-    let mut rs = FftFixedIn::<f32>::new(audio.sample_rate as usize, to as usize, chunk, 2, 1).map_err(|e| rerr(e.to_string()))?;
+    let mut rs = FftFixedIn::<f32>::new(audio.sample_rate as usize, to as usize, chunk, 2, 1)
+        .map_err(|e| rerr(e.to_string()))?;
     let expected = (audio.samples.len() as u64 * to as u64).div_ceil(audio.sample_rate as u64) as usize;
     let delay = rs.output_delay();
     let mut out: Vec<f32> = Vec::with_capacity(expected + delay + chunk * 2);
@@ -141,7 +142,9 @@ pub fn resample(audio: &Audio, to: u32, source: &str) -> Result<Vec<f32>> {
     let mut outbuf = rs.output_buffer_allocate(true);
     while pos + rs.input_frames_next() <= audio.samples.len() {
         let need = rs.input_frames_next();
-        let (_, n) = rs.process_into_buffer(&[&audio.samples[pos..pos + need]], &mut outbuf, None).map_err(|e| rerr(e.to_string()))?;
+        let (_, n) = rs
+            .process_into_buffer(&[&audio.samples[pos..pos + need]], &mut outbuf, None)
+            .map_err(|e| rerr(e.to_string()))?;
         out.extend_from_slice(&outbuf[0][..n]);
         pos += need;
     }
@@ -154,7 +157,8 @@ pub fn resample(audio: &Audio, to: u32, source: &str) -> Result<Vec<f32>> {
     // Flush the resampler's delay line with silence.
     let mut guard = 0;
     while out.len() < expected + delay && guard < 64 {
-        let (_, n) = rs.process_partial_into_buffer(None::<&[&[f32]]>, &mut outbuf, None).map_err(|e| rerr(e.to_string()))?;
+        let (_, n) =
+            rs.process_partial_into_buffer(None::<&[&[f32]]>, &mut outbuf, None).map_err(|e| rerr(e.to_string()))?;
         out.extend_from_slice(&outbuf[0][..n]);
         guard += 1;
     }
@@ -164,14 +168,17 @@ pub fn resample(audio: &Audio, to: u32, source: &str) -> Result<Vec<f32>> {
 
 /// Encodes mono f32 samples as a 16-bit PCM WAV file in memory (peak-limited to ±1).
 pub fn wav_bytes(samples: &[f32], sample_rate: u32) -> Result<Vec<u8>> {
-    let spec = hound::WavSpec { channels: 1, sample_rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let spec =
+        hound::WavSpec { channels: 1, sample_rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
     let peak = samples.iter().fold(0f32, |a, &b| a.max(b.abs()));
     let gain = if peak > 0.99 { 0.99 / peak } else { 1.0 };
     let mut out = Cursor::new(Vec::new());
     {
-        let mut w = hound::WavWriter::new(&mut out, spec).map_err(|e| TokenizerError::Render { what: "WAV", msg: e.to_string() })?;
+        let mut w = hound::WavWriter::new(&mut out, spec)
+            .map_err(|e| TokenizerError::Render { what: "WAV", msg: e.to_string() })?;
         for &s in samples {
-            w.write_sample((s * gain * 32767.0).round() as i16).map_err(|e| TokenizerError::Render { what: "WAV", msg: e.to_string() })?;
+            w.write_sample((s * gain * 32767.0).round() as i16)
+                .map_err(|e| TokenizerError::Render { what: "WAV", msg: e.to_string() })?;
         }
         w.finalize().map_err(|e| TokenizerError::Render { what: "WAV", msg: e.to_string() })?;
     }
@@ -185,7 +192,8 @@ mod tests {
 
     #[test]
     fn wav_roundtrip_and_resample_length() {
-        let tone: Vec<f32> = (0..22_050).map(|i| 0.5 * (2.0 * std::f32::consts::PI * 300.0 * i as f32 / 22_050.0).sin()).collect();
+        let tone: Vec<f32> =
+            (0..22_050).map(|i| 0.5 * (2.0 * std::f32::consts::PI * 300.0 * i as f32 / 22_050.0).sin()).collect();
         let bytes = wav_bytes(&tone, 22_050).unwrap();
         let a = decode_bytes(&bytes, Some("wav"), "tone.wav").unwrap();
         assert_eq!(a.sample_rate, 22_050);

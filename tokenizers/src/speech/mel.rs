@@ -28,7 +28,15 @@ pub struct MelConfig {
 impl Default for MelConfig {
     /// 16 kHz, 64 ms Hann window, 40 ms hop: 25 frames per second, 80 mel bands.
     fn default() -> Self {
-        MelConfig { sample_rate: 16_000, n_fft: 1024, win_length: 1024, hop_length: 640, n_mels: 80, f_min: 0.0, f_max: 8_000.0 }
+        MelConfig {
+            sample_rate: 16_000,
+            n_fft: 1024,
+            win_length: 1024,
+            hop_length: 640,
+            n_mels: 80,
+            f_min: 0.0,
+            f_max: 8_000.0,
+        }
     }
 }
 
@@ -112,7 +120,8 @@ impl MelFrontend {
             window[off + i] = 0.5 - 0.5 * (2.0 * std::f32::consts::PI * i as f32 / cfg.win_length as f32).cos();
         }
         let (mlo, mhi) = (hz_to_mel(cfg.f_min), hz_to_mel(cfg.f_max));
-        let edges: Vec<f32> = (0..cfg.n_mels + 2).map(|i| mel_to_hz(mlo + (mhi - mlo) * i as f32 / (cfg.n_mels + 1) as f32)).collect();
+        let edges: Vec<f32> =
+            (0..cfg.n_mels + 2).map(|i| mel_to_hz(mlo + (mhi - mlo) * i as f32 / (cfg.n_mels + 1) as f32)).collect();
         let bin_hz = cfg.sample_rate as f32 / cfg.n_fft as f32;
         let mut filters = Vec::with_capacity(cfg.n_mels);
         let mut coverage = vec![0f32; n_bins];
@@ -122,7 +131,8 @@ impl MelFrontend {
             let mut start = None;
             for (k, cov) in coverage.iter_mut().enumerate() {
                 let f = k as f32 * bin_hz;
-                let w = if f > lo && f < hi { if f <= c { (f - lo) / (c - lo) } else { (hi - f) / (hi - c) } } else { 0.0 };
+                let w =
+                    if f > lo && f < hi { if f <= c { (f - lo) / (c - lo) } else { (hi - f) / (hi - c) } } else { 0.0 };
                 if w > 0.0 {
                     if start.is_none() {
                         start = Some(k);
@@ -332,7 +342,8 @@ mod tests {
     fn tone_lands_in_the_right_band() {
         let cfg = MelConfig::default();
         let fe = MelFrontend::new(&cfg).unwrap();
-        let tone: Vec<f32> = (0..16_000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16_000.0).sin()).collect();
+        let tone: Vec<f32> =
+            (0..16_000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16_000.0).sin()).collect();
         let feats = fe.log_mel(&tone);
         let frame = &feats[10 * 80..11 * 80];
         let argmax = frame.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|x| x.0).unwrap();
@@ -344,7 +355,8 @@ mod tests {
     fn griffin_lim_recovers_a_tone() {
         let cfg = MelConfig::default();
         let fe = MelFrontend::new(&cfg).unwrap();
-        let tone: Vec<f32> = (0..16_000).map(|i| 0.5 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 16_000.0).sin()).collect();
+        let tone: Vec<f32> =
+            (0..16_000).map(|i| 0.5 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 16_000.0).sin()).collect();
         let wav = fe.griffin_lim(&fe.log_mel(&tone), 16, 0);
         assert_eq!(wav.len(), 16_000);
         // Same dominant band after resynthesis.

@@ -40,7 +40,15 @@ pub struct SpeechConfig {
 
 impl Default for SpeechConfig {
     fn default() -> Self {
-        SpeechConfig { mel: MelConfig::default(), units: 500, collapse_repeats: false, max_frames: 500_000, max_iter: 25, seed: 0, skip_bad: false }
+        SpeechConfig {
+            mel: MelConfig::default(),
+            units: 500,
+            collapse_repeats: false,
+            max_frames: 500_000,
+            max_iter: 25,
+            seed: 0,
+            skip_bad: false,
+        }
     }
 }
 
@@ -86,7 +94,11 @@ pub struct SpeechTokenizer {
 
 impl SpeechTokenizer {
     /// Fits units on audio files (decoded and featurized in parallel).
-    pub fn fit_files(paths: &[PathBuf], cfg: &SpeechConfig, progress: &ProgressBar) -> Result<(Self, SpeechFitSummary)> {
+    pub fn fit_files(
+        paths: &[PathBuf],
+        cfg: &SpeechConfig,
+        progress: &ProgressBar,
+    ) -> Result<(Self, SpeechFitSummary)> {
         let start = Instant::now();
         let frontend = MelFrontend::new(&cfg.mel)?;
         if paths.is_empty() {
@@ -124,15 +136,28 @@ impl SpeechTokenizer {
             }
         }
         if all.is_empty() {
-            return Err(TokenizerError::NoData { what: "speech units", msg: format!("none of the {} files decoded", paths.len()) });
+            return Err(TokenizerError::NoData {
+                what: "speech units",
+                msg: format!("none of the {} files decoded", paths.len()),
+            });
         }
         let (tok, rep) = Self::fit_features(&all, cfg, progress)?;
-        let summary = SpeechFitSummary { files, skipped_files: skipped, audio_seconds: secs, seconds: start.elapsed().as_secs_f64(), ..rep };
+        let summary = SpeechFitSummary {
+            files,
+            skipped_files: skipped,
+            audio_seconds: secs,
+            seconds: start.elapsed().as_secs_f64(),
+            ..rep
+        };
         Ok((tok, summary))
     }
 
     /// Fits units on precomputed log-mel features (`frames × n_mels`).
-    pub fn fit_features(features: &[f32], cfg: &SpeechConfig, progress: &ProgressBar) -> Result<(Self, SpeechFitSummary)> {
+    pub fn fit_features(
+        features: &[f32],
+        cfg: &SpeechConfig,
+        progress: &ProgressBar,
+    ) -> Result<(Self, SpeechFitSummary)> {
         let start = Instant::now();
         let frontend = MelFrontend::new(&cfg.mel)?;
         let d = cfg.mel.n_mels;
@@ -151,7 +176,8 @@ impl SpeechTokenizer {
         }
         let nf = n.max(1) as f64;
         let mean_f: Vec<f32> = mean.iter().map(|m| (m / nf) as f32).collect();
-        let std_f: Vec<f32> = mean.iter().zip(&sq).map(|(m, s)| ((s / nf - (m / nf).powi(2)).max(0.0).sqrt().max(1e-3)) as f32).collect();
+        let std_f: Vec<f32> =
+            mean.iter().zip(&sq).map(|(m, s)| ((s / nf - (m / nf).powi(2)).max(0.0).sqrt().max(1e-3)) as f32).collect();
         let mut data: Vec<f32> = Vec::with_capacity(features.len().min(cfg.max_frames * d));
         let mut push = |f: &[f32]| {
             for ((v, m), s) in f.iter().zip(&mean_f).zip(&std_f) {
@@ -171,7 +197,14 @@ impl SpeechTokenizer {
         let mut kcfg = KMeansConfig::new(cfg.units as usize, cfg.seed);
         kcfg.max_iter = cfg.max_iter;
         let (codebook, r) = kmeans::fit(&data, d, &kcfg, "speech units", progress)?;
-        let tok = SpeechTokenizer { frontend, mean: mean_f, std: std_f, codebook, collapse_repeats: cfg.collapse_repeats, seed: cfg.seed };
+        let tok = SpeechTokenizer {
+            frontend,
+            mean: mean_f,
+            std: std_f,
+            codebook,
+            collapse_repeats: cfg.collapse_repeats,
+            seed: cfg.seed,
+        };
         let summary = SpeechFitSummary {
             units: cfg.units,
             frame_rate: cfg.mel.frame_rate(),
@@ -219,8 +252,11 @@ impl SpeechTokenizer {
         let audio = Audio { samples: samples.to_vec(), sample_rate };
         let s = audio::resample(&audio, self.frontend.config().sample_rate, src)?;
         let units = self.units_of(&self.frontend.log_mel(&s));
-        Ok(Segment::tokens(Modality::Speech, units)
-            .with_meta(SegmentMeta { grid: None, frame_rate: Some(self.frame_rate()), source: source.map(str::to_string) }))
+        Ok(Segment::tokens(Modality::Speech, units).with_meta(SegmentMeta {
+            grid: None,
+            frame_rate: Some(self.frame_rate()),
+            source: source.map(str::to_string),
+        }))
     }
 
     /// Decodes and encodes an audio file (WAV, FLAC, MP3, Ogg Vorbis).
@@ -267,7 +303,10 @@ impl SpeechTokenizer {
             return Err(TokenizerError::bad_segment(src, format!("not a speech segment ({})", seg.modality)));
         }
         if let Some(bad) = ids.iter().find(|&&u| u as usize >= self.codebook.len()) {
-            return Err(TokenizerError::bad_segment(src, format!("unit {bad} outside the {} units", self.codebook.len())));
+            return Err(TokenizerError::bad_segment(
+                src,
+                format!("unit {bad} outside the {} units", self.codebook.len()),
+            ));
         }
         if ids.is_empty() {
             return Err(TokenizerError::bad_segment(src, "no units"));
@@ -339,7 +378,10 @@ impl SpeechTokenizer {
         let path = path.as_ref();
         let mut loaded = store::load(path)?;
         if loaded.kind() != Some("speech-units") {
-            return Err(TokenizerError::bad_file(path, format!("expected a speech unit tokenizer, found kind {:?}", loaded.kind())));
+            return Err(TokenizerError::bad_file(
+                path,
+                format!("expected a speech unit tokenizer, found kind {:?}", loaded.kind()),
+            ));
         }
         let h: SpeechHeader = loaded.header_as(path)?;
         let frontend = MelFrontend::new(&h.mel).map_err(|e| TokenizerError::bad_file(path, e))?;
@@ -385,7 +427,8 @@ pub fn spectrogram_image(log_mel: &[f32], n_mels: usize) -> RgbImage {
 
 /// A magma-like ramp: black → purple → orange → pale yellow.
 fn colormap(v: f32) -> [u8; 3] {
-    const STOPS: [[f32; 3]; 5] = [[0.0, 0.0, 0.02], [0.32, 0.07, 0.50], [0.72, 0.21, 0.47], [0.99, 0.56, 0.25], [0.99, 0.99, 0.75]];
+    const STOPS: [[f32; 3]; 5] =
+        [[0.0, 0.0, 0.02], [0.32, 0.07, 0.50], [0.72, 0.21, 0.47], [0.99, 0.56, 0.25], [0.99, 0.99, 0.75]];
     let x = v.clamp(0.0, 1.0) * (STOPS.len() - 1) as f32;
     let i = (x.floor() as usize).min(STOPS.len() - 2);
     let a = x - i as f32;

@@ -23,7 +23,11 @@ pub fn synthetic_images(n: usize, seed: u64) -> Vec<DynamicImage> {
                 let disc = rng.random::<bool>();
                 for y in 0..32i32 {
                     for x in 0..32i32 {
-                        let inside = if disc { (x - cx).pow(2) + (y - cy).pow(2) <= r * r } else { (x - cx).abs() <= r && (y - cy).abs() <= r / 2 };
+                        let inside = if disc {
+                            (x - cx).pow(2) + (y - cy).pow(2) <= r * r
+                        } else {
+                            (x - cx).abs() <= r && (y - cy).abs() <= r / 2
+                        };
                         if inside {
                             img.put_pixel(x as u32, y as u32, colour);
                         }
@@ -67,7 +71,8 @@ pub fn clip_samples() -> Vec<i16> {
 
 /// Writes 16-bit mono samples as a WAV file.
 pub fn write_wav(path: &std::path::Path, samples: &[i16], rate: u32) {
-    let spec = hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let spec =
+        hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
     let mut w = hound::WavWriter::create(path, spec).expect("create wav");
     for &s in samples {
         w.write_sample(s).expect("write sample");

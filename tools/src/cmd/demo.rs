@@ -111,10 +111,7 @@ fn stages(a: &Args) -> Vec<Stage> {
         Stage { name: "corpus statistics", args: vec!["shards".into(), "stats".into(), s(&corpus)] },
         Stage {
             name: "train MoT and dense, compare",
-            args: with(
-                vec!["train".into(), "--compare".into(), "--out".into(), s(&out.join("train"))],
-                &train_common,
-            ),
+            args: with(vec!["train".into(), "--compare".into(), "--out".into(), s(&out.join("train"))], &train_common),
         },
     ]
 }
@@ -135,7 +132,8 @@ pub fn run(args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
             continue;
         }
         eprintln!("\n==> {}\n    $ motley {}", stage.name, stage.args.join(" "));
-        let status = Command::new(&exe).args(&stage.args).status().with_context(|| format!("running {}", stage.name))?;
+        let status =
+            Command::new(&exe).args(&stage.args).status().with_context(|| format!("running {}", stage.name))?;
         match status.code() {
             Some(0) => {}
             Some(EXIT_NOT_BUILT) => {

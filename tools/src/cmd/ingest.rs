@@ -23,7 +23,9 @@ enum ImageModeArg {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  motley ingest --config data/sample/recipe.toml --tokenizers runs/demo/tokenizers --out runs/demo/corpus\n  motley ingest 'books/*.txt' --tokenizers tok --out corpus\n  motley ingest train.parquet --text-column content --tokenizers tok --out corpus --part 0/4")]
+#[command(
+    after_help = "Examples:\n  motley ingest --config data/sample/recipe.toml --tokenizers runs/demo/tokenizers --out runs/demo/corpus\n  motley ingest 'books/*.txt' --tokenizers tok --out corpus\n  motley ingest train.parquet --text-column content --tokenizers tok --out corpus --part 0/4"
+)]
 pub struct Args {
     /// Input files, directories or globs (one source of --kind); or use --config.
     inputs: Vec<String>,
@@ -108,9 +110,15 @@ fn build_recipe(args: &Args) -> anyhow::Result<Recipe> {
         }
     };
     if args.config.is_some()
-        && (args.text_key.is_some() || args.text_column.is_some() || args.image_key.is_some() || args.audio_key.is_some() || args.text_first.is_some())
+        && (args.text_key.is_some()
+            || args.text_column.is_some()
+            || args.image_key.is_some()
+            || args.audio_key.is_some()
+            || args.text_first.is_some())
     {
-        anyhow::bail!("--text-key/--text-column/--image-key/--audio-key/--text-first apply to input paths; set them per source in the recipe");
+        anyhow::bail!(
+            "--text-key/--text-column/--image-key/--audio-key/--text-first apply to input paths; set them per source in the recipe"
+        );
     }
     if let Some(dir) = &args.tokenizers {
         anyhow::ensure!(dir.is_dir(), "--tokenizers {}: not a directory", dir.display());
@@ -161,7 +169,12 @@ fn print_summary(s: &Summary) -> anyhow::Result<()> {
     ))?;
     if s.errors > 0 {
         let reasons: Vec<String> = s.errors_by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
-        output::line(format!("skipped records: {} ({}), listed in {}/errors.jsonl", s.errors, reasons.join(", "), s.out.display()))?;
+        output::line(format!(
+            "skipped records: {} ({}), listed in {}/errors.jsonl",
+            s.errors,
+            reasons.join(", "),
+            s.out.display()
+        ))?;
     } else {
         output::line("skipped records: 0")?;
     }

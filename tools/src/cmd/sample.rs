@@ -1,6 +1,6 @@
 //! `motley sample` (not built yet).
 
-use crate::output::{not_built, Ctx};
+use crate::output::{Ctx, not_built};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -209,7 +209,12 @@ pub fn collect_inputs(inputs: &[PathBuf], exts: &[&str]) -> anyhow::Result<Vec<P
 
 fn train_text(a: TrainTextArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let files = collect_inputs(&a.inputs, &["txt", "md", "jsonl", "text"])?;
-    let cfg = TextTrainConfig { vocab_size: a.vocab_size, min_frequency: a.min_frequency, special_tokens: a.specials, show_progress: true };
+    let cfg = TextTrainConfig {
+        vocab_size: a.vocab_size,
+        min_frequency: a.min_frequency,
+        special_tokens: a.specials,
+        show_progress: true,
+    };
     let (tok, summary) = TextTokenizer::train(&files, &cfg)?;
     tok.save(&a.out)?;
     if ctx.json {
@@ -306,7 +311,8 @@ fn fit_image(a: FitImageArgs, ctx: &Ctx) -> anyhow::Result<()> {
         for (i, f) in files.iter().take(8).enumerate() {
             let img = motley_tokenizers::image::read_image(f)?;
             let sq = motley_tokenizers::image::square(&img, tok.resolution(), None)?;
-            sq.save(dir.join(format!("{i:02}_original.png"))).with_context(|| format!("writing preview in {}", dir.display()))?;
+            sq.save(dir.join(format!("{i:02}_original.png")))
+                .with_context(|| format!("writing preview in {}", dir.display()))?;
             let seg = tok.encode_image(&img, Some(&f.display().to_string()))?;
             std::fs::write(dir.join(format!("{i:02}_decoded.png")), tok.decode_to_png(&seg)?)?;
         }
@@ -317,7 +323,8 @@ fn fit_image(a: FitImageArgs, ctx: &Ctx) -> anyhow::Result<()> {
 
 fn fit_speech(a: FitSpeechArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let files = collect_inputs(&a.inputs, &["wav", "flac", "mp3", "ogg"])?;
-    let mel = MelConfig { n_fft: a.n_fft, win_length: a.window, hop_length: a.hop, n_mels: a.n_mels, ..MelConfig::default() };
+    let mel =
+        MelConfig { n_fft: a.n_fft, win_length: a.window, hop_length: a.hop, n_mels: a.n_mels, ..MelConfig::default() };
     let cfg = SpeechConfig {
         mel,
         units: a.units,

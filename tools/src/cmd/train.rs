@@ -5,12 +5,14 @@ use std::path::PathBuf;
 use anyhow::Context;
 use motley_shards::Split;
 use motley_trainer::train::prepare_run_dir;
-use motley_trainer::{compare_mot_dense, evaluate_checkpoint, Arch, TrainConfig, Trainer};
+use motley_trainer::{Arch, TrainConfig, Trainer, compare_mot_dense, evaluate_checkpoint};
 
 use crate::output::{self, Ctx};
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  motley train --preset tiny --data runs/demo/corpus --out runs/tiny-mot\n  motley train --preset tiny --data runs/demo/corpus --arch dense --steps 300 --out runs/tiny-dense\n  motley train --preset tiny --data runs/demo/corpus --compare --out runs/compare\n  motley train --resume runs/tiny-mot --steps 400\n  motley train --config my.toml --set model.untie_head=true --set optim.lr=1e-3 --out runs/x")]
+#[command(
+    after_help = "Examples:\n  motley train --preset tiny --data runs/demo/corpus --out runs/tiny-mot\n  motley train --preset tiny --data runs/demo/corpus --arch dense --steps 300 --out runs/tiny-dense\n  motley train --preset tiny --data runs/demo/corpus --compare --out runs/compare\n  motley train --resume runs/tiny-mot --steps 400\n  motley train --config my.toml --set model.untie_head=true --set optim.lr=1e-3 --out runs/x"
+)]
 pub struct Args {
     /// Start from a preset: tiny, 37m, 94m, 443m, 1.5b, 7b (the paper's Chameleon sizes).
     #[arg(long, default_value = "tiny")]
@@ -54,7 +56,9 @@ pub struct Args {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  motley eval --checkpoint runs/tiny-mot --data runs/demo/corpus\n  motley eval --checkpoint runs/tiny-mot/checkpoints/step-00000200 --json")]
+#[command(
+    after_help = "Examples:\n  motley eval --checkpoint runs/tiny-mot --data runs/demo/corpus\n  motley eval --checkpoint runs/tiny-mot/checkpoints/step-00000200 --json"
+)]
 pub struct EvalArgs {
     /// Run directory (its latest checkpoint) or one checkpoint folder.
     #[arg(long)]
@@ -128,10 +132,13 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     if args.dry_run {
         return output::line(cfg.to_toml()?);
     }
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.preset, if args.compare { "compare".into() } else { cfg.model.arch.to_string() })));
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{}-{}",
+            cfg.preset,
+            if args.compare { "compare".into() } else { cfg.model.arch.to_string() }
+        ))
+    });
     if args.compare {
         let c = compare_mot_dense(&cfg, &out, args.overwrite, true)?;
         if ctx.json {
@@ -172,7 +179,12 @@ pub fn eval(args: EvalArgs, ctx: &Ctx) -> anyhow::Result<()> {
         return output::json(&v);
     }
     let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
-    output::line(format!("checkpoint {} (step {step}), {} split, {} batches", args.checkpoint.display(), args.split, args.batches))?;
+    output::line(format!(
+        "checkpoint {} (step {step}), {} split, {} batches",
+        args.checkpoint.display(),
+        args.split,
+        args.batches
+    ))?;
     output::line(format!("loss {} | text {} | image {} | speech {}", f(r.loss), f(r.text), f(r.image), f(r.speech)))?;
     output::line(format!("target tokens: text {} image {} speech {}", r.tokens[0], r.tokens[1], r.tokens[2]))
 }

@@ -44,7 +44,10 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let inputs = if args.input.is_empty() { txt_files(Path::new("data/sample/text"))? } else { args.input.clone() };
     anyhow::ensure!(!inputs.is_empty(), "no input text files (pass --input)");
-    let work = args.work_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("motley-bench-ingest-{}", std::process::id())));
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("motley-bench-ingest-{}", std::process::id())));
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     let tokenizer = match &args.tokenizer {
         Some(t) => t.clone(),
@@ -58,7 +61,14 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     };
     let input = bench::prepare_text(&inputs, args.copies, args.doc_bytes, args.files, &work)?;
     let rust = bench::run_ingest(&input, &tokenizer, workers, args.repeat, &work)?;
-    let py = bench::run_python(&args.python, Path::new("scripts/bench/ingest_hf.py"), &input, &tokenizer, workers, args.repeat)?;
+    let py = bench::run_python(
+        &args.python,
+        Path::new("scripts/bench/ingest_hf.py"),
+        &input,
+        &tokenizer,
+        workers,
+        args.repeat,
+    )?;
     let ratio = rust.tokens_per_s / py.tokens_per_s;
     if args.work_dir.is_none() {
         let _ = std::fs::remove_dir_all(&work);
@@ -74,13 +84,23 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             "same_tokens": rust.tokens == py.tokens,
         }));
     }
-    output::line(format!("input: {} documents, {:.1} MB, {workers} threads", input.documents, input.bytes as f64 / 1e6))?;
+    output::line(format!(
+        "input: {} documents, {:.1} MB, {workers} threads",
+        input.documents,
+        input.bytes as f64 / 1e6
+    ))?;
     output::line(format!(
         "motley ingest (JSONL -> shards, end to end): {} tokens in {:.3} s = {:.0} tokens/s",
         rust.tokens, rust.seconds, rust.tokens_per_s
     ))?;
-    output::line(format!("HF Python encode_batch (alone):              {} tokens in {:.3} s = {:.0} tokens/s", py.tokens, py.seconds, py.tokens_per_s))?;
-    output::line(format!("ratio: {ratio:.2}x (goal >= 1.0){}", if rust.tokens == py.tokens { "" } else { "  [token counts differ]" }))
+    output::line(format!(
+        "HF Python encode_batch (alone):              {} tokens in {:.3} s = {:.0} tokens/s",
+        py.tokens, py.seconds, py.tokens_per_s
+    ))?;
+    output::line(format!(
+        "ratio: {ratio:.2}x (goal >= 1.0){}",
+        if rust.tokens == py.tokens { "" } else { "  [token counts differ]" }
+    ))
 }
 
 fn txt_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {

@@ -66,7 +66,9 @@ fn find_python(arg: Option<PathBuf>) -> PathBuf {
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
-        tracing::warn!("debug build: motley-shards is unoptimized, so the loader figures mean nothing; build with --release");
+        tracing::warn!(
+            "debug build: motley-shards is unoptimized, so the loader figures mean nothing; build with --release"
+        );
     }
     let (dir, remove) = match &args.dir {
         Some(d) => (d.clone(), false),
@@ -127,7 +129,10 @@ fn print_human(r: &LoaderBenchReport) -> anyhow::Result<()> {
         one.batch_bytes_per_s / 1e9,
         one.padding_fraction
     ))?;
-    output::line(format!("loader, 1 core, zstd:  {:.2}M tokens/s (shuffled access decodes a chunk per document)", m(r.loader_one_core_zstd.tokens_per_s)))?;
+    output::line(format!(
+        "loader, 1 core, zstd:  {:.2}M tokens/s (shuffled access decodes a chunk per document)",
+        m(r.loader_one_core_zstd.tokens_per_s)
+    ))?;
     output::line(format!("loader, prefetch, raw: {:.1}M tokens/s", m(r.loader_prefetch_raw.tokens_per_s)))?;
     output::line(format!(
         "memcpy of the same bytes: {:.2} GB/s ({} per CPU-second) -> loader at {:.0}% of memcpy ({} over CPU time)",

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
-use motley_tokenizers::{ImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig, VqImageTokenizer};
+use motley_tokenizers::{
+    ImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig, VqImageTokenizer,
+};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -143,7 +145,8 @@ fn bench_text(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::
     let (mut tokens, mut id_sum) = (0usize, 0u64);
     for _ in 0..args.repeat.max(1) {
         let start = Instant::now();
-        let out: Vec<Vec<Vec<u32>>> = pool.install(|| batches.iter().map(|b| tok.encode_batch(b)).collect::<Result<_, _>>())?;
+        let out: Vec<Vec<Vec<u32>>> =
+            pool.install(|| batches.iter().map(|b| tok.encode_batch(b)).collect::<Result<_, _>>())?;
         best = best.min(start.elapsed().as_secs_f64());
         tokens = out.iter().flatten().map(Vec::len).sum();
         id_sum = out.iter().flatten().flatten().map(|&i| i as u64).sum();
@@ -198,8 +201,30 @@ fn bench_text(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::
 
 fn generated_text(lines: usize) -> String {
     const WORDS: &[&str] = &[
-        "the", "of", "and", "model", "tokens", "image", "speech", "mixture", "transformer", "modality", "shard", "loader",
-        "training", "sparse", "dense", "attention", "global", "tower", "Zürich", "naïve", "日本語", "🙂", "2026", "x=1+2;",
+        "the",
+        "of",
+        "and",
+        "model",
+        "tokens",
+        "image",
+        "speech",
+        "mixture",
+        "transformer",
+        "modality",
+        "shard",
+        "loader",
+        "training",
+        "sparse",
+        "dense",
+        "attention",
+        "global",
+        "tower",
+        "Zürich",
+        "naïve",
+        "日本語",
+        "🙂",
+        "2026",
+        "x=1+2;",
     ];
     let mut s = String::new();
     let mut state = 12345u64;
@@ -230,7 +255,10 @@ fn bench_speech(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json
                         .map(|n| {
                             let t = n as f32 / rate as f32;
                             let f0 = 100.0 + 40.0 * ((t * 2.0 + i as f32).sin());
-                            (1..8).map(|h| (2.0 * std::f32::consts::PI * f0 * h as f32 * t).sin() / h as f32).sum::<f32>() * 0.2
+                            (1..8)
+                                .map(|h| (2.0 * std::f32::consts::PI * f0 * h as f32 * t).sin() / h as f32)
+                                .sum::<f32>()
+                                * 0.2
                         })
                         .collect();
                     std::fs::write(&p, motley_tokenizers::speech::audio::wav_bytes(&samples, rate)?)?;
@@ -298,18 +326,20 @@ fn bench_speech(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json
 fn bench_image(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
     let files = match find_inputs(&args.images, &["png", "jpg", "jpeg"]) {
         Some(f) => f,
-        None => {
-            (0..64)
-                .map(|i| -> anyhow::Result<PathBuf> {
-                    let p = tmp.join(format!("img{i}.png"));
-                    let img = image::RgbImage::from_fn(320, 256, |x, y| {
-                        image::Rgb([((x * 3 + i * 17) % 256) as u8, ((y * 5 + i * 29) % 256) as u8, (((x ^ y) + i) % 256) as u8])
-                    });
-                    img.save(&p)?;
-                    Ok(p)
-                })
-                .collect::<anyhow::Result<_>>()?
-        }
+        None => (0..64)
+            .map(|i| -> anyhow::Result<PathBuf> {
+                let p = tmp.join(format!("img{i}.png"));
+                let img = image::RgbImage::from_fn(320, 256, |x, y| {
+                    image::Rgb([
+                        ((x * 3 + i * 17) % 256) as u8,
+                        ((y * 5 + i * 29) % 256) as u8,
+                        (((x ^ y) + i) % 256) as u8,
+                    ])
+                });
+                img.save(&p)?;
+                Ok(p)
+            })
+            .collect::<anyhow::Result<_>>()?,
     };
     // A fixed subset keeps each timing pass short at 256x256.
     let bytes: Vec<(String, Vec<u8>)> = files
@@ -327,7 +357,14 @@ fn bench_image(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json:
         let fit_on = &decoded[..decoded.len().min(256)];
         let patches = (fit_on.len() * (res / patch).pow(2) as usize).max(1);
         let k = k.min(patches as u32 / 2).max(2);
-        let cfg = VqConfig { resolution: res, patch, codebook_size: k, max_iter: 5, max_patches: 50_000, ..VqConfig::default() };
+        let cfg = VqConfig {
+            resolution: res,
+            patch,
+            codebook_size: k,
+            max_iter: 5,
+            max_patches: 50_000,
+            ..VqConfig::default()
+        };
         let (tok, fit) = VqImageTokenizer::fit_images(fit_on, &cfg, &ProgressBar::hidden())?;
         let (n, secs) = one.install(|| {
             time_for(args.seconds, || {

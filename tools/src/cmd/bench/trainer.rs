@@ -10,13 +10,15 @@ use motley_shards::{Batch, Vocab};
 use motley_trainer::config::OptimConfig;
 use motley_trainer::model::{Arch, Model, ModelConfig, Prepared, Routing};
 use motley_trainer::optim::AdamW;
+use motley_trainer::tch::{self, Device, Tensor, nn};
 use motley_trainer::train::resolve_device;
-use motley_trainer::tch::{self, nn, Device, Tensor};
 
 use crate::output::{self, Ctx};
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  motley bench trainer\n  motley bench trainer --device cuda --d-model 1024 --layers 24 --heads 16 --seq 2048 --batch 4\n  motley bench trainer --no-torch --json")]
+#[command(
+    after_help = "Examples:\n  motley bench trainer\n  motley bench trainer --device cuda --d-model 1024 --layers 24 --heads 16 --seq 2048 --batch 4\n  motley bench trainer --no-torch --json"
+)]
 pub struct Args {
     /// auto, cpu, cuda.
     #[arg(long, default_value = "auto")]
@@ -80,7 +82,14 @@ fn sync(device: Device) {
 
 /// Mean milliseconds per step: `full` = layout + forward + backward + clip norm + AdamW,
 /// otherwise forward + backward on a batch laid out once (what the PyTorch script times).
-fn time_steps(cfg: &ModelConfig, batch: &Batch, device: Device, warmup: usize, steps: usize, full: bool) -> anyhow::Result<f64> {
+fn time_steps(
+    cfg: &ModelConfig,
+    batch: &Batch,
+    device: Device,
+    warmup: usize,
+    steps: usize,
+    full: bool,
+) -> anyhow::Result<f64> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), cfg)?;
@@ -112,7 +121,11 @@ fn time_steps(cfg: &ModelConfig, batch: &Batch, device: Device, warmup: usize, s
 /// Runs the PyTorch reference on the same config and batch; None (with why) if unavailable.
 fn torch_baseline(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device) -> Result<f64, String> {
     if !args.python.exists() || !args.script.exists() {
-        return Err(format!("{} or {} not found (run from the repository root)", args.python.display(), args.script.display()));
+        return Err(format!(
+            "{} or {} not found (run from the repository root)",
+            args.python.display(),
+            args.script.display()
+        ));
     }
     let spec = serde_json::json!({
         "config": {
@@ -159,8 +172,12 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     };
     let mot = ModelConfig { arch: Arch::Mot, ..base.clone() };
     let dense = ModelConfig { arch: Arch::Dense, ..base.clone() };
-    let dev_name = if gpu { "cuda (bf16 compute)".to_string() } else { format!("cpu (fp32, {} threads)", tch::get_num_threads()) };
-    eprintln!("device: {dev_name}; d_model {d}, {layers} layers, {heads} heads, seq {seq}, batch {bsz}, vocab {}", vocab.total_size);
+    let dev_name =
+        if gpu { "cuda (bf16 compute)".to_string() } else { format!("cpu (fp32, {} threads)", tch::get_num_threads()) };
+    eprintln!(
+        "device: {dev_name}; d_model {d}, {layers} layers, {heads} heads, seq {seq}, batch {bsz}, vocab {}",
+        vocab.total_size
+    );
     let mut counts = [0usize; 3];
     for &m in &batch.modality {
         counts[usize::from(m)] += 1;

@@ -12,7 +12,7 @@ use motley_shards::{Corpus, Modality, SegmentData};
 use motley_tokenizers::ModalityTokenizer;
 use serde::Serialize;
 
-use super::{find_tokenizer, Found};
+use super::{Found, find_tokenizer};
 use crate::output::{self, Ctx};
 
 #[derive(Debug, clap::Args)]
@@ -47,14 +47,19 @@ struct Part {
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let corpus = Corpus::open(&args.dir)?;
-    let doc = corpus.get(args.doc).with_context(|| format!("reading document {} of {}", args.doc, args.dir.display()))?.to_owned();
+    let doc = corpus
+        .get(args.doc)
+        .with_context(|| format!("reading document {} of {}", args.doc, args.dir.display()))?
+        .to_owned();
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
 
     let mut decoders: BTreeMap<Modality, Found<Box<dyn ModalityTokenizer>>> = BTreeMap::new();
     for m in doc.segments.iter().map(|s| s.modality) {
         decoders.entry(m).or_insert_with(|| {
             match find_tokenizer(corpus.dir(), corpus.manifest(), m, |p| motley_tokenizers::load_any(p)) {
-                Found::Loaded(t) if t.modality() != m => Found::Missing(format!("the {m} tokenizer file holds a {} tokenizer", t.modality())),
+                Found::Loaded(t) if t.modality() != m => {
+                    Found::Missing(format!("the {m} tokenizer file holds a {} tokenizer", t.modality()))
+                }
                 other => other,
             }
         });

@@ -160,11 +160,15 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         return Err(e);
     }
     writer.close()?;
-    std::fs::rename(&tmp, &args.out).with_context(|| format!("renaming {} to {}", tmp.display(), args.out.display()))?;
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), args.out.display()))?;
     let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
     let out = Out { out: args.out.display().to_string(), documents: corpus.num_docs(), rows, ids: ids_total, bytes };
     if ctx.json {
         return output::json(&out);
     }
-    output::line(format!("{}: {} rows (segments) of {} documents, {} ids, {} bytes", out.out, rows, out.documents, ids_total, bytes))
+    output::line(format!(
+        "{}: {} rows (segments) of {} documents, {} ids, {} bytes",
+        out.out, rows, out.documents, ids_total, bytes
+    ))
 }

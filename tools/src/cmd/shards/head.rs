@@ -9,7 +9,7 @@ use motley_shards::{Corpus, DocumentRef, Modality, SegmentRef, SegmentView};
 use motley_tokenizers::TextTokenizer;
 use serde::Serialize;
 
-use super::{find_tokenizer, seconds, Found};
+use super::{Found, find_tokenizer, seconds};
 use crate::output::{self, Ctx};
 
 /// Ids shown for a segment that is not decoded.
@@ -58,15 +58,16 @@ struct SegOut {
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let corpus = Corpus::open(&args.dir)?;
-    let text_tok = match find_tokenizer(corpus.dir(), corpus.manifest(), Modality::Text, |p| TextTokenizer::from_file(p)) {
-        Found::Loaded(t) => Some(t),
-        Found::Missing(why) => {
-            if corpus.manifest().totals.text.segments > 0 {
-                tracing::info!("showing text as ids: {why}");
+    let text_tok =
+        match find_tokenizer(corpus.dir(), corpus.manifest(), Modality::Text, |p| TextTokenizer::from_file(p)) {
+            Found::Loaded(t) => Some(t),
+            Found::Missing(why) => {
+                if corpus.manifest().totals.text.segments > 0 {
+                    tracing::info!("showing text as ids: {why}");
+                }
+                None
             }
-            None
-        }
-    };
+        };
     let start = args.doc.unwrap_or(0);
     let n = args.n.unwrap_or(if args.doc.is_some() { 1 } else { 5 });
     if args.doc.is_some() && start >= corpus.num_docs() {
@@ -91,7 +92,12 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe(corpus: &Corpus, doc_id: u64, doc: &DocumentRef<'_>, text_tok: Option<&TextTokenizer>) -> anyhow::Result<DocOut> {
+fn describe(
+    corpus: &Corpus,
+    doc_id: u64,
+    doc: &DocumentRef<'_>,
+    text_tok: Option<&TextTokenizer>,
+) -> anyhow::Result<DocOut> {
     let (shard_i, _) = corpus.locate(doc_id)?;
     let shard = corpus.manifest().shards.get(shard_i).map(|s| s.name.clone()).unwrap_or_default();
     let segments = doc.segments().enumerate().map(|(i, s)| segment(i, &s, text_tok)).collect();

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use motley_shards::{Manifest, Modality, ShardStats, MANIFEST_NAME};
+use anyhow::{Context, bail};
+use motley_shards::{MANIFEST_NAME, Manifest, Modality, ShardStats};
 use serde::Serialize;
 
 use super::tokenizer_path;
@@ -87,7 +87,12 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             let src = d.join(&s.name);
             let len = std::fs::metadata(&src).with_context(|| format!("shard {} of {}", s.name, d.display()))?.len();
             if len != s.bytes {
-                bail!("{}: {} bytes but its manifest says {} (run `motley shards verify`)", src.display(), len, s.bytes);
+                bail!(
+                    "{}: {} bytes but its manifest says {} (run `motley shards verify`)",
+                    src.display(),
+                    len,
+                    s.bytes
+                );
             }
             match place(&src, &args.out.join(&name))? {
                 Placed::Linked => linked += 1,

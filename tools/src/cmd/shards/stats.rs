@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use motley_tokenizers::TextTokenizer;
 
-use super::{find_tokenizer, seconds, Found};
+use super::{Found, find_tokenizer, seconds};
 use crate::output::{self, Ctx};
 
 /// Version tag of the JSON output; bump on any incompatible change.
@@ -130,7 +130,14 @@ const SECONDS_EDGES: [f64; 11] = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0
 
 impl Histogram {
     fn new(edges: &'static [f64]) -> Self {
-        Histogram { edges, counts: vec![0; edges.len()], count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY }
+        Histogram {
+            edges,
+            counts: vec![0; edges.len()],
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
     }
 
     fn add(&mut self, x: f64) {
@@ -216,7 +223,8 @@ impl Acc {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
-    let manifest = Manifest::read(&args.dir).with_context(|| format!("reading the corpus at {}", args.dir.display()))?;
+    let manifest =
+        Manifest::read(&args.dir).with_context(|| format!("reading the corpus at {}", args.dir.display()))?;
     let mut stats = from_manifest(&manifest);
     if args.deep {
         let corpus = Corpus::open(&args.dir)?;
@@ -286,7 +294,9 @@ fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
             let shard = corpus.shard(i)?;
             let name = &corpus.manifest().shards[i].name;
             for local in 0..shard.num_docs() {
-                let doc = shard.get(local).with_context(|| format!("shard {name}, document {local} (run `motley shards verify`)"))?;
+                let doc = shard
+                    .get(local)
+                    .with_context(|| format!("shard {name}, document {local} (run `motley shards verify`)"))?;
                 let mut images = 0u64;
                 for seg in doc.segments() {
                     match seg.modality() {
@@ -337,13 +347,22 @@ fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
         }
         let counts = &total.ids[m.index()];
         let used = counts.iter().filter(|&&c| c > 0).count() as u64;
-        let mut top: Vec<IdCount> =
-            counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(id, &count)| IdCount { id: id as u32, count, token: None }).collect();
+        let mut top: Vec<IdCount> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(id, &count)| IdCount { id: id as u32, count, token: None })
+            .collect();
         top.sort_by(|a, b| b.count.cmp(&a.count).then(a.id.cmp(&b.id)));
         top.truncate(TOP_IDS);
         vocabulary.insert(
             m.as_str().to_string(),
-            VocabUsage { vocab_size: v.vocab_size, used, fraction_used: round6(used as f64 / v.vocab_size as f64), top },
+            VocabUsage {
+                vocab_size: v.vocab_size,
+                used,
+                fraction_used: round6(used as f64 / v.vocab_size as f64),
+                top,
+            },
         );
     }
     Ok(Deep { histograms, vocabulary })

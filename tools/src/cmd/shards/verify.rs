@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
-use motley_shards::{Corpus, Manifest, Problem, ShardError, ShardReader, VerifyReport, MANIFEST_NAME};
+use motley_shards::{Corpus, MANIFEST_NAME, Manifest, Problem, ShardError, ShardReader, VerifyReport};
 use serde::Serialize;
 
 use crate::output::{self, Ctx};
