@@ -177,17 +177,19 @@ def main():
     model = Model(c).to(device)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     r = prepare(batch, c, device)
-    times = []
+    times, cpu = [], []
     for i in range(args.warmup + args.steps):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         loss = model(r, ck)
         loss.backward()
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
         model.zero_grad(set_to_none=True)
-    print(json.dumps({"ms_per_step": 1000 * sum(times) / len(times), "loss": float(loss.detach()), "torch": torch.__version__,
+    print(json.dumps({"ms_per_step": 1000 * sum(times) / len(times), "cpu_ms_per_step": 1000 * sum(cpu) / len(cpu),
+                      "loss": float(loss.detach()), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "device": str(device)}))
 
 

@@ -63,6 +63,9 @@ struct Report {
     threads: i32,
     shapes: serde_json::Value,
     steps: usize,
+    /// What the ratios compare: "wall" (CUDA, synchronized) or "thread-cpu" (CPU with one torch
+    /// thread: CPU time of the calling thread, immune to other load on a shared machine).
+    clock: &'static str,
     dense_step_ms: f64,
     mot_step_ms: f64,
     /// MoT / dense full step (goal <= 1.10).
@@ -71,7 +74,29 @@ struct Report {
     torch_fwd_bwd_ms: Option<f64>,
     /// tch / PyTorch eager, MoT forward + backward (goal <= 1.0).
     tch_over_torch: Option<f64>,
+    /// Wall-clock milliseconds of the same measurements (dense, MoT, MoT fwd+bwd, PyTorch).
+    wall_ms: [Option<f64>; 4],
     torch_note: Option<String>,
+}
+
+/// A timing in both clocks.
+#[derive(Debug, Clone, Copy)]
+struct Ms {
+    wall: f64,
+    cpu: Option<f64>,
+}
+
+impl Ms {
+    fn pick(self, clock: &str) -> f64 {
+        if clock == "wall" { self.wall } else { self.cpu.unwrap_or(self.wall) }
+    }
+}
+
+/// CPU time of the calling thread in seconds (Linux `/proc/thread-self/schedstat`, ns).
+fn thread_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns / 1e9)
 }
 
 fn sync(device: Device) {
@@ -89,7 +114,7 @@ fn time_steps(
     warmup: usize,
     steps: usize,
     full: bool,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Ms> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), cfg)?;
@@ -97,10 +122,11 @@ fn time_steps(
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(vars, &OptimConfig::default());
     let fixed = Prepared::new(cfg, batch, Routing::Sorted, device)?;
-    let mut total = 0.0;
+    let (mut total, mut cpu_total) = (0.0, Some(0.0));
     for i in 0..warmup + steps {
         sync(device);
         let t0 = Instant::now();
+        let c0 = thread_cpu_s();
         if full {
             let p = Prepared::new(cfg, batch, Routing::Sorted, device)?;
             model.loss(&p).loss.backward();
@@ -112,14 +138,19 @@ fn time_steps(
         sync(device);
         if i >= warmup {
             total += t0.elapsed().as_secs_f64();
+            cpu_total = match (cpu_total, c0, thread_cpu_s()) {
+                (Some(acc), Some(a), Some(b)) => Some(acc + b - a),
+                _ => None,
+            };
         }
         opt.zero_grad();
     }
-    Ok(1000.0 * total / steps.max(1) as f64)
+    let per = |x: f64| 1000.0 * x / steps.max(1) as f64;
+    Ok(Ms { wall: per(total), cpu: cpu_total.map(per) })
 }
 
 /// Runs the PyTorch reference on the same config and batch; None (with why) if unavailable.
-fn torch_baseline(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device) -> Result<f64, String> {
+fn torch_baseline(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device) -> Result<Ms, String> {
     if !args.python.exists() || !args.script.exists() {
         return Err(format!(
             "{} or {} not found (run from the repository root)",
@@ -149,7 +180,8 @@ fn torch_baseline(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device)
     }
     let line = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| format!("reading its output: {e}"))?;
-    v["ms_per_step"].as_f64().ok_or_else(|| "no ms_per_step in its output".into())
+    let wall = v["ms_per_step"].as_f64().ok_or_else(|| "no ms_per_step in its output".to_string())?;
+    Ok(Ms { wall, cpu: v["cpu_ms_per_step"].as_f64() })
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
@@ -185,16 +217,20 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     eprintln!("tokens per modality (text/image/speech): {counts:?}");
 
     // Interleave the two architectures so drift on a shared machine hits both alike.
-    let (mut dense_ms, mut mot_ms) = (0.0, 0.0);
-    for _ in 0..2 {
-        dense_ms += time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
-        mot_ms += time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
-    }
-    dense_ms /= 2.0;
-    mot_ms /= 2.0;
-    eprintln!("step (layout + fwd + bwd + AdamW): dense {dense_ms:.2} ms, MoT {mot_ms:.2} ms");
-    let mot_fb = time_steps(&mot, &batch, device, args.warmup, args.steps, false).context("MoT fwd+bwd")?;
-    let (torch_ms, note) = if args.no_torch {
+    // On CPU with one torch thread every op runs on this thread, so its CPU time is the cost
+    // of the step whatever else the machine is doing; with more threads only wall time is fair.
+    let clock = if gpu || tch::get_num_threads() != 1 || thread_cpu_s().is_none() { "wall" } else { "thread-cpu" };
+    let mean = |a: Ms, b: Ms| Ms { wall: (a.wall + b.wall) / 2.0, cpu: a.cpu.zip(b.cpu).map(|(x, y)| (x + y) / 2.0) };
+    let d1 = time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
+    let m1 = time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
+    let d2 = time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
+    let m2 = time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
+    let (dense_t, mot_t) = (mean(d1, d2), mean(m1, m2));
+    let (dense_ms, mot_ms) = (dense_t.pick(clock), mot_t.pick(clock));
+    eprintln!("step (layout + fwd + bwd + AdamW), {clock} ms: dense {dense_ms:.2}, MoT {mot_ms:.2}");
+    let mot_fb_t = time_steps(&mot, &batch, device, args.warmup, args.steps, false).context("MoT fwd+bwd")?;
+    let mot_fb = mot_fb_t.pick(clock);
+    let (torch_t, note) = if args.no_torch {
         (None, Some("skipped (--no-torch)".to_string()))
     } else {
         match torch_baseline(&args, &mot, &batch, device) {
@@ -202,23 +238,26 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             Err(why) => (None, Some(why)),
         }
     };
+    let torch_ms = torch_t.map(|t| t.pick(clock));
     let report = Report {
         device: dev_name,
         threads: tch::get_num_threads(),
         shapes: serde_json::json!({ "d_model": d, "layers": layers, "heads": heads, "seq": seq, "batch": bsz, "vocab": vocab.total_size }),
         steps: args.steps,
+        clock,
         dense_step_ms: dense_ms,
         mot_step_ms: mot_ms,
         mot_over_dense: mot_ms / dense_ms,
         mot_fwd_bwd_ms: mot_fb,
         torch_fwd_bwd_ms: torch_ms,
         tch_over_torch: torch_ms.map(|t| mot_fb / t),
+        wall_ms: [Some(dense_t.wall), Some(mot_t.wall), Some(mot_fb_t.wall), torch_t.map(|t| t.wall)],
         torch_note: note,
     };
     if ctx.json {
         return output::json(&report);
     }
-    output::line(format!("device: {}", report.device))?;
+    output::line(format!("device: {} (ratios from {} time)", report.device, report.clock))?;
     output::line(format!(
         "MoT vs dense, full step: {:.2} ms vs {:.2} ms -> ratio {:.3} (goal <= 1.10)",
         report.mot_step_ms, report.dense_step_ms, report.mot_over_dense
