@@ -79,9 +79,15 @@ pub fn q_sample(x0: &Tensor, eps: &Tensor, alpha_bar: &Tensor) -> Tensor {
     x0 * alpha_bar.sqrt() + eps * (-alpha_bar + 1.0).sqrt()
 }
 
-/// The clean sample implied by a noise prediction: `(x_t - sqrt(1 - ab) eps) / sqrt(ab)`.
-pub fn predict_x0(xt: &Tensor, eps: &Tensor, alpha_bar: f64) -> Tensor {
-    (xt - eps * (1.0 - alpha_bar).sqrt()) / alpha_bar.sqrt()
+/// The clean sample implied by a noise prediction: `(x_t - sqrt(1 - ab) eps) / sqrt(ab)`,
+/// optionally clamped to `[-clip, clip]` (at the noisiest steps `1 / sqrt(ab)` is in the
+/// thousands, so a small noise error makes a huge x_0; clamping is the usual sampling guard).
+pub fn predict_x0(xt: &Tensor, eps: &Tensor, alpha_bar: f64, clip: Option<f64>) -> Tensor {
+    let x0 = (xt - eps * (1.0 - alpha_bar).sqrt()) / alpha_bar.sqrt();
+    match clip {
+        Some(c) => x0.clamp(-c, c),
+        None => x0,
+    }
 }
 
 /// Coefficients of the Gaussian posterior `q(x_prev | x_t, x_0)` between two timesteps of
@@ -99,9 +105,17 @@ pub fn posterior(ab_t: f64, ab_prev: f64) -> (f64, f64, f64) {
 }
 
 /// One ancestral DDPM step from `t` to `prev` (None = to the clean sample; no noise is added then).
-pub fn ddpm_step(sched: &Schedule, xt: &Tensor, eps: &Tensor, t: usize, prev: Option<usize>, z: &Tensor) -> Tensor {
+pub fn ddpm_step(
+    sched: &Schedule,
+    xt: &Tensor,
+    eps: &Tensor,
+    t: usize,
+    prev: Option<usize>,
+    z: &Tensor,
+    clip: Option<f64>,
+) -> Tensor {
     let (ab_t, ab_prev) = (sched.alpha_bar_at(Some(t)), sched.alpha_bar_at(prev));
-    let x0 = predict_x0(xt, eps, ab_t);
+    let x0 = predict_x0(xt, eps, ab_t, clip);
     let (c0, ct, var) = posterior(ab_t, ab_prev);
     let mean = x0 * c0 + xt * ct;
     if prev.is_none() { mean } else { mean + z * var.sqrt() }
@@ -117,12 +131,18 @@ pub fn ddim_step(
     prev: Option<usize>,
     eta: f64,
     z: &Tensor,
+    clip: Option<f64>,
 ) -> Tensor {
     let (ab_t, ab_prev) = (sched.alpha_bar_at(Some(t)), sched.alpha_bar_at(prev));
-    let x0 = predict_x0(xt, eps, ab_t);
+    let x0 = predict_x0(xt, eps, ab_t, clip);
+    // With a clamped x_0 the noise direction is re-derived from it, so the step stays consistent.
+    let eps = match clip {
+        Some(_) => (xt - &x0 * ab_t.sqrt()) / (1.0 - ab_t).sqrt(),
+        None => eps.shallow_clone(),
+    };
     let sigma = eta * ((1.0 - ab_prev) / (1.0 - ab_t)).sqrt() * (1.0 - ab_t / ab_prev).sqrt();
     let dir = (1.0 - ab_prev - sigma * sigma).max(0.0).sqrt();
-    let out = x0 * ab_prev.sqrt() + eps * dir;
+    let out = x0 * ab_prev.sqrt() + &eps * dir;
     if sigma > 0.0 { out + z * sigma } else { out }
 }
 
@@ -201,12 +221,16 @@ pub struct GenerateOptions {
     pub steps: usize,
     pub sampler: Sampler,
     pub seed: u64,
+    /// Clamp the predicted x_0 to `[-clip, clip]` (in the model's scaled latent units, where
+    /// the training data has RMS 1) at every step; None = no clamp.
+    pub clip_x0: Option<f64>,
 }
 
 /// Generates one image of `n_patches` latent patches after `prompt` (global ids, e.g.
 /// `bos` and a caption; a `boi` is appended unless the prompt ends with one). Each step runs
 /// the full forward pass over prompt + noisy patches (no KV cache) and takes one DDPM or DDIM
-/// step; returns the `[n_patches, latent_dim]` fp32 latents.
+/// step; returns the `[n_patches, latent_dim]` fp32 latents in the corpus's units (divided by
+/// the model's `latent_scale`), ready for the latent tokenizer.
 pub fn generate_image(
     model: &Model,
     vocab: &Vocab,
@@ -269,11 +293,11 @@ pub fn generate_image(
         let eps = tch::no_grad(|| model.predict_noise(&p));
         let z = draw(&mut rng);
         x = match opts.sampler {
-            Sampler::Ddpm => ddpm_step(&sched, &x, &eps, t, prev, &z),
-            Sampler::Ddim { eta } => ddim_step(&sched, &x, &eps, t, prev, eta, &z),
+            Sampler::Ddpm => ddpm_step(&sched, &x, &eps, t, prev, &z, opts.clip_x0),
+            Sampler::Ddim { eta } => ddim_step(&sched, &x, &eps, t, prev, eta, &z, opts.clip_x0),
         };
     }
-    Ok(x)
+    Ok(x / model.cfg.latent_factor())
 }
 
 /// Wraps generated latents `[grid.0 * grid.1, dim]` as an image segment, ready for the latent
@@ -346,7 +370,7 @@ mod tests {
         let xt = Tensor::from_slice(&[1.0f64]);
         let eps = Tensor::from_slice(&[0.5f64]);
         let z = Tensor::from_slice(&[2.0f64]);
-        let got = f64::try_from(ddpm_step(&s, &xt, &eps, 1, Some(0), &z).get(0)).expect("scalar");
+        let got = f64::try_from(ddpm_step(&s, &xt, &eps, 1, Some(0), &z, None).get(0)).expect("scalar");
         assert!(close(got, c0 * x0 + ct * 1.0 + var.sqrt() * 2.0, 1e-12));
         // The posterior at the chain's real step equals betas: var = beta_t (1 - ab_{t-1}) / (1 - ab_t).
         assert!(close(var, s.betas[1] * (1.0 - ab0) / (1.0 - ab1), 1e-12));
@@ -363,11 +387,14 @@ mod tests {
             let ab = Tensor::from_slice(&[s.alpha_bar[t]]);
             let xt = q_sample(&x0, &eps, &ab);
             // Jump straight to the clean sample with the true noise.
-            let back = ddim_step(&s, &xt, &eps, t, None, 0.0, &z);
+            let back = ddim_step(&s, &xt, &eps, t, None, 0.0, &z, None);
             assert!(back.allclose(&x0, 1e-9, 1e-9, false), "t={t}");
             // One DDIM step to a lower t lands exactly on q_sample at that t with the same noise.
             if t >= 10 {
-                let mid = ddim_step(&s, &xt, &eps, t, Some(t - 10), 0.0, &z);
+                let mid = ddim_step(&s, &xt, &eps, t, Some(t - 10), 0.0, &z, None);
+                // A clamp wider than the data changes nothing.
+                let clamped = ddim_step(&s, &xt, &eps, t, Some(t - 10), 0.0, &z, Some(10.0));
+                assert!(mid.allclose(&clamped, 1e-9, 1e-9, false), "t={t}");
                 let want = q_sample(&x0, &eps, &Tensor::from_slice(&[s.alpha_bar[t - 10]]));
                 assert!(mid.allclose(&want, 1e-9, 1e-9, false), "t={t}");
             }
@@ -375,8 +402,8 @@ mod tests {
         // eta = 1 DDIM has the DDPM posterior mean and variance.
         let xt = q_sample(&x0, &eps, &Tensor::from_slice(&[s.alpha_bar[300]]));
         let zz = Tensor::ones([3, 2], (Kind::Double, Device::Cpu));
-        let a = ddim_step(&s, &xt, &eps, 300, Some(200), 1.0, &zz);
-        let b = ddpm_step(&s, &xt, &eps, 300, Some(200), &zz);
+        let a = ddim_step(&s, &xt, &eps, 300, Some(200), 1.0, &zz, None);
+        let b = ddpm_step(&s, &xt, &eps, 300, Some(200), &zz, None);
         assert!(a.allclose(&b, 1e-9, 1e-9, false));
     }
 
@@ -409,7 +436,7 @@ mod tests {
         let prompt = [vocab.special("bos").expect("bos"), 3, 4, 5];
         let mut outs = Vec::new();
         for sampler in [Sampler::Ddpm, Sampler::Ddim { eta: 0.0 }] {
-            let opts = GenerateOptions { steps: 5, sampler, seed: 1 };
+            let opts = GenerateOptions { steps: 5, sampler, seed: 1, clip_x0: Some(3.0) };
             let x = generate_image(&model, &vocab, &prompt, 16, &opts, Device::Cpu).expect("generate");
             assert_eq!(x.size(), vec![16, 6]);
             assert!(f64::try_from(x.isfinite().all().to_kind(Kind::Double)).expect("scalar") == 1.0);
@@ -425,7 +452,7 @@ mod tests {
         let no_head = crate::model::ModelConfig { latent_dim: 0, ..cfg };
         let vs = tch::nn::VarStore::new(Device::Cpu);
         let plain = Model::new_seeded(&vs.root(), &no_head, 9).expect("model");
-        let opts = GenerateOptions { steps: 2, sampler: Sampler::Ddpm, seed: 1 };
+        let opts = GenerateOptions { steps: 2, sampler: Sampler::Ddpm, seed: 1, clip_x0: None };
         assert!(generate_image(&plain, &vocab, &prompt, 4, &opts, Device::Cpu).is_err());
     }
 }

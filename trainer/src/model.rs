@@ -115,6 +115,10 @@ pub struct ModelConfig {
     /// Transfusion setting: size of one latent image patch vector; 0 = the corpus manifest's
     /// image `latent_dim` (stays 0 without continuous images: then there is no latent head).
     pub latent_dim: i64,
+    /// Latents are multiplied by this before diffusion so they have about unit scale (as the
+    /// VAE scale factor of latent diffusion); 0 = `1 / RMS` of the corpus's latents, measured
+    /// when training starts and written into the resolved config (1 when nothing is measured).
+    pub latent_scale: f64,
     /// Weight λ of the diffusion loss in `L = L_LM + λ·L_DDPM` (Transfusion: 5).
     pub diffusion_lambda: f64,
     /// Training timesteps T of the cosine noise schedule.
@@ -147,6 +151,7 @@ impl Default for ModelConfig {
             moe_aux_loss_coef: 0.01,
             init_std: 0.02,
             latent_dim: 0,
+            latent_scale: 0.0,
             diffusion_lambda: 5.0,
             diffusion_steps: 1000,
             caption_noise_fraction: 0.2,
@@ -156,6 +161,11 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// The factor latents are multiplied by before diffusion (`latent_scale`, 1 while unset).
+    pub fn latent_factor(&self) -> f64 {
+        if self.latent_scale > 0.0 { self.latent_scale } else { 1.0 }
+    }
+
     pub fn head_dim(&self) -> i64 {
         self.d_model / self.n_heads.max(1)
     }
@@ -197,6 +207,9 @@ impl ModelConfig {
         }
         if self.latent_dim < 0 || self.diffusion_steps < 1 || !(self.diffusion_lambda >= 0.0) {
             return bad("need latent_dim >= 0, diffusion_steps >= 1 and diffusion_lambda >= 0".into());
+        }
+        if !(self.latent_scale >= 0.0 && self.latent_scale.is_finite()) {
+            return bad(format!("latent_scale must be >= 0 and finite (got {})", self.latent_scale));
         }
         if !(0.0..=1.0).contains(&self.caption_noise_fraction)
             || self.caption_max_t < 1
@@ -394,7 +407,7 @@ pub struct LatentInputs {
     pub dim: usize,
     /// `[P]` layout rows of the patch positions (patch order of `Batch::latents`).
     rows: Tensor,
-    /// `[P, dim]` fp32 clean latents x_0.
+    /// `[P, dim]` fp32 clean latents x_0 (the batch's latents times `latent_factor()`).
     pub x0: Tensor,
     /// Image index of each patch: an image is one latent segment within one row.
     pub image_of_patch: Vec<usize>,
@@ -632,7 +645,8 @@ impl Prepared {
                 }
                 None => lat.positions.iter().map(|&q| i64::from(q)).collect(),
             };
-            let x0: Vec<f32> = lat.data.iter().map(|v| v.to_f32()).collect();
+            let scale = cfg.latent_factor() as f32;
+            let x0: Vec<f32> = lat.data.iter().map(|v| v.to_f32() * scale).collect();
             let mut counts = vec![0f32; followed_by_text.len()];
             for &i in &image_of_patch {
                 counts[i] += 1.0;

@@ -123,6 +123,10 @@ impl Trainer {
                 msg: format!("{} differs from the corpus's image latent_dim ({latent})", cfg.model.latent_dim),
             });
         }
+        if cfg.model.latent_dim > 0 && cfg.model.latent_scale == 0.0 {
+            cfg.model.latent_scale = measure_latent_scale(&cfg, reducer.world_size())?;
+            tracing::info!("latent_scale = {} (1 / RMS of the corpus's latents)", cfg.model.latent_scale);
+        }
         let schedule = Schedule::cosine(cfg.model.diffusion_steps as usize);
         let vs = nn::VarStore::new(device);
         let model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
@@ -534,6 +538,25 @@ pub fn evaluate_model(
     r.diffusion = (all[7] > 0.0).then(|| all[6] / all[7]);
     Ok(r)
 }
+
+/// `1 / RMS` of the latent values in the first few training batches (a fresh stream, so the
+/// run's own stream is untouched); 1 when they hold no latents. Every rank reads the same rows
+/// of rank 0's stream, so all ranks agree.
+fn measure_latent_scale(cfg: &TrainConfig, world: usize) -> Result<f64, TrainError> {
+    let Some(mut src) = open_source(&cfg.data, cfg.train.seed, Split::Train, 0, world)? else { return Ok(1.0) };
+    let (mut sum_sq, mut n) = (0f64, 0u64);
+    for _ in 0..LATENT_SCALE_BATCHES {
+        let b = src.next_batch()?;
+        sum_sq += b.latents.data.iter().map(|v| f64::from(v.to_f32()).powi(2)).sum::<f64>();
+        n += b.latents.data.len() as u64;
+    }
+    let rms = if n > 0 { (sum_sq / n as f64).sqrt() } else { 0.0 };
+    // Rounded to 4 significant digits: the value is written into the config people read.
+    Ok(if rms > 0.0 && rms.is_finite() { format!("{:.4e}", 1.0 / rms).parse().unwrap_or(1.0) } else { 1.0 })
+}
+
+/// Batches read to measure `latent_scale`.
+const LATENT_SCALE_BATCHES: usize = 16;
 
 /// Seed of the fixed noise draws of held-out diffusion loss.
 const EVAL_NOISE_SEED: u64 = 0xE7A1_0000;
