@@ -208,7 +208,8 @@ fn ensure_font() {
     });
 }
 
-/// Train loss per modality (lines) and held-out loss (dots), written atomically as PNG.
+/// Train loss per modality (lines) and held-out loss (dots), plus the diffusion loss in the
+/// Transfusion setting, written atomically as PNG.
 pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(), TrainError> {
     ensure_font();
     let err = |e: String| TrainError::Plot { path: path.to_path_buf(), msg: e };
@@ -217,7 +218,12 @@ pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(
     let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1);
     let values = records
         .iter()
-        .flat_map(|r| r.per_modality().into_iter().chain(r.eval.iter().flat_map(|e| e.per_modality())))
+        .flat_map(|r| {
+            r.per_modality()
+                .into_iter()
+                .chain(r.eval.iter().flat_map(|e| e.per_modality()))
+                .chain([r.loss_diffusion, r.eval.as_ref().and_then(|e| e.diffusion)])
+        })
         .flatten()
         .filter(|v| v.is_finite());
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
@@ -265,6 +271,27 @@ pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(
                     .label(format!("{name} (held-out)"))
                     .legend(move |(x, y)| Circle::new((x + 9, y), 5, color.filled()));
             }
+        }
+        let purple = RGBColor(148, 103, 189);
+        let diffusion: Vec<(u64, f64)> =
+            records.iter().filter_map(|r| r.loss_diffusion.filter(|v| v.is_finite()).map(|v| (r.step, v))).collect();
+        if !diffusion.is_empty() {
+            chart
+                .draw_series(LineSeries::new(diffusion, purple.stroke_width(2)))
+                .map_err(|e| err(e.to_string()))?
+                .label("diffusion (train)")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], purple.stroke_width(2)));
+        }
+        let held: Vec<(u64, f64)> = records
+            .iter()
+            .filter_map(|r| r.eval.as_ref().and_then(|e| e.diffusion).filter(|v| v.is_finite()).map(|v| (r.step, v)))
+            .collect();
+        if !held.is_empty() {
+            chart
+                .draw_series(held.into_iter().map(|p| Circle::new(p, 5, purple.filled())))
+                .map_err(|e| err(e.to_string()))?
+                .label("diffusion (held-out)")
+                .legend(move |(x, y)| Circle::new((x + 9, y), 5, purple.filled()));
         }
         chart
             .configure_series_labels()
