@@ -30,13 +30,31 @@ pub struct SyntheticSource {
     seq_len: usize,
     next_doc: u64,
     vocab: Vocab,
+    /// Transfusion setting: images as `latent_dim`-wide patch vectors instead of codes.
+    latent_dim: Option<u32>,
 }
 
 const CLASSES: u32 = 8;
 
 impl SyntheticSource {
     pub fn new(seed: u64, batch_size: usize, seq_len: usize) -> Self {
-        SyntheticSource { seed, batch_size, seq_len, next_doc: 0, vocab: Vocab::build(32, 64, 24, None) }
+        SyntheticSource {
+            seed,
+            batch_size,
+            seq_len,
+            next_doc: 0,
+            vocab: Vocab::build(32, 64, 24, None),
+            latent_dim: None,
+        }
+    }
+
+    /// The same documents with each image as 12 continuous patch vectors of `dim` values
+    /// (a class-dependent pattern plus noise). For writing a latent corpus
+    /// ([`crate::loader::write_synthetic_corpus_latent`]); `next_batch` packs token segments only.
+    pub fn with_latent_images(mut self, dim: u32) -> Self {
+        self.vocab = Vocab::build(32, 0, 24, Some(dim));
+        self.latent_dim = Some(dim);
+        self
     }
 
     /// Document `index` as segments of per-modality local ids (what ingest would store).
@@ -63,7 +81,20 @@ impl SyntheticSource {
                 unit
             })
             .collect();
-        let (image, speech) = (Segment::tokens(Modality::Image, image), Segment::tokens(Modality::Speech, speech));
+        let image = match self.latent_dim {
+            None => Segment::tokens(Modality::Image, image),
+            Some(dim) => {
+                let data = (0..12u32)
+                    .flat_map(|i| (0..dim).map(move |j| (i, j)))
+                    .map(|(i, j)| {
+                        let v = ((class * 7 + i * 3 + j * 5) % 9) as f32 / 4.0 - 1.0;
+                        half::f16::from_f32(v + rng.random_range(-0.1f32..0.1))
+                    })
+                    .collect();
+                Segment::latent(Modality::Image, dim, data)
+            }
+        };
+        let speech = Segment::tokens(Modality::Speech, speech);
         let mut segments = vec![Segment::tokens(Modality::Text, caption)];
         if rng.random_bool(0.5) {
             segments.extend([image, speech]);

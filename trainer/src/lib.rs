@@ -1,6 +1,7 @@
 //! motley-trainer: Mixture-of-Transformers (and dense / MoE-4x baselines) trained with libtorch.
 //!
 //! - [`model`]: the transformer, all three architectures, sorted modality routing.
+//! - [`diffusion`]: the Transfusion setting's noise schedule, DDPM/DDIM steps, image generation.
 //! - [`train`]: the loop, evaluation, checkpoints and resume, the MoT-vs-dense comparison.
 //! - [`config`]: TOML config, presets, overrides.
 //! - [`optim`]: AdamW with saveable moments, warmup + cosine schedule.
@@ -10,6 +11,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod diffusion;
 pub mod dist;
 pub mod error;
 pub mod loader;

@@ -110,7 +110,15 @@ pub fn open_source(
 
 /// Writes `docs` synthetic documents as a shard corpus in `dir` (with its manifest).
 pub fn write_synthetic_corpus(dir: &Path, docs: u64, seed: u64) -> Result<(), TrainError> {
-    let synth = SyntheticSource::new(seed, 1, 2);
+    write_synthetic(dir, docs, SyntheticSource::new(seed, 1, 2))
+}
+
+/// The same with images as continuous `dim`-wide patch vectors (Transfusion setting).
+pub fn write_synthetic_corpus_latent(dir: &Path, docs: u64, seed: u64, dim: u32) -> Result<(), TrainError> {
+    write_synthetic(dir, docs, SyntheticSource::new(seed, 1, 2).with_latent_images(dim))
+}
+
+fn write_synthetic(dir: &Path, docs: u64, synth: SyntheticSource) -> Result<(), TrainError> {
     let err = |e: motley_shards::ShardError| TrainError::Data { path: dir.display().to_string(), msg: e.to_string() };
     let mut w = CorpusWriter::create(dir, synth.vocab(), WriterProperties::default(), "synthetic").map_err(err)?;
     for i in 0..docs {

@@ -17,7 +17,8 @@ pub const MODALITY_NAMES: [&str; 3] = ["text", "image", "speech"];
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step: u64,
-    /// Mean next-token loss over all loss-bearing tokens of the step (None if not finite).
+    /// The objective: mean next-token loss over all loss-bearing tokens of the step, plus
+    /// λ·(diffusion loss) with latent images (None if not finite).
     pub loss: Option<f64>,
     pub loss_text: Option<f64>,
     pub loss_image: Option<f64>,
@@ -35,6 +36,12 @@ pub struct StepRecord {
     /// Held-out losses when an evaluation ran at this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalRecord>,
+    /// Transfusion: mean over the step's images of each image's noise-prediction MSE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_diffusion: Option<f64>,
+    /// The same per timestep bucket (`t * 4 / T`: quarters of the schedule, least noisy first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diffusion_buckets: Vec<Option<f64>>,
 }
 
 /// Held-out loss per modality.
@@ -46,6 +53,9 @@ pub struct EvalRecord {
     pub speech: Option<f64>,
     /// Loss-bearing target tokens per modality.
     pub tokens: [i64; 3],
+    /// Transfusion: held-out diffusion loss (mean over images, fixed noise draws).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diffusion: Option<f64>,
 }
 
 impl EvalRecord {
@@ -58,6 +68,7 @@ impl EvalRecord {
             image: per(1),
             speech: per(2),
             tokens,
+            diffusion: None,
         }
     }
 
@@ -91,6 +102,14 @@ impl StepRecord {
         if let Some(m) = self.mfu {
             s.push_str(&format!(" | mfu {:.1}%", 100.0 * m));
         }
+        if let Some(d) = self.loss_diffusion {
+            s.push_str(&format!(" | ddpm {d:.4}"));
+            let b: Vec<String> =
+                self.diffusion_buckets.iter().map(|v| v.map_or("-".to_string(), |v| format!("{v:.3}"))).collect();
+            if !b.is_empty() {
+                s.push_str(&format!(" (t-buckets {})", b.join("/")));
+            }
+        }
         if self.skipped {
             s.push_str(" | SKIPPED (non-finite)");
         }
@@ -100,6 +119,9 @@ impl StepRecord {
                 if let Some(v) = v {
                     s.push_str(&format!(" {name} {v:.4}"));
                 }
+            }
+            if let Some(d) = e.diffusion {
+                s.push_str(&format!(" ddpm {d:.4}"));
             }
         }
         s
@@ -186,7 +208,8 @@ fn ensure_font() {
     });
 }
 
-/// Train loss per modality (lines) and held-out loss (dots), written atomically as PNG.
+/// Train loss per modality (lines) and held-out loss (dots), plus the diffusion loss in the
+/// Transfusion setting, written atomically as PNG.
 pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(), TrainError> {
     ensure_font();
     let err = |e: String| TrainError::Plot { path: path.to_path_buf(), msg: e };
@@ -195,7 +218,12 @@ pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(
     let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1);
     let values = records
         .iter()
-        .flat_map(|r| r.per_modality().into_iter().chain(r.eval.iter().flat_map(|e| e.per_modality())))
+        .flat_map(|r| {
+            r.per_modality()
+                .into_iter()
+                .chain(r.eval.iter().flat_map(|e| e.per_modality()))
+                .chain([r.loss_diffusion, r.eval.as_ref().and_then(|e| e.diffusion)])
+        })
         .flatten()
         .filter(|v| v.is_finite());
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
@@ -244,6 +272,27 @@ pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(
                     .legend(move |(x, y)| Circle::new((x + 9, y), 5, color.filled()));
             }
         }
+        let purple = RGBColor(148, 103, 189);
+        let diffusion: Vec<(u64, f64)> =
+            records.iter().filter_map(|r| r.loss_diffusion.filter(|v| v.is_finite()).map(|v| (r.step, v))).collect();
+        if !diffusion.is_empty() {
+            chart
+                .draw_series(LineSeries::new(diffusion, purple.stroke_width(2)))
+                .map_err(|e| err(e.to_string()))?
+                .label("diffusion (train)")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], purple.stroke_width(2)));
+        }
+        let held: Vec<(u64, f64)> = records
+            .iter()
+            .filter_map(|r| r.eval.as_ref().and_then(|e| e.diffusion).filter(|v| v.is_finite()).map(|v| (r.step, v)))
+            .collect();
+        if !held.is_empty() {
+            chart
+                .draw_series(held.into_iter().map(|p| Circle::new(p, 5, purple.filled())))
+                .map_err(|e| err(e.to_string()))?
+                .label("diffusion (held-out)")
+                .legend(move |(x, y)| Circle::new((x + 9, y), 5, purple.filled()));
+        }
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
@@ -274,6 +323,8 @@ mod tests {
             mfu: None,
             skipped: false,
             eval: (step % 2 == 0).then(|| EvalRecord::from_sums([text * 10.0, 8.0, 0.0], [10, 10, 0])),
+            loss_diffusion: (step % 3 == 0).then_some(0.5),
+            diffusion_buckets: if step % 3 == 0 { vec![Some(0.1), None, Some(0.6), Some(0.9)] } else { vec![] },
         }
     }
 
@@ -291,5 +342,7 @@ mod tests {
         assert_eq!(reopened.records.len(), 4);
         assert_eq!(reopened.records[3], rec(4, 5.0 - 1.2));
         assert!(rec(3, 2.0).console_line(100).contains("text 2.0000 image 1.6000 speech -"));
+        assert!(rec(3, 2.0).console_line(100).contains("ddpm 0.5000 (t-buckets 0.100/-/0.600/0.900)"));
+        assert_eq!(reopened.records[2], rec(3, 5.0 - 0.9));
     }
 }

@@ -112,6 +112,21 @@ pub struct ModelConfig {
     /// Std of the normal init for matrices and embeddings; output projections get
     /// `init_std / sqrt(2 * n_layers)`.
     pub init_std: f64,
+    /// Transfusion setting: size of one latent image patch vector; 0 = the corpus manifest's
+    /// image `latent_dim` (stays 0 without continuous images: then there is no latent head).
+    pub latent_dim: i64,
+    /// Latents are multiplied by this before diffusion so they have about unit scale (as the
+    /// VAE scale factor of latent diffusion); 0 = `1 / RMS` of the corpus's latents, measured
+    /// when training starts and written into the resolved config (1 when nothing is measured).
+    pub latent_scale: f64,
+    /// Weight λ of the diffusion loss in `L = L_LM + λ·L_DDPM` (Transfusion: 5).
+    pub diffusion_lambda: f64,
+    /// Training timesteps T of the cosine noise schedule.
+    pub diffusion_steps: i64,
+    /// Fraction of the images followed by text whose timestep is capped (captioning).
+    pub caption_noise_fraction: f64,
+    /// Those images get `t < caption_max_t` (Transfusion: t ≤ 500 of 1,000).
+    pub caption_max_t: i64,
 }
 
 impl Default for ModelConfig {
@@ -135,11 +150,22 @@ impl Default for ModelConfig {
             moe_capacity_factor: 1.0,
             moe_aux_loss_coef: 0.01,
             init_std: 0.02,
+            latent_dim: 0,
+            latent_scale: 0.0,
+            diffusion_lambda: 5.0,
+            diffusion_steps: 1000,
+            caption_noise_fraction: 0.2,
+            caption_max_t: 500,
         }
     }
 }
 
 impl ModelConfig {
+    /// The factor latents are multiplied by before diffusion (`latent_scale`, 1 while unset).
+    pub fn latent_factor(&self) -> f64 {
+        if self.latent_scale > 0.0 { self.latent_scale } else { 1.0 }
+    }
+
     pub fn head_dim(&self) -> i64 {
         self.d_model / self.n_heads.max(1)
     }
@@ -178,6 +204,18 @@ impl ModelConfig {
             if !(self.moe_capacity_factor > 0.0) {
                 return bad("moe_capacity_factor must be > 0".into());
             }
+        }
+        if self.latent_dim < 0 || self.diffusion_steps < 1 || !(self.diffusion_lambda >= 0.0) {
+            return bad("need latent_dim >= 0, diffusion_steps >= 1 and diffusion_lambda >= 0".into());
+        }
+        if !(self.latent_scale >= 0.0 && self.latent_scale.is_finite()) {
+            return bad(format!("latent_scale must be >= 0 and finite (got {})", self.latent_scale));
+        }
+        if !(0.0..=1.0).contains(&self.caption_noise_fraction)
+            || self.caption_max_t < 1
+            || self.caption_max_t > self.diffusion_steps
+        {
+            return bad("need caption_noise_fraction in [0, 1] and 1 <= caption_max_t <= diffusion_steps".into());
         }
         Ok(())
     }
@@ -219,7 +257,9 @@ impl ModelConfig {
         };
         let norms = t * 2 * d;
         let head_towers = if self.untie_head { t } else { 1 };
-        self.n_layers * (attn + ffn + norms) + self.vocab_size * d + head_towers * (d + d * self.vocab_size)
+        // Latent head: latent_in, latent_out and the two-layer timestep MLP.
+        let latent = if self.latent_dim > 0 { 2 * d * self.latent_dim + 2 * d * d } else { 0 };
+        self.n_layers * (attn + ffn + norms) + self.vocab_size * d + head_towers * (d + d * self.vocab_size) + latent
     }
 }
 
@@ -354,8 +394,54 @@ pub struct Prepared {
     /// `[B, 1, T, hd/2]` RoPE tables from the batch's positions, sequence order.
     cos: Tensor,
     sin: Tensor,
-    /// `[B, 1, T, T]` bool: causal and inside one document; None when plain causal suffices.
+    /// `[B, 1, T, T]` bool: causal and inside one document, bidirectional among the patches of
+    /// one latent image; None when plain causal suffices.
     mask: Option<Tensor>,
+    /// Latent image patches (Transfusion setting); None when the batch has none.
+    pub latent: Option<LatentInputs>,
+}
+
+/// The continuous image patches of a prepared batch and their noised versions.
+#[derive(Debug)]
+pub struct LatentInputs {
+    pub dim: usize,
+    /// `[P]` layout rows of the patch positions (patch order of `Batch::latents`).
+    rows: Tensor,
+    /// `[P, dim]` fp32 clean latents x_0 (the batch's latents times `latent_factor()`).
+    pub x0: Tensor,
+    /// Image index of each patch: an image is one latent segment within one row.
+    pub image_of_patch: Vec<usize>,
+    /// `[P]` int64 on the device, the same.
+    image_index: Tensor,
+    /// `[images]` fp32 patch count per image.
+    image_patches: Tensor,
+    /// Per image: loss-bearing tokens follow it in its document (the captioning case).
+    pub followed_by_text: Vec<bool>,
+    /// Noised inputs `[P, dim]`, their timestep per image, and the true noise (training).
+    xt: Option<Tensor>,
+    pub timesteps: Vec<usize>,
+    eps: Option<Tensor>,
+}
+
+impl LatentInputs {
+    pub fn n_images(&self) -> usize {
+        self.followed_by_text.len()
+    }
+
+    /// Sets the noised patches `xt` at per-image timesteps (one value = all images) and, for
+    /// training, the noise the model must predict.
+    pub fn set_noised(&mut self, xt: Tensor, timesteps: Vec<usize>, eps: Option<Tensor>) {
+        self.timesteps = if timesteps.len() == 1 { vec![timesteps[0]; self.n_images()] } else { timesteps };
+        self.xt = Some(xt);
+        self.eps = eps;
+    }
+
+    /// `[P]` fp32 timestep of each patch (0 while not noised: clean conditioning).
+    fn patch_timesteps(&self) -> Tensor {
+        let t: Vec<f32> =
+            self.image_of_patch.iter().map(|&i| self.timesteps.get(i).copied().unwrap_or(0) as f32).collect();
+        Tensor::from_slice(&t).to_device(self.x0.device())
+    }
 }
 
 impl Prepared {
@@ -377,8 +463,42 @@ impl Prepared {
                 return Err(TrainError::Batch(format!("{name} has {len} entries, expected batch_size*seq_len = {n}")));
             }
         }
+        let lat = &batch.latents;
+        let mut is_patch = vec![false; n];
+        if !lat.positions.is_empty() {
+            if i64::try_from(lat.dim).unwrap_or(-1) != cfg.latent_dim {
+                return Err(TrainError::Batch(format!(
+                    "latent patches of dimension {} but the model's latent_dim is {}",
+                    lat.dim, cfg.latent_dim
+                )));
+            }
+            if lat.data.len() != lat.positions.len() * lat.dim {
+                return Err(TrainError::Batch(format!(
+                    "{} latent values for {} patches of dimension {}",
+                    lat.data.len(),
+                    lat.positions.len(),
+                    lat.dim
+                )));
+            }
+            for &q in &lat.positions {
+                let q = q as usize;
+                if q >= n || is_patch[q] || batch.modality[q] != Modality::Image as u8 {
+                    return Err(TrainError::Batch(format!("latent patch at flat position {q} is out of place")));
+                }
+                is_patch[q] = true;
+            }
+        }
+        // Patch positions carry a placeholder id (replaced by the projected latent) and targets
+        // without loss are never read: map both to id 0 so the lookup and the CE stay in range.
+        let inputs: Vec<u32> = batch.inputs.iter().zip(&is_patch).map(|(&x, &pt)| if pt { 0 } else { x }).collect();
+        let targets: Vec<u32> = batch
+            .targets
+            .iter()
+            .zip(&batch.loss_mask)
+            .map(|(&y, &w)| if w == 0 && i64::from(y) >= cfg.vocab_size { 0 } else { y })
+            .collect();
         let vocab = cfg.vocab_size;
-        for (i, (&x, &y)) in batch.inputs.iter().zip(&batch.targets).enumerate() {
+        for (i, (&x, &y)) in inputs.iter().zip(&targets).enumerate() {
             if i64::from(x) >= vocab || i64::from(y) >= vocab {
                 return Err(TrainError::Batch(format!(
                     "token id {} at flat position {i} is outside the model vocabulary ({vocab})",
@@ -440,8 +560,8 @@ impl Prepared {
             Tensor::from_slice(&data).to_device(device)
         };
         let widen = |v: &[u8]| -> Vec<u32> { v.iter().map(|&x| u32::from(x)).collect() };
-        let tokens = layout(&batch.inputs);
-        let targets = layout(&batch.targets);
+        let tokens = layout(&inputs);
+        let targets = layout(&targets);
         let target_modality = layout(&widen(&batch.target_modality));
         let loss_weight = layout(&widen(&batch.loss_mask)).gt(0).to_kind(Kind::Float);
         let mut loss_tokens = [0i64; Modality::COUNT];
@@ -461,14 +581,89 @@ impl Prepared {
         let angles = pos * inv_freq;
         let (cos, sin) = (angles.cos(), angles.sin());
 
-        // A mask is only needed when some row packs more than one document.
+        // A mask is only needed when some row packs more than one document or holds latent
+        // images (bidirectional among one image's patches; text after it stays causal).
         let packed = batch.doc_ids.chunks(batch.seq_len.max(1)).any(|row| row.windows(2).any(|w| w[0] != w[1]));
-        let mask = packed.then(|| {
+        let has_latents = !lat.positions.is_empty();
+        if has_latents && batch.segment_ids.len() != n {
+            return Err(TrainError::Batch(format!(
+                "segment_ids has {} entries, expected {n}",
+                batch.segment_ids.len()
+            )));
+        }
+        let mask = (packed || has_latents).then(|| {
             let docs: Vec<i64> = batch.doc_ids.iter().map(|&d| i64::from(d)).collect();
             let docs = Tensor::from_slice(&docs).to_device(device).view([b, t]);
             let same_doc = docs.unsqueeze(2).eq_tensor(&docs.unsqueeze(1));
-            let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
-            (same_doc.logical_and(&causal)).unsqueeze(1)
+            let mut allowed = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+            if has_latents {
+                // Patches of one image: same segment id, both latent positions.
+                let segs: Vec<i64> = batch
+                    .segment_ids
+                    .iter()
+                    .zip(&is_patch)
+                    .map(|(&s, &pt)| if pt { i64::from(s) } else { -1 })
+                    .collect();
+                let segs = Tensor::from_slice(&segs).to_device(device).view([b, t]);
+                let same_image = segs.unsqueeze(2).eq_tensor(&segs.unsqueeze(1)).logical_and(&segs.ge(0).unsqueeze(2));
+                allowed = allowed.logical_or(&same_image);
+            }
+            (same_doc.logical_and(&allowed)).unsqueeze(1)
+        });
+        let latent = has_latents.then(|| {
+            let tlen = batch.seq_len.max(1);
+            // Images: runs of patches sharing (row, segment id), in patch order.
+            let mut image_of_patch = Vec::with_capacity(lat.positions.len());
+            let mut followed_by_text = Vec::new();
+            let mut key = None;
+            for &q in &lat.positions {
+                let q = q as usize;
+                let k = (q / tlen, batch.segment_ids[q]);
+                if key != Some(k) {
+                    key = Some(k);
+                    // Loss-bearing input later in the row, same document, another segment, not a
+                    // patch: text the (noised) image conditions.
+                    let row_end = (q / tlen + 1) * tlen;
+                    let followed = (q + 1..row_end).any(|j| {
+                        batch.doc_ids[j] == batch.doc_ids[q]
+                            && batch.segment_ids[j] != k.1
+                            && !is_patch[j]
+                            && batch.loss_mask[j] > 0
+                    });
+                    followed_by_text.push(followed);
+                }
+                image_of_patch.push(followed_by_text.len() - 1);
+            }
+            // Layout row of each patch (the inverse of the sort permutation, if any).
+            let rows: Vec<i64> = match &order {
+                Some(perm) => {
+                    let mut inv = vec![0i64; n];
+                    for (row, &i) in perm.iter().enumerate() {
+                        inv[i] = row as i64;
+                    }
+                    lat.positions.iter().map(|&q| inv[q as usize]).collect()
+                }
+                None => lat.positions.iter().map(|&q| i64::from(q)).collect(),
+            };
+            let scale = cfg.latent_factor() as f32;
+            let x0: Vec<f32> = lat.data.iter().map(|v| v.to_f32() * scale).collect();
+            let mut counts = vec![0f32; followed_by_text.len()];
+            for &i in &image_of_patch {
+                counts[i] += 1.0;
+            }
+            let idx: Vec<i64> = image_of_patch.iter().map(|&i| i as i64).collect();
+            LatentInputs {
+                dim: lat.dim,
+                rows: Tensor::from_slice(&rows).to_device(device),
+                x0: Tensor::from_slice(&x0).view([lat.positions.len() as i64, lat.dim as i64]).to_device(device),
+                image_of_patch,
+                image_index: Tensor::from_slice(&idx).to_device(device),
+                image_patches: Tensor::from_slice(&counts).to_device(device),
+                followed_by_text,
+                xt: None,
+                timesteps: Vec::new(),
+                eps: None,
+            }
         });
         Ok(Prepared {
             route,
@@ -482,6 +677,7 @@ impl Prepared {
             cos,
             sin,
             mask,
+            latent,
         })
     }
 }
@@ -826,6 +1022,54 @@ impl Block {
 }
 
 // ---------------------------------------------------------------------------------------
+// Latent patches (Transfusion setting)
+// ---------------------------------------------------------------------------------------
+
+/// In: a noised patch `x_t` becomes `latent_in(x_t) + time_embed(t)` at its position (in place
+/// of the placeholder embedding). Out: the final hidden state there, through the image tower's
+/// final norm and `latent_out`, is the predicted noise.
+#[derive(Debug)]
+struct LatentHead {
+    latent_in: Linear,
+    latent_out: Linear,
+    /// Sinusoidal features of t (d_model wide) → fc1 → SiLU → fc2.
+    time_fc1: Linear,
+    time_fc2: Linear,
+    d_model: i64,
+}
+
+impl LatentHead {
+    fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let (d, l, std) = (cfg.d_model, cfg.latent_dim, cfg.init_std);
+        LatentHead {
+            latent_in: Linear::new(&(p / "latent_in"), l, d, std),
+            latent_out: Linear::new(&(p / "latent_out"), d, l, std),
+            time_fc1: Linear::new(&(p / "time_embed" / "fc1"), d, d, std),
+            time_fc2: Linear::new(&(p / "time_embed" / "fc2"), d, d, std),
+            d_model: d,
+        }
+    }
+
+    /// `[P]` fp32 timesteps → `[P, D]` embeddings (cos | sin halves, periods up to 10,000).
+    fn time_embed(&self, t: &Tensor, ck: Kind) -> Tensor {
+        let half = self.d_model / 2;
+        let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10_000f64.ln()) / half as f64)).exp();
+        let args = t.unsqueeze(1) * freqs.unsqueeze(0);
+        let mut feats = Tensor::cat(&[args.cos(), args.sin()], 1);
+        if self.d_model % 2 == 1 {
+            feats = Tensor::cat(&[feats, Tensor::zeros([t.size()[0], 1], (Kind::Float, t.device()))], 1);
+        }
+        self.time_fc2.forward(&self.time_fc1.forward(&feats, ck).silu(), ck).to_kind(Kind::Float)
+    }
+
+    /// `[P, D]` fp32 input embeddings of the patches.
+    fn embed(&self, lat: &LatentInputs, ck: Kind) -> Tensor {
+        let x = lat.xt.as_ref().unwrap_or(&lat.x0);
+        self.latent_in.forward(x, ck).to_kind(Kind::Float) + self.time_embed(&lat.patch_timesteps(), ck)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Model
 // ---------------------------------------------------------------------------------------
 
@@ -838,6 +1082,13 @@ pub struct LossOutput {
     pub per_modality_sum: Tensor,
     /// `[N]` per-token losses, layout order, detached (zero where the mask is 0).
     pub token_loss: Tensor,
+    /// Mean next-token loss (+ MoE aux): the `L_LM` part of `loss`.
+    pub lm_loss: Tensor,
+    /// Transfusion: mean over images of each image's mean squared noise error (`L_DDPM`, before
+    /// λ); None without noised latent patches.
+    pub diffusion_loss: Option<Tensor>,
+    /// `[images]` detached per-image diffusion losses (for the per-timestep-bucket metrics).
+    pub image_diffusion: Option<Tensor>,
 }
 
 /// The whole network. Parameters live in the `VarStore` passed to [`Model::new`].
@@ -848,6 +1099,7 @@ pub struct Model {
     layers: Vec<Block>,
     final_norm: Towers<RmsNorm>,
     lm_head: Towers<Linear>,
+    latent: Option<LatentHead>,
     /// Matmul / attention precision (bf16 on CUDA, fp32 on CPU).
     pub compute_kind: Kind,
 }
@@ -880,14 +1132,18 @@ impl Model {
         let lm_head = Towers::new(&(root / "lm_head"), head_towers, |p| {
             Linear::new(p, cfg.d_model, cfg.vocab_size, cfg.init_std)
         });
+        let latent = (cfg.latent_dim > 0).then(|| LatentHead::new(root, cfg));
         let compute_kind = if root.device().is_cuda() { Kind::BFloat16 } else { Kind::Float };
-        Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, compute_kind })
+        Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, latent, compute_kind })
     }
 
     /// Residual stream after the last block `[N, D]` (fp32, before the final norm), layout
     /// order; plus the summed MoE aux loss if any.
     pub fn hidden(&self, p: &Prepared) -> (Tensor, Option<Tensor>) {
         let mut x = Tensor::embedding(&self.embed, &p.tokens, -1, false, false);
+        if let (Some(head), Some(lat)) = (&self.latent, &p.latent) {
+            x = x.index_copy(0, &lat.rows, &head.embed(lat, self.compute_kind));
+        }
         let mut aux: Option<Tensor> = None;
         for layer in &self.layers {
             let (y, a) = layer.forward(&x, p, self.compute_kind);
@@ -914,9 +1170,39 @@ impl Model {
         if self.lm_head.0.len() == 1 { self.head(0, &x) } else { p.route.map(&x, |m, xs| self.head(m, xs)) }
     }
 
-    /// Next-token cross-entropy, per token and per target modality.
+    /// Predicted noise `[P, latent_dim]` (fp32) at the patches of `h`, the final hidden state.
+    fn noise_from_hidden(&self, head: &LatentHead, lat: &LatentInputs, h: &Tensor) -> Tensor {
+        let xs = self.final_norm.pick(Modality::Image.index()).forward(&h.index_select(0, &lat.rows));
+        head.latent_out.forward(&xs, self.compute_kind).to_kind(Kind::Float)
+    }
+
+    /// The model's noise prediction for the batch's (noised) latent patches, `[P, latent_dim]`
+    /// in `Batch::latents` order; empty without latents or a latent head.
+    pub fn predict_noise(&self, p: &Prepared) -> Tensor {
+        let (Some(head), Some(lat)) = (&self.latent, &p.latent) else {
+            return Tensor::zeros([0, self.cfg.latent_dim.max(0)], (Kind::Float, self.embed.device()));
+        };
+        let (x, _) = self.hidden(p);
+        self.noise_from_hidden(head, lat, &x)
+    }
+
+    /// `L = L_LM + λ·L_DDPM`: next-token cross-entropy (per token and per target modality) and,
+    /// with noised latent patches, the per-image mean squared error of the predicted noise.
     pub fn loss(&self, p: &Prepared) -> LossOutput {
         let (x, aux) = self.hidden(p);
+        let diffusion = match (&self.latent, &p.latent) {
+            (Some(head), Some(lat)) => lat.eps.as_ref().map(|eps| {
+                let per_patch = (self.noise_from_hidden(head, lat, &x) - eps).square().mean_dim(1, false, Kind::Float);
+                let n_img = lat.n_images() as i64;
+                let per_image = Tensor::zeros([n_img], (Kind::Float, per_patch.device())).index_add(
+                    0,
+                    &lat.image_index,
+                    &per_patch,
+                ) / &lat.image_patches;
+                (per_image.mean(Kind::Float), per_image.detach())
+            }),
+            _ => None,
+        };
         // Per-tower logits and CE over that tower's rows: targets are already in layout order.
         let ce = |m: usize, xs: &Tensor, ts: &Tensor| -> Tensor {
             self.head(m, xs).cross_entropy_loss::<Tensor>(ts, None, tch::Reduction::None, -100, 0.0)
@@ -934,16 +1220,21 @@ impl Model {
         };
         let weighted = &token_loss * &p.loss_weight;
         let count: i64 = p.loss_tokens.iter().sum();
-        let mut loss = weighted.sum(Kind::Float) / count.max(1) as f64;
+        let mut lm_loss = weighted.sum(Kind::Float) / count.max(1) as f64;
         if let Some(a) = aux {
-            loss = loss + a * self.cfg.moe_aux_loss_coef;
+            lm_loss = lm_loss + a * self.cfg.moe_aux_loss_coef;
         }
+        let (diffusion_loss, image_diffusion) = diffusion.unzip();
+        let loss = match &diffusion_loss {
+            Some(d) => &lm_loss + d * self.cfg.diffusion_lambda,
+            None => lm_loss.shallow_clone(),
+        };
         let per_modality_sum = Tensor::zeros([Modality::COUNT as i64], (Kind::Float, weighted.device())).index_add(
             0,
             &p.target_modality,
             &weighted.detach(),
         );
-        LossOutput { loss, per_modality_sum, token_loss: weighted.detach() }
+        LossOutput { loss, per_modality_sum, token_loss: weighted.detach(), lm_loss, diffusion_loss, image_diffusion }
     }
 }
 
@@ -951,6 +1242,7 @@ impl Model {
 mod tests {
     use super::*;
     use crate::data::{BatchSource, SyntheticSource};
+    use motley_shards::Latents;
 
     fn tiny(arch: Arch) -> ModelConfig {
         ModelConfig {
@@ -980,12 +1272,167 @@ mod tests {
     fn run(cfg: &ModelConfig, b: &Batch, routing: Routing) -> (Tensor, Tensor, Vec<(String, Tensor)>) {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Model::new_seeded(&vs.root(), cfg, 3).expect("model");
-        let p = Prepared::new(cfg, b, routing, Device::Cpu).expect("prepare");
+        let mut p = Prepared::new(cfg, b, routing, Device::Cpu).expect("prepare");
+        // No-op without latent patches; with them, the same draws for both routings.
+        let sched = crate::diffusion::Schedule::cosine(cfg.diffusion_steps as usize);
+        let policy = crate::diffusion::NoisePolicy { caption_fraction: 0.2, caption_max_t: 500 };
+        crate::diffusion::noise_prepared(&mut p, &sched, policy, &mut crate::diffusion::noise_rng(1, 1, 0));
         let logits = p.route.to_seq(&model.logits(&p));
         let out = model.loss(&p);
         out.loss.backward();
-        let tok = p.route.to_seq(&out.token_loss);
+        let mut tok = p.route.to_seq(&out.token_loss);
+        if let Some(d) = out.image_diffusion {
+            // Per-image diffusion losses ride along with the token losses.
+            tok = Tensor::cat(&[tok, d], 0);
+        }
         (logits.detach(), tok, grads(&vs))
+    }
+
+    /// A batch from the real loader over a synthetic corpus whose images are latent patches.
+    fn latent_batch(vocab: &mut i64, dim: u32) -> Batch {
+        tch::set_num_threads(1);
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::loader::write_synthetic_corpus_latent(dir.path(), 40, 5, dim).expect("corpus");
+        let data = crate::config::DataConfig {
+            paths: vec![dir.path().to_path_buf()],
+            seq_len: 64,
+            batch_size: 2,
+            eval_fraction: 0.0,
+            prefetch: 0,
+            ..crate::config::DataConfig::default()
+        };
+        let mut src = crate::loader::ShardSource::open(&data, 1, motley_shards::Split::Train, 0, 1).expect("open");
+        *vocab = i64::from(src.vocab().total_size);
+        src.next_batch().expect("latent batch")
+    }
+
+    #[test]
+    fn attention_mask_hand_built_cases() {
+        // Row: doc 0 = bos, text, boi, 3 patches, eoi, text; doc 1 = bos, text.
+        let ids = [40u32, 1, 42, 46, 46, 46, 43, 2, 40, 3];
+        let modality = [0u8, 0, 0, 1, 1, 1, 0, 0, 0, 0];
+        let segs = [0u32, 1, 2, 2, 2, 2, 2, 3, 4, 5];
+        let docs = [0u32, 0, 0, 0, 0, 0, 0, 0, 1, 1];
+        let b = Batch {
+            batch_size: 1,
+            seq_len: 10,
+            inputs: ids.to_vec(),
+            targets: ids[1..].iter().copied().chain([41]).collect(),
+            modality: modality.to_vec(),
+            target_modality: modality[1..].iter().copied().chain([0]).collect(),
+            positions: vec![0, 1, 2, 3, 4, 5, 6, 7, 0, 1],
+            doc_ids: docs.to_vec(),
+            segment_ids: segs.to_vec(),
+            loss_mask: vec![1, 1, 0, 0, 0, 1, 1, 1, 1, 1],
+            latents: Latents { dim: 2, data: vec![half::f16::ONE; 6], positions: vec![3, 4, 5] },
+            ..Batch::default()
+        };
+        let cfg = ModelConfig { vocab_size: 64, latent_dim: 2, ..tiny(Arch::Mot) };
+        for routing in [Routing::Sorted, Routing::GatherScatter] {
+            let p = Prepared::new(&cfg, &b, routing, Device::Cpu).expect("prepare");
+            let m = p.mask.as_ref().expect("latents need a mask").get(0).get(0);
+            let at = |i: i64, j: i64| m.int64_value(&[i, j]) != 0;
+            // Causal text.
+            assert!(at(1, 0) && at(1, 1) && !at(0, 1) && !at(6, 7) && at(7, 6));
+            // Bidirectional among one image's patches, in both directions.
+            assert!(at(3, 5) && at(5, 3) && at(4, 3) && at(3, 4));
+            // The image's markers stay causal: boi does not see the patches, the patches do not see eoi.
+            assert!(!at(2, 3) && !at(5, 6) && at(6, 3));
+            // Text after the image sees it (the noised image conditions it), text before does not.
+            assert!(at(7, 3) && at(7, 5) && !at(1, 3));
+            // Never across documents, not even from a later document to the image.
+            assert!(!at(8, 7) && !at(8, 3) && !at(9, 5) && at(9, 8));
+            let lat = p.latent.as_ref().expect("latent inputs");
+            assert_eq!((lat.n_images(), lat.followed_by_text.clone()), (1, vec![true]));
+        }
+        // Two images in one document are bidirectional within each, causal between them.
+        let mut two = b.clone();
+        two.segment_ids = vec![0, 1, 2, 2, 3, 3, 3, 4, 5, 6];
+        let p = Prepared::new(&cfg, &two, Routing::Sorted, Device::Cpu).expect("prepare");
+        let m = p.mask.as_ref().expect("mask").get(0).get(0);
+        let at = |i: i64, j: i64| m.int64_value(&[i, j]) != 0;
+        assert!(at(4, 5) && at(5, 4) && !at(3, 4) && at(4, 3));
+        assert_eq!(p.latent.as_ref().map(LatentInputs::n_images), Some(2));
+        // A model without a latent head refuses latent patches instead of ignoring them.
+        let plain = ModelConfig { vocab_size: 64, ..tiny(Arch::Mot) };
+        assert!(Prepared::new(&plain, &b, Routing::Sorted, Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn image_patches_see_each_other_and_text_before_does_not_see_them() {
+        let mut v = 0;
+        let b = latent_batch(&mut v, 6);
+        let cfg = ModelConfig { vocab_size: v, latent_dim: 6, ..tiny(Arch::Mot) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new_seeded(&vs.root(), &cfg, 4).expect("model");
+        let eval = |b: &Batch| {
+            let p = Prepared::new(&cfg, b, Routing::Sorted, Device::Cpu).expect("prepare");
+            (p.route.to_seq(&model.logits(&p)), model.predict_noise(&p))
+        };
+        let (l1, e1) = eval(&b);
+        // Change the last patch of the first image: its first patch's prediction changes
+        // (bidirectional), the logits before the image do not (causal).
+        let dim = b.latents.dim;
+        let first = b.latents.positions[0] as usize;
+        let last = (1..b.latents.positions.len())
+            .take_while(|&k| b.segment_ids[b.latents.positions[k] as usize] == b.segment_ids[first])
+            .last()
+            .expect("an image of several patches");
+        let mut c = b.clone();
+        for x in &mut c.latents.data[last * dim..(last + 1) * dim] {
+            *x = half::f16::from_f32(x.to_f32() + 1.0);
+        }
+        let (l2, e2) = eval(&c);
+        assert!(!e1.get(0).allclose(&e2.get(0), 1e-6, 1e-6, false), "first patch must see the last");
+        let before = first as i64;
+        assert!(l1.narrow(0, 0, before).allclose(&l2.narrow(0, 0, before), 1e-6, 1e-7, false));
+    }
+
+    #[test]
+    fn transfusion_loss_runs_and_backprops() {
+        let mut v = 0;
+        let b = latent_batch(&mut v, 6);
+        assert!(!b.latents.positions.is_empty());
+        for arch in [Arch::Mot, Arch::Dense] {
+            let cfg = ModelConfig { vocab_size: v, latent_dim: 6, ..tiny(arch) };
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = Model::new_seeded(&vs.root(), &cfg, 3).expect("model");
+            let mut p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+            let sched = crate::diffusion::Schedule::cosine(1000);
+            let policy = crate::diffusion::NoisePolicy { caption_fraction: 0.2, caption_max_t: 500 };
+            crate::diffusion::noise_prepared(&mut p, &sched, policy, &mut crate::diffusion::noise_rng(0, 1, 0));
+            let out = model.loss(&p);
+            let d = f64::try_from(out.diffusion_loss.as_ref().expect("diffusion loss")).expect("scalar");
+            let lm = f64::try_from(&out.lm_loss).expect("scalar");
+            let total = f64::try_from(&out.loss).expect("scalar");
+            assert!(d.is_finite() && d > 0.0 && lm.is_finite());
+            assert!((total - (lm + 5.0 * d)).abs() < 1e-4, "{total} != {lm} + 5 * {d}");
+            let n_img = p.latent.as_ref().map_or(0, LatentInputs::n_images) as i64;
+            assert_eq!(out.image_diffusion.as_ref().map(|t| t.size()), Some(vec![n_img]));
+            out.loss.backward();
+            let vars = vs.variables();
+            for name in ["latent_in.weight", "latent_out.weight", "time_embed.fc1.weight", "time_embed.fc2.weight"] {
+                let g = vars.get(name).unwrap_or_else(|| panic!("missing {name}")).grad();
+                assert!(g.defined() && f64::try_from(g.abs().sum(Kind::Double)).unwrap_or(0.0) > 0.0, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn sorted_routing_matches_gather_scatter_oracle_on_latent_batch() {
+        let mut v = 0;
+        let b = latent_batch(&mut v, 6);
+        let cfg = ModelConfig { vocab_size: v, latent_dim: 6, untie_head: true, ..tiny(Arch::Mot) };
+        let (l1, t1, g1) = run(&cfg, &b, Routing::Sorted);
+        let (l2, t2, g2) = run(&cfg, &b, Routing::GatherScatter);
+        assert!(l1.allclose(&l2, 1e-5, 1e-6, false), "logits differ");
+        assert!(t1.allclose(&t2, 1e-5, 1e-6, false), "token / diffusion losses differ");
+        for ((n1, a), (_, b)) in g1.iter().zip(&g2) {
+            assert_eq!(a.defined(), b.defined(), "{n1}: gradient presence differs");
+            if a.defined() {
+                assert!(a.allclose(b, 1e-4, 1e-6, false), "{n1}: gradients differ");
+            }
+        }
     }
 
     #[test]
@@ -1065,6 +1512,14 @@ mod tests {
         assert!(vs.variables().contains_key("layers.0.ffn.experts.3.up_proj.weight"));
         let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
         assert_eq!(total, moe.param_count());
+        let latent = ModelConfig { vocab_size: 64, latent_dim: 6, ..tiny(Arch::Mot) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = Model::new(&vs.root(), &latent).expect("latent");
+        for n in ["latent_in.weight", "latent_out.weight", "time_embed.fc1.weight", "time_embed.fc2.weight"] {
+            assert!(vs.variables().contains_key(n), "missing {n}");
+        }
+        let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(total, latent.param_count());
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! A step: take `grad_accum` micro-batches, back-propagate each one's share of the mean
 //! next-token loss (weighted by loss-bearing tokens, so accumulation equals one big batch),
 //! check the loss is finite, average gradients over ranks, clip, AdamW with warmup + cosine.
+//! With latent images (Transfusion setting) each micro-batch's images are noised from a stream
+//! keyed by (seed, step, micro-batch) and the objective adds λ times the diffusion loss, whose
+//! share is weighted by images.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,6 +18,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::checkpoint::{self, META_VERSION, Meta, RngState};
 use crate::config::{OnNonFinite, TrainConfig};
 use crate::data::BatchSource;
+use crate::diffusion::{self, BUCKETS, NoisePolicy, Schedule};
 use crate::dist::{self, GradReducer};
 use crate::error::TrainError;
 use crate::loader::open_source;
@@ -66,6 +70,8 @@ pub struct Trainer {
     opt: AdamW,
     data: Box<dyn BatchSource>,
     reducer: Box<dyn GradReducer>,
+    /// The diffusion noise schedule (used when batches carry latent images).
+    schedule: Schedule,
     /// Optimizer steps completed.
     pub step: u64,
     skipped: u64,
@@ -108,6 +114,20 @@ impl Trainer {
                 msg: format!("{} is smaller than the corpus vocabulary ({total})", cfg.model.vocab_size),
             });
         }
+        let latent = data.vocab().modality(Modality::Image).and_then(|m| m.latent_dim).map_or(0, i64::from);
+        if cfg.model.latent_dim == 0 {
+            cfg.model.latent_dim = latent;
+        } else if latent > 0 && cfg.model.latent_dim != latent {
+            return Err(TrainError::Config {
+                path: "model.latent_dim".into(),
+                msg: format!("{} differs from the corpus's image latent_dim ({latent})", cfg.model.latent_dim),
+            });
+        }
+        if cfg.model.latent_dim > 0 && cfg.model.latent_scale == 0.0 {
+            cfg.model.latent_scale = measure_latent_scale(&cfg, reducer.world_size())?;
+            tracing::info!("latent_scale = {} (1 / RMS of the corpus's latents)", cfg.model.latent_scale);
+        }
+        let schedule = Schedule::cosine(cfg.model.diffusion_steps as usize);
         let vs = nn::VarStore::new(device);
         let model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
@@ -121,6 +141,7 @@ impl Trainer {
             opt,
             data,
             reducer,
+            schedule,
             step: 0,
             skipped: 0,
             skipped_in_a_row: 0,
@@ -198,39 +219,68 @@ impl Trainer {
         // Lay out all micro-batches first: their loss-token counts weight the accumulation.
         let mut micro = Vec::with_capacity(self.cfg.optim.grad_accum as usize);
         let mut tokens = 0u64;
-        for _ in 0..self.cfg.optim.grad_accum {
+        let policy = noise_policy(&self.model.cfg);
+        for i in 0..self.cfg.optim.grad_accum {
             let batch = self.data.next_batch()?;
             tokens += batch.numel() as u64;
-            micro.push(Prepared::new(&self.model.cfg, &batch, routing, self.device)?);
+            let mut p = Prepared::new(&self.model.cfg, &batch, routing, self.device)?;
+            diffusion::noise_prepared(
+                &mut p,
+                &self.schedule,
+                policy,
+                &mut diffusion::noise_rng(self.cfg.train.seed, step, i),
+            );
+            micro.push(p);
         }
         let mut counts = [0i64; Modality::COUNT];
+        let mut images = 0usize;
         for p in &micro {
             for (c, n) in counts.iter_mut().zip(p.loss_tokens) {
                 *c += n;
             }
+            images += p.latent.as_ref().map_or(0, |l| l.n_images());
         }
         let total: i64 = counts.iter().sum::<i64>().max(1);
+        let lambda = self.model.cfg.diffusion_lambda;
         let mut loss_acc = Tensor::zeros([], (Kind::Float, self.device));
         let mut sums_acc = Tensor::zeros([Modality::COUNT as i64], (Kind::Float, self.device));
+        // Diffusion: [sum over images, sum per timestep bucket] and the matching image counts.
+        let mut diff_acc = Tensor::zeros([1 + BUCKETS as i64], (Kind::Float, self.device));
+        let mut diff_counts = [0f64; 1 + BUCKETS];
         for p in &micro {
             let out = self.model.loss(p);
             let share = p.loss_tokens.iter().sum::<i64>() as f64 / total as f64;
-            let scaled = out.loss * share;
+            let mut scaled = out.lm_loss * share;
+            if let (Some(d), Some(per_image), Some(lat)) = (&out.diffusion_loss, &out.image_diffusion, &p.latent) {
+                scaled = scaled + d * (lambda * lat.n_images() as f64 / images.max(1) as f64);
+                let (idx, src) = bucket_index(&self.schedule, &lat.timesteps, per_image, &mut diff_counts);
+                diff_acc = diff_acc.index_add(0, &idx, &src);
+            }
             scaled.backward();
             loss_acc += scaled.detach();
             sums_acc += out.per_modality_sum;
         }
         // One device → host read per step: the loss, for the finiteness check and the log.
+        // Layout: [loss, per-modality sums (3), diffusion sums (1 + BUCKETS)].
         let mut host: Vec<f64> =
-            Vec::<f64>::try_from(Tensor::cat(&[loss_acc.view([1]), sums_acc], 0).to_kind(Kind::Double))
+            Vec::<f64>::try_from(Tensor::cat(&[loss_acc.view([1]), sums_acc, diff_acc], 0).to_kind(Kind::Double))
                 .map_err(TrainError::torch("read loss"))?;
+        let sums_len = host.len();
         let mut reduce = host.clone();
         reduce.extend(counts.iter().map(|&c| c as f64));
+        reduce.extend(diff_counts);
         self.reducer.all_reduce_sum(&mut reduce)?;
         let world = self.reducer.world_size() as f64;
         host[0] = reduce[0] / world;
-        let per_modality: PerModality =
-            std::array::from_fn(|m| (reduce[4 + m] > 0.0).then(|| reduce[1 + m] / reduce[4 + m]));
+        let mean = |sum: usize, count: usize| (reduce[count] > 0.0).then(|| reduce[sum] / reduce[count]);
+        let per_modality: PerModality = std::array::from_fn(|m| mean(1 + m, sums_len + m));
+        let d0 = 1 + Modality::COUNT;
+        let loss_diffusion = mean(d0, sums_len + Modality::COUNT);
+        let diffusion_buckets: Vec<Option<f64>> = if loss_diffusion.is_some() {
+            (1..=BUCKETS).map(|k| mean(d0 + k, sums_len + Modality::COUNT + k)).collect()
+        } else {
+            Vec::new()
+        };
         let loss = host[0];
         let lr = learning_rate(&self.cfg.optim, step, self.cfg.train.steps);
         let mut record = StepRecord {
@@ -246,12 +296,15 @@ impl Trainer {
             mfu: None,
             skipped: false,
             eval: None,
+            loss_diffusion,
+            diffusion_buckets,
         };
         let detail = || {
             MODALITY_NAMES
                 .iter()
                 .zip(per_modality)
                 .map(|(n, v)| format!("{n}={}", v.map_or("-".to_string(), |v| format!("{v}"))))
+                .chain(loss_diffusion.map(|d| format!("diffusion={d}")))
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -414,6 +467,7 @@ impl Trainer {
             params: self.param_count(),
             final_train: final_train_losses(self.records()),
             final_eval: last_eval,
+            final_diffusion: final_diffusion_loss(self.records()),
         };
         if self.verbose {
             eprintln!("{}", summary.line());
@@ -457,19 +511,73 @@ pub fn evaluate_model(
 ) -> Result<EvalRecord, TrainError> {
     let mut sums = [0f64; 3];
     let mut tokens = [0i64; 3];
-    for _ in 0..batches.max(1) {
+    let (mut diff_sum, mut images) = (0f64, 0f64);
+    let schedule = Schedule::cosine(model.cfg.diffusion_steps as usize);
+    for i in 0..batches.max(1) {
         let batch = src.next_batch()?;
-        let p = Prepared::new(&model.cfg, &batch, routing, device)?;
-        let s = tch::no_grad(|| model.loss(&p).per_modality_sum);
-        let s: Vec<f64> = Vec::<f64>::try_from(s.to_kind(Kind::Double)).map_err(TrainError::torch("read eval loss"))?;
+        let mut p = Prepared::new(&model.cfg, &batch, routing, device)?;
+        // The same noise at every evaluation: a fixed stream per eval batch.
+        let mut rng = diffusion::noise_rng(EVAL_NOISE_SEED, i, 0);
+        diffusion::noise_prepared(&mut p, &schedule, noise_policy(&model.cfg), &mut rng);
+        let out = tch::no_grad(|| model.loss(&p));
+        let s: Vec<f64> = Vec::<f64>::try_from(out.per_modality_sum.to_kind(Kind::Double))
+            .map_err(TrainError::torch("read eval loss"))?;
         for m in 0..3 {
             sums[m] += s[m];
             tokens[m] += p.loss_tokens[m];
         }
+        if let Some(per_image) = &out.image_diffusion {
+            diff_sum += f64::try_from(per_image.sum(Kind::Double)).map_err(TrainError::torch("read eval diffusion"))?;
+            images += per_image.size()[0] as f64;
+        }
     }
     let mut all: Vec<f64> = sums.iter().copied().chain(tokens.iter().map(|&t| t as f64)).collect();
+    all.extend([diff_sum, images]);
     reducer.all_reduce_sum(&mut all)?;
-    Ok(EvalRecord::from_sums([all[0], all[1], all[2]], [all[3] as i64, all[4] as i64, all[5] as i64]))
+    let mut r = EvalRecord::from_sums([all[0], all[1], all[2]], [all[3] as i64, all[4] as i64, all[5] as i64]);
+    r.diffusion = (all[7] > 0.0).then(|| all[6] / all[7]);
+    Ok(r)
+}
+
+/// `1 / RMS` of the latent values in the first few training batches (a fresh stream, so the
+/// run's own stream is untouched); 1 when they hold no latents. Every rank reads the same rows
+/// of rank 0's stream, so all ranks agree.
+fn measure_latent_scale(cfg: &TrainConfig, world: usize) -> Result<f64, TrainError> {
+    let Some(mut src) = open_source(&cfg.data, cfg.train.seed, Split::Train, 0, world)? else { return Ok(1.0) };
+    let (mut sum_sq, mut n) = (0f64, 0u64);
+    for _ in 0..LATENT_SCALE_BATCHES {
+        let b = src.next_batch()?;
+        sum_sq += b.latents.data.iter().map(|v| f64::from(v.to_f32()).powi(2)).sum::<f64>();
+        n += b.latents.data.len() as u64;
+    }
+    let rms = if n > 0 { (sum_sq / n as f64).sqrt() } else { 0.0 };
+    // Rounded to 4 significant digits: the value is written into the config people read.
+    Ok(if rms > 0.0 && rms.is_finite() { format!("{:.4e}", 1.0 / rms).parse().unwrap_or(1.0) } else { 1.0 })
+}
+
+/// Batches read to measure `latent_scale`.
+const LATENT_SCALE_BATCHES: usize = 16;
+
+/// Seed of the fixed noise draws of held-out diffusion loss.
+const EVAL_NOISE_SEED: u64 = 0xE7A1_0000;
+
+/// The Transfusion timestep recipe from the model config.
+fn noise_policy(cfg: &crate::model::ModelConfig) -> NoisePolicy {
+    NoisePolicy { caption_fraction: cfg.caption_noise_fraction, caption_max_t: cfg.caption_max_t.max(1) as usize }
+}
+
+/// Scatter indices and values that add each image's loss to slot 0 (all images) and to slot
+/// `1 + bucket(t)`; counts the images per slot on the host.
+fn bucket_index(schedule: &Schedule, timesteps: &[usize], per_image: &Tensor, counts: &mut [f64]) -> (Tensor, Tensor) {
+    let mut idx: Vec<i64> = vec![0; timesteps.len()];
+    counts[0] += timesteps.len() as f64;
+    for &t in timesteps {
+        let b = 1 + schedule.bucket(t);
+        idx.push(b as i64);
+        counts[b] += 1.0;
+    }
+    let idx = Tensor::from_slice(&idx).to_device(per_image.device());
+    (idx, Tensor::cat(&[per_image, per_image], 0))
 }
 
 /// Mean per-modality train loss over the last tenth of the logged steps (at least one,
@@ -481,6 +589,13 @@ fn final_train_losses(records: &[StepRecord]) -> PerModality {
         let v: Vec<f64> = tail.iter().filter_map(|r| r.per_modality()[m]).collect();
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     })
+}
+
+/// Mean train diffusion loss over the same tail of steps as [`final_train_losses`].
+fn final_diffusion_loss(records: &[StepRecord]) -> Option<f64> {
+    let n = (records.len() / 10).clamp(1, 20).min(records.len());
+    let v: Vec<f64> = records[records.len() - n..].iter().filter_map(|r| r.loss_diffusion).collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 /// What a finished run reports.
@@ -497,6 +612,9 @@ pub struct TrainSummary {
     pub final_train: PerModality,
     /// Held-out loss at the last evaluation.
     pub final_eval: Option<EvalRecord>,
+    /// Transfusion: mean train diffusion loss over the last logged steps.
+    #[serde(default)]
+    pub final_diffusion: Option<f64>,
 }
 
 fn fmt_loss(v: Option<f64>) -> String {
@@ -506,6 +624,14 @@ fn fmt_loss(v: Option<f64>) -> String {
 impl TrainSummary {
     pub fn line(&self) -> String {
         let eval = self.final_eval.as_ref().map(EvalRecord::per_modality).unwrap_or([None; 3]);
+        let diffusion = match self.final_diffusion {
+            Some(d) => format!(
+                " | diffusion train {} held-out {}",
+                fmt_loss(Some(d)),
+                fmt_loss(self.final_eval.as_ref().and_then(|e| e.diffusion))
+            ),
+            None => String::new(),
+        };
         format!(
             "{}: {} steps, {} tokens in {:.1}s | final train text {} image {} speech {} | held-out text {} image {} speech {}",
             self.arch,
@@ -518,7 +644,7 @@ impl TrainSummary {
             fmt_loss(eval[0]),
             fmt_loss(eval[1]),
             fmt_loss(eval[2]),
-        )
+        ) + &diffusion
     }
 }
 
@@ -553,6 +679,23 @@ impl Comparison {
                     }
                 };
                 s.push_str(&format!("{name:<9} {split:<9} "));
+                for r in &self.runs {
+                    s.push_str(&format!("{:>10}", fmt_loss(get(r))));
+                }
+                if let Some((a, b)) = diff
+                    && let (Some(x), Some(y)) = (get(&self.runs[a]), get(&self.runs[b]))
+                {
+                    s.push_str(&format!("  {:>+9.4}", x - y));
+                }
+                s.push('\n');
+            }
+        }
+        if self.runs.iter().any(|r| r.final_diffusion.is_some()) {
+            for split in ["train", "held-out"] {
+                let get = |r: &TrainSummary| -> Option<f64> {
+                    if split == "train" { r.final_diffusion } else { r.final_eval.as_ref().and_then(|e| e.diffusion) }
+                };
+                s.push_str(&format!("{:<9} {split:<9} ", "diffusion"));
                 for r in &self.runs {
                     s.push_str(&format!("{:>10}", fmt_loss(get(r))));
                 }

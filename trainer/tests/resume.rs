@@ -53,3 +53,43 @@ fn resume_is_bit_exact_with_the_shard_loader_and_accumulation() -> anyhow::Resul
     cfg.optim.grad_accum = 2;
     check_resume(cfg)
 }
+
+#[test]
+fn resume_is_bit_exact_with_latent_images() -> anyhow::Result<()> {
+    // Transfusion setting: the diffusion noise and timesteps are drawn from (seed, step), so
+    // the diffusion loss and its timestep buckets resume bit for bit as well.
+    let corpus = tempfile::tempdir()?;
+    loader::write_synthetic_corpus_latent(corpus.path(), 300, 11, 6)?;
+    let mut cfg = common::tiny_cfg();
+    cfg.data.synthetic = false;
+    cfg.data.paths = vec![corpus.path().to_path_buf()];
+    cfg.data.eval_fraction = 0.1;
+    let dir = tempfile::tempdir()?;
+    let diffusion = |t: &Trainer| -> Vec<(Option<f64>, Vec<Option<f64>>, Option<f64>)> {
+        t.records()
+            .iter()
+            .map(|r| (r.loss_diffusion, r.diffusion_buckets.clone(), r.eval.as_ref().and_then(|e| e.diffusion)))
+            .collect()
+    };
+    let mut a = Trainer::new(cfg.clone())?;
+    a.verbose = false;
+    a.attach_run_dir(&dir.path().join("a"))?;
+    a.run()?;
+    assert!(diffusion(&a).iter().all(|d| d.0.is_some()), "every step has a diffusion loss");
+    check_resume(cfg.clone())?;
+    let run_b = dir.path().join("b");
+    {
+        let mut b = Trainer::new(cfg)?;
+        b.verbose = false;
+        b.attach_run_dir(&run_b)?;
+        for _ in 0..3 {
+            b.train_step()?;
+        }
+        b.save_checkpoint()?;
+    }
+    let mut c = Trainer::resume(&run_b, &[])?;
+    c.verbose = false;
+    c.run()?;
+    assert_eq!(&diffusion(&a)[3..], &diffusion(&c)[..], "resumed diffusion losses differ");
+    Ok(())
+}

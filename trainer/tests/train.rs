@@ -122,3 +122,32 @@ fn compare_mot_dense_reports_both() -> anyhow::Result<()> {
     assert!(table.contains("mot-dense") && table.contains("speech") && table.contains("held-out"), "{table}");
     Ok(())
 }
+
+#[test]
+fn transfusion_text_and_diffusion_losses_fall_for_mot_and_dense() -> anyhow::Result<()> {
+    let corpus = tempfile::tempdir()?;
+    motley_trainer::loader::write_synthetic_corpus_latent(corpus.path(), 400, 3, 6)?;
+    let mut cfg = common::tiny_cfg();
+    cfg.data.synthetic = false;
+    cfg.data.paths = vec![corpus.path().to_path_buf()];
+    cfg.data.eval_fraction = 0.1;
+    cfg.train.steps = 30;
+    cfg.train.eval_every = 0;
+    let dir = tempfile::tempdir()?;
+    let c = motley_trainer::compare_mot_dense(&cfg, dir.path(), false, false)?;
+    for (run, arch) in c.runs.iter().zip([Arch::Mot, Arch::Dense]) {
+        let records: Vec<motley_trainer::metrics::StepRecord> =
+            std::fs::read_to_string(dir.path().join(arch.to_string()).join("metrics.jsonl"))?
+                .lines()
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()?;
+        let (t0, d0) = (records[0].loss_text.expect("text loss"), records[0].loss_diffusion.expect("diffusion loss"));
+        let (t1, d1) = (run.final_train[0].expect("final text"), run.final_diffusion.expect("final diffusion"));
+        assert!(t1 < t0 - 0.5, "{arch}: text loss {t0} -> {t1}");
+        assert!(d1 < d0 * 0.9, "{arch}: diffusion loss {d0} -> {d1}");
+        assert_eq!(records[0].diffusion_buckets.len(), 4);
+        assert!(run.final_eval.as_ref().and_then(|e| e.diffusion).is_some());
+    }
+    assert!(c.table().contains("diffusion"), "{}", c.table());
+    Ok(())
+}
