@@ -5,13 +5,16 @@
 #   mkdir -p runs/gpu && objcopy --strip-debug target/release/motley runs/gpu/motley
 #   cp -r runs/demo/corpus runs/gpu/corpus          # the demo's ingested sample corpus
 # then, on the GPU machine from the repository root:  bash scripts/gpu/check.sh
-# Results (JSON, logs) go to $OUT (default runs/gpu/out). Each stage has its own time limit so
-# one failure cannot eat the machine time of the rest.
+# Results (JSON, logs, metrics, plots) are packed after every stage into $OUT/gpu-results.tgz
+# (default OUT=runs/gpu/out). Each stage has its own time limit so one failure cannot eat the
+# machine time of the rest.
 set -uo pipefail
 bin=${MOTLEY_BIN:-runs/gpu/motley}
 corpus=${CORPUS:-runs/gpu/corpus}
-out=${OUT:-runs/gpu/out}
-mkdir -p "$out"
+dest=${OUT:-runs/gpu/out}
+out=$(mktemp -d)
+mkdir -p "$dest"
+pack() { tar czf "$dest/gpu-results.tgz" --exclude=checkpoints -C "$out" . ; }
 torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 stage() { printf '\n== %s\n' "$*"; }
@@ -20,39 +23,38 @@ run() { # run NAME LIMIT_S CMD...: stdout to NAME.out, stderr to NAME.err, a sta
   local t0=$SECONDS
   timeout "$limit" "$@" >"$out/$name.out" 2>"$out/$name.err"
   echo "[$name] rc=$? in $((SECONDS - t0)) s"
+  pack
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } 2>&1 | tee "$out/device.txt"
 
 stage "CPU reference on this quiet host: one torch thread, thread-CPU-time ratios"
-OMP_NUM_THREADS=1 run bench_cpu 120 "$bin" --json bench trainer --device cpu --python python3
+OMP_NUM_THREADS=1 run bench_cpu 100 "$bin" --json bench trainer --device cpu --python python3
 cat "$out/bench_cpu.out"
 
 stage "bench trainer on CUDA (bf16 compute), default shapes: d512 x 8 layers, seq 2048, batch 8"
-run bench_cuda 120 "$bin" --json bench trainer --device cuda --python python3 --steps 10 --warmup 3
+run bench_cuda 90 "$bin" --json bench trainer --device cuda --python python3 --steps 10 --warmup 3
 cat "$out/bench_cuda.out"; tail -3 "$out/bench_cuda.err"
 
 stage "bench trainer on CUDA, 443M-class shapes: d1024 x 24 layers, 16 heads, seq 2048, batch 4"
-run bench_cuda_big 150 "$bin" --json bench trainer --device cuda --python python3 --d-model 1024 --layers 24 \
+run bench_cuda_big 120 "$bin" --json bench trainer --device cuda --python python3 --d-model 1024 --layers 24 \
   --heads 16 --seq 2048 --batch 4 --steps 10 --warmup 3
 cat "$out/bench_cuda_big.out"; tail -3 "$out/bench_cuda_big.err"
 
 stage "tiny MoT vs dense on the sample corpus, CUDA (the demo's comparison)"
-run train_tiny 150 "$bin" train --compare --preset tiny --data "$corpus" --device cuda --out "$out/tiny" --overwrite
+run train_tiny 120 "$bin" train --compare --preset tiny --data "$corpus" --device cuda --out "$out/tiny" --overwrite
 tail -12 "$out/train_tiny.err" "$out/train_tiny.out"
 
 stage "94M MoT on the sample corpus, CUDA: tokens/s and MFU"
-run train_94m 120 "$bin" train --preset 94m --data "$corpus" --device cuda --steps 40 --out "$out/m94" --overwrite \
+run train_94m 90 "$bin" train --preset 94m --data "$corpus" --device cuda --steps 40 --out "$out/m94" --overwrite \
   --set train.log_every=10 --set train.eval_every=0 --set train.checkpoint_every=0 --set optim.warmup_steps=10
 tail -6 "$out/train_94m.err" "$out/train_94m.out"
 
 if [ -n "${TRANSFUSION_CORPUS:-}" ]; then
   stage "tiny Transfusion MoT vs dense, CUDA"
-  run train_transfusion 150 "$bin" train --compare --preset tiny --data "$TRANSFUSION_CORPUS" --device cuda \
+  run train_transfusion 120 "$bin" train --compare --preset tiny --data "$TRANSFUSION_CORPUS" --device cuda \
     --out "$out/tf" --overwrite
   tail -12 "$out/train_transfusion.err" "$out/train_transfusion.out"
 fi
-# Keep what comes back small: metrics and plots, not checkpoints.
-find "$out" -name checkpoints -type d -prune -exec rm -rf {} +
-(cd "$out" && tar czf runs.tgz tiny m94 $( [ -d tf ] && echo tf ) 2>/dev/null && rm -rf tiny m94 tf)
-ls -la "$out"
+pack
+ls -la "$dest"
