@@ -151,7 +151,9 @@ fn time_steps(
 
 /// Runs the PyTorch reference on the same config and batch; None (with why) if unavailable.
 fn torch_baseline(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device) -> Result<Ms, String> {
-    if !args.python.exists() || !args.script.exists() {
+    // A bare name (`python3`) is looked up on PATH when run; a path must exist.
+    let bare = args.python.components().count() == 1;
+    if (!bare && !args.python.exists()) || !args.script.exists() {
         return Err(format!(
             "{} or {} not found (run from the repository root)",
             args.python.display(),
