@@ -27,6 +27,9 @@ pub struct Args {
     overwrite: bool,
 }
 
+/// The demo's closing sample: a caption of the form the training images carry.
+const DEMO_PROMPT: &str = "a handwritten digit seven";
+
 /// One stage of the demo: a name and the `motley` arguments that perform it.
 struct Stage {
     name: &'static str,
@@ -112,6 +115,22 @@ fn stages(a: &Args) -> Vec<Stage> {
         Stage {
             name: "train MoT and dense, compare",
             args: with(vec!["train".into(), "--compare".into(), "--out".into(), s(&out.join("train"))], &train_common),
+        },
+        Stage {
+            name: "sample a digit image from the MoT run",
+            // The prompt has the form of the training captions (data/sample/images.jsonl).
+            args: vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                s(&out.join("train").join("mot")),
+                "--prompt".into(),
+                DEMO_PROMPT.into(),
+                "--image".into(),
+                "--seed".into(),
+                "1".into(),
+                "--out".into(),
+                s(&out.join("samples")),
+            ],
         },
     ]
 }
