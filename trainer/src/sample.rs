@@ -494,10 +494,11 @@ mod tests {
     #[test]
     fn sampler_is_deterministic_and_respects_top_k() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32).collect();
+        let all = std::slice::from_ref(&(0..50));
         let cfg = SamplingConfig { temperature: 1.0, top_k: 3, top_p: 1.0, seed: 9 };
         let draw = |cfg: &SamplingConfig| {
             let mut s = Sampler::new(cfg.clone()).expect("sampler");
-            (0..200).map(|_| s.sample(&logits, &[0..50]).expect("id")).collect::<Vec<u32>>()
+            (0..200).map(|_| s.sample(&logits, all).expect("id")).collect::<Vec<u32>>()
         };
         let a = draw(&cfg);
         assert_eq!(a, draw(&cfg));
@@ -511,7 +512,7 @@ mod tests {
         let mut peaked = vec![0f32; 50];
         peaked[30] = 20.0;
         let mut s = Sampler::new(SamplingConfig { top_p: 0.5, ..cfg }).expect("sampler");
-        assert!((0..50).all(|_| s.sample(&peaked, &[0..50]) == Some(30)));
+        assert!((0..50).all(|_| s.sample(&peaked, all) == Some(30)));
         assert!(Sampler::new(SamplingConfig { top_p: 0.0, ..SamplingConfig::default() }).is_err());
         assert!(Sampler::new(SamplingConfig { temperature: -1.0, ..SamplingConfig::default() }).is_err());
     }
