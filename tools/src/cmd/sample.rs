@@ -35,6 +35,10 @@ pub struct Args {
     /// Append BOI to the prompt: the model draws an image right away (and stops after it).
     #[arg(long)]
     pub image: bool,
+    /// Append BOSP to the prompt: the model speaks first (units until EOSP or
+    /// --max-speech-units), then goes on in text until EOS or --max-tokens.
+    #[arg(long, conflicts_with = "image")]
+    pub speech: bool,
     /// Tokens to generate at most (an image once begun is always completed).
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
@@ -247,7 +251,10 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     }
     let grid = toks.image.as_ref().map_or(0, ImageBackend::tokens_per_image);
     let constraints = Constraints::new(&run.vocab, grid, args.max_speech_units)?;
-    let prompt = prompt_ids(&run.vocab, &toks.text, &args.prompt, args.image)?;
+    let mut prompt = prompt_ids(&run.vocab, &toks.text, &args.prompt, args.image)?;
+    if args.speech {
+        prompt.push(run.vocab.special("bosp").context("the corpus vocabulary has no `bosp` special")?);
+    }
     let sampling =
         SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let mut sampler = Sampler::new(sampling.clone())?;
