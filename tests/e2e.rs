@@ -1,5 +1,6 @@
 //! End-to-end tests: the `motley` binary driven like a user would, from raw sample files to a
-//! trained checkpoint — tokenizers fitted, corpus ingested, shards verified, MoT trained, eval.
+//! trained checkpoint — tokenizers fitted, corpus ingested, shards verified, MoT trained, eval,
+//! and an image sampled from it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -38,10 +39,16 @@ fn help_lists_the_data_flow() {
 }
 
 #[test]
-fn unbuilt_subcommand_says_so_and_fails() {
-    let out = motley().args(["sample", "--prompt", "seven"]).output().expect("spawn motley");
-    assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+fn sample_without_a_checkpoint_names_the_path_and_fails() {
+    let missing = repo().join("runs/no-such-run-e2e");
+    let out = motley()
+        .args(["sample", "--checkpoint", &missing.display().to_string(), "--prompt", "seven"])
+        .output()
+        .expect("spawn motley");
+    // 1 = an ordinary error (3 would mean "not built yet").
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-run-e2e") && err.contains("does not exist"), "{err}");
 }
 
 /// Copies a small, self-consistent slice of data/sample (interleaved documents and the files
@@ -160,6 +167,54 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
     let out = run_ok(&["eval", "--checkpoint", &d(&run), "--data", &d(&corpus), "--json"]);
     let eval: serde_json::Value = serde_json::from_slice(&out.stdout).expect("eval --json prints JSON");
     assert!(eval.to_string().contains("text"), "{eval}");
+
+    // Sampling an image from the trained run: 4x4 codes decoded through the VQ codebook.
+    let samples = tmp.path().join("samples");
+    let out = run_ok(&[
+        "sample",
+        "--checkpoint",
+        &d(&run),
+        "--prompt",
+        "a handwritten digit seven",
+        "--image",
+        "--seed",
+        "1",
+        "--out",
+        &d(&samples),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sample --json prints JSON");
+    assert_eq!(summary["stop"], "image_done", "{summary}");
+    assert_eq!(summary["generated_tokens"], 17, "16 codes and EOI: {summary}");
+    let png = summary["files"][0]["path"].as_str().map(PathBuf::from).expect("one file written");
+    let bytes = std::fs::read(&png).expect("the PNG exists");
+    assert!(bytes.starts_with(b"\x89PNG"), "{} is not a PNG", png.display());
+    // Same seed, same image; the run's corpus records the tokenizers, --tokenizers gives the same.
+    let again = run_ok(&[
+        "sample",
+        "--checkpoint",
+        &d(&run),
+        "--prompt",
+        "a handwritten digit seven",
+        "--image",
+        "--seed",
+        "1",
+        "--out",
+        &d(&tmp.path().join("samples2")),
+        "--tokenizers",
+        &d(&tok),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
+    assert_eq!(again["tokens"], summary["tokens"]);
+    // Text generation stops at EOS or the budget.
+    let out = run_ok(&["sample", "--checkpoint", &d(&run), "--prompt", "In the", "--max-tokens", "8", "--json"]);
+    let text: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(text["generated_tokens"].as_u64().is_some_and(|n| (1..=8 + 17).contains(&n)), "{text}");
 
     // A run directory that exists is never silently restarted.
     let again =

@@ -6,6 +6,7 @@
 //! - [`config`]: TOML config, presets, overrides.
 //! - [`optim`]: AdamW with saveable moments, warmup + cosine schedule.
 //! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
+//! - [`sample`]: generation from a checkpoint (KV-cached decoding, constrained sampling).
 //! - [`checkpoint`], [`metrics`], [`dist`]: files on disk, metrics and plot, data parallel seam.
 
 pub mod checkpoint;
@@ -18,6 +19,7 @@ pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod sample;
 pub mod train;
 
 pub use config::TrainConfig;

@@ -840,6 +840,49 @@ impl Attention {
     }
 }
 
+/// Incremental decoding: the new tokens' queries attend over the cached keys and values.
+impl Attention {
+    /// Like [`Attention::forward`] for one sequence (batch 1) whose earlier tokens' keys and
+    /// values are in `kv` (`[1, H, L, hd]`, RoPE applied, compute precision). The new rows'
+    /// keys and values are appended to `kv`. `x`: `[T, D]` layout order of `s.route`.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        s: &Step,
+        kv: &mut Option<(Tensor, Tensor)>,
+        ck: Kind,
+        pre: Option<&Towers<RmsNorm>>,
+        post: Option<&Towers<RmsNorm>>,
+    ) -> Tensor {
+        let (h, hd) = (self.n_heads, self.head_dim);
+        let t = s.route.len();
+        let qkv = if self.q_proj.0.len() == 1 {
+            self.qkv_tower(0, x, ck, pre)
+        } else {
+            s.route.map(x, |m, xs| self.qkv_tower(m, xs, ck, pre))
+        };
+        let qkv = s.route.to_seq(&qkv).view([1, t, 3, h, hd]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let q = apply_rope(&q, &s.cos, &s.sin);
+        let k = apply_rope(&k, &s.cos, &s.sin);
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
+            None => (k.contiguous(), v.contiguous()),
+        };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, s.mask.as_ref(), 0.0, s.causal, None, false);
+        *kv = Some((k, v));
+        let y = s.route.from_seq(&y.transpose(1, 2).reshape([t, h * hd]));
+        let out = |m: usize, ys: &Tensor| -> Tensor {
+            let o = self.o_proj.pick(m).forward(ys, ck);
+            match post {
+                Some(n) => n.pick(m).forward(&o),
+                None => o,
+            }
+        };
+        if self.o_proj.0.len() == 1 { out(0, &y) } else { s.route.map(&y, out) }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // FFN: SwiGLU, per tower or as a mixture of experts
 // ---------------------------------------------------------------------------------------
@@ -1238,6 +1281,170 @@ impl Model {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Incremental decoding with a key/value cache (sampling)
+// ---------------------------------------------------------------------------------------
+
+/// Keys and values of every layer for one sequence being generated (batch 1), so each new
+/// token costs one row of work per layer instead of a forward over the whole prefix.
+#[derive(Debug)]
+pub struct KvCache {
+    /// Per layer: `[1, H, L, hd]` keys (RoPE applied) and values, compute precision.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        KvCache { layers: (0..cfg.n_layers).map(|_| None).collect(), len: 0 }
+    }
+
+    /// Tokens whose keys and values are cached (= the next token's absolute position).
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The layout of one incremental forward: the new tokens' route (host-computed, like
+/// `Prepared`), RoPE tables at their absolute positions, and the attention mask over
+/// cached + new keys.
+#[derive(Debug)]
+struct Step {
+    route: Route,
+    /// `[T]` int64 ids, layout order.
+    tokens: Tensor,
+    /// `[1, 1, T, hd/2]`.
+    cos: Tensor,
+    sin: Tensor,
+    /// `[1, 1, T, L+T]` bool when the new tokens follow cached ones and are several.
+    mask: Option<Tensor>,
+    /// Plain causal attention (prefill into an empty cache).
+    causal: bool,
+}
+
+impl Step {
+    fn new(cfg: &ModelConfig, tokens: &[u32], modality: &[u8], start: i64, device: Device) -> Result<Self, TrainError> {
+        let n = tokens.len();
+        if n == 0 || modality.len() != n {
+            return Err(TrainError::Batch(format!(
+                "incremental forward needs one modality per token and at least one token (got {n} tokens, {} tags)",
+                modality.len()
+            )));
+        }
+        for (i, (&x, &m)) in tokens.iter().zip(modality).enumerate() {
+            if i64::from(x) >= cfg.vocab_size {
+                return Err(TrainError::Batch(format!(
+                    "token id {x} at position {} is outside the model vocabulary ({})",
+                    start + i as i64,
+                    cfg.vocab_size
+                )));
+            }
+            if usize::from(m) >= Modality::COUNT {
+                return Err(TrainError::Batch(format!("modality tag {m} at position {} is unknown", start + i as i64)));
+            }
+        }
+        let t = n as i64;
+        let (route, order) = if cfg.towers() == 1 {
+            (Route { n: t, kind: RouteKind::Single }, (0..n).collect::<Vec<_>>())
+        } else {
+            let mut perm = Vec::with_capacity(n);
+            let mut spans = [(0i64, 0i64); Modality::COUNT];
+            for (m, span) in spans.iter_mut().enumerate() {
+                let before = perm.len();
+                perm.extend((0..n).filter(|&i| usize::from(modality[i]) == m));
+                *span = (before as i64, (perm.len() - before) as i64);
+            }
+            let mut inv = vec![0i64; n];
+            for (row, &i) in perm.iter().enumerate() {
+                inv[i] = row as i64;
+            }
+            let perm_i64: Vec<i64> = perm.iter().map(|&i| i as i64).collect();
+            let kind = RouteKind::Sorted {
+                perm: Tensor::from_slice(&perm_i64).to_device(device),
+                inv: Tensor::from_slice(&inv).to_device(device),
+                spans,
+            };
+            (Route { n: t, kind }, perm)
+        };
+        let ids: Vec<i64> = order.iter().map(|&i| i64::from(tokens[i])).collect();
+        // Same arithmetic as `Prepared::new`, so cached and full forwards rotate identically.
+        let hd = cfg.head_dim();
+        let pos: Vec<f32> = (0..t).map(|i| (start + i) as f32).collect();
+        let pos = Tensor::from_slice(&pos).to_device(device).view([1, 1, t, 1]);
+        let inv_freq: Vec<f32> =
+            (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
+        let inv_freq = Tensor::from_slice(&inv_freq).to_device(device).view([1, 1, 1, hd / 2]);
+        let angles = pos * inv_freq;
+        // New query i sees every cached key and new keys 0..=i.
+        let mask = (start > 0 && t > 1)
+            .then(|| Tensor::ones([t, start + t], (Kind::Bool, device)).tril(start).view([1, 1, t, start + t]));
+        Ok(Step {
+            route,
+            tokens: Tensor::from_slice(&ids).to_device(device),
+            cos: angles.cos(),
+            sin: angles.sin(),
+            mask,
+            causal: start == 0 && t > 1,
+        })
+    }
+}
+
+impl Block {
+    /// [`Block::forward`] for new tokens of one cached sequence.
+    fn forward_cached(&self, x: &Tensor, s: &Step, kv: &mut Option<(Tensor, Tensor)>, ck: Kind) -> Tensor {
+        let (an, fnorm) = (&self.attn_norm, &self.ffn_norm);
+        let (attn_pre, attn_post, ffn_pre, ffn_post) = match self.placement {
+            NormPlacement::Pre => (Some(an), None, Some(fnorm), None),
+            NormPlacement::Swin => (None, Some(an), None, Some(fnorm)),
+        };
+        let a = self.attn.forward_cached(x, s, kv, ck, attn_pre, attn_post);
+        let h = x + a.to_kind(Kind::Float);
+        let f = match &self.ffn {
+            Ffn::SwiGlu(f) => f.forward(&s.route, &h, ck, ffn_pre, ffn_post),
+            Ffn::Moe(m) => {
+                // Expert choice picks among the step's tokens, so MoE decoding is not
+                // token-for-token the training-time routing (token choice is).
+                let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.pick(0).forward(&h));
+                let (y, _) = m.forward(&hn, ck);
+                ffn_post.map_or(y.shallow_clone(), |n| n.pick(0).forward(&y))
+            }
+        };
+        &h + f.to_kind(Kind::Float)
+    }
+}
+
+impl Model {
+    /// Runs `tokens` (global ids, with each token's input modality) as the continuation of
+    /// the sequence in `cache`: the first call prefills a prompt in one pass, later calls
+    /// usually add one token. Returns fp32 logits `[T, V]` in sequence order and appends the
+    /// tokens' keys and values to `cache`. Batch 1, no gradients.
+    pub fn forward_cached(&self, tokens: &[u32], modality: &[u8], cache: &mut KvCache) -> Result<Tensor, TrainError> {
+        if cache.layers.len() != self.layers.len() {
+            return Err(TrainError::Batch(format!(
+                "KV cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let s = Step::new(&self.cfg, tokens, modality, cache.len, self.embed.device())?;
+        let logits = tch::no_grad(|| {
+            let mut x = Tensor::embedding(&self.embed, &s.tokens, -1, false, false);
+            for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                x = layer.forward_cached(&x, &s, kv, self.compute_kind);
+            }
+            let logits =
+                if self.lm_head.0.len() == 1 { self.head(0, &x) } else { s.route.map(&x, |m, xs| self.head(m, xs)) };
+            s.route.to_seq(&logits)
+        });
+        cache.len += tokens.len() as i64;
+        Ok(logits)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1569,5 +1776,85 @@ mod tests {
         let cfg = ModelConfig { vocab_size: v, ..tiny(Arch::Mot) };
         let err = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect_err("out-of-range id");
         assert!(err.to_string().contains("flat position 3"), "{err}");
+    }
+
+    /// BOS, text, BOI, image codes, EOI, BOSP, speech units, EOSP, text, EOS (one document).
+    fn mixed_sequence() -> (Batch, i64) {
+        tch::set_num_threads(1);
+        let vocab = motley_shards::Vocab::build(40, 16, 12, None);
+        let sp = |n: &str| vocab.special(n).expect("special");
+        let img = vocab.modality(Modality::Image).expect("image").offset;
+        let sph = vocab.modality(Modality::Speech).expect("speech").offset;
+        let mut ids = vec![sp("bos"), 3, 17, 5, sp("boi")];
+        ids.extend((0..9).map(|i| img + (i * 5) % 16));
+        ids.extend([sp("eoi"), 8, sp("bosp")]);
+        ids.extend((0..7).map(|i| sph + (i * 3) % 12));
+        ids.extend([sp("eosp"), 21, 2, sp("eos")]);
+        let t = ids.len() - 1;
+        let modality: Vec<u8> = ids.iter().map(|&i| vocab.modality_of(i) as u8).collect();
+        let b = Batch {
+            batch_size: 1,
+            seq_len: t,
+            inputs: ids[..t].to_vec(),
+            targets: ids[1..].to_vec(),
+            modality: modality[..t].to_vec(),
+            target_modality: modality[1..].to_vec(),
+            positions: (0..t as u32).collect(),
+            doc_ids: vec![0; t],
+            segment_ids: vec![0; t],
+            loss_mask: vec![1; t],
+            ..Batch::default()
+        };
+        (b, i64::from(vocab.total_size))
+    }
+
+    #[test]
+    fn cached_decoding_matches_full_forward() {
+        let (b, v) = mixed_sequence();
+        let t = b.seq_len;
+        for cfg in [
+            ModelConfig { vocab_size: v, ..tiny(Arch::Dense) },
+            ModelConfig { vocab_size: v, ..tiny(Arch::Mot) },
+            ModelConfig { vocab_size: v, untie_head: true, norm: NormPlacement::Swin, ..tiny(Arch::Mot) },
+        ] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = Model::new_seeded(&vs.root(), &cfg, 11).expect("model");
+            let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+            let full = p.route.to_seq(&model.logits(&p)).detach();
+            // Prefill a prompt that ends inside the image, then one token at a time, with one
+            // two-token step (a multi-token step over a non-empty cache needs the offset mask).
+            let mut cache = KvCache::new(&cfg);
+            let split = 8;
+            let mut parts =
+                vec![model.forward_cached(&b.inputs[..split], &b.modality[..split], &mut cache).expect("prefill")];
+            let mut i = split;
+            while i < t {
+                let n = if i == split + 3 { 2 } else { 1 };
+                parts.push(model.forward_cached(&b.inputs[i..i + n], &b.modality[i..i + n], &mut cache).expect("step"));
+                i += n;
+            }
+            assert_eq!(cache.len(), t as i64);
+            let cached = Tensor::cat(&parts, 0);
+            assert_eq!(cached.size(), full.size());
+            let diff = f64::try_from((&cached - &full).abs().max()).expect("max");
+            assert!(
+                cached.allclose(&full, 1e-4, 1e-5, false),
+                "{} untie={}: max diff {diff}",
+                cfg.arch,
+                cfg.untie_head
+            );
+        }
+    }
+
+    #[test]
+    fn cached_forward_rejects_bad_ids() {
+        let cfg = ModelConfig { vocab_size: 64, ..tiny(Arch::Mot) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new_seeded(&vs.root(), &cfg, 1).expect("model");
+        let mut cache = KvCache::new(&cfg);
+        let err = model.forward_cached(&[1, 64], &[0, 0], &mut cache).expect_err("id outside vocab");
+        assert!(err.to_string().contains("position 1"), "{err}");
+        assert!(model.forward_cached(&[1], &[7], &mut cache).is_err());
+        assert!(cache.is_empty());
     }
 }

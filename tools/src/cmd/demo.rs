@@ -22,10 +22,16 @@ pub struct Args {
     /// Training steps for each of MoT and dense (the tiny preset's default when omitted).
     #[arg(long)]
     steps: Option<u64>,
+    /// Training steps of the MoT trained on the captioned digits alone (the closing sample).
+    #[arg(long, default_value_t = 400)]
+    digit_steps: u64,
     /// Start over even if the output folder holds a previous demo.
     #[arg(long)]
     overwrite: bool,
 }
+
+/// The demo's closing sample: a caption of the form the training images carry.
+const DEMO_PROMPT: &str = "a handwritten digit seven";
 
 /// One stage of the demo: a name and the `motley` arguments that perform it.
 struct Stage {
@@ -113,6 +119,79 @@ fn stages(a: &Args) -> Vec<Stage> {
             name: "train MoT and dense, compare",
             args: with(vec!["train".into(), "--compare".into(), "--out".into(), s(&out.join("train"))], &train_common),
         },
+        Stage {
+            name: "sample a digit image from the MoT run",
+            // The prompt has the form of the training captions (data/sample/images.jsonl).
+            args: vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                s(&out.join("train").join("mot")),
+                "--prompt".into(),
+                DEMO_PROMPT.into(),
+                "--image".into(),
+                "--seed".into(),
+                "1".into(),
+                "--out".into(),
+                s(&out.join("samples").join("mixed")),
+            ],
+        },
+        // 200 steps on the mixed corpus leave images a small share of what the model saw (its
+        // samples are digit-like strokes that ignore the caption); the captioned digits alone,
+        // caption first, for a few hundred steps give a model whose samples follow the prompt.
+        Stage {
+            name: "ingest the captioned digits alone (caption first)",
+            args: vec![
+                "ingest".into(),
+                s(&a.sample.join("images.jsonl")),
+                "--kind".into(),
+                "image".into(),
+                "--image-key".into(),
+                "image".into(),
+                "--text-key".into(),
+                "caption".into(),
+                "--text-first".into(),
+                "1".into(),
+                "--tokenizers".into(),
+                s(&tok),
+                "--out".into(),
+                s(&out.join("digits")),
+                "--overwrite".into(),
+            ],
+        },
+        Stage {
+            name: "train MoT on the captioned digits",
+            args: vec![
+                "train".into(),
+                "--preset".into(),
+                "tiny".into(),
+                "--data".into(),
+                s(&out.join("digits")),
+                "--out".into(),
+                s(&out.join("digits-mot")),
+                "--steps".into(),
+                a.digit_steps.to_string(),
+                "--overwrite".into(),
+            ],
+        },
+        Stage {
+            name: "sample a digit image from the captioned-digits run",
+            args: vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                s(&out.join("digits-mot")),
+                "--prompt".into(),
+                DEMO_PROMPT.into(),
+                "--image".into(),
+                "--seed".into(),
+                "1".into(),
+                "--temperature".into(),
+                "0.7".into(),
+                "--top-k".into(),
+                "20".into(),
+                "--out".into(),
+                s(&out.join("samples").join("digits")),
+            ],
+        },
     ]
 }
 
@@ -131,7 +210,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
             missing.push(stage.name);
             continue;
         }
-        eprintln!("\n==> {}\n    $ motley {}", stage.name, stage.args.join(" "));
+        // Quote arguments with spaces so the echoed command can be pasted back.
+        let shown: Vec<String> =
+            stage.args.iter().map(|a| if a.contains(' ') { format!("\"{a}\"") } else { a.clone() }).collect();
+        eprintln!("\n==> {}\n    $ motley {}", stage.name, shown.join(" "));
         let status =
             Command::new(&exe).args(&stage.args).status().with_context(|| format!("running {}", stage.name))?;
         match status.code() {

@@ -4,6 +4,7 @@ use crate::output::Ctx;
 
 pub mod ingest;
 pub mod loader;
+pub mod sample;
 pub mod tokenizers;
 pub mod trainer;
 
@@ -17,6 +18,8 @@ pub enum Command {
     Ingest(ingest::Args),
     /// MoT vs dense step time, and tch vs PyTorch eager.
     Trainer(trainer::Args),
+    /// Decoding with the KV cache vs full recomputation per token, at several lengths.
+    Sample(sample::Args),
 }
 
 pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
@@ -25,5 +28,6 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         Command::Tokenizers(a) => tokenizers::run(a, ctx),
         Command::Ingest(a) => ingest::run(a, ctx),
         Command::Trainer(a) => trainer::run(a, ctx),
+        Command::Sample(a) => sample::run(a, ctx),
     }
 }
