@@ -1157,12 +1157,18 @@ impl Model {
     pub fn new_seeded(root: &nn::Path, cfg: &ModelConfig, seed: i64) -> Result<Self, TrainError> {
         let _guard = SEEDED_INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         tch::manual_seed(seed);
-        Model::new(root, cfg)
+        Model::build(root, cfg)
     }
 
-    /// Creates every parameter under `root`; initialization draws from torch's generator,
+    /// Creates every parameter under `root`; initialization draws from torch's generator
+    /// (under the same lock, so it cannot disturb a seeded initialization running beside it),
     /// so prefer [`Model::new_seeded`] for a reproducible model.
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
+        let _guard = SEEDED_INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Model::build(root, cfg)
+    }
+
+    fn build(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
         cfg.validate()?;
         let head_towers = if cfg.untie_head { cfg.towers() } else { 1 };
         let embed = (root / "embed").var(
@@ -1670,11 +1676,10 @@ mod tests {
         let b = batch(&mut v);
         let dense_cfg = ModelConfig { vocab_size: v, ..tiny(Arch::Dense) };
         let mot_cfg = ModelConfig { vocab_size: v, untie_head: true, ..tiny(Arch::Mot) };
-        tch::manual_seed(1);
         let dense_vs = nn::VarStore::new(Device::Cpu);
-        let dense = Model::new(&dense_vs.root(), &dense_cfg).expect("dense");
+        let dense = Model::new_seeded(&dense_vs.root(), &dense_cfg, 1).expect("dense");
         let mot_vs = nn::VarStore::new(Device::Cpu);
-        let mot = Model::new(&mot_vs.root(), &mot_cfg).expect("mot");
+        let mot = Model::new_seeded(&mot_vs.root(), &mot_cfg, 1).expect("mot");
         // Copy each dense weight into every tower: `x.text.weight` <- `x.weight`.
         let dense_vars = dense_vs.variables();
         tch::no_grad(|| {
@@ -1751,9 +1756,8 @@ mod tests {
         let row = b.seq_len;
         let split =
             (1..row).find(|&i| b.doc_ids[i] != b.doc_ids[i - 1]).expect("synthetic rows pack several documents");
-        tch::manual_seed(5);
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = Model::new(&vs.root(), &cfg).expect("model");
+        let model = Model::new_seeded(&vs.root(), &cfg, 5).expect("model");
         let l1 = {
             let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
             p.route.to_seq(&model.logits(&p))

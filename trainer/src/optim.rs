@@ -349,7 +349,8 @@ mod tests {
     #[test]
     fn fused_parameters_stay_the_model_s_tensors() {
         let vars = toy();
-        let opt = AdamW::new(vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), &OptimConfig::default());
+        let opt =
+            AdamW::new(vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), &OptimConfig::default());
         let flat = opt.flat.as_ref().expect("one dtype and device: fused");
         assert_eq!(flat.param.numel(), 13);
         // Decayed matrix first, then the rest in name order.

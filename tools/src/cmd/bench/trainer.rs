@@ -115,9 +115,8 @@ fn time_steps(
     steps: usize,
     full: bool,
 ) -> anyhow::Result<Ms> {
-    tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
-    let model = Model::new(&vs.root(), cfg)?;
+    let model = Model::new_seeded(&vs.root(), cfg, 0)?;
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(vars, &OptimConfig::default());
