@@ -192,6 +192,72 @@ fn stages(a: &Args) -> Vec<Stage> {
                 s(&out.join("samples").join("digits")),
             ],
         },
+        // The Transfusion setting on the same sample: images as continuous latent patches
+        // (4-dim PCA of 8 px patches) trained with the diffusion loss, text and speech as tokens.
+        Stage {
+            name: "image tokenizer (latent patches, Transfusion setting)",
+            args: vec![
+                "tokenizer".into(),
+                "fit-image".into(),
+                s(&a.sample.join("images")),
+                "--kind".into(),
+                "latent".into(),
+                "--out".into(),
+                s(&tok.join("image").join("latent.safetensors")),
+                "--resolution".into(),
+                "32".into(),
+                "--patch".into(),
+                "8".into(),
+                // The digits have only ~4 non-constant directions per 8 px patch.
+                "--latent-dim".into(),
+                "4".into(),
+            ],
+        },
+        Stage {
+            name: "ingest the sample corpus with latent images",
+            args: vec![
+                "ingest".into(),
+                "--config".into(),
+                s(&a.sample.join("recipe-transfusion.toml")),
+                "--tokenizers".into(),
+                s(&tok),
+                "--out".into(),
+                s(&out.join("corpus-transfusion")),
+                "--overwrite".into(),
+            ],
+        },
+        Stage {
+            name: "train MoT and dense in the Transfusion setting, compare",
+            args: with(
+                vec![
+                    "train".into(),
+                    "--compare".into(),
+                    "--out".into(),
+                    s(&out.join("train-transfusion")),
+                    "--preset".into(),
+                    "tiny".into(),
+                    "--data".into(),
+                    s(&out.join("corpus-transfusion")),
+                    "--overwrite".into(),
+                ],
+                &a.steps.map(|n| vec!["--steps".to_string(), n.to_string()]).unwrap_or_default(),
+            ),
+        },
+        Stage {
+            name: "sample a digit image by diffusion from the Transfusion MoT",
+            args: vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                s(&out.join("train-transfusion").join("mot")),
+                "--prompt".into(),
+                DEMO_PROMPT.into(),
+                "--image".into(),
+                "--seed".into(),
+                "1".into(),
+                "--out".into(),
+                s(&out.join("samples").join("transfusion")),
+            ],
+        },
     ]
 }
 
