@@ -216,6 +216,79 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
     let text: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert!(text["generated_tokens"].as_u64().is_some_and(|n| (1..=8 + 17).contains(&n)), "{text}");
 
+    // The Transfusion setting on the same subset: latent patches, diffusion loss, an image by
+    // denoising. The latent tokenizer sits beside the VQ one, as in the demo.
+    run_ok(&[
+        "tokenizer",
+        "fit-image",
+        &d(&data.join("images")),
+        "--kind",
+        "latent",
+        "--out",
+        &d(&tok.join("image/latent.safetensors")),
+        "--patch",
+        "8",
+        "--latent-dim",
+        "4",
+    ]);
+    let recipe = std::fs::read_to_string(data.join("recipe.toml")).expect("recipe");
+    std::fs::write(
+        data.join("recipe-latent.toml"),
+        recipe.replace("[options]\n", "[options]\nimage_mode = \"latent\"\n"),
+    )
+    .expect("write recipe");
+    let latent_corpus = tmp.path().join("corpus-latent");
+    run_ok(&[
+        "ingest",
+        "--config",
+        &d(&data.join("recipe-latent.toml")),
+        "--tokenizers",
+        &d(&tok),
+        "--out",
+        &d(&latent_corpus),
+        "--no-progress",
+    ]);
+    let tf_run = tmp.path().join("run-transfusion");
+    run_ok(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        &d(&latent_corpus),
+        "--out",
+        &d(&tf_run),
+        "--steps",
+        "3",
+        "--set",
+        "train.threads=1",
+    ]);
+    let metrics = std::fs::read_to_string(tf_run.join("metrics.jsonl")).expect("metrics");
+    assert!(metrics.contains("loss_diffusion"), "the Transfusion run logs its diffusion loss");
+    for tokenizers in [None, Some(d(&tok))] {
+        let mut args = vec![
+            "sample".to_string(),
+            "--checkpoint".into(),
+            d(&tf_run),
+            "--prompt".into(),
+            "a handwritten digit seven".into(),
+            "--image".into(),
+            "--diffusion-steps".into(),
+            "4".into(),
+            "--out".into(),
+            d(&tmp.path().join("samples-tf")),
+            "--json".into(),
+        ];
+        if let Some(t) = tokenizers {
+            args.extend(["--tokenizers".into(), t]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_ok(&refs);
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sample --json prints JSON");
+        assert_eq!(summary["setting"], "transfusion", "{summary}");
+        let png = summary["files"][0]["path"].as_str().map(PathBuf::from).expect("one file written");
+        assert!(std::fs::read(&png).expect("the PNG exists").starts_with(b"\x89PNG"));
+    }
+
     // A run directory that exists is never silently restarted.
     let again =
         motley().args(["train", "--preset", "tiny", "--data", &d(&corpus), "--out", &d(&run)]).output().expect("spawn");

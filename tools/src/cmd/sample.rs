@@ -145,20 +145,36 @@ impl ImageBackend {
     }
 }
 
-/// `DIR/name.ext`, or the single safetensors file inside `DIR/name/`.
-fn in_dir(dir: &Path, name: &str) -> Option<PathBuf> {
+/// `DIR/name.safetensors`, else the safetensors files inside `DIR/name/` (sorted).
+fn in_dir_all(dir: &Path, name: &str) -> Vec<PathBuf> {
     let file = dir.join(format!("{name}.safetensors"));
     if file.is_file() {
-        return Some(file);
+        return vec![file];
     }
-    let sub = dir.join(name);
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&sub)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join(name))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect()
+        })
+        .unwrap_or_default();
     found.sort();
-    found.into_iter().next()
+    found
+}
+
+fn in_dir(dir: &Path, name: &str) -> Option<PathBuf> {
+    in_dir_all(dir, name).into_iter().next()
+}
+
+/// The image tokenizer in `DIR/image/` that fits the run: a latent one for a run with a
+/// diffusion head (Transfusion), a VQ codebook otherwise (the demo keeps both side by side).
+fn image_in_dir(dir: &Path, run: &LoadedRun) -> Option<PathBuf> {
+    let all = in_dir_all(dir, "image");
+    let want_latent = run.model.cfg.latent_dim > 0;
+    all.iter()
+        .find(|p| motley_tokenizers::load_image(p).is_ok_and(|t| t.latent_dim().is_some() == want_latent))
+        .or(all.first())
+        .cloned()
 }
 
 /// Finds the tokenizers: `--tokenizers DIR`, else the files the run's corpus manifest records.
@@ -166,7 +182,7 @@ pub fn open_tokenizers(run: &LoadedRun, dir: Option<&Path>) -> anyhow::Result<To
     let (text, image, speech) = match dir {
         Some(d) => {
             anyhow::ensure!(d.is_dir(), "--tokenizers {}: not a directory", d.display());
-            (Some(d.join("text.json")), in_dir(d, "image"), in_dir(d, "speech"))
+            (Some(d.join("text.json")), image_in_dir(d, run), in_dir(d, "speech"))
         }
         None => {
             let Some(corpus) = &run.corpus else {
