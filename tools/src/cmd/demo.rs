@@ -22,7 +22,8 @@ pub struct Args {
     /// Training steps for each of MoT and dense (the tiny preset's default when omitted).
     #[arg(long)]
     steps: Option<u64>,
-    /// Training steps of the MoT trained on the captioned digits alone (the closing sample).
+    /// Training steps of the MoTs trained on the captioned digits alone (Chameleon and
+    /// Transfusion settings; their samples close the demo).
     #[arg(long, default_value_t = 400)]
     digit_steps: u64,
     /// Start over even if the output folder holds a previous demo.
@@ -256,6 +257,62 @@ fn stages(a: &Args) -> Vec<Stage> {
                 "1".into(),
                 "--out".into(),
                 s(&out.join("samples").join("transfusion")),
+            ],
+        },
+        // As in the Chameleon setting, the mixed run sees few images; the captioned digits
+        // alone (caption first, latent patches) give a diffusion model that draws digits.
+        Stage {
+            name: "ingest the captioned digits alone as latent patches",
+            args: vec![
+                "ingest".into(),
+                s(&a.sample.join("images.jsonl")),
+                "--kind".into(),
+                "image".into(),
+                "--image-key".into(),
+                "image".into(),
+                "--text-key".into(),
+                "caption".into(),
+                "--text-first".into(),
+                "1".into(),
+                "--image-mode".into(),
+                "latent".into(),
+                "--tokenizers".into(),
+                s(&tok),
+                "--out".into(),
+                s(&out.join("digits-transfusion")),
+                "--overwrite".into(),
+            ],
+        },
+        Stage {
+            name: "train a Transfusion MoT on the captioned digits",
+            args: vec![
+                "train".into(),
+                "--preset".into(),
+                "tiny".into(),
+                "--data".into(),
+                s(&out.join("digits-transfusion")),
+                "--out".into(),
+                s(&out.join("digits-transfusion-mot")),
+                "--steps".into(),
+                a.digit_steps.to_string(),
+                "--overwrite".into(),
+            ],
+        },
+        Stage {
+            name: "sample a digit image by diffusion from the captioned-digits Transfusion run",
+            args: vec![
+                "sample".into(),
+                "--checkpoint".into(),
+                s(&out.join("digits-transfusion-mot")),
+                "--prompt".into(),
+                DEMO_PROMPT.into(),
+                "--image".into(),
+                "--seed".into(),
+                "3".into(),
+                "--diffusion-steps".into(),
+                "200".into(),
+                "--out".into(),
+                s(&out.join("samples").join("digits-transfusion")),
             ],
         },
     ]
