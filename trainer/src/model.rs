@@ -375,6 +375,44 @@ impl Route {
     }
 }
 
+impl Route {
+    /// Stable counting sort of the tokens by `modality` (host side): the sorted route, its
+    /// permutation (`perm[row]` = sequence index of layout row) and inverse (`inv[i]` = layout row).
+    fn sorted(modality: &[u8], device: Device) -> (Route, Vec<usize>, Vec<i64>) {
+        let n = modality.len();
+        let mut perm = Vec::with_capacity(n);
+        let mut spans = [(0i64, 0i64); Modality::COUNT];
+        for (m, span) in spans.iter_mut().enumerate() {
+            let before = perm.len();
+            perm.extend((0..n).filter(|&i| usize::from(modality[i]) == m));
+            *span = (before as i64, (perm.len() - before) as i64);
+        }
+        let mut inv = vec![0i64; n];
+        for (row, &i) in perm.iter().enumerate() {
+            inv[i] = row as i64;
+        }
+        let perm_i64: Vec<i64> = perm.iter().map(|&i| i as i64).collect();
+        let kind = RouteKind::Sorted {
+            perm: Tensor::from_slice(&perm_i64).to_device(device),
+            inv: Tensor::from_slice(&inv).to_device(device),
+            spans,
+        };
+        (Route { n: n as i64, kind }, perm, inv)
+    }
+}
+
+/// RoPE `(cos, sin)` tables `[b, 1, t, hd/2]` for `b * t` positions; one function for the full
+/// and the cached forward, so both rotate identically.
+fn rope_tables(cfg: &ModelConfig, positions: &[f32], b: i64, t: i64, device: Device) -> (Tensor, Tensor) {
+    let hd = cfg.head_dim();
+    let pos = Tensor::from_slice(positions).to_device(device).view([b, 1, t, 1]);
+    let inv_freq: Vec<f32> =
+        (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
+    let inv_freq = Tensor::from_slice(&inv_freq).to_device(device).view([1, 1, 1, hd / 2]);
+    let angles = pos * inv_freq;
+    (angles.cos(), angles.sin())
+}
+
 /// A batch moved to the device in the model's layout, with everything attention needs.
 #[derive(Debug)]
 pub struct Prepared {
@@ -512,33 +550,14 @@ impl Prepared {
             }
         }
 
-        // Stable counting sort by input modality: perm[i] = sequence index of layout row i.
-        let mut counts = [0i64; Modality::COUNT];
-        for &m in &batch.modality {
-            counts[usize::from(m)] += 1;
-        }
-        let (route, order): (Route, Option<Vec<usize>>) = if cfg.towers() == 1 {
+        // Stable counting sort by input modality (perm, inv: host copies of the route's tables).
+        let (route, order): (Route, Option<(Vec<usize>, Vec<i64>)>) = if cfg.towers() == 1 {
             (Route { n: n as i64, kind: RouteKind::Single }, None)
         } else {
             match routing {
                 Routing::Sorted => {
-                    let mut perm = Vec::with_capacity(n);
-                    let mut spans = [(0i64, 0i64); Modality::COUNT];
-                    for m in 0..Modality::COUNT {
-                        spans[m] = (perm.len() as i64, counts[m]);
-                        perm.extend((0..n).filter(|&i| usize::from(batch.modality[i]) == m));
-                    }
-                    let mut inv = vec![0i64; n];
-                    for (row, &i) in perm.iter().enumerate() {
-                        inv[i] = row as i64;
-                    }
-                    let perm_i64: Vec<i64> = perm.iter().map(|&i| i as i64).collect();
-                    let kind = RouteKind::Sorted {
-                        perm: Tensor::from_slice(&perm_i64).to_device(device),
-                        inv: Tensor::from_slice(&inv).to_device(device),
-                        spans,
-                    };
-                    (Route { n: n as i64, kind }, Some(perm))
+                    let (route, perm, inv) = Route::sorted(&batch.modality, device);
+                    (route, Some((perm, inv)))
                 }
                 Routing::GatherScatter => {
                     let idx = (0..Modality::COUNT)
@@ -554,7 +573,7 @@ impl Prepared {
         };
         let layout = |v: &[u32]| -> Tensor {
             let data: Vec<i64> = match &order {
-                Some(p) => p.iter().map(|&i| i64::from(v[i])).collect(),
+                Some((p, _)) => p.iter().map(|&i| i64::from(v[i])).collect(),
                 None => v.iter().map(|&x| i64::from(x)).collect(),
             };
             Tensor::from_slice(&data).to_device(device)
@@ -572,14 +591,8 @@ impl Prepared {
         }
 
         // RoPE tables from the batch's per-document positions (sequence order).
-        let hd = cfg.head_dim();
         let pos: Vec<f32> = batch.positions.iter().map(|&p| p as f32).collect();
-        let pos = Tensor::from_slice(&pos).to_device(device).view([b, 1, t, 1]);
-        let inv_freq: Vec<f32> =
-            (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
-        let inv_freq = Tensor::from_slice(&inv_freq).to_device(device).view([1, 1, 1, hd / 2]);
-        let angles = pos * inv_freq;
-        let (cos, sin) = (angles.cos(), angles.sin());
+        let (cos, sin) = rope_tables(cfg, &pos, b, t, device);
 
         // A mask is only needed when some row packs more than one document or holds latent
         // images (bidirectional among one image's patches; text after it stays causal).
@@ -636,13 +649,7 @@ impl Prepared {
             }
             // Layout row of each patch (the inverse of the sort permutation, if any).
             let rows: Vec<i64> = match &order {
-                Some(perm) => {
-                    let mut inv = vec![0i64; n];
-                    for (row, &i) in perm.iter().enumerate() {
-                        inv[i] = row as i64;
-                    }
-                    lat.positions.iter().map(|&q| inv[q as usize]).collect()
-                }
+                Some((_, inv)) => lat.positions.iter().map(|&q| inv[q as usize]).collect(),
                 None => lat.positions.iter().map(|&q| i64::from(q)).collect(),
             };
             let scale = cfg.latent_factor() as f32;
@@ -1357,42 +1364,20 @@ impl Step {
         let (route, order) = if cfg.towers() == 1 {
             (Route { n: t, kind: RouteKind::Single }, (0..n).collect::<Vec<_>>())
         } else {
-            let mut perm = Vec::with_capacity(n);
-            let mut spans = [(0i64, 0i64); Modality::COUNT];
-            for (m, span) in spans.iter_mut().enumerate() {
-                let before = perm.len();
-                perm.extend((0..n).filter(|&i| usize::from(modality[i]) == m));
-                *span = (before as i64, (perm.len() - before) as i64);
-            }
-            let mut inv = vec![0i64; n];
-            for (row, &i) in perm.iter().enumerate() {
-                inv[i] = row as i64;
-            }
-            let perm_i64: Vec<i64> = perm.iter().map(|&i| i as i64).collect();
-            let kind = RouteKind::Sorted {
-                perm: Tensor::from_slice(&perm_i64).to_device(device),
-                inv: Tensor::from_slice(&inv).to_device(device),
-                spans,
-            };
-            (Route { n: t, kind }, perm)
+            let (route, perm, _) = Route::sorted(modality, device);
+            (route, perm)
         };
         let ids: Vec<i64> = order.iter().map(|&i| i64::from(tokens[i])).collect();
-        // Same arithmetic as `Prepared::new`, so cached and full forwards rotate identically.
-        let hd = cfg.head_dim();
         let pos: Vec<f32> = (0..t).map(|i| (start + i) as f32).collect();
-        let pos = Tensor::from_slice(&pos).to_device(device).view([1, 1, t, 1]);
-        let inv_freq: Vec<f32> =
-            (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
-        let inv_freq = Tensor::from_slice(&inv_freq).to_device(device).view([1, 1, 1, hd / 2]);
-        let angles = pos * inv_freq;
+        let (cos, sin) = rope_tables(cfg, &pos, 1, t, device);
         // New query i sees every cached key and new keys 0..=i.
         let mask = (start > 0 && t > 1)
             .then(|| Tensor::ones([t, start + t], (Kind::Bool, device)).tril(start).view([1, 1, t, start + t]));
         Ok(Step {
             route,
             tokens: Tensor::from_slice(&ids).to_device(device),
-            cos: angles.cos(),
-            sin: angles.sin(),
+            cos,
+            sin,
             mask,
             causal: start == 0 && t > 1,
         })

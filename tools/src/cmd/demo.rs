@@ -56,6 +56,23 @@ fn stages(a: &Args) -> Vec<Stage> {
         v.extend_from_slice(extra);
         v
     };
+    let strings = |v: &[&str]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
+    // The captioned digits alone, caption first, into corpus `dst` (both settings).
+    let ingest_digits = |dst: &str, extra: &[&str]| -> Vec<String> {
+        let images = s(&a.sample.join("images.jsonl"));
+        let (tok, dst) = (s(&tok), s(&out.join(dst)));
+        let mut v = strings(&["ingest", &images, "--kind", "image", "--image-key", "image", "--text-key", "caption"]);
+        v.extend(strings(&["--text-first", "1"]));
+        v.extend(strings(extra));
+        v.extend(strings(&["--tokenizers", &tok, "--out", &dst, "--overwrite"]));
+        v
+    };
+    // A tiny MoT on corpus `data` for the digit steps, into run `run`.
+    let train_digits = |data: &str, run: &str| -> Vec<String> {
+        let (data, run) = (s(&out.join(data)), s(&out.join(run)));
+        let steps = a.digit_steps.to_string();
+        strings(&["train", "--preset", "tiny", "--data", &data, "--out", &run, "--steps", &steps, "--overwrite"])
+    };
     vec![
         Stage {
             name: "text tokenizer (byte-level BPE)",
@@ -139,41 +156,8 @@ fn stages(a: &Args) -> Vec<Stage> {
         // 200 steps on the mixed corpus leave images a small share of what the model saw (its
         // samples are digit-like strokes that ignore the caption); the captioned digits alone,
         // caption first, for a few hundred steps give a model whose samples follow the prompt.
-        Stage {
-            name: "ingest the captioned digits alone (caption first)",
-            args: vec![
-                "ingest".into(),
-                s(&a.sample.join("images.jsonl")),
-                "--kind".into(),
-                "image".into(),
-                "--image-key".into(),
-                "image".into(),
-                "--text-key".into(),
-                "caption".into(),
-                "--text-first".into(),
-                "1".into(),
-                "--tokenizers".into(),
-                s(&tok),
-                "--out".into(),
-                s(&out.join("digits")),
-                "--overwrite".into(),
-            ],
-        },
-        Stage {
-            name: "train MoT on the captioned digits",
-            args: vec![
-                "train".into(),
-                "--preset".into(),
-                "tiny".into(),
-                "--data".into(),
-                s(&out.join("digits")),
-                "--out".into(),
-                s(&out.join("digits-mot")),
-                "--steps".into(),
-                a.digit_steps.to_string(),
-                "--overwrite".into(),
-            ],
-        },
+        Stage { name: "ingest the captioned digits alone (caption first)", args: ingest_digits("digits", &[]) },
+        Stage { name: "train MoT on the captioned digits", args: train_digits("digits", "digits-mot") },
         Stage {
             name: "sample a digit image from the captioned-digits run",
             args: vec![
@@ -263,40 +247,11 @@ fn stages(a: &Args) -> Vec<Stage> {
         // alone (caption first, latent patches) give a diffusion model that draws digits.
         Stage {
             name: "ingest the captioned digits alone as latent patches",
-            args: vec![
-                "ingest".into(),
-                s(&a.sample.join("images.jsonl")),
-                "--kind".into(),
-                "image".into(),
-                "--image-key".into(),
-                "image".into(),
-                "--text-key".into(),
-                "caption".into(),
-                "--text-first".into(),
-                "1".into(),
-                "--image-mode".into(),
-                "latent".into(),
-                "--tokenizers".into(),
-                s(&tok),
-                "--out".into(),
-                s(&out.join("digits-transfusion")),
-                "--overwrite".into(),
-            ],
+            args: ingest_digits("digits-transfusion", &["--image-mode", "latent"]),
         },
         Stage {
             name: "train a Transfusion MoT on the captioned digits",
-            args: vec![
-                "train".into(),
-                "--preset".into(),
-                "tiny".into(),
-                "--data".into(),
-                s(&out.join("digits-transfusion")),
-                "--out".into(),
-                s(&out.join("digits-transfusion-mot")),
-                "--steps".into(),
-                a.digit_steps.to_string(),
-                "--overwrite".into(),
-            ],
+            args: train_digits("digits-transfusion", "digits-transfusion-mot"),
         },
         Stage {
             name: "sample a digit image by diffusion from the captioned-digits Transfusion run",

@@ -313,10 +313,7 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let g =
         generate(&run.model, &run.vocab, &constraints, &prompt, &mut sampler, &opts, |n| bar.set_position(n as u64))?;
     bar.finish_and_clear();
-    let out_dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| run.checkpoint.parent().and_then(Path::parent).unwrap_or(Path::new(".")).join("samples"));
+    let out_dir = out_dir(&args, &run);
     let (text, files) = write_outputs(&g, &toks, &out_dir, args.seed)?;
     eprintln!(
         "{} tokens in {:.2}s ({:.1} tokens/s, prefill {} tokens {:.3}s, {}), stop: {:?}",
@@ -359,6 +356,13 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         ))?;
     }
     Ok(())
+}
+
+/// `--out`, else `RUN/samples` (the checkpoint is `RUN/checkpoints/step-N`).
+fn out_dir(args: &Args, run: &LoadedRun) -> PathBuf {
+    args.out
+        .clone()
+        .unwrap_or_else(|| run.checkpoint.parent().and_then(Path::parent).unwrap_or(Path::new(".")).join("samples"))
 }
 
 #[derive(Debug, Serialize)]
@@ -411,10 +415,7 @@ fn diffuse_image(
     let seconds = started.elapsed().as_secs_f64();
     let seg = diffusion::latents_to_segment(&x, grid)?;
     let png = tok.decode_to_png(&seg)?;
-    let dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| run.checkpoint.parent().and_then(Path::parent).unwrap_or(Path::new(".")).join("samples"));
+    let dir = out_dir(args, run);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("sample-seed{}-image0.png", args.seed));
     std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
