@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """PyTorch eager reference of motley's MoT forward + backward, for `motley bench trainer`.
 
-Same algorithm as trainer/src/model.rs: tokens sorted by modality once per batch, per-modality
-Q/K/V/O, QK-norm, attention norm, FFN norm and SwiGLU FFN on contiguous slices, order restored
-around scaled_dot_product_attention, causal + same-document mask, RoPE from positions, shared
+Same algorithm as trainer/src/model.rs: tokens sorted by modality once per batch; per-modality
+Q|K|V, O and SwiGLU matmuls on contiguous pieces (one split, one cat); the attention and FFN
+norms as one weightless norm over all rows with each tower's weight folded into its projection;
+QK-norm weights repeated per row; order restored around scaled_dot_product_attention; causal + same-document mask, RoPE from positions, shared
 embedding and LM head, cross-entropy in sorted order. Precision as in motley: fp32 master
 weights, matmuls and attention in the compute dtype (bf16 on CUDA), norms and loss in fp32.
 
 Input: a JSON file written by the bench (config + one batch). Output: one JSON line on stdout
-with the mean milliseconds of forward + backward per step.
+with the median milliseconds of forward + backward per step (wall and thread-CPU time).
 
     python scripts/bench/mot_torch.py batch.json --steps 10 --warmup 3 --device cpu
 """
@@ -16,6 +17,7 @@ with the mean milliseconds of forward + backward per step.
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -63,40 +65,53 @@ class Block(torch.nn.Module):
         self.up = towers(t, lambda: Linear(d, f, std))
         self.down = towers(t, lambda: Linear(f, d, out_std))
 
-    def per_tower(self, x, spans, fn):
-        if len(self.q) == 1:
-            return fn(0, x)
-        return torch.cat([fn(m, x[s : s + n]) for m, (s, n) in enumerate(spans) if n > 0], 0)
-
     def forward(self, x, r, ck):
-        spans, b, t = r["spans"], r["b"], r["t"]
+        """As motley's Block::forward (pre-norm): only the matmuls run per tower."""
+        b, t, sizes = r["b"], r["t"], r["sizes"]
         h, hd = self.h, self.hd
+        d = h * hd
+        live = [m for m in range(len(self.q)) if len(self.q) == 1 or sizes[m] > 0]
 
-        def qkv(m, xs):
-            xs = self.attn_norm[m](xs)
-            q, k, v = self.q[m](xs, ck), self.k[m](xs, ck), self.v[m](xs, ck)
-            if self.qn is not None:
-                rows = xs.shape[0]
-                q = self.qn[m](q.view(rows, h, hd)).view(rows, h * hd).to(ck)
-                k = self.kn[m](k.view(rows, h, hd)).view(rows, h * hd).to(ck)
-            return torch.cat([q, k, v], 1)
+        def stacked(mods, fold=None):  # [towers, sum(out), in], pre-norm weight folded in
+            w = torch.cat([mod[m].weight for m in range(len(self.q)) for mod in mods], 0)
+            w = w.view(len(self.q), -1, w.shape[1])
+            if fold is not None:
+                w = w * torch.stack([n.weight for n in fold]).unsqueeze(1)
+            return w.to(ck)
 
-        y = self.per_tower(x, spans, qkv)
+        def matmul(xs, w):  # per-tower rows of xs (sorted order) @ w[m].T
+            if w.shape[0] == 1:
+                return F.linear(xs, w[0])
+            ws = w.unbind(0)
+            parts = xs.split_with_sizes([sizes[m] for m in live], 0)
+            return torch.cat([F.linear(p, ws[m]) for m, p in zip(live, parts)], 0)
+
+        def per_row(w):  # [towers, ...] -> one row per token (sorted order)
+            if w.shape[0] == 1:
+                return w
+            ws = w.unbind(0)
+            return torch.cat([ws[m].unsqueeze(0).expand(sizes[m], *ws[m].shape) for m in live], 0)
+
+        n = x.shape[0]
+        qkv = matmul(F.rms_norm(x.float(), (d,), None, 1e-5).to(ck), stacked([self.q, self.k, self.v], self.attn_norm))
+        if self.qn is not None:
+            qk, v = qkv.split_with_sizes([2 * d, d], 1)
+            g = torch.stack([torch.stack([n.weight for n in self.qn]), torch.stack([n.weight for n in self.kn])], 1)
+            qk = F.rms_norm(qk.reshape(n, 2, h, hd).float(), (hd,), None, 1e-5) * per_row(g.unsqueeze(2))
+            qkv = torch.cat([qk.reshape(n, 2 * d).to(ck), v], 1)
         if r["inv"] is not None:
-            y = y.index_select(0, r["inv"])
-        y = y.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)
-        q, k, v = rope(y[0], r), rope(y[1], r), y[2]
+            qkv = qkv.index_select(0, r["inv"])
+        q, k, v = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = rope(q, r), rope(k, r)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=r["mask"], is_causal=r["mask"] is None)
-        a = a.transpose(1, 2).reshape(b * t, h * hd)
+        a = a.transpose(1, 2).reshape(b * t, d)
         if r["perm"] is not None:
             a = a.index_select(0, r["perm"])
-        x = x + self.per_tower(a, spans, lambda m, s: self.o[m](s, ck)).float()
-
-        def ffn(m, xs):
-            xs = self.ffn_norm[m](xs)
-            return self.down[m](F.silu(self.gate[m](xs, ck)) * self.up[m](xs, ck), ck)
-
-        return x + self.per_tower(x, spans, ffn).float()
+        x = x + matmul(a.to(ck), stacked([self.o])).float()
+        f = self.gate[0].weight.shape[0]
+        xn = F.rms_norm(x, (d,), None, 1e-5).to(ck)
+        gate, up = matmul(xn, stacked([self.gate, self.up], self.ffn_norm)).split(f, 1)
+        return x + matmul(F.silu(gate) * up, stacked([self.down])).float()
 
 
 def rope(x, r):
@@ -156,7 +171,7 @@ def prepare(batch, c, device):
         mask = mask.unsqueeze(1).to(device)
     to = lambda x: None if x is None else x.to(device)
     return {
-        "b": b, "t": t, "spans": spans, "perm": to(perm), "inv": to(inv), "tokens": to(tokens),
+        "b": b, "t": t, "spans": spans, "sizes": [n for _, n in spans], "perm": to(perm), "inv": to(inv), "tokens": to(tokens),
         "targets": to(targets), "weight": to(weight), "cos": ang.cos().to(device), "sin": ang.sin().to(device), "mask": mask,
     }
 
@@ -188,7 +203,7 @@ def main():
             times.append(time.perf_counter() - t0)
             cpu.append(time.thread_time() - c0)
         model.zero_grad(set_to_none=True)
-    print(json.dumps({"ms_per_step": 1000 * sum(times) / len(times), "cpu_ms_per_step": 1000 * sum(cpu) / len(cpu),
+    print(json.dumps({"ms_per_step": 1000 * statistics.median(times), "cpu_ms_per_step": 1000 * statistics.median(cpu),
                       "loss": float(loss.detach()), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "device": str(device)}))
 

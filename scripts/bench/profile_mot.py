@@ -2,13 +2,14 @@
 """Where MoT's extra step time goes on CUDA: torch.profiler over the PyTorch reference model of
 scripts/bench/mot_torch.py (the same algorithm as trainer/src/model.rs), dense vs MoT.
 
-Prints per-step wall time, kernel time, and the top ops by GPU time. Variants:
-`mot-icopy` restores sequence order with index_copy (forward scatter, backward gather) instead
-of index_select (backward atomic index_add); `mot-grouped` runs every tower's projection as one
-`torch._grouped_mm` over the sorted rows (tch 0.24 binds it as `f_internal_grouped_mm`), with
-each tower's RMSNorm weight folded into the projection after a weightless norm over all rows.
+Prints per-step time, kernel time (CUDA) and the top ops. Variants: `mot` is motley's algorithm
+(mot_torch.py: per-tower matmuls only, norms over all rows with folded weights);
+`mot-pertower` the per-tower algorithm it replaced (every op per tower slice); `mot-grouped`
+runs every tower's projection as one `torch._grouped_mm` over the sorted rows (tch 0.24 binds
+it as `f_internal_grouped_mm`).
 
     python scripts/bench/profile_mot.py --d-model 512 --layers 8 --seq 2048 --batch 8
+    python scripts/bench/profile_mot.py --device cpu --d-model 256 --layers 4 --seq 512 --batch 4
 """
 
 import argparse
@@ -88,6 +89,47 @@ def grouped_forward(self, x, r, ck):
     return x + gmm(F.silu(gu[:, :f]) * gu[:, f:], [self.down[m].weight for m in range(3)]).float()
 
 
+def pertower_forward(self, x, r, ck):
+    """The per-tower Block.forward motley used before (session 2): each tower's slice runs its own
+    norms, matmuls and elementwise ops; slices are narrowed (zero-filled full-size gradients
+    in backward) and per-tower q/k/v matmuls are separate."""
+    spans, b, t = r["spans"], r["b"], r["t"]
+    h, hd = self.h, self.hd
+
+    def per_tower(x, fn):
+        if len(self.q) == 1:
+            return fn(0, x)
+        return torch.cat([fn(m, x[s: s + n]) for m, (s, n) in enumerate(spans) if n > 0], 0)
+
+    def norm(n, xs):
+        return F.rms_norm(xs.float(), (n.weight.shape[0],), n.weight, 1e-5)
+
+    def lin(l, xs):
+        return F.linear(xs.to(ck), l.weight.to(ck))
+
+    def qkv(m, xs):
+        xs = norm(self.attn_norm[m], xs)
+        q, k, v = lin(self.q[m], xs), lin(self.k[m], xs), lin(self.v[m], xs)
+        if self.qn is not None:
+            rows = xs.shape[0]
+            q = norm(self.qn[m], q.view(rows, h, hd)).view(rows, h * hd).to(ck)
+            k = norm(self.kn[m], k.view(rows, h, hd)).view(rows, h * hd).to(ck)
+        return torch.cat([q, k, v], 1)
+
+    y = per_tower(x, qkv).index_select(0, r["inv"])
+    y = y.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = mot_torch.rope(y[0], r), mot_torch.rope(y[1], r), y[2]
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=r["mask"], is_causal=r["mask"] is None)
+    a = a.transpose(1, 2).reshape(b * t, h * hd).index_select(0, r["perm"])
+    x = x + per_tower(a, lambda m, s: lin(self.o[m], s)).float()
+
+    def ffn(m, xs):
+        xs = norm(self.ffn_norm[m], xs)
+        return lin(self.down[m], F.silu(lin(self.gate[m], xs)) * lin(self.up[m], xs))
+
+    return x + per_tower(x, ffn).float()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--d-model", type=int, default=512)
@@ -97,15 +139,22 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rows", type=int, default=18)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (fp32, one thread, thread-CPU time)")
+    ap.add_argument("--variants", default="dense,mot,mot-pertower,mot-grouped")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    ck = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.thread_time
+    if not cuda:
+        torch.set_num_threads(1)
     batch = make_batch(args.batch, args.seq, 8192)
     vocab = 8192 + 7 + 8192 + 500
     d = args.d_model
     ffn = ((int(8 * d / 3) + 255) // 256) * 256
-    icopy = lambda x, perm, inv: torch.zeros_like(x).index_copy(0, perm, x)  # y[j] = x[inv^-1..]
     orig_forward = mot_torch.Block.forward
-    for name in ["dense", "mot", "mot-icopy", "mot-grouped"]:
+    for name in args.variants.split(","):
         c = {"arch": "dense" if name == "dense" else "mot", "d_model": d, "n_layers": args.layers,
              "n_heads": args.heads, "ffn_dim": ffn, "vocab_size": vocab, "qk_norm": True}
         torch.manual_seed(0)
@@ -116,21 +165,10 @@ def main():
             r["counts"] = torch.tensor(sizes, device=dev)
             r["offs"] = torch.tensor(sizes, device=dev).cumsum(0).to(torch.int32)
             mot_torch.Block.forward = grouped_forward
-        if name == "mot-icopy":
-            # index_select(0, inv) == zeros.index_copy(0, perm, .) for a permutation; its
-            # backward is a gather instead of an atomic index_add.
-            perm, inv = r["perm"], r["inv"]
-            orig = torch.Tensor.index_select
-
-            def patched(self, dim, index):
-                if dim == 0 and index is inv:
-                    return icopy(self, perm, inv)
-                if dim == 0 and index is perm:
-                    return icopy(self, inv, perm)
-                return orig(self, dim, index)
-            torch.Tensor.index_select = patched
+        if name == "mot-pertower":
+            mot_torch.Block.forward = pertower_forward
         def step():
-            loss = model(r, torch.bfloat16)
+            loss = model(r, ck)
             loss.backward()
             model.zero_grad(set_to_none=True)
         try:
@@ -140,24 +178,28 @@ def main():
             print(f"\n### {name}: failed: {e}")
             mot_torch.Block.forward = orig_forward
             continue
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        sync()
+        t0 = clock()
         for _ in range(args.steps):
             step()
-        torch.cuda.synchronize()
-        wall = 1000 * (time.perf_counter() - t0) / args.steps
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        wall = 1000 * (clock() - t0) / args.steps
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
             for _ in range(3):
                 step()
-            torch.cuda.synchronize()
+            sync()
         ka = prof.key_averages()
-        gpu = sum(e.self_device_time_total for e in ka if e.key.startswith("aten::")) / 1000 / 3
-        cpu_ops = sum(e.count for e in ka if e.self_device_time_total > 0) / 3
-        print(f"\n### {name}: wall {wall:.2f} ms/step fwd+bwd, kernels {gpu:.2f} ms/step, "
-              f"ops with GPU work per step {cpu_ops:.0f}")
-        print(ka.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=48))
-        if name == "mot-icopy":
-            torch.Tensor.index_select = orig
+        if cuda:
+            gpu = sum(e.self_device_time_total for e in ka if e.key.startswith("aten::")) / 1000 / 3
+            cpu_ops = sum(e.count for e in ka if e.self_device_time_total > 0) / 3
+            print(f"\n### {name}: wall {wall:.2f} ms/step fwd+bwd, kernels {gpu:.2f} ms/step, "
+                  f"ops with GPU work per step {cpu_ops:.0f}")
+        else:
+            ops = sum(e.count for e in ka if e.key.startswith("aten::")) / 3
+            print(f"\n### {name}: thread-CPU {wall:.2f} ms/step fwd+bwd, aten ops per step {ops:.0f}")
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(ka.table(sort_by=sort, row_limit=args.rows, max_name_column_width=48))
         mot_torch.Block.forward = orig_forward
 
 

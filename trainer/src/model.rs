@@ -297,6 +297,11 @@ enum RouteKind {
 }
 
 impl Route {
+    /// `n` tokens all in one tower, in sequence order.
+    fn single(n: i64) -> Route {
+        Route { n, kind: RouteKind::Single }
+    }
+
     /// Number of tokens.
     pub fn len(&self) -> i64 {
         self.n
@@ -315,15 +320,30 @@ impl Route {
         }
     }
 
-    /// Rows of `x` (layout order) that belong to tower `m`.
-    fn slice(&self, x: &Tensor, m: usize) -> Tensor {
+    /// Rows tower `m` holds.
+    fn rows(&self, m: usize) -> i64 {
         match &self.kind {
-            RouteKind::Single => x.shallow_clone(),
-            RouteKind::Sorted { spans, .. } => x.narrow(0, spans[m].0, spans[m].1),
-            RouteKind::Scatter { idx } => match &idx[m] {
-                Some(i) => x.index_select(0, i),
-                None => x.narrow(0, 0, 0),
-            },
+            RouteKind::Single => self.n,
+            RouteKind::Sorted { spans, .. } => spans[m].1,
+            RouteKind::Scatter { idx } => idx[m].as_ref().map_or(0, |i| i.size()[0]),
+        }
+    }
+
+    /// `x` (layout order) cut into each active tower's rows, in `active()` order. Sorted: one
+    /// `split_with_sizes`, whose backward is a single cat (slicing per tower would zero-fill a
+    /// full-size gradient for every tower). Oracle: a gather per tower.
+    fn split(&self, x: &Tensor) -> Vec<(usize, Tensor)> {
+        let active = self.active();
+        match &self.kind {
+            RouteKind::Single => vec![(0, x.shallow_clone())],
+            RouteKind::Sorted { .. } if active.len() == 1 => vec![(active[0], x.shallow_clone())],
+            RouteKind::Sorted { spans, .. } => {
+                let sizes: Vec<i64> = active.iter().map(|&m| spans[m].1).collect();
+                active.into_iter().zip(x.split_with_sizes(sizes.as_slice(), 0)).collect()
+            }
+            RouteKind::Scatter { idx } => {
+                active.into_iter().filter_map(|m| idx[m].as_ref().map(|i| (m, x.index_select(0, i)))).collect()
+            }
         }
     }
 
@@ -354,7 +374,38 @@ impl Route {
 
     /// Applies `f(tower, rows)` to every active tower's rows and recombines in layout order.
     pub fn map(&self, x: &Tensor, f: impl Fn(usize, &Tensor) -> Tensor) -> Tensor {
-        let parts = self.active().into_iter().map(|m| (m, f(m, &self.slice(x, m)))).collect();
+        let parts = self.split(x).into_iter().map(|(m, xs)| (m, f(m, &xs))).collect();
+        self.combine(parts)
+    }
+
+    /// `x @ w[m]ᵀ` on each tower's rows; `w`: `[towers, out, in]`. Only the matmuls are per
+    /// tower: everything elementwise around them runs once over all rows.
+    fn matmul(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        if w.size()[0] == 1 {
+            return x.linear::<Tensor>(&w.squeeze_dim(0), None);
+        }
+        // unbind, not select: its backward stacks the towers' gradients in one op.
+        let ws = w.unbind(0);
+        self.map(x, |m, xs| xs.linear::<Tensor>(&ws[m], None))
+    }
+
+    /// Per-tower values `w` (`[towers, ...]`) repeated on each tower's rows: `[N, ...]` in layout
+    /// order, or `w` itself (broadcasts) with one tower. For per-tower norm weights applied
+    /// after one weightless norm over all rows.
+    fn per_row(&self, w: &Tensor) -> Tensor {
+        if w.size()[0] == 1 {
+            return w.shallow_clone();
+        }
+        let ws = w.unbind(0);
+        let parts = self
+            .active()
+            .into_iter()
+            .map(|m| {
+                let mut shape = ws[m].size();
+                shape.insert(0, self.rows(m));
+                (m, ws[m].unsqueeze(0).expand(shape.as_slice(), false))
+            })
+            .collect();
         self.combine(parts)
     }
 
@@ -552,7 +603,7 @@ impl Prepared {
 
         // Stable counting sort by input modality (perm, inv: host copies of the route's tables).
         let (route, order): (Route, Option<(Vec<usize>, Vec<i64>)>) = if cfg.towers() == 1 {
-            (Route { n: n as i64, kind: RouteKind::Single }, None)
+            (Route::single(n as i64), None)
         } else {
             match routing {
                 Routing::Sorted => {
@@ -747,6 +798,47 @@ impl RmsNorm {
     }
 }
 
+impl Towers<RmsNorm> {
+    /// Every tower's norm weight stacked: `[towers, dim]`.
+    fn stacked(&self) -> Tensor {
+        if self.0.len() == 1 {
+            return self.0[0].weight.unsqueeze(0);
+        }
+        Tensor::stack(&self.0.iter().map(|n| &n.weight).collect::<Vec<_>>(), 0)
+    }
+
+    /// The per-tower norm of `x` (`[N, dim]` layout order): one weightless norm over all rows
+    /// (fp32), then each tower's weight on its rows.
+    fn forward(&self, route: &Route, x: &Tensor) -> Tensor {
+        if self.0.len() == 1 {
+            return self.0[0].forward(x);
+        }
+        rms(x, self.0[0].eps) * route.per_row(&self.stacked())
+    }
+}
+
+/// Weightless RMSNorm over the last dimension, in fp32.
+fn rms(x: &Tensor, eps: f64) -> Tensor {
+    let dim = x.size()[x.dim() - 1];
+    x.to_kind(Kind::Float).rms_norm([dim], None::<Tensor>, eps)
+}
+
+/// Every tower's weights of `parts` as one `[towers, Σ out, in]` tensor in the compute kind
+/// (tower m's rows: `parts[0]`'s, then `parts[1]`'s, ...), with a pre-norm's per-tower weight
+/// folded in: `W·diag(g)` applied to the weightless norm of x equals `W` applied to
+/// `norm(x)·g`, and scales the small weight instead of every row.
+fn stacked_weight(parts: &[&Towers<Linear>], fold: Option<&Towers<RmsNorm>>, ck: Kind) -> Tensor {
+    let towers = parts[0].0.len();
+    let ws: Vec<&Tensor> = (0..towers).flat_map(|m| parts.iter().map(move |p| &p.0[m].weight)).collect();
+    let w =
+        if ws.len() == 1 { ws[0].unsqueeze(0) } else { Tensor::cat(&ws, 0).view([towers as i64, -1, ws[0].size()[1]]) };
+    let w = match fold {
+        Some(n) => w * n.stacked().unsqueeze(1),
+        None => w,
+    };
+    w.to_kind(ck)
+}
+
 /// Rotates query/key pairs `[B, H, T, hd]` by the per-token angles (llama's half split).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
@@ -794,8 +886,7 @@ impl Attention {
     }
 
     /// `x`: `[N, D]` layout order → `[N, D]` layout order. `pre` / `post` are the block's
-    /// per-tower attention norm (pre-norm or swin placement), fused into the tower work so
-    /// the rows are concatenated once on the way in and once on the way out.
+    /// per-tower attention norm (pre-norm or swin placement).
     fn forward(
         &self,
         x: &Tensor,
@@ -805,45 +896,45 @@ impl Attention {
         post: Option<&Towers<RmsNorm>>,
     ) -> Tensor {
         let (h, hd) = (self.n_heads, self.head_dim);
-        let d = h * hd;
-        let qkv = if self.q_proj.0.len() == 1 {
-            self.qkv_tower(0, x, ck, pre)
-        } else {
-            p.route.map(x, |m, xs| self.qkv_tower(m, xs, ck, pre))
-        };
+        let qkv = self.project_in(&p.route, x, ck, pre);
         // One gather restores sequence order for q, k and v together.
         let qkv = p.route.to_seq(&qkv).view([p.batch_size, p.seq_len, 3, h, hd]).permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let q = apply_rope(&q, &p.cos, &p.sin);
-        let k = apply_rope(&k, &p.cos, &p.sin);
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, p.mask.as_ref(), 0.0, p.mask.is_none(), None, false);
-        let y = p.route.from_seq(&y.transpose(1, 2).reshape([p.route.len(), d]));
-        let out = |m: usize, ys: &Tensor| -> Tensor {
-            let o = self.o_proj.pick(m).forward(ys, ck);
-            match post {
-                Some(n) => n.pick(m).forward(&o),
-                None => o,
-            }
-        };
-        if self.o_proj.0.len() == 1 { out(0, &y) } else { p.route.map(&y, out) }
+        let qkv = qkv.unbind(0);
+        let q = apply_rope(&qkv[0], &p.cos, &p.sin);
+        let k = apply_rope(&qkv[1], &p.cos, &p.sin);
+        let y =
+            Tensor::scaled_dot_product_attention(&q, &k, &qkv[2], p.mask.as_ref(), 0.0, p.mask.is_none(), None, false);
+        let y = p.route.from_seq(&y.transpose(1, 2).reshape([p.route.len(), h * hd]));
+        self.project_out(&p.route, &y, ck, post)
     }
 
-    /// Tower `m`'s rows → `[rows, 3D]`: optional pre-norm, one fused Q|K|V matmul, QK-norm.
-    fn qkv_tower(&self, m: usize, xs: &Tensor, ck: Kind, pre: Option<&Towers<RmsNorm>>) -> Tensor {
+    /// Residual rows → `[N, 3D]` q | k | v (compute kind, layout order): the pre-norm over
+    /// all rows at once (its per-tower weight folded into the projection), one Q|K|V matmul
+    /// per tower, QK-norm.
+    fn project_in(&self, route: &Route, x: &Tensor, ck: Kind, pre: Option<&Towers<RmsNorm>>) -> Tensor {
         let xs = match pre {
-            Some(n) => n.pick(m).forward(xs),
-            None => xs.shallow_clone(),
+            Some(n) => rms(x, n.0[0].eps),
+            None => x.shallow_clone(),
         };
-        let w =
-            Tensor::cat(&[&self.q_proj.pick(m).weight, &self.k_proj.pick(m).weight, &self.v_proj.pick(m).weight], 0);
-        let qkv = xs.to_kind(ck).linear::<Tensor>(&w.to_kind(ck), None);
+        let w = stacked_weight(&[&self.q_proj, &self.k_proj, &self.v_proj], pre, ck);
+        let qkv = route.matmul(&xs.to_kind(ck), &w);
         let Some((qn, kn)) = &self.qk_norm else { return qkv };
-        let (rows, h, hd) = (xs.size()[0], self.n_heads, self.head_dim);
+        let (rows, h, hd) = (x.size()[0], self.n_heads, self.head_dim);
         let d = h * hd;
-        let norm = |n: &RmsNorm, y: Tensor| n.forward(&y.reshape([rows, h, hd])).reshape([rows, d]).to_kind(ck);
-        let q = norm(qn.pick(m), qkv.narrow(1, 0, d));
-        let k = norm(kn.pick(m), qkv.narrow(1, d, d));
-        Tensor::cat(&[q, k, qkv.narrow(1, 2 * d, d)], 1)
+        // q and k normalized together: `[N, 2, H, hd]`, per-tower weights `[towers, 2, 1, hd]`.
+        let parts = qkv.split_with_sizes([2 * d, d], 1);
+        let g = Tensor::stack(&[qn.stacked(), kn.stacked()], 1).unsqueeze(2);
+        let qk = rms(&parts[0].reshape([rows, 2, h, hd]), qn.0[0].eps) * route.per_row(&g);
+        Tensor::cat(&[qk.reshape([rows, 2 * d]).to_kind(ck), parts[1].shallow_clone()], 1)
+    }
+
+    /// Attention output rows (layout order) → per-tower O projection, then the swin norm.
+    fn project_out(&self, route: &Route, y: &Tensor, ck: Kind, post: Option<&Towers<RmsNorm>>) -> Tensor {
+        let o = route.matmul(&y.to_kind(ck), &stacked_weight(&[&self.o_proj], None, ck));
+        match post {
+            Some(n) => n.forward(route, &o),
+            None => o,
+        }
     }
 }
 
@@ -863,30 +954,18 @@ impl Attention {
     ) -> Tensor {
         let (h, hd) = (self.n_heads, self.head_dim);
         let t = s.route.len();
-        let qkv = if self.q_proj.0.len() == 1 {
-            self.qkv_tower(0, x, ck, pre)
-        } else {
-            s.route.map(x, |m, xs| self.qkv_tower(m, xs, ck, pre))
-        };
-        let qkv = s.route.to_seq(&qkv).view([1, t, 3, h, hd]).permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let q = apply_rope(&q, &s.cos, &s.sin);
-        let k = apply_rope(&k, &s.cos, &s.sin);
+        let qkv = self.project_in(&s.route, x, ck, pre);
+        let qkv = s.route.to_seq(&qkv).view([1, t, 3, h, hd]).permute([2, 0, 3, 1, 4]).unbind(0);
+        let q = apply_rope(&qkv[0], &s.cos, &s.sin);
+        let k = apply_rope(&qkv[1], &s.cos, &s.sin);
         let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
-            None => (k.contiguous(), v.contiguous()),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &qkv[2]], 2)),
+            None => (k.contiguous(), qkv[2].contiguous()),
         };
         let y = Tensor::scaled_dot_product_attention(&q, &k, &v, s.mask.as_ref(), 0.0, s.causal, None, false);
         *kv = Some((k, v));
         let y = s.route.from_seq(&y.transpose(1, 2).reshape([t, h * hd]));
-        let out = |m: usize, ys: &Tensor| -> Tensor {
-            let o = self.o_proj.pick(m).forward(ys, ck);
-            match post {
-                Some(n) => n.pick(m).forward(&o),
-                None => o,
-            }
-        };
-        if self.o_proj.0.len() == 1 { out(0, &y) } else { s.route.map(&y, out) }
+        self.project_out(&s.route, &y, ck, post)
     }
 }
 
@@ -913,23 +992,9 @@ impl SwiGlu {
         }
     }
 
-    /// Tower `m`'s FFN on rows `x` (one fused gate|up matmul), with the block's norm
-    /// before (pre-norm) or after (swin) it.
-    fn tower(&self, m: usize, x: &Tensor, ck: Kind, pre: Option<&RmsNorm>, post: Option<&RmsNorm>) -> Tensor {
-        let x = match pre {
-            Some(n) => n.forward(x),
-            None => x.shallow_clone(),
-        };
-        let f = self.gate_proj.pick(m).weight.size()[0];
-        let w = Tensor::cat(&[&self.gate_proj.pick(m).weight, &self.up_proj.pick(m).weight], 0);
-        let gu = x.to_kind(ck).linear::<Tensor>(&w.to_kind(ck), None);
-        let y = self.down_proj.pick(m).forward(&(gu.narrow(1, 0, f).silu() * gu.narrow(1, f, f)), ck);
-        match post {
-            Some(n) => n.forward(&y),
-            None => y,
-        }
-    }
-
+    /// `down(silu(gate(x)) * up(x))` per tower on the rows of `x` (layout order), with the
+    /// block's norm before (pre-norm, folded into gate|up) or after (swin) it. Only the
+    /// matmuls run per tower.
     fn forward(
         &self,
         route: &Route,
@@ -938,8 +1003,18 @@ impl SwiGlu {
         pre: Option<&Towers<RmsNorm>>,
         post: Option<&Towers<RmsNorm>>,
     ) -> Tensor {
-        let run = |m: usize, xs: &Tensor| self.tower(m, xs, ck, pre.map(|n| n.pick(m)), post.map(|n| n.pick(m)));
-        if self.gate_proj.0.len() == 1 { run(0, x) } else { route.map(x, run) }
+        let xs = match pre {
+            Some(n) => rms(x, n.0[0].eps),
+            None => x.shallow_clone(),
+        };
+        let f = self.gate_proj.0[0].weight.size()[0];
+        let gu = route.matmul(&xs.to_kind(ck), &stacked_weight(&[&self.gate_proj, &self.up_proj], pre, ck));
+        let gu = gu.split(f, 1);
+        let y = route.matmul(&(gu[0].silu() * &gu[1]), &stacked_weight(&[&self.down_proj], None, ck));
+        match post {
+            Some(n) => n.forward(route, &y),
+            None => y,
+        }
     }
 }
 
@@ -978,7 +1053,9 @@ impl Moe {
                 let (gates, idx) = probs.tr().topk(c, 1, true, false); // [E, C]
                 for (i, expert) in self.experts.iter().enumerate() {
                     let rows = idx.get(i as i64);
-                    let y = expert.tower(0, &x.index_select(0, &rows), ck, None, None).to_kind(Kind::Float);
+                    let y = expert
+                        .forward(&Route::single(c), &x.index_select(0, &rows), ck, None, None)
+                        .to_kind(Kind::Float);
                     out = out.index_add(0, &rows, &(y * gates.get(i as i64).unsqueeze(1)));
                 }
                 (out, Tensor::zeros([], (Kind::Float, x.device())))
@@ -1001,7 +1078,9 @@ impl Moe {
                         continue;
                     }
                     let rows = token_of.narrow(0, start, len);
-                    let y = expert.tower(0, &x.index_select(0, &rows), ck, None, None).to_kind(Kind::Float);
+                    let y = expert
+                        .forward(&Route::single(len), &x.index_select(0, &rows), ck, None, None)
+                        .to_kind(Kind::Float);
                     out = out.index_add(0, &rows, &(y * gate_of.narrow(0, start, len).unsqueeze(1)));
                     start += len;
                 }
@@ -1268,9 +1347,10 @@ impl Model {
         } else {
             let parts = p
                 .route
-                .active()
+                .split(&x)
                 .into_iter()
-                .map(|m| (m, ce(m, &p.route.slice(&x, m), &p.route.slice(&p.targets, m))))
+                .zip(p.route.split(&p.targets))
+                .map(|((m, xs), (_, ts))| (m, ce(m, &xs, &ts)))
                 .collect();
             p.route.combine(parts)
         };
@@ -1362,7 +1442,7 @@ impl Step {
         }
         let t = n as i64;
         let (route, order) = if cfg.towers() == 1 {
-            (Route { n: t, kind: RouteKind::Single }, (0..n).collect::<Vec<_>>())
+            (Route::single(t), (0..n).collect::<Vec<_>>())
         } else {
             let (route, perm, _) = Route::sorted(modality, device);
             (route, perm)

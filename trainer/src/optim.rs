@@ -36,9 +36,20 @@ struct Flat {
     order: Vec<usize>,
     /// Elements in the decayed prefix.
     n_decay: i64,
-    /// Every gradient concatenated in flat order; built once per step, dropped by `zero_grad`.
+    /// Every gradient in flat order. Built by one concatenation the first time every
+    /// parameter has a gradient; from then on each parameter's gradient is re-pointed at its
+    /// view here, so backward accumulates straight into it and `zero_grad` is one fill.
     grad: Option<Tensor>,
+    /// `grad` is live only while every parameter's gradient still starts at these addresses.
+    grad_ptrs: Vec<usize>,
+    /// Work space for one chunk of the update, so a step allocates nothing.
+    scratch: Tensor,
 }
+
+/// Elements per chunk of the fused update on CPU: the nine passes over a chunk stay in the
+/// core's cache, so memory sees each buffer about once per step. On CUDA the whole buffer is
+/// one chunk (one launch per pass).
+const CPU_CHUNK: i64 = 1 << 16;
 
 #[derive(Debug)]
 pub struct AdamW {
@@ -98,7 +109,9 @@ impl AdamW {
                 off += n;
             }
         });
-        Some(Flat { param, exp_avg, exp_avg_sq, order, n_decay, grad: None })
+        let chunk = if device.is_cuda() { total } else { total.min(CPU_CHUNK) };
+        let scratch = Tensor::zeros([chunk], opts);
+        Some(Flat { param, exp_avg, exp_avg_sq, order, n_decay, grad: None, grad_ptrs: Vec::new(), scratch })
     }
 
     /// Gradients of every parameter that received one.
@@ -107,39 +120,67 @@ impl AdamW {
     }
 
     pub fn zero_grad(&mut self) {
-        if let Some(f) = &mut self.flat {
-            f.grad = None;
+        if self.flat_grad_is_live() {
+            if let Some(g) = self.flat.as_mut().and_then(|f| f.grad.as_mut()) {
+                let _ = g.zero_();
+            }
+            return;
         }
         for p in &mut self.params {
             p.tensor.zero_grad();
         }
     }
 
+    /// Whether every parameter's gradient is still its view of the flat gradient buffer.
+    fn flat_grad_is_live(&self) -> bool {
+        let Some(f) = &self.flat else { return false };
+        f.grad.is_some()
+            && f.grad_ptrs.len() == f.order.len()
+            && f.order.iter().zip(&f.grad_ptrs).all(|(&i, &ptr)| {
+                let g = self.params[i].tensor.grad();
+                g.defined() && g.data_ptr() as usize == ptr
+            })
+    }
+
     /// The flat gradient, built on first use in a step. None when the fused path cannot take
     /// this step: a parameter got no gradient (PyTorch leaves such a parameter and its moments
     /// untouched, which the per-tensor path does) or step counts differ for the same reason.
     fn flat_grad(&mut self) -> Option<&Tensor> {
-        let f = self.flat.as_mut()?;
-        if f.grad.is_none() {
+        if !self.flat_grad_is_live() {
+            let f = self.flat.as_mut()?;
             let step0 = self.params.first().map(|p| p.step)?;
-            let mut parts = Vec::with_capacity(f.order.len());
+            let mut grads = Vec::with_capacity(f.order.len());
             for &i in &f.order {
                 let p = &self.params[i];
                 let g = p.tensor.grad();
-                if !g.defined() || p.step != step0 || g.kind() != f.param.kind() {
+                if !g.defined() || p.step != step0 || g.kind() != f.param.kind() || g.size() != p.tensor.size() {
+                    f.grad = None;
                     return None;
                 }
-                parts.push(g.view([-1]));
+                grads.push(g);
             }
-            f.grad = Some(Tensor::cat(&parts, 0));
+            let flat = tch::no_grad(|| Tensor::cat(&grads.iter().map(|g| g.view([-1])).collect::<Vec<_>>(), 0));
+            // Re-point each gradient at its view: set_data swaps the storage under the
+            // gradient autograd holds, which accumulates in place from the next backward on.
+            let mut off = 0;
+            f.grad_ptrs.clear();
+            for g in &mut grads {
+                let n = g.numel() as i64;
+                let view = flat.narrow(0, off, n).view(g.size().as_slice());
+                g.set_data(&view);
+                f.grad_ptrs.push(g.data_ptr() as usize);
+                off += n;
+            }
+            f.grad = Some(flat);
         }
-        f.grad.as_ref()
+        self.flat.as_ref()?.grad.as_ref()
     }
 
     /// Global L2 norm of all gradients (one value read back to the host).
     pub fn grad_norm(&mut self) -> f64 {
         let sq = match self.flat_grad() {
-            Some(g) => g.to_kind(Kind::Float).square().sum(Kind::Float),
+            // One pass, no temporary.
+            Some(g) => g.norm().to_kind(Kind::Double).square(),
             None => {
                 let norms: Vec<Tensor> =
                     self.grads().iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
@@ -186,18 +227,36 @@ impl AdamW {
             p.step += 1;
             step = p.step;
         }
+        let bc1 = 1.0 - b1.powi(step as i32);
+        let bc2 = 1.0 - b2.powi(step as i32);
+        let total = f.param.numel() as i64;
+        let chunk = f.scratch.numel() as i64;
         tch::no_grad(|| {
-            if wd > 0.0 && f.n_decay > 0 {
-                let mut decayed = f.param.narrow(0, 0, f.n_decay);
-                decayed *= 1.0 - lr * wd;
+            let mut start = 0;
+            while start < total {
+                let n = chunk.min(total - start);
+                let cut = |t: &Tensor| t.narrow(0, start, n);
+                let decayed = (f.n_decay - start).clamp(0, n);
+                let mut p = cut(&f.param);
+                if wd > 0.0 && decayed > 0 {
+                    let mut d = p.narrow(0, 0, decayed);
+                    d *= 1.0 - lr * wd;
+                }
+                let (mut m, mut v, g) = (cut(&f.exp_avg), cut(&f.exp_avg_sq), cut(g));
+                let mut s = f.scratch.narrow(0, 0, n);
+                let _ = m.lerp_(&g, 1.0 - b1);
+                let _ = g.mul_out(&s, &g);
+                let _ = v.lerp_(&s, 1.0 - b2);
+                if lr > 0.0 {
+                    // s = (sqrt(v / bc2) + eps) * bc1 / lr, so that p -= m / s.
+                    let _ = v.sqrt_out(&s);
+                    s *= bc1 / (lr * bc2.sqrt());
+                    s += eps * bc1 / lr;
+                    let _ = m.div_out(&s, &s);
+                    p -= &s;
+                }
+                start += n;
             }
-            let _ = f.exp_avg.lerp_(g, 1.0 - b1);
-            f.exp_avg_sq *= b2;
-            f.exp_avg_sq += g.square() * (1.0 - b2);
-            let bc1 = 1.0 - b1.powi(step as i32);
-            let bc2 = 1.0 - b2.powi(step as i32);
-            let denom = f.exp_avg_sq.sqrt() / bc2.sqrt() + eps;
-            f.param -= (&f.exp_avg / denom) * (lr / bc1);
         });
     }
 
@@ -215,8 +274,7 @@ impl AdamW {
                     p.tensor *= 1.0 - lr * wd;
                 }
                 let _ = p.exp_avg.lerp_(&g, 1.0 - b1);
-                p.exp_avg_sq *= b2;
-                p.exp_avg_sq += g.square() * (1.0 - b2);
+                let _ = p.exp_avg_sq.lerp_(&g.square(), 1.0 - b2);
                 let bc1 = 1.0 - b1.powi(p.step as i32);
                 let bc2 = 1.0 - b2.powi(p.step as i32);
                 let denom = p.exp_avg_sq.sqrt() / bc2.sqrt() + eps;
@@ -360,6 +418,38 @@ mod tests {
         assert_eq!(q, vec![1.0, -2.0, 0.5, 0.25, -0.75, 2.0], "values survive the move");
         let head: Vec<f32> = Vec::try_from(flat.param.narrow(0, 0, 6)).expect("values");
         assert_eq!(head, q, "the model's tensor is a view of the flat buffer");
+    }
+
+    #[test]
+    fn gradients_accumulate_into_the_flat_buffer() {
+        let vars = toy();
+        let mut opt =
+            AdamW::new(vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), &OptimConfig::default());
+        let backward = |scale: f64| {
+            let mut loss = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+            for (_, t) in &vars {
+                loss = loss + (t * t).sum(Kind::Float) * scale;
+            }
+            loss.backward();
+        };
+        backward(1.0);
+        assert!(!opt.flat_grad_is_live(), "autograd's own gradients before the first step");
+        opt.grad_norm();
+        assert!(opt.flat_grad_is_live(), "linked at the first use");
+        opt.zero_grad();
+        backward(1.0);
+        backward(2.0); // accumulation (two micro-batches) lands in the buffer too
+        assert!(opt.flat_grad_is_live());
+        let flat: Vec<f32> = Vec::try_from(opt.flat_grad().expect("fused").shallow_clone()).expect("values");
+        let want: Vec<f32> = opt
+            .flat
+            .as_ref()
+            .map(|f| f.order.clone())
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|&i| Vec::<f32>::try_from(vars[i].1.detach().view([-1]) * 6.0).expect("values"))
+            .collect();
+        assert_eq!(flat, want, "d/dt 3 t^2 = 6 t, in flat order");
     }
 
     #[test]

@@ -70,12 +70,18 @@ struct Report {
     mot_step_ms: f64,
     /// MoT / dense full step (goal <= 1.10).
     mot_over_dense: f64,
+    /// Forward + backward alone (no layout, gradient norm or optimizer), dense and MoT.
+    dense_fwd_bwd_ms: f64,
     mot_fwd_bwd_ms: f64,
+    /// MoT / dense forward + backward: the model's share of the step ratio (MoT's optimizer
+    /// updates about 3x the non-embedding parameters).
+    mot_over_dense_fwd_bwd: f64,
     torch_fwd_bwd_ms: Option<f64>,
     /// tch / PyTorch eager, MoT forward + backward (goal <= 1.0).
     tch_over_torch: Option<f64>,
-    /// Wall-clock milliseconds of the same measurements (dense, MoT, MoT fwd+bwd, PyTorch).
-    wall_ms: [Option<f64>; 4],
+    /// Wall-clock milliseconds of the same measurements (dense, MoT, dense fwd+bwd, MoT
+    /// fwd+bwd, PyTorch).
+    wall_ms: [Option<f64>; 5],
     torch_note: Option<String>,
 }
 
@@ -105,8 +111,10 @@ fn sync(device: Device) {
     }
 }
 
-/// Mean milliseconds per step: `full` = layout + forward + backward + clip norm + AdamW,
-/// otherwise forward + backward on a batch laid out once (what the PyTorch script times).
+/// Median milliseconds per step (the median, not the mean, so a step slowed by other work on
+/// a shared machine does not move the figure): `full` = layout + forward + backward + clip
+/// norm + AdamW, otherwise forward + backward on a batch laid out once (what the PyTorch
+/// script times).
 fn time_steps(
     cfg: &ModelConfig,
     batch: &Batch,
@@ -121,7 +129,7 @@ fn time_steps(
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(vars, &OptimConfig::default());
     let fixed = Prepared::new(cfg, batch, Routing::Sorted, device)?;
-    let (mut total, mut cpu_total) = (0.0, Some(0.0));
+    let (mut wall, mut cpu) = (Vec::with_capacity(steps), Some(Vec::with_capacity(steps)));
     for i in 0..warmup + steps {
         sync(device);
         let t0 = Instant::now();
@@ -136,16 +144,27 @@ fn time_steps(
         }
         sync(device);
         if i >= warmup {
-            total += t0.elapsed().as_secs_f64();
-            cpu_total = match (cpu_total, c0, thread_cpu_s()) {
-                (Some(acc), Some(a), Some(b)) => Some(acc + b - a),
+            wall.push(1000.0 * t0.elapsed().as_secs_f64());
+            cpu = match (cpu, c0, thread_cpu_s()) {
+                (Some(mut v), Some(a), Some(b)) => {
+                    v.push(1000.0 * (b - a));
+                    Some(v)
+                }
                 _ => None,
             };
         }
         opt.zero_grad();
     }
-    let per = |x: f64| 1000.0 * x / steps.max(1) as f64;
-    Ok(Ms { wall: per(total), cpu: cpu_total.map(per) })
+    Ok(Ms { wall: median(wall), cpu: cpu.map(median) })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 /// Runs the PyTorch reference on the same config and batch; None (with why) if unavailable.
@@ -229,8 +248,9 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let (dense_t, mot_t) = (mean(d1, d2), mean(m1, m2));
     let (dense_ms, mot_ms) = (dense_t.pick(clock), mot_t.pick(clock));
     eprintln!("step (layout + fwd + bwd + AdamW), {clock} ms: dense {dense_ms:.2}, MoT {mot_ms:.2}");
+    let dense_fb_t = time_steps(&dense, &batch, device, args.warmup, args.steps, false).context("dense fwd+bwd")?;
     let mot_fb_t = time_steps(&mot, &batch, device, args.warmup, args.steps, false).context("MoT fwd+bwd")?;
-    let mot_fb = mot_fb_t.pick(clock);
+    let (dense_fb, mot_fb) = (dense_fb_t.pick(clock), mot_fb_t.pick(clock));
     let (torch_t, note) = if args.no_torch {
         (None, Some("skipped (--no-torch)".to_string()))
     } else {
@@ -249,10 +269,18 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         dense_step_ms: dense_ms,
         mot_step_ms: mot_ms,
         mot_over_dense: mot_ms / dense_ms,
+        dense_fwd_bwd_ms: dense_fb,
         mot_fwd_bwd_ms: mot_fb,
+        mot_over_dense_fwd_bwd: mot_fb / dense_fb,
         torch_fwd_bwd_ms: torch_ms,
         tch_over_torch: torch_ms.map(|t| mot_fb / t),
-        wall_ms: [Some(dense_t.wall), Some(mot_t.wall), Some(mot_fb_t.wall), torch_t.map(|t| t.wall)],
+        wall_ms: [
+            Some(dense_t.wall),
+            Some(mot_t.wall),
+            Some(dense_fb_t.wall),
+            Some(mot_fb_t.wall),
+            torch_t.map(|t| t.wall),
+        ],
         torch_note: note,
     };
     if ctx.json {
@@ -262,6 +290,10 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     output::line(format!(
         "MoT vs dense, full step: {:.2} ms vs {:.2} ms -> ratio {:.3} (goal <= 1.10)",
         report.mot_step_ms, report.dense_step_ms, report.mot_over_dense
+    ))?;
+    output::line(format!(
+        "MoT vs dense, forward + backward: {:.2} ms vs {:.2} ms -> ratio {:.3}",
+        report.mot_fwd_bwd_ms, report.dense_fwd_bwd_ms, report.mot_over_dense_fwd_bwd
     ))?;
     match (report.torch_fwd_bwd_ms, report.tch_over_torch) {
         (Some(t), Some(r)) => output::line(format!(
