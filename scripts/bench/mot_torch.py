@@ -82,6 +82,8 @@ class Block(torch.nn.Module):
         def matmul(xs, w):  # per-tower rows of xs (sorted order) @ w[m].T
             if w.shape[0] == 1:
                 return F.linear(xs, w[0])
+            if r.get("ends") is not None:  # model.grouped_mm: one grouped GEMM for all towers
+                return torch._grouped_mm(xs, w.transpose(1, 2), offs=r["ends"])
             ws = w.unbind(0)
             parts = xs.split_with_sizes([sizes[m] for m in live], 0)
             return torch.cat([F.linear(p, ws[m]) for m, p in zip(live, parts)], 0)
@@ -99,14 +101,14 @@ class Block(torch.nn.Module):
             g = torch.stack([torch.stack([n.weight for n in self.qn]), torch.stack([n.weight for n in self.kn])], 1)
             qk = F.rms_norm(qk.reshape(n, 2, h, hd).float(), (hd,), None, 1e-5) * per_row(g.unsqueeze(2))
             qkv = torch.cat([qk.reshape(n, 2 * d).to(ck), v], 1)
-        if r["inv"] is not None:
-            qkv = qkv.index_select(0, r["inv"])
+        if r["inv"] is not None:  # scatter into sequence order: its backward is a gather
+            qkv = torch.empty_like(qkv).index_copy(0, r["perm"], qkv)
         q, k, v = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = rope(q, r), rope(k, r)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=r["mask"], is_causal=r["mask"] is None)
         a = a.transpose(1, 2).reshape(b * t, d)
         if r["perm"] is not None:
-            a = a.index_select(0, r["perm"])
+            a = torch.empty_like(a).index_copy(0, r["inv"], a)
         x = x + matmul(a.to(ck), stacked([self.o])).float()
         f = self.gate[0].weight.shape[0]
         xn = F.rms_norm(x, (d,), None, 1e-5).to(ck)

@@ -5,8 +5,8 @@ scripts/bench/mot_torch.py (the same algorithm as trainer/src/model.rs), dense v
 Prints per-step time, kernel time (CUDA) and the top ops. Variants: `mot` is motley's algorithm
 (mot_torch.py: per-tower matmuls only, norms over all rows with folded weights);
 `mot-pertower` the per-tower algorithm it replaced (every op per tower slice); `mot-grouped`
-runs every tower's projection as one `torch._grouped_mm` over the sorted rows (tch 0.24 binds
-it as `f_internal_grouped_mm`).
+is `mot` with `model.grouped_mm`: every tower's projection as one `torch._grouped_mm` over the
+sorted rows.
 
     python scripts/bench/profile_mot.py --d-model 512 --layers 8 --seq 2048 --batch 8
     python scripts/bench/profile_mot.py --device cpu --d-model 256 --layers 4 --seq 512 --batch 4
@@ -51,42 +51,6 @@ def make_batch(b, t, text_vocab, seed=7):
             out["positions"].append(x[3]); out["doc_ids"].append(x[2]); out["loss_mask"].append(int(x[2] == y[2]))
     out["batch_size"], out["seq_len"] = b, t
     return out
-
-
-def grouped_forward(self, x, r, ck):
-    """Block.forward of mot_torch with one grouped GEMM per projection instead of per-tower slices."""
-    b, t, offs, counts = r["b"], r["t"], r["offs"], r["counts"]
-    h, hd = self.h, self.hd
-    d = h * hd
-
-    def gmm(xs, ws):  # xs [N, K] sorted rows; ws: per-tower [out, K] weights
-        w = torch.stack([w.to(ck) for w in ws]).transpose(1, 2)  # [G, K, out], K-major
-        return torch._grouped_mm(xs.to(ck), w, offs=offs)
-
-    def rows(ws):  # per-tower vectors -> one row per token (sorted order)
-        return torch.repeat_interleave(torch.stack(ws), counts, dim=0, output_size=x.shape[0])
-
-    xn = F.rms_norm(x.float(), (d,), None, 1e-5)
-    wqkv = [torch.cat([self.q[m].weight, self.k[m].weight, self.v[m].weight], 0) * self.attn_norm[m].weight
-            for m in range(3)]
-    y = gmm(xn, wqkv)
-    q, k, v = y[:, :d], y[:, d:2 * d], y[:, 2 * d:]
-    if self.qn is not None:
-        n = x.shape[0]
-        gq = rows([self.qn[m].weight for m in range(3)]).unsqueeze(1)
-        gk = rows([self.kn[m].weight for m in range(3)]).unsqueeze(1)
-        q = (F.rms_norm(q.float().view(n, h, hd), (hd,), None, 1e-5) * gq).view(n, d).to(ck)
-        k = (F.rms_norm(k.float().view(n, h, hd), (hd,), None, 1e-5) * gk).view(n, d).to(ck)
-    y = torch.cat([q, k, v], 1).index_select(0, r["inv"])
-    y = y.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)
-    q, k, v = mot_torch.rope(y[0], r), mot_torch.rope(y[1], r), y[2]
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=r["mask"], is_causal=r["mask"] is None)
-    a = a.transpose(1, 2).reshape(b * t, d).index_select(0, r["perm"])
-    x = x + gmm(a, [self.o[m].weight for m in range(3)]).float()
-    xn = F.rms_norm(x, (d,), None, 1e-5)
-    f = self.gate[0].weight.shape[0]
-    gu = gmm(xn, [torch.cat([self.gate[m].weight, self.up[m].weight], 0) * self.ffn_norm[m].weight for m in range(3)])
-    return x + gmm(F.silu(gu[:, :f]) * gu[:, f:], [self.down[m].weight for m in range(3)]).float()
 
 
 def pertower_forward(self, x, r, ck):
@@ -161,10 +125,7 @@ def main():
         model = mot_torch.Model(c).to(dev)
         r = mot_torch.prepare(batch, c, dev)
         if name == "mot-grouped":
-            sizes = [n for _, n in r["spans"]]
-            r["counts"] = torch.tensor(sizes, device=dev)
-            r["offs"] = torch.tensor(sizes, device=dev).cumsum(0).to(torch.int32)
-            mot_torch.Block.forward = grouped_forward
+            r["ends"] = torch.tensor(r["sizes"], device=dev).cumsum(0).to(torch.int32)
         if name == "mot-pertower":
             mot_torch.Block.forward = pertower_forward
         def step():

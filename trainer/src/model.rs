@@ -101,6 +101,10 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// MoT only: untie the final norm and the LM head per modality as well.
     pub untie_head: bool,
+    /// MoT only: run each projection for all towers as one grouped GEMM (`torch._grouped_mm`
+    /// over the sorted rows) instead of one matmul per tower. Needs the op on the device
+    /// (CPU; CUDA with bf16 on sm90+); d_model and the FFN width must be multiples of 8.
+    pub grouped_mm: bool,
     /// MoE only.
     pub n_experts: i64,
     pub moe_routing: MoeRouting,
@@ -144,6 +148,7 @@ impl Default for ModelConfig {
             norm_eps: 1e-5,
             rope_theta: 10_000.0,
             untie_head: false,
+            grouped_mm: false,
             n_experts: 4,
             moe_routing: MoeRouting::ExpertChoice,
             moe_top_k: 1,
@@ -196,6 +201,13 @@ impl ModelConfig {
         }
         if self.d_model % self.n_heads != 0 || self.head_dim() % 2 != 0 {
             return bad(format!("d_model {} must split into n_heads {} of even head_dim", self.d_model, self.n_heads));
+        }
+        if self.grouped_mm && (self.d_model % 8 != 0 || self.ffn_dim() % 8 != 0) {
+            return bad(format!(
+                "grouped_mm needs d_model ({}) and the FFN width ({}) to be multiples of 8",
+                self.d_model,
+                self.ffn_dim()
+            ));
         }
         if self.arch == Arch::Moe {
             if self.n_experts < 1 || self.moe_top_k < 1 || self.moe_top_k > self.n_experts {
@@ -291,7 +303,8 @@ enum RouteKind {
     Single,
     /// Layout order = tokens stably sorted by modality. `perm[i]` is the sequence index of
     /// layout row i; `inv` maps back. `spans[m] = (start, len)` of modality m's rows.
-    Sorted { perm: Tensor, inv: Tensor, spans: [(i64, i64); Modality::COUNT] },
+    /// `ends`: int32 end row of every tower, when matmuls run as one grouped GEMM.
+    Sorted { perm: Tensor, inv: Tensor, spans: [(i64, i64); Modality::COUNT], ends: Option<Tensor> },
     /// Layout order = sequence order; `idx[m]` lists modality m's rows (None if absent).
     Scatter { idx: Vec<Option<Tensor>> },
 }
@@ -384,6 +397,10 @@ impl Route {
         if w.size()[0] == 1 {
             return x.linear::<Tensor>(&w.squeeze_dim(0), None);
         }
+        if let RouteKind::Sorted { ends: Some(ends), .. } = &self.kind {
+            // Model::new checked the op runs on this device and kind.
+            return x.internal_grouped_mm(&w.transpose(1, 2), Some(ends), None::<&Tensor>, None);
+        }
         // unbind, not select: its backward stacks the towers' gradients in one op.
         let ws = w.unbind(0);
         self.map(x, |m, xs| xs.linear::<Tensor>(&ws[m], None))
@@ -409,18 +426,21 @@ impl Route {
         self.combine(parts)
     }
 
-    /// Layout order → sequence order (before attention, and for inspecting outputs).
+    /// Layout order → sequence order (before attention, and for inspecting outputs). Written
+    /// as a scatter (`y[perm[r]] = x[r]`) into uninitialized memory rather than a gather: the
+    /// backward is then a plain gather, where a gather's backward is a zero fill plus an
+    /// (on CUDA atomic) index_add.
     pub fn to_seq(&self, x: &Tensor) -> Tensor {
         match &self.kind {
-            RouteKind::Sorted { inv, .. } => x.index_select(0, inv),
+            RouteKind::Sorted { perm, .. } => x.empty_like().index_copy(0, perm, x),
             _ => x.shallow_clone(),
         }
     }
 
-    /// Sequence order → layout order (after attention).
+    /// Sequence order → layout order (after attention), the same way (`y[inv[i]] = x[i]`).
     pub fn from_seq(&self, x: &Tensor) -> Tensor {
         match &self.kind {
-            RouteKind::Sorted { perm, .. } => x.index_select(0, perm),
+            RouteKind::Sorted { inv, .. } => x.empty_like().index_copy(0, inv, x),
             _ => x.shallow_clone(),
         }
     }
@@ -429,7 +449,7 @@ impl Route {
 impl Route {
     /// Stable counting sort of the tokens by `modality` (host side): the sorted route, its
     /// permutation (`perm[row]` = sequence index of layout row) and inverse (`inv[i]` = layout row).
-    fn sorted(modality: &[u8], device: Device) -> (Route, Vec<usize>, Vec<i64>) {
+    fn sorted(modality: &[u8], device: Device, grouped: bool) -> (Route, Vec<usize>, Vec<i64>) {
         let n = modality.len();
         let mut perm = Vec::with_capacity(n);
         let mut spans = [(0i64, 0i64); Modality::COUNT];
@@ -443,10 +463,12 @@ impl Route {
             inv[i] = row as i64;
         }
         let perm_i64: Vec<i64> = perm.iter().map(|&i| i as i64).collect();
+        let ends: Vec<i32> = spans.iter().map(|&(start, len)| (start + len) as i32).collect();
         let kind = RouteKind::Sorted {
             perm: Tensor::from_slice(&perm_i64).to_device(device),
             inv: Tensor::from_slice(&inv).to_device(device),
             spans,
+            ends: grouped.then(|| Tensor::from_slice(&ends).to_device(device)),
         };
         (Route { n: n as i64, kind }, perm, inv)
     }
@@ -607,7 +629,7 @@ impl Prepared {
         } else {
             match routing {
                 Routing::Sorted => {
-                    let (route, perm, inv) = Route::sorted(&batch.modality, device);
+                    let (route, perm, inv) = Route::sorted(&batch.modality, device, cfg.grouped_mm);
                     (route, Some((perm, inv)))
                 }
                 Routing::GatherScatter => {
@@ -1237,6 +1259,24 @@ pub struct Model {
 /// it at once (parallel tests, several models in one process) would interleave their draws.
 static SEEDED_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Runs one small grouped GEMM forward and backward at the model's widths, so a device or
+/// kind without the op is a config error at start-up rather than a failure mid-training.
+fn probe_grouped_mm(cfg: &ModelConfig, device: Device, kind: Kind) -> Result<(), TrainError> {
+    let fail = |e: tch::TchError| TrainError::Config {
+        path: "model.grouped_mm".into(),
+        msg: format!("grouped GEMM does not run on {device:?} in {kind:?}: {e}"),
+    };
+    let towers = cfg.towers() as i64;
+    let (d, f) = (cfg.d_model, cfg.ffn_dim());
+    let ends: Vec<i32> = (1..=towers).map(|m| (8 * m) as i32).collect();
+    let ends = Tensor::from_slice(&ends).to_device(device);
+    let x = Tensor::ones([8 * towers, d], (kind, device)).set_requires_grad(true);
+    let w = Tensor::ones([towers, f, d], (kind, device)).set_requires_grad(true);
+    let y = x.f_internal_grouped_mm(&w.transpose(1, 2), Some(&ends), None::<&Tensor>, None).map_err(fail)?;
+    // Square, so the incoming gradient is a dense tensor as in the model (not sum's expanded one).
+    y.f_square().map_err(fail)?.f_sum(Kind::Float).map_err(fail)?.f_backward().map_err(fail)
+}
+
 impl Model {
     /// Seeds torch's global generator and creates the model while no other seeded
     /// initialization can draw from it: the same seed always gives the same weights.
@@ -1269,6 +1309,9 @@ impl Model {
         });
         let latent = (cfg.latent_dim > 0).then(|| LatentHead::new(root, cfg));
         let compute_kind = if root.device().is_cuda() { Kind::BFloat16 } else { Kind::Float };
+        if cfg.grouped_mm && cfg.towers() > 1 {
+            probe_grouped_mm(cfg, root.device(), compute_kind)?;
+        }
         Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, latent, compute_kind })
     }
 
@@ -1444,7 +1487,7 @@ impl Step {
         let (route, order) = if cfg.towers() == 1 {
             (Route::single(t), (0..n).collect::<Vec<_>>())
         } else {
-            let (route, perm, _) = Route::sorted(modality, device);
+            let (route, perm, _) = Route::sorted(modality, device, cfg.grouped_mm);
             (route, perm)
         };
         let ids: Vec<i64> = order.iter().map(|&i| i64::from(tokens[i])).collect();
@@ -1715,11 +1758,23 @@ mod tests {
 
     #[test]
     fn sorted_routing_matches_gather_scatter_oracle() {
-        for (untie, qk, placement) in [(false, true, NormPlacement::Pre), (true, false, NormPlacement::Swin)] {
+        // The last case runs the sorted towers as one grouped GEMM per projection.
+        for (untie, qk, placement, grouped_mm) in [
+            (false, true, NormPlacement::Pre, false),
+            (true, false, NormPlacement::Swin, false),
+            (false, true, NormPlacement::Pre, true),
+        ] {
             let mut v = 0;
             let b = batch(&mut v);
             assert!(b.modality.iter().any(|&m| m == 1) && b.modality.iter().any(|&m| m == 2));
-            let cfg = ModelConfig { vocab_size: v, untie_head: untie, qk_norm: qk, norm: placement, ..tiny(Arch::Mot) };
+            let cfg = ModelConfig {
+                vocab_size: v,
+                untie_head: untie,
+                qk_norm: qk,
+                norm: placement,
+                grouped_mm,
+                ..tiny(Arch::Mot)
+            };
             let (l1, t1, g1) = run(&cfg, &b, Routing::Sorted);
             let (l2, t2, g2) = run(&cfg, &b, Routing::GatherScatter);
             assert!(l1.allclose(&l2, 1e-5, 1e-6, false), "logits differ");
@@ -1733,6 +1788,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn grouped_mm_needs_widths_in_multiples_of_8() {
+        let cfg = ModelConfig { vocab_size: 64, d_model: 20, n_heads: 2, grouped_mm: true, ..tiny(Arch::Mot) };
+        let err = cfg.validate().expect_err("d_model 20");
+        assert!(err.to_string().contains("multiples of 8"), "{err}");
+        assert!(ModelConfig { grouped_mm: false, ..cfg }.validate().is_ok());
     }
 
     #[test]

@@ -23,10 +23,10 @@ pub struct Args {
     /// auto, cpu, cuda.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Model width (default: 128 on CPU, 512 on CUDA).
+    /// Model width (default: 256 on CPU, 512 on CUDA).
     #[arg(long)]
     d_model: Option<i64>,
-    /// Layers (default: 2 on CPU, 8 on CUDA).
+    /// Layers (default: 4 on CPU, 8 on CUDA).
     #[arg(long)]
     layers: Option<i64>,
     /// Attention heads (default: 4 on CPU, 8 on CUDA).
@@ -47,6 +47,9 @@ pub struct Args {
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Also time MoT with `model.grouped_mm` (each projection as one grouped GEMM).
+    #[arg(long)]
+    grouped_mm: bool,
     /// Skip the PyTorch baseline.
     #[arg(long)]
     no_torch: bool,
@@ -70,6 +73,9 @@ struct Report {
     mot_step_ms: f64,
     /// MoT / dense full step (goal <= 1.10).
     mot_over_dense: f64,
+    /// With `--grouped-mm`: MoT full step with grouped GEMMs, and its ratio to dense.
+    mot_grouped_step_ms: Option<f64>,
+    mot_grouped_over_dense: Option<f64>,
     /// Forward + backward alone (no layout, gradient norm or optimizer), dense and MoT.
     dense_fwd_bwd_ms: f64,
     mot_fwd_bwd_ms: f64,
@@ -207,8 +213,8 @@ fn torch_baseline(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device)
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let device = resolve_device(&args.device)?;
     let gpu = device.is_cuda();
-    let d = args.d_model.unwrap_or(if gpu { 512 } else { 128 });
-    let layers = args.layers.unwrap_or(if gpu { 8 } else { 2 });
+    let d = args.d_model.unwrap_or(if gpu { 512 } else { 256 });
+    let layers = args.layers.unwrap_or(if gpu { 8 } else { 4 });
     let heads = args.heads.unwrap_or(if gpu { 8 } else { 4 });
     let seq = args.seq.unwrap_or(if gpu { 2048 } else { 256 });
     let bsz = args.batch.unwrap_or(if gpu { 8 } else { 4 });
@@ -223,6 +229,7 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         ..ModelConfig::default()
     };
     let mot = ModelConfig { arch: Arch::Mot, ..base.clone() };
+    let mot_grouped = ModelConfig { grouped_mm: true, ..mot.clone() };
     let dense = ModelConfig { arch: Arch::Dense, ..base.clone() };
     let dev_name =
         if gpu { "cuda (bf16 compute)".to_string() } else { format!("cpu (fp32, {} threads)", tch::get_num_threads()) };
@@ -248,6 +255,13 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let (dense_t, mot_t) = (mean(d1, d2), mean(m1, m2));
     let (dense_ms, mot_ms) = (dense_t.pick(clock), mot_t.pick(clock));
     eprintln!("step (layout + fwd + bwd + AdamW), {clock} ms: dense {dense_ms:.2}, MoT {mot_ms:.2}");
+    let grouped_ms = if args.grouped_mm {
+        let g = time_steps(&mot_grouped, &batch, device, args.warmup, args.steps, true).context("MoT grouped step")?;
+        eprintln!("step, MoT with grouped GEMMs: {:.2} ms", g.pick(clock));
+        Some(g.pick(clock))
+    } else {
+        None
+    };
     let dense_fb_t = time_steps(&dense, &batch, device, args.warmup, args.steps, false).context("dense fwd+bwd")?;
     let mot_fb_t = time_steps(&mot, &batch, device, args.warmup, args.steps, false).context("MoT fwd+bwd")?;
     let (dense_fb, mot_fb) = (dense_fb_t.pick(clock), mot_fb_t.pick(clock));
@@ -269,6 +283,8 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         dense_step_ms: dense_ms,
         mot_step_ms: mot_ms,
         mot_over_dense: mot_ms / dense_ms,
+        mot_grouped_step_ms: grouped_ms,
+        mot_grouped_over_dense: grouped_ms.map(|g| g / dense_ms),
         dense_fwd_bwd_ms: dense_fb,
         mot_fwd_bwd_ms: mot_fb,
         mot_over_dense_fwd_bwd: mot_fb / dense_fb,
@@ -291,6 +307,9 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         "MoT vs dense, full step: {:.2} ms vs {:.2} ms -> ratio {:.3} (goal <= 1.10)",
         report.mot_step_ms, report.dense_step_ms, report.mot_over_dense
     ))?;
+    if let (Some(g), Some(r)) = (report.mot_grouped_step_ms, report.mot_grouped_over_dense) {
+        output::line(format!("MoT with grouped GEMMs vs dense, full step: {g:.2} ms -> ratio {r:.3}"))?;
+    }
     output::line(format!(
         "MoT vs dense, forward + backward: {:.2} ms vs {:.2} ms -> ratio {:.3}",
         report.mot_fwd_bwd_ms, report.dense_fwd_bwd_ms, report.mot_over_dense_fwd_bwd
