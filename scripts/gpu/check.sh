@@ -28,25 +28,29 @@ run() { # run NAME LIMIT_S CMD...: stdout to NAME.out, stderr to NAME.err, a sta
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } 2>&1 | tee "$out/device.txt"
 
-stage "CPU reference on this quiet host: one torch thread, thread-CPU-time ratios"
-OMP_NUM_THREADS=1 run bench_cpu 100 "$bin" --json bench trainer --device cpu --python python3
-cat "$out/bench_cpu.out"
-
 stage "bench trainer on CUDA (bf16 compute), default shapes: d512 x 8 layers, seq 2048, batch 8"
-run bench_cuda 90 "$bin" --json bench trainer --device cuda --python python3 --steps 10 --warmup 3
-cat "$out/bench_cuda.out"; tail -3 "$out/bench_cuda.err"
+run bench_cuda 120 "$bin" --json bench trainer --device cuda --python python3 --steps 10 --warmup 3 --grouped-mm
+cat "$out/bench_cuda.out"; tail -4 "$out/bench_cuda.err"
 
 stage "bench trainer on CUDA, 443M-class shapes: d1024 x 24 layers, 16 heads, seq 2048, batch 4"
-run bench_cuda_big 120 "$bin" --json bench trainer --device cuda --python python3 --d-model 1024 --layers 24 \
-  --heads 16 --seq 2048 --batch 4 --steps 10 --warmup 3
-cat "$out/bench_cuda_big.out"; tail -3 "$out/bench_cuda_big.err"
+run bench_cuda_big 150 "$bin" --json bench trainer --device cuda --python python3 --d-model 1024 --layers 24 \
+  --heads 16 --seq 2048 --batch 4 --steps 10 --warmup 3 --grouped-mm
+cat "$out/bench_cuda_big.out"; tail -4 "$out/bench_cuda_big.err"
+
+stage "where the time goes: torch.profiler over the PyTorch mirror (dense, mot, mot-pertower, mot-grouped)"
+run profile 120 python3 scripts/bench/profile_mot.py --steps 5 --rows 12
+grep '###' "$out/profile.out"
+
+stage "CPU reference on this quiet host: one torch thread, thread-CPU-time ratios"
+OMP_NUM_THREADS=1 run bench_cpu 120 "$bin" --json bench trainer --device cpu --python python3 --grouped-mm
+cat "$out/bench_cpu.out"
 
 stage "tiny MoT vs dense on the sample corpus, CUDA (the demo's comparison)"
 run train_tiny 120 "$bin" train --compare --preset tiny --data "$corpus" --device cuda --out "$out/tiny" --overwrite
 tail -12 "$out/train_tiny.err" "$out/train_tiny.out"
 
 stage "94M MoT on the sample corpus, CUDA: tokens/s and MFU"
-run train_94m 90 "$bin" train --preset 94m --data "$corpus" --device cuda --steps 40 --out "$out/m94" --overwrite \
+run train_94m 75 "$bin" train --preset 94m --data "$corpus" --device cuda --steps 40 --out "$out/m94" --overwrite \
   --set train.log_every=10 --set train.eval_every=0 --set train.checkpoint_every=0 --set optim.warmup_steps=10
 tail -6 "$out/train_94m.err" "$out/train_94m.out"
 
