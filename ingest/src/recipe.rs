@@ -248,10 +248,10 @@ impl SourceSpec {
                 unused(self.speech_mode.is_some(), "speech_mode")?;
             }
         }
-        if let Some(p) = self.text_first {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(format!("{who}: text_first = {p} is not a probability in [0, 1]"));
-            }
+        if let Some(p) = self.text_first
+            && !(0.0..=1.0).contains(&p)
+        {
+            return Err(format!("{who}: text_first = {p} is not a probability in [0, 1]"));
         }
         Ok(())
     }

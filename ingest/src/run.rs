@@ -497,10 +497,10 @@ fn dedup_plan(sh: &Shared<'_>, tasks: &[Task]) -> Result<BTreeMap<u32, BTreeSet<
                             let mut v: Vec<Entry> = Vec::new();
                             for (ui, unit) in task.units.iter().enumerate() {
                                 let _ = read_unit(&ctx, unit, &mut |item| {
-                                    if let Ok(r) = item {
-                                        if let Ok(h) = content_hash(&r) {
-                                            v.push((ui as u32, r.index, h));
-                                        }
+                                    if let Ok(r) = item
+                                        && let Ok(h) = content_hash(&r)
+                                    {
+                                        v.push((ui as u32, r.index, h));
                                     }
                                     ControlFlow::Continue(())
                                 });
@@ -676,10 +676,10 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     }
     write_atomic(&cfg.out.join(ERRORS_FILE), &errors_text)?;
     let total_errors = sh.errors.load(Ordering::SeqCst);
-    if let Some(max) = cfg.max_errors {
-        if total_errors > max {
-            return Err(Error::TooManyErrors { errors: total_errors, max, out: cfg.out.clone() });
-        }
+    if let Some(max) = cfg.max_errors
+        && total_errors > max
+    {
+        return Err(Error::TooManyErrors { errors: total_errors, max, out: cfg.out.clone() });
     }
 
     // The manifest: every finished task's shards in task order.

@@ -461,19 +461,19 @@ impl BlobColumn {
         if self.outer.as_ref().is_some_and(|o| o.is_null(i)) {
             return Ok(None);
         }
-        if let Some(b) = &self.bytes {
-            if b.is_valid(i) && !b.value(i).is_empty() {
-                return Ok(Some(Blob::Bytes { data: b.value(i).to_vec(), name: name.to_string() }));
-            }
+        if let Some(b) = &self.bytes
+            && b.is_valid(i)
+            && !b.value(i).is_empty()
+        {
+            return Ok(Some(Blob::Bytes { data: b.value(i).to_vec(), name: name.to_string() }));
         }
-        if let Some(p) = &self.paths {
-            if let Some(s) = p.get(i)? {
-                if !s.is_empty() {
-                    let p = Path::new(s);
-                    let path = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
-                    return Ok(Some(Blob::Path { path, name: s.to_string() }));
-                }
-            }
+        if let Some(p) = &self.paths
+            && let Some(s) = p.get(i)?
+            && !s.is_empty()
+        {
+            let p = Path::new(s);
+            let path = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+            return Ok(Some(Blob::Path { path, name: s.to_string() }));
         }
         Ok(None)
     }

@@ -322,9 +322,13 @@ mod tests {
             tokens_per_s: 1234.0,
             mfu: None,
             skipped: false,
-            eval: (step % 2 == 0).then(|| EvalRecord::from_sums([text * 10.0, 8.0, 0.0], [10, 10, 0])),
-            loss_diffusion: (step % 3 == 0).then_some(0.5),
-            diffusion_buckets: if step % 3 == 0 { vec![Some(0.1), None, Some(0.6), Some(0.9)] } else { vec![] },
+            eval: step.is_multiple_of(2).then(|| EvalRecord::from_sums([text * 10.0, 8.0, 0.0], [10, 10, 0])),
+            loss_diffusion: step.is_multiple_of(3).then_some(0.5),
+            diffusion_buckets: if step.is_multiple_of(3) {
+                vec![Some(0.1), None, Some(0.6), Some(0.9)]
+            } else {
+                vec![]
+            },
         }
     }
 

@@ -364,7 +364,7 @@ impl Route {
     fn combine(&self, parts: Vec<(usize, Tensor)>) -> Tensor {
         match &self.kind {
             RouteKind::Single | RouteKind::Sorted { .. } if parts.len() == 1 => {
-                parts.into_iter().next().map(|(_, t)| t).unwrap_or_else(Tensor::new)
+                parts.into_iter().next().map(|(_, t)| t).unwrap_or_default()
             }
             RouteKind::Single | RouteKind::Sorted { .. } => {
                 let ts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
@@ -380,7 +380,7 @@ impl Route {
                         out.take().unwrap_or_else(|| Tensor::zeros(shape.as_slice(), (part.kind(), part.device())));
                     out = Some(base.index_copy(0, i, &part));
                 }
-                out.unwrap_or_else(Tensor::new)
+                out.unwrap_or_default()
             }
         }
     }
@@ -624,7 +624,8 @@ impl Prepared {
         }
 
         // Stable counting sort by input modality (perm, inv: host copies of the route's tables).
-        let (route, order): (Route, Option<(Vec<usize>, Vec<i64>)>) = if cfg.towers() == 1 {
+        type HostPerm = Option<(Vec<usize>, Vec<i64>)>;
+        let (route, order): (Route, HostPerm) = if cfg.towers() == 1 {
             (Route::single(n as i64), None)
         } else {
             match routing {
@@ -1401,7 +1402,7 @@ impl Model {
         let count: i64 = p.loss_tokens.iter().sum();
         let mut lm_loss = weighted.sum(Kind::Float) / count.max(1) as f64;
         if let Some(a) = aux {
-            lm_loss = lm_loss + a * self.cfg.moe_aux_loss_coef;
+            lm_loss += a * self.cfg.moe_aux_loss_coef;
         }
         let (diffusion_loss, image_diffusion) = diffusion.unzip();
         let loss = match &diffusion_loss {
@@ -1766,7 +1767,7 @@ mod tests {
         ] {
             let mut v = 0;
             let b = batch(&mut v);
-            assert!(b.modality.iter().any(|&m| m == 1) && b.modality.iter().any(|&m| m == 2));
+            assert!(b.modality.contains(&1) && b.modality.contains(&2));
             let cfg = ModelConfig {
                 vocab_size: v,
                 untie_head: untie,

@@ -373,7 +373,7 @@ mod tests {
                 if drop_grad_at == Some(step) && i == 1 {
                     continue;
                 }
-                loss = loss + (t * t * (step as f64 + 1.0) + t.sin()).sum(Kind::Float);
+                loss += (t * t * (step as f64 + 1.0) + t.sin()).sum(Kind::Float);
             }
             loss.backward();
             let norm = opt.grad_norm();
@@ -428,7 +428,7 @@ mod tests {
         let backward = |scale: f64| {
             let mut loss = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
             for (_, t) in &vars {
-                loss = loss + (t * t).sum(Kind::Float) * scale;
+                loss += (t * t).sum(Kind::Float) * scale;
             }
             loss.backward();
         };

@@ -252,7 +252,7 @@ impl Trainer {
             let share = p.loss_tokens.iter().sum::<i64>() as f64 / total as f64;
             let mut scaled = out.lm_loss * share;
             if let (Some(d), Some(per_image), Some(lat)) = (&out.diffusion_loss, &out.image_diffusion, &p.latent) {
-                scaled = scaled + d * (lambda * lat.n_images() as f64 / images.max(1) as f64);
+                scaled += d * (lambda * lat.n_images() as f64 / images.max(1) as f64);
                 let (idx, src) = bucket_index(&self.schedule, &lat.timesteps, per_image, &mut diff_counts);
                 diff_acc = diff_acc.index_add(0, &idx, &src);
             }

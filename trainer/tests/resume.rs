@@ -4,7 +4,10 @@ mod common;
 
 use motley_trainer::{Trainer, loader};
 
-fn losses(t: &Trainer) -> Vec<(u64, Option<f64>, [Option<f64>; 3], Option<[Option<f64>; 3]>)> {
+/// Step, loss, per-modality train losses and per-modality eval losses of one log line.
+type LossRow = (u64, Option<f64>, [Option<f64>; 3], Option<[Option<f64>; 3]>);
+
+fn losses(t: &Trainer) -> Vec<LossRow> {
     t.records().iter().map(|r| (r.step, r.loss, r.per_modality(), r.eval.as_ref().map(|e| e.per_modality()))).collect()
 }
 
@@ -65,7 +68,8 @@ fn resume_is_bit_exact_with_latent_images() -> anyhow::Result<()> {
     cfg.data.paths = vec![corpus.path().to_path_buf()];
     cfg.data.eval_fraction = 0.1;
     let dir = tempfile::tempdir()?;
-    let diffusion = |t: &Trainer| -> Vec<(Option<f64>, Vec<Option<f64>>, Option<f64>)> {
+    type DiffusionRow = (Option<f64>, Vec<Option<f64>>, Option<f64>);
+    let diffusion = |t: &Trainer| -> Vec<DiffusionRow> {
         t.records()
             .iter()
             .map(|r| (r.loss_diffusion, r.diffusion_buckets.clone(), r.eval.as_ref().and_then(|e| e.diffusion)))

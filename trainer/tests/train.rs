@@ -19,8 +19,8 @@ fn every_modality_loss_falls_for_mot_dense_and_moe() -> anyhow::Result<()> {
         t.attach_run_dir(dir.path())?;
         let summary = t.run()?;
         let first = t.records()[0].per_modality();
-        for m in 0..3 {
-            let (a, b) = (first[m].expect("first loss"), summary.final_train[m].expect("final loss"));
+        for (m, (a, b)) in first.iter().zip(&summary.final_train).enumerate() {
+            let (a, b) = (a.expect("first loss"), b.expect("final loss"));
             assert!(b < a - 0.5, "{arch}: modality {m} loss {a} -> {b}");
         }
         let eval = summary.final_eval.expect("final eval");
