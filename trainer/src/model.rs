@@ -920,7 +920,7 @@ impl Attention {
     ) -> Tensor {
         let (h, hd) = (self.n_heads, self.head_dim);
         let qkv = self.project_in(&p.route, x, ck, pre);
-        // One gather restores sequence order for q, k and v together.
+        // One scatter restores sequence order for q, k and v together.
         let qkv = p.route.to_seq(&qkv).view([p.batch_size, p.seq_len, 3, h, hd]).permute([2, 0, 3, 1, 4]);
         let qkv = qkv.unbind(0);
         let q = apply_rope(&qkv[0], &p.cos, &p.sin);
