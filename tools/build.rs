@@ -1,2 +1,6 @@
-//! Same libtorch rpath / no-as-needed link arguments as the trainer (see trainer/link_libtorch.rs).
+//! Link-time glue for libtorch (rpath, keep libtorch_cuda); see ../trainer/link_libtorch.rs.
 include!("../trainer/link_libtorch.rs");
+
+fn main() {
+    link_libtorch();
+}

@@ -5,7 +5,7 @@
 // `--as-needed` drops `libtorch_cuda.so` (then `tch::Cuda::is_available()` is false on a GPU
 // machine; tch-rs #907/#980). `cargo:rustc-link-arg` only applies to the package whose build
 // script prints it, hence one include per package that produces binaries or test binaries.
-fn main() {
+fn link_libtorch() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

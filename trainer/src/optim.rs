@@ -44,6 +44,9 @@ struct Flat {
     grad_ptrs: Vec<usize>,
     /// Work space for one chunk of the update, so a step allocates nothing.
     scratch: Tensor,
+    /// Update with libtorch's fused AdamW kernel (one pass); off after it fails once (then the
+    /// chunked tensor-op update runs) or when a test compares the two.
+    kernel: bool,
 }
 
 /// Elements per chunk of the fused update on CPU: the nine passes over a chunk stay in the
@@ -111,7 +114,17 @@ impl AdamW {
         });
         let chunk = if device.is_cuda() { total } else { total.min(CPU_CHUNK) };
         let scratch = Tensor::zeros([chunk], opts);
-        Some(Flat { param, exp_avg, exp_avg_sq, order, n_decay, grad: None, grad_ptrs: Vec::new(), scratch })
+        Some(Flat {
+            param,
+            exp_avg,
+            exp_avg_sq,
+            order,
+            n_decay,
+            grad: None,
+            grad_ptrs: Vec::new(),
+            scratch,
+            kernel: true,
+        })
     }
 
     /// Gradients of every parameter that received one.
@@ -227,9 +240,33 @@ impl AdamW {
             p.step += 1;
             step = p.step;
         }
+        let total = f.param.numel() as i64;
+        if f.kernel {
+            let steps = Tensor::from(step as f32).to_device(f.param.device());
+            // Decayed prefix and the rest: two calls, since weight decay is one number per call.
+            let parts = [(0, f.n_decay, wd), (f.n_decay, total - f.n_decay, 0.0)];
+            let run = || -> Result<(), String> {
+                for (start, n, decay) in parts {
+                    if n > 0 {
+                        let cut = |t: &Tensor| t.narrow(0, start, n);
+                        let (p, g, m, v) = (cut(&f.param), cut(g), cut(&f.exp_avg), cut(&f.exp_avg_sq));
+                        kernel::fused_adamw(&p, &g, &m, &v, &steps, lr, b1, b2, decay, eps)?;
+                    }
+                }
+                Ok(())
+            };
+            match tch::no_grad(run) {
+                Ok(()) => return,
+                Err(e) => {
+                    // Checked before any element is touched, so the chunked update below
+                    // starts from the same state.
+                    tracing::warn!("fused AdamW kernel unavailable, using tensor ops: {e}");
+                    f.kernel = false;
+                }
+            }
+        }
         let bc1 = 1.0 - b1.powi(step as i32);
         let bc2 = 1.0 - b2.powi(step as i32);
-        let total = f.param.numel() as i64;
         let chunk = f.scratch.numel() as i64;
         tch::no_grad(|| {
             let mut start = 0;
@@ -324,6 +361,69 @@ impl AdamW {
     }
 }
 
+/// The C++ shim around `at::_fused_adamw_` (trainer/csrc/fused_adamw.cpp).
+mod kernel {
+    use std::ffi::{CStr, c_char};
+
+    use tch::Tensor;
+    use torch_sys::C_tensor;
+
+    unsafe extern "C" {
+        fn motley_fused_adamw(
+            param: *const C_tensor,
+            grad: *const C_tensor,
+            exp_avg: *const C_tensor,
+            exp_avg_sq: *const C_tensor,
+            step: *const C_tensor,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+        ) -> *mut c_char;
+        fn motley_free_error(message: *mut c_char);
+    }
+
+    /// One in-place AdamW step of `param` and its moments (PyTorch's formula; `step` is the
+    /// step count after this update, a 0-dim fp32 tensor on the parameters' device).
+    #[allow(clippy::too_many_arguments)] // the kernel's own argument list
+    pub(super) fn fused_adamw(
+        param: &Tensor,
+        grad: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        step: &Tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> Result<(), String> {
+        // SAFETY: every pointer is a live tensor handle borrowed for the call; the shim catches
+        // every C++ exception and returns its message, which we copy and free.
+        unsafe {
+            let err = motley_fused_adamw(
+                param.as_ptr(),
+                grad.as_ptr(),
+                exp_avg.as_ptr(),
+                exp_avg_sq.as_ptr(),
+                step.as_ptr(),
+                lr,
+                beta1,
+                beta2,
+                weight_decay,
+                eps,
+            );
+            if err.is_null() {
+                return Ok(());
+            }
+            let msg = CStr::from_ptr(err).to_string_lossy().into_owned();
+            motley_free_error(err);
+            Err(msg.lines().next().unwrap_or_default().to_string())
+        }
+    }
+}
+
 /// Linear warmup from 0 to `lr` over `warmup_steps`, then cosine down to `min_lr` at `total`.
 /// `step` counts from 1 (the first update).
 pub fn learning_rate(cfg: &OptimConfig, step: u64, total: u64) -> f64 {
@@ -360,11 +460,19 @@ mod tests {
     }
 
     fn train(fused: bool, drop_grad_at: Option<usize>) -> Vec<Vec<f32>> {
+        train_with(fused, true, drop_grad_at)
+    }
+
+    /// `kernel`: the flat update through libtorch's fused kernel, else the chunked tensor ops.
+    fn train_with(fused: bool, kernel: bool, drop_grad_at: Option<usize>) -> Vec<Vec<f32>> {
         let vars = toy();
         let cfg = OptimConfig { weight_decay: 0.1, ..OptimConfig::default() };
         let mut opt = AdamW::new(vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), &cfg);
         if !fused {
             opt.flat = None;
+        }
+        if let Some(f) = &mut opt.flat {
+            f.kernel = kernel;
         }
         for step in 0..4 {
             opt.zero_grad();
@@ -379,6 +487,9 @@ mod tests {
             let norm = opt.grad_norm();
             opt.scale_grads(0.5 / (norm + 1e-6));
             opt.step(0.01);
+        }
+        if let Some(f) = &opt.flat {
+            assert_eq!(f.kernel, kernel, "the fused kernel ran every step (no silent fallback)");
         }
         vars.iter().map(|(_, t)| Vec::<f32>::try_from(t.detach().view([-1])).expect("values")).collect()
     }
@@ -402,6 +513,21 @@ mod tests {
         }
         let moved = train(true, None);
         assert_ne!(moved[1], train(true, Some(1))[1], "skipping a gradient changes the result");
+    }
+
+    #[test]
+    fn fused_kernel_equals_chunked_tensor_ops() {
+        let a = train_with(true, true, None);
+        let b = train_with(true, false, None);
+        for (x, y) in a.iter().zip(&b) {
+            for (u, v) in x.iter().zip(y) {
+                assert!((u - v).abs() <= 1e-6 * v.abs().max(1.0), "{a:?} vs {b:?}");
+            }
+        }
+        assert_ne!(
+            a,
+            toy().iter().map(|(_, t)| Vec::<f32>::try_from(t.view([-1])).expect("values")).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -473,6 +599,7 @@ mod tests {
                 x[i] -= 0.01 / (1.0 - 0.9f64.powi(t)) * m[i] / denom;
             }
         }
+        assert!(opt.flat.as_ref().is_some_and(|f| f.kernel), "checked through the fused kernel");
         let got: Vec<f64> = Vec::try_from(w.detach().view([2])).expect("values");
         for i in 0..2 {
             assert!((got[i] - x[i]).abs() < 1e-12, "{got:?} vs {x:?}");
