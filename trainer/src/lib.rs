@@ -8,6 +8,7 @@
 //! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
 //! - [`sample`]: generation from a checkpoint (KV-cached decoding, constrained sampling).
 //! - [`checkpoint`], [`metrics`], [`dist`]: files on disk, metrics and plot, data parallel seam.
+//! - [`ops`]: counting the operators a step dispatches (how launch-bound it is).
 
 pub mod checkpoint;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod loader;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod sample;
 pub mod train;

@@ -103,7 +103,8 @@ pub struct ModelConfig {
     pub untie_head: bool,
     /// MoT only: run each projection for all towers as one grouped GEMM (`torch._grouped_mm`
     /// over the sorted rows) instead of one matmul per tower. Needs the op on the device
-    /// (CPU; CUDA with bf16 on sm90+); d_model and the FFN width must be multiples of 8.
+    /// (CPU, for tests; CUDA sm_90/sm_100 in bf16: H100, H200, B200 — not A100, where torch
+    /// falls back to a loop with a host sync); d_model and the FFN width must be multiples of 8.
     pub grouped_mm: bool,
     /// MoE only.
     pub n_experts: i64,
@@ -1263,6 +1264,21 @@ static SEEDED_INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Runs one small grouped GEMM forward and backward at the model's widths, so a device or
 /// kind without the op is a config error at start-up rather than a failure mid-training.
 fn probe_grouped_mm(cfg: &ModelConfig, device: Device, kind: Kind) -> Result<(), TrainError> {
+    // torch's grouped GEMM kernel exists for sm_90 and sm_100; elsewhere (A100: sm_80) the op
+    // falls back to a loop over groups that first copies the offsets to the host: a sync per
+    // projection, slower than the per-tower matmuls. Refuse rather than run that silently.
+    if let Device::Cuda(i) = device
+        && let Some((major, minor)) = crate::ops::cuda_capability(i)
+        && !(9..=10).contains(&major)
+    {
+        return Err(TrainError::Config {
+            path: "model.grouped_mm".into(),
+            msg: format!(
+                "this GPU is sm_{major}{minor}; torch's grouped GEMM kernel needs sm_90 or sm_100 (elsewhere it \
+                 loops over the groups after a device-to-host sync); set grouped_mm = false"
+            ),
+        });
+    }
     let fail = |e: tch::TchError| TrainError::Config {
         path: "model.grouped_mm".into(),
         msg: format!("grouped GEMM does not run on {device:?} in {kind:?}: {e}"),

@@ -9,6 +9,7 @@ use anyhow::Context;
 use motley_shards::{Batch, Vocab};
 use motley_trainer::config::OptimConfig;
 use motley_trainer::model::{Arch, Model, ModelConfig, Prepared, Routing};
+use motley_trainer::ops::{OpCount, count_ops};
 use motley_trainer::optim::AdamW;
 use motley_trainer::tch::{self, Device, Tensor, nn};
 use motley_trainer::train::resolve_device;
@@ -87,10 +88,28 @@ struct Report {
     torch_fwd_bwd_ms: Option<f64>,
     /// tch / PyTorch eager, MoT forward + backward (goal <= 1.0).
     tch_over_torch: Option<f64>,
+    /// ATen operators one full step dispatches (forward, backward, optimizer; composites and
+    /// views included), counted after the timed steps: the host work per step.
+    ops_per_step: PerArch,
+    /// Of those, the leaves that do work (no views, no composites): about one CUDA kernel
+    /// launch each.
+    kernels_per_step: PerArch,
+    /// MoT / dense, dispatched operators and work-doing ones (how launch-bound the ratio is).
+    mot_over_dense_ops: f64,
+    mot_over_dense_kernels: f64,
+    /// The work-doing operators MoT runs more (negative: fewer) than dense per step, top 10.
+    mot_extra_kernels: Vec<(String, i64)>,
     /// Wall-clock milliseconds of the same measurements (dense, MoT, dense fwd+bwd, MoT
     /// fwd+bwd, PyTorch).
     wall_ms: [Option<f64>; 5],
     torch_note: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PerArch {
+    dense: u64,
+    mot: u64,
+    mot_grouped: Option<u64>,
 }
 
 /// A timing in both clocks.
@@ -122,7 +141,7 @@ fn sync(device: Device) {
 /// Median milliseconds per step (the median, not the mean, so a step slowed by other work on
 /// a shared machine does not move the figure): `full` = layout + forward + backward + clip
 /// norm + AdamW, otherwise forward + backward on a batch laid out once (what the PyTorch
-/// script times).
+/// script times). Then one more step with its operators counted.
 fn time_steps(
     cfg: &ModelConfig,
     batch: &Batch,
@@ -130,7 +149,7 @@ fn time_steps(
     warmup: usize,
     steps: usize,
     full: bool,
-) -> anyhow::Result<Ms> {
+) -> anyhow::Result<(Ms, OpCount)> {
     let vs = nn::VarStore::new(device);
     let model = Model::new_seeded(&vs.root(), cfg, 0)?;
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
@@ -138,10 +157,7 @@ fn time_steps(
     let mut opt = AdamW::new(vars, &OptimConfig::default());
     let fixed = Prepared::new(cfg, batch, Routing::Sorted, device)?;
     let (mut wall, mut cpu) = (Vec::with_capacity(steps), Some(Vec::with_capacity(steps)));
-    for i in 0..warmup + steps {
-        sync(device);
-        let t0 = Instant::now();
-        let c0 = thread_cpu_s();
+    let step = |opt: &mut AdamW| -> anyhow::Result<()> {
         if full {
             let p = Prepared::new(cfg, batch, Routing::Sorted, device)?;
             model.loss(&p).loss.backward();
@@ -150,6 +166,13 @@ fn time_steps(
         } else {
             model.loss(&fixed).loss.backward();
         }
+        Ok(())
+    };
+    for i in 0..warmup + steps {
+        sync(device);
+        let t0 = Instant::now();
+        let c0 = thread_cpu_s();
+        step(&mut opt)?;
         sync(device);
         if i >= warmup {
             wall.push(1000.0 * t0.elapsed().as_secs_f64());
@@ -163,7 +186,9 @@ fn time_steps(
         }
         opt.zero_grad();
     }
-    Ok(Ms { wall: median(wall), cpu: cpu.map(median) })
+    let (done, ops) = count_ops(|| step(&mut opt))?;
+    done?;
+    Ok((Ms { wall: median(wall), cpu: cpu.map(median) }, ops))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -250,30 +275,40 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     // of the step whatever else the machine is doing; with more threads only wall time is fair.
     let clock = if gpu || tch::get_num_threads() != 1 || thread_cpu_s().is_none() { "wall" } else { "thread-cpu" };
     let mean = |a: Ms, b: Ms| Ms { wall: (a.wall + b.wall) / 2.0, cpu: a.cpu.zip(b.cpu).map(|(x, y)| (x + y) / 2.0) };
-    let d1 = time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
-    let m1 = time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
-    let d2 = time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
-    let m2 = time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
+    let (d1, dense_ops) = time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
+    let (m1, mot_ops) = time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
+    let (d2, _) = time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
+    let (m2, _) = time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
     let (dense_t, mot_t) = (mean(d1, d2), mean(m1, m2));
     let (dense_ms, mot_ms) = (dense_t.pick(clock), mot_t.pick(clock));
     eprintln!("step (layout + fwd + bwd + AdamW), {clock} ms: dense {dense_ms:.2}, MoT {mot_ms:.2}");
+    eprintln!(
+        "operators per step (work-doing): dense {} ({}), MoT {} ({})",
+        dense_ops.total, dense_ops.kernels, mot_ops.total, mot_ops.kernels
+    );
     // A device without grouped GEMM is a finding to report, not a reason to lose the rest.
-    let (grouped_ms, grouped_note) = if args.grouped_mm {
+    let (grouped_ms, grouped_ops, grouped_note) = if args.grouped_mm {
         match time_steps(&mot_grouped, &batch, device, args.warmup, args.steps, true) {
-            Ok(g) => {
-                eprintln!("step, MoT with grouped GEMMs: {:.2} ms", g.pick(clock));
-                (Some(g.pick(clock)), None)
+            Ok((g, ops)) => {
+                eprintln!(
+                    "step, MoT with grouped GEMMs: {:.2} ms, {} operators ({} work-doing)",
+                    g.pick(clock),
+                    ops.total,
+                    ops.kernels
+                );
+                (Some(g.pick(clock)), Some(ops), None)
             }
             Err(e) => {
                 eprintln!("MoT with grouped GEMMs: {e:#}");
-                (None, Some(format!("{e:#}")))
+                (None, None, Some(format!("{e:#}")))
             }
         }
     } else {
-        (None, None)
+        (None, None, None)
     };
-    let dense_fb_t = time_steps(&dense, &batch, device, args.warmup, args.steps, false).context("dense fwd+bwd")?;
-    let mot_fb_t = time_steps(&mot, &batch, device, args.warmup, args.steps, false).context("MoT fwd+bwd")?;
+    let (dense_fb_t, _) =
+        time_steps(&dense, &batch, device, args.warmup, args.steps, false).context("dense fwd+bwd")?;
+    let (mot_fb_t, _) = time_steps(&mot, &batch, device, args.warmup, args.steps, false).context("MoT fwd+bwd")?;
     let (dense_fb, mot_fb) = (dense_fb_t.pick(clock), mot_fb_t.pick(clock));
     let (torch_t, note) = if args.no_torch {
         (None, Some("skipped (--no-torch)".to_string()))
@@ -301,6 +336,19 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         mot_over_dense_fwd_bwd: mot_fb / dense_fb,
         torch_fwd_bwd_ms: torch_ms,
         tch_over_torch: torch_ms.map(|t| mot_fb / t),
+        ops_per_step: PerArch {
+            dense: dense_ops.total,
+            mot: mot_ops.total,
+            mot_grouped: grouped_ops.as_ref().map(|g| g.total),
+        },
+        kernels_per_step: PerArch {
+            dense: dense_ops.kernels,
+            mot: mot_ops.kernels,
+            mot_grouped: grouped_ops.as_ref().map(|g| g.kernels),
+        },
+        mot_over_dense_ops: mot_ops.total as f64 / dense_ops.total as f64,
+        mot_over_dense_kernels: mot_ops.kernels as f64 / dense_ops.kernels as f64,
+        mot_extra_kernels: mot_ops.extra_kernels_over(&dense_ops).into_iter().take(10).collect(),
         wall_ms: [
             Some(dense_t.wall),
             Some(mot_t.wall),
@@ -321,6 +369,18 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     if let (Some(g), Some(r)) = (report.mot_grouped_step_ms, report.mot_grouped_over_dense) {
         output::line(format!("MoT with grouped GEMMs vs dense, full step: {g:.2} ms -> ratio {r:.3}"))?;
     }
+    let (ops, k) = (&report.ops_per_step, &report.kernels_per_step);
+    output::line(format!(
+        "operators per step: dense {}, MoT {}{} -> ratio {:.3}; work-doing: dense {}, MoT {}{} -> ratio {:.3}",
+        ops.dense,
+        ops.mot,
+        ops.mot_grouped.map(|g| format!(", MoT grouped {g}")).unwrap_or_default(),
+        report.mot_over_dense_ops,
+        k.dense,
+        k.mot,
+        k.mot_grouped.map(|g| format!(", MoT grouped {g}")).unwrap_or_default(),
+        report.mot_over_dense_kernels
+    ))?;
     output::line(format!(
         "MoT vs dense, forward + backward: {:.2} ms vs {:.2} ms -> ratio {:.3}",
         report.mot_fwd_bwd_ms, report.dense_fwd_bwd_ms, report.mot_over_dense_fwd_bwd

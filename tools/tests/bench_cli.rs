@@ -1,0 +1,57 @@
+//! Integration test of `motley bench trainer` at toy shapes: the report's fields are there
+//! and consistent (timings are not checked — no thresholds in tests), the operator counts
+//! come from real dispatches, and the PyTorch reference script runs on the same batch.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn bench_trainer_reports_ratios_and_operator_counts() -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/mot_torch.py");
+    let mut args: Vec<String> = "--json bench trainer --device cpu --d-model 32 --layers 2 --heads 2 --seq 128 --batch 2 --text-vocab 64 --steps 1 --warmup 0 --grouped-mm"
+        .split(' ')
+        .map(String::from)
+        .collect();
+    // The test command sets MOTLEY_PYTHON to the venv whose torch matches libtorch.
+    let python = std::env::var("MOTLEY_PYTHON").ok();
+    match &python {
+        Some(py) => args.extend(["--python".into(), py.clone(), "--script".into(), script.display().to_string()]),
+        None => args.push("--no-torch".into()),
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_motley")).args(&args).env("RUST_LOG", "warn").output()?;
+    anyhow::ensure!(out.status.success(), "motley {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    for k in ["dense_step_ms", "mot_step_ms", "dense_fwd_bwd_ms", "mot_fwd_bwd_ms", "mot_grouped_step_ms"] {
+        assert!(f(k) > 0.0, "{k} in {r}");
+    }
+    assert!((f("mot_over_dense") - f("mot_step_ms") / f("dense_step_ms")).abs() < 1e-9, "{r}");
+
+    // MoT runs every projection once per tower: more operators than dense, and more
+    // work-doing ones. (Grouped GEMMs are one op each on sm_90 CUDA; on CPU torch loops over
+    // the groups, so no order is asserted for them here.)
+    for per in ["ops_per_step", "kernels_per_step"] {
+        let ops = &r[per];
+        let (dense, mot, grouped) = (ops["dense"].as_u64(), ops["mot"].as_u64(), ops["mot_grouped"].as_u64());
+        let (Some(dense), Some(mot), Some(grouped)) = (dense, mot, grouped) else { anyhow::bail!("{per}: {r}") };
+        assert!(dense > 100 && mot > dense && grouped > 0, "{per}: {ops}");
+    }
+    let ratio =
+        r["kernels_per_step"]["mot"].as_f64().unwrap_or(0.0) / r["kernels_per_step"]["dense"].as_f64().unwrap_or(1.0);
+    assert!((f("mot_over_dense_kernels") - ratio).abs() < 1e-9);
+    assert!(r["ops_per_step"]["mot"].as_u64() > r["kernels_per_step"]["mot"].as_u64(), "views and composites: {r}");
+    let extra = r["mot_extra_kernels"].as_array().cloned().unwrap_or_default();
+    assert!(!extra.is_empty() && extra.len() <= 10, "{r}");
+    // 2 layers x 4 projections (q|k|v, o, gate|up, down) x 2 more towers x (forward + 2 backward).
+    let mm = extra.iter().find(|e| e[0] == "aten::mm").and_then(|e| e[1].as_i64());
+    assert_eq!(mm, Some(2 * 4 * 2 * 3), "per-tower matmuls: {r}");
+
+    match python {
+        Some(_) => assert!(f("tch_over_torch") > 0.0 && f("torch_fwd_bwd_ms") > 0.0, "PyTorch reference ran: {r}"),
+        None => assert_eq!(r["torch_note"], "skipped (--no-torch)"),
+    }
+    Ok(())
+}

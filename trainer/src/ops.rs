@@ -1,0 +1,172 @@
+//! Operator-level facts tch does not expose, through small C++ shims in `csrc/`: how many ATen
+//! operators a piece of work dispatches (each costs host time and usually a kernel launch on
+//! CUDA, so the count says how launch-bound a step is, measurable on a CPU-only machine), and
+//! a CUDA device's compute capability.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, c_char};
+use std::sync::Mutex;
+
+use crate::TrainError;
+
+unsafe extern "C" {
+    fn motley_op_count_start() -> *mut c_char;
+    fn motley_op_count_stop() -> u64;
+    fn motley_op_count_names() -> *mut c_char;
+    fn motley_free_error(message: *mut c_char);
+    fn motley_cuda_capability(device: i32, major: *mut i32, minor: *mut i32) -> i32;
+}
+
+/// `(major, minor)` compute capability of CUDA device `index` (H100/H200: (9, 0); A100:
+/// (8, 0)); None without a CUDA runtime or device.
+pub fn cuda_capability(index: usize) -> Option<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    let index = i32::try_from(index).ok()?;
+    // SAFETY: two out-pointers to live locals; the shim only reads device attributes.
+    let rc = unsafe { motley_cuda_capability(index, &mut major, &mut minor) };
+    (rc == 0).then_some((major, minor))
+}
+
+/// The shim keeps one counter: runs are serialized.
+static COUNTING: Mutex<()> = Mutex::new(());
+
+/// Operators dispatched while one closure ran. `total` counts every dispatch: composite
+/// operators (`aten::linear`) once themselves and once for each operator they dispatch, as in
+/// `torch.profiler`. `kernels` counts the leaves that do work: operators that are no view,
+/// allocation or metadata op and dispatched nothing but those (`aten::mm`, `aten::add_`; not
+/// `aten::as_strided`, not `aten::linear`) — on CUDA, about one kernel launch each. The view
+/// list is in the shim. An operator that dispatches a copy of its input before its own kernel
+/// counts as that copy (the count is about one short there). Autograd's own bookkeeping
+/// records are left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OpCount {
+    pub total: u64,
+    pub kernels: u64,
+    /// Per operator name: dispatches.
+    pub by_name: BTreeMap<String, u64>,
+    /// Per operator name: work-doing leaf dispatches (the `kernels` breakdown).
+    pub kernels_by_name: BTreeMap<String, u64>,
+}
+
+/// Takes ownership of a malloc'd C string from the shim.
+///
+/// SAFETY: `p` is null or a string the shim allocated with `strdup` and nobody else frees.
+unsafe fn take_string(p: *mut c_char) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: per the contract above.
+    unsafe {
+        let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+        motley_free_error(p);
+        Some(s)
+    }
+}
+
+/// Runs `f` and counts the operators it dispatches on this thread and in the autograd
+/// threads its backward passes use; other threads' work is not counted.
+pub fn count_ops<R>(f: impl FnOnce() -> R) -> Result<(R, OpCount), TrainError> {
+    let _one_at_a_time = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: the shim catches C++ exceptions and returns their message as a C string.
+    if let Some(err) = unsafe { take_string(motley_op_count_start()) } {
+        return Err(TrainError::Torch { op: "count operators".into(), source: tch::TchError::Torch(err) });
+    }
+    let out = f();
+    // SAFETY: no arguments; counting was started above.
+    let total = unsafe { motley_op_count_stop() };
+    // SAFETY: the shim returns a fresh `strdup`'d listing.
+    let listing = unsafe { take_string(motley_op_count_names()) }.unwrap_or_default();
+    let mut count = OpCount::default();
+    for line in listing.lines() {
+        let mut fields = line.rsplitn(3, '\t');
+        let (Some(leaves), Some(dispatched), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let (Ok(leaves), Ok(dispatched)) = (leaves.parse::<u64>(), dispatched.parse::<u64>()) else { continue };
+        if name.starts_with("autograd::") {
+            continue;
+        }
+        count.total += dispatched;
+        count.by_name.insert(name.to_string(), dispatched);
+        if leaves > 0 {
+            count.kernels += leaves;
+            count.kernels_by_name.insert(name.to_string(), leaves);
+        }
+    }
+    debug_assert!(count.total <= total, "the shim's total includes every record");
+    Ok((out, count))
+}
+
+impl OpCount {
+    /// The work-doing operators `self` dispatched more often than `base` (negative: fewer),
+    /// largest difference first.
+    pub fn extra_kernels_over(&self, base: &OpCount) -> Vec<(String, i64)> {
+        let (mine, theirs) = (&self.kernels_by_name, &base.kernels_by_name);
+        let count = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0) as i64;
+        let mut d: Vec<(String, i64)> = mine
+            .keys()
+            .chain(theirs.keys().filter(|k| !mine.contains_key(*k)))
+            .map(|k| (k.clone(), count(mine, k) - count(theirs, k)))
+            .filter(|(_, n)| *n != 0)
+            .collect();
+        d.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Kind, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn counts_forward_and_backward_ops() {
+        let a = Tensor::randn([4, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::randn([3, 2], (Kind::Float, tch::Device::Cpu));
+        let (_, fwd) = count_ops(|| a.mm(&b)).expect("counting");
+        assert_eq!(fwd.by_name.get("aten::mm"), Some(&1), "{fwd:?}");
+        assert_eq!(fwd.kernels_by_name.get("aten::mm"), Some(&1), "{fwd:?}");
+        assert_eq!(fwd.total, fwd.by_name.values().sum::<u64>());
+        assert_eq!(fwd.kernels, fwd.kernels_by_name.values().sum::<u64>());
+        // A composite counts as dispatched, not as a kernel; the views it makes are no kernels.
+        let (_, lin) = count_ops(|| a.linear::<Tensor>(&b.tr(), None)).expect("counting");
+        assert_eq!(lin.by_name.get("aten::linear"), Some(&1), "{lin:?}");
+        assert_eq!(lin.kernels_by_name.get("aten::linear"), None, "{lin:?}");
+        for view in ["aten::t", "aten::transpose", "aten::as_strided", "aten::resolve_conj"] {
+            assert_eq!(lin.kernels_by_name.get(view), None, "{lin:?}");
+        }
+        assert_eq!(lin.kernels_by_name.get("aten::mm"), Some(&1), "{lin:?}");
+        // mm's backward dispatches its own mm for a's gradient: the ops of backward count.
+        let (_, both) = count_ops(|| a.mm(&b).sum(Kind::Float).backward()).expect("counting");
+        assert!(both.by_name.get("aten::mm").copied().unwrap_or(0) >= 2, "{both:?}");
+        assert!(both.total > fwd.total && both.kernels > fwd.kernels);
+        assert!(both.by_name.keys().all(|k| !k.starts_with("autograd::")), "{both:?}");
+        // Nothing dispatched outside the closure is counted, and counting ended.
+        let (_, none) = count_ops(|| ()).expect("counting");
+        assert_eq!(none, OpCount::default());
+    }
+
+    #[test]
+    fn cuda_capability_is_unknown_without_a_gpu() {
+        if !tch::Cuda::is_available() {
+            assert_eq!(cuda_capability(0), None);
+        } else {
+            assert!(cuda_capability(0).is_some_and(|(major, _)| major >= 3));
+        }
+    }
+
+    #[test]
+    fn extra_kernels_over_lists_differences_largest_first() {
+        let mk = |v: &[(&str, u64)]| OpCount {
+            kernels_by_name: v.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
+            ..OpCount::default()
+        };
+        let mot = mk(&[("aten::mm", 9), ("aten::cat", 4), ("aten::add", 2)]);
+        let dense = mk(&[("aten::mm", 3), ("aten::add", 2), ("aten::rsqrt", 1)]);
+        assert_eq!(
+            mot.extra_kernels_over(&dense),
+            vec![("aten::mm".into(), 6), ("aten::cat".into(), 4), ("aten::rsqrt".into(), -1)]
+        );
+    }
+}
