@@ -71,7 +71,17 @@ pub fn count_ops<R>(f: impl FnOnce() -> R) -> Result<(R, OpCount), TrainError> {
     if let Some(err) = unsafe { take_string(motley_op_count_start()) } {
         return Err(TrainError::Torch { op: "count operators".into(), source: tch::TchError::Torch(err) });
     }
+    /// Stops counting if `f` unwinds, so a panic cannot leave the callback registered.
+    struct StopOnUnwind;
+    impl Drop for StopOnUnwind {
+        fn drop(&mut self) {
+            // SAFETY: no arguments; stopping twice or when not counting is a no-op.
+            unsafe { motley_op_count_stop() };
+        }
+    }
+    let guard = StopOnUnwind;
     let out = f();
+    std::mem::forget(guard);
     // SAFETY: no arguments; counting was started above.
     let total = unsafe { motley_op_count_stop() };
     // SAFETY: the shim returns a fresh `strdup`'d listing.
@@ -142,6 +152,9 @@ mod tests {
         assert!(both.by_name.get("aten::mm").copied().unwrap_or(0) >= 2, "{both:?}");
         assert!(both.total > fwd.total && both.kernels > fwd.kernels);
         assert!(both.by_name.keys().all(|k| !k.starts_with("autograd::")), "{both:?}");
+        // A panicking closure stops the count too: the next one starts cleanly.
+        let caught = std::panic::catch_unwind(|| count_ops(|| panic!("inside the count")));
+        assert!(caught.is_err());
         // Nothing dispatched outside the closure is counted, and counting ended.
         let (_, none) = count_ops(|| ()).expect("counting");
         assert_eq!(none, OpCount::default());
