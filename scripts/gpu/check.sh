@@ -25,7 +25,7 @@ run() { # run NAME LIMIT_S CMD...: stdout to NAME.out, stderr to NAME.err, a sta
   echo "[$name] rc=$? in $((SECONDS - t0)) s"
   pack
 }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader; nproc
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } 2>&1 | tee "$out/device.txt"
 
 stage "bench trainer on CUDA (bf16 compute), default shapes: d512 x 8 layers, seq 2048, batch 8"
