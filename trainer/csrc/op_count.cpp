@@ -6,7 +6,6 @@
 // launch-bound a step is. tch 0.24 binds no profiler, hence this shim.
 #include <ATen/record_function.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -20,7 +19,6 @@
 
 namespace {
 
-std::atomic<uint64_t> g_total{0};
 std::mutex g_mutex;
 // Per name: [dispatched, work-doing leaves] (a leaf is no view and dispatched nothing but
 // views while it ran: a kernel, not a composite such as linear or matmul).
@@ -47,7 +45,6 @@ bool is_view(const char* name) {
 }
 
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
-  g_total.fetch_add(1, std::memory_order_relaxed);
   if (!t_had_child.empty() && !is_view(fn.name())) t_had_child.back() = true;
   t_had_child.push_back(false);
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -71,7 +68,6 @@ extern "C" char* motley_op_count_start() {
   try {
     std::lock_guard<std::mutex> lock(g_mutex);
     if (g_active) return strdup("op counting is already running");
-    g_total.store(0);
     g_by_name.clear();
     t_had_child.clear();
     // FUNCTION scope only: autograd nodes (BACKWARD_FUNCTION) dispatch their own ops, which
@@ -86,13 +82,12 @@ extern "C" char* motley_op_count_start() {
   }
 }
 
-// Stops counting; returns the total (0 if counting was not running).
-extern "C" uint64_t motley_op_count_stop() {
+// Stops counting (a no-op if it was not running).
+extern "C" void motley_op_count_stop() {
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (!g_active) return 0;
+  if (!g_active) return;
   at::removeCallback(g_handle);
   g_active = false;
-  return g_total.load();
 }
 
 // The per-name counts of the last run as "name\tdispatched\tleaves\n" lines (free with
