@@ -1,11 +1,11 @@
 //! Link-time glue for libtorch (rpath, keep libtorch_cuda; see link_libtorch.rs) and the
-//! C++ shims in `csrc/` (fused AdamW, operator counting, CUDA capability), compiled against the same libtorch's
-//! headers.
+//! C++ shims in `csrc/` (fused AdamW, operator counting, CUDA capability, the tower_linear
+//! op), compiled against the same libtorch's headers.
 include!("link_libtorch.rs");
 
 fn main() {
     link_libtorch();
-    let shims = ["csrc/fused_adamw.cpp", "csrc/op_count.cpp", "csrc/cuda_capability.cpp"];
+    let shims = ["csrc/fused_adamw.cpp", "csrc/op_count.cpp", "csrc/cuda_capability.cpp", "csrc/tower_linear.cpp"];
     for f in shims {
         println!("cargo:rerun-if-changed={f}");
     }

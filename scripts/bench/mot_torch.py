@@ -2,9 +2,12 @@
 """PyTorch eager reference of motley's MoT forward + backward, for `motley bench trainer`.
 
 Same algorithm as trainer/src/model.rs: tokens sorted by modality once per batch; per-modality
-Q|K|V, O and SwiGLU matmuls on contiguous pieces (one split, one cat); the attention and FFN
+Q|K|V, O and SwiGLU matmuls on contiguous pieces (one autograd node per projection, as motley's
+tower_linear: each tower's matmul writes its rows, forward and backward); the attention and FFN
 norms as one weightless norm over all rows with each tower's weight folded into its projection;
-QK-norm weights repeated per row; order restored around scaled_dot_product_attention; causal + same-document mask, RoPE from positions, shared
+QK-norm weights repeated per row; one parameter per site holding every tower's weights
+(`[towers, q|k|v rows, in]`, as motley's `Stacked`); order restored around
+scaled_dot_product_attention; causal + same-document mask, RoPE from positions, shared
 embedding and LM head, cross-entropy in sorted order. Precision as in motley: fp32 master
 weights, matmuls and attention in the compute dtype (bf16 on CUDA), norms and loss in fp32.
 
@@ -43,8 +46,45 @@ class RmsNorm(torch.nn.Module):
         return F.rms_norm(x.float(), (self.weight.shape[0],), self.weight, self.eps)
 
 
-def towers(n, make):
-    return torch.nn.ModuleList([make() for _ in range(n)])
+class TowerLinear(torch.autograd.Function):
+    """motley's tower_linear (trainer/csrc/tower_linear.cpp): rows grouped by tower, each tower's
+    matmul writing into its rows of the result, forward and backward; no split, cat or stack."""
+
+    @staticmethod
+    def forward(ctx, x, w, sizes):
+        ctx.save_for_backward(x, w)
+        ctx.sizes = sizes
+        y = x.new_empty(x.shape[0], w.shape[1])
+        s = 0
+        for m, n in enumerate(sizes):
+            if n:
+                torch.mm(x[s:s + n], w[m].t(), out=y[s:s + n])
+            s += n
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = g.contiguous()
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        gw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        s = 0
+        for m, n in enumerate(ctx.sizes):
+            if gw is not None:
+                if n:
+                    torch.mm(g[s:s + n].t(), x[s:s + n], out=gw[m])
+                else:
+                    gw[m].zero_()
+            if gx is not None and n:
+                torch.mm(g[s:s + n], w[m], out=gx[s:s + n])
+            s += n
+        return gx, gw, None
+
+
+def stacked(t, parts, shape, std=None):
+    """One parameter per site, as motley's `Stacked`: every tower's parts in `[t, parts * out, ...]`."""
+    shape = (t, parts * shape[0], *shape[1:])
+    return torch.nn.Parameter(torch.randn(*shape) * std if std is not None else torch.ones(*shape))
 
 
 class Block(torch.nn.Module):
@@ -52,41 +92,34 @@ class Block(torch.nn.Module):
         super().__init__()
         d, f, hd, std = c["d_model"], c["ffn_dim"], c["d_model"] // c["n_heads"], 0.02
         out_std = std / math.sqrt(2 * c["n_layers"])
-        self.h, self.hd = c["n_heads"], hd
-        self.attn_norm = towers(t, lambda: RmsNorm(d, 1e-5))
-        self.ffn_norm = towers(t, lambda: RmsNorm(d, 1e-5))
-        self.q = towers(t, lambda: Linear(d, d, std))
-        self.k = towers(t, lambda: Linear(d, d, std))
-        self.v = towers(t, lambda: Linear(d, d, std))
-        self.o = towers(t, lambda: Linear(d, d, out_std))
-        self.qn = towers(t, lambda: RmsNorm(hd, 1e-5)) if c["qk_norm"] else None
-        self.kn = towers(t, lambda: RmsNorm(hd, 1e-5)) if c["qk_norm"] else None
-        self.gate = towers(t, lambda: Linear(d, f, std))
-        self.up = towers(t, lambda: Linear(d, f, std))
-        self.down = towers(t, lambda: Linear(f, d, out_std))
+        self.h, self.hd, self.f = c["n_heads"], hd, f
+        self.attn_norm = stacked(t, 1, (d,))
+        self.ffn_norm = stacked(t, 1, (d,))
+        self.qkv = stacked(t, 3, (d, d), std)
+        self.o = stacked(t, 1, (d, d), out_std)
+        self.qk_norm = stacked(t, 2, (hd,)) if c["qk_norm"] else None
+        self.gate_up = stacked(t, 2, (f, d), std)
+        self.down = stacked(t, 1, (d, f), out_std)
 
     def forward(self, x, r, ck):
         """As motley's Block::forward (pre-norm): only the matmuls run per tower."""
         b, t, sizes = r["b"], r["t"], r["sizes"]
         h, hd = self.h, self.hd
         d = h * hd
-        live = [m for m in range(len(self.q)) if len(self.q) == 1 or sizes[m] > 0]
+        towers = self.qkv.shape[0]
+        live = [m for m in range(towers) if towers == 1 or sizes[m] > 0]
 
-        def stacked(mods, fold=None):  # [towers, sum(out), in], pre-norm weight folded in
-            w = torch.cat([mod[m].weight for m in range(len(self.q)) for mod in mods], 0)
-            w = w.view(len(self.q), -1, w.shape[1])
+        def weight(w, fold=None):  # [towers, sum(out), in], pre-norm weight folded in
             if fold is not None:
-                w = w * torch.stack([n.weight for n in fold]).unsqueeze(1)
+                w = w * fold.unsqueeze(1)
             return w.to(ck)
 
         def matmul(xs, w):  # per-tower rows of xs (sorted order) @ w[m].T
             if w.shape[0] == 1:
-                return F.linear(xs, w[0])
+                return F.linear(xs, w.squeeze(0))
             if r.get("ends") is not None:  # model.grouped_mm: one grouped GEMM for all towers
                 return torch._grouped_mm(xs, w.transpose(1, 2), offs=r["ends"])
-            ws = w.unbind(0)
-            parts = xs.split_with_sizes([sizes[m] for m in live], 0)
-            return torch.cat([F.linear(p, ws[m]) for m, p in zip(live, parts)], 0)
+            return TowerLinear.apply(xs, w, sizes)
 
         def per_row(w):  # [towers, ...] -> one row per token (sorted order)
             if w.shape[0] == 1:
@@ -95,11 +128,11 @@ class Block(torch.nn.Module):
             return torch.cat([ws[m].unsqueeze(0).expand(sizes[m], *ws[m].shape) for m in live], 0)
 
         n = x.shape[0]
-        qkv = matmul(F.rms_norm(x.float(), (d,), None, 1e-5).to(ck), stacked([self.q, self.k, self.v], self.attn_norm))
-        if self.qn is not None:
+        qkv = matmul(F.rms_norm(x.float(), (d,), None, 1e-5).to(ck), weight(self.qkv, self.attn_norm))
+        if self.qk_norm is not None:
             qk, v = qkv.split_with_sizes([2 * d, d], 1)
-            g = torch.stack([torch.stack([n.weight for n in self.qn]), torch.stack([n.weight for n in self.kn])], 1)
-            qk = F.rms_norm(qk.reshape(n, 2, h, hd).float(), (hd,), None, 1e-5) * per_row(g.unsqueeze(2))
+            g = self.qk_norm.view(-1, 2, 1, hd)
+            qk = F.rms_norm(qk.reshape(n, 2, h, hd).float(), (hd,), None, 1e-5) * per_row(g)
             qkv = torch.cat([qk.reshape(n, 2 * d).to(ck), v], 1)
         if r["inv"] is not None:  # scatter into sequence order: its backward is a gather
             qkv = torch.empty_like(qkv).index_copy(0, r["perm"], qkv)
@@ -109,11 +142,10 @@ class Block(torch.nn.Module):
         a = a.transpose(1, 2).reshape(b * t, d)
         if r["perm"] is not None:
             a = torch.empty_like(a).index_copy(0, r["inv"], a)
-        x = x + matmul(a.to(ck), stacked([self.o])).float()
-        f = self.gate[0].weight.shape[0]
+        x = x + matmul(a.to(ck), weight(self.o)).float()
         xn = F.rms_norm(x, (d,), None, 1e-5).to(ck)
-        gate, up = matmul(xn, stacked([self.gate, self.up], self.ffn_norm)).split(f, 1)
-        return x + matmul(F.silu(gate) * up, stacked([self.down])).float()
+        gate, up = matmul(xn, weight(self.gate_up, self.ffn_norm)).split(self.f, 1)
+        return x + matmul(F.silu(gate) * up, weight(self.down)).float()
 
 
 def rope(x, r):

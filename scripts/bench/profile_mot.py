@@ -56,28 +56,32 @@ def make_batch(b, t, text_vocab, seed=7):
 def pertower_forward(self, x, r, ck):
     """The per-tower Block.forward motley used before (session 2): each tower's slice runs its own
     norms, matmuls and elementwise ops; slices are narrowed (zero-filled full-size gradients
-    in backward) and per-tower q/k/v matmuls are separate."""
+    in backward) and per-tower q/k/v matmuls are separate. Weights are sliced from the stacked
+    parameters of mot_torch.Block."""
     spans, b, t = r["spans"], r["b"], r["t"]
-    h, hd = self.h, self.hd
+    h, hd, f = self.h, self.hd, self.f
+    d = h * hd
+    towers = self.qkv.shape[0]
 
     def per_tower(x, fn):
-        if len(self.q) == 1:
+        if towers == 1:
             return fn(0, x)
         return torch.cat([fn(m, x[s: s + n]) for m, (s, n) in enumerate(spans) if n > 0], 0)
 
-    def norm(n, xs):
-        return F.rms_norm(xs.float(), (n.weight.shape[0],), n.weight, 1e-5)
+    def norm(w, xs):
+        return F.rms_norm(xs.float(), (w.shape[0],), w, 1e-5)
 
-    def lin(l, xs):
-        return F.linear(xs.to(ck), l.weight.to(ck))
+    def lin(w, xs):
+        return F.linear(xs.to(ck), w.to(ck))
 
     def qkv(m, xs):
         xs = norm(self.attn_norm[m], xs)
-        q, k, v = lin(self.q[m], xs), lin(self.k[m], xs), lin(self.v[m], xs)
-        if self.qn is not None:
+        w = self.qkv[m]
+        q, k, v = lin(w[:d], xs), lin(w[d:2 * d], xs), lin(w[2 * d:], xs)
+        if self.qk_norm is not None:
             rows = xs.shape[0]
-            q = norm(self.qn[m], q.view(rows, h, hd)).view(rows, h * hd).to(ck)
-            k = norm(self.kn[m], k.view(rows, h, hd)).view(rows, h * hd).to(ck)
+            q = norm(self.qk_norm[m, :hd], q.view(rows, h, hd)).view(rows, h * hd).to(ck)
+            k = norm(self.qk_norm[m, hd:], k.view(rows, h, hd)).view(rows, h * hd).to(ck)
         return torch.cat([q, k, v], 1)
 
     y = per_tower(x, qkv).index_select(0, r["inv"])
@@ -89,7 +93,8 @@ def pertower_forward(self, x, r, ck):
 
     def ffn(m, xs):
         xs = norm(self.ffn_norm[m], xs)
-        return lin(self.down[m], F.silu(lin(self.gate[m], xs)) * lin(self.up[m], xs))
+        gu = self.gate_up[m]
+        return lin(self.down[m], F.silu(lin(gu[:f], xs)) * lin(gu[f:], xs))
 
     return x + per_tower(x, ffn).float()
 

@@ -11,6 +11,7 @@ use tch::{Device, Tensor, nn};
 
 use crate::config::TrainConfig;
 use crate::error::TrainError;
+use crate::model::public_parameters;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -177,11 +178,12 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, TrainError>
     Ok(v.into_iter().collect())
 }
 
-/// Copies `model.safetensors` into the VarStore; names and shapes must match exactly.
+/// Copies `model.safetensors` into the VarStore; names and shapes must match exactly. Names
+/// are the per-tower ones of [`public_parameters`], whatever the VarStore's storage layout.
 pub fn load_weights(vs: &nn::VarStore, ckpt: &Path) -> Result<(), TrainError> {
     let path = ckpt.join(MODEL_FILE);
     let saved = read_tensors(&path)?;
-    let vars = vs.variables();
+    let vars: BTreeMap<String, Tensor> = public_parameters(vs).into_iter().collect();
     let bad = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
     for name in saved.keys() {
         if !vars.contains_key(name) {

@@ -398,9 +398,23 @@ impl Route {
         if w.size()[0] == 1 {
             return x.linear::<Tensor>(&w.squeeze_dim(0), None);
         }
-        if let RouteKind::Sorted { ends: Some(ends), .. } = &self.kind {
-            // Model::new checked the op runs on this device and kind.
-            return x.internal_grouped_mm(&w.transpose(1, 2), Some(ends), None::<&Tensor>, None);
+        match &self.kind {
+            RouteKind::Sorted { ends: Some(ends), .. } => {
+                // Model::new checked the op runs on this device and kind.
+                return x.internal_grouped_mm(&w.transpose(1, 2), Some(ends), None::<&Tensor>, None);
+            }
+            RouteKind::Sorted { spans, ends: None, .. } => {
+                // One autograd node, nothing but the per-tower matmuls in either direction.
+                let sizes = spans.map(|(_, len)| len);
+                match crate::ops::tower_linear(x, w, &sizes) {
+                    Ok(y) => return y,
+                    Err(e) => {
+                        static WARNED: std::sync::Once = std::sync::Once::new();
+                        WARNED.call_once(|| tracing::warn!("tower_linear failed, using split + cat: {e}"));
+                    }
+                }
+            }
+            _ => {}
         }
         // unbind, not select: its backward stacks the towers' gradients in one op.
         let ws = w.unbind(0);
@@ -822,45 +836,142 @@ impl RmsNorm {
     }
 }
 
-impl Towers<RmsNorm> {
-    /// Every tower's norm weight stacked: `[towers, dim]`.
-    fn stacked(&self) -> Tensor {
-        if self.0.len() == 1 {
-            return self.0[0].weight.unsqueeze(0);
-        }
-        Tensor::stack(&self.0.iter().map(|n| &n.weight).collect::<Vec<_>>(), 0)
-    }
-
-    /// The per-tower norm of `x` (`[N, dim]` layout order): one weightless norm over all rows
-    /// (fp32), then each tower's weight on its rows.
-    fn forward(&self, route: &Route, x: &Tensor) -> Tensor {
-        if self.0.len() == 1 {
-            return self.0[0].forward(x);
-        }
-        rms(x, self.0[0].eps) * route.per_row(&self.stacked())
-    }
-}
-
 /// Weightless RMSNorm over the last dimension, in fp32.
 fn rms(x: &Tensor, eps: f64) -> Tensor {
     let dim = x.size()[x.dim() - 1];
     x.to_kind(Kind::Float).rms_norm([dim], None::<Tensor>, eps)
 }
 
-/// Every tower's weights of `parts` as one `[towers, Σ out, in]` tensor in the compute kind
-/// (tower m's rows: `parts[0]`'s, then `parts[1]`'s, ...), with a pre-norm's per-tower weight
-/// folded in: `W·diag(g)` applied to the weightless norm of x equals `W` applied to
-/// `norm(x)·g`, and scales the small weight instead of every row.
-fn stacked_weight(parts: &[&Towers<Linear>], fold: Option<&Towers<RmsNorm>>, ck: Kind) -> Tensor {
-    let towers = parts[0].0.len();
-    let ws: Vec<&Tensor> = (0..towers).flat_map(|m| parts.iter().map(move |p| &p.0[m].weight)).collect();
-    let w =
-        if ws.len() == 1 { ws[0].unsqueeze(0) } else { Tensor::cat(&ws, 0).view([towers as i64, -1, ws[0].size()[1]]) };
-    let w = match fold {
-        Some(n) => w * n.stacked().unsqueeze(1),
-        None => w,
+/// Suffix of a VarStore name that holds several named tensors stacked (see [`Stacked`]).
+const STACKED: &str = "stacked";
+
+/// One parameter site: every tower's weights of one or more parts (projections, or norm
+/// weights) in one leaf tensor `[towers, Σ part rows, ...]`, tower m's rows being `parts[0]`'s,
+/// then `parts[1]`'s... A step reads, accumulates and updates one tensor per site instead of
+/// one per tower and part, and the weights reach the matmul with no concatenation: launch
+/// counts of MoT stay close to dense's (FSDP's flat parameters, per site).
+///
+/// The VarStore names it `<path>.<part>+<part>.stacked`, which encodes the layout, so
+/// [`public_views`] can present the per-tower tensors under their usual names
+/// (`q_proj.image.weight`) to checkpoints without the model at hand.
+#[derive(Debug)]
+struct Stacked {
+    /// `[towers, n_parts * part[0], part[1..]]`.
+    weight: Tensor,
+}
+
+impl Stacked {
+    /// Parts of shape `part` (`[out, in]` for projections, `[dim]` for norm weights) for `towers`
+    /// towers. `std: Some` draws N(0, std²) part by part, tower by tower, as one variable per
+    /// tower and part would (so seeded weights do not depend on the storage layout); None
+    /// initializes to ones (norms).
+    fn new(p: &nn::Path, parts: &[&str], towers: usize, part: &[i64], std: Option<f64>) -> Self {
+        let opts = (Kind::Float, p.device());
+        let draws: Vec<Vec<Tensor>> = parts
+            .iter()
+            .map(|_| {
+                (0..towers)
+                    .map(|_| match std {
+                        Some(s) => Tensor::randn(part, opts) * s + 0.0,
+                        None => Tensor::ones(part, opts),
+                    })
+                    .collect()
+            })
+            .collect();
+        let rows: Vec<&Tensor> = (0..towers).flat_map(|m| draws.iter().map(move |d| &d[m])).collect();
+        let mut shape = part.to_vec();
+        shape[0] *= parts.len() as i64;
+        shape.insert(0, towers as i64);
+        let init = Tensor::cat(&rows, 0).view(shape.as_slice());
+        Stacked { weight: (p / parts.join("+")).var_copy(STACKED, &init) }
+    }
+
+    fn towers(&self) -> i64 {
+        self.weight.size()[0]
+    }
+}
+
+/// A VarStore tensor `t` of variable `name` — the weights, or anything shaped like them
+/// (gradients, optimizer moments) — as the named tensors a checkpoint holds: a [`Stacked`]
+/// site becomes one view per tower and part (`layers.0.attn.q_proj.image.weight`, or
+/// `q_proj.weight` with one tower); any other variable passes through. The views share
+/// memory with `t`, so copying into them loads `t`.
+pub fn public_views(name: &str, t: &Tensor) -> Vec<(String, Tensor)> {
+    let Some(site) = name.strip_suffix(STACKED).and_then(|s| s.strip_suffix('.')) else {
+        return vec![(name.to_string(), t.shallow_clone())];
     };
-    w.to_kind(ck)
+    let (prefix, parts) = site.rsplit_once('.').map_or(("", site), |(pre, last)| (pre, last));
+    let parts: Vec<&str> = parts.split('+').collect();
+    let size = t.size();
+    let (towers, len) = (size[0], size.get(1).copied().unwrap_or(0) / parts.len() as i64);
+    let dot = if prefix.is_empty() { "" } else { "." };
+    tch::no_grad(|| {
+        let mut out = Vec::with_capacity(towers as usize * parts.len());
+        for m in 0..towers {
+            let tower = match Modality::ALL.get(m as usize) {
+                _ if towers == 1 => String::new(),
+                Some(modality) => format!(".{}", modality.as_str()),
+                None => format!(".{m}"),
+            };
+            for (j, part) in parts.iter().enumerate() {
+                out.push((format!("{prefix}{dot}{part}{tower}.weight"), t.get(m).narrow(0, j as i64 * len, len)));
+            }
+        }
+        out
+    })
+}
+
+/// Every variable of `vs` under its checkpoint name (see [`public_views`]), in name order.
+pub fn public_parameters(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().iter().flat_map(|(n, t)| public_views(n, t)).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Per-tower RMSNorm weights as one stacked leaf `[towers, dim]`.
+#[derive(Debug)]
+struct TowerNorm {
+    site: Stacked,
+    eps: f64,
+}
+
+impl TowerNorm {
+    fn new(p: &nn::Path, name: &str, towers: usize, dim: i64, eps: f64) -> Self {
+        TowerNorm { site: Stacked::new(p, &[name], towers, &[dim], None), eps }
+    }
+
+    /// `[towers, dim]`.
+    fn weight(&self) -> &Tensor {
+        &self.site.weight
+    }
+
+    /// The per-tower norm of `x` (`[N, dim]` layout order): one weightless norm over all rows
+    /// (fp32), then each tower's weight on its rows.
+    fn forward(&self, route: &Route, x: &Tensor) -> Tensor {
+        let w = self.weight();
+        if self.site.towers() == 1 {
+            return self.forward_single(x);
+        }
+        rms(x, self.eps) * route.per_row(w)
+    }
+
+    /// Tower 0's norm on all rows (one tower, or MoE, whose models have one tower of norms).
+    fn forward_single(&self, x: &Tensor) -> Tensor {
+        let w = self.weight();
+        // squeeze is a view both ways; select would zero-fill a `[towers, dim]` gradient.
+        let w0 = if self.site.towers() == 1 { w.squeeze_dim(0) } else { w.get(0) };
+        x.to_kind(Kind::Float).rms_norm([w.size()[1]], Some(&w0), self.eps)
+    }
+}
+
+/// The site's weights `[towers, Σ out, in]` in the compute kind, with a pre-norm's per-tower
+/// weight folded in: `W·diag(g)` applied to the weightless norm of x equals `W` applied to
+/// `norm(x)·g`, and scales the small weight instead of every row.
+fn site_weight(site: &Stacked, fold: Option<&TowerNorm>, ck: Kind) -> Tensor {
+    match fold {
+        Some(n) => (&site.weight * n.weight().unsqueeze(1)).to_kind(ck),
+        None => site.weight.to_kind(ck),
+    }
 }
 
 /// Rotates query/key pairs `[B, H, T, hd]` by the per-token angles (llama's half split).
@@ -879,11 +990,12 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 /// Multi-head attention: per-tower Q/K/V/O (and QK-norm), one global softmax.
 #[derive(Debug)]
 struct Attention {
-    q_proj: Towers<Linear>,
-    k_proj: Towers<Linear>,
-    v_proj: Towers<Linear>,
-    o_proj: Towers<Linear>,
-    qk_norm: Option<(Towers<RmsNorm>, Towers<RmsNorm>)>,
+    /// `q_proj+k_proj+v_proj`: `[towers, 3D, D]`.
+    qkv_proj: Stacked,
+    /// `[towers, D, D]`.
+    o_proj: Stacked,
+    /// `q_norm+k_norm`: `[towers, 2 * head_dim]`.
+    qk_norm: Option<TowerNorm>,
     n_heads: i64,
     head_dim: i64,
 }
@@ -894,16 +1006,9 @@ impl Attention {
         let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
         let hd = cfg.head_dim();
         Attention {
-            q_proj: Towers::new(&(p / "q_proj"), t, |p| Linear::new(p, d, d, std)),
-            k_proj: Towers::new(&(p / "k_proj"), t, |p| Linear::new(p, d, d, std)),
-            v_proj: Towers::new(&(p / "v_proj"), t, |p| Linear::new(p, d, d, std)),
-            o_proj: Towers::new(&(p / "o_proj"), t, |p| Linear::new(p, d, d, out_std)),
-            qk_norm: cfg.qk_norm.then(|| {
-                (
-                    Towers::new(&(p / "q_norm"), t, |p| RmsNorm::new(p, hd, cfg.norm_eps)),
-                    Towers::new(&(p / "k_norm"), t, |p| RmsNorm::new(p, hd, cfg.norm_eps)),
-                )
-            }),
+            qkv_proj: Stacked::new(p, &["q_proj", "k_proj", "v_proj"], t, &[d, d], Some(std)),
+            o_proj: Stacked::new(p, &["o_proj"], t, &[d, d], Some(out_std)),
+            qk_norm: cfg.qk_norm.then(|| TowerNorm::new(p, "q_norm+k_norm", t, 2 * hd, cfg.norm_eps)),
             n_heads: cfg.n_heads,
             head_dim: hd,
         }
@@ -911,14 +1016,7 @@ impl Attention {
 
     /// `x`: `[N, D]` layout order → `[N, D]` layout order. `pre` / `post` are the block's
     /// per-tower attention norm (pre-norm or swin placement).
-    fn forward(
-        &self,
-        x: &Tensor,
-        p: &Prepared,
-        ck: Kind,
-        pre: Option<&Towers<RmsNorm>>,
-        post: Option<&Towers<RmsNorm>>,
-    ) -> Tensor {
+    fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind, pre: Option<&TowerNorm>, post: Option<&TowerNorm>) -> Tensor {
         let (h, hd) = (self.n_heads, self.head_dim);
         let qkv = self.project_in(&p.route, x, ck, pre);
         // One scatter restores sequence order for q, k and v together.
@@ -935,26 +1033,25 @@ impl Attention {
     /// Residual rows → `[N, 3D]` q | k | v (compute kind, layout order): the pre-norm over
     /// all rows at once (its per-tower weight folded into the projection), one Q|K|V matmul
     /// per tower, QK-norm.
-    fn project_in(&self, route: &Route, x: &Tensor, ck: Kind, pre: Option<&Towers<RmsNorm>>) -> Tensor {
+    fn project_in(&self, route: &Route, x: &Tensor, ck: Kind, pre: Option<&TowerNorm>) -> Tensor {
         let xs = match pre {
-            Some(n) => rms(x, n.0[0].eps),
+            Some(n) => rms(x, n.eps),
             None => x.shallow_clone(),
         };
-        let w = stacked_weight(&[&self.q_proj, &self.k_proj, &self.v_proj], pre, ck);
-        let qkv = route.matmul(&xs.to_kind(ck), &w);
-        let Some((qn, kn)) = &self.qk_norm else { return qkv };
+        let qkv = route.matmul(&xs.to_kind(ck), &site_weight(&self.qkv_proj, pre, ck));
+        let Some(qkn) = &self.qk_norm else { return qkv };
         let (rows, h, hd) = (x.size()[0], self.n_heads, self.head_dim);
         let d = h * hd;
         // q and k normalized together: `[N, 2, H, hd]`, per-tower weights `[towers, 2, 1, hd]`.
         let parts = qkv.split_with_sizes([2 * d, d], 1);
-        let g = Tensor::stack(&[qn.stacked(), kn.stacked()], 1).unsqueeze(2);
-        let qk = rms(&parts[0].reshape([rows, 2, h, hd]), qn.0[0].eps) * route.per_row(&g);
+        let g = qkn.weight().view([-1, 2, 1, hd]);
+        let qk = rms(&parts[0].reshape([rows, 2, h, hd]), qkn.eps) * route.per_row(&g);
         Tensor::cat(&[qk.reshape([rows, 2 * d]).to_kind(ck), parts[1].shallow_clone()], 1)
     }
 
     /// Attention output rows (layout order) → per-tower O projection, then the swin norm.
-    fn project_out(&self, route: &Route, y: &Tensor, ck: Kind, post: Option<&Towers<RmsNorm>>) -> Tensor {
-        let o = route.matmul(&y.to_kind(ck), &stacked_weight(&[&self.o_proj], None, ck));
+    fn project_out(&self, route: &Route, y: &Tensor, ck: Kind, post: Option<&TowerNorm>) -> Tensor {
+        let o = route.matmul(&y.to_kind(ck), &site_weight(&self.o_proj, None, ck));
         match post {
             Some(n) => n.forward(route, &o),
             None => o,
@@ -973,8 +1070,8 @@ impl Attention {
         s: &Step,
         kv: &mut Option<(Tensor, Tensor)>,
         ck: Kind,
-        pre: Option<&Towers<RmsNorm>>,
-        post: Option<&Towers<RmsNorm>>,
+        pre: Option<&TowerNorm>,
+        post: Option<&TowerNorm>,
     ) -> Tensor {
         let (h, hd) = (self.n_heads, self.head_dim);
         let t = s.route.len();
@@ -1000,9 +1097,10 @@ impl Attention {
 /// `down(silu(gate(x)) * up(x))`, one weight set per tower.
 #[derive(Debug)]
 struct SwiGlu {
-    gate_proj: Towers<Linear>,
-    up_proj: Towers<Linear>,
-    down_proj: Towers<Linear>,
+    /// `gate_proj+up_proj`: `[towers, 2F, D]`.
+    gate_up_proj: Stacked,
+    /// `[towers, D, F]`.
+    down_proj: Stacked,
 }
 
 impl SwiGlu {
@@ -1010,9 +1108,8 @@ impl SwiGlu {
         let (d, f, std) = (cfg.d_model, cfg.ffn_dim(), cfg.init_std);
         let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
         SwiGlu {
-            gate_proj: Towers::new(&(p / "gate_proj"), towers, |p| Linear::new(p, d, f, std)),
-            up_proj: Towers::new(&(p / "up_proj"), towers, |p| Linear::new(p, d, f, std)),
-            down_proj: Towers::new(&(p / "down_proj"), towers, |p| Linear::new(p, f, d, out_std)),
+            gate_up_proj: Stacked::new(p, &["gate_proj", "up_proj"], towers, &[f, d], Some(std)),
+            down_proj: Stacked::new(p, &["down_proj"], towers, &[d, f], Some(out_std)),
         }
     }
 
@@ -1024,17 +1121,17 @@ impl SwiGlu {
         route: &Route,
         x: &Tensor,
         ck: Kind,
-        pre: Option<&Towers<RmsNorm>>,
-        post: Option<&Towers<RmsNorm>>,
+        pre: Option<&TowerNorm>,
+        post: Option<&TowerNorm>,
     ) -> Tensor {
         let xs = match pre {
-            Some(n) => rms(x, n.0[0].eps),
+            Some(n) => rms(x, n.eps),
             None => x.shallow_clone(),
         };
-        let f = self.gate_proj.0[0].weight.size()[0];
-        let gu = route.matmul(&xs.to_kind(ck), &stacked_weight(&[&self.gate_proj, &self.up_proj], pre, ck));
+        let f = self.down_proj.weight.size()[2];
+        let gu = route.matmul(&xs.to_kind(ck), &site_weight(&self.gate_up_proj, pre, ck));
         let gu = gu.split(f, 1);
-        let y = route.matmul(&(gu[0].silu() * &gu[1]), &stacked_weight(&[&self.down_proj], None, ck));
+        let y = route.matmul(&(gu[0].silu() * &gu[1]), &site_weight(&self.down_proj, None, ck));
         match post {
             Some(n) => n.forward(route, &y),
             None => y,
@@ -1129,9 +1226,9 @@ enum Ffn {
 
 #[derive(Debug)]
 struct Block {
-    attn_norm: Towers<RmsNorm>,
+    attn_norm: TowerNorm,
     attn: Attention,
-    ffn_norm: Towers<RmsNorm>,
+    ffn_norm: TowerNorm,
     ffn: Ffn,
     placement: NormPlacement,
 }
@@ -1144,9 +1241,9 @@ impl Block {
             _ => Ffn::SwiGlu(SwiGlu::new(&(p / "ffn"), cfg, t)),
         };
         Block {
-            attn_norm: Towers::new(&(p / "attn_norm"), t, |p| RmsNorm::new(p, cfg.d_model, cfg.norm_eps)),
+            attn_norm: TowerNorm::new(p, "attn_norm", t, cfg.d_model, cfg.norm_eps),
             attn: Attention::new(&(p / "attn"), cfg),
-            ffn_norm: Towers::new(&(p / "ffn_norm"), t, |p| RmsNorm::new(p, cfg.d_model, cfg.norm_eps)),
+            ffn_norm: TowerNorm::new(p, "ffn_norm", t, cfg.d_model, cfg.norm_eps),
             ffn,
             placement: cfg.norm,
         }
@@ -1165,9 +1262,9 @@ impl Block {
             Ffn::SwiGlu(f) => (f.forward(&p.route, &h, ck, ffn_pre, ffn_post), None),
             Ffn::Moe(m) => {
                 // MoE models have one tower of norms, applied to all tokens.
-                let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.pick(0).forward(&h));
+                let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.forward_single(&h));
                 let (y, aux) = m.forward(&hn, ck);
-                (ffn_post.map_or(y.shallow_clone(), |n| n.pick(0).forward(&y)), Some(aux))
+                (ffn_post.map_or(y.shallow_clone(), |n| n.forward_single(&y)), Some(aux))
             }
         };
         (&h + f.to_kind(Kind::Float), aux)
@@ -1539,9 +1636,9 @@ impl Block {
             Ffn::Moe(m) => {
                 // Expert choice picks among the step's tokens, so MoE decoding is not
                 // token-for-token the training-time routing (token choice is).
-                let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.pick(0).forward(&h));
+                let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.forward_single(&h));
                 let (y, _) = m.forward(&hn, ck);
-                ffn_post.map_or(y.shallow_clone(), |n| n.pick(0).forward(&y))
+                ffn_post.map_or(y.shallow_clone(), |n| n.forward_single(&y))
             }
         };
         &h + f.to_kind(Kind::Float)
@@ -1826,9 +1923,9 @@ mod tests {
         let mot_vs = nn::VarStore::new(Device::Cpu);
         let mot = Model::new_seeded(&mot_vs.root(), &mot_cfg, 1).expect("mot");
         // Copy each dense weight into every tower: `x.text.weight` <- `x.weight`.
-        let dense_vars = dense_vs.variables();
+        let dense_vars: std::collections::BTreeMap<String, Tensor> = public_parameters(&dense_vs).into_iter().collect();
         tch::no_grad(|| {
-            for (name, mut t) in mot_vs.variables() {
+            for (name, mut t) in public_parameters(&mot_vs) {
                 let shared = ["text", "image", "speech"]
                     .iter()
                     .fold(name.clone(), |n, m| n.replace(&format!(".{m}.weight"), ".weight"));
@@ -1849,7 +1946,7 @@ mod tests {
         let cfg = ModelConfig { vocab_size: 64, untie_head: true, ..tiny(Arch::Mot) };
         let vs = nn::VarStore::new(Device::Cpu);
         let _m = Model::new(&vs.root(), &cfg).expect("model");
-        let names = vs.variables();
+        let names: std::collections::BTreeMap<String, Tensor> = public_parameters(&vs).into_iter().collect();
         for n in [
             "embed.weight",
             "layers.1.attn.q_proj.image.weight",
@@ -1861,12 +1958,21 @@ mod tests {
         ] {
             assert!(names.contains_key(n), "missing {n}");
         }
+        let (hd, d) = (cfg.head_dim(), cfg.d_model);
+        assert_eq!(names["layers.0.attn.k_norm.speech.weight"].size(), [hd]);
+        assert_eq!(names["layers.1.attn.v_proj.text.weight"].size(), [d, d]);
+        assert_eq!(names["layers.1.ffn.up_proj.image.weight"].size(), [cfg.ffn_dim(), d]);
         let total: i64 = names.values().map(|t| t.numel() as i64).sum();
         assert_eq!(total, cfg.param_count());
+        // 3 towers x (q, k, v, o, gate, up, down, attn_norm, ffn_norm, q_norm, k_norm) x 2 layers,
+        // + embed, 3 final norms, 3 heads.
+        assert_eq!(names.len(), 3 * 11 * 2 + 1 + 3 + 3);
         let moe = ModelConfig { vocab_size: 64, ..tiny(Arch::Moe) };
         let vs = nn::VarStore::new(Device::Cpu);
         let _m = Model::new(&vs.root(), &moe).expect("moe");
-        assert!(vs.variables().contains_key("layers.0.ffn.experts.3.up_proj.weight"));
+        let names: std::collections::BTreeMap<String, Tensor> = public_parameters(&vs).into_iter().collect();
+        assert!(names.contains_key("layers.0.ffn.experts.3.up_proj.weight"));
+        assert!(names.contains_key("layers.0.attn.q_proj.weight"));
         let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
         assert_eq!(total, moe.param_count());
         let latent = ModelConfig { vocab_size: 64, latent_dim: 6, ..tiny(Arch::Mot) };
@@ -1877,6 +1983,41 @@ mod tests {
         }
         let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
         assert_eq!(total, latent.param_count());
+    }
+
+    #[test]
+    fn stacked_sites_present_views_that_share_their_memory() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let site = Stacked::new(&(&root / "layers" / 0 / "attn"), &["q_proj", "k_proj"], 3, &[4, 2], Some(1.0));
+        let vars = vs.variables();
+        let stored = &vars["layers.0.attn.q_proj+k_proj.stacked"];
+        assert_eq!(stored.size(), [3, 8, 2]);
+        let views = public_views("layers.0.attn.q_proj+k_proj.stacked", stored);
+        let names: Vec<&str> = views.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "layers.0.attn.q_proj.text.weight",
+                "layers.0.attn.k_proj.text.weight",
+                "layers.0.attn.q_proj.image.weight",
+                "layers.0.attn.k_proj.image.weight",
+                "layers.0.attn.q_proj.speech.weight",
+                "layers.0.attn.k_proj.speech.weight",
+            ]
+        );
+        // Tower 1's k_proj is rows 4..8 of tower 1; writing the view writes the leaf.
+        let (_, mut k_image) = views.into_iter().nth(3).expect("view");
+        assert_eq!(k_image.size(), [4, 2]);
+        let _ = tch::no_grad(|| k_image.fill_(7.0));
+        assert_eq!(f64::try_from(site.weight.get(1).narrow(0, 4, 4).mean(Kind::Float)).ok(), Some(7.0));
+        assert_ne!(f64::try_from(site.weight.get(1).narrow(0, 0, 4).mean(Kind::Float)).ok(), Some(7.0));
+        // One tower: no modality in the name; plain variables pass through.
+        let one = Tensor::zeros([1, 5], (Kind::Float, Device::Cpu));
+        let views = public_views("norm_a.stacked", &one);
+        assert_eq!(views.len(), 1);
+        assert_eq!((views[0].0.as_str(), views[0].1.size()), ("norm_a.weight", vec![5]));
+        assert_eq!(public_views("embed.weight", &one)[0].0, "embed.weight");
     }
 
     #[test]

@@ -1,11 +1,14 @@
-//! Operator-level facts tch does not expose, through small C++ shims in `csrc/`: how many ATen
-//! operators a piece of work dispatches (each costs host time and usually a kernel launch on
-//! CUDA, so the count says how launch-bound a step is, measurable on a CPU-only machine), and
-//! a CUDA device's compute capability.
+//! What tch does not expose, through small C++ shims in `csrc/`: how many ATen operators a
+//! piece of work dispatches (each costs host time and usually a kernel launch on CUDA, so the
+//! count says how launch-bound a step is, measurable on a CPU-only machine), a CUDA device's
+//! compute capability, and [`tower_linear`], MoT's per-tower projection as one autograd op.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char};
 use std::sync::Mutex;
+
+use tch::Tensor;
+use torch_sys::C_tensor;
 
 use crate::TrainError;
 
@@ -15,6 +18,34 @@ unsafe extern "C" {
     fn motley_op_count_names() -> *mut c_char;
     fn motley_free_error(message: *mut c_char);
     fn motley_cuda_capability(device: i32, major: *mut i32, minor: *mut i32) -> i32;
+    fn motley_tower_linear(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        sizes: *const i64,
+        n_sizes: usize,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+}
+
+/// `y[rows of tower m] = x[rows of tower m] @ w[m]ᵀ` for rows grouped by tower (`sizes[m]`
+/// rows each, in tower order); `x`: `[N, in]`, `w`: `[towers, out, in]`, `y`: `[N, out]`.
+/// One autograd node whose forward and backward are only the per-tower matmuls, each writing
+/// into its rows of the result (`csrc/tower_linear.cpp`). The same product written as split →
+/// linear per tower → cat, with `w` unbound, is three more ops and three more full copies per
+/// call (the cat, the split's backward cat, the unbind's backward stack). A tower with no
+/// rows gets a zero weight gradient.
+pub fn tower_linear(x: &Tensor, w: &Tensor, sizes: &[i64]) -> Result<Tensor, TrainError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: x and w are live tensor handles and `sizes` a live slice, borrowed for the call;
+    // on success the shim hands over a new heap tensor, which from_ptr takes ownership of; it
+    // catches every C++ exception and returns its message instead.
+    unsafe {
+        let err = motley_tower_linear(x.as_ptr(), w.as_ptr(), sizes.as_ptr(), sizes.len(), &mut out);
+        if let Some(msg) = take_string(err) {
+            return Err(TrainError::Torch { op: "tower_linear".into(), source: tch::TchError::Torch(msg) });
+        }
+        Ok(Tensor::from_ptr(out))
+    }
 }
 
 /// `(major, minor)` compute capability of CUDA device `index` (H100/H200: (9, 0); A100:
@@ -157,6 +188,57 @@ mod tests {
         // Nothing dispatched outside the closure is counted, and counting ended.
         let (_, none) = count_ops(|| ()).expect("counting");
         assert_eq!(none, OpCount::default());
+    }
+
+    /// The same product as split → linear per tower → cat, with `w` unbound.
+    fn composite(x: &Tensor, w: &Tensor, sizes: &[i64]) -> Tensor {
+        let ws = w.unbind(0);
+        let parts: Vec<Tensor> = x
+            .split_with_sizes(sizes, 0)
+            .iter()
+            .enumerate()
+            .filter(|(m, _)| sizes[*m] > 0)
+            .map(|(m, xs)| xs.linear::<Tensor>(&ws[m], None))
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    #[test]
+    fn tower_linear_matches_split_linear_cat_in_value_and_gradients() {
+        let opts = (tch::Kind::Float, tch::Device::Cpu);
+        for sizes in [[5i64, 3, 4], [0, 7, 2], [6, 0, 0]] {
+            let n: i64 = sizes.iter().sum();
+            tch::manual_seed(5);
+            let x = Tensor::randn([n, 8], opts);
+            let w = Tensor::randn([3, 6, 8], opts);
+            // Upstream gradient that is not contiguous, as a transpose's backward gives.
+            let g = Tensor::randn([6, n], opts).transpose(0, 1);
+            let run = |fused: bool| {
+                let (x, w) = (x.copy().set_requires_grad(true), w.copy().set_requires_grad(true));
+                let y =
+                    if fused { tower_linear(&x, &w, &sizes).expect("tower_linear") } else { composite(&x, &w, &sizes) };
+                (&y * &g).sum(tch::Kind::Float).backward();
+                (y.detach(), x.grad(), w.grad())
+            };
+            let (y1, gx1, gw1) = run(true);
+            let (y2, gx2, gw2) = run(false);
+            assert!(y1.allclose(&y2, 1e-5, 1e-6, false), "{sizes:?}: outputs differ");
+            assert!(gx1.allclose(&gx2, 1e-5, 1e-6, false), "{sizes:?}: input gradients differ");
+            assert!(gw1.allclose(&gw2, 1e-5, 1e-6, false), "{sizes:?}: weight gradients differ");
+        }
+    }
+
+    #[test]
+    fn tower_linear_rejects_bad_shapes_with_an_error() {
+        let opts = (tch::Kind::Float, tch::Device::Cpu);
+        let (x, w) = (Tensor::zeros([6, 8], opts), Tensor::zeros([3, 4, 8], opts));
+        let err = tower_linear(&x, &w, &[2, 2, 1]).expect_err("sizes add up to 5");
+        assert!(err.to_string().contains("add up to 5"), "{err}");
+        assert!(tower_linear(&x, &w, &[6, 0]).is_err());
+        assert!(tower_linear(&x, &Tensor::zeros([3, 4, 7], opts), &[2, 2, 2]).is_err());
+        let (y, count) = count_ops(|| tower_linear(&x, &w, &[2, 0, 4]).expect("ok")).expect("count");
+        assert_eq!(y.size(), [6, 4]);
+        assert_eq!(count.kernels_by_name.get("aten::mm"), Some(&2), "{count:?}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::OptimConfig;
 use crate::error::TrainError;
+use crate::model::public_views;
 
 /// One trainable tensor and its moments.
 #[derive(Debug)]
@@ -61,9 +62,10 @@ pub struct AdamW {
     flat: Option<Flat>,
 }
 
-/// Weight decay applies to matrices only: never to norms (1-D) or the token embedding.
+/// Weight decay applies to matrices only: never to norms (1-D; stacked per tower they are
+/// 2-D, so the check is on the checkpoint's per-tower tensors) or the token embedding.
 pub fn decays(name: &str, t: &Tensor) -> bool {
-    t.dim() >= 2 && !name.starts_with("embed.")
+    public_views(name, t).first().is_some_and(|(_, v)| v.dim() >= 2) && !name.starts_with("embed.")
 }
 
 impl AdamW {
@@ -320,14 +322,20 @@ impl AdamW {
         });
     }
 
-    /// Moments as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) and step counts.
+    /// Moments as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) and step counts,
+    /// under the checkpoint's per-tower parameter names ([`public_views`]).
     pub fn state(&self) -> (Vec<(String, Tensor)>, BTreeMap<String, i64>) {
         let mut tensors = Vec::with_capacity(self.params.len() * 2);
         let mut steps = BTreeMap::new();
         for p in &self.params {
-            tensors.push((format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone()));
-            tensors.push((format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone()));
-            steps.insert(p.name.clone(), p.step);
+            for (suffix, moment) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
+                for (name, view) in public_views(&p.name, moment) {
+                    tensors.push((format!("{name}.{suffix}"), view));
+                }
+            }
+            for (name, _) in public_views(&p.name, &p.tensor) {
+                steps.insert(name, p.step);
+            }
         }
         (tensors, steps)
     }
@@ -342,19 +350,31 @@ impl AdamW {
         let missing = |what: String| TrainError::Checkpoint { path: origin.to_path_buf(), msg: what };
         tch::no_grad(|| {
             for p in &mut self.params {
-                for (suffix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
-                    let key = format!("{}.{suffix}", p.name);
-                    let src = tensors.get(&key).ok_or_else(|| missing(format!("optimizer state lacks {key}")))?;
-                    if src.size() != dst.size() {
-                        return Err(missing(format!(
-                            "{key} has shape {:?}, the model needs {:?}",
-                            src.size(),
-                            dst.size()
-                        )));
+                for (suffix, moment) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
+                    // Views of the moment: copying into them fills it.
+                    for (name, mut dst) in public_views(&p.name, moment) {
+                        let key = format!("{name}.{suffix}");
+                        let src = tensors.get(&key).ok_or_else(|| missing(format!("optimizer state lacks {key}")))?;
+                        if src.size() != dst.size() {
+                            return Err(missing(format!(
+                                "{key} has shape {:?}, the model needs {:?}",
+                                src.size(),
+                                dst.size()
+                            )));
+                        }
+                        dst.f_copy_(src).map_err(TrainError::torch(format!("copy {key}")))?;
                     }
-                    dst.f_copy_(src).map_err(TrainError::torch(format!("copy {key}")))?;
                 }
-                p.step = *steps.get(&p.name).ok_or_else(|| missing(format!("optimizer steps lack {}", p.name)))?;
+                // One step count per stored tensor; the parts of a stacked one must agree.
+                let mut step = None;
+                for (name, _) in public_views(&p.name, &p.tensor) {
+                    let s = *steps.get(&name).ok_or_else(|| missing(format!("optimizer steps lack {name}")))?;
+                    if step.is_some_and(|prev| prev != s) {
+                        return Err(missing(format!("step counts differ within {} ({name}: {s})", p.name)));
+                    }
+                    step = Some(s);
+                }
+                p.step = step.unwrap_or(0);
             }
             Ok(())
         })

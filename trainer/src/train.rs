@@ -406,8 +406,14 @@ impl Trainer {
             optimizer_steps,
             tokens: self.tokens,
         };
-        let vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        checkpoint::save(run, vars, opt_tensors, &meta, self.cfg.train.keep_checkpoints).map(Some)
+        checkpoint::save(
+            run,
+            crate::model::public_parameters(&self.vs),
+            opt_tensors,
+            &meta,
+            self.cfg.train.keep_checkpoints,
+        )
+        .map(Some)
     }
 
     /// Trains until `train.steps`, logging, evaluating and checkpointing on the way.

@@ -73,8 +73,21 @@ fn resume_refuses_model_changes_and_checkpoints_are_pruned() -> anyhow::Result<(
     t.verbose = false;
     t.attach_run_dir(dir.path())?;
     t.run()?;
-    let kept: Vec<u64> = checkpoint::list(dir.path())?.into_iter().map(|(s, _)| s).collect();
-    assert_eq!(kept, vec![3, 4]);
+    let kept: Vec<(u64, std::path::PathBuf)> = checkpoint::list(dir.path())?;
+    assert_eq!(kept.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3, 4]);
+    // Weights and moments are stored per tower under self-describing names, whatever the
+    // in-memory layout (one stacked tensor per site).
+    let ckpt = &kept[1].1;
+    let weights = checkpoint::read_tensors(&ckpt.join(checkpoint::MODEL_FILE))?;
+    let d = 32;
+    assert_eq!(weights["layers.1.attn.k_proj.image.weight"].size(), [d, d]);
+    assert_eq!(weights["layers.0.attn_norm.speech.weight"].size(), [d]);
+    assert!(weights.keys().all(|n| n.ends_with(".weight") && !n.contains("stacked")), "{:?}", weights.keys());
+    let moments = checkpoint::read_tensors(&ckpt.join(checkpoint::OPTIMIZER_FILE))?;
+    assert_eq!(moments.len(), 2 * weights.len());
+    assert!(moments.contains_key("layers.1.ffn.up_proj.text.weight.exp_avg_sq"));
+    let steps = checkpoint::read_meta(ckpt)?.optimizer_steps;
+    assert_eq!(steps.get("layers.0.attn.v_proj.speech.weight"), Some(&4));
     assert!(Trainer::resume(dir.path(), &["model.d_model=64".into()]).is_err());
     let mut more = Trainer::resume(dir.path(), &["train.steps=5".into()])?;
     more.verbose = false;
