@@ -135,13 +135,13 @@ class Block(torch.nn.Module):
             qk = F.rms_norm(qk.reshape(n, 2, h, hd).float(), (hd,), None, 1e-5) * per_row(g)
             qkv = torch.cat([qk.reshape(n, 2 * d).to(ck), v], 1)
         if r["inv"] is not None:  # scatter into sequence order: its backward is a gather
-            qkv = torch.empty_like(qkv).index_copy(0, r["perm"], qkv)
+            qkv = torch.empty_like(qkv).index_copy_(0, r["perm"], qkv)
         q, k, v = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = rope(q, r), rope(k, r)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=r["mask"], is_causal=r["mask"] is None)
         a = a.transpose(1, 2).reshape(b * t, d)
         if r["perm"] is not None:
-            a = torch.empty_like(a).index_copy(0, r["inv"], a)
+            a = torch.empty_like(a).index_copy_(0, r["inv"], a)
         x = x + matmul(a.to(ck), weight(self.o)).float()
         xn = F.rms_norm(x, (d,), None, 1e-5).to(ck)
         gate, up = matmul(xn, weight(self.gate_up, self.ffn_norm)).split(self.f, 1)

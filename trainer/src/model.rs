@@ -447,7 +447,7 @@ impl Route {
     /// (on CUDA atomic) index_add.
     pub fn to_seq(&self, x: &Tensor) -> Tensor {
         match &self.kind {
-            RouteKind::Sorted { perm, .. } => x.empty_like().index_copy(0, perm, x),
+            RouteKind::Sorted { perm, .. } => scatter_rows(x, perm),
             _ => x.shallow_clone(),
         }
     }
@@ -455,10 +455,19 @@ impl Route {
     /// Sequence order → layout order (after attention), the same way (`y[inv[i]] = x[i]`).
     pub fn from_seq(&self, x: &Tensor) -> Tensor {
         match &self.kind {
-            RouteKind::Sorted { inv, .. } => x.empty_like().index_copy(0, inv, x),
+            RouteKind::Sorted { inv, .. } => scatter_rows(x, inv),
             _ => x.shallow_clone(),
         }
     }
+}
+
+/// `y[index[r]] = x[r]` for a permutation `index`: every row of `y` is written, so it starts
+/// uninitialized, and the scatter is in place (out-of-place `index_copy` would first copy the
+/// uninitialized tensor). Autograd records it on `y`; the backward is `grad.index_select(0, index)`.
+fn scatter_rows(x: &Tensor, index: &Tensor) -> Tensor {
+    let mut y = x.empty_like();
+    let _ = y.index_copy_(0, index, x);
+    y
 }
 
 impl Route {
