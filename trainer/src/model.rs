@@ -15,6 +15,10 @@
 //! Algorithm-1 form (gather each modality's rows, scatter results back, per op), kept as the
 //! test oracle.
 //!
+//! Storage: each projection or norm site keeps every tower's weights in one leaf tensor
+//! ([`Stacked`], `[towers, Σ out, in]`); checkpoints see them per tower under self-describing
+//! names through [`public_views`].
+//!
 //! Precision: weights are fp32 masters; `compute_kind` (bf16 on CUDA) is applied by hand at
 //! every matmul and attention call, norms and the loss run in fp32. tch's `autocast` only
 //! offers CUDA fp16, which would need loss scaling.
@@ -791,8 +795,9 @@ impl Prepared {
 // Building blocks: towers of untied weights, norms, linears
 // ---------------------------------------------------------------------------------------
 
-/// One weight per tower; a single tower is named without a modality suffix
-/// (`q_proj.weight`), several are named by modality (`q_proj.image.weight`).
+/// One variable per tower, for the final norm and LM head, which run per tower on whole
+/// slices (the block's sites are [`Stacked`]). A single tower is named without a modality
+/// suffix (`lm_head.weight`), several are named by modality (`lm_head.image.weight`).
 #[derive(Debug)]
 struct Towers<T>(Vec<T>);
 

@@ -1,5 +1,6 @@
 //! `motley bench trainer`: MoT vs dense step time at the same shapes, and tch vs PyTorch eager
-//! on the same MoT forward + backward; both ratios measured in one run.
+//! on the same MoT forward + backward; both ratios measured in one run, the architectures
+//! taking turns step by step.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -42,8 +43,8 @@ pub struct Args {
     /// Text vocabulary (image 8192 codes and 500 speech units are added, as in the paper).
     #[arg(long, default_value_t = 8192)]
     text_vocab: u32,
-    /// Timed steps per measurement.
-    #[arg(long, default_value_t = 5)]
+    /// Timed steps per measurement (architectures take turns step by step).
+    #[arg(long, default_value_t = 9)]
     steps: usize,
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
@@ -138,45 +139,56 @@ fn sync(device: Device) {
     }
 }
 
-/// Median milliseconds per step (the median, not the mean, so a step slowed by other work on
-/// a shared machine does not move the figure): `full` = layout + forward + backward + clip
-/// norm + AdamW, otherwise forward + backward on a batch laid out once (what the PyTorch
-/// script times). Then one more step with its operators counted.
-fn time_steps(
-    cfg: &ModelConfig,
-    batch: &Batch,
+/// One architecture's model, optimizer and batch, stepped one step at a time so several can
+/// be timed in turn.
+struct Runner<'a> {
+    cfg: &'a ModelConfig,
+    batch: &'a Batch,
     device: Device,
-    warmup: usize,
-    steps: usize,
-    full: bool,
-) -> anyhow::Result<(Ms, OpCount)> {
-    let vs = nn::VarStore::new(device);
-    let model = Model::new_seeded(&vs.root(), cfg, 0)?;
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut opt = AdamW::new(vars, &OptimConfig::default());
-    let fixed = Prepared::new(cfg, batch, Routing::Sorted, device)?;
-    let (mut wall, mut cpu) = (Vec::with_capacity(steps), Some(Vec::with_capacity(steps)));
-    let step = |opt: &mut AdamW| -> anyhow::Result<()> {
+    model: Model,
+    opt: AdamW,
+    /// The batch laid out once, for forward + backward alone (what the PyTorch script times).
+    fixed: Prepared,
+    wall: Vec<f64>,
+    cpu: Option<Vec<f64>>,
+    _vs: nn::VarStore,
+}
+
+impl<'a> Runner<'a> {
+    fn new(cfg: &'a ModelConfig, batch: &'a Batch, device: Device) -> anyhow::Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let model = Model::new_seeded(&vs.root(), cfg, 0)?;
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let opt = AdamW::new(vars, &OptimConfig::default());
+        let fixed = Prepared::new(cfg, batch, Routing::Sorted, device)?;
+        Ok(Runner { cfg, batch, device, model, opt, fixed, wall: Vec::new(), cpu: Some(Vec::new()), _vs: vs })
+    }
+
+    /// `full` = layout + forward + backward + clip norm + AdamW; otherwise forward + backward
+    /// on the batch laid out once.
+    fn step(&mut self, full: bool) -> anyhow::Result<()> {
         if full {
-            let p = Prepared::new(cfg, batch, Routing::Sorted, device)?;
-            model.loss(&p).loss.backward();
-            let _norm = opt.grad_norm();
-            opt.step(1e-4);
+            let p = Prepared::new(self.cfg, self.batch, Routing::Sorted, self.device)?;
+            self.model.loss(&p).loss.backward();
+            let _norm = self.opt.grad_norm();
+            self.opt.step(1e-4);
         } else {
-            model.loss(&fixed).loss.backward();
+            self.model.loss(&self.fixed).loss.backward();
         }
         Ok(())
-    };
-    for i in 0..warmup + steps {
-        sync(device);
+    }
+
+    /// One step, timed when `record` (in both clocks), gradients zeroed after it.
+    fn timed_step(&mut self, full: bool, record: bool) -> anyhow::Result<()> {
+        sync(self.device);
         let t0 = Instant::now();
         let c0 = thread_cpu_s();
-        step(&mut opt)?;
-        sync(device);
-        if i >= warmup {
-            wall.push(1000.0 * t0.elapsed().as_secs_f64());
-            cpu = match (cpu, c0, thread_cpu_s()) {
+        self.step(full)?;
+        sync(self.device);
+        if record {
+            self.wall.push(1000.0 * t0.elapsed().as_secs_f64());
+            self.cpu = match (self.cpu.take(), c0, thread_cpu_s()) {
                 (Some(mut v), Some(a), Some(b)) => {
                     v.push(1000.0 * (b - a));
                     Some(v)
@@ -184,11 +196,37 @@ fn time_steps(
                 _ => None,
             };
         }
-        opt.zero_grad();
+        self.opt.zero_grad();
+        Ok(())
     }
-    let (done, ops) = count_ops(|| step(&mut opt))?;
-    done?;
-    Ok((Ms { wall: median(wall), cpu: cpu.map(median) }, ops))
+
+    /// Median of the recorded steps (the median, not the mean, so a step slowed by other work
+    /// on a shared machine does not move the figure); starts a new measurement.
+    fn take(&mut self) -> Ms {
+        let ms = Ms { wall: median(std::mem::take(&mut self.wall)), cpu: self.cpu.take().map(median) };
+        self.cpu = Some(Vec::new());
+        ms
+    }
+
+    /// The operators of one full step.
+    fn count(&mut self) -> anyhow::Result<OpCount> {
+        let (done, ops) = count_ops(|| self.step(true))?;
+        done?;
+        self.opt.zero_grad();
+        Ok(ops)
+    }
+}
+
+/// Times `runners` step by step in turn (A B C A B C ...), `warmup` untimed rounds then `steps`
+/// timed ones, so drift on a shared machine (other load, clock speed, cache state) falls on
+/// every architecture alike and the ratios stay fair; one median per runner.
+fn interleaved(runners: &mut [Runner], warmup: usize, steps: usize, full: bool) -> anyhow::Result<Vec<Ms>> {
+    for round in 0..warmup + steps {
+        for r in runners.iter_mut() {
+            r.timed_step(full, round >= warmup).with_context(|| format!("{} step", r.cfg.arch))?;
+        }
+    }
+    Ok(runners.iter_mut().map(|r| r.take()).collect())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -270,46 +308,51 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     }
     eprintln!("tokens per modality (text/image/speech): {counts:?}");
 
-    // Interleave the two architectures so drift on a shared machine hits both alike.
     // On CPU with one torch thread every op runs on this thread, so its CPU time is the cost
     // of the step whatever else the machine is doing; with more threads only wall time is fair.
     let clock = if gpu || tch::get_num_threads() != 1 || thread_cpu_s().is_none() { "wall" } else { "thread-cpu" };
-    let mean = |a: Ms, b: Ms| Ms { wall: (a.wall + b.wall) / 2.0, cpu: a.cpu.zip(b.cpu).map(|(x, y)| (x + y) / 2.0) };
-    let (d1, dense_ops) = time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
-    let (m1, mot_ops) = time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
-    let (d2, _) = time_steps(&dense, &batch, device, args.warmup, args.steps, true).context("dense step")?;
-    let (m2, _) = time_steps(&mot, &batch, device, args.warmup, args.steps, true).context("MoT step")?;
-    let (dense_t, mot_t) = (mean(d1, d2), mean(m1, m2));
+    let mut runners = vec![
+        Runner::new(&dense, &batch, device).context("dense model")?,
+        Runner::new(&mot, &batch, device).context("MoT model")?,
+    ];
+    // A device without grouped GEMM is a finding to report, not a reason to lose the rest.
+    let grouped_note = if args.grouped_mm {
+        match Runner::new(&mot_grouped, &batch, device) {
+            Ok(r) => {
+                runners.push(r);
+                None
+            }
+            Err(e) => {
+                eprintln!("MoT with grouped GEMMs: {e:#}");
+                Some(format!("{e:#}"))
+            }
+        }
+    } else {
+        None
+    };
+    let full = interleaved(&mut runners, args.warmup, args.steps, true)?;
+    let (dense_t, mot_t) = (full[0], full[1]);
     let (dense_ms, mot_ms) = (dense_t.pick(clock), mot_t.pick(clock));
+    let grouped_ms = full.get(2).map(|g| g.pick(clock));
     eprintln!("step (layout + fwd + bwd + AdamW), {clock} ms: dense {dense_ms:.2}, MoT {mot_ms:.2}");
+    let fwd_bwd = interleaved(&mut runners[..2], args.warmup.min(1), args.steps, false)?;
+    let (dense_fb_t, mot_fb_t) = (fwd_bwd[0], fwd_bwd[1]);
+    let (dense_fb, mot_fb) = (dense_fb_t.pick(clock), mot_fb_t.pick(clock));
+    let dense_ops = runners[0].count().context("dense operator count")?;
+    let mot_ops = runners[1].count().context("MoT operator count")?;
+    let grouped_ops = match runners.get_mut(2) {
+        Some(r) => Some(r.count().context("grouped operator count")?),
+        None => None,
+    };
     eprintln!(
         "operators per step (work-doing): dense {} ({}), MoT {} ({})",
         dense_ops.total, dense_ops.kernels, mot_ops.total, mot_ops.kernels
     );
-    // A device without grouped GEMM is a finding to report, not a reason to lose the rest.
-    let (grouped_ms, grouped_ops, grouped_note) = if args.grouped_mm {
-        match time_steps(&mot_grouped, &batch, device, args.warmup, args.steps, true) {
-            Ok((g, ops)) => {
-                eprintln!(
-                    "step, MoT with grouped GEMMs: {:.2} ms, {} operators ({} work-doing)",
-                    g.pick(clock),
-                    ops.total,
-                    ops.kernels
-                );
-                (Some(g.pick(clock)), Some(ops), None)
-            }
-            Err(e) => {
-                eprintln!("MoT with grouped GEMMs: {e:#}");
-                (None, None, Some(format!("{e:#}")))
-            }
-        }
-    } else {
-        (None, None, None)
-    };
-    let (dense_fb_t, _) =
-        time_steps(&dense, &batch, device, args.warmup, args.steps, false).context("dense fwd+bwd")?;
-    let (mot_fb_t, _) = time_steps(&mot, &batch, device, args.warmup, args.steps, false).context("MoT fwd+bwd")?;
-    let (dense_fb, mot_fb) = (dense_fb_t.pick(clock), mot_fb_t.pick(clock));
+    if let (Some(g), Some(ops)) = (grouped_ms, &grouped_ops) {
+        eprintln!("step, MoT with grouped GEMMs: {g:.2} ms, {} operators ({} work-doing)", ops.total, ops.kernels);
+    }
+    // The models' memory back before the PyTorch reference allocates its own.
+    drop(runners);
     let (torch_t, note) = if args.no_torch {
         (None, Some("skipped (--no-torch)".to_string()))
     } else {
