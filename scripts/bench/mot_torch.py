@@ -12,7 +12,9 @@ embedding and LM head, cross-entropy in sorted order. Precision as in motley: fp
 weights, matmuls and attention in the compute dtype (bf16 on CUDA), norms and loss in fp32.
 
 Input: a JSON file written by the bench (config + one batch). Output: one JSON line on stdout
-with the median milliseconds of forward + backward per step (wall and thread-CPU time).
+with the median milliseconds of forward + backward per step (wall and thread-CPU time); with
+`--serve`, one step per `step` line on stdin instead, each answered with its times, which is
+how `motley bench trainer` interleaves these steps with its own.
 
     python scripts/bench/mot_torch.py batch.json --steps 10 --warmup 3 --device cpu
 """
@@ -21,6 +23,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -216,6 +219,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--serve", action="store_true",
+                    help="after set-up print one JSON line, then run one step per `step` line on stdin and "
+                         "answer each with its times (so a caller can interleave its own steps with ours)")
     args = ap.parse_args()
     with open(args.batch) as f:
         spec = json.load(f)
@@ -226,20 +232,34 @@ def main():
     model = Model(c).to(device)
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     r = prepare(batch, c, device)
-    times, cpu = [], []
-    for i in range(args.warmup + args.steps):
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+
+    def step():
         sync()
         t0, c0 = time.perf_counter(), time.thread_time()
         loss = model(r, ck)
         loss.backward()
         sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.thread_time() - c0)
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
         model.zero_grad(set_to_none=True)
-    print(json.dumps({"ms_per_step": 1000 * statistics.median(times), "cpu_ms_per_step": 1000 * statistics.median(cpu),
-                      "loss": float(loss.detach()), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "device": str(device)}))
+        return 1000 * wall, 1000 * cpu, float(loss.detach())
+
+    if args.serve:
+        print(json.dumps({"ready": True, **info}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            wall, cpu, loss = step()
+            print(json.dumps({"wall_ms": wall, "cpu_ms": cpu, "loss": loss}), flush=True)
+        return
+    times, cpu = [], []
+    for i in range(args.warmup + args.steps):
+        w, c_ms, loss = step()
+        if i >= args.warmup:
+            times.append(w)
+            cpu.append(c_ms)
+    print(json.dumps({"ms_per_step": statistics.median(times), "cpu_ms_per_step": statistics.median(cpu),
+                      "loss": loss, **info}))
 
 
 if __name__ == "__main__":

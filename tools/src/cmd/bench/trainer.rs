@@ -2,8 +2,9 @@
 //! on the same MoT forward + backward; both ratios measured in one run, the architectures
 //! taking turns step by step.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -238,41 +239,102 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-/// Runs the PyTorch reference on the same config and batch; None (with why) if unavailable.
-fn torch_baseline(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device) -> Result<Ms, String> {
-    // A bare name (`python3`) is looked up on PATH when run; a path must exist.
-    let bare = args.python.components().count() == 1;
-    if (!bare && !args.python.exists()) || !args.script.exists() {
-        return Err(format!(
-            "{} or {} not found (run from the repository root)",
-            args.python.display(),
-            args.script.display()
-        ));
+/// The PyTorch reference (`scripts/bench/mot_torch.py --serve`) on the same config and batch,
+/// kept running so its steps can take turns with ours: one `step` line in, one line of times out.
+struct TorchRef {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl TorchRef {
+    /// Starts the reference and waits until its model is built; Err says why it is unavailable.
+    fn spawn(args: &Args, cfg: &ModelConfig, batch: &Batch, device: Device) -> Result<Self, String> {
+        // A bare name (`python3`) is looked up on PATH when run; a path must exist.
+        let bare = args.python.components().count() == 1;
+        if (!bare && !args.python.exists()) || !args.script.exists() {
+            return Err(format!(
+                "{} or {} not found (run from the repository root)",
+                args.python.display(),
+                args.script.display()
+            ));
+        }
+        let spec = serde_json::json!({
+            "config": {
+                "arch": cfg.arch.to_string(), "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                "ffn_dim": cfg.ffn_dim(), "vocab_size": cfg.vocab_size, "qk_norm": cfg.qk_norm,
+            },
+            "batch": batch,
+        });
+        let path = std::env::temp_dir().join(format!("motley-bench-trainer-{}.json", std::process::id()));
+        std::fs::write(&path, spec.to_string()).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let dev = if device.is_cuda() { "cuda" } else { "cpu" };
+        let child = Command::new(&args.python)
+            .arg(&args.script)
+            .arg(&path)
+            .args(["--device", dev, "--serve"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = child.map_err(|e| format!("running {}: {e}", args.python.display()))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("no pipes to the PyTorch reference".into());
+        };
+        let mut me = TorchRef { child, stdin, stdout: BufReader::new(stdout), wall: Vec::new(), cpu: Vec::new() };
+        let ready = me.read_line();
+        let _ = std::fs::remove_file(&path);
+        let ready = ready?;
+        if ready["ready"].as_bool() != Some(true) {
+            return Err(me.failure(format!("unexpected first line {ready}")));
+        }
+        Ok(me)
     }
-    let spec = serde_json::json!({
-        "config": {
-            "arch": cfg.arch.to_string(), "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-            "ffn_dim": cfg.ffn_dim(), "vocab_size": cfg.vocab_size, "qk_norm": cfg.qk_norm,
-        },
-        "batch": batch,
-    });
-    let path = std::env::temp_dir().join(format!("motley-bench-trainer-{}.json", std::process::id()));
-    std::fs::write(&path, spec.to_string()).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    let dev = if device.is_cuda() { "cuda" } else { "cpu" };
-    let out = Command::new(&args.python)
-        .arg(&args.script)
-        .arg(&path)
-        .args(["--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string(), "--device", dev])
-        .output();
-    let _ = std::fs::remove_file(&path);
-    let out = out.map_err(|e| format!("running {}: {e}", args.python.display()))?;
-    if !out.status.success() {
-        return Err(format!("PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+
+    /// The reference's next output line as JSON; on EOF, its stderr says why.
+    fn read_line(&mut self) -> Result<serde_json::Value, String> {
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) => Err(self.failure("it exited".into())),
+            Ok(_) => serde_json::from_str(line.trim()).map_err(|e| format!("reading its output {line:?}: {e}")),
+            Err(e) => Err(format!("reading its output: {e}")),
+        }
     }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| format!("reading its output: {e}"))?;
-    let wall = v["ms_per_step"].as_f64().ok_or_else(|| "no ms_per_step in its output".to_string())?;
-    Ok(Ms { wall, cpu: v["cpu_ms_per_step"].as_f64() })
+
+    /// `what`, with the reference's stderr (it has stopped or is stopped now).
+    fn failure(&mut self, what: String) -> String {
+        let _ = self.child.kill();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = self.child.wait();
+        format!("PyTorch reference failed ({what}): {}", err.trim())
+    }
+
+    /// One forward + backward there; its times recorded when `record`.
+    fn step(&mut self, record: bool) -> Result<(), String> {
+        writeln!(self.stdin, "step").and_then(|()| self.stdin.flush()).map_err(|e| self.failure(e.to_string()))?;
+        let v = self.read_line()?;
+        let (Some(wall), Some(cpu)) = (v["wall_ms"].as_f64(), v["cpu_ms"].as_f64()) else {
+            return Err(self.failure(format!("unexpected answer {v}")));
+        };
+        if record {
+            self.wall.push(wall);
+            self.cpu.push(cpu);
+        }
+        Ok(())
+    }
+
+    /// Medians of the recorded steps; the process is stopped.
+    fn finish(mut self) -> Ms {
+        let _ = writeln!(self.stdin, "quit");
+        drop(self.stdin);
+        let _ = self.child.wait();
+        Ms { wall: median(self.wall), cpu: Some(median(self.cpu)) }
+    }
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
@@ -335,9 +397,6 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let (dense_ms, mot_ms) = (dense_t.pick(clock), mot_t.pick(clock));
     let grouped_ms = full.get(2).map(|g| g.pick(clock));
     eprintln!("step (layout + fwd + bwd + AdamW), {clock} ms: dense {dense_ms:.2}, MoT {mot_ms:.2}");
-    let fwd_bwd = interleaved(&mut runners[..2], args.warmup.min(1), args.steps, false)?;
-    let (dense_fb_t, mot_fb_t) = (fwd_bwd[0], fwd_bwd[1]);
-    let (dense_fb, mot_fb) = (dense_fb_t.pick(clock), mot_fb_t.pick(clock));
     let dense_ops = runners[0].count().context("dense operator count")?;
     let mot_ops = runners[1].count().context("MoT operator count")?;
     let grouped_ops = match runners.get_mut(2) {
@@ -351,15 +410,33 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     if let (Some(g), Some(ops)) = (grouped_ms, &grouped_ops) {
         eprintln!("step, MoT with grouped GEMMs: {g:.2} ms, {} operators ({} work-doing)", ops.total, ops.kernels);
     }
-    // The models' memory back before the PyTorch reference allocates its own.
-    drop(runners);
-    let (torch_t, note) = if args.no_torch {
-        (None, Some("skipped (--no-torch)".to_string()))
+    // Forward + backward alone, dense and MoT, with the PyTorch reference's MoT taking its
+    // turn after them in every round (its own process, started now; the grouped model's
+    // memory is given back first).
+    runners.truncate(2);
+    let mut torch = if args.no_torch {
+        Err("skipped (--no-torch)".to_string())
     } else {
-        match torch_baseline(&args, &mot, &batch, device) {
-            Ok(ms) => (Some(ms), None),
-            Err(why) => (None, Some(why)),
+        TorchRef::spawn(&args, &mot, &batch, device)
+    };
+    let warmup = args.warmup.max(1);
+    for round in 0..warmup + args.steps {
+        let record = round >= warmup;
+        for r in runners.iter_mut() {
+            r.timed_step(false, record).with_context(|| format!("{} fwd+bwd", r.cfg.arch))?;
         }
+        if let Ok(t) = torch.as_mut()
+            && let Err(e) = t.step(record)
+        {
+            torch = Err(e);
+        }
+    }
+    let (dense_fb_t, mot_fb_t) = (runners[0].take(), runners[1].take());
+    drop(runners);
+    let (dense_fb, mot_fb) = (dense_fb_t.pick(clock), mot_fb_t.pick(clock));
+    let (torch_t, note) = match torch {
+        Ok(t) => (Some(t.finish()), None),
+        Err(why) => (None, Some(why)),
     };
     let torch_ms = torch_t.map(|t| t.pick(clock));
     let report = Report {
