@@ -942,7 +942,8 @@ pub fn public_parameters(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     v
 }
 
-/// Per-tower RMSNorm weights as one stacked leaf `[towers, dim]`.
+/// Per-tower RMSNorm weights as one stacked leaf: `[towers, dim]`, or `[towers, n * dim]` for
+/// n norms kept together (QK-norm's q and k).
 #[derive(Debug)]
 struct TowerNorm {
     site: Stacked,
@@ -950,8 +951,8 @@ struct TowerNorm {
 }
 
 impl TowerNorm {
-    fn new(p: &nn::Path, name: &str, towers: usize, dim: i64, eps: f64) -> Self {
-        TowerNorm { site: Stacked::new(p, &[name], towers, &[dim], None), eps }
+    fn new(p: &nn::Path, names: &[&str], towers: usize, dim: i64, eps: f64) -> Self {
+        TowerNorm { site: Stacked::new(p, names, towers, &[dim], None), eps }
     }
 
     /// `[towers, dim]`.
@@ -1022,7 +1023,7 @@ impl Attention {
         Attention {
             qkv_proj: Stacked::new(p, &["q_proj", "k_proj", "v_proj"], t, &[d, d], Some(std)),
             o_proj: Stacked::new(p, &["o_proj"], t, &[d, d], Some(out_std)),
-            qk_norm: cfg.qk_norm.then(|| TowerNorm::new(p, "q_norm+k_norm", t, 2 * hd, cfg.norm_eps)),
+            qk_norm: cfg.qk_norm.then(|| TowerNorm::new(p, &["q_norm", "k_norm"], t, hd, cfg.norm_eps)),
             n_heads: cfg.n_heads,
             head_dim: hd,
         }
@@ -1255,9 +1256,9 @@ impl Block {
             _ => Ffn::SwiGlu(SwiGlu::new(&(p / "ffn"), cfg, t)),
         };
         Block {
-            attn_norm: TowerNorm::new(p, "attn_norm", t, cfg.d_model, cfg.norm_eps),
+            attn_norm: TowerNorm::new(p, &["attn_norm"], t, cfg.d_model, cfg.norm_eps),
             attn: Attention::new(&(p / "attn"), cfg),
-            ffn_norm: TowerNorm::new(p, "ffn_norm", t, cfg.d_model, cfg.norm_eps),
+            ffn_norm: TowerNorm::new(p, &["ffn_norm"], t, cfg.d_model, cfg.norm_eps),
             ffn,
             placement: cfg.norm,
         }
@@ -2003,7 +2004,11 @@ mod tests {
     fn stacked_sites_present_views_that_share_their_memory() {
         let vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
-        let site = Stacked::new(&(&root / "layers" / 0 / "attn"), &["q_proj", "k_proj"], 3, &[4, 2], Some(1.0));
+        // Draws from torch's global generator: under the lock seeded initializations hold.
+        let site = {
+            let _guard = SEEDED_INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Stacked::new(&(&root / "layers" / 0 / "attn"), &["q_proj", "k_proj"], 3, &[4, 2], Some(1.0))
+        };
         let vars = vs.variables();
         let stored = &vars["layers.0.attn.q_proj+k_proj.stacked"];
         assert_eq!(stored.size(), [3, 8, 2]);

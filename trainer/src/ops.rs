@@ -162,8 +162,8 @@ mod tests {
 
     #[test]
     fn counts_forward_and_backward_ops() {
-        let a = Tensor::randn([4, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let b = Tensor::randn([3, 2], (Kind::Float, tch::Device::Cpu));
+        let a = values(&[4, 3], 0.0).set_requires_grad(true);
+        let b = values(&[3, 2], 1.0);
         let (_, fwd) = count_ops(|| a.mm(&b)).expect("counting");
         assert_eq!(fwd.by_name.get("aten::mm"), Some(&1), "{fwd:?}");
         assert_eq!(fwd.kernels_by_name.get("aten::mm"), Some(&1), "{fwd:?}");
@@ -190,6 +190,13 @@ mod tests {
         assert_eq!(none, OpCount::default());
     }
 
+    /// Deterministic test values of `shape`. Not from torch's global generator: drawing from
+    /// it here would race with the seeded model initializations of tests running beside these.
+    fn values(shape: &[i64], salt: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        (Tensor::arange(n, (Kind::Float, tch::Device::Cpu)) * 0.7 + salt).sin().reshape(shape)
+    }
+
     /// The same product as split → linear per tower → cat, with `w` unbound.
     fn composite(x: &Tensor, w: &Tensor, sizes: &[i64]) -> Tensor {
         let ws = w.unbind(0);
@@ -205,14 +212,12 @@ mod tests {
 
     #[test]
     fn tower_linear_matches_split_linear_cat_in_value_and_gradients() {
-        let opts = (tch::Kind::Float, tch::Device::Cpu);
         for sizes in [[5i64, 3, 4], [0, 7, 2], [6, 0, 0]] {
             let n: i64 = sizes.iter().sum();
-            tch::manual_seed(5);
-            let x = Tensor::randn([n, 8], opts);
-            let w = Tensor::randn([3, 6, 8], opts);
+            let x = values(&[n, 8], 0.0);
+            let w = values(&[3, 6, 8], 1.0);
             // Upstream gradient that is not contiguous, as a transpose's backward gives.
-            let g = Tensor::randn([6, n], opts).transpose(0, 1);
+            let g = values(&[6, n], 2.0).transpose(0, 1);
             let run = |fused: bool| {
                 let (x, w) = (x.copy().set_requires_grad(true), w.copy().set_requires_grad(true));
                 let y =
