@@ -31,6 +31,8 @@ run() { # run NAME LIMIT_S CMD...: stdout to NAME.out, stderr to NAME.err, a sta
 stage "bench trainer on CUDA (bf16 compute), default shapes: d512 x 8 layers, seq 2048, batch 8"
 run bench_cuda 120 "$bin" --json bench trainer --device cuda --python python3 --steps 10 --warmup 3 --grouped-mm
 cat "$out/bench_cuda.out"; tail -4 "$out/bench_cuda.err"
+# A fallback (tower_linear or fused AdamW failing on this device) warns once: show it.
+grep -i "warn" "$out/bench_cuda.err" | head -5
 
 stage "bench trainer on CUDA, 443M-class shapes: d1024 x 24 layers, 16 heads, seq 2048, batch 4"
 run bench_cuda_big 150 "$bin" --json bench trainer --device cuda --python python3 --d-model 1024 --layers 24 \
