@@ -79,10 +79,10 @@ pub struct OpCount {
     pub kernels_by_name: BTreeMap<String, u64>,
 }
 
-/// Takes ownership of a malloc'd C string from the shim.
+/// Takes ownership of a malloc'd C string from a shim in `csrc/` (errors, listings).
 ///
-/// SAFETY: `p` is null or a string the shim allocated with `strdup` and nobody else frees.
-unsafe fn take_string(p: *mut c_char) -> Option<String> {
+/// SAFETY: `p` is null or a string a shim allocated with `strdup` and nobody else frees.
+pub(crate) unsafe fn take_string(p: *mut c_char) -> Option<String> {
     if p.is_null() {
         return None;
     }

@@ -383,10 +383,12 @@ impl AdamW {
 
 /// The C++ shim around `at::_fused_adamw_` (trainer/csrc/fused_adamw.cpp).
 mod kernel {
-    use std::ffi::{CStr, c_char};
+    use std::ffi::c_char;
 
     use tch::Tensor;
     use torch_sys::C_tensor;
+
+    use crate::ops::take_string;
 
     unsafe extern "C" {
         fn motley_fused_adamw(
@@ -401,7 +403,6 @@ mod kernel {
             weight_decay: f64,
             eps: f64,
         ) -> *mut c_char;
-        fn motley_free_error(message: *mut c_char);
     }
 
     /// One in-place AdamW step of `param` and its moments (PyTorch's formula; `step` is the
@@ -434,12 +435,10 @@ mod kernel {
                 weight_decay,
                 eps,
             );
-            if err.is_null() {
-                return Ok(());
+            match take_string(err) {
+                None => Ok(()),
+                Some(msg) => Err(msg.lines().next().unwrap_or_default().to_string()),
             }
-            let msg = CStr::from_ptr(err).to_string_lossy().into_owned();
-            motley_free_error(err);
-            Err(msg.lines().next().unwrap_or_default().to_string())
         }
     }
 }
@@ -596,6 +595,43 @@ mod tests {
             .flat_map(|&i| Vec::<f32>::try_from(vars[i].1.detach().view([-1]) * 6.0).expect("values"))
             .collect();
         assert_eq!(flat, want, "d/dt 3 t^2 = 6 t, in flat order");
+    }
+
+    #[test]
+    fn state_of_stacked_parameters_is_per_tower_and_round_trips() {
+        let t = |v: &[f32], shape: &[i64]| Tensor::from_slice(v).view(shape).set_requires_grad(true);
+        let vars = || {
+            vec![
+                ("layers.0.attn_norm.stacked".to_string(), t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2])),
+                ("layers.0.attn.q_proj.weight".to_string(), t(&[0.5, -0.5], &[1, 2])),
+            ]
+        };
+        let mut opt = AdamW::new(vars(), &OptimConfig::default());
+        // Stacked norms are 2-D but still norms: no decay.
+        assert!(opt.params.iter().all(|p| p.decay == (p.name == "layers.0.attn.q_proj.weight")));
+        tch::no_grad(|| {
+            for (i, p) in opt.params.iter_mut().enumerate() {
+                let _ = p.exp_avg.fill_(i as f64 + 0.5);
+                p.step = 7;
+            }
+        });
+        let (tensors, steps) = opt.state();
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"layers.0.attn_norm.speech.weight.exp_avg_sq"), "{names:?}");
+        assert_eq!(tensors.len(), 2 * (3 + 1));
+        assert_eq!(steps.get("layers.0.attn_norm.image.weight"), Some(&7));
+        let tensors: BTreeMap<String, Tensor> = tensors.into_iter().map(|(n, v)| (n, v.copy())).collect();
+        let origin = std::path::Path::new("optimizer.safetensors");
+        let mut fresh = AdamW::new(vars(), &OptimConfig::default());
+        fresh.load_state(&tensors, &steps, origin).expect("round trip");
+        for (a, b) in opt.params.iter().zip(&fresh.params) {
+            assert!(a.exp_avg.equal(&b.exp_avg) && a.step == b.step, "{}", a.name);
+        }
+        // The towers of one stacked tensor share a step count: disagreeing ones are an error.
+        let mut bad = steps.clone();
+        bad.insert("layers.0.attn_norm.image.weight".into(), 6);
+        let err = fresh.load_state(&tensors, &bad, origin).expect_err("steps differ");
+        assert!(err.to_string().contains("step counts differ within layers.0.attn_norm.stacked"), "{err}");
     }
 
     #[test]

@@ -220,12 +220,21 @@ impl<'a> Runner<'a> {
 
 /// Times `runners` step by step in turn (A B C A B C ...), `warmup` untimed rounds then `steps`
 /// timed ones, so drift on a shared machine (other load, clock speed, cache state) falls on
-/// every architecture alike and the ratios stay fair; one median per runner.
-fn interleaved(runners: &mut [Runner], warmup: usize, steps: usize, full: bool) -> anyhow::Result<Vec<Ms>> {
+/// every architecture alike and the ratios stay fair; one median per runner. `after_round(record)`
+/// takes its turn at the end of every round (the PyTorch reference).
+fn interleaved(
+    runners: &mut [Runner],
+    warmup: usize,
+    steps: usize,
+    full: bool,
+    mut after_round: impl FnMut(bool),
+) -> anyhow::Result<Vec<Ms>> {
     for round in 0..warmup + steps {
+        let record = round >= warmup;
         for r in runners.iter_mut() {
-            r.timed_step(full, round >= warmup).with_context(|| format!("{} step", r.cfg.arch))?;
+            r.timed_step(full, record).with_context(|| format!("{} step", r.cfg.arch))?;
         }
+        after_round(record);
     }
     Ok(runners.iter_mut().map(|r| r.take()).collect())
 }
@@ -392,7 +401,7 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     } else {
         None
     };
-    let full = interleaved(&mut runners, args.warmup, args.steps, true)?;
+    let full = interleaved(&mut runners, args.warmup, args.steps, true, |_| {})?;
     let (dense_t, mot_t) = (full[0], full[1]);
     let (dense_ms, mot_ms) = (dense_t.pick(clock), mot_t.pick(clock));
     let grouped_ms = full.get(2).map(|g| g.pick(clock));
@@ -419,19 +428,14 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     } else {
         TorchRef::spawn(&args, &mot, &batch, device)
     };
-    let warmup = args.warmup.max(1);
-    for round in 0..warmup + args.steps {
-        let record = round >= warmup;
-        for r in runners.iter_mut() {
-            r.timed_step(false, record).with_context(|| format!("{} fwd+bwd", r.cfg.arch))?;
-        }
+    let fwd_bwd = interleaved(&mut runners, args.warmup.max(1), args.steps, false, |record| {
         if let Ok(t) = torch.as_mut()
             && let Err(e) = t.step(record)
         {
             torch = Err(e);
         }
-    }
-    let (dense_fb_t, mot_fb_t) = (runners[0].take(), runners[1].take());
+    })?;
+    let (dense_fb_t, mot_fb_t) = (fwd_bwd[0], fwd_bwd[1]);
     drop(runners);
     let (dense_fb, mot_fb) = (dense_fb_t.pick(clock), mot_fb_t.pick(clock));
     let (torch_t, note) = match torch {
