@@ -19,6 +19,10 @@ fn link_libtorch() {
         if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
             println!("cargo:rustc-link-arg=-ltorch_cuda");
         }
+        // The NCCL process group shim (trainer/csrc/c10d_nccl.cpp) calls c10::cuda directly.
+        if std::path::Path::new(&lib).join("libc10_cuda.so").exists() {
+            println!("cargo:rustc-link-arg=-lc10_cuda");
+        }
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
 }

@@ -4,6 +4,7 @@
 //! stdout pipe (`motley shards head | head -1`) ends the program quietly with status 0.
 
 mod cmd;
+mod launch;
 mod output;
 
 use clap::{Parser, Subcommand};

@@ -1,6 +1,12 @@
 //! Checkpoints: `model.safetensors`, `optimizer.safetensors` and `meta.json` in
 //! `RUN/checkpoints/step-NNNNNNNN/`, written into a temporary folder and renamed into place,
 //! so a crash leaves either the previous checkpoint or the new one, never half of one.
+//!
+//! Weights over `train.checkpoint_shard_mb` are split as Hugging Face does it:
+//! `model-00001-of-00003.safetensors` … and `model.safetensors.index.json` mapping each tensor
+//! name to its file. Names are the public per-tower ones, so any tool that reads HF
+//! checkpoints reads these. Optimizer moments are stored under the same names (whole, never
+//! sharded per rank), so a run resumes on any number of ranks with or without ZeRO.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -14,6 +20,8 @@ use crate::error::TrainError;
 use crate::model::public_parameters;
 
 pub const MODEL_FILE: &str = "model.safetensors";
+/// The index of a sharded model (`weight_map`: tensor name → file), as in HF checkpoints.
+pub const MODEL_INDEX: &str = "model.safetensors.index.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const META_FILE: &str = "meta.json";
 pub const META_VERSION: u32 = 1;
@@ -107,6 +115,93 @@ fn to_cpu(named: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     v
 }
 
+/// Groups name-ordered tensors into files of at most `limit` bytes (a tensor larger than
+/// that gets a file of its own).
+fn shard_groups(tensors: Vec<(String, Tensor)>, limit: u64) -> Vec<Vec<(String, Tensor)>> {
+    let mut groups: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (name, t) in tensors {
+        let bytes = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        if size > 0 && size + bytes > limit {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        if let Some(g) = groups.last_mut() {
+            g.push((name, t));
+        }
+    }
+    groups
+}
+
+/// Writes the weights into `dir`: one `model.safetensors`, or shards and their index when
+/// they exceed `shard_mb` MB. Returns the files written.
+fn write_model(dir: &Path, vars: Vec<(String, Tensor)>, shard_mb: f64) -> Result<Vec<PathBuf>, TrainError> {
+    let torch_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: tch::TchError| TrainError::Checkpoint { path: p, msg: e.to_string() }
+    };
+    let vars = to_cpu(vars);
+    let total: u64 = vars.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
+    let limit = (shard_mb * 1e6).max(1.0) as u64;
+    if total <= limit {
+        let path = dir.join(MODEL_FILE);
+        Tensor::write_safetensors(&vars, &path).map_err(torch_err(&path))?;
+        return Ok(vec![path]);
+    }
+    let groups = shard_groups(vars, limit);
+    let n = groups.len();
+    let mut weight_map = BTreeMap::new();
+    let mut files = Vec::with_capacity(n + 1);
+    for (i, group) in groups.into_iter().enumerate() {
+        let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        for (t, _) in &group {
+            weight_map.insert(t.clone(), name.clone());
+        }
+        let path = dir.join(&name);
+        Tensor::write_safetensors(&group, &path).map_err(torch_err(&path))?;
+        files.push(path);
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let path = dir.join(MODEL_INDEX);
+    write_atomic(&path, &serde_json::to_vec_pretty(&index).unwrap_or_default())?;
+    files.push(path);
+    Ok(files)
+}
+
+/// Reads a checkpoint's weights, from `model.safetensors` or from the shards its index names.
+pub fn read_model(ckpt: &Path) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    let index = ckpt.join(MODEL_INDEX);
+    if !index.exists() {
+        return read_tensors(&ckpt.join(MODEL_FILE));
+    }
+    let bad = |msg: String| TrainError::Checkpoint { path: index.clone(), msg };
+    let text = std::fs::read_to_string(&index).map_err(TrainError::io("read", &index))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = v["weight_map"].as_object().ok_or_else(|| bad("no weight_map object".into()))?;
+    let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    files.sort_unstable();
+    files.dedup();
+    let mut out = BTreeMap::new();
+    for f in files {
+        if f.contains('/') || f.contains("..") {
+            return Err(bad(format!("shard file name {f:?} leaves the checkpoint folder")));
+        }
+        for (name, t) in read_tensors(&ckpt.join(f))? {
+            if map.get(&name).and_then(|x| x.as_str()) != Some(f) {
+                return Err(bad(format!("{f} holds {name}, which the index places elsewhere")));
+            }
+            out.insert(name, t);
+        }
+    }
+    for name in map.keys() {
+        if !out.contains_key(name) {
+            return Err(bad(format!("{name} is missing from its shard")));
+        }
+    }
+    Ok(out)
+}
+
 /// Writes one checkpoint and prunes all but the newest `keep`.
 pub fn save(
     run: &Path,
@@ -114,6 +209,7 @@ pub fn save(
     optimizer: Vec<(String, Tensor)>,
     meta: &Meta,
     keep: usize,
+    shard_mb: f64,
 ) -> Result<PathBuf, TrainError> {
     let dir = checkpoints_dir(run);
     std::fs::create_dir_all(&dir).map_err(TrainError::io("create", &dir))?;
@@ -127,16 +223,15 @@ pub fn save(
         let p = p.to_path_buf();
         move |e: tch::TchError| TrainError::Checkpoint { path: p, msg: e.to_string() }
     };
-    let model_path = tmp.join(MODEL_FILE);
-    Tensor::write_safetensors(&to_cpu(vars), &model_path).map_err(torch_err(&model_path))?;
+    let mut written = write_model(&tmp, vars, shard_mb)?;
     let opt_path = tmp.join(OPTIMIZER_FILE);
     Tensor::write_safetensors(&to_cpu(optimizer), &opt_path).map_err(torch_err(&opt_path))?;
     let meta_json = serde_json::to_vec_pretty(meta)
         .map_err(|e| TrainError::Checkpoint { path: tmp.join(META_FILE), msg: e.to_string() })?;
     write_atomic(&tmp.join(META_FILE), &meta_json)?;
-    for f in [MODEL_FILE, OPTIMIZER_FILE] {
-        let p = tmp.join(f);
-        std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(TrainError::io("sync", &p))?;
+    written.push(opt_path);
+    for p in &written {
+        std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(TrainError::io("sync", p))?;
     }
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(TrainError::io("replace", &final_dir))?;
@@ -178,11 +273,12 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, TrainError>
     Ok(v.into_iter().collect())
 }
 
-/// Copies `model.safetensors` into the VarStore; names and shapes must match exactly. Names
-/// are the per-tower ones of [`public_parameters`], whatever the VarStore's storage layout.
+/// Copies the checkpoint's weights (one file or shards) into the VarStore; names and shapes
+/// must match exactly. Names are the per-tower ones of [`public_parameters`], whatever the
+/// VarStore's storage layout.
 pub fn load_weights(vs: &nn::VarStore, ckpt: &Path) -> Result<(), TrainError> {
-    let path = ckpt.join(MODEL_FILE);
-    let saved = read_tensors(&path)?;
+    let path = if ckpt.join(MODEL_INDEX).exists() { ckpt.join(MODEL_INDEX) } else { ckpt.join(MODEL_FILE) };
+    let saved = read_model(ckpt)?;
     let vars: BTreeMap<String, Tensor> = public_parameters(vs).into_iter().collect();
     let bad = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
     for name in saved.keys() {

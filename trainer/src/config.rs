@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dist::Backend;
 use crate::error::TrainError;
 use crate::model::{Arch, ModelConfig, Routing};
 
@@ -59,8 +60,13 @@ pub struct OptimConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (0 = off).
     pub grad_clip: f64,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step (derived from `global_batch` when that is set).
     pub grad_accum: u64,
+    /// Rows per optimizer step over all ranks and micro-batches (Megatron's global batch).
+    /// 0: `data.batch_size × grad_accum × world size`, resolved at start. When set,
+    /// `grad_accum = global_batch / (batch_size × world size)`, so resuming on another number
+    /// of ranks keeps the same optimization.
+    pub global_batch: u64,
 }
 
 impl Default for OptimConfig {
@@ -75,6 +81,7 @@ impl Default for OptimConfig {
             weight_decay: 0.1,
             grad_clip: 1.0,
             grad_accum: 1,
+            global_batch: 0,
         }
     }
 }
@@ -103,16 +110,41 @@ pub struct LoopConfig {
     pub log_every: u64,
     /// Held-out evaluation every N steps (0 = only at the end).
     pub eval_every: u64,
+    /// Held-out batches per evaluation, each `optim.global_batch` rows (split over the ranks and
+    /// micro-batches as training is), so every evaluation sees the same rows on any world size.
     pub eval_batches: u64,
     /// Checkpoint every N steps (0 = only at the end).
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
+    /// Split the weights into files of at most this many MB with an HF-style index (5 GB, as
+    /// `save_pretrained`'s default).
+    pub checkpoint_shard_mb: f64,
     pub on_nonfinite: OnNonFinite,
     pub max_skipped: u64,
     /// Peak dense bf16 TFLOP/s of one accelerator, for model FLOPs utilization (H100/H200: 989).
     pub peak_tflops: f64,
-    /// CPU threads for torch (0 = torch's default).
+    /// CPU threads for torch (0 = torch's default for one process; with several ranks on a
+    /// machine and no OMP_NUM_THREADS, its cores divided among them).
     pub threads: i32,
+    /// Data parallel: `auto` (Gloo on CPU, NCCL on CUDA), `gloo` or `nccl`.
+    pub dist_backend: Backend,
+    /// Seconds a collective or the rendezvous may take before a rank gives up, and how long a
+    /// rank may go silent before the others end the job naming it.
+    pub dist_timeout_s: f64,
+    /// ZeRO stage: 0 (every rank keeps all optimizer state) or 1 (AdamW moments sharded over
+    /// ranks: gradients reduce-scattered, parameters all-gathered).
+    pub zero: u8,
+    /// Gradient bucket size in MiB (torch DDP's 25; the first bucket 1 MiB).
+    pub bucket_mb: f64,
+    /// End the run after this step (0: at `steps`), checkpointing it, as a preempted job would:
+    /// the schedule still spans `steps`, and `--resume` continues.
+    pub stop_at: u64,
+    /// At the end of a data-parallel run, check that every rank holds bit-identical weights
+    /// (blake3 of the parameters, compared through the store; costs a copy to the host).
+    pub verify_replicas: bool,
+    /// Write the global row ids every rank trains on to `RUN/rows/rank-N.jsonl` (audits that
+    /// every row is consumed exactly once, across resumes on other world sizes).
+    pub log_rows: bool,
 }
 
 impl Default for LoopConfig {
@@ -127,10 +159,18 @@ impl Default for LoopConfig {
             eval_batches: 4,
             checkpoint_every: 500,
             keep_checkpoints: 2,
+            checkpoint_shard_mb: 5000.0,
             on_nonfinite: OnNonFinite::Stop,
             max_skipped: 10,
             peak_tflops: 989.0,
             threads: 0,
+            dist_backend: Backend::Auto,
+            dist_timeout_s: 600.0,
+            zero: 0,
+            bucket_mb: 25.0,
+            stop_at: 0,
+            verify_replicas: false,
+            log_rows: false,
         }
     }
 }
@@ -286,6 +326,39 @@ impl TrainConfig {
         if !(self.optim.lr > 0.0) || self.optim.min_lr < 0.0 || self.optim.min_lr > self.optim.lr {
             return bad("optim.lr", format!("need 0 <= min_lr ({}) <= lr ({})", self.optim.min_lr, self.optim.lr));
         }
+        if self.train.zero > 1 {
+            return bad(
+                "train.zero",
+                format!("{} is not supported: 0 (replicated optimizer state) or 1 (sharded moments)", self.train.zero),
+            );
+        }
+        if !(self.train.dist_timeout_s > 0.0) || !(self.train.bucket_mb > 0.0) {
+            return bad("train.dist_timeout_s / train.bucket_mb", "must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Resolves the global batch for `world` ranks: sets `global_batch` when it is 0, else
+    /// derives `grad_accum` from it (it must divide evenly).
+    pub fn resolve_global_batch(&mut self, world: usize) -> Result<(), TrainError> {
+        let per_micro = (self.data.batch_size * world) as u64;
+        if self.optim.global_batch == 0 {
+            self.optim.global_batch = per_micro * self.optim.grad_accum;
+            return Ok(());
+        }
+        let g = self.optim.global_batch;
+        if !g.is_multiple_of(per_micro) {
+            return Err(TrainError::Config {
+                path: "optim.global_batch".into(),
+                msg: format!(
+                    "{g} rows per step is not a multiple of data.batch_size {} × {world} ranks; choose a \
+                     batch_size that divides {}",
+                    self.data.batch_size,
+                    g / world.max(1) as u64
+                ),
+            });
+        }
+        self.optim.grad_accum = g / per_micro;
         Ok(())
     }
 
@@ -345,6 +418,24 @@ mod tests {
         assert_eq!((c.model.d_model, c.model.n_layers, c.train.steps), (64, 4, 9));
         std::fs::write(&path, "[model]\nd_model = 64\nwidth = 3\n").expect("write");
         assert!(TrainConfig::preset("tiny").expect("preset").merge_file(&path).is_err());
+    }
+
+    #[test]
+    fn global_batch_sets_accumulation_per_world_size() {
+        let mut c = TrainConfig::preset("tiny").expect("preset");
+        c.data.batch_size = 2;
+        c.optim.grad_accum = 3;
+        c.resolve_global_batch(2).expect("derive");
+        assert_eq!((c.optim.global_batch, c.optim.grad_accum), (12, 3));
+        c.resolve_global_batch(3).expect("3 ranks");
+        assert_eq!(c.optim.grad_accum, 2);
+        c.resolve_global_batch(1).expect("1 rank");
+        assert_eq!(c.optim.grad_accum, 6);
+        let e = c.resolve_global_batch(5).expect_err("12 rows over 5 ranks");
+        assert!(e.to_string().contains("not a multiple of data.batch_size 2 × 5 ranks"), "{e}");
+        c.train.zero = 2;
+        c.data.synthetic = true;
+        assert!(c.validate().expect_err("zero 2").to_string().contains("train.zero"));
     }
 
     #[test]

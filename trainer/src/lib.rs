@@ -7,7 +7,10 @@
 //! - [`optim`]: AdamW with saveable moments, warmup + cosine schedule.
 //! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
 //! - [`sample`]: generation from a checkpoint (KV-cached decoding, constrained sampling).
-//! - [`checkpoint`], [`metrics`], [`dist`]: files on disk, metrics and plot, data parallel seam.
+//! - [`checkpoint`], [`metrics`]: files on disk, metrics and plot.
+//! - [`dist`]: data parallelism on torch's c10d (launch variables, process groups, gradient
+//!   buckets from autograd hooks, heartbeats); [`flat`]: the flat buffers' layout, buckets and
+//!   ZeRO shards.
 //! - [`ops`]: counting the operators a step dispatches (how launch-bound it is).
 
 pub mod checkpoint;
@@ -16,6 +19,7 @@ pub mod data;
 pub mod diffusion;
 pub mod dist;
 pub mod error;
+pub mod flat;
 pub mod loader;
 pub mod metrics;
 pub mod model;

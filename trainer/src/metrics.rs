@@ -25,7 +25,7 @@ pub struct StepRecord {
     pub loss_speech: Option<f64>,
     pub lr: f64,
     pub grad_norm: f64,
-    /// Input positions processed this step (all micro-batches, this rank).
+    /// Input positions processed this step (all micro-batches, all ranks).
     pub tokens: u64,
     pub tokens_per_s: f64,
     /// Model FLOPs utilization (CUDA only).
@@ -42,6 +42,14 @@ pub struct StepRecord {
     /// The same per timestep bucket (`t * 4 / T`: quarters of the schedule, least noisy first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub diffusion_buckets: Vec<Option<f64>>,
+    /// Data parallel: seconds this step waited on communication after backward (the
+    /// gradient buckets not hidden behind it, the loss reduction and, under ZeRO, the norm and
+    /// the parameter all-gather).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_s: Option<f64>,
+    /// Data parallel: gradient buckets whose reduction started during backward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets_overlapped: Option<u64>,
 }
 
 /// Held-out loss per modality.
@@ -329,6 +337,8 @@ mod tests {
             } else {
                 vec![]
             },
+            comm_s: None,
+            buckets_overlapped: None,
         }
     }
 

@@ -556,6 +556,8 @@ pub struct LatentInputs {
     image_patches: Tensor,
     /// Per image: loss-bearing tokens follow it in its document (the captioning case).
     pub followed_by_text: Vec<bool>,
+    /// Per image: its row of the batch (training noise is drawn per row).
+    pub row_of_image: Vec<usize>,
     /// Noised inputs `[P, dim]`, their timestep per image, and the true noise (training).
     xt: Option<Tensor>,
     pub timesteps: Vec<usize>,
@@ -730,6 +732,7 @@ impl Prepared {
             // Images: runs of patches sharing (row, segment id), in patch order.
             let mut image_of_patch = Vec::with_capacity(lat.positions.len());
             let mut followed_by_text = Vec::new();
+            let mut row_of_image = Vec::new();
             let mut key = None;
             for &q in &lat.positions {
                 let q = q as usize;
@@ -746,6 +749,7 @@ impl Prepared {
                             && batch.loss_mask[j] > 0
                     });
                     followed_by_text.push(followed);
+                    row_of_image.push(q / tlen);
                 }
                 image_of_patch.push(followed_by_text.len() - 1);
             }
@@ -769,6 +773,7 @@ impl Prepared {
                 image_index: Tensor::from_slice(&idx).to_device(device),
                 image_patches: Tensor::from_slice(&counts).to_device(device),
                 followed_by_text,
+                row_of_image,
                 xt: None,
                 timesteps: Vec::new(),
                 eps: None,
@@ -1726,7 +1731,7 @@ mod tests {
         // No-op without latent patches; with them, the same draws for both routings.
         let sched = crate::diffusion::Schedule::cosine(cfg.diffusion_steps as usize);
         let policy = crate::diffusion::NoisePolicy { caption_fraction: 0.2, caption_max_t: 500 };
-        crate::diffusion::noise_prepared(&mut p, &sched, policy, &mut crate::diffusion::noise_rng(1, 1, 0));
+        crate::diffusion::noise_prepared(&mut p, &sched, policy, (1, 1), &b.row_ids, 0);
         let logits = p.route.to_seq(&model.logits(&p));
         let out = model.loss(&p);
         out.loss.backward();
@@ -1850,7 +1855,7 @@ mod tests {
             let mut p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
             let sched = crate::diffusion::Schedule::cosine(1000);
             let policy = crate::diffusion::NoisePolicy { caption_fraction: 0.2, caption_max_t: 500 };
-            crate::diffusion::noise_prepared(&mut p, &sched, policy, &mut crate::diffusion::noise_rng(0, 1, 0));
+            crate::diffusion::noise_prepared(&mut p, &sched, policy, (0, 1), &b.row_ids, 0);
             let out = model.loss(&p);
             let d = f64::try_from(out.diffusion_loss.as_ref().expect("diffusion loss")).expect("scalar");
             let lm = f64::try_from(&out.lm_loss).expect("scalar");

@@ -2,57 +2,111 @@
 //! warmup + cosine learning-rate schedule.
 //!
 //! tch's `nn::Optimizer` keeps AdamW state inside libtorch where it cannot be saved; this
-//! one is PyTorch's `torch.optim.AdamW` (decoupled decay, per-parameter step counts,
-//! parameters without a gradient left untouched) written with no-grad tensor ops.
+//! one is PyTorch's `torch.optim.AdamW` (decoupled decay, per-parameter step counts) over flat
+//! buffers laid out by [`crate::flat`]: parameters, gradients and moments each one tensor, so
+//! an update is one fused kernel call per weight-decay group. Every gradient is a view of the
+//! flat gradient buffer from the start (zeroed, not freed, between steps, as
+//! `zero_grad(set_to_none=False)`), which the data-parallel buckets reduce in place. Under
+//! ZeRO-1 ([`Sharding::zero`]) a rank keeps moments only for its chunk of each bucket: the
+//! buckets are reduce-scattered into a shard gradient, the rank updates its chunks, and the
+//! parameters are all-gathered.
 
 use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
 use crate::config::OptimConfig;
+use crate::dist::Comm;
 use crate::error::TrainError;
+use crate::flat::{BucketCap, Layout, ParamInfo};
 use crate::model::public_views;
 
-/// One trainable tensor and its moments.
+/// One trainable tensor.
 #[derive(Debug)]
 pub struct Param {
     pub name: String,
     pub tensor: Tensor,
-    pub exp_avg: Tensor,
-    pub exp_avg_sq: Tensor,
+    /// Its moments: views of the flat moments, own tensors on the per-tensor path, None when
+    /// they are sharded over ranks.
+    moments: Option<(Tensor, Tensor)>,
     pub step: i64,
     pub decay: bool,
 }
 
-/// Flat copies of every parameter and moment, so one AdamW update is a dozen whole-model ops
-/// instead of a dozen per tensor (MoT has three times the tensors of dense, and on CUDA the
-/// per-tensor launches dominate the update). Parameters are re-pointed at views of `param`,
-/// so the model, the VarStore and checkpoints keep seeing ordinary named tensors.
+/// How optimizer state is spread over the ranks of a job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sharding {
+    pub rank: usize,
+    pub world: usize,
+    /// ZeRO-1: each rank keeps moments for its chunk of every bucket only.
+    pub zero: bool,
+    pub buckets: BucketCap,
+}
+
+impl Sharding {
+    /// One process, torch DDP's bucket sizes (irrelevant without communication).
+    pub fn none() -> Self {
+        Sharding { rank: 0, world: 1, zero: false, buckets: BucketCap::ddp(25.0, 4) }
+    }
+}
+
+/// The gradient buckets of the flat layout, as the data-parallel hooks need them.
+#[derive(Debug)]
+pub struct Buckets {
+    /// Every parameter, by index.
+    pub params: Vec<Tensor>,
+    /// Each parameter's bucket.
+    pub bucket_of: Vec<i64>,
+    /// Each bucket's slice of the flat gradient buffer.
+    pub grads: Vec<Tensor>,
+    /// ZeRO: each bucket's chunk of this rank's shard gradient (the reduce-scatter output).
+    pub shards: Option<Vec<Tensor>>,
+}
+
+/// Bytes this rank holds for training state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateBytes {
+    pub weights: u64,
+    pub gradients: u64,
+    pub moments: u64,
+}
+
+/// The flat buffers.
 #[derive(Debug)]
 struct Flat {
+    layout: Layout,
+    rank: usize,
+    zero: bool,
     param: Tensor,
+    /// Every parameter's gradient is a view of this (linked at construction).
+    grad: Tensor,
+    /// Data pointer of each parameter's gradient view (by parameter index): the link holds
+    /// while they are unchanged.
+    grad_ptrs: Vec<usize>,
+    /// ZeRO: this rank's reduce-scattered chunks, bucket after bucket (`[shard_total]`).
+    shard_grad: Option<Tensor>,
+    /// `[total]`, or `[shard_total]` under ZeRO.
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// Parameter indices in flat order: decayed ones first, so decay is one narrow view.
-    order: Vec<usize>,
-    /// Elements in the decayed prefix.
-    n_decay: i64,
-    /// Every gradient in flat order. Built by one concatenation the first time every
-    /// parameter has a gradient; from then on each parameter's gradient is re-pointed at its
-    /// view here, so backward accumulates straight into it and `zero_grad` is one fill.
-    grad: Option<Tensor>,
-    /// `grad` is live only while every parameter's gradient still starts at these addresses.
-    grad_ptrs: Vec<usize>,
-    /// Work space for one chunk of the update, so a step allocates nothing.
+    /// Work space for one chunk of the tensor-op update, so a step allocates nothing.
     scratch: Tensor,
     /// Update with libtorch's fused AdamW kernel (one pass); off after it fails once (then the
     /// chunked tensor-op update runs) or when a test compares the two.
     kernel: bool,
 }
 
-/// Elements per chunk of the fused update on CPU: the nine passes over a chunk stay in the
-/// core's cache, so memory sees each buffer about once per step. On CUDA the whole buffer is
-/// one chunk (one launch per pass).
+/// A range the update walks: parameter, gradient and moment views of equal length.
+struct Piece {
+    param: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+/// Elements per chunk of the tensor-op update on CPU: the nine passes over a chunk stay in
+/// the core's cache, so memory sees each buffer about once per step. On CUDA the whole buffer
+/// is one chunk (one launch per pass).
 const CPU_CHUNK: i64 = 1 << 16;
 
 #[derive(Debug)]
@@ -68,65 +122,169 @@ pub fn decays(name: &str, t: &Tensor) -> bool {
     public_views(name, t).first().is_some_and(|(_, v)| v.dim() >= 2) && !name.starts_with("embed.")
 }
 
+/// Points `param`'s gradient at `grad` (same shape, dtype and device).
+fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), String> {
+    kernel::set_grad(param, grad)
+}
+
 impl AdamW {
-    /// `vars` in a fixed order (sorted by name) so updates and checkpoints are reproducible.
-    /// When every parameter shares one dtype and device, parameters and moments move into
-    /// flat buffers (values unchanged) and updates take the fused path.
+    /// One process's optimizer over `vars` (a fixed order, sorted by name, so updates and
+    /// checkpoints are reproducible).
     pub fn new(vars: Vec<(String, Tensor)>, cfg: &OptimConfig) -> Self {
+        Self::sharded(vars, cfg, Sharding::none()).unwrap_or_else(|(opt, _)| opt)
+    }
+
+    /// The optimizer of rank `sharding.rank`. When every parameter shares one dtype and
+    /// device, parameters move into flat buffers (values unchanged) and updates take the fused
+    /// path; otherwise (never for motley's models) each tensor is updated alone, which is an
+    /// error when the state is sharded or gradients are reduced across ranks.
+    #[allow(clippy::result_large_err)] // the optimizer comes back with the error, usable as is
+    pub fn sharded(
+        vars: Vec<(String, Tensor)>,
+        cfg: &OptimConfig,
+        sharding: Sharding,
+    ) -> Result<Self, (Self, TrainError)> {
         let mut params: Vec<Param> = vars
             .into_iter()
             .map(|(name, tensor)| {
                 let decay = decays(&name, &tensor);
-                Param { exp_avg: tensor.zeros_like(), exp_avg_sq: tensor.zeros_like(), name, tensor, step: 0, decay }
+                Param { name, tensor, moments: None, step: 0, decay }
             })
             .collect();
-        let flat = Self::flatten(&mut params);
-        AdamW { params, cfg: cfg.clone(), flat }
+        let flat = match Self::flatten(&mut params, sharding) {
+            Ok(f) => f,
+            Err(e) => {
+                let mut opt = AdamW { params, cfg: cfg.clone(), flat: None };
+                opt.own_moments();
+                return Err((opt, e));
+            }
+        };
+        let mut opt = AdamW { params, cfg: cfg.clone(), flat };
+        if opt.flat.is_none() {
+            opt.own_moments();
+            if sharding.world > 1 {
+                return Err((
+                    opt,
+                    TrainError::Distributed(
+                        "parameters mix dtypes or devices: data parallel needs one flat buffer".into(),
+                    ),
+                ));
+            }
+        }
+        Ok(opt)
     }
 
-    /// Moves parameters and moments into flat buffers; None (per-tensor updates) when the
-    /// parameters mix dtypes or devices, or there are none.
-    fn flatten(params: &mut [Param]) -> Option<Flat> {
-        let first = params.first()?;
+    fn own_moments(&mut self) {
+        for p in &mut self.params {
+            p.moments = Some((p.tensor.zeros_like(), p.tensor.zeros_like()));
+        }
+    }
+
+    /// Moves parameters into a flat buffer, links their gradients to views of a flat gradient
+    /// buffer, and allocates the (possibly sharded) moments. None when parameters mix dtypes or
+    /// devices, or there are none.
+    fn flatten(params: &mut [Param], sharding: Sharding) -> Result<Option<Flat>, TrainError> {
+        let Some(first) = params.first() else { return Ok(None) };
         let (kind, device) = (first.tensor.kind(), first.tensor.device());
         if params.iter().any(|p| p.tensor.kind() != kind || p.tensor.device() != device) {
-            return None;
+            return Ok(None);
         }
-        let mut order: Vec<usize> = (0..params.len()).collect();
-        order.sort_by_key(|&i| !params[i].decay); // stable: decayed first, name order within
-        let total: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
-        let n_decay: i64 = params.iter().filter(|p| p.decay).map(|p| p.tensor.numel() as i64).sum();
+        let infos: Vec<ParamInfo<'_>> = params
+            .iter()
+            .map(|p| ParamInfo { name: &p.name, numel: p.tensor.numel() as i64, decay: p.decay })
+            .collect();
+        let layout = Layout::new(&infos, sharding.world, sharding.buckets);
         let opts = (kind, device);
-        let (param, exp_avg, exp_avg_sq) =
-            (Tensor::zeros([total], opts), Tensor::zeros([total], opts), Tensor::zeros([total], opts));
-        let mut off = 0;
-        tch::no_grad(|| {
-            for &i in &order {
-                let p = &mut params[i];
-                let (n, shape) = (p.tensor.numel() as i64, p.tensor.size());
-                let view = |t: &Tensor| t.narrow(0, off, n).view(shape.as_slice());
+        let (param, grad) = (Tensor::zeros([layout.total], opts), Tensor::zeros([layout.total], opts));
+        let zero = sharding.zero && sharding.world > 1;
+        let moment_len = if zero { layout.shard_total() } else { layout.total };
+        let (exp_avg, exp_avg_sq) = (Tensor::zeros([moment_len], opts), Tensor::zeros([moment_len], opts));
+        let mut grad_ptrs = vec![0usize; params.len()];
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for e in &layout.entries {
+                let p = &mut params[e.param];
+                let shape = p.tensor.size();
+                let view = |t: &Tensor| t.narrow(0, e.offset, e.numel).view(shape.as_slice());
                 let mut dst = view(&param);
                 dst.copy_(&p.tensor);
                 // set_data swaps the storage under every handle to this variable (model, VarStore).
                 p.tensor.set_data(&dst);
-                p.exp_avg = view(&exp_avg);
-                p.exp_avg_sq = view(&exp_avg_sq);
-                off += n;
+                let g = view(&grad);
+                set_grad(&p.tensor, &g).map_err(|e| TrainError::Torch {
+                    op: format!("link the gradient of {}", p.name),
+                    source: tch::TchError::Torch(e),
+                })?;
+                grad_ptrs[e.param] = g.data_ptr() as usize;
+                if !zero {
+                    p.moments = Some((view(&exp_avg), view(&exp_avg_sq)));
+                }
             }
-        });
-        let chunk = if device.is_cuda() { total } else { total.min(CPU_CHUNK) };
+            Ok(())
+        })?;
+        let chunk = if device.is_cuda() { moment_len.max(1) } else { moment_len.clamp(1, CPU_CHUNK) };
         let scratch = Tensor::zeros([chunk], opts);
-        Some(Flat {
+        let shard_grad = zero.then(|| Tensor::zeros([layout.shard_total()], opts));
+        Ok(Some(Flat {
+            layout,
+            rank: sharding.rank,
+            zero,
             param,
+            grad,
+            grad_ptrs,
+            shard_grad,
             exp_avg,
             exp_avg_sq,
-            order,
-            n_decay,
-            grad: None,
-            grad_ptrs: Vec::new(),
             scratch,
             kernel: true,
-        })
+        }))
+    }
+
+    /// Whether moments are sharded over ranks (ZeRO-1).
+    pub fn is_sharded(&self) -> bool {
+        self.flat.as_ref().is_some_and(|f| f.zero)
+    }
+
+    /// The flat layout (None on the per-tensor path).
+    pub fn layout(&self) -> Option<&Layout> {
+        self.flat.as_ref().map(|f| &f.layout)
+    }
+
+    /// What the gradient buckets reduce (None on the per-tensor path).
+    pub fn buckets(&self) -> Option<Buckets> {
+        let f = self.flat.as_ref()?;
+        let params = self.params.iter().map(|p| p.tensor.shallow_clone()).collect();
+        let bucket_of = f.layout.bucket_of(self.params.len());
+        let grads = f.layout.buckets.iter().map(|b| f.grad.narrow(0, b.start, b.len)).collect();
+        let shards = f.shard_grad.as_ref().map(|s| {
+            let w = f.layout.world as i64;
+            f.layout.buckets.iter().map(|b| s.narrow(0, b.shard_offset, b.len / w)).collect()
+        });
+        Some(Buckets { params, bucket_of, grads, shards })
+    }
+
+    /// The parameters as contiguous ranges (a bucket each of the flat buffer; every parameter
+    /// alone on the per-tensor path), for moving them between ranks.
+    pub fn param_ranges(&self) -> Vec<Tensor> {
+        match &self.flat {
+            Some(f) => f.layout.buckets.iter().map(|b| f.param.narrow(0, b.start, b.len)).collect(),
+            None => self.params.iter().map(|p| p.tensor.detach()).collect(),
+        }
+    }
+
+    /// Bytes of weights, gradients and moments this rank holds.
+    pub fn state_bytes(&self) -> StateBytes {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        match &self.flat {
+            Some(f) => StateBytes {
+                weights: bytes(&f.param),
+                gradients: bytes(&f.grad) + f.shard_grad.as_ref().map_or(0, bytes),
+                moments: bytes(&f.exp_avg) + bytes(&f.exp_avg_sq),
+            },
+            None => {
+                let w: u64 = self.params.iter().map(|p| bytes(&p.tensor)).sum();
+                StateBytes { weights: w, gradients: w, moments: 2 * w }
+            }
+        }
     }
 
     /// Gradients of every parameter that received one.
@@ -135,85 +293,74 @@ impl AdamW {
     }
 
     pub fn zero_grad(&mut self) {
-        if self.flat_grad_is_live() {
-            if let Some(g) = self.flat.as_mut().and_then(|f| f.grad.as_mut()) {
-                let _ = g.zero_();
+        tch::no_grad(|| {
+            if self.grads_linked() {
+                if let Some(f) = &mut self.flat {
+                    let _ = f.grad.zero_();
+                }
+                return;
             }
-            return;
-        }
-        for p in &mut self.params {
-            p.tensor.zero_grad();
-        }
+            for p in &self.params {
+                let mut g = p.tensor.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+        });
     }
 
     /// Whether every parameter's gradient is still its view of the flat gradient buffer.
-    fn flat_grad_is_live(&self) -> bool {
+    fn grads_linked(&self) -> bool {
         let Some(f) = &self.flat else { return false };
-        f.grad.is_some()
-            && f.grad_ptrs.len() == f.order.len()
-            && f.order.iter().zip(&f.grad_ptrs).all(|(&i, &ptr)| {
-                let g = self.params[i].tensor.grad();
-                g.defined() && g.data_ptr() as usize == ptr
-            })
+        self.params.iter().zip(&f.grad_ptrs).all(|(p, &ptr)| {
+            let g = p.tensor.grad();
+            g.defined() && g.data_ptr() as usize == ptr
+        })
     }
 
-    /// The flat gradient, built on first use in a step. None when the fused path cannot take
-    /// this step: a parameter got no gradient (PyTorch leaves such a parameter and its moments
-    /// untouched, which the per-tensor path does) or step counts differ for the same reason.
-    fn flat_grad(&mut self) -> Option<&Tensor> {
-        if !self.flat_grad_is_live() {
-            let f = self.flat.as_mut()?;
-            let step0 = self.params.first().map(|p| p.step)?;
-            let mut grads = Vec::with_capacity(f.order.len());
-            for &i in &f.order {
-                let p = &self.params[i];
-                let g = p.tensor.grad();
-                if !g.defined() || p.step != step0 || g.kind() != f.param.kind() || g.size() != p.tensor.size() {
-                    f.grad = None;
-                    return None;
-                }
-                grads.push(g);
-            }
-            let flat = tch::no_grad(|| Tensor::cat(&grads.iter().map(|g| g.view([-1])).collect::<Vec<_>>(), 0));
-            // Re-point each gradient at its view: set_data swaps the storage under the
-            // gradient autograd holds, which accumulates in place from the next backward on.
-            let mut off = 0;
-            f.grad_ptrs.clear();
-            for g in &mut grads {
-                let n = g.numel() as i64;
-                let view = flat.narrow(0, off, n).view(g.size().as_slice());
-                g.set_data(&view);
-                f.grad_ptrs.push(g.data_ptr() as usize);
-                off += n;
-            }
-            f.grad = Some(flat);
+    /// Checks the gradient views are intact before the flat path reads them.
+    fn flat_ready(&self) -> Result<(), TrainError> {
+        if self.flat.is_some() && !self.grads_linked() {
+            return Err(TrainError::Torch {
+                op: "optimizer".into(),
+                source: tch::TchError::Torch(
+                    "a parameter's gradient was replaced: it no longer points into the flat gradient buffer".into(),
+                ),
+            });
         }
-        self.flat.as_ref()?.grad.as_ref()
+        Ok(())
     }
 
-    /// Global L2 norm of all gradients (one value read back to the host).
-    pub fn grad_norm(&mut self) -> f64 {
-        let sq = match self.flat_grad() {
-            // One pass, no temporary.
-            Some(g) => g.norm().to_kind(Kind::Double).square(),
+    /// Global L2 norm of the gradients: of the flat buffer (equal on every rank after an
+    /// all-reduce), or of this rank's shard summed over ranks under ZeRO.
+    pub fn grad_norm(&mut self, comm: &Comm) -> Result<f64, TrainError> {
+        self.flat_ready()?;
+        let sq = match &self.flat {
+            Some(f) => {
+                let g = f.shard_grad.as_ref().unwrap_or(&f.grad);
+                g.norm().to_kind(Kind::Double).square()
+            }
             None => {
                 let norms: Vec<Tensor> =
-                    self.grads().iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+                    self.grads().iter().map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double)).collect();
                 if norms.is_empty() {
-                    return 0.0;
+                    return Ok(0.0);
                 }
-                Tensor::stack(&norms, 0).sum(Kind::Float)
+                Tensor::stack(&norms, 0).sum(Kind::Double)
             }
         };
-        f64::try_from(sq.sqrt()).unwrap_or(f64::NAN)
+        let mut sq = [f64::try_from(sq).unwrap_or(f64::NAN)];
+        if self.is_sharded() {
+            comm.all_reduce_sum(&mut sq)?;
+        }
+        Ok(sq[0].sqrt())
     }
 
-    /// Scales every gradient in place (gradient clipping).
+    /// Scales every gradient this rank updates from, in place (gradient clipping).
     pub fn scale_grads(&mut self, factor: f64) {
         tch::no_grad(|| {
-            if let Some(f) = &mut self.flat
-                && let Some(g) = &mut f.grad
-            {
+            if let Some(f) = &mut self.flat {
+                let g = f.shard_grad.as_mut().unwrap_or(&mut f.grad);
                 *g *= factor;
                 return;
             }
@@ -223,37 +370,83 @@ impl AdamW {
         });
     }
 
-    /// One AdamW update at learning rate `lr`.
-    pub fn step(&mut self, lr: f64) {
-        if self.flat_grad().is_some() {
-            self.step_flat(lr);
-        } else {
+    /// One AdamW update at learning rate `lr`; under ZeRO, followed by the all-gather that
+    /// gives every rank the updated parameters.
+    pub fn step(&mut self, lr: f64, comm: &Comm) -> Result<(), TrainError> {
+        if self.flat.is_none() {
             self.step_per_tensor(lr);
+            return Ok(());
+        }
+        self.flat_ready()?;
+        self.step_flat(lr);
+        self.gather_params(comm)
+    }
+
+    /// The ranges this rank updates: the decayed prefix and the rest of the flat buffers, or
+    /// under ZeRO its chunk of every bucket.
+    fn pieces(f: &Flat) -> Vec<Piece> {
+        let cut = |t: &Tensor, start: i64, n: i64| t.narrow(0, start, n);
+        match &f.shard_grad {
+            None => {
+                let d = f.layout.decayed();
+                [(0, d, true), (d, f.layout.total - d, false)]
+                    .into_iter()
+                    .filter(|&(_, n, _)| n > 0)
+                    .map(|(s, n, decay)| Piece {
+                        param: cut(&f.param, s, n),
+                        grad: cut(&f.grad, s, n),
+                        m: cut(&f.exp_avg, s, n),
+                        v: cut(&f.exp_avg_sq, s, n),
+                        decay,
+                    })
+                    .collect()
+            }
+            Some(sg) => (0..f.layout.buckets.len())
+                .map(|b| {
+                    let (start, n) = f.layout.chunk(b, f.rank);
+                    let so = f.layout.buckets[b].shard_offset;
+                    Piece {
+                        param: cut(&f.param, start, n),
+                        grad: cut(sg, so, n),
+                        m: cut(&f.exp_avg, so, n),
+                        v: cut(&f.exp_avg_sq, so, n),
+                        decay: f.layout.buckets[b].decay,
+                    }
+                })
+                .filter(|p| p.param.numel() > 0)
+                .collect(),
         }
     }
 
-    /// The fused update: the per-tensor arithmetic, in the same order, on whole flat buffers.
+    /// The fused update: the per-tensor arithmetic, in the same order, on whole ranges.
     fn step_flat(&mut self, lr: f64) {
         let (b1, b2, eps, wd) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps, self.cfg.weight_decay);
         let Some(f) = &mut self.flat else { return };
-        let Some(g) = &f.grad else { return };
         let mut step = 0;
         for p in &mut self.params {
             p.step += 1;
             step = p.step;
         }
-        let total = f.param.numel() as i64;
+        let pieces = Self::pieces(f);
         if f.kernel {
             let steps = Tensor::from(step as f32).to_device(f.param.device());
-            // Decayed prefix and the rest: two calls, since weight decay is one number per call.
-            let parts = [(0, f.n_decay, wd), (f.n_decay, total - f.n_decay, 0.0)];
+            // One call per weight-decay group, since decay is one number per call.
             let run = || -> Result<(), String> {
-                for (start, n, decay) in parts {
-                    if n > 0 {
-                        let cut = |t: &Tensor| t.narrow(0, start, n);
-                        let (p, g, m, v) = (cut(&f.param), cut(g), cut(&f.exp_avg), cut(&f.exp_avg_sq));
-                        kernel::fused_adamw(&p, &g, &m, &v, &steps, lr, b1, b2, decay, eps)?;
+                for decay in [true, false] {
+                    let group: Vec<&Piece> = pieces.iter().filter(|p| p.decay == decay).collect();
+                    if group.is_empty() {
+                        continue;
                     }
+                    let list = |f: fn(&Piece) -> &Tensor| group.iter().map(|p| f(p)).collect::<Vec<&Tensor>>();
+                    let w = if decay { wd } else { 0.0 };
+                    kernel::fused_adamw(
+                        &list(|p| &p.param),
+                        &list(|p| &p.grad),
+                        &list(|p| &p.m),
+                        &list(|p| &p.v),
+                        &steps,
+                        (lr, b1, b2, w, eps),
+                    )?;
                 }
                 Ok(())
             };
@@ -271,32 +464,55 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(step as i32);
         let chunk = f.scratch.numel() as i64;
         tch::no_grad(|| {
-            let mut start = 0;
-            while start < total {
-                let n = chunk.min(total - start);
-                let cut = |t: &Tensor| t.narrow(0, start, n);
-                let decayed = (f.n_decay - start).clamp(0, n);
-                let mut p = cut(&f.param);
-                if wd > 0.0 && decayed > 0 {
-                    let mut d = p.narrow(0, 0, decayed);
-                    d *= 1.0 - lr * wd;
+            for piece in &pieces {
+                let total = piece.param.numel() as i64;
+                let mut start = 0;
+                while start < total {
+                    let n = chunk.min(total - start);
+                    let cut = |t: &Tensor| t.narrow(0, start, n);
+                    let mut p = cut(&piece.param);
+                    if wd > 0.0 && piece.decay {
+                        p *= 1.0 - lr * wd;
+                    }
+                    let (mut m, mut v, g) = (cut(&piece.m), cut(&piece.v), cut(&piece.grad));
+                    let mut s = f.scratch.narrow(0, 0, n);
+                    let _ = m.lerp_(&g, 1.0 - b1);
+                    let _ = g.mul_out(&s, &g);
+                    let _ = v.lerp_(&s, 1.0 - b2);
+                    if lr > 0.0 {
+                        // s = (sqrt(v / bc2) + eps) * bc1 / lr, so that p -= m / s.
+                        let _ = v.sqrt_out(&s);
+                        s *= bc1 / (lr * bc2.sqrt());
+                        s += eps * bc1 / lr;
+                        let _ = m.div_out(&s, &s);
+                        p -= &s;
+                    }
+                    start += n;
                 }
-                let (mut m, mut v, g) = (cut(&f.exp_avg), cut(&f.exp_avg_sq), cut(g));
-                let mut s = f.scratch.narrow(0, 0, n);
-                let _ = m.lerp_(&g, 1.0 - b1);
-                let _ = g.mul_out(&s, &g);
-                let _ = v.lerp_(&s, 1.0 - b2);
-                if lr > 0.0 {
-                    // s = (sqrt(v / bc2) + eps) * bc1 / lr, so that p -= m / s.
-                    let _ = v.sqrt_out(&s);
-                    s *= bc1 / (lr * bc2.sqrt());
-                    s += eps * bc1 / lr;
-                    let _ = m.div_out(&s, &s);
-                    p -= &s;
-                }
-                start += n;
             }
         });
+    }
+
+    /// ZeRO: every rank's updated chunks into every rank's parameters, bucket by bucket.
+    fn gather_params(&self, comm: &Comm) -> Result<(), TrainError> {
+        let (Some(f), Some(group)) = (&self.flat, comm.group()) else { return Ok(()) };
+        if !f.zero {
+            return Ok(());
+        }
+        let mut works = Vec::with_capacity(f.layout.buckets.len());
+        let mut inputs = Vec::with_capacity(f.layout.buckets.len());
+        for (b, k) in f.layout.buckets.iter().enumerate() {
+            let (start, n) = f.layout.chunk(b, f.rank);
+            // The input is a copy: c10d does not promise in-place all-gather on every backend.
+            let input = f.param.narrow(0, start, n).copy();
+            works.push(group.all_gather_into(&f.param.narrow(0, k.start, k.len), &input).map_err(|e| comm.explain(e))?);
+            inputs.push(input);
+        }
+        for w in works {
+            w.wait().map_err(|e| comm.explain(e))?;
+        }
+        drop(inputs);
+        Ok(())
     }
 
     /// PyTorch's per-parameter loop; parameters without a gradient are skipped.
@@ -305,6 +521,7 @@ impl AdamW {
         tch::no_grad(|| {
             for p in &mut self.params {
                 let g = p.tensor.grad();
+                let Some((m, v)) = &mut p.moments else { continue };
                 if !g.defined() {
                     continue;
                 }
@@ -312,35 +529,90 @@ impl AdamW {
                 if p.decay && wd > 0.0 {
                     p.tensor *= 1.0 - lr * wd;
                 }
-                let _ = p.exp_avg.lerp_(&g, 1.0 - b1);
-                let _ = p.exp_avg_sq.lerp_(&g.square(), 1.0 - b2);
+                let _ = m.lerp_(&g, 1.0 - b1);
+                let _ = v.lerp_(&g.square(), 1.0 - b2);
                 let bc1 = 1.0 - b1.powi(p.step as i32);
                 let bc2 = 1.0 - b2.powi(p.step as i32);
-                let denom = p.exp_avg_sq.sqrt() / bc2.sqrt() + eps;
-                p.tensor -= (&p.exp_avg / denom) * (lr / bc1);
+                let denom = v.sqrt() / bc2.sqrt() + eps;
+                p.tensor -= (&*m / denom) * (lr / bc1);
             }
         });
     }
 
-    /// Moments as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) and step counts,
-    /// under the checkpoint's per-tower parameter names ([`public_views`]).
-    pub fn state(&self) -> (Vec<(String, Tensor)>, BTreeMap<String, i64>) {
-        let mut tensors = Vec::with_capacity(self.params.len() * 2);
-        let mut steps = BTreeMap::new();
-        for p in &self.params {
-            for (suffix, moment) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
-                for (name, view) in public_views(&p.name, moment) {
-                    tensors.push((format!("{name}.{suffix}"), view));
+    /// Full moment buffers `[total]` on the CPU, gathered from every rank's chunks (ZeRO;
+    /// every rank takes part, only rank 0 keeps the result).
+    fn gather_moments(&self, f: &Flat, comm: &Comm) -> Result<Option<(Tensor, Tensor)>, TrainError> {
+        let group = comm.group().ok_or_else(|| TrainError::Distributed("sharded moments without a group".into()))?;
+        let keep = comm.rank() == 0;
+        let full = || Tensor::zeros([f.layout.total], (f.exp_avg.kind(), tch::Device::Cpu));
+        let (m_full, v_full) = (keep.then(full), keep.then(full));
+        for (src, dst) in [(&f.exp_avg, &m_full), (&f.exp_avg_sq, &v_full)] {
+            for k in &f.layout.buckets {
+                let n = k.len / f.layout.world as i64;
+                let out = Tensor::zeros([k.len], (src.kind(), src.device()));
+                let input = src.narrow(0, k.shard_offset, n).copy();
+                group.all_gather_into(&out, &input).and_then(|w| w.wait()).map_err(|e| comm.explain(e))?;
+                if let Some(d) = dst {
+                    tch::no_grad(|| d.narrow(0, k.start, k.len).copy_(&out));
                 }
             }
+        }
+        Ok(m_full.zip(v_full))
+    }
+
+    /// Named views of each parameter's part of a full-size flat buffer, per-tower names.
+    fn public_flat_views(&self, f: &Flat, buffer: &Tensor) -> Vec<(usize, String, Tensor)> {
+        let mut out = Vec::new();
+        for e in &f.layout.entries {
+            let p = &self.params[e.param];
+            let t = buffer.narrow(0, e.offset, e.numel).view(p.tensor.size().as_slice());
+            for (name, view) in public_views(&p.name, &t) {
+                out.push((e.param, name, view));
+            }
+        }
+        out
+    }
+
+    /// Moments as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) and step counts,
+    /// under the checkpoint's per-tower parameter names ([`public_views`]). Under ZeRO the
+    /// chunks are gathered (a collective every rank must call); only rank 0 gets Some.
+    #[allow(clippy::type_complexity)]
+    pub fn state(&self, comm: &Comm) -> Result<Option<(Vec<(String, Tensor)>, BTreeMap<String, i64>)>, TrainError> {
+        let mut steps = BTreeMap::new();
+        for p in &self.params {
             for (name, _) in public_views(&p.name, &p.tensor) {
                 steps.insert(name, p.step);
             }
         }
-        (tensors, steps)
+        let mut tensors = Vec::with_capacity(self.params.len() * 2);
+        match &self.flat {
+            Some(f) if f.zero => {
+                let Some((m, v)) = self.gather_moments(f, comm)? else { return Ok(None) };
+                for (suffix, buf) in [("exp_avg", &m), ("exp_avg_sq", &v)] {
+                    for (_, name, view) in self.public_flat_views(f, buf) {
+                        tensors.push((format!("{name}.{suffix}"), view));
+                    }
+                }
+            }
+            _ => {
+                if comm.rank() != 0 {
+                    return Ok(None);
+                }
+                for p in &self.params {
+                    let Some((m, v)) = &p.moments else { continue };
+                    for (suffix, moment) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                        for (name, view) in public_views(&p.name, moment) {
+                            tensors.push((format!("{name}.{suffix}"), view));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Some((tensors, steps)))
     }
 
-    /// Restores moments saved by [`AdamW::state`]; every parameter must be present with its shape.
+    /// Restores moments saved by [`AdamW::state`] (from any world size and sharding); every
+    /// parameter must be present with its shape.
     pub fn load_state(
         &mut self,
         tensors: &BTreeMap<String, Tensor>,
@@ -348,23 +620,43 @@ impl AdamW {
         origin: &std::path::Path,
     ) -> Result<(), TrainError> {
         let missing = |what: String| TrainError::Checkpoint { path: origin.to_path_buf(), msg: what };
+        let copy_in = |key: String, dst: &mut Tensor| -> Result<(), TrainError> {
+            let src = tensors.get(&key).ok_or_else(|| missing(format!("optimizer state lacks {key}")))?;
+            if src.size() != dst.size() {
+                return Err(missing(format!("{key} has shape {:?}, the model needs {:?}", src.size(), dst.size())));
+            }
+            dst.f_copy_(src).map_err(TrainError::torch(format!("copy {key}")))?;
+            Ok(())
+        };
         tch::no_grad(|| {
-            for p in &mut self.params {
-                for (suffix, moment) in [("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)] {
-                    // Views of the moment: copying into them fills it.
-                    for (name, mut dst) in public_views(&p.name, moment) {
-                        let key = format!("{name}.{suffix}");
-                        let src = tensors.get(&key).ok_or_else(|| missing(format!("optimizer state lacks {key}")))?;
-                        if src.size() != dst.size() {
-                            return Err(missing(format!(
-                                "{key} has shape {:?}, the model needs {:?}",
-                                src.size(),
-                                dst.size()
-                            )));
+            match &self.flat {
+                Some(f) if f.zero => {
+                    // Fill full-size host buffers, then keep this rank's chunks.
+                    let full = || Tensor::zeros([f.layout.total], (f.exp_avg.kind(), tch::Device::Cpu));
+                    for (suffix, dst) in [("exp_avg", &f.exp_avg), ("exp_avg_sq", &f.exp_avg_sq)] {
+                        let buf = full();
+                        for (_, name, mut view) in self.public_flat_views(f, &buf) {
+                            copy_in(format!("{name}.{suffix}"), &mut view)?;
                         }
-                        dst.f_copy_(src).map_err(TrainError::torch(format!("copy {key}")))?;
+                        for (b, k) in f.layout.buckets.iter().enumerate() {
+                            let (start, n) = f.layout.chunk(b, f.rank);
+                            dst.narrow(0, k.shard_offset, n).copy_(&buf.narrow(0, start, n));
+                        }
                     }
                 }
+                _ => {
+                    for p in &self.params {
+                        let Some((m, v)) = &p.moments else { continue };
+                        for (suffix, moment) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                            // Views of the moment: copying into them fills it.
+                            for (name, mut dst) in public_views(&p.name, moment) {
+                                copy_in(format!("{name}.{suffix}"), &mut dst)?;
+                            }
+                        }
+                    }
+                }
+            }
+            for p in &mut self.params {
                 // One step count per stored tensor; the parts of a stacked one must agree.
                 let mut step = None;
                 for (name, _) in public_views(&p.name, &p.tensor) {
@@ -392,10 +684,11 @@ mod kernel {
 
     unsafe extern "C" {
         fn motley_fused_adamw(
-            param: *const C_tensor,
-            grad: *const C_tensor,
-            exp_avg: *const C_tensor,
-            exp_avg_sq: *const C_tensor,
+            params: *const *const C_tensor,
+            grads: *const *const C_tensor,
+            exp_avgs: *const *const C_tensor,
+            exp_avg_sqs: *const *const C_tensor,
+            n: usize,
             step: *const C_tensor,
             lr: f64,
             beta1: f64,
@@ -403,31 +696,36 @@ mod kernel {
             weight_decay: f64,
             eps: f64,
         ) -> *mut c_char;
+        fn motley_set_grad(param: *const C_tensor, grad: *const C_tensor) -> *mut c_char;
     }
 
-    /// One in-place AdamW step of `param` and its moments (PyTorch's formula; `step` is the
-    /// step count after this update, a 0-dim fp32 tensor on the parameters' device).
-    #[allow(clippy::too_many_arguments)] // the kernel's own argument list
+    /// One in-place AdamW step of each parameter in `params` and its moments (PyTorch's
+    /// formula; `step` is the step count after this update, a 0-dim fp32 tensor on the
+    /// parameters' device). `hyper`: (lr, beta1, beta2, weight decay, eps).
     pub(super) fn fused_adamw(
-        param: &Tensor,
-        grad: &Tensor,
-        exp_avg: &Tensor,
-        exp_avg_sq: &Tensor,
+        params: &[&Tensor],
+        grads: &[&Tensor],
+        exp_avgs: &[&Tensor],
+        exp_avg_sqs: &[&Tensor],
         step: &Tensor,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
+        hyper: (f64, f64, f64, f64, f64),
     ) -> Result<(), String> {
+        let n = params.len();
+        if [grads.len(), exp_avgs.len(), exp_avg_sqs.len()].iter().any(|&l| l != n) {
+            return Err("fused AdamW: lists of different lengths".into());
+        }
+        let ptrs = |l: &[&Tensor]| l.iter().map(|t| t.as_ptr()).collect::<Vec<_>>();
+        let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
+        let (lr, beta1, beta2, weight_decay, eps) = hyper;
         // SAFETY: every pointer is a live tensor handle borrowed for the call; the shim catches
         // every C++ exception and returns its message, which we copy and free.
         unsafe {
             let err = motley_fused_adamw(
-                param.as_ptr(),
-                grad.as_ptr(),
-                exp_avg.as_ptr(),
-                exp_avg_sq.as_ptr(),
+                p.as_ptr(),
+                g.as_ptr(),
+                m.as_ptr(),
+                v.as_ptr(),
+                n,
                 step.as_ptr(),
                 lr,
                 beta1,
@@ -436,6 +734,17 @@ mod kernel {
                 eps,
             );
             match take_string(err) {
+                None => Ok(()),
+                Some(msg) => Err(msg.lines().next().unwrap_or_default().to_string()),
+            }
+        }
+    }
+
+    /// `param.grad = grad` (tch binds no setter for a gradient).
+    pub(super) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), String> {
+        // SAFETY: two live tensor handles borrowed for the call; errors come back as a message.
+        unsafe {
+            match take_string(motley_set_grad(param.as_ptr(), grad.as_ptr())) {
                 None => Ok(()),
                 Some(msg) => Err(msg.lines().next().unwrap_or_default().to_string()),
             }
@@ -503,9 +812,9 @@ mod tests {
                 loss += (t * t * (step as f64 + 1.0) + t.sin()).sum(Kind::Float);
             }
             loss.backward();
-            let norm = opt.grad_norm();
+            let norm = opt.grad_norm(&Comm::single()).expect("norm");
             opt.scale_grads(0.5 / (norm + 1e-6));
-            opt.step(0.01);
+            opt.step(0.01, &Comm::single()).expect("step");
         }
         if let Some(f) = &opt.flat {
             assert_eq!(f.kernel, kernel, "the fused kernel ran every step (no silent fallback)");
@@ -555,10 +864,12 @@ mod tests {
         let opt =
             AdamW::new(vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), &OptimConfig::default());
         let flat = opt.flat.as_ref().expect("one dtype and device: fused");
-        assert_eq!(flat.param.numel(), 13);
-        // Decayed matrix first, then the rest in name order.
-        assert_eq!(flat.order, vec![1, 0, 2]);
-        assert_eq!(flat.n_decay, 6);
+        // Decayed matrix first (6, padded to 8), then the norm (3) and the embedding (4) in
+        // backward order, padded to 8.
+        assert_eq!(flat.param.numel(), 16);
+        let order: Vec<usize> = flat.layout.entries.iter().map(|e| e.param).collect();
+        assert_eq!(order, vec![1, 2, 0]);
+        assert_eq!(flat.layout.decayed(), 8);
         let q: Vec<f32> = Vec::try_from(vars[1].1.detach().view([-1])).expect("values");
         assert_eq!(q, vec![1.0, -2.0, 0.5, 0.25, -0.75, 2.0], "values survive the move");
         let head: Vec<f32> = Vec::try_from(flat.param.narrow(0, 0, 6)).expect("values");
@@ -577,24 +888,57 @@ mod tests {
             }
             loss.backward();
         };
+        assert!(opt.grads_linked(), "linked before any backward");
         backward(1.0);
-        assert!(!opt.flat_grad_is_live(), "autograd's own gradients before the first step");
-        opt.grad_norm();
-        assert!(opt.flat_grad_is_live(), "linked at the first use");
+        assert!(opt.grads_linked(), "backward accumulated in place");
         opt.zero_grad();
         backward(1.0);
         backward(2.0); // accumulation (two micro-batches) lands in the buffer too
-        assert!(opt.flat_grad_is_live());
-        let flat: Vec<f32> = Vec::try_from(opt.flat_grad().expect("fused").shallow_clone()).expect("values");
-        let want: Vec<f32> = opt
-            .flat
-            .as_ref()
-            .map(|f| f.order.clone())
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|&i| Vec::<f32>::try_from(vars[i].1.detach().view([-1]) * 6.0).expect("values"))
-            .collect();
-        assert_eq!(flat, want, "d/dt 3 t^2 = 6 t, in flat order");
+        assert!(opt.grads_linked());
+        let f = opt.flat.as_ref().expect("fused");
+        let flat: Vec<f32> = Vec::try_from(f.grad.shallow_clone()).expect("values");
+        let mut want = vec![0f32; 16];
+        for e in &f.layout.entries {
+            let g: Vec<f32> = Vec::try_from(vars[e.param].1.detach().view([-1]) * 6.0).expect("values");
+            want[e.offset as usize..e.offset as usize + g.len()].copy_from_slice(&g);
+        }
+        assert_eq!(flat, want, "d/dt 3 t^2 = 6 t, in flat order, zeros in the padding");
+    }
+
+    #[test]
+    fn sharded_layout_splits_moments_and_gradient_chunks() {
+        // Two ranks' optimizers over the same parameters, without communication: each owns
+        // half of every bucket; their state bytes halve the moments.
+        let build = |rank| {
+            let vars = toy();
+            let sharding = Sharding { rank, world: 2, zero: true, buckets: BucketCap { first: 8, rest: 8 } };
+            AdamW::sharded(vars.into_iter().collect(), &OptimConfig::default(), sharding).expect("sharded")
+        };
+        let (a, b) = (build(0), build(1));
+        assert!(a.is_sharded());
+        let full = AdamW::new(toy(), &OptimConfig::default());
+        assert_eq!(a.state_bytes().moments * 2, full.state_bytes().moments);
+        assert_eq!(a.state_bytes().weights, full.state_bytes().weights);
+        let k = a.buckets().expect("flat");
+        assert_eq!((k.params.len(), k.bucket_of.len()), (3, 3));
+        let shards = k.shards.expect("ZeRO shards");
+        for (g, s) in k.grads.iter().zip(&shards) {
+            assert_eq!(g.numel(), 2 * s.numel(), "each rank's chunk is half a bucket");
+        }
+        // The two ranks update complementary halves of every bucket.
+        let ranges = |o: &AdamW| -> Vec<(i64, i64)> {
+            let f = o.flat.as_ref().expect("flat");
+            let base = f.param.data_ptr() as i64;
+            AdamW::pieces(f).iter().map(|p| ((p.param.data_ptr() as i64 - base) / 4, p.param.numel() as i64)).collect()
+        };
+        let (ra, rb) = (ranges(&a), ranges(&b));
+        let layout = a.layout().expect("layout");
+        assert_eq!(ra.len(), layout.buckets.len());
+        for (i, (x, y)) in ra.iter().zip(&rb).enumerate() {
+            let bucket = &layout.buckets[i];
+            assert_eq!((x.0, y.0), (bucket.start, bucket.start + bucket.len / 2), "bucket {i}");
+            assert_eq!(x.1 + y.1, bucket.len);
+        }
     }
 
     #[test]
@@ -611,11 +955,11 @@ mod tests {
         assert!(opt.params.iter().all(|p| p.decay == (p.name == "layers.0.attn.q_proj.weight")));
         tch::no_grad(|| {
             for (i, p) in opt.params.iter_mut().enumerate() {
-                let _ = p.exp_avg.fill_(i as f64 + 0.5);
+                let _ = p.moments.as_mut().expect("moments").0.fill_(i as f64 + 0.5);
                 p.step = 7;
             }
         });
-        let (tensors, steps) = opt.state();
+        let (tensors, steps) = opt.state(&Comm::single()).expect("state").expect("rank 0");
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         assert!(names.contains(&"layers.0.attn_norm.speech.weight.exp_avg_sq"), "{names:?}");
         assert_eq!(tensors.len(), 2 * (3 + 1));
@@ -625,7 +969,8 @@ mod tests {
         let mut fresh = AdamW::new(vars(), &OptimConfig::default());
         fresh.load_state(&tensors, &steps, origin).expect("round trip");
         for (a, b) in opt.params.iter().zip(&fresh.params) {
-            assert!(a.exp_avg.equal(&b.exp_avg) && a.step == b.step, "{}", a.name);
+            let (ma, mb) = (a.moments.as_ref().expect("moments"), b.moments.as_ref().expect("moments"));
+            assert!(ma.0.equal(&mb.0) && a.step == b.step, "{}", a.name);
         }
         // The towers of one stacked tensor share a step count: disagreeing ones are an error.
         let mut bad = steps.clone();
@@ -645,7 +990,7 @@ mod tests {
         for (t, g) in grads.iter().enumerate() {
             opt.zero_grad();
             (&w * Tensor::from_slice(g).view([1, 2])).sum(Kind::Double).backward();
-            opt.step(0.01);
+            opt.step(0.01, &Comm::single()).expect("step");
             let t = (t + 1) as i32;
             for i in 0..2 {
                 x[i] *= 1.0 - 0.01 * 0.1;

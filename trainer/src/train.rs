@@ -2,14 +2,17 @@
 //! exact resume, and the MoT-vs-dense comparison the demo runs.
 //!
 //! A step: take `grad_accum` micro-batches, back-propagate each one's share of the mean
-//! next-token loss (weighted by loss-bearing tokens, so accumulation equals one big batch),
-//! check the loss is finite, average gradients over ranks, clip, AdamW with warmup + cosine.
-//! With latent images (Transfusion setting) each micro-batch's images are noised from a stream
-//! keyed by (seed, step, micro-batch) and the objective adds λ times the diffusion loss, whose
-//! share is weighted by images.
+//! next-token loss (weighted by loss-bearing tokens counted over every rank and micro-batch, so
+//! N ranks × accumulation equal one big batch), check the loss is finite, clip, AdamW with
+//! warmup + cosine. With several ranks the last micro-batch's backward sums gradients across
+//! ranks bucket by bucket as they complete (dist::c10d::GradSync). With latent images
+//! (Transfusion setting) each row's images are noised from a stream keyed by (seed, step, row)
+//! and the objective adds λ times the diffusion loss, whose share is weighted by images.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use motley_shards::{Modality, Split};
 use serde::{Deserialize, Serialize};
@@ -19,19 +22,39 @@ use crate::checkpoint::{self, META_VERSION, Meta, RngState};
 use crate::config::{OnNonFinite, TrainConfig};
 use crate::data::BatchSource;
 use crate::diffusion::{self, BUCKETS, NoisePolicy, Schedule};
-use crate::dist::{self, GradReducer};
+use crate::dist::c10d::GradSync;
+use crate::dist::{self, Comm, Launch, Overlap};
 use crate::error::TrainError;
+use crate::flat::BucketCap;
 use crate::loader::open_source;
 use crate::metrics::{EvalRecord, MODALITY_NAMES, MetricsLog, PerModality, StepRecord};
 use crate::model::{Arch, Model, Prepared};
-use crate::optim::{AdamW, learning_rate};
+use crate::optim::{AdamW, Sharding, StateBytes, learning_rate};
 
 /// `auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`.
 pub fn resolve_device(spec: &str) -> Result<Device, TrainError> {
+    resolve_device_for(spec, &Launch::single())
+}
+
+/// The device of a rank: `auto` and `cuda` pick `cuda:LOCAL_RANK` (one GPU per rank, as
+/// torchrun's users expect); an explicit `cuda:N` must agree with it in a job of several.
+pub fn resolve_device_for(spec: &str, launch: &Launch) -> Result<Device, TrainError> {
     let bad = |msg: String| TrainError::Config { path: "train.device".into(), msg };
+    let local = launch.local_rank;
+    let cuda = |idx: Option<usize>| -> Result<Device, TrainError> {
+        let n = tch::Cuda::device_count().max(0) as usize;
+        let i = idx.unwrap_or(local);
+        if launch.is_distributed() && idx.is_some_and(|i| i != local) {
+            return Err(bad(format!("cuda:{i} conflicts with LOCAL_RANK={local}; use `cuda` or `auto`")));
+        }
+        if i >= n {
+            return Err(bad(format!("cuda:{i} requested but this machine has {n} CUDA device(s)")));
+        }
+        Ok(Device::Cuda(i))
+    };
     match spec {
-        "auto" => Ok(Device::cuda_if_available()),
-        "cpu" => Ok(Device::Cpu),
+        "auto" if tch::Cuda::is_available() => cuda(None),
+        "auto" | "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             if !tch::Cuda::is_available() {
                 return Err(bad(format!("`{s}` requested but CUDA is not available")));
@@ -40,7 +63,7 @@ pub fn resolve_device(spec: &str) -> Result<Device, TrainError> {
                 .strip_prefix("cuda:")
                 .map(|i| i.parse::<usize>().map_err(|_| bad(format!("bad device `{s}`"))))
                 .transpose()?;
-            Ok(Device::Cuda(idx.unwrap_or(0)))
+            cuda(idx)
         }
         other => Err(bad(format!("unknown device `{other}` (auto, cpu, cuda, cuda:N)"))),
     }
@@ -69,7 +92,12 @@ pub struct Trainer {
     pub model: Model,
     opt: AdamW,
     data: Box<dyn BatchSource>,
-    reducer: Box<dyn GradReducer>,
+    /// This rank's part in a data-parallel job (one process: no communication).
+    comm: Arc<Comm>,
+    /// Gradient buckets reduced from autograd hooks (several ranks only).
+    sync: Option<GradSync>,
+    /// `train.log_rows`: this rank's global row ids, one line per micro-batch.
+    rows_log: Option<PathBuf>,
     /// The diffusion noise schedule (used when batches carry latent images).
     schedule: Schedule,
     /// Optimizer steps completed.
@@ -95,15 +123,32 @@ impl std::fmt::Debug for Trainer {
 
 impl Trainer {
     /// Builds a fresh model from `cfg` (seeded), opens its data and resolves the vocabulary.
+    /// Under a launcher (torchrun, Slurm, `--nproc`) it first joins the job: ranks check they
+    /// agree on config and corpus, and rank 0's weights are broadcast.
     pub fn new(cfg: TrainConfig) -> Result<Self, TrainError> {
-        let mut cfg = cfg;
         cfg.validate()?;
+        let launch = Launch::from_env()?;
         if cfg.train.threads > 0 {
             tch::set_num_threads(cfg.train.threads);
+        } else if launch.local_world > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+            tch::set_num_threads(dist::default_threads(launch.local_world));
         }
-        let device = resolve_device(&cfg.train.device)?;
-        let reducer = dist::reducer_from_env()?;
-        let data = open_source(&cfg.data, cfg.train.seed, Split::Train, reducer.rank(), reducer.world_size())?
+        let device = resolve_device_for(&cfg.train.device, &launch)?;
+        let timeout = Duration::from_secs_f64(cfg.train.dist_timeout_s);
+        let comm = Comm::for_process(launch, cfg.train.dist_backend, device, timeout)?;
+        let result = Self::build(cfg, device, Arc::clone(&comm));
+        if let Err(e) = &result {
+            // The other ranks would wait for this one at the next collective.
+            comm.report_failure(e);
+        }
+        result
+    }
+
+    /// The rest of [`Trainer::new`], once this rank joined its job.
+    fn build(mut cfg: TrainConfig, device: Device, comm: Arc<Comm>) -> Result<Self, TrainError> {
+        let (rank, world) = (comm.rank(), comm.world());
+        cfg.resolve_global_batch(world)?;
+        let data = open_source(&cfg.data, cfg.train.seed, Split::Train, rank, world)?
             .ok_or_else(|| TrainError::Data { path: "data".into(), msg: "no training split".into() })?;
         let total = i64::from(data.vocab().total_size);
         if cfg.model.vocab_size == 0 {
@@ -124,23 +169,41 @@ impl Trainer {
             });
         }
         if cfg.model.latent_dim > 0 && cfg.model.latent_scale == 0.0 {
-            cfg.model.latent_scale = measure_latent_scale(&cfg, reducer.world_size())?;
+            cfg.model.latent_scale = measure_latent_scale(&cfg, world)?;
             tracing::info!("latent_scale = {} (1 / RMS of the corpus's latents)", cfg.model.latent_scale);
         }
+        comm.agree("config and corpus", &run_facts(&cfg, data.vocab())?)?;
         let schedule = Schedule::cosine(cfg.model.diffusion_steps as usize);
         let vs = nn::VarStore::new(device);
         let model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let opt = AdamW::new(vars, &cfg.optim);
-        Ok(Trainer {
+        let sharding = Sharding {
+            rank,
+            world,
+            zero: cfg.train.zero >= 1,
+            buckets: BucketCap::ddp(cfg.train.bucket_mb, Kind::Float.elt_size_in_bytes() as i64),
+        };
+        let opt = AdamW::sharded(vars, &cfg.optim, sharding).map_err(|(_, e)| e)?;
+        let sync = match comm.group() {
+            Some(group) => {
+                let b = opt
+                    .buckets()
+                    .ok_or_else(|| TrainError::Distributed("the optimizer has no flat gradient buffer".into()))?;
+                Some(GradSync::new(group, &b.params, &b.bucket_of, &b.grads, b.shards.as_deref())?)
+            }
+            None => None,
+        };
+        let t = Trainer {
             cfg,
             device,
             vs,
             model,
             opt,
             data,
-            reducer,
+            comm,
+            sync,
+            rows_log: None,
             schedule,
             step: 0,
             skipped: 0,
@@ -149,30 +212,72 @@ impl Trainer {
             run_dir: None,
             log: None,
             verbose: true,
-        })
+        };
+        t.broadcast_weights()?;
+        Ok(t)
+    }
+
+    /// blake3 of this rank's weights (public names, in name order); with
+    /// `train.verify_replicas` in a job of several, checked equal on every rank.
+    fn verify_replicas(&self) -> Result<Option<String>, TrainError> {
+        if !self.cfg.train.verify_replicas {
+            return Ok(None);
+        }
+        let mut h = blake3::Hasher::new();
+        for (name, t) in crate::model::public_parameters(&self.vs) {
+            let t = t.detach().to_device(Device::Cpu).contiguous().to_kind(Kind::Float);
+            let v: Vec<f32> = Vec::try_from(t.view([-1])).map_err(TrainError::torch(format!("read {name}")))?;
+            h.update(name.as_bytes());
+            for x in v {
+                h.update(&x.to_bits().to_le_bytes());
+            }
+        }
+        let hex = h.finalize().to_hex().to_string();
+        self.comm.agree("final weights", &[("weights (blake3)", hex.clone())])?;
+        Ok(Some(hex))
+    }
+
+    /// Every rank starts from rank 0's weights (seeded init already agrees; a checkpoint read
+    /// by every rank too, but this makes it so whatever each rank read).
+    fn broadcast_weights(&self) -> Result<(), TrainError> {
+        if !self.comm.is_distributed() {
+            return Ok(());
+        }
+        // Bucket by bucket over the flat parameter buffer every parameter is a view of.
+        for range in self.opt.param_ranges() {
+            self.comm.broadcast(&range, 0)?;
+        }
+        Ok(())
     }
 
     /// Continues the run in `run` (or from a checkpoint folder) exactly where its latest
-    /// checkpoint left it. `overrides` may change the loop (`train.steps`, cadence, device)
-    /// and the corpus location, nothing that would change the model or its data stream.
+    /// checkpoint left it, on any number of ranks: the global batch stays, so accumulation is
+    /// re-derived for the new world size. `overrides` may change the loop (`train.steps`,
+    /// cadence, device, the data-parallel settings), the corpus location and, when the global
+    /// batch allows, the micro-batch size — nothing that would change the model or its data.
     pub fn resume(run: &Path, overrides: &[String]) -> Result<Self, TrainError> {
         let ckpt = checkpoint::resolve(run)?;
         let meta = checkpoint::read_meta(&ckpt)?;
         let saved = meta.config.clone();
         let cfg = saved.apply_overrides(overrides)?;
-        let frozen_ok = cfg.model == saved.model
-            && cfg.optim == saved.optim
-            && cfg.train.seed == saved.train.seed
-            && cfg.train.routing == saved.train.routing
-            && DataShape::of(&cfg) == DataShape::of(&saved);
-        if !frozen_ok {
+        let frozen = |c: &TrainConfig| {
+            let mut o = c.optim.clone();
+            o.grad_accum = 0; // derived from the global batch and the world size
+            let mut d = DataShape::of(c);
+            d.batch_size = 0; // free: the loader resumes at any micro-batch size
+            (c.model.clone(), o, c.train.seed, c.train.routing, d)
+        };
+        if frozen(&cfg) != frozen(&saved) {
             return Err(TrainError::Config {
                 path: "--resume".into(),
-                msg: "overrides may only change train.steps / cadence / device and data.paths on resume".into(),
+                msg: "overrides may only change train.steps / cadence / device / data-parallel settings, data.paths \
+                      and data.batch_size on resume"
+                    .into(),
             });
         }
         let mut t = Trainer::new(cfg)?;
         checkpoint::load_weights(&t.vs, &ckpt)?;
+        t.broadcast_weights()?;
         let opt_tensors = checkpoint::read_tensors(&ckpt.join(checkpoint::OPTIMIZER_FILE))?;
         t.opt.load_state(&opt_tensors, &meta.optimizer_steps, &ckpt.join(checkpoint::OPTIMIZER_FILE))?;
         t.data.restore(&meta.loader_state)?;
@@ -187,15 +292,30 @@ impl Trainer {
         Ok(t)
     }
 
-    /// Writes the resolved config into `dir` and appends metrics there from now on.
+    /// Writes the resolved config into `dir` and appends metrics there from now on (rank 0).
     pub fn attach_run_dir(&mut self, dir: &Path) -> Result<(), TrainError> {
         std::fs::create_dir_all(dir).map_err(TrainError::io("create run dir", dir))?;
-        if self.reducer.rank() == 0 {
+        if self.comm.rank() == 0 {
             checkpoint::write_atomic(&dir.join("config.toml"), self.cfg.to_toml()?.as_bytes())?;
             self.log = Some(MetricsLog::open(dir, self.step)?);
         }
+        if self.cfg.train.log_rows {
+            let path = dir.join("rows").join(format!("rank-{}.jsonl", self.comm.rank()));
+            truncate_row_log(&path, self.step)?;
+            self.rows_log = Some(path);
+        }
         self.run_dir = Some(dir.to_path_buf());
         Ok(())
+    }
+
+    /// This rank's place in its job.
+    pub fn comm(&self) -> &Comm {
+        &self.comm
+    }
+
+    /// Bytes of weights, gradients and optimizer moments this rank holds.
+    pub fn state_bytes(&self) -> StateBytes {
+        self.opt.state_bytes()
     }
 
     pub fn run_dir(&self) -> Option<&Path> {
@@ -213,6 +333,14 @@ impl Trainer {
 
     /// One optimizer step (several micro-batches under gradient accumulation).
     pub fn train_step(&mut self) -> Result<StepRecord, TrainError> {
+        let result = self.train_step_inner();
+        if let Err(e) = &result {
+            self.comm.report_failure(e);
+        }
+        result
+    }
+
+    fn train_step_inner(&mut self) -> Result<StepRecord, TrainError> {
         let started = Instant::now();
         let step = self.step + 1;
         let routing = self.cfg.train.routing;
@@ -223,55 +351,76 @@ impl Trainer {
         for i in 0..self.cfg.optim.grad_accum {
             let batch = self.data.next_batch()?;
             tokens += batch.numel() as u64;
+            self.log_rows(step, i, &batch.row_ids)?;
             let mut p = Prepared::new(&self.model.cfg, &batch, routing, self.device)?;
+            let fallback = (self.comm.rank() as u64) << 48 | i << 32;
             diffusion::noise_prepared(
                 &mut p,
                 &self.schedule,
                 policy,
-                &mut diffusion::noise_rng(self.cfg.train.seed, step, i),
+                (self.cfg.train.seed, step),
+                &batch.row_ids,
+                fallback,
             );
             micro.push(p);
         }
-        let mut counts = [0i64; Modality::COUNT];
-        let mut images = 0usize;
+        // Loss tokens per modality and images, over every rank and micro-batch: each rank's
+        // loss is its sum divided by these, so the summed gradient is the global mean's.
+        let mut global = [0f64; Modality::COUNT + 1];
         for p in &micro {
-            for (c, n) in counts.iter_mut().zip(p.loss_tokens) {
-                *c += n;
+            for (c, n) in global.iter_mut().zip(p.loss_tokens) {
+                *c += n as f64;
             }
-            images += p.latent.as_ref().map_or(0, |l| l.n_images());
+            global[Modality::COUNT] += p.latent.as_ref().map_or(0, |l| l.n_images()) as f64;
         }
-        let total: i64 = counts.iter().sum::<i64>().max(1);
+        let counts: [f64; Modality::COUNT] = std::array::from_fn(|m| global[m]);
+        self.comm.all_reduce_sum(&mut global)?;
+        let total = global[..Modality::COUNT].iter().sum::<f64>().max(1.0);
+        let images = global[Modality::COUNT].max(1.0);
         let lambda = self.model.cfg.diffusion_lambda;
         let mut loss_acc = Tensor::zeros([], (Kind::Float, self.device));
         let mut sums_acc = Tensor::zeros([Modality::COUNT as i64], (Kind::Float, self.device));
         // Diffusion: [sum over images, sum per timestep bucket] and the matching image counts.
         let mut diff_acc = Tensor::zeros([1 + BUCKETS as i64], (Kind::Float, self.device));
         let mut diff_counts = [0f64; 1 + BUCKETS];
-        for p in &micro {
+        let last = micro.len().saturating_sub(1);
+        for (i, p) in micro.iter().enumerate() {
+            if i == last
+                && let Some(sync) = &mut self.sync
+            {
+                // Only the last micro-batch communicates (DDP's no_sync for the others).
+                sync.arm();
+            }
             let out = self.model.loss(p);
-            let share = p.loss_tokens.iter().sum::<i64>() as f64 / total as f64;
+            let share = p.loss_tokens.iter().sum::<i64>() as f64 / total;
             let mut scaled = out.lm_loss * share;
             if let (Some(d), Some(per_image), Some(lat)) = (&out.diffusion_loss, &out.image_diffusion, &p.latent) {
-                scaled += d * (lambda * lat.n_images() as f64 / images.max(1) as f64);
+                scaled += d * (lambda * lat.n_images() as f64 / images);
                 let (idx, src) = bucket_index(&self.schedule, &lat.timesteps, per_image, &mut diff_counts);
                 diff_acc = diff_acc.index_add(0, &idx, &src);
             }
-            scaled.backward();
+            scaled.f_backward().map_err(TrainError::torch("backward"))?;
             loss_acc += scaled.detach();
             sums_acc += out.per_modality_sum;
         }
+        let comm_started = Instant::now();
+        let overlap = match &mut self.sync {
+            Some(sync) => sync.finish().map_err(|e| self.comm.explain(e))?,
+            None => Overlap::default(),
+        };
+        let mut comm_s = comm_started.elapsed().as_secs_f64();
         // One device → host read per step: the loss, for the finiteness check and the log.
         // Layout: [loss, per-modality sums (3), diffusion sums (1 + BUCKETS)].
-        let mut host: Vec<f64> =
+        let host: Vec<f64> =
             Vec::<f64>::try_from(Tensor::cat(&[loss_acc.view([1]), sums_acc, diff_acc], 0).to_kind(Kind::Double))
                 .map_err(TrainError::torch("read loss"))?;
         let sums_len = host.len();
         let mut reduce = host.clone();
-        reduce.extend(counts.iter().map(|&c| c as f64));
+        reduce.extend(counts);
         reduce.extend(diff_counts);
-        self.reducer.all_reduce_sum(&mut reduce)?;
-        let world = self.reducer.world_size() as f64;
-        host[0] = reduce[0] / world;
+        let t0 = Instant::now();
+        self.comm.all_reduce_sum(&mut reduce)?;
+        comm_s += t0.elapsed().as_secs_f64();
         let mean = |sum: usize, count: usize| (reduce[count] > 0.0).then(|| reduce[sum] / reduce[count]);
         let per_modality: PerModality = std::array::from_fn(|m| mean(1 + m, sums_len + m));
         let d0 = 1 + Modality::COUNT;
@@ -281,8 +430,10 @@ impl Trainer {
         } else {
             Vec::new()
         };
-        let loss = host[0];
+        // The ranks' shares add up to the global objective.
+        let loss = reduce[0];
         let lr = learning_rate(&self.cfg.optim, step, self.cfg.train.steps);
+        let world = self.comm.world() as u64;
         let mut record = StepRecord {
             step,
             loss: Some(loss).filter(|l| l.is_finite()),
@@ -291,13 +442,15 @@ impl Trainer {
             loss_speech: per_modality[2].filter(|l| l.is_finite()),
             lr,
             grad_norm: 0.0,
-            tokens,
+            tokens: tokens * world,
             tokens_per_s: 0.0,
             mfu: None,
             skipped: false,
             eval: None,
             loss_diffusion,
             diffusion_buckets,
+            comm_s: self.comm.is_distributed().then_some(0.0),
+            buckets_overlapped: self.comm.is_distributed().then_some(overlap.in_backward),
         };
         let detail = || {
             MODALITY_NAMES
@@ -308,13 +461,13 @@ impl Trainer {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        // Every rank sees the same global loss and gradient norm, so all take the same branch.
         if !loss.is_finite() {
             self.non_finite("loss", step, format!("loss={loss} ({})", detail()))?;
             record.skipped = true;
         } else {
-            let mut grads = self.opt.grads();
-            self.reducer.all_reduce_mean(&mut grads)?;
-            let norm = self.opt.grad_norm();
+            let t0 = Instant::now();
+            let norm = self.opt.grad_norm(&self.comm)?;
             record.grad_norm = norm;
             if !norm.is_finite() {
                 self.non_finite("gradient norm", step, format!("grad_norm={norm}, loss={loss} ({})", detail()))?;
@@ -324,20 +477,39 @@ impl Trainer {
                 if clip > 0.0 && norm > clip {
                     self.opt.scale_grads(clip / (norm + 1e-6));
                 }
-                self.opt.step(lr);
+                self.opt.step(lr, &self.comm)?;
                 self.skipped_in_a_row = 0;
+            }
+            if self.opt.is_sharded() {
+                // The norm's and the parameters' all-gather are communication too.
+                comm_s += t0.elapsed().as_secs_f64();
             }
         }
         self.opt.zero_grad();
         self.step = step;
-        self.tokens += tokens;
+        self.tokens += tokens * world;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
-        record.tokens_per_s = tokens as f64 / secs;
+        record.tokens_per_s = record.tokens as f64 / secs;
+        if let Some(c) = &mut record.comm_s {
+            *c = comm_s;
+        }
         if self.device.is_cuda() && self.cfg.train.peak_tflops > 0.0 {
             let flops = self.model.cfg.flops_per_token(self.cfg.data.seq_len as i64) * record.tokens_per_s;
-            record.mfu = Some(flops / (self.cfg.train.peak_tflops * 1e12));
+            record.mfu = Some(flops / (self.cfg.train.peak_tflops * 1e12 * world as f64));
         }
         Ok(record)
+    }
+
+    /// `train.log_rows`: appends this micro-batch's global row ids to this rank's row log.
+    fn log_rows(&self, step: u64, micro: u64, rows: &[u64]) -> Result<(), TrainError> {
+        let Some(path) = &self.rows_log else { return Ok(()) };
+        let line = serde_json::json!({ "step": step, "micro": micro, "rank": self.comm.rank(), "rows": rows });
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(TrainError::io("open row log", path))?;
+        writeln!(f, "{line}").map_err(TrainError::io("write row log", path))
     }
 
     /// Drops the step's gradients; stops or counts according to `on_nonfinite`.
@@ -367,34 +539,29 @@ impl Trainer {
     /// Mean held-out loss per modality over `eval_batches` batches of the eval split
     /// (the same batches every time). None when the config holds no documents out.
     pub fn evaluate(&self) -> Result<Option<EvalRecord>, TrainError> {
-        let Some(mut src) = open_source(
-            &self.cfg.data,
-            self.cfg.train.seed,
-            Split::Eval,
-            self.reducer.rank(),
-            self.reducer.world_size(),
-        )?
+        let Some(mut src) =
+            open_source(&self.cfg.data, self.cfg.train.seed, Split::Eval, self.comm.rank(), self.comm.world())?
         else {
             return Ok(None);
         };
+        // `eval_batches` global batches of held-out rows: the same rows whatever the number of
+        // ranks (each evaluates its share of every micro-batch).
         evaluate_model(
             &self.model,
             src.as_mut(),
-            self.cfg.train.eval_batches,
+            self.cfg.train.eval_batches * self.cfg.optim.grad_accum,
             self.cfg.train.routing,
             self.device,
-            self.reducer.as_ref(),
+            &self.comm,
         )
         .map(Some)
     }
 
-    /// Writes a checkpoint into the run directory (rank 0 only).
+    /// Writes a checkpoint into the run directory. Every rank must call it (sharded optimizer
+    /// state is gathered); rank 0 writes.
     pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, TrainError> {
         let Some(run) = &self.run_dir else { return Ok(None) };
-        if self.reducer.rank() != 0 {
-            return Ok(None);
-        }
-        let (opt_tensors, optimizer_steps) = self.opt.state();
+        let Some((opt_tensors, optimizer_steps)) = self.opt.state(&self.comm)? else { return Ok(None) };
         let meta = Meta {
             version: META_VERSION,
             step: self.step,
@@ -412,19 +579,30 @@ impl Trainer {
             opt_tensors,
             &meta,
             self.cfg.train.keep_checkpoints,
+            self.cfg.train.checkpoint_shard_mb,
         )
         .map(Some)
     }
 
-    /// Trains until `train.steps`, logging, evaluating and checkpointing on the way.
+    /// Trains until `train.steps`, logging, evaluating and checkpointing on the way. In a job
+    /// of several ranks, a failure is posted for the other ranks (their errors name this one).
     pub fn run(&mut self) -> Result<TrainSummary, TrainError> {
+        let result = self.run_inner();
+        if let Err(e) = &result {
+            self.comm.report_failure(e);
+        }
+        result
+    }
+
+    fn run_inner(&mut self) -> Result<TrainSummary, TrainError> {
         let started = Instant::now();
         let total = self.cfg.train.steps;
         let t = &self.cfg.train;
         let (log_every, eval_every, ckpt_every) = (t.log_every.max(1), t.eval_every, t.checkpoint_every);
-        if self.verbose {
+        let rank0 = self.comm.rank() == 0;
+        if self.verbose && rank0 {
             eprintln!(
-                "training {} ({} parameters, {}) on {:?} from step {} to {total}: {} x {} tokens x {} accumulation",
+                "training {} ({} parameters, {}) on {:?} from step {} to {total}: {} x {} tokens x {} accumulation{}",
                 self.cfg.model.arch,
                 self.param_count(),
                 self.cfg.preset,
@@ -432,7 +610,28 @@ impl Trainer {
                 self.step,
                 self.cfg.data.batch_size,
                 self.cfg.data.seq_len,
-                self.cfg.optim.grad_accum
+                self.cfg.optim.grad_accum,
+                if self.comm.is_distributed() {
+                    format!(" x {} ranks ({})", self.comm.world(), self.comm.backend_name())
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if self.verbose && self.comm.is_distributed() {
+            let b = self.opt.state_bytes();
+            let mib = |x: u64| x as f64 / (1024.0 * 1024.0);
+            eprintln!(
+                "rank {}: weights {:.1} MiB, gradients {:.1} MiB, optimizer moments {:.1} MiB{}",
+                self.comm.rank(),
+                mib(b.weights),
+                mib(b.gradients),
+                mib(b.moments),
+                if self.opt.is_sharded() {
+                    format!(" (ZeRO-1: 1/{} of them)", self.comm.world())
+                } else {
+                    String::new()
+                }
             );
         }
         let title = format!(
@@ -442,7 +641,8 @@ impl Trainer {
             self.run_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
         );
         let mut last_eval = None;
-        while self.step < total {
+        let stop = if self.cfg.train.stop_at > 0 { self.cfg.train.stop_at.min(total) } else { total };
+        while self.step < stop {
             let mut record = self.train_step()?;
             let step = record.step;
             if (eval_every > 0 && step % eval_every == 0) || step == total {
@@ -450,7 +650,7 @@ impl Trainer {
                 last_eval = record.eval.clone().or(last_eval);
             }
             let log_now = step % log_every == 0 || step == 1 || step == total || record.eval.is_some();
-            if self.verbose && log_now && self.reducer.rank() == 0 {
+            if self.verbose && log_now && rank0 {
                 eprintln!("{}", record.console_line(total));
             }
             if let Some(log) = &mut self.log {
@@ -459,10 +659,11 @@ impl Trainer {
                     log.plot(&title)?;
                 }
             }
-            if (ckpt_every > 0 && step % ckpt_every == 0) || step == total {
+            if (ckpt_every > 0 && step % ckpt_every == 0) || step == total || step == stop {
                 self.save_checkpoint()?;
             }
         }
+        let weights_blake3 = self.verify_replicas()?;
         let summary = TrainSummary {
             arch: self.cfg.model.arch,
             run_dir: self.run_dir.clone(),
@@ -474,8 +675,11 @@ impl Trainer {
             final_train: final_train_losses(self.records()),
             final_eval: last_eval,
             final_diffusion: final_diffusion_loss(self.records()),
+            world: self.comm.world(),
+            state_bytes: Some(self.opt.state_bytes()),
+            weights_blake3,
         };
-        if self.verbose {
+        if self.verbose && rank0 {
             eprintln!("{}", summary.line());
         }
         Ok(summary)
@@ -506,14 +710,15 @@ impl DataShape {
     }
 }
 
-/// Mean per-modality loss over `batches` batches of `src`, without gradients.
+/// Mean per-modality loss over `batches` batches of `src`, without gradients, summed over
+/// the ranks of `comm` (each evaluates its own disjoint rows).
 pub fn evaluate_model(
     model: &Model,
     src: &mut dyn BatchSource,
     batches: u64,
     routing: crate::model::Routing,
     device: Device,
-    reducer: &dyn GradReducer,
+    comm: &Comm,
 ) -> Result<EvalRecord, TrainError> {
     let mut sums = [0f64; 3];
     let mut tokens = [0i64; 3];
@@ -522,9 +727,16 @@ pub fn evaluate_model(
     for i in 0..batches.max(1) {
         let batch = src.next_batch()?;
         let mut p = Prepared::new(&model.cfg, &batch, routing, device)?;
-        // The same noise at every evaluation: a fixed stream per eval batch.
-        let mut rng = diffusion::noise_rng(EVAL_NOISE_SEED, i, 0);
-        diffusion::noise_prepared(&mut p, &schedule, noise_policy(&model.cfg), &mut rng);
+        // The same noise at every evaluation: a fixed stream per held-out row.
+        let fallback = (comm.rank() as u64) << 48 | i << 32;
+        diffusion::noise_prepared(
+            &mut p,
+            &schedule,
+            noise_policy(&model.cfg),
+            (EVAL_NOISE_SEED, 0),
+            &batch.row_ids,
+            fallback,
+        );
         let out = tch::no_grad(|| model.loss(&p));
         let s: Vec<f64> = Vec::<f64>::try_from(out.per_modality_sum.to_kind(Kind::Double))
             .map_err(TrainError::torch("read eval loss"))?;
@@ -539,17 +751,63 @@ pub fn evaluate_model(
     }
     let mut all: Vec<f64> = sums.iter().copied().chain(tokens.iter().map(|&t| t as f64)).collect();
     all.extend([diff_sum, images]);
-    reducer.all_reduce_sum(&mut all)?;
+    comm.all_reduce_sum(&mut all)?;
     let mut r = EvalRecord::from_sums([all[0], all[1], all[2]], [all[3] as i64, all[4] as i64, all[5] as i64]);
     r.diffusion = (all[7] > 0.0).then(|| all[6] / all[7]);
     Ok(r)
 }
 
-/// `1 / RMS` of the latent values in the first few training batches (a fresh stream, so the
-/// run's own stream is untouched); 1 when they hold no latents. Every rank reads the same rows
-/// of rank 0's stream, so all ranks agree.
+/// Drops a row log's lines after step `keep_through` (a resumed run trains them again).
+fn truncate_row_log(path: &Path, keep_through: u64) -> Result<(), TrainError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(TrainError::io("create", parent))?;
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TrainError::io("read row log", path)(e)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= keep_through)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    checkpoint::write_atomic(path, kept.as_bytes())
+}
+
+/// What every rank of a job must agree on: the resolved config (corpus paths aside: nodes
+/// may mount it elsewhere), the content of each corpus manifest, the vocabulary, and this
+/// build of motley.
+fn run_facts(cfg: &TrainConfig, vocab: &motley_shards::Vocab) -> Result<Vec<(&'static str, String)>, TrainError> {
+    let mut c = cfg.clone();
+    c.data.paths.clear();
+    let mut manifests = Vec::new();
+    for p in &cfg.data.paths {
+        let m = p.join(motley_shards::MANIFEST_NAME);
+        let bytes = std::fs::read(&m).map_err(TrainError::io("read manifest", &m))?;
+        manifests.push(blake3::hash(&bytes).to_hex().to_string());
+    }
+    Ok(vec![
+        ("config", c.to_toml()?),
+        ("corpus manifests (blake3)", manifests.join(", ")),
+        ("vocabulary", serde_json::to_string(vocab).unwrap_or_default()),
+        ("motley build", env!("CARGO_PKG_VERSION").to_string()),
+    ])
+}
+
+/// `1 / RMS` of the latent values in the first few global micro-batches (a fresh stream, so
+/// the run's own stream is untouched); 1 when they hold no latents. Every rank reads the same
+/// global rows — all `batch_size × world` of each micro-batch, as one process would — so all
+/// ranks, and runs on any number of ranks, agree.
 fn measure_latent_scale(cfg: &TrainConfig, world: usize) -> Result<f64, TrainError> {
-    let Some(mut src) = open_source(&cfg.data, cfg.train.seed, Split::Train, 0, world)? else { return Ok(1.0) };
+    let mut data = cfg.data.clone();
+    data.batch_size *= world.max(1);
+    let Some(mut src) = open_source(&data, cfg.train.seed, Split::Train, 0, 1)? else { return Ok(1.0) };
     let (mut sum_sq, mut n) = (0f64, 0u64);
     for _ in 0..LATENT_SCALE_BATCHES {
         let b = src.next_batch()?;
@@ -621,6 +879,19 @@ pub struct TrainSummary {
     /// Transfusion: mean train diffusion loss over the last logged steps.
     #[serde(default)]
     pub final_diffusion: Option<f64>,
+    /// Ranks that trained (data parallel).
+    #[serde(default = "one")]
+    pub world: usize,
+    /// Bytes of weights, gradients and optimizer moments one rank held.
+    #[serde(default)]
+    pub state_bytes: Option<StateBytes>,
+    /// `train.verify_replicas`: blake3 of the final weights, the same on every rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_blake3: Option<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn fmt_loss(v: Option<f64>) -> String {
@@ -730,11 +1001,16 @@ pub fn compare_architectures(
     verbose: bool,
 ) -> Result<Comparison, TrainError> {
     let mut runs = Vec::new();
+    // In a data-parallel job rank 0 prepares the folders (the others only write row logs,
+    // after Trainer::new's agreement step, which rank 0 reaches once its folder is ready).
+    let rank = Launch::from_env()?.rank;
     for &arch in archs {
         let mut cfg = base.clone();
         cfg.model.arch = arch;
         let dir = out.join(arch.to_string());
-        prepare_run_dir(&dir, overwrite)?;
+        if rank == 0 {
+            prepare_run_dir(&dir, overwrite)?;
+        }
         let mut t = Trainer::new(cfg)?;
         t.verbose = verbose;
         t.attach_run_dir(&dir)?;
@@ -775,7 +1051,7 @@ pub fn evaluate_checkpoint(
         cfg.data.weights.clear();
     }
     let device = resolve_device(device)?;
-    let reducer = dist::SingleProcess;
+    let comm = Comm::single();
     let mut src = open_source(&cfg.data, cfg.train.seed, split, 0, 1)?.ok_or_else(|| TrainError::Config {
         path: "data.eval_fraction".into(),
         msg: "the run held no documents out (eval_fraction = 0); use --split train".into(),
@@ -790,6 +1066,6 @@ pub fn evaluate_checkpoint(
     let vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &cfg.model)?;
     checkpoint::load_weights(&vs, &ckpt)?;
-    let r = evaluate_model(&model, src.as_mut(), batches, cfg.train.routing, device, &reducer)?;
+    let r = evaluate_model(&model, src.as_mut(), batches, cfg.train.routing, device, &comm)?;
     Ok((meta.step, r))
 }

@@ -11,7 +11,7 @@ use crate::output::{self, Ctx};
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  motley train --preset tiny --data runs/demo/corpus --out runs/tiny-mot\n  motley train --preset tiny --data runs/demo/corpus --arch dense --steps 300 --out runs/tiny-dense\n  motley train --preset tiny --data runs/demo/corpus --compare --out runs/compare\n  motley train --resume runs/tiny-mot --steps 400\n  motley train --config my.toml --set model.untie_head=true --set optim.lr=1e-3 --out runs/x"
+    after_help = "Examples:\n  motley train --preset tiny --data runs/demo/corpus --out runs/tiny-mot\n  motley train --preset tiny --data runs/demo/corpus --arch dense --steps 300 --out runs/tiny-dense\n  motley train --preset tiny --data runs/demo/corpus --compare --out runs/compare\n  motley train --resume runs/tiny-mot --steps 400\n  motley train --config my.toml --set model.untie_head=true --set optim.lr=1e-3 --out runs/x\n  motley train --nproc 2 --preset tiny --data runs/demo/corpus --out runs/tiny-dp2\n  torchrun --no-python --nproc-per-node 8 motley train --preset 443m --data /corpus --out runs/443m\n\nData parallel: under torchrun or srun every process is one rank (RANK, WORLD_SIZE, LOCAL_RANK,\nMASTER_ADDR, MASTER_PORT, or SLURM_*); --nproc N starts N local ranks itself. See the README's\n\"Training on a cluster\"."
 )]
 pub struct Args {
     /// Start from a preset: tiny, 37m, 94m, 443m, 1.5b, 7b (the paper's Chameleon sizes).
@@ -53,6 +53,10 @@ pub struct Args {
     /// Print the resolved config and stop.
     #[arg(long)]
     dry_run: bool,
+    /// Start N data-parallel ranks on this machine (like `torchrun --standalone
+    /// --nproc-per-node N`): the global batch is N × the micro-batch × accumulation.
+    #[arg(long, value_name = "N")]
+    nproc: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -106,6 +110,41 @@ fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    if let Some(n) = args.nproc.filter(|&n| n > 1) {
+        // The launcher's own timeout for stragglers: the run's, as the ranks will resolve it.
+        let timeout = resolve_config(&args)
+            .map(|c| c.train.dist_timeout_s)
+            .or_else(|_| -> anyhow::Result<f64> {
+                let run = args.resume.as_ref().context("no config to read the timeout from")?;
+                Ok(motley_trainer::checkpoint::read_meta(&motley_trainer::checkpoint::resolve(run)?)?
+                    .config
+                    .train
+                    .dist_timeout_s)
+            })
+            .unwrap_or(600.0);
+        let argv = crate::launch::strip_nproc(std::env::args_os());
+        let code = crate::launch::run_local(n, &argv, std::time::Duration::from_secs_f64(timeout))?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        return Ok(());
+    }
+    let result = train(args, ctx);
+    if result.is_ok() {
+        motley_trainer::dist::shutdown()?;
+    }
+    result
+}
+
+/// Prints a finished run's summary (rank 0 only: the other ranks' stdout stays empty).
+fn report(summary: &motley_trainer::TrainSummary, rank: usize, ctx: &Ctx) -> anyhow::Result<()> {
+    if rank != 0 {
+        return Ok(());
+    }
+    if ctx.json { output::json(summary) } else { output::line(summary.line()) }
+}
+
+fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     if let Some(run) = &args.resume {
         let mut sets = Vec::new();
         if let Some(s) = args.steps {
@@ -121,12 +160,7 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         sets.extend(args.set.iter().cloned());
         let mut t = Trainer::resume(run, &sets).with_context(|| format!("resuming {}", run.display()))?;
         let summary = t.run()?;
-        if ctx.json {
-            output::json(&summary)?;
-        } else {
-            output::line(summary.line())?;
-        }
-        return Ok(());
+        return report(&summary, t.comm().rank(), ctx);
     }
     let cfg = resolve_config(&args)?;
     if args.dry_run {
@@ -139,25 +173,21 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             if args.compare { "compare".into() } else { cfg.model.arch.to_string() }
         ))
     });
+    let rank = motley_trainer::dist::Launch::from_env()?.rank;
     if args.compare {
         let c = compare_mot_dense(&cfg, &out, args.overwrite, true)?;
-        if ctx.json {
-            output::json(&c)?;
-        } else {
-            output::line(c.table())?;
+        if rank != 0 {
+            return Ok(());
         }
-        return Ok(());
+        return if ctx.json { output::json(&c) } else { output::line(c.table()) };
     }
-    prepare_run_dir(&out, args.overwrite)?;
+    if rank == 0 {
+        prepare_run_dir(&out, args.overwrite)?;
+    }
     let mut t = Trainer::new(cfg)?;
     t.attach_run_dir(&out)?;
     let summary = t.run()?;
-    if ctx.json {
-        output::json(&summary)?;
-    } else {
-        output::line(summary.line())?;
-    }
-    Ok(())
+    report(&summary, t.comm().rank(), ctx)
 }
 
 pub fn eval(args: EvalArgs, ctx: &Ctx) -> anyhow::Result<()> {

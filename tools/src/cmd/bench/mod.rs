@@ -2,6 +2,7 @@
 
 use crate::output::Ctx;
 
+pub mod dist;
 pub mod ingest;
 pub mod loader;
 pub mod sample;
@@ -20,6 +21,11 @@ pub enum Command {
     Trainer(trainer::Args),
     /// Decoding with the KV cache vs full recomputation per token, at several lengths.
     Sample(sample::Args),
+    /// Data parallel: collectives vs memcpy, step time at 1 and N ranks, communication share.
+    Dist(dist::Args),
+    /// One rank of `bench dist`'s collective measurements (started by it).
+    #[command(hide = true)]
+    DistWorker(dist::WorkerArgs),
 }
 
 pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
@@ -29,5 +35,7 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         Command::Ingest(a) => ingest::run(a, ctx),
         Command::Trainer(a) => trainer::run(a, ctx),
         Command::Sample(a) => sample::run(a, ctx),
+        Command::Dist(a) => dist::run(a, ctx),
+        Command::DistWorker(a) => dist::worker(a),
     }
 }

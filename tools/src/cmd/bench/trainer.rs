@@ -172,8 +172,9 @@ impl<'a> Runner<'a> {
         if full {
             let p = Prepared::new(self.cfg, self.batch, Routing::Sorted, self.device)?;
             self.model.loss(&p).loss.backward();
-            let _norm = self.opt.grad_norm();
-            self.opt.step(1e-4);
+            let comm = motley_trainer::dist::Comm::single();
+            let _norm = self.opt.grad_norm(&comm)?;
+            self.opt.step(1e-4, &comm)?;
         } else {
             self.model.loss(&self.fixed).loss.backward();
         }

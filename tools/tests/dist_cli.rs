@@ -1,0 +1,429 @@
+//! Data-parallel training through the `motley` binary, several processes on 127.0.0.1 over
+//! torch's c10d (Gloo): N ranks × batch b train what one process with batch N·b trains, ZeRO-1
+//! shards the moments without changing the curve, a run resumes on another number of ranks
+//! consuming every row exactly once, a killed rank ends the job with its name, ranks that
+//! disagree on the config fail at start, and the torchrun and Slurm launches work as the
+//! README shows them.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const LAUNCH_VARS: [&str; 8] = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+];
+
+/// `motley` with no launch variables inherited and one thread per process.
+fn motley() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_motley"));
+    for v in LAUNCH_VARS {
+        c.env_remove(v);
+    }
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLURM_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("OMP_NUM_THREADS", "1").env("RUST_LOG", "warn");
+    c
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A tiny model and loop: 10 steps, evaluation at 5 and 10, checkpoints at 5 and 10.
+fn tiny(corpus: &Path, out: &Path, extra: &[String]) -> Vec<String> {
+    let mut a: Vec<String> = vec!["--json".into(), "train".into(), "--preset".into(), "tiny".into()];
+    a.extend(["--data".into(), corpus.display().to_string(), "--out".into(), out.display().to_string()]);
+    for s in [
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.ffn_multiple_of=16",
+        "data.seq_len=64",
+        "data.eval_fraction=0.1",
+        "optim.warmup_steps=2",
+        "train.steps=10",
+        "train.log_every=1",
+        "train.eval_every=5",
+        "train.eval_batches=1",
+        "train.checkpoint_every=5",
+        "train.device=\"cpu\"",
+        "train.threads=1",
+        "train.dist_timeout_s=30",
+    ] {
+        a.extend(["--set".into(), s.into()]);
+    }
+    a.extend(extra.iter().cloned());
+    a
+}
+
+fn set(kv: &str) -> Vec<String> {
+    vec!["--set".into(), kv.into()]
+}
+
+fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn train(args: &[String]) -> Value {
+    let out = ok(motley().args(args).output().expect("spawn motley"), &format!("motley {}", args.join(" ")));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "summary JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line"))
+        .collect()
+}
+
+/// Per step: the loss and the per-modality train losses, then the held-out ones if any.
+fn curve(run: &Path) -> Vec<Vec<f64>> {
+    metrics(run)
+        .iter()
+        .map(|r| {
+            let mut v: Vec<f64> = ["loss", "loss_text", "loss_image", "loss_speech", "loss_diffusion"]
+                .iter()
+                .filter_map(|k| r[*k].as_f64())
+                .collect();
+            if let Some(e) = r["eval"].as_object() {
+                v.extend(["text", "image", "speech", "diffusion"].iter().filter_map(|k| e.get(*k)?.as_f64()));
+            }
+            v
+        })
+        .collect()
+}
+
+fn assert_curves_close(a: &[Vec<f64>], b: &[Vec<f64>], rtol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: steps");
+    for (step, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.len(), y.len(), "{what}: step {} has other values: {x:?} vs {y:?}", step + 1);
+        for (u, v) in x.iter().zip(y) {
+            assert!((u - v).abs() <= rtol * v.abs().max(1e-3), "{what}: step {}: {x:?} vs {y:?}", step + 1);
+        }
+    }
+}
+
+fn corpus(dir: &Path, latent: bool) -> PathBuf {
+    let p = dir.join(if latent { "latent-corpus" } else { "corpus" });
+    if latent {
+        motley_trainer::loader::write_synthetic_corpus_latent(&p, 300, 5, 6).expect("latent corpus");
+    } else {
+        motley_trainer::loader::write_synthetic_corpus(&p, 300, 5).expect("corpus");
+    }
+    p
+}
+
+#[test]
+fn two_ranks_train_what_one_process_with_twice_the_batch_trains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, latent, arch) in [("dense", false, "dense"), ("mot", false, "mot"), ("transfusion", true, "mot")] {
+        let data = corpus(dir.path(), latent);
+        let one = dir.path().join(format!("{name}-1"));
+        let two = dir.path().join(format!("{name}-2"));
+        let arch = format!("model.arch=\"{arch}\"");
+        train(&tiny(&data, &one, &[set(&arch), set("data.batch_size=4")].concat()));
+        let s = train(&tiny(
+            &data,
+            &two,
+            &[args(&["--nproc", "2"]), set(&arch), set("data.batch_size=2"), set("train.verify_replicas=true")]
+                .concat(),
+        ));
+        assert_eq!(s["world"], 2, "{s}");
+        // The replicas' weights were compared through the store at the end: bitwise equal.
+        assert!(s["weights_blake3"].as_str().is_some_and(|h| h.len() == 64), "{s}");
+        let (a, b) = (curve(&one), curve(&two));
+        assert_eq!(a.len(), 10);
+        if latent {
+            assert!(metrics(&two)[0]["loss_diffusion"].as_f64().is_some(), "Transfusion loss present");
+        }
+        assert_curves_close(&a, &b, 1e-5, name);
+        // Communication overlapped backward: buckets started inside it on a step.
+        assert!(metrics(&two).iter().any(|r| r["buckets_overlapped"].as_u64().is_some()), "{name}");
+    }
+}
+
+#[test]
+fn zero_one_shards_the_moments_and_keeps_the_curve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let (plain, zero) = (dir.path().join("plain"), dir.path().join("zero"));
+    let common = [args(&["--nproc", "2"]), set("data.batch_size=2"), set("train.bucket_mb=0.01")].concat();
+    let a = train(&tiny(&data, &plain, &common));
+    let b =
+        train(&tiny(&data, &zero, &[common.clone(), set("train.zero=1"), set("train.verify_replicas=true")].concat()));
+    assert_curves_close(&curve(&plain), &curve(&zero), 1e-5, "ZeRO-1 vs plain");
+    let m = |s: &Value| s["state_bytes"]["moments"].as_f64().unwrap_or(f64::NAN);
+    let ratio = m(&b) / m(&a);
+    assert!((0.45..=0.55).contains(&ratio), "rank 0 holds about half the moments: {ratio} ({a} / {b})");
+    assert_eq!(a["state_bytes"]["weights"], b["state_bytes"]["weights"]);
+    assert!(b["weights_blake3"].is_string(), "replicas equal after all-gathers: {b}");
+    // The checkpoint holds whole moments under the public names, whatever the sharding.
+    let ckpt = zero.join("checkpoints/step-00000010");
+    let opt = motley_trainer::checkpoint::read_tensors(&ckpt.join("optimizer.safetensors")).expect("optimizer");
+    let plain_opt =
+        motley_trainer::checkpoint::read_tensors(&plain.join("checkpoints/step-00000010/optimizer.safetensors"))
+            .expect("optimizer");
+    assert_eq!(opt.keys().collect::<Vec<_>>(), plain_opt.keys().collect::<Vec<_>>());
+    for (k, t) in &opt {
+        assert_eq!(t.size(), plain_opt[k].size(), "{k}");
+    }
+}
+
+/// Global row ids each rank trained on, over a run's row logs, up to `last_step`.
+fn rows(run: &Path, last_step: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(run.join("rows")).expect("rows folder") {
+        let text = std::fs::read_to_string(e.expect("entry").path()).expect("row log");
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).expect("row line");
+            if v["step"].as_u64().is_some_and(|s| s <= last_step) {
+                out.extend(v["rows"].as_array().expect("rows").iter().filter_map(Value::as_u64));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+#[test]
+fn a_run_resumes_on_three_ranks_then_one_continuing_the_curve_and_using_every_row_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    // 12 rows per step: 2 ranks × 2 × 3 accumulation, 3 × 2 × 2, 1 × 2 × 6.
+    let base = |steps| {
+        [
+            set("data.batch_size=2"),
+            set("optim.global_batch=12"),
+            set(&format!("train.steps={steps}")),
+            set("train.checkpoint_every=3"),
+            set("train.eval_every=3"),
+            set("train.log_rows=true"),
+        ]
+        .concat()
+    };
+    let whole = dir.path().join("whole");
+    train(&tiny(&data, &whole, &[args(&["--nproc", "2"]), base(9)].concat()));
+    let run = dir.path().join("resumed");
+    train(&tiny(&data, &run, &[args(&["--nproc", "2"]), base(9), set("train.stop_at=3")].concat()));
+    let resume = |extra: &[String]| {
+        let mut a: Vec<String> = vec!["--json".into(), "train".into(), "--resume".into(), run.display().to_string()];
+        a.extend(extra.iter().cloned());
+        train(&a)
+    };
+    let s = resume(&[args(&["--nproc", "3"]), set("train.stop_at=6")].concat());
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(3), Some(6)), "{s}");
+    let s = resume(&set("train.stop_at=0"));
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(1), Some(9)), "{s}");
+    assert_curves_close(&curve(&whole), &curve(&run), 1e-5, "2 → 3 → 1 ranks vs 2 throughout");
+    let (seen, want) = (rows(&run, 9), rows(&whole, 9));
+    assert_eq!(seen.len(), 9 * 12, "every step trained 12 rows");
+    assert_eq!(seen.iter().collect::<BTreeSet<_>>().len(), seen.len(), "no row twice");
+    assert_eq!(seen, want, "the same rows as the uninterrupted run: none skipped");
+}
+
+/// A free TCP port on 127.0.0.1 (closed again; the rendezvous binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Starts the ranks of a job by hand, as a cluster's launcher does: `vars(rank)` are each
+/// rank's launch variables, `args(rank)` its command line.
+fn spawn_ranks(
+    world: usize,
+    vars: impl Fn(usize) -> Vec<(String, String)>,
+    args: impl Fn(usize) -> Vec<String>,
+) -> Vec<Child> {
+    (0..world)
+        .map(|r| {
+            motley()
+                .args(args(r))
+                .envs(vars(r))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn rank")
+        })
+        .collect()
+}
+
+fn torchrun_vars(world: usize, port: u16) -> impl Fn(usize) -> Vec<(String, String)> {
+    move |r| {
+        [
+            ("RANK", r.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("LOCAL_RANK", r.to_string()),
+            ("LOCAL_WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", port.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+/// Waits for a child up to `limit`; kills it and fails the test past that.
+fn wait_within(mut c: Child, limit: Duration, what: &str) -> Output {
+    let started = Instant::now();
+    loop {
+        if c.try_wait().expect("wait").is_some() {
+            return c.wait_with_output().expect("output");
+        }
+        if started.elapsed() > limit {
+            let _ = c.kill();
+            let out = c.wait_with_output().expect("output");
+            panic!("{what} still running after {limit:?}: the job hangs\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_naming_it_and_the_last_checkpoint_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let run = dir.path().join("run");
+    let args = |_r: usize| {
+        tiny(
+            &data,
+            &run,
+            &[
+                set("data.batch_size=2"),
+                set("train.steps=100000"),
+                set("train.checkpoint_every=2"),
+                set("train.eval_every=0"),
+                set("train.dist_timeout_s=10"),
+            ]
+            .concat(),
+        )
+    };
+    let mut ranks = spawn_ranks(2, torchrun_vars(2, free_port()), args);
+    // Let it train past a checkpoint, then kill rank 1 outright.
+    let started = Instant::now();
+    while motley_trainer::checkpoint::list(&run).map(|l| l.len()).unwrap_or(0) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint after 2 minutes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ranks[1].kill().expect("SIGKILL rank 1");
+    let _ = ranks[1].wait();
+    let rank0 = wait_within(ranks.remove(0), Duration::from_secs(90), "rank 0 after rank 1 was killed");
+    let err = String::from_utf8_lossy(&rank0.stderr);
+    assert!(!rank0.status.success(), "rank 0 must fail: {err}");
+    assert!(err.contains("rank 1"), "the message names the lost rank: {err}");
+    // The last complete checkpoint resumes (one process now).
+    let last = motley_trainer::checkpoint::list(&run).expect("checkpoints").pop().expect("a checkpoint").0;
+    let s = train(&[
+        "--json".into(),
+        "train".into(),
+        "--resume".into(),
+        run.display().to_string(),
+        "--steps".into(),
+        (last + 2).to_string(),
+    ]);
+    assert_eq!(s["steps"].as_u64(), Some(last + 2), "{s}");
+}
+
+#[test]
+fn ranks_that_disagree_on_the_config_fail_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let run = dir.path().join("run");
+    let args = |r: usize| tiny(&data, &run, &[set("data.batch_size=2"), set(&format!("train.seed={r}"))].concat());
+    let ranks = spawn_ranks(2, torchrun_vars(2, free_port()), args);
+    for (r, c) in ranks.into_iter().enumerate() {
+        let out = wait_within(c, Duration::from_secs(90), "a rank with a mismatched config");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "rank {r} must fail: {err}");
+        assert!(err.contains("train.seed") && err.contains("rank 1"), "rank {r}: {err}");
+    }
+    assert!(!run.join("checkpoints").exists(), "nothing trained");
+}
+
+#[test]
+fn slurm_variables_launch_a_job_as_in_the_readme() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let run = dir.path().join("run");
+    let port = free_port();
+    // What `srun --ntasks 2 --ntasks-per-node 2 motley train …` sets in each task (the README's
+    // example exports MASTER_PORT; without it the port comes from SLURM_JOB_ID).
+    let vars = move |r: usize| -> Vec<(String, String)> {
+        [
+            ("SLURM_JOB_ID", "4242".to_string()),
+            ("SLURM_STEP_ID", "0".into()),
+            ("SLURM_PROCID", r.to_string()),
+            ("SLURM_LOCALID", r.to_string()),
+            ("SLURM_NODEID", "0".into()),
+            ("SLURM_NTASKS", "2".into()),
+            ("SLURM_STEP_NUM_TASKS", "2".into()),
+            ("SLURM_STEP_TASKS_PER_NODE", "2".into()),
+            ("SLURM_STEP_NODELIST", "localhost".into()),
+            ("MASTER_PORT", port.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    let args = |_r: usize| tiny(&data, &run, &[set("data.batch_size=2"), set("train.steps=3")].concat());
+    let ranks = spawn_ranks(2, vars, args);
+    let outs: Vec<Output> =
+        ranks.into_iter().map(|c| wait_within(c, Duration::from_secs(120), "a Slurm task")).collect();
+    let outs: Vec<Output> = outs.into_iter().map(|o| ok(o, "Slurm task")).collect();
+    let s: Value = serde_json::from_slice(&outs[0].stdout).expect("rank 0 prints the summary");
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(2), Some(3)), "{s}");
+    assert!(outs[1].stdout.is_empty(), "only rank 0 prints results");
+}
+
+#[test]
+fn torchrun_starts_the_ranks_as_in_the_readme() {
+    // scripts/setup gives the venv a `torchrun` (torch.distributed.run of the installed torch);
+    // the test command points MOTLEY_PYTHON at that venv's python.
+    let Some(python) = std::env::var_os("MOTLEY_PYTHON") else {
+        panic!("MOTLEY_PYTHON is not set: run the tests through scripts/test (it sets up the venv with torchrun)");
+    };
+    let torchrun = Path::new(&python).with_file_name("torchrun");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let run = dir.path().join("run");
+    let mut cmd = Command::new(&torchrun);
+    for v in LAUNCH_VARS {
+        cmd.env_remove(v);
+    }
+    let port = free_port();
+    cmd.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d"])
+        .arg(format!("--rdzv-endpoint=127.0.0.1:{port}"))
+        .arg(env!("CARGO_BIN_EXE_motley"))
+        .args(tiny(&data, &run, &[set("data.batch_size=2"), set("train.steps=3")].concat()))
+        .env("OMP_NUM_THREADS", "1")
+        .env("RUST_LOG", "warn");
+    let out = ok(cmd.output().expect("spawn torchrun"), "torchrun … motley train");
+    let s: Value = serde_json::from_slice(&out.stdout).expect("rank 0's summary");
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(2), Some(3)), "{s}");
+}

@@ -1,0 +1,3 @@
+// Stand-in for a Gloo header the torch wheel does not ship (see the README beside it).
+#pragma once
+#include "gloo/context.h"
