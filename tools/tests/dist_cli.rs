@@ -170,6 +170,25 @@ fn two_ranks_train_what_one_process_with_twice_the_batch_trains() {
 }
 
 #[test]
+fn one_rank_through_the_process_group_is_the_single_process_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let (plain, group) = (dir.path().join("plain"), dir.path().join("group"));
+    let extra = [set("data.batch_size=2"), set("train.steps=4")].concat();
+    train(&tiny(&data, &plain, &extra));
+    // What `torchrun --nproc-per-node 1` sets: a world of one that still rendezvouses.
+    let out = motley()
+        .args(tiny(&data, &group, &extra))
+        .envs(torchrun_vars(1, free_port())(0))
+        .output()
+        .expect("spawn motley");
+    let s: Value = serde_json::from_slice(&ok(out, "one rank under a launcher").stdout).expect("summary");
+    assert_eq!(s["world"], 1);
+    assert!(metrics(&group)[0]["comm_s"].is_number(), "the data-parallel path ran");
+    assert_eq!(curve(&plain), curve(&group));
+}
+
+#[test]
 fn zero_one_shards_the_moments_and_keeps_the_curve() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = corpus(dir.path(), false);
@@ -213,7 +232,7 @@ fn rows(run: &Path, last_step: u64) -> Vec<u64> {
 }
 
 #[test]
-fn a_run_resumes_on_three_ranks_then_one_continuing_the_curve_and_using_every_row_once() {
+fn a_run_resumes_on_three_ranks_with_zero_then_one_continuing_the_curve_and_using_every_row_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = corpus(dir.path(), false);
     // 12 rows per step: 2 ranks × 2 × 3 accumulation, 3 × 2 × 2, 1 × 2 × 6.
@@ -237,7 +256,8 @@ fn a_run_resumes_on_three_ranks_then_one_continuing_the_curve_and_using_every_ro
         a.extend(extra.iter().cloned());
         train(&a)
     };
-    let s = resume(&[args(&["--nproc", "3"]), set("train.stop_at=6")].concat());
+    // The middle segment shards the optimizer state (ZeRO-1): checkpoints move between both.
+    let s = resume(&[args(&["--nproc", "3"]), set("train.stop_at=6"), set("train.zero=1")].concat());
     assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(3), Some(6)), "{s}");
     let s = resume(&set("train.stop_at=0"));
     assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(1), Some(9)), "{s}");

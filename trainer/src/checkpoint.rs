@@ -297,3 +297,45 @@ pub fn load_weights(vs: &nn::VarStore, ckpt: &Path) -> Result<(), TrainError> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> Vec<(String, Tensor)> {
+        (0..5).map(|i| (format!("w{i}"), Tensor::from_slice(&vec![i as f32; 100]).view([10, 10]))).collect()
+    }
+
+    #[test]
+    fn large_models_are_sharded_with_an_index_and_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 400 bytes per tensor, 1000-byte shards: two tensors a file.
+        let files = write_model(dir.path(), tensors(), 0.001).expect("write");
+        let names: Vec<String> =
+            files.iter().map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            names,
+            [
+                "model-00001-of-00003.safetensors",
+                "model-00002-of-00003.safetensors",
+                "model-00003-of-00003.safetensors",
+                MODEL_INDEX
+            ]
+        );
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(MODEL_INDEX)).expect("index")).expect("json");
+        assert_eq!(index["metadata"]["total_size"], 2000);
+        assert_eq!(index["weight_map"]["w4"], "model-00003-of-00003.safetensors");
+        let back = read_model(dir.path()).expect("read");
+        assert_eq!(back.len(), 5);
+        assert!(back["w3"].equal(&tensors()[3].1));
+        // Small models stay one file.
+        let one = tempfile::tempdir().expect("tempdir");
+        assert_eq!(write_model(one.path(), tensors(), 1.0).expect("write").len(), 1);
+        assert_eq!(read_model(one.path()).expect("read").len(), 5);
+        // A shard the index names but which is gone is an error naming it.
+        std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).expect("rm");
+        let e = read_model(dir.path()).expect_err("missing shard");
+        assert!(e.to_string().contains("model-00002-of-00003.safetensors"), "{e}");
+    }
+}

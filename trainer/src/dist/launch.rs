@@ -75,8 +75,11 @@ impl Launch {
         }
     }
 
+    /// Whether this process joins a process group: several ranks, or one rank that a launcher
+    /// gave a rendezvous address (`torchrun --nproc-per-node 1` runs DDP with one rank, and so
+    /// does motley: the same code path, a world of one).
     pub fn is_distributed(&self) -> bool {
-        self.world > 1
+        self.world > 1 || (self.launcher != Launcher::Single && !self.master_addr.is_empty() && self.master_port != 0)
     }
 }
 
@@ -266,6 +269,14 @@ mod tests {
         // A batch script's own variables (no job step) are not a launch.
         let l = Launch::from_vars(vars(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")])).expect("single");
         assert_eq!(l.world, 1);
+    }
+
+    #[test]
+    fn one_rank_with_a_rendezvous_joins_a_group_of_one() {
+        let one = |pairs: &[(&str, &str)]| Launch::from_vars(vars(pairs)).expect("launch").is_distributed();
+        assert!(one(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")]));
+        assert!(!one(&[("RANK", "0"), ("WORLD_SIZE", "1")]));
+        assert!(!Launch::single().is_distributed());
     }
 
     #[test]
