@@ -56,6 +56,24 @@ run train_94m 75 "$bin" train --preset 94m --data "$corpus" --device cuda --step
   --set train.log_every=10 --set train.eval_every=0 --set train.checkpoint_every=0 --set optim.warmup_steps=10
 tail -6 "$out/train_94m.err" "$out/train_94m.out"
 
+stage "data parallel: NCCL in a world of one (the DP path, every collective) vs one plain process, 94M"
+dp_common=(--preset 94m --data "$corpus" --steps 30 --set train.log_every=10 --set train.eval_every=0
+  --set train.checkpoint_every=0 --set optim.warmup_steps=10 --overwrite)
+run train_94m_plain 75 "$bin" train "${dp_common[@]}" --device cuda --out "$out/m94-plain"
+run train_94m_nccl1 90 "$bin" train --nproc 1 "${dp_common[@]}" --device cuda --out "$out/m94-nccl1"
+tail -3 "$out/train_94m_nccl1.err"
+# Step time (after the first 5 steps) and the communication share, from each run's metrics.
+python3 - "$out/m94-plain/metrics.jsonl" "$out/m94-nccl1/metrics.jsonl" <<'PY' | tee "$out/dp_overhead.txt"
+import json, statistics, sys
+def steps(p):
+    rows = [json.loads(l) for l in open(p) if l.strip()]
+    return [r for r in rows if r["step"] > 5]
+plain, dp = (steps(p) for p in sys.argv[1:3])
+t = lambda rows: statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows)
+print(f"step s: plain {t(plain):.4f}, NCCL world of 1 {t(dp):.4f}, overhead {t(dp) / t(plain) - 1:+.2%}")
+print("comm share:", statistics.median(r.get("comm_s", 0) / (r["tokens"] / r["tokens_per_s"]) for r in dp))
+PY
+
 if [ -n "${TRANSFUSION_CORPUS:-}" ]; then
   stage "tiny Transfusion MoT vs dense, CUDA"
   run train_transfusion 120 "$bin" train --compare --preset tiny --data "$TRANSFUSION_CORPUS" --device cuda \

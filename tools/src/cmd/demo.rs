@@ -137,6 +137,25 @@ fn stages(a: &Args) -> Vec<Stage> {
             name: "train MoT and dense, compare",
             args: with(vec!["train".into(), "--compare".into(), "--out".into(), s(&out.join("train"))], &train_common),
         },
+        // The same MoT on two data-parallel ranks (torch's c10d, Gloo): 2 ranks × 4 rows is the
+        // single run's batch of 8, so its held-out losses land on the single run's.
+        Stage {
+            name: "train the MoT again on 2 data-parallel ranks",
+            args: with(
+                strings(&[
+                    "train",
+                    "--nproc",
+                    "2",
+                    "--out",
+                    &s(&out.join("train-dp2")),
+                    "--set",
+                    "data.batch_size=4",
+                    "--set",
+                    "train.verify_replicas=true",
+                ]),
+                &train_common,
+            ),
+        },
         Stage {
             name: "sample a digit image from the MoT run",
             // The prompt has the form of the training captions (data/sample/images.jsonl).

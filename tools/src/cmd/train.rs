@@ -110,7 +110,9 @@ fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
-    if let Some(n) = args.nproc.filter(|&n| n > 1) {
+    // `--nproc 1` too goes through the launcher: one rank in a process group of one, as
+    // `torchrun --nproc-per-node 1` runs DDP with one rank.
+    if let Some(n) = args.nproc.filter(|&n| n >= 1) {
         // The launcher's own timeout for stragglers: the run's, as the ranks will resolve it.
         let timeout = resolve_config(&args)
             .map(|c| c.train.dist_timeout_s)

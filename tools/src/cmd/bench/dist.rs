@@ -157,13 +157,15 @@ struct StepRun {
     comm_share: Option<f64>,
 }
 
-fn train_run(dir: &Path, ranks: usize, threads: Option<usize>, steps: u64) -> anyhow::Result<StepRun> {
+/// One training run: `group` ranks under the launcher (None: one plain process).
+fn train_run(dir: &Path, group: Option<usize>, threads: Option<usize>, steps: u64) -> anyhow::Result<StepRun> {
     let exe = std::env::current_exe()?;
-    let run = dir.join(format!("r{ranks}-t{}", threads.map_or("auto".into(), |t| t.to_string())));
+    let ranks = group.unwrap_or(1);
+    let run = dir.join(format!("r{}-t{}", group.map_or("plain".into(), |n| n.to_string()), threads.map_or("auto".into(), |t| t.to_string())));
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["train", "--preset", "tiny", "--overwrite", "--out"]).arg(&run);
-    if ranks > 1 {
-        cmd.args(["--nproc", &ranks.to_string()]);
+    if let Some(n) = group {
+        cmd.args(["--nproc", &n.to_string()]);
     }
     for s in [
         "data.synthetic=true".to_string(),
@@ -215,6 +217,9 @@ struct Report {
     /// Step time of N ranks over 1 rank, each with the same micro-batch (1.0 = perfect weak
     /// scaling; on a machine with fewer free cores than ranks, the cores are the limit).
     nproc_over_one: Option<f64>,
+    /// One rank in a process group of one (every collective run) over one plain process: the
+    /// data-parallel machinery's own overhead.
+    group_of_one_over_plain: Option<f64>,
     /// N ranks each using every core over N ranks dividing the cores (the default).
     oversubscribed_over_divided: Option<f64>,
 }
@@ -234,26 +239,31 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     anyhow::ensure!(code == 0, "the collective benchmark's ranks failed (exit {code})");
     let collectives: WorkerReport = serde_json::from_slice(&std::fs::read(&out)?)?;
     let mut training: Vec<StepRun> = Vec::new();
-    let (mut one, mut many, mut over) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut one, mut many, mut over, mut group_one) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     if !args.no_train {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let per_rank = (cores / args.nproc).max(1);
         for rep in 0..args.repeats {
             eprintln!("bench dist: training runs, round {} of {}", rep + 1, args.repeats);
-            let mut a = train_run(dir.path(), 1, Some((cores / args.nproc).max(1)), args.steps)?;
-            a.label = "1 rank".into();
-            let mut b = train_run(dir.path(), args.nproc, None, args.steps)?;
+            let mut a = train_run(dir.path(), None, Some(per_rank), args.steps)?;
+            a.label = "1 process".into();
+            let mut g = train_run(dir.path(), Some(1), Some(per_rank), args.steps)?;
+            g.label = "1 rank, group of one".into();
+            let mut b = train_run(dir.path(), Some(args.nproc), None, args.steps)?;
             b.label = format!("{} ranks", args.nproc);
-            let mut c = train_run(dir.path(), args.nproc, Some(cores), args.steps)?;
+            let mut c = train_run(dir.path(), Some(args.nproc), Some(cores), args.steps)?;
             c.label = format!("{} ranks, all cores each", args.nproc);
             one.push(a.step_s);
+            group_one.push(g.step_s / a.step_s);
             many.push(b.step_s);
             over.push(c.step_s / b.step_s);
-            training.extend([a, b, c]);
+            training.extend([a, g, b, c]);
         }
     }
     let ratio = |a: &mut Vec<f64>, b: &mut Vec<f64>| (!a.is_empty()).then(|| median(a) / median(b));
     let report = Report {
         nproc_over_one: ratio(&mut many, &mut one),
+        group_of_one_over_plain: (!group_one.is_empty()).then(|| median(&mut group_one)),
         oversubscribed_over_divided: (!over.is_empty()).then(|| median(&mut over)),
         collectives,
         training,
@@ -292,6 +302,9 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     }
     if let Some(r) = report.nproc_over_one {
         output::line(format!("step time {} ranks / 1 rank (same micro-batch per rank): {r:.3}", args.nproc))?;
+    }
+    if let Some(r) = report.group_of_one_over_plain {
+        output::line(format!("one rank in a process group of one / one plain process: {r:.3}"))?;
     }
     if let Some(r) = report.oversubscribed_over_divided {
         output::line(format!("all cores per rank / cores divided among ranks: {r:.2}x the step time"))?;
