@@ -234,8 +234,8 @@ fn build(spec: &ShardSpec) -> Built {
             stats[m][2] += s.len as u64;
             seen[m] = true;
         }
-        for m in 0..3 {
-            stats[m][0] += u64::from(seen[m]);
+        for (st, seen) in stats.iter_mut().zip(seen) {
+            st[0] += u64::from(seen);
         }
     }
     let mut table = Vec::new();
