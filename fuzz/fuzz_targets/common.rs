@@ -7,6 +7,7 @@ pub fn exercise(data: &[u8]) {
     let _ = r.vocab();
     for c in 0..r.num_chunks().min(64) {
         let _ = r.chunk_entry(c);
+        let _ = r.check_chunk(c);
     }
     for d in 0..r.num_docs().min(64) {
         let _ = r.index_entry(d);

@@ -92,8 +92,8 @@ impl Tokenizers {
                 "the sources need a {what} tokenizer: set tokenizers.{flag} in the recipe or pass --tokenizers DIR holding {}",
                 match flag {
                     "text" => "text.json",
-                    "image" => "image/",
-                    _ => "speech/",
+                    "image" => "image/ or image.safetensors",
+                    _ => "speech/ or speech.safetensors",
                 }
             ))
         };

@@ -31,6 +31,10 @@ pub enum Error {
         "output {path} already holds {what}; pass --overwrite to replace it (a killed run of the same command resumes without it)"
     )]
     OutputExists { path: PathBuf, what: String },
+    #[error(
+        "output {path} is being written by another `motley ingest` (it holds the lock {lock}); wait for it to finish or choose another --out"
+    )]
+    Locked { path: PathBuf, lock: PathBuf },
     #[error("output {path} is not an ingest output (no manifest.json or .ingest/); refusing to delete it")]
     NotACorpus { path: PathBuf },
     #[error(

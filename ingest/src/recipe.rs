@@ -70,7 +70,8 @@ pub struct RecipeOptions {
     #[serde(default = "default_task_files")]
     pub task_files: usize,
     /// Plain text files are cut into documents of about this many bytes: at the first blank
-    /// line past it, or at any line boundary past twice it (bounded memory per record).
+    /// line past it, or at any line boundary past twice it, and a line longer than twice it
+    /// inside, after a space past it or between characters (bounded memory per record).
     #[serde(default = "default_max_text_bytes")]
     pub max_text_bytes: u64,
     /// Shards roll over before growing past this many MiB.
@@ -341,18 +342,24 @@ impl Recipe {
         }
     }
 
-    /// Applies `--tokenizers DIR`: each standard entry present in `dir` replaces the recipe's path.
+    /// Applies `--tokenizers DIR`: each standard entry present in `dir` replaces the recipe's
+    /// path. `DIR` is laid out as `motley tokenizer` writes it (`text.json`, `image/`,
+    /// `speech/`) or as a corpus keeps its own (`CORPUS/tokenizers/`: `text.json`,
+    /// `image.safetensors`, `speech.safetensors`); the folder wins when both are there.
     pub fn locate_tokenizers(&mut self, dir: &Path) {
         let text = dir.join(TEXT_TOKENIZER_FILE);
         if text.is_file() {
             self.tokenizers.text = Some(text);
         }
-        let image = dir.join(IMAGE_TOKENIZER_DIR);
-        if image.exists() {
+        let find = |name: &str| {
+            let folder = dir.join(name);
+            let file = dir.join(format!("{name}.safetensors"));
+            if folder.exists() { Some(folder) } else { file.is_file().then_some(file) }
+        };
+        if let Some(image) = find(IMAGE_TOKENIZER_DIR) {
             self.tokenizers.image = Some(image);
         }
-        let speech = dir.join(SPEECH_TOKENIZER_DIR);
-        if speech.exists() {
+        if let Some(speech) = find(SPEECH_TOKENIZER_DIR) {
             self.tokenizers.speech = Some(speech);
         }
     }

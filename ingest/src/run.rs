@@ -373,6 +373,16 @@ fn read_marker(out: &Path, task: u32, fingerprint: &str) -> Option<TaskMarker> {
     ok.then_some(m)
 }
 
+/// The task a shard file belongs to: `task-NNNNN-MMM.mshard` (or `.tmp`) gives NNNNN. Ids
+/// are written with at least five digits and more past 99,999, so all digits up to the `-`
+/// are the id (`task-100000-000` is task 100000, not task 10000).
+fn task_of_file(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("task-")?;
+    let (digits, tail) = rest.split_once('-')?;
+    let plausible = digits.len() >= 5 && digits.bytes().all(|b| b.is_ascii_digit()) && tail.contains(".mshard");
+    plausible.then(|| digits.parse().ok()).flatten()
+}
+
 /// Removes the files a task may have left behind when it was killed.
 fn clear_task_leftovers(out: &Path, pending: &HashSet<u32>) -> Result<()> {
     if pending.is_empty() {
@@ -382,8 +392,7 @@ fn clear_task_leftovers(out: &Path, pending: &HashSet<u32>) -> Result<()> {
     for e in entries {
         let e = e.map_err(|e| Error::io("list", out, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("task-") else { continue };
-        let Some(id) = rest.get(..5).and_then(|d| d.parse::<u32>().ok()) else { continue };
+        let Some(id) = task_of_file(&name) else { continue };
         if pending.contains(&id) {
             std::fs::remove_file(e.path()).map_err(|err| Error::io("remove leftover", e.path(), err))?;
         }
@@ -411,34 +420,92 @@ fn hash_path(p: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// Prepares the output directory: fresh, resumable, or refused.
-fn prepare_out(cfg: &IngestConfig, plan_file: &PlanFile) -> Result<()> {
+/// The file inside `.ingest/` that a running ingest holds an exclusive lock on.
+pub const LOCK_FILE: &str = "lock";
+
+/// An ingest's exclusive hold on its output directory: an OS lock on `.ingest/lock`, released
+/// when this is dropped or the process ends however it ends (a killed run leaves no stale lock).
+#[derive(Debug)]
+pub struct OutputLock {
+    _file: std::fs::File,
+}
+
+/// Takes the lock of `out`, creating `out/.ingest/` if needed; another holder is an error.
+pub fn lock_output(out: &Path) -> Result<OutputLock> {
+    let state = state_dir(out);
+    std::fs::create_dir_all(&state).map_err(|e| Error::io("create", &state, e))?;
+    let path = state.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(OutputLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path: out.to_path_buf(), lock: path }),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path, e)),
+    }
+}
+
+/// Entries of `dir` (none when it does not exist), leaving out `.ingest/lock`.
+fn entries_besides_lock(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        let p = e.map_err(|e| Error::io("list", dir, e))?.path();
+        if p.file_name().is_some_and(|n| n == STATE_DIR) {
+            for e in std::fs::read_dir(&p).map_err(|e| Error::io("list", &p, e))? {
+                let q = e.map_err(|e| Error::io("list", &p, e))?.path();
+                if q.file_name().is_none_or(|n| n != LOCK_FILE) {
+                    v.push(q);
+                }
+            }
+        } else {
+            v.push(p);
+        }
+    }
+    Ok(v)
+}
+
+/// Prepares the output directory: fresh, resumable, or refused. Returns the output's lock,
+/// which the run holds to its end, so a second ingest into the same `--out` refuses instead of
+/// writing the same files (`Error::Locked`).
+fn prepare_out(cfg: &IngestConfig, plan_file: &PlanFile) -> Result<OutputLock> {
     let out = &cfg.out;
     let manifest = out.join(motley_shards::MANIFEST_NAME);
     let state = state_dir(out);
     let plan_path = state.join("plan.json");
-    if out.exists() {
-        let empty = std::fs::read_dir(out).map_err(|e| Error::io("list", out, e))?.next().is_none();
-        if !empty {
-            let existing: Option<PlanFile> =
-                std::fs::read(&plan_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
-            let same = existing.as_ref() == Some(plan_file);
-            let finished = manifest.exists();
-            if same && !finished {
-                return Ok(()); // resume
-            }
-            if !manifest.exists() && !state.exists() {
-                return Err(Error::NotACorpus { path: out.clone() });
-            }
-            if !cfg.overwrite {
-                let what = if finished { "a corpus" } else { "an unfinished ingest of a different command" };
-                return Err(Error::OutputExists { path: out.clone(), what: what.into() });
-            }
-            std::fs::remove_dir_all(out).map_err(|e| Error::io("remove", out, e))?;
+    // A directory that is neither a corpus nor an ingest's: refused before anything is written
+    // into it (the lock included).
+    if !manifest.exists() && !state.exists() && !entries_besides_lock(out)?.is_empty() {
+        return Err(Error::NotACorpus { path: out.clone() });
+    }
+    let lock = lock_output(out)?;
+    // Decided under the lock, from what is there now.
+    let existing_files = entries_besides_lock(out)?;
+    if !existing_files.is_empty() {
+        let existing: Option<PlanFile> = std::fs::read(&plan_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let same = existing.as_ref() == Some(plan_file);
+        let finished = manifest.exists();
+        if same && !finished {
+            return Ok(lock); // resume
+        }
+        if !cfg.overwrite {
+            let what = if finished { "a corpus" } else { "an unfinished ingest of a different command" };
+            return Err(Error::OutputExists { path: out.clone(), what: what.into() });
+        }
+        // Everything but the lock goes: removing the directory would let another run lock
+        // a new file of the same name while this one still writes.
+        for p in existing_files {
+            let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            removed.map_err(|e| Error::io("remove", &p, e))?;
         }
     }
-    std::fs::create_dir_all(&state).map_err(|e| Error::io("create", &state, e))?;
-    write_atomic(&plan_path, &serde_json::to_vec_pretty(plan_file).unwrap_or_default())
+    write_atomic(&plan_path, &serde_json::to_vec_pretty(plan_file).unwrap_or_default())?;
+    Ok(lock)
 }
 
 /// Copies the tokenizer files into `out/tokenizers/` (`text.json`, `image.safetensors`,
@@ -563,7 +630,7 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     let fingerprint = fp.finalize().to_hex().to_string();
     let plan_file =
         PlanFile { fingerprint: fingerprint.clone(), part: cfg.part, tasks: tasks.iter().map(|t| t.id).collect() };
-    prepare_out(cfg, &plan_file)?;
+    let _lock = prepare_out(cfg, &plan_file)?;
     let tok_files = copy_tokenizers(&cfg.out, &toks)?;
     let vocab = toks.vocab(&tok_files);
 
@@ -769,4 +836,36 @@ pub fn read_errors(out: &Path) -> Result<Vec<RecordError>> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).map_err(|e| Error::Marker { path: path.clone(), message: e.to_string() }))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_of_task_ids_past_99999_are_told_apart() -> anyhow::Result<()> {
+        assert_eq!(task_of_file("task-00017-000.mshard"), Some(17));
+        assert_eq!(task_of_file("task-10000-001.mshard.tmp"), Some(10000));
+        assert_eq!(task_of_file("task-100000-000.mshard"), Some(100_000));
+        assert_eq!(task_of_file("task-1234567-002.mshard"), Some(1_234_567));
+        assert_eq!(task_of_file("task-1x000-000.mshard"), None);
+        assert_eq!(task_of_file("task-00017.done"), None);
+        let dir = tempfile::tempdir()?;
+        let names =
+            ["task-10000-000.mshard", "task-10000-001.mshard.tmp", "task-100000-000.mshard", "task-100001-000.mshard"];
+        for n in names {
+            std::fs::write(dir.path().join(n), b"x")?;
+        }
+        // Task 10000 was cut short and reruns; tasks 100000 and 100001 finished and stay.
+        clear_task_leftovers(dir.path(), &HashSet::from([10000]))?;
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        left.sort();
+        assert_eq!(left, ["task-100000-000.mshard", "task-100001-000.mshard"]);
+        clear_task_leftovers(dir.path(), &HashSet::from([100_001]))?;
+        assert!(dir.path().join("task-100000-000.mshard").exists());
+        assert!(!dir.path().join("task-100001-000.mshard").exists());
+        Ok(())
+    }
 }

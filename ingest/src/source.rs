@@ -160,17 +160,30 @@ fn read_plain_text(ctx: &ReadCtx<'_>, file: &Arc<Path>, f: &mut dyn FnMut(Item) 
         Ok(h) => h,
         Err(e) => return f(Err(rec_err(file, None, None, Reason::Io, format!("open: {e}")))),
     };
-    let max = ctx.options.max_text_bytes as usize;
+    let max = (ctx.options.max_text_bytes as usize).max(1);
+    let cap = max.saturating_mul(2);
     let mut reader = BufReader::with_capacity(1 << 16, handle);
     let mut chunk: Vec<u8> = Vec::new();
     let (mut index, mut offset, mut chunk_start) = (0u64, 0u64, 0u64);
     loop {
-        match reader.read_until(b'\n', &mut chunk) {
+        // Never past the cap in one read: a file without newlines is cut into documents too,
+        // and a record's memory stays bounded.
+        let room = cap.saturating_sub(chunk.len()).max(1) as u64;
+        match (&mut reader).take(room).read_until(b'\n', &mut chunk) {
             Ok(0) => break,
             Ok(n) => {
                 offset += n as u64;
+                if chunk.last() != Some(&b'\n') && chunk.len() >= cap {
+                    // A line longer than twice max_text_bytes: cut inside it.
+                    let cut = cut_inside_line(&chunk, max);
+                    let rest = chunk.split_off(cut);
+                    f(text_item(file, index, chunk_start, std::mem::replace(&mut chunk, rest)))?;
+                    index += 1;
+                    chunk_start += cut as u64;
+                    continue;
+                }
                 let blank = chunk[chunk.len() - n..].iter().all(u8::is_ascii_whitespace);
-                if chunk.len() >= max.saturating_mul(2) || (chunk.len() >= max && blank) {
+                if chunk.len() >= cap || (chunk.len() >= max && blank) {
                     f(text_item(file, index, chunk_start, std::mem::take(&mut chunk)))?;
                     index += 1;
                     chunk_start = offset;
@@ -185,6 +198,37 @@ fn read_plain_text(ctx: &ReadCtx<'_>, file: &Arc<Path>, f: &mut dyn FnMut(Item) 
         f(text_item(file, index, chunk_start, chunk))?;
     }
     ControlFlow::Continue(())
+}
+
+/// Where to cut `chunk` (at least `max` bytes, no newline at its end) inside its last line:
+/// after the last ASCII whitespace at or past `max`, so words stay whole and the document
+/// holds at least `max` bytes; else at the last UTF-8 character boundary, so no character is
+/// split. Always in `1..=chunk.len()`.
+fn cut_inside_line(chunk: &[u8], max: usize) -> usize {
+    if let Some(i) = chunk.iter().rposition(u8::is_ascii_whitespace).filter(|&i| i >= max) {
+        return i + 1;
+    }
+    // The last character's lead byte is among the last four bytes; leave that character
+    // for the next document when it is incomplete.
+    let len = chunk.len();
+    let lead = (len.saturating_sub(4)..len).rev().find(|&j| chunk[j] & 0xC0 != 0x80);
+    match lead {
+        Some(j) if j > 0 => {
+            let b = chunk[j];
+            let char_len = if b < 0x80 {
+                1
+            } else if b >= 0xF0 {
+                4
+            } else if b >= 0xE0 {
+                3
+            } else {
+                2
+            };
+            if j + char_len > len { j } else { len }
+        }
+        // Not UTF-8 (the record is reported as such) or one character: cut at the cap.
+        _ => len,
+    }
 }
 
 fn text_item(file: &Arc<Path>, index: u64, start: u64, bytes: Vec<u8>) -> Item {
@@ -549,10 +593,43 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(texts, vec!["one\ntwo\n\n", "three\nfour five six seven\n", "last\n"]);
+        // "four five six seven" is longer than twice max_text_bytes: cut after spaces past it.
+        assert_eq!(texts, vec!["one\ntwo\n\n", "three\nfour ", "five six ", "seven\nlast\n"]);
         std::fs::write(&p, "")?;
         let items = collect(&ReadCtx { spec: &spec, options: &options }, &unit(p, FileFormat::PlainText));
         assert!(matches!(&items[..], [Err(RecordError { reason: Reason::Empty, .. })]));
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_without_newlines_is_cut_at_max_text_bytes() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let spec = SourceSpec::new(SourceKind::Text, vec![]);
+        let options = RecipeOptions { max_text_bytes: 100, ..Default::default() };
+        let ctx = ReadCtx { spec: &spec, options: &options };
+        let words: String = (0..400).map(|i| format!("w{i} ")).collect();
+        // Words (cut after a space), then no spaces at all in two- and three-byte characters.
+        let cases = [words.trim_end().to_string(), "é".repeat(700), "a€".repeat(300) + "end"];
+        for text in cases {
+            let p = dir.path().join("one-line.txt");
+            std::fs::write(&p, &text)?;
+            let items = collect(&ctx, &unit(p, FileFormat::PlainText));
+            let mut joined = String::new();
+            let mut expect_offset = 0u64;
+            for (k, item) in items.iter().enumerate() {
+                let r = item.as_ref().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let [RawPart::Text(t)] = &r.parts[..] else { anyhow::bail!("one text part") };
+                assert!(t.len() <= 200, "document {k} of {} bytes past twice max_text_bytes", t.len());
+                if k + 1 < items.len() {
+                    assert!(t.len() >= 97, "document {k} of {} bytes", t.len());
+                }
+                assert_eq!(r.byte_offset, Some(expect_offset));
+                expect_offset += t.len() as u64;
+                joined.push_str(t);
+            }
+            assert!(items.len() >= text.len() / 200, "{} documents for {} bytes", items.len(), text.len());
+            assert_eq!(joined, text, "the documents put together are the file");
+        }
         Ok(())
     }
 

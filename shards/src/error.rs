@@ -30,6 +30,26 @@ pub enum ShardError {
     #[error("{}: corrupt {what} at byte {offset}: {detail}", path.display())]
     Corrupt { path: PathBuf, what: &'static str, offset: u64, detail: String },
 
+    /// A document that breaks the format or the corpus's vocabulary (an id outside its
+    /// modality's block, a wrong width or latent dim, an index entry or record out of bounds).
+    /// `doc` is the shard-local document number, `global` its corpus-wide id when known;
+    /// `offset` is a file offset, or an offset in uncompressed chunk `in_chunk` (zstd).
+    #[error(
+        "{}: document {doc}{}: corrupt {what} at byte {offset}{}: {detail}",
+        path.display(),
+        global.map_or(String::new(), |g| format!(" (corpus document {g})")),
+        in_chunk.map_or(String::new(), |c| format!(" of uncompressed chunk {c}"))
+    )]
+    Record {
+        path: PathBuf,
+        doc: u64,
+        global: Option<u64>,
+        what: &'static str,
+        offset: u64,
+        in_chunk: Option<u32>,
+        detail: String,
+    },
+
     /// A format version this build cannot read.
     #[error("{}: unsupported format version {found} (this build reads version {supported})", path.display())]
     Version { path: PathBuf, found: u32, supported: u32 },
@@ -82,8 +102,39 @@ impl ShardError {
         match self {
             ShardError::Checksum { offset, .. }
             | ShardError::Truncated { offset, .. }
-            | ShardError::Corrupt { offset, .. } => Some(*offset),
+            | ShardError::Corrupt { offset, .. }
+            | ShardError::Record { offset, .. } => Some(*offset),
             _ => None,
+        }
+    }
+
+    /// The corpus-wide id of the document the error is about, when known.
+    pub fn doc(&self) -> Option<u64> {
+        match self {
+            ShardError::Record { global, .. } => *global,
+            ShardError::InvalidDocument { doc, .. } | ShardError::DocOutOfRange { doc, .. } => Some(*doc),
+            _ => None,
+        }
+    }
+
+    /// Ties a structural error met while reading shard-local document `doc` to that document
+    /// (other errors, such as checksums, pass through unchanged).
+    pub(crate) fn in_document(self, doc: u64) -> Self {
+        match self {
+            ShardError::Corrupt { path, what, offset, detail } => {
+                ShardError::Record { path, doc, global: None, what, offset, in_chunk: None, detail }
+            }
+            e => e,
+        }
+    }
+
+    /// Records the corpus-wide id of the document a [`ShardError::Record`] is about.
+    pub fn with_global(self, id: u64) -> Self {
+        match self {
+            ShardError::Record { path, doc, what, offset, in_chunk, detail, .. } => {
+                ShardError::Record { path, doc, global: Some(id), what, offset, in_chunk, detail }
+            }
+            e => e,
         }
     }
 
@@ -94,6 +145,7 @@ impl ShardError {
             | ShardError::Checksum { path, .. }
             | ShardError::Truncated { path, .. }
             | ShardError::Corrupt { path, .. }
+            | ShardError::Record { path, .. }
             | ShardError::Version { path, .. }
             | ShardError::MissingShard { path }
             | ShardError::ManifestMismatch { path, .. }
@@ -108,7 +160,8 @@ impl ShardError {
             ShardError::Io { .. } => "io",
             ShardError::Checksum { .. } => "checksum",
             ShardError::Truncated { .. } => "truncated",
-            ShardError::Corrupt { .. } => "corrupt",
+            // A bad record is corrupt data too; `doc()` tells which document.
+            ShardError::Corrupt { .. } | ShardError::Record { .. } => "corrupt",
             ShardError::Version { .. } => "version",
             ShardError::MissingShard { .. } => "missing_shard",
             ShardError::ManifestMismatch { .. } => "manifest_mismatch",

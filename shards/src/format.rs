@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::error::{Result, ShardError};
-use crate::types::Modality;
+use crate::types::{Modality, Vocab};
 
 /// First 8 bytes of every shard.
 pub const MAGIC: [u8; 8] = *b"MOTSHARD";
@@ -63,26 +63,21 @@ impl Compression {
 
 // --- little-endian helpers over slices that are already bounds-checked ---
 
-fn rd_u16(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    if let Some(s) = b.get(at..at + 2) {
+fn rd<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    if let Some(s) = at.checked_add(N).and_then(|end| b.get(at..end)) {
         a.copy_from_slice(s);
     }
-    u16::from_le_bytes(a)
+    a
+}
+fn rd_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(rd(b, at))
 }
 fn rd_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        a.copy_from_slice(s);
-    }
-    u32::from_le_bytes(a)
+    u32::from_le_bytes(rd(b, at))
 }
 fn rd_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_le_bytes(a)
+    u64::from_le_bytes(rd(b, at))
 }
 
 /// The fixed 64-byte header at offset 0.
@@ -167,6 +162,12 @@ pub struct Footer {
 }
 
 impl Footer {
+    /// End of the document index (`doc_index_offset + 16·num_docs`); saturating, so only
+    /// meaningful for a footer that [`Footer::decode`] accepted (which checks it fits the file).
+    pub fn index_end(&self) -> u64 {
+        self.doc_index_offset.saturating_add(self.num_docs.saturating_mul(INDEX_ENTRY_LEN as u64))
+    }
+
     pub fn encode(&self) -> [u8; FOOTER_LEN] {
         let mut b = [0u8; FOOTER_LEN];
         b[0..8].copy_from_slice(&FOOTER_MAGIC);
@@ -416,11 +417,53 @@ pub(crate) fn record_segments(record: &[u8]) -> usize {
     rd_u32(record, 0) as usize
 }
 
-/// Checks a document record completely, so the accessors can trust it afterwards.
-/// `base` is the record's absolute offset (in the file, or in the uncompressed chunk) for errors.
-/// Returns the number of sequence positions.
-pub fn validate_record(path: &Path, base: u64, record: &[u8]) -> Result<u64> {
-    let bad = |at: usize, detail: String| ShardError::corrupt(path, "document record", base + at as u64, detail);
+/// What one modality's segments may hold under the corpus's vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ModalityRule {
+    vocab_size: u32,
+    /// The only width token ids of this modality may be stored at (`id_width(vocab_size)`).
+    width: u8,
+    latent_dim: Option<u32>,
+}
+
+/// The vocabulary-dependent rules every segment must satisfy (docs/FORMAT.md, section 4):
+/// its modality is in the vocabulary, token ids are below the modality's `vocab_size` and
+/// stored at exactly `id_width(vocab_size)` bytes, latent vectors have the modality's
+/// `latent_dim`. Without them a reader would hand out global ids in another modality's block
+/// (or past the id space) and latent rows the trainer reads with the wrong stride.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentRules {
+    per_modality: [Option<ModalityRule>; Modality::COUNT],
+}
+
+impl SegmentRules {
+    pub fn from_vocab(vocab: &Vocab) -> SegmentRules {
+        let mut per_modality = [None; Modality::COUNT];
+        for m in Modality::ALL {
+            per_modality[m.index()] = vocab.modality(m).map(|v| ModalityRule {
+                vocab_size: v.vocab_size,
+                width: id_width(v.vocab_size),
+                latent_dim: v.latent_dim,
+            });
+        }
+        SegmentRules { per_modality }
+    }
+}
+
+/// Why a record was rejected: `at` is the byte offset inside the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordProblem {
+    pub at: u64,
+    pub detail: String,
+}
+
+/// Checks a document record completely, so the accessors can trust it afterwards: the
+/// structure (section 4 of docs/FORMAT.md) and the vocabulary `rules`. The scan of every
+/// token id against its vocabulary runs only when `check_ids` (readers do it once per
+/// document). All arithmetic on the record's fields is checked or done in u64 from u32s, so
+/// any bytes give an answer, never a panic. Returns the number of sequence positions.
+pub fn validate_record(record: &[u8], rules: &SegmentRules, check_ids: bool) -> Result<u64, RecordProblem> {
+    let bad = |at: usize, detail: String| RecordProblem { at: at as u64, detail };
     if record.len() < RECORD_HEADER_LEN {
         return Err(bad(0, format!("record of {} bytes is shorter than its header", record.len())));
     }
@@ -432,45 +475,158 @@ pub fn validate_record(path: &Path, base: u64, record: &[u8]) -> Result<u64> {
         .ok_or_else(|| bad(0, format!("{n} segment descriptors do not fit in {} bytes", record.len())))?;
     let mut positions = 0u64;
     for i in 0..n {
+        // In bounds: i < n and the whole descriptor table fits (table_end <= record.len()).
         let at = RECORD_HEADER_LEN + i * SEGMENT_DESC_LEN;
-        let b = &record[at..at + SEGMENT_DESC_LEN];
-        if Modality::from_u8(b[0]).is_none() {
-            return Err(bad(at, format!("segment {i}: unknown modality {}", b[0])));
-        }
+        let modality = record[at];
+        let Some(m) = Modality::from_u8(modality) else {
+            return Err(bad(at, format!("segment {i}: unknown modality {modality}")));
+        };
         let d = SegmentDesc::read(record, i);
-        let elems = match (d.kind, d.width) {
-            (KIND_TOKENS, 1 | 2 | 4) if d.dim == 0 => d.len as u64,
-            (KIND_LATENT_F16, 2) if d.dim > 0 => d.len as u64 * d.dim as u64,
+        let Some(rule) = rules.per_modality[m.index()] else {
+            return Err(bad(at, format!("segment {i}: modality {m} is not in the vocabulary")));
+        };
+        let (len, dim) = (d.len as u64, d.dim as u64);
+        let bytes = match (d.kind, d.width) {
+            (KIND_TOKENS, 1 | 2 | 4) if d.dim == 0 => {
+                if d.width != rule.width {
+                    return Err(bad(
+                        at + 2,
+                        format!(
+                            "segment {i}: {m} ids stored {} bytes wide, but a vocabulary of {} ids is stored {} bytes wide",
+                            d.width, rule.vocab_size, rule.width
+                        ),
+                    ));
+                }
+                len.checked_mul(d.width as u64)
+            }
+            (KIND_LATENT_F16, 2) if d.dim > 0 => {
+                if rule.latent_dim != Some(d.dim) {
+                    return Err(bad(
+                        at + 8,
+                        format!(
+                            "segment {i}: latent rows of dim {} but the vocabulary's {m} latent_dim is {:?}",
+                            d.dim, rule.latent_dim
+                        ),
+                    ));
+                }
+                len.checked_mul(dim).and_then(|e| e.checked_mul(2))
+            }
             _ => return Err(bad(at, format!("segment {i}: bad kind {} / width {} / dim {}", d.kind, d.width, d.dim))),
         };
-        if elems * d.width as u64 != d.payload_bytes as u64 {
+        if bytes != Some(d.payload_bytes as u64) {
             return Err(bad(
-                at,
-                format!("segment {i}: payload of {} bytes does not hold {elems} elements", d.payload_bytes),
+                at + 24,
+                format!(
+                    "segment {i}: payload of {} bytes does not hold {len} positions of kind {} / width {} / dim {}",
+                    d.payload_bytes, d.kind, d.width, d.dim
+                ),
             ));
         }
-        let p_end = d.payload_offset as u64 + d.payload_bytes as u64;
-        if (d.payload_offset as usize) < table_end
-            || p_end > record.len() as u64
-            || !(d.payload_offset as usize).is_multiple_of(ALIGN)
-        {
+        let p_start = d.payload_offset as u64;
+        let p_end = p_start + d.payload_bytes as u64; // two u32s: no overflow in u64
+        if p_start < table_end as u64 || p_end > record.len() as u64 || !p_start.is_multiple_of(ALIGN as u64) {
             return Err(bad(
-                at,
-                format!("segment {i}: payload {}..{p_end} outside the record or misaligned", d.payload_offset),
+                at + 20,
+                format!("segment {i}: payload {p_start}..{p_end} outside the record or misaligned"),
             ));
         }
         if d.flags & FLAG_SOURCE != 0 {
-            let s_end = d.source_offset as u64 + d.source_len as u64;
-            let ok = (d.source_offset as usize) >= table_end
+            let (s_start, s_end) = (d.source_offset as u64, d.source_offset as u64 + d.source_len as u64);
+            let ok = s_start >= table_end as u64
                 && s_end <= record.len() as u64
-                && std::str::from_utf8(&record[d.source_offset as usize..s_end as usize]).is_ok();
+                && std::str::from_utf8(&record[s_start as usize..s_end as usize]).is_ok();
             if !ok {
-                return Err(bad(at, format!("segment {i}: source string {}..{s_end} invalid", d.source_offset)));
+                return Err(bad(at + 28, format!("segment {i}: source string {s_start}..{s_end} invalid")));
             }
         }
-        positions += d.len as u64;
+        if check_ids && d.kind == KIND_TOKENS {
+            // In bounds: checked just above.
+            let payload = &record[p_start as usize..p_end as usize];
+            if let Some((j, id)) = first_id_at_or_above(payload, d.width, rule.vocab_size) {
+                return Err(bad(
+                    p_start as usize + j * d.width as usize,
+                    format!(
+                        "segment {i}: {m} id {id} at position {j} is outside the vocabulary of {} ids",
+                        rule.vocab_size
+                    ),
+                ));
+            }
+        }
+        positions += len; // at most 2^32 descriptors of < 2^32 positions: fits u64
     }
     Ok(positions)
+}
+
+/// The first id `>= limit` in a little-endian id payload of `width` bytes per id.
+fn first_id_at_or_above(payload: &[u8], width: u8, limit: u32) -> Option<(usize, u32)> {
+    // Narrow widths can hold nothing out of range when the vocabulary fills them.
+    if (width == 1 && limit >= 1 << 8) || (width == 2 && limit >= 1 << 16) {
+        return None;
+    }
+    let ids = payload.chunks_exact(width as usize).map(|c| match *c {
+        [a] => a as u32,
+        [a, b] => u16::from_le_bytes([a, b]) as u32,
+        [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
+        _ => u32::MAX,
+    });
+    ids.enumerate().find(|&(_, id)| id >= limit)
+}
+
+/// Largest number of bytes one zstd frame can decode to, read from its block headers
+/// (RFC 8878, section 3.1.1.2): a raw or RLE block decodes to exactly its `Block_Size`, a
+/// compressed block to at most 128 KiB (`Block_Maximum_Size`). `stored` must be exactly one
+/// frame. A chunk table entry that claims more is lying and is rejected before a buffer of the
+/// claimed size exists. Hand-written because zstd's own `ZSTD_decompressBound` trusts the
+/// frame header's content size, which is the very claim being checked.
+pub fn zstd_frame_bound(stored: &[u8]) -> Result<u64, String> {
+    const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+    const BLOCK_MAX: u64 = 128 << 10;
+    if stored.get(..4) != Some(&MAGIC[..]) {
+        return Err("no zstd frame magic".into());
+    }
+    let Some(&fhd) = stored.get(4) else { return Err("zstd frame header truncated".into()) };
+    if fhd & 0x08 != 0 {
+        return Err("zstd frame header has its reserved bit set".into());
+    }
+    let single_segment = fhd & 0x20 != 0;
+    let fcs_len = match fhd >> 6 {
+        0 => usize::from(single_segment),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let dict_len = [0usize, 1, 2, 4][(fhd & 3) as usize];
+    let mut at = 5 + usize::from(!single_segment) + dict_len + fcs_len;
+    let mut bound = 0u64;
+    loop {
+        let Some(h) = at.checked_add(3).and_then(|end| stored.get(at..end)) else {
+            return Err(format!("zstd block header at byte {at} past the end of the chunk"));
+        };
+        let h = u32::from_le_bytes([h[0], h[1], h[2], 0]);
+        let (last, kind, size) = (h & 1 != 0, (h >> 1) & 3, (h >> 3) as u64);
+        at += 3;
+        let (stored_len, output) = match kind {
+            0 => (size, size),      // raw
+            1 => (1, size),         // RLE: one byte repeated
+            2 => (size, BLOCK_MAX), // compressed
+            _ => return Err(format!("reserved zstd block type at byte {}", at - 3)),
+        };
+        if size > BLOCK_MAX {
+            return Err(format!("zstd block of {size} bytes at byte {} exceeds 128 KiB", at - 3));
+        }
+        bound += output; // at most one block per 3 input bytes: cannot overflow u64
+        at = at.saturating_add(stored_len as usize);
+        if last {
+            break;
+        }
+    }
+    if fhd & 0x04 != 0 {
+        at = at.saturating_add(4); // content checksum
+    }
+    if at != stored.len() {
+        return Err(format!("the zstd frame ends at byte {at} of the {}-byte chunk", stored.len()));
+    }
+    Ok(bound)
 }
 
 pub(crate) fn checksum(path: &Path, what: &'static str, offset: u64, expected: u32, actual: u32) -> ShardError {
@@ -538,4 +694,37 @@ pub fn fixup_checksums(file: &mut [u8]) {
     }
     let crc = crc32c::crc32c(&file[at..at + 152]);
     file[at + 152..at + 156].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zstd_bound_holds_real_frames_and_rejects_others() -> Result<(), Box<dyn std::error::Error>> {
+        // Zeros compress far beyond 4096x; noise barely compresses. The bound must hold both.
+        let zeros = vec![0u8; 3 << 20];
+        let mut noise = vec![0u8; 300 << 10];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for b in &mut noise {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for (data, level) in [(&zeros[..], 3), (&zeros[..], 19), (&noise[..], 3), (&noise[..10], 1), (&zeros[..0], 3)] {
+            let frame = zstd::bulk::compress(data, level)?;
+            let bound = zstd_frame_bound(&frame)?;
+            assert!(bound >= data.len() as u64, "bound {bound} < content {}", data.len());
+            assert!(bound <= (frame.len() as u64).max(1) * 32 * 1024 + (128 << 10), "bound {bound} is loose");
+        }
+        let frame = zstd::bulk::compress(&zeros, 3)?;
+        assert!(zeros.len() > 4096 * frame.len(), "zeros compress {}x", zeros.len() / frame.len());
+        let mut two = frame.clone();
+        two.extend_from_slice(&frame);
+        assert!(zstd_frame_bound(&two).is_err(), "two frames");
+        assert!(zstd_frame_bound(&frame[..frame.len() - 1]).is_err(), "truncated");
+        assert!(zstd_frame_bound(b"not zstd").is_err());
+        Ok(())
+    }
 }

@@ -52,8 +52,10 @@ impl Manifest {
             format: MANIFEST_FORMAT.to_string(),
             version: MANIFEST_VERSION,
             vocab,
-            num_docs: shards.iter().map(|s| s.num_docs).sum(),
-            bytes: shards.iter().map(|s| s.bytes).sum(),
+            // Saturating: counts copied from other manifests (merge) must not panic; `check`
+            // rejects a manifest whose sums do not fit.
+            num_docs: shards.iter().fold(0u64, |a, s| a.saturating_add(s.num_docs)),
+            bytes: shards.iter().fold(0u64, |a, s| a.saturating_add(s.bytes)),
             totals,
             shards,
             tokenizers: BTreeMap::new(),
@@ -126,6 +128,7 @@ impl Manifest {
         if self.version != MANIFEST_VERSION {
             return Err(ShardError::Version { path: path.clone(), found: self.version, supported: MANIFEST_VERSION });
         }
+        self.vocab.validate().map_err(|e| bad(format!("vocab: {e}")))?;
         let mut seen = std::collections::HashSet::new();
         for s in &self.shards {
             check_name(dir, &s.name)?;
@@ -142,10 +145,11 @@ impl Manifest {
             return Err(bad(format!("bytes is {} but the shards add up to {bytes}", self.bytes)));
         }
         let mut totals = PerModality::default();
+        let mut fits = true;
         for s in &self.shards {
-            totals.add(&s.modalities);
+            fits &= totals.checked_add(&s.modalities);
         }
-        if totals != self.totals {
+        if !fits || totals != self.totals {
             return Err(bad("per-modality totals do not equal the sum over shards".into()));
         }
         Ok(())
@@ -189,7 +193,7 @@ fn check_name(dir: &Path, name: &str) -> Result<()> {
 /// Reads the vocabulary from a shard's meta block.
 pub(crate) fn read_meta_vocab(path: &Path, file: &[u8], footer: &Footer) -> Result<Vocab> {
     let start = footer.meta_offset as usize;
-    let end = start + footer.meta_len as usize; // bounds checked by Footer::decode
+    let end = footer.meta_offset.saturating_add(footer.meta_len) as usize; // bounds checked by Footer::decode
     let meta =
         file.get(start..end).ok_or_else(|| ShardError::corrupt(path, "meta", footer.meta_offset, "out of range"))?;
     let actual = crc32c::crc32c(meta);
@@ -202,5 +206,6 @@ pub(crate) fn read_meta_vocab(path: &Path, file: &[u8], footer: &Footer) -> Resu
     }
     let m: Meta = serde_json::from_slice(meta)
         .map_err(|e| ShardError::corrupt(path, "meta", footer.meta_offset, e.to_string()))?;
+    m.vocab.validate().map_err(|e| ShardError::corrupt(path, "meta", footer.meta_offset, format!("vocab: {e}")))?;
     Ok(m.vocab)
 }

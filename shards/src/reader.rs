@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::error::{Result, ShardError};
 use crate::format::{
     self, ALIGN, CHUNK_ENTRY_LEN, ChunkEntry, Compression, FLAG_FRAME_RATE, FLAG_GRID, FLAG_SOURCE, Footer, Header,
-    INDEX_ENTRY_LEN, IndexEntry, KIND_LATENT_F16, ModalityStats, SegmentDesc, validate_record,
+    INDEX_ENTRY_LEN, IndexEntry, KIND_LATENT_F16, ModalityStats, SegmentDesc, SegmentRules, validate_record,
 };
 use crate::manifest::{Manifest, read_meta_vocab};
 use crate::perm::{Permutation, mix64};
@@ -52,17 +52,24 @@ impl ChunkBuf {
     }
 }
 
-/// One opened shard. Opening checks header, footer and the index checksum (cost proportional
-/// to this shard's document count, paid on first touch); chunk checksums are checked the
-/// first time each chunk is read.
+/// One opened shard. Opening checks header, footer, the index checksum, the meta block's
+/// vocabulary and that the chunk table's sizes add up (cost proportional to this shard's
+/// document and chunk count, paid on first touch); chunk checksums are checked the first time
+/// each chunk is read, and every document's token ids the first time it is read.
 #[derive(Debug)]
 pub struct ShardReader {
     path: PathBuf,
     storage: Storage,
     header: Header,
     footer: Footer,
+    vocab: Vocab,
+    rules: SegmentRules,
     verified: Vec<AtomicU64>,
-    cache: Mutex<Option<(u32, Arc<ChunkBuf>)>>,
+    /// One bit per document: its ids were checked against the vocabulary. Every later read
+    /// still checks the record's structure, which is O(segments), but not each id again (the
+    /// loader reads a long document once per row it spans).
+    ids_checked: Vec<AtomicU64>,
+    cache: Mutex<Option<(u64, Arc<ChunkBuf>)>>,
 }
 
 impl ShardReader {
@@ -98,14 +105,38 @@ impl ShardReader {
                 "compression differs from the header",
             ));
         }
-        let start = footer.chunk_table_offset as usize;
-        let end = (footer.doc_index_offset + footer.num_docs * INDEX_ENTRY_LEN as u64) as usize;
-        let actual = crc32c::crc32c(&bytes[start..end]);
+        // Footer::decode checked that the table and the index lie inside the file.
+        let (start, end) = (footer.chunk_table_offset as usize, footer.index_end() as usize);
+        let index = bytes.get(start..end).ok_or_else(|| {
+            ShardError::corrupt(&path, "footer", footer.chunk_table_offset, "chunk table and index outside the file")
+        })?;
+        let actual = crc32c::crc32c(index);
         if actual != footer.index_crc {
             return Err(format::checksum(&path, "index", footer.chunk_table_offset, footer.index_crc, actual));
         }
-        let verified = (0..footer.num_chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        Ok(ShardReader { path, storage, header, footer, verified, cache: Mutex::new(None) })
+        // The uncompressed sizes the chunk table claims must add up to the footer's total:
+        // a zstd chunk cannot claim more than its share of `payload_bytes`.
+        let table = index.get(..footer.num_chunks as usize * CHUNK_ENTRY_LEN).unwrap_or(&[]);
+        let claimed = table
+            .chunks_exact(CHUNK_ENTRY_LEN)
+            .try_fold(0u64, |sum, e| sum.checked_add(ChunkEntry::decode(e).raw_len as u64));
+        if claimed != Some(footer.payload_bytes) {
+            return Err(ShardError::corrupt(
+                &path,
+                "chunk table",
+                footer.chunk_table_offset,
+                format!(
+                    "uncompressed chunk sizes add up to {}, the footer's payload_bytes is {}",
+                    claimed.map_or("more than 2^64".to_string(), |c| c.to_string()),
+                    footer.payload_bytes
+                ),
+            ));
+        }
+        let vocab = read_meta_vocab(&path, bytes, &footer)?;
+        let rules = SegmentRules::from_vocab(&vocab);
+        let bitmap = |n: u64| -> Vec<AtomicU64> { (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() };
+        let (verified, ids_checked) = (bitmap(footer.num_chunks), bitmap(footer.num_docs));
+        Ok(ShardReader { path, storage, header, footer, vocab, rules, verified, ids_checked, cache: Mutex::new(None) })
     }
 
     pub fn path(&self) -> &Path {
@@ -133,9 +164,9 @@ impl ShardReader {
     pub fn stats(&self) -> PerModality {
         PerModality::from_array(self.footer.stats)
     }
-    /// The vocabulary recorded in the shard's meta block.
+    /// The vocabulary recorded in the shard's meta block (checked when the shard was opened).
     pub fn vocab(&self) -> Result<Vocab> {
-        read_meta_vocab(&self.path, self.storage.bytes(), &self.footer)
+        Ok(self.vocab.clone())
     }
 
     /// Checks the footer and meta block against the shard's manifest entry and vocabulary.
@@ -168,9 +199,8 @@ impl ShardReader {
         if self.stats() != entry.modalities {
             return Err(mismatch("modalities", format!("{:?}", entry.modalities), format!("{:?}", self.stats())));
         }
-        let v = self.vocab()?;
-        if &v != vocab {
-            return Err(mismatch("vocab", format!("{vocab:?}"), format!("{v:?}")));
+        if &self.vocab != vocab {
+            return Err(mismatch("vocab", format!("{vocab:?}"), format!("{:?}", self.vocab)));
         }
         Ok(())
     }
@@ -180,8 +210,9 @@ impl ShardReader {
         if local >= self.footer.num_docs {
             return Err(ShardError::DocOutOfRange { doc: local, num_docs: self.footer.num_docs });
         }
+        // In the file: local < num_docs and Footer::decode checked the index's extent.
         let at = (self.footer.doc_index_offset + local * INDEX_ENTRY_LEN as u64) as usize;
-        Ok(IndexEntry::decode(&self.storage.bytes()[at..at + INDEX_ENTRY_LEN]))
+        Ok(IndexEntry::decode(self.storage.bytes().get(at..at + INDEX_ENTRY_LEN).unwrap_or(&[])))
     }
 
     /// Chunk table entry `i`, checked against the file layout.
@@ -194,14 +225,15 @@ impl ShardReader {
                 format!("chunk {i} of {}", self.footer.num_chunks),
             ));
         }
+        // In the file: i < num_chunks and Footer::decode checked the table's extent.
         let at = self.footer.chunk_table_offset + i * CHUNK_ENTRY_LEN as u64;
-        let c = ChunkEntry::decode(&self.storage.bytes()[at as usize..at as usize + CHUNK_ENTRY_LEN]);
+        let c = ChunkEntry::decode(self.storage.bytes().get(at as usize..at as usize + CHUNK_ENTRY_LEN).unwrap_or(&[]));
         let end = c.file_offset.checked_add(c.stored_len as u64);
+        // How much a zstd chunk may claim is bounded by its frame (see `decompressed`).
         let ok = c.file_offset >= format::HEADER_LEN as u64
             && end.is_some_and(|e| e <= self.footer.chunk_table_offset)
             && c.file_offset.is_multiple_of(ALIGN as u64)
-            && (self.header.compression != Compression::Raw || c.stored_len == c.raw_len)
-            && (c.raw_len as u64) <= (c.stored_len as u64).saturating_mul(4096) + 4096;
+            && (self.header.compression != Compression::Raw || c.stored_len == c.raw_len);
         if !ok {
             return Err(ShardError::corrupt(
                 &self.path,
@@ -216,9 +248,14 @@ impl ShardReader {
         Ok(c)
     }
 
-    fn stored_chunk(&self, i: u32, c: &ChunkEntry) -> Result<&[u8]> {
-        let bytes = &self.storage.bytes()[c.file_offset as usize..(c.file_offset + c.stored_len as u64) as usize];
-        let (word, bit) = (i as usize / 64, 1u64 << (i % 64));
+    /// Chunk `i`'s stored bytes, crc-checked on first use; `c` comes from `chunk_entry`, which
+    /// checked that they lie inside the file.
+    fn stored_chunk(&self, i: u64, c: &ChunkEntry) -> Result<&[u8]> {
+        let range = c.file_offset as usize..c.file_offset.saturating_add(c.stored_len as u64) as usize;
+        let bytes = self.storage.bytes().get(range).ok_or_else(|| {
+            ShardError::corrupt(&self.path, "chunk table", c.file_offset, format!("chunk {i} outside the file"))
+        })?;
+        let (word, bit) = ((i / 64) as usize, 1u64 << (i % 64));
         let done = self.verified.get(word).is_some_and(|w| w.load(Ordering::Relaxed) & bit != 0);
         if !done {
             let actual = crc32c::crc32c(bytes);
@@ -232,7 +269,7 @@ impl ShardReader {
         Ok(bytes)
     }
 
-    fn decompressed(&self, i: u32, c: &ChunkEntry) -> Result<Arc<ChunkBuf>> {
+    fn decompressed(&self, i: u64, c: &ChunkEntry) -> Result<Arc<ChunkBuf>> {
         if let Ok(guard) = self.cache.lock()
             && let Some((ci, buf)) = guard.as_ref()
             && *ci == i
@@ -241,10 +278,7 @@ impl ShardReader {
         }
         let stored = self.stored_chunk(i, c)?;
         let bad = |detail: String| ShardError::corrupt(&self.path, "zstd chunk", c.file_offset, detail);
-        match zstd::zstd_safe::get_frame_content_size(stored) {
-            Ok(Some(n)) if n == c.raw_len as u64 => {}
-            other => return Err(bad(format!("frame content size {other:?}, chunk table says {}", c.raw_len))),
-        }
+        check_zstd_claim(stored, c).map_err(bad)?;
         let mut words = vec![0u64; (c.raw_len as usize).div_ceil(8)];
         let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..c.raw_len as usize];
         let n = zstd::bulk::decompress_to_buffer(stored, dst).map_err(|e| bad(e.to_string()))?;
@@ -258,35 +292,89 @@ impl ShardReader {
         Ok(buf)
     }
 
-    /// Document `local` of this shard as a validated borrowed view.
+    /// Chunk `i` checked as a whole: its table entry, its crc32c and, for zstd, that its frame
+    /// can decode to the size the table claims (what `verify` checks per chunk).
+    pub fn check_chunk(&self, i: u64) -> Result<ChunkEntry> {
+        let c = self.chunk_entry(i)?;
+        let stored = self.stored_chunk(i, &c)?;
+        if self.header.compression == Compression::Zstd {
+            check_zstd_claim(stored, &c)
+                .map_err(|detail| ShardError::corrupt(&self.path, "zstd chunk", c.file_offset, detail))?;
+        }
+        Ok(c)
+    }
+
+    /// Document `local` of this shard as a validated borrowed view. A structural error names
+    /// the document ([`ShardError::Record`]); checksum errors name the chunk.
     pub fn get(&self, local: u64) -> Result<DocumentRef<'_>> {
+        self.get_inner(local).map_err(|e| e.in_document(local))
+    }
+
+    fn get_inner(&self, local: u64) -> Result<DocumentRef<'_>> {
         let e = self.index_entry(local)?;
         let c = self.chunk_entry(e.chunk as u64)?;
         let index_at = self.footer.doc_index_offset + local * INDEX_ENTRY_LEN as u64;
-        let end = e.offset as u64 + e.len as u64;
+        let end = e.offset as u64 + e.len as u64; // two u32s: no overflow in u64
         if end > c.raw_len as u64 || !(e.offset as usize).is_multiple_of(ALIGN) {
             return Err(ShardError::corrupt(
                 &self.path,
-                "document index",
+                "document index entry",
                 index_at,
-                format!(
-                    "document {local}: record {}..{end} outside chunk {} of {} bytes",
-                    e.offset, e.chunk, c.raw_len
-                ),
+                format!("record {}..{end} outside chunk {} of {} bytes", e.offset, e.chunk, c.raw_len),
             ));
         }
-        let (bytes, base) = match self.header.compression {
+        let (bytes, base, in_chunk) = match self.header.compression {
             Compression::Raw => {
-                let chunk = self.stored_chunk(e.chunk, &c)?;
-                (DocBytes::Mapped(&chunk[e.offset as usize..end as usize]), c.file_offset + e.offset as u64)
+                let chunk = self.stored_chunk(e.chunk as u64, &c)?;
+                let rec = chunk.get(e.offset as usize..end as usize).unwrap_or(&[]);
+                (DocBytes::Mapped(rec), c.file_offset + e.offset as u64, None)
             }
             Compression::Zstd => {
-                let buf = self.decompressed(e.chunk, &c)?;
-                (DocBytes::Chunk(buf, e.offset as usize, end as usize), e.offset as u64)
+                let buf = self.decompressed(e.chunk as u64, &c)?;
+                (DocBytes::Chunk(buf, e.offset as usize, end as usize), e.offset as u64, Some(e.chunk))
             }
         };
-        let positions = validate_record(&self.path, base, bytes.get())?;
+        let (word, bit) = ((local / 64) as usize, 1u64 << (local % 64));
+        let checked = self.ids_checked.get(word).is_some_and(|w| w.load(Ordering::Relaxed) & bit != 0);
+        let record_error = |at: u64, detail: String| ShardError::Record {
+            path: self.path.clone(),
+            doc: local,
+            global: None,
+            what: "document record",
+            offset: base + at,
+            in_chunk,
+            detail,
+        };
+        let positions =
+            validate_record(bytes.get(), &self.rules, !checked).map_err(|p| record_error(p.at, p.detail))?;
+        if positions.min(u32::MAX as u64) != e.positions as u64 {
+            return Err(ShardError::corrupt(
+                &self.path,
+                "document index entry",
+                index_at + 12,
+                format!("says {} positions, the record holds {positions}", e.positions),
+            ));
+        }
+        if !checked && let Some(w) = self.ids_checked.get(word) {
+            w.fetch_or(bit, Ordering::Relaxed);
+        }
         Ok(DocumentRef { bytes, positions })
+    }
+}
+
+/// A zstd chunk's claimed size against its frame: the frame's content size must equal the
+/// table's `raw_len`, which must not exceed what the frame's blocks can decode to.
+fn check_zstd_claim(stored: &[u8], c: &ChunkEntry) -> std::result::Result<(), String> {
+    let bound = format::zstd_frame_bound(stored)?;
+    if c.raw_len as u64 > bound {
+        return Err(format!(
+            "chunk table claims {} uncompressed bytes, but this {}-byte zstd frame decodes to at most {bound}",
+            c.raw_len, c.stored_len
+        ));
+    }
+    match zstd::zstd_safe::get_frame_content_size(stored) {
+        Ok(Some(n)) if n == c.raw_len as u64 => Ok(()),
+        other => Err(format!("frame content size {other:?}, chunk table says {}", c.raw_len)),
     }
 }
 
@@ -493,7 +581,7 @@ impl Corpus {
         let mut acc = 0u64;
         for s in &manifest.shards {
             starts.push(acc);
-            acc += s.num_docs;
+            acc = acc.saturating_add(s.num_docs); // Manifest::read checked the sum fits
         }
         starts.push(acc);
         let shards = manifest.shards.iter().map(|_| OnceLock::new()).collect();
@@ -549,7 +637,7 @@ impl Corpus {
     /// Document `doc` as a borrowed view.
     pub fn get(&self, doc: u64) -> Result<DocumentRef<'_>> {
         let (i, local) = self.locate(doc)?;
-        self.shard(i)?.get(local)
+        self.shard(i)?.get(local).map_err(|e| e.with_global(doc))
     }
 
     /// Sequence positions of document `doc`, from the index alone (no payload touched).
@@ -623,15 +711,18 @@ pub struct Problem {
     pub shard: Option<String>,
     /// Error kind (`checksum`, `truncated`, `missing_shard`, `manifest_mismatch`, ...).
     pub kind: String,
+    /// Corpus-wide id of the document, when the problem is in one.
+    pub doc: Option<u64>,
     pub offset: Option<u64>,
     pub message: String,
 }
 
 impl Problem {
-    pub(crate) fn from_error(shard: Option<&str>, e: &ShardError) -> Problem {
+    pub fn from_error(shard: Option<&str>, e: &ShardError) -> Problem {
         Problem {
             shard: shard.map(str::to_string),
             kind: e.kind().to_string(),
+            doc: e.doc(),
             offset: e.offset(),
             message: e.to_string(),
         }

@@ -209,11 +209,59 @@ impl Vocab {
     /// Which modality a global id belongs to (specials count as text).
     pub fn modality_of(&self, global: u32) -> Modality {
         for v in &self.modalities {
-            if v.vocab_size > 0 && global >= v.offset && global < v.offset + v.vocab_size {
+            // u64: a vocabulary read from someone else's manifest may overflow u32 here.
+            if global >= v.offset && (global as u64) < v.offset as u64 + v.vocab_size as u64 {
                 return v.modality;
             }
         }
         Modality::Text
+    }
+
+    /// Checks that the global id space is well formed (docs/FORMAT.md, section 6.1): each
+    /// modality listed once, every block inside `0..total_size`, no two blocks overlapping,
+    /// every special inside the id space, outside every block and distinct, latent dims > 0.
+    /// Readers apply it to every manifest and shard meta block, since the loader turns local
+    /// ids into global ones with these offsets.
+    pub fn validate(&self) -> Result<(), String> {
+        let total = self.total_size as u64;
+        let mut blocks: Vec<(u64, u64, String)> = Vec::new();
+        for (i, v) in self.modalities.iter().enumerate() {
+            if self.modalities[..i].iter().any(|o| o.modality == v.modality) {
+                return Err(format!("modality {} is listed twice", v.modality));
+            }
+            let end = v.offset as u64 + v.vocab_size as u64;
+            if end > total {
+                return Err(format!(
+                    "{} block {}..{end} overflows the id space of total_size {total}",
+                    v.modality, v.offset
+                ));
+            }
+            if v.latent_dim == Some(0) {
+                return Err(format!("{} has latent_dim 0", v.modality));
+            }
+            if v.vocab_size > 0 {
+                blocks.push((v.offset as u64, end, format!("{} block {}..{end}", v.modality, v.offset)));
+            }
+        }
+        for (i, (a0, a1, a)) in blocks.iter().enumerate() {
+            for (b0, b1, b) in &blocks[i + 1..] {
+                if a0 < b1 && b0 < a1 {
+                    return Err(format!("{a} overlaps {b}"));
+                }
+            }
+        }
+        for (name, &id) in &self.specials {
+            if id as u64 >= total {
+                return Err(format!("special {name:?} = {id} is outside the id space of total_size {total}"));
+            }
+            if let Some((_, _, b)) = blocks.iter().find(|(s, e, _)| (*s..*e).contains(&(id as u64))) {
+                return Err(format!("special {name:?} = {id} lies inside the {b}"));
+            }
+            if let Some((other, _)) = self.specials.iter().find(|(n, v)| **v == id && *n < name) {
+                return Err(format!("specials {other:?} and {name:?} share id {id}"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -232,5 +280,45 @@ mod tests {
         assert_eq!(v.modality_of(1001), Modality::Text);
         assert_eq!(v.modality_of(1007), Modality::Image);
         assert_eq!(v.modality_of(1762), Modality::Speech);
+        assert_eq!(v.validate(), Ok(()));
+        assert_eq!(Vocab::build(0, 0, 0, Some(4)).validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_vocabularies_are_rejected() {
+        let good = Vocab::build(1000, 256, 500, None);
+        let broken = |f: &dyn Fn(&mut Vocab)| {
+            let mut v = good.clone();
+            f(&mut v);
+            v.validate().expect_err("must be rejected")
+        };
+        let e = broken(&|v| v.modalities[1].offset = 990);
+        assert!(e.contains("overlaps") || e.contains("inside"), "{e}");
+        let e = broken(&|v| v.modalities[2].offset = u32::MAX - 10);
+        assert!(e.contains("overflows"), "{e}");
+        let e = broken(&|v| v.total_size = 1500);
+        assert!(e.contains("overflows"), "{e}");
+        let e = broken(&|v| v.modalities[1].vocab_size = 300);
+        assert!(e.contains("overlaps"), "{e}");
+        let e = broken(&|v| {
+            v.specials.insert("bos".into(), 5);
+        });
+        assert!(e.contains("inside the text block"), "{e}");
+        let e = broken(&|v| {
+            v.specials.insert("eos".into(), 1001);
+        });
+        assert!(e.contains("share id 1001"), "{e}");
+        let e = broken(&|v| {
+            v.specials.insert("pad".into(), 5000);
+        });
+        assert!(e.contains("outside the id space"), "{e}");
+        let e = broken(&|v| v.modalities.push(v.modalities[0].clone()));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = broken(&|v| v.modalities[1].latent_dim = Some(0));
+        assert!(e.contains("latent_dim 0"), "{e}");
+        // A huge block no longer overflows u32 arithmetic in modality_of.
+        let mut v = good.clone();
+        v.modalities[2].offset = u32::MAX - 1;
+        assert_eq!(v.modality_of(u32::MAX - 1), Modality::Speech);
     }
 }

@@ -15,8 +15,9 @@ pub(crate) fn verify_corpus(corpus: &Corpus) -> VerifyReport {
     if let Err(e) = m.check(corpus.dir()) {
         report.problems.push(Problem::from_error(None, &e));
     }
-    for entry in &m.shards {
+    for (i, entry) in m.shards.iter().enumerate() {
         report.shards += 1;
+        let first_doc = corpus.shard_start(i).unwrap_or(0);
         let name = entry.name.as_str();
         let path = corpus.dir().join(name);
         let push = |e: ShardError, report: &mut VerifyReport| report.problems.push(Problem::from_error(Some(name), &e));
@@ -47,7 +48,7 @@ pub(crate) fn verify_corpus(corpus: &Corpus) -> VerifyReport {
         let mut shard_problems = 0usize;
         for c in 0..reader.num_chunks() {
             report.chunks += 1;
-            if let Err(e) = reader.chunk_entry(c) {
+            if let Err(e) = reader.check_chunk(c) {
                 shard_problems += 1;
                 if shard_problems <= MAX_PROBLEMS_PER_SHARD {
                     push(e, &mut report);
@@ -64,7 +65,7 @@ pub(crate) fn verify_corpus(corpus: &Corpus) -> VerifyReport {
                     failed_docs += 1;
                     shard_problems += 1;
                     if shard_problems <= MAX_PROBLEMS_PER_SHARD {
-                        push(e, &mut report);
+                        push(e.with_global(first_doc.saturating_add(local)), &mut report);
                     }
                 }
             }

@@ -103,11 +103,20 @@ impl PerModality {
         [self.text, self.image, self.speech]
     }
     pub(crate) fn add(&mut self, o: &PerModality) {
+        let _ = self.checked_add(o);
+    }
+
+    /// Adds `o` in place; false when a count overflowed (it then saturates), which only a
+    /// hostile manifest can make happen.
+    pub(crate) fn checked_add(&mut self, o: &PerModality) -> bool {
+        let mut ok = true;
         for (s, x) in [(&mut self.text, &o.text), (&mut self.image, &o.image), (&mut self.speech, &o.speech)] {
-            s.docs += x.docs;
-            s.segments += x.segments;
-            s.tokens += x.tokens;
+            for (a, b) in [(&mut s.docs, x.docs), (&mut s.segments, x.segments), (&mut s.tokens, x.tokens)] {
+                ok &= a.checked_add(b).is_some();
+                *a = a.saturating_add(b);
+            }
         }
+        ok
     }
 }
 

@@ -70,6 +70,26 @@ fn cmyk_jpeg_is_converted_to_rgb() -> anyhow::Result<()> {
 }
 
 #[test]
+fn crawled_image_formats_decode() -> anyhow::Result<()> {
+    // Written from raw bytes (WebP: lossy, by cwebp) by fixtures/make_image_formats_fixture.py:
+    // 24x16, left half red, right half blue, a green bar along the top.
+    let t = vq()?;
+    for name in ["formats.bmp", "formats.gif", "formats.tif", "formats.webp"] {
+        let bytes = std::fs::read(fixture(name))?;
+        let img = decode_image_bytes(&bytes, name)?;
+        assert_eq!((img.width(), img.height()), (24, 16), "{name}");
+        let rgb = motley_tokenizers::image::to_rgb8(&img);
+        for ((x, y), want) in [((3, 10), [220, 30, 30]), ((20, 10), [30, 30, 220]), ((12, 0), [30, 200, 30])] {
+            let got = rgb.get_pixel(x, y).0;
+            let off = got.iter().zip(want).map(|(&g, w)| (g as i32 - w).abs()).max().unwrap_or(0);
+            assert!(off <= 40, "{name} pixel ({x}, {y}) is {got:?}, want about {want:?}");
+        }
+        assert_eq!(t.encode_bytes(&bytes, name)?.data.len(), 64, "{name}");
+    }
+    Ok(())
+}
+
+#[test]
 fn broken_images_are_typed_errors_naming_the_source() -> anyhow::Result<()> {
     let t = vq()?;
     let good = common::png(&common::synthetic_images(1, 3)[0]);
@@ -77,8 +97,13 @@ fn broken_images_are_typed_errors_naming_the_source() -> anyhow::Result<()> {
     let e = t.encode_bytes(&[], "empty.png").unwrap_err();
     assert!(matches!(e, TokenizerError::ImageDecode { .. }) && e.to_string().contains("empty.png"), "{e}");
 
-    let e = t.encode_bytes(b"GIF89a definitely not a png", "junk.png").unwrap_err();
+    let e = t.encode_bytes(b"definitely not an image", "junk.png").unwrap_err();
     assert!(matches!(e, TokenizerError::ImageDecode { .. }) && e.to_string().contains("junk.png"), "{e}");
+    // GIF magic then text: the text reads as a 25,632-pixel-wide screen, which the limits refuse.
+    let e = t.encode_bytes(b"GIF89a definitely not a png", "junk.gif").unwrap_err();
+    assert!(matches!(e, TokenizerError::ImageTooLarge { .. }) && e.to_string().contains("junk.gif"), "{e}");
+    let e = t.encode_bytes(b"BM\x10\x00\x00\x00 truncated bitmap", "junk.bmp").unwrap_err();
+    assert!(matches!(e, TokenizerError::ImageDecode { .. }) && e.to_string().contains("junk.bmp"), "{e}");
 
     for cut in [good.len() / 2, 40, good.len() - 13] {
         let e = t.encode_bytes(&good[..cut], "truncated.png").unwrap_err();

@@ -6,6 +6,12 @@
 mod cmd;
 mod launch;
 mod output;
+#[cfg(test)]
+mod test_alloc;
+
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: test_alloc::Tracking = test_alloc::Tracking;
 
 use clap::{Parser, Subcommand};
 

@@ -546,3 +546,71 @@ fn decode_latent_image_through_the_patch_inverse() -> TestResult {
     assert_eq!(v["ids"], json!(3));
     Ok(())
 }
+
+/// The hostile corpora of motley-shards' tests and where a reader must report each problem.
+#[path = "../../shards/tests/hostile/generate.rs"]
+mod hostile;
+
+#[test]
+fn hostile_shards_fail_verify_head_and_stats_naming_shard_document_and_offset() -> TestResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shards/tests/hostile");
+    for c in hostile::cases() {
+        let dir = root.join(c.name);
+        let d = s(&dir);
+        let run = |args: &[&str]| -> anyhow::Result<(String, String)> {
+            let o = motley(args)?;
+            // 1 is a reported error; a panic would exit with 101.
+            anyhow::ensure!(o.status.code() == Some(1), "{}: motley {args:?} exited with {}", c.name, o.status);
+            Ok((stdout(&o), String::from_utf8_lossy(&o.stderr).into_owned()))
+        };
+        let (json, _) = run(&["shards", "verify", d, "--json"])?;
+        let v: Value = serde_json::from_str(&json)?;
+        let problems = v["problems"].as_array().cloned().unwrap_or_default();
+        let (human, _) = run(&["shards", "verify", d])?;
+        let (_, head_err) = run(&["shards", "head", d, "-n", "3"])?;
+        let (_, stats_err) = run(&["shards", "stats", d, "--deep"])?;
+        let has = |p: &Value, shard: Option<&str>, doc: Option<u64>, offset: u64, needle: &str| {
+            p["shard"].as_str() == shard
+                && p["doc"].as_u64() == doc
+                && p["offset"].as_u64() == Some(offset)
+                && p["message"].as_str().is_some_and(|m| m.contains(needle))
+        };
+        match c.expect {
+            hostile::Expect::Doc { doc, offset, needle, .. } => {
+                let shard = Some(c.shard.as_str());
+                assert!(problems.iter().any(|p| has(p, shard, Some(doc), offset, needle)), "{}: {v:#}", c.name);
+                assert!(human.contains(&format!("{} @ {offset} [corrupt]", c.shard)), "{}: {human}", c.name);
+                for err in [&head_err, &stats_err] {
+                    for want in [c.shard.as_str(), &format!("document {doc}"), &format!("byte {offset}"), needle] {
+                        assert!(err.contains(want), "{}: {err:?} does not say {want:?}", c.name);
+                    }
+                }
+            }
+            hostile::Expect::Vocab { offset, needle } => {
+                let manifest = problems
+                    .iter()
+                    .any(|p| p["kind"] == json!("manifest") && p["message"].to_string().contains(needle));
+                assert!(manifest, "{}: {v:#}", c.name);
+                assert!(
+                    problems.iter().any(|p| has(p, Some(c.shard.as_str()), None, offset, needle)),
+                    "{}: {v:#}",
+                    c.name
+                );
+                for err in [&head_err, &stats_err] {
+                    assert!(err.contains("manifest.json") && err.contains(needle), "{}: {err}", c.name);
+                }
+            }
+            hostile::Expect::Open { offset, needle } => {
+                assert!(
+                    problems.iter().any(|p| has(p, Some(c.shard.as_str()), None, offset, needle)),
+                    "{}: {v:#}",
+                    c.name
+                );
+                for err in [&head_err, &stats_err] {
+                    assert!(err.contains(c.shard.as_str()) && err.contains(needle), "{}: {err}", c.name);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -50,7 +50,8 @@ pub trait ImageTokenizer: Send + Sync + std::fmt::Debug {
     /// Writes the tokenizer file (safetensors + JSON header).
     fn save(&self, path: &Path) -> Result<()>;
 
-    /// Decodes image bytes (PNG, JPEG) safely, then encodes them; `source` names them in errors.
+    /// Decodes image bytes (PNG, JPEG, WebP, BMP, GIF, TIFF) safely, then encodes them; `source`
+    /// names them in errors.
     fn encode_bytes(&self, bytes: &[u8], source: &str) -> Result<Segment> {
         let img = decode_image_bytes(bytes, source)?;
         self.encode_image(&img, Some(source))
@@ -79,7 +80,8 @@ pub fn load_image_tokenizer(path: impl AsRef<Path>) -> Result<Box<dyn ImageToken
     }
 }
 
-/// Decodes PNG / JPEG bytes with dimension and allocation limits.
+/// Decodes PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF bytes with dimension and allocation
+/// limits; the format is told from the bytes, not from a file name.
 pub fn decode_image_bytes(bytes: &[u8], source: &str) -> Result<DynamicImage> {
     if bytes.is_empty() {
         return Err(TokenizerError::ImageDecode { source_name: source.into(), msg: "file is empty (0 bytes)".into() });
@@ -90,7 +92,7 @@ pub fn decode_image_bytes(bytes: &[u8], source: &str) -> Result<DynamicImage> {
     if reader.format().is_none() {
         return Err(TokenizerError::ImageDecode {
             source_name: source.into(),
-            msg: "unrecognized image format (expected PNG or JPEG)".into(),
+            msg: "unrecognized image format (expected PNG, JPEG, WebP, BMP, GIF or TIFF)".into(),
         });
     }
     let mut reader = reader;

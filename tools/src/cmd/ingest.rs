@@ -32,7 +32,9 @@ pub struct Args {
     /// TOML recipe combining sources and tokenizers (paths relative to the recipe).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
-    /// Directory holding text.json, image/ and speech/ (overrides the recipe's paths).
+    /// Directory holding text.json, image/ and speech/ (as `motley tokenizer` writes them) or a
+    /// corpus's own tokenizers/ folder (text.json, image.safetensors, speech.safetensors);
+    /// overrides the recipe's paths.
     #[arg(long)]
     tokenizers: Option<PathBuf>,
     /// Output corpus directory.

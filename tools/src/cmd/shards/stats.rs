@@ -2,9 +2,11 @@
 //! `--deep` a streaming scan of every document for length histograms and vocabulary usage.
 //! The JSON schema (`motley.shards.stats/1`) is documented in docs/CLI.md.
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -183,7 +185,7 @@ fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
-/// What the deep scan accumulates (per shard, then merged in shard order).
+/// The histograms of the deep scan: one per rayon worker at a time, merged as they finish.
 #[derive(Debug, Clone)]
 struct Acc {
     text_run: Histogram,
@@ -191,34 +193,51 @@ struct Acc {
     speech_seconds: Histogram,
     doc_positions: Histogram,
     segments_per_doc: Histogram,
-    /// Per modality: occurrences of each local id.
-    ids: [Vec<u64>; 3],
 }
 
 impl Acc {
-    fn new(vocab: &Vocab) -> Self {
-        let size = |m| vocab.modality(m).map_or(0, |v| v.vocab_size as usize);
+    fn new() -> Self {
         Acc {
             text_run: Histogram::new(&POW2_EDGES),
             images_per_doc: Histogram::new(&COUNT_EDGES),
             speech_seconds: Histogram::new(&SECONDS_EDGES),
             doc_positions: Histogram::new(&POW2_EDGES),
             segments_per_doc: Histogram::new(&POW2_EDGES),
-            ids: [vec![0; size(Modality::Text)], vec![0; size(Modality::Image)], vec![0; size(Modality::Speech)]],
         }
     }
 
-    fn merge(&mut self, o: &Acc) {
+    fn merge(mut self, o: Acc) -> Acc {
         self.text_run.merge(&o.text_run);
         self.images_per_doc.merge(&o.images_per_doc);
         self.speech_seconds.merge(&o.speech_seconds);
         self.doc_positions.merge(&o.doc_positions);
         self.segments_per_doc.merge(&o.segments_per_doc);
-        for (a, b) in self.ids.iter_mut().zip(&o.ids) {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x += y;
-            }
+        self
+    }
+}
+
+/// Occurrences of each local id, per modality: one shared counter per vocabulary id for the
+/// whole scan, so memory does not grow with the number of shards or workers.
+#[derive(Debug)]
+struct IdCounts([Vec<AtomicU64>; 3]);
+
+impl IdCounts {
+    fn new(vocab: &Vocab) -> Self {
+        let counters = |m| {
+            let n = vocab.modality(m).map_or(0, |v| v.vocab_size as usize);
+            (0..n).map(|_| AtomicU64::new(0)).collect()
+        };
+        IdCounts([counters(Modality::Text), counters(Modality::Image), counters(Modality::Speech)])
+    }
+
+    fn add(&self, m: Modality, id: u32) {
+        if let Some(c) = self.0[m.index()].get(id as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn counts(&self, m: Modality) -> impl Iterator<Item = u64> + '_ {
+        self.0[m.index()].iter().map(|c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -279,7 +298,7 @@ fn from_manifest(m: &Manifest) -> Stats {
 }
 
 /// Scans every document once, shards in parallel; memory is the id counters plus one
-/// accumulator per worker, whatever the corpus size.
+/// histogram set per worker, whatever the corpus size.
 fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
     let vocab = corpus.vocab().clone();
     let pb = ProgressBar::new(corpus.num_docs());
@@ -287,52 +306,15 @@ fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
         ProgressStyle::with_template("stats --deep {bar:30} {pos}/{len} docs {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let per_shard: Vec<anyhow::Result<Acc>> = (0..corpus.num_shards())
+    let ids = IdCounts::new(&vocab);
+    // fold/reduce: each worker keeps one Acc across the shards it scans and merges as it
+    // finishes; nothing is kept per shard.
+    let total = (0..corpus.num_shards())
         .into_par_iter()
-        .map(|i| {
-            let mut acc = Acc::new(&vocab);
-            let shard = corpus.shard(i)?;
-            let name = &corpus.manifest().shards[i].name;
-            for local in 0..shard.num_docs() {
-                let doc = shard
-                    .get(local)
-                    .with_context(|| format!("shard {name}, document {local} (run `motley shards verify`)"))?;
-                let mut images = 0u64;
-                for seg in doc.segments() {
-                    match seg.modality() {
-                        Modality::Text => acc.text_run.add(seg.len() as f64),
-                        Modality::Image => images += 1,
-                        Modality::Speech => {
-                            if let Some(s) = seconds(seg.len(), seg.frame_rate()) {
-                                acc.speech_seconds.add(s);
-                            }
-                        }
-                    }
-                    if let SegmentView::Tokens(ids) = seg.data() {
-                        let counts = &mut acc.ids[seg.modality().index()];
-                        for j in 0..ids.len() {
-                            if let Some(c) = ids.get(j).and_then(|id| counts.get_mut(id as usize)) {
-                                *c += 1;
-                            }
-                        }
-                    }
-                }
-                acc.images_per_doc.add(images as f64);
-                acc.doc_positions.add(doc.num_positions() as f64);
-                acc.segments_per_doc.add(doc.num_segments() as f64);
-                if local % 4096 == 4095 {
-                    pb.inc(4096);
-                }
-            }
-            pb.inc(shard.num_docs() % 4096);
-            Ok(acc)
-        })
-        .collect();
+        .try_fold(Acc::new, |acc, i| scan_shard(corpus, i, acc, &ids, &pb))
+        .try_reduce(Acc::new, |a, b| Ok(a.merge(b)));
     pb.finish_and_clear();
-    let mut total = Acc::new(&vocab);
-    for acc in per_shard {
-        total.merge(&acc?);
-    }
+    let total = total?;
     let mut histograms = BTreeMap::new();
     histograms.insert("text_run_tokens", total.text_run.out());
     histograms.insert("images_per_document", total.images_per_doc.out());
@@ -345,16 +327,8 @@ fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
         if v.vocab_size == 0 {
             continue;
         }
-        let counts = &total.ids[m.index()];
-        let used = counts.iter().filter(|&&c| c > 0).count() as u64;
-        let mut top: Vec<IdCount> = counts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(id, &count)| IdCount { id: id as u32, count, token: None })
-            .collect();
-        top.sort_by(|a, b| b.count.cmp(&a.count).then(a.id.cmp(&b.id)));
-        top.truncate(TOP_IDS);
+        let used = ids.counts(m).filter(|&c| c > 0).count() as u64;
+        let top = top_ids(ids.counts(m), TOP_IDS);
         vocabulary.insert(
             m.as_str().to_string(),
             VocabUsage {
@@ -366,6 +340,63 @@ fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
         );
     }
     Ok(Deep { histograms, vocabulary })
+}
+
+/// Scans shard `i` into `acc` (histograms) and `ids` (shared counters).
+fn scan_shard(corpus: &Corpus, i: usize, mut acc: Acc, ids: &IdCounts, pb: &ProgressBar) -> anyhow::Result<Acc> {
+    let shard = corpus.shard(i)?;
+    let name = &corpus.manifest().shards[i].name;
+    for local in 0..shard.num_docs() {
+        let doc =
+            shard.get(local).with_context(|| format!("shard {name}, document {local} (run `motley shards verify`)"))?;
+        let mut images = 0u64;
+        for seg in doc.segments() {
+            match seg.modality() {
+                Modality::Text => acc.text_run.add(seg.len() as f64),
+                Modality::Image => images += 1,
+                Modality::Speech => {
+                    if let Some(s) = seconds(seg.len(), seg.frame_rate()) {
+                        acc.speech_seconds.add(s);
+                    }
+                }
+            }
+            if let SegmentView::Tokens(tokens) = seg.data() {
+                for j in 0..tokens.len() {
+                    if let Some(id) = tokens.get(j) {
+                        ids.add(seg.modality(), id);
+                    }
+                }
+            }
+        }
+        acc.images_per_doc.add(images as f64);
+        acc.doc_positions.add(doc.num_positions() as f64);
+        acc.segments_per_doc.add(doc.num_segments() as f64);
+        if local % 4096 == 4095 {
+            pb.inc(4096);
+        }
+    }
+    pb.inc(shard.num_docs() % 4096);
+    Ok(acc)
+}
+
+/// The `k` most frequent ids (count > 0), most frequent first, ties to the smaller id, in
+/// O(k) memory: a vocabulary of millions is never copied.
+fn top_ids(counts: impl Iterator<Item = u64>, k: usize) -> Vec<IdCount> {
+    // Min-heap on (count, Reverse(id)): its top is the entry the next candidate must beat.
+    let mut heap: BinaryHeap<Reverse<(u64, Reverse<u32>)>> = BinaryHeap::with_capacity(k + 1);
+    for (id, count) in counts.enumerate() {
+        if count == 0 || k == 0 {
+            continue;
+        }
+        heap.push(Reverse((count, Reverse(id as u32))));
+        if heap.len() > k {
+            heap.pop();
+        }
+    }
+    let mut top: Vec<IdCount> =
+        heap.into_iter().map(|Reverse((count, Reverse(id)))| IdCount { id, count, token: None }).collect();
+    top.sort_by(|a, b| b.count.cmp(&a.count).then(a.id.cmp(&b.id)));
+    top
 }
 
 fn human_bytes(b: u64) -> String {
@@ -448,5 +479,47 @@ mod tests {
         let mut s = Histogram::new(&SECONDS_EDGES);
         s.add(500.0);
         assert_eq!(s.out().bins[0].hi, None, "past the last edge lands in the open bin");
+    }
+
+    #[test]
+    fn top_ids_keep_the_most_frequent_smaller_id_first() {
+        let counts = [0u64, 5, 2, 5, 0, 9, 1];
+        let top: Vec<(u32, u64)> = top_ids(counts.iter().copied(), 3).iter().map(|t| (t.id, t.count)).collect();
+        assert_eq!(top, [(5, 9), (1, 5), (3, 5)]);
+        assert!(top_ids([0u64, 0].into_iter(), 10).is_empty());
+    }
+
+    /// Peak heap of `deep_scan` over a corpus of `shards` one-document shards whose text
+    /// vocabulary has `vocab` ids, on a 2-thread pool.
+    fn deep_scan_peak(shards: u64, vocab: u32) -> anyhow::Result<usize> {
+        use motley_shards::{CorpusWriter, Document, Segment, WriterProperties};
+        let dir = tempfile::tempdir()?;
+        let props = WriterProperties::builder().max_shard_bytes(1).build();
+        let mut w = CorpusWriter::create(dir.path(), &Vocab::build(vocab, 16, 8, None), props, "s")?;
+        for i in 0..shards {
+            w.add_document(&Document::new(vec![Segment::tokens(Modality::Text, vec![100 + i as u32, 7, 7])]))?;
+        }
+        assert_eq!(w.finish_with_manifest()?.shards.len() as u64, shards);
+        let corpus = Corpus::open(dir.path())?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .start_handler(|_| crate::test_alloc::track_this_thread())
+            .build()?;
+        let (deep, peak) = crate::test_alloc::measure(|| pool.install(|| deep_scan(&corpus)));
+        let text = &deep?.vocabulary["text"];
+        assert_eq!((text.used, text.top[0].id, text.top[0].count), (shards + 1, 7, 2 * shards));
+        Ok(peak)
+    }
+
+    #[test]
+    fn deep_scan_memory_does_not_grow_with_the_shard_count() -> anyhow::Result<()> {
+        // 1 M ids: 8 MB of counters. One counter set for the scan, not one per shard (40 shards
+        // made that 320 MB) or per worker.
+        let counters = 8usize << 20;
+        let few = deep_scan_peak(2, 1 << 20)?;
+        let many = deep_scan_peak(40, 1 << 20)?;
+        assert!(few >= counters, "the measurement sees the counters ({few} bytes)");
+        assert!(many < 2 * counters, "40 shards peaked at {many} bytes, 2 shards at {few}");
+        Ok(())
     }
 }

@@ -81,8 +81,10 @@ fn verify_dir(dir: &Path) -> VerifyReport {
             let mut report = VerifyReport::default();
             report.problems.push(problem(None, &e));
             if let Some(manifest) = parse_unchecked(dir) {
+                let mut first_doc = 0u64;
                 for entry in &manifest.shards {
-                    verify_shard(dir, &manifest, entry, &mut report);
+                    verify_shard(dir, &manifest, entry, first_doc, &mut report);
+                    first_doc = first_doc.saturating_add(entry.num_docs);
                 }
             }
             report
@@ -91,7 +93,7 @@ fn verify_dir(dir: &Path) -> VerifyReport {
 }
 
 fn problem(shard: Option<&str>, e: &ShardError) -> Problem {
-    Problem { shard: shard.map(str::to_string), kind: e.kind().to_string(), offset: e.offset(), message: e.to_string() }
+    Problem::from_error(shard, e)
 }
 
 /// The manifest as written, without its self-consistency check (None if it does not parse).
@@ -102,13 +104,21 @@ fn parse_unchecked(dir: &Path) -> Option<Manifest> {
 
 /// Per-shard checks for the fallback path: open (header, footer, index checksum), whole-file
 /// blake3, agreement with the manifest entry, every chunk checksum and every record.
-fn verify_shard(dir: &Path, manifest: &Manifest, entry: &motley_shards::ShardStats, report: &mut VerifyReport) {
+/// `first_doc` is the corpus-wide id of the shard's first document (for the messages).
+fn verify_shard(
+    dir: &Path,
+    manifest: &Manifest,
+    entry: &motley_shards::ShardStats,
+    first_doc: u64,
+    report: &mut VerifyReport,
+) {
     report.shards += 1;
     let name = entry.name.as_str();
     if name.contains(['/', '\\']) || name == ".." {
         report.problems.push(Problem {
             shard: Some(name.to_string()),
             kind: "manifest".into(),
+            doc: None,
             offset: None,
             message: format!("shard name {name:?} is not a plain file name"),
         });
@@ -139,14 +149,14 @@ fn verify_shard(dir: &Path, manifest: &Manifest, entry: &motley_shards::ShardSta
     }
     for c in 0..reader.num_chunks() {
         report.chunks += 1;
-        if let Err(e) = reader.chunk_entry(c) {
+        if let Err(e) = reader.check_chunk(c) {
             report.problems.push(problem(Some(name), &e));
         }
     }
     for local in 0..reader.num_docs() {
         report.docs += 1;
         if let Err(e) = reader.get(local) {
-            report.problems.push(problem(Some(name), &e));
+            report.problems.push(problem(Some(name), &e.with_global(first_doc.saturating_add(local))));
         }
     }
 }
