@@ -15,9 +15,7 @@ fn shape(v: &Value) -> Value {
         Value::Bool(_) => Value::String("bool".into()),
         Value::Number(_) => Value::String("number".into()),
         Value::String(_) => Value::String("string".into()),
-        Value::Array(items) => {
-            Value::Array(items.iter().map(shape).reduce(|a, b| merge(&a, &b)).into_iter().collect())
-        }
+        Value::Array(items) => Value::Array(items.iter().map(shape).reduce(|a, b| merge(&a, &b)).into_iter().collect()),
         Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
     }
 }
@@ -51,10 +49,11 @@ fn study_json_schema_and_table() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("study");
     let out_s = out.to_str().unwrap_or_default();
-    let mut args = vec![
-        "--json", "study", "--set", "data.synthetic=true", "--steps", "8", "--eval-every", "4", "--seeds", "2", "--moe",
-        "--device", "cpu", "--out", out_s,
-    ];
+    let mut args: Vec<&str> =
+        "--json study --set data.synthetic=true --steps 8 --eval-every 4 --seeds 2 --moe --device cpu --out"
+            .split_whitespace()
+            .collect();
+    args.push(out_s);
     // A model small enough for seconds per run in a debug build.
     for s in [
         "model.d_model=32",

@@ -2112,7 +2112,10 @@ mod tests {
                     g.iter().filter(|(n, t)| n.starts_with(&prefix) && t.defined()).map(|(_, t)| mean_abs(t)).collect();
                 let expert = experts.iter().sum::<f64>() / experts.len().max(1) as f64;
                 let ratio = mean_abs(grad) / expert;
-                assert!(ratio > 1e-3, "{routing:?} k={k}: {name} gets (almost) no gradient from the LM loss: {ratio:e}");
+                assert!(
+                    ratio > 1e-3,
+                    "{routing:?} k={k}: {name} gets (almost) no gradient from the LM loss: {ratio:e}"
+                );
             }
         }
     }

@@ -359,7 +359,11 @@ pub fn run_study(base: &TrainConfig, out: &Path, opts: &StudyOptions) -> Result<
         plot: None,
     };
     let plot = out.join("study.png");
-    plot_study(&report, &plot, &format!("{} preset, {} steps, {} seed(s)", report.preset, report.steps, report.seeds.len()))?;
+    plot_study(
+        &report,
+        &plot,
+        &format!("{} preset, {} steps, {} seed(s)", report.preset, report.steps, report.seeds.len()),
+    )?;
     report.plot = Some(plot);
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| TrainError::Data { path: out.join("study.json").display().to_string(), msg: e.to_string() })?;
@@ -410,7 +414,8 @@ impl StudyReport {
                 format!("(reached in {}/{} seeds)", m.reached, m.seeds)
             };
             let step = if m.reached == 0 { "-".into() } else { fmt_spread(m.step, 1) };
-            let frac = if m.reached == 0 { reached.clone() } else { format!("{} {reached}", fmt_spread(m.fraction, 3)) };
+            let frac =
+                if m.reached == 0 { reached.clone() } else { format!("{} {reached}", fmt_spread(m.fraction, 3)) };
             let paper = m.paper.as_ref().map_or(String::new(), |p| format!("{:.3} ({})", p.fraction, p.size));
             s.push_str(&format!(
                 "{:<10} {:<6} {:>26} {:>24} {:>26} {:>26}  {}\n",
@@ -487,6 +492,8 @@ pub fn plot_study(report: &StudyReport, path: &Path, title: &str) -> Result<(), 
                 .configure_mesh()
                 .x_desc("step")
                 .y_desc("loss")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .light_line_style(RGBColor(238, 238, 238))
                 .label_style(("sans-serif", 13))
                 .draw()
                 .map_err(|e| err(e.to_string()))?;
@@ -521,12 +528,8 @@ pub fn plot_study(report: &StudyReport, path: &Path, title: &str) -> Result<(), 
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
             }
             // Dense's final loss (mean over seeds) and where each challenger reaches it.
-            let target = report
-                .matches
-                .iter()
-                .find(|m| m.curve == CURVES[c])
-                .and_then(|m| m.dense_final)
-                .map(|s| s.mean);
+            let target =
+                report.matches.iter().find(|m| m.curve == CURVES[c]).and_then(|m| m.dense_final).map(|s| s.mean);
             if let Some(y) = target {
                 let grey = arch_color(Arch::Dense);
                 chart
@@ -624,12 +627,15 @@ mod tests {
         let m = match_runs(&runs, &archs, &[0, 1]);
         // text/mot, text/moe, image/mot, image/moe: speech and diffusion have no values.
         let keys: Vec<(String, Arch)> = m.iter().map(|m| (m.curve.clone(), m.arch)).collect();
-        assert_eq!(keys, vec![
-            ("text".into(), Arch::Mot),
-            ("text".into(), Arch::Moe),
-            ("image".into(), Arch::Mot),
-            ("image".into(), Arch::Moe),
-        ]);
+        assert_eq!(
+            keys,
+            vec![
+                ("text".into(), Arch::Mot),
+                ("text".into(), Arch::Moe),
+                ("image".into(), Arch::Mot),
+                ("image".into(), Arch::Moe),
+            ]
+        );
         // Image, MoT: seed 0 reaches 2.0 exactly at step 20; seed 1 reaches 2.2 at step 20.
         let img = &m[2];
         assert_eq!(img.per_seed.iter().map(|s| s.step).collect::<Vec<_>>(), vec![Some(20.0), Some(20.0)]);

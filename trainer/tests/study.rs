@@ -70,7 +70,8 @@ fn mot_reaches_dense_image_loss_in_fewer_steps_on_rule_data() -> anyhow::Result<
     cfg.train.eval_batches = 2;
     cfg.train.checkpoint_every = 0;
     let dir = tempfile::tempdir()?;
-    let opts = StudyOptions { seeds: vec![0, 1], archs: vec![Arch::Dense, Arch::Mot], overwrite: false, verbose: false };
+    let opts =
+        StudyOptions { seeds: vec![0, 1], archs: vec![Arch::Dense, Arch::Mot], overwrite: false, verbose: false };
     let report = run_study(&cfg, dir.path(), &opts)?;
     // Every run's curve: the untrained model at step 0, then every 5 steps up to 40.
     assert_eq!(report.runs.len(), 4);
