@@ -98,5 +98,11 @@ fn study_json_schema_and_table() -> anyhow::Result<()> {
     for needle in ["image      mot", "speech     moe", "0.260 (37M)"] {
         assert!(table.contains(needle), "missing {needle:?}:\n{table}");
     }
+    // --report-only prints the same table from study.json without training.
+    std::fs::remove_file(out.join("study.png"))?;
+    let o = Command::new(env!("CARGO_BIN_EXE_motley")).args(["study", "--report-only", "--out", out_s]).output()?;
+    anyhow::ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), table);
+    assert!(out.join("study.png").exists());
     Ok(())
 }

@@ -359,11 +359,7 @@ pub fn run_study(base: &TrainConfig, out: &Path, opts: &StudyOptions) -> Result<
         plot: None,
     };
     let plot = out.join("study.png");
-    plot_study(
-        &report,
-        &plot,
-        &format!("{} preset, {} steps, {} seed(s)", report.preset, report.steps, report.seeds.len()),
-    )?;
+    plot_study(&report, &plot, &plot_title(&report))?;
     report.plot = Some(plot);
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| TrainError::Data { path: out.join("study.json").display().to_string(), msg: e.to_string() })?;
@@ -371,6 +367,26 @@ pub fn run_study(base: &TrainConfig, out: &Path, opts: &StudyOptions) -> Result<
     let (path, tmp) = (out.join("study.json"), out.join("study.json.tmp"));
     std::fs::write(&tmp, json).map_err(TrainError::io("write study report", &tmp))?;
     std::fs::rename(&tmp, &path).map_err(TrainError::io("rename study report", &path))?;
+    Ok(report)
+}
+
+fn plot_title(r: &StudyReport) -> String {
+    format!("{} preset, {} steps, {} seed(s)", r.preset, r.steps, r.seeds.len())
+}
+
+/// The report of the finished study in `out` (`study.json`), with `study.png` redrawn from it:
+/// a study's table and plot without training again.
+pub fn reload_study(out: &Path) -> Result<StudyReport, TrainError> {
+    let path = out.join("study.json");
+    let text = std::fs::read_to_string(&path).map_err(TrainError::io("read study report", &path))?;
+    let bad = |msg: String| TrainError::Data { path: path.display().to_string(), msg };
+    let mut report: StudyReport = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if report.schema != SCHEMA {
+        return Err(bad(format!("schema `{}`, expected `{SCHEMA}`", report.schema)));
+    }
+    let plot = out.join("study.png");
+    plot_study(&report, &plot, &plot_title(&report))?;
+    report.plot = Some(plot);
     Ok(report)
 }
 
@@ -455,8 +471,9 @@ fn arch_color(a: Arch) -> RGBColor {
 }
 
 /// Per curve, one panel: each architecture's held-out loss against steps (mean over seeds,
-/// the band between the lowest and highest seed), dense's final loss as a dashed line, and
-/// each challenger's matching step marked on it (a dot at the mean, a bar over the seeds).
+/// the band between the lowest and highest seed; from a tenth of the steps on), dense's final loss as a dashed
+/// line, and each challenger's matching step marked on it (a dot at the mean, a bar over the
+/// seeds that reached it).
 pub fn plot_study(report: &StudyReport, path: &Path, title: &str) -> Result<(), TrainError> {
     ensure_font();
     let err = |e: String| TrainError::Plot { path: path.to_path_buf(), msg: e };
@@ -470,16 +487,23 @@ pub fn plot_study(report: &StudyReport, path: &Path, title: &str) -> Result<(), 
         let root = root.titled(title, ("sans-serif", 20)).map_err(|e| err(e.to_string()))?;
         let areas = root.split_evenly((1, panels));
         for (&c, area) in curves.iter().zip(&areas) {
-            // Step 0 (the untrained model) is far above the rest; the panel starts at the
-            // first evaluation after it so the part where curves cross is readable.
-            let later = |r: &StudyRun| r.series(c).into_iter().filter(|p| p.0 > 0.0).collect::<Vec<_>>();
+            // The first tenth of training falls from the untrained loss (several times the
+            // final one); the panel starts at the first evaluation after it, so the part where
+            // the curves approach dense's final loss fills the height.
+            let x0 = report
+                .runs
+                .iter()
+                .flat_map(|r| r.curve.iter().map(|p| p.step))
+                .filter(|&s| s > 0 && s * 10 >= report.steps)
+                .min()
+                .unwrap_or(report.eval_every.max(1)) as f64;
+            let later = |r: &StudyRun| r.series(c).into_iter().filter(|p| p.0 >= x0).collect::<Vec<_>>();
             let values: Vec<f64> = report.runs.iter().flat_map(|r| later(r).into_iter().map(|p| p.1)).collect();
             let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
             if !lo.is_finite() {
                 continue;
             }
             let pad = ((hi - lo) * 0.05).max(1e-3);
-            let x0 = report.eval_every as f64;
             let x1 = (report.steps as f64).max(x0 + 1.0);
             let mut chart = ChartBuilder::on(area)
                 .caption(format!("{} (held-out)", CURVES[c]), ("sans-serif", 18))
@@ -493,7 +517,8 @@ pub fn plot_study(report: &StudyReport, path: &Path, title: &str) -> Result<(), 
                 .x_desc("step")
                 .y_desc("loss")
                 .x_label_formatter(&|x| format!("{x:.0}"))
-                .light_line_style(RGBColor(238, 238, 238))
+                .y_label_formatter(&|y| format!("{y:.2}"))
+                .light_line_style(WHITE)
                 .label_style(("sans-serif", 13))
                 .draw()
                 .map_err(|e| err(e.to_string()))?;
@@ -548,7 +573,11 @@ pub fn plot_study(report: &StudyReport, path: &Path, title: &str) -> Result<(), 
                 chart
                     .draw_series(std::iter::once(Circle::new((step.mean.max(x0), y), 6, color.filled())))
                     .map_err(|e| err(e.to_string()))?
-                    .label(format!("{} reaches dense at {:.2}", m.arch, frac.mean))
+                    .label(if m.reached == m.seeds {
+                        format!("{} reaches dense at {:.2}", m.arch, frac.mean)
+                    } else {
+                        format!("{} reaches dense at {:.2} ({}/{} seeds)", m.arch, frac.mean, m.reached, m.seeds)
+                    })
                     .legend(move |(x, y)| Circle::new((x + 9, y), 5, color.filled()));
             }
             chart

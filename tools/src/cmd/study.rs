@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use motley_trainer::study::{StudyOptions, run_study};
+use motley_trainer::study::{StudyOptions, reload_study, run_study};
 use motley_trainer::{Arch, TrainConfig};
 
 use crate::output::{self, Ctx};
@@ -51,6 +51,9 @@ pub struct Args {
     /// Override any config key: --set train.eval_batches=8 --set model.moe_routing=token_choice.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Train nothing: print the table (or JSON) of the study already in --out and redraw its plot.
+    #[arg(long)]
+    report_only: bool,
 }
 
 /// Preset → config file → flags → `--set`, as `motley train` does; then the study's cadence.
@@ -81,6 +84,10 @@ fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    if args.report_only {
+        let report = reload_study(&args.out)?;
+        return if ctx.json { output::json(&report) } else { output::line(report.table()) };
+    }
     let cfg = resolve_config(&args)?;
     anyhow::ensure!(args.seeds >= 1, "--seeds must be at least 1");
     let first = args.seed.unwrap_or(cfg.train.seed);
