@@ -32,7 +32,8 @@ pub struct Args {
     overwrite: bool,
     /// Run the step-matching study instead of the demo: fit the tokenizers, ingest the study
     /// mixes of data/sample/study/ in both settings, and run `motley study` on each (into
-    /// OUT/study/chameleon, dense vs MoT vs MoE-4x, and OUT/study/transfusion, dense vs MoT).
+    /// OUT/study/chameleon, dense vs MoT vs MoE-4x, and OUT/study/transfusion, dense vs MoT);
+    /// then, for contrast, dense vs MoT on the whole corpus (OUT/study/chameleon-whole).
     #[arg(long)]
     study: bool,
     /// Seeds of each study (with --study).
@@ -140,7 +141,8 @@ fn latent_tokenizer(a: &Args) -> Stage {
 const STUDY_PARTS: [&str; 4] = ["text", "captions", "speech", "interleaved"];
 
 /// `motley demo --study`: the tokenizers, then per setting the four study corpora and one
-/// `motley study` over their mix (dense vs MoT, optionally MoE-4x, several seeds).
+/// `motley study` over their mix (dense vs MoT, MoE-4x in the Chameleon setting, several
+/// seeds), then the same study on the whole corpus in one stream.
 fn study_stages(a: &Args) -> Vec<Stage> {
     let tok = s(&a.out.join("tokenizers"));
     let recipes = a.sample.join("study");
@@ -196,6 +198,31 @@ fn study_stages(a: &Args) -> Vec<Stage> {
         study.push("--overwrite".into());
         v.push(Stage { name: study_name, args: study });
     }
+    // The contrast: the whole corpus in one stream, as the demo trains on it (images ~6%,
+    // speech ~2% of positions), where each tower's modality is a minority of the data.
+    let corpus = s(&a.out.join("corpus"));
+    v.push(Stage {
+        name: "ingest the whole sample corpus (Chameleon setting)",
+        args: vec![
+            "ingest".into(),
+            "--config".into(),
+            s(&a.sample.join("recipe.toml")),
+            "--tokenizers".into(),
+            tok.clone(),
+            "--out".into(),
+            corpus.clone(),
+            "--overwrite".into(),
+            "--no-progress".into(),
+        ],
+    });
+    let mut whole: Vec<String> = ["study", "--preset", "tiny", "--data"].map(String::from).to_vec();
+    whole.extend([corpus, "--seeds".into(), a.study_seeds.to_string()]);
+    whole.extend(["--out".into(), s(&a.out.join("study").join("chameleon-whole"))]);
+    if let Some(n) = a.steps {
+        whole.extend(["--steps".into(), n.to_string()]);
+    }
+    whole.push("--overwrite".into());
+    v.push(Stage { name: "step-matching study on the whole corpus, Chameleon setting (dense, MoT)", args: whole });
     v
 }
 
