@@ -264,6 +264,8 @@ pub fn generate_image(
     opts: &GenerateOptions,
     device: Device,
 ) -> Result<Tensor, TrainError> {
+    // Expert-choice MoE would route the prompt and patches among themselves, not as trained.
+    model.check_decodable()?;
     let dim = model.cfg.latent_dim;
     if dim <= 0 {
         return Err(TrainError::Config { path: "model.latent_dim".into(), msg: "the model has no latent head".into() });

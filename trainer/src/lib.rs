@@ -3,6 +3,8 @@
 //! - [`model`]: the transformer, all three architectures, sorted modality routing.
 //! - [`diffusion`]: the Transfusion setting's noise schedule, DDPM/DDIM steps, image generation.
 //! - [`train`]: the loop, evaluation, checkpoints and resume, the MoT-vs-dense comparison.
+//! - [`study`]: step matching (the paper's measure): the step at which MoT / MoE reach dense's
+//!   final held-out loss, per modality, over several seeds.
 //! - [`config`]: TOML config, presets, overrides.
 //! - [`optim`]: AdamW with saveable moments, warmup + cosine schedule.
 //! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
@@ -26,6 +28,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod sample;
+pub mod study;
 pub mod train;
 
 pub use config::TrainConfig;

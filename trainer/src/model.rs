@@ -1182,6 +1182,11 @@ impl Moe {
     }
 
     /// Returns the output and the load-balancing loss (zero for expert choice).
+    ///
+    /// Expert choice ranks the router scores of all `N` rows passed in, which in training are
+    /// every token of the batch (all rows, all positions): whether a token reaches an expert
+    /// depends on later tokens and other sequences, i.e. it is not causal. Decoding one token
+    /// would make it every expert's top choice, so [`Model::check_decodable`] refuses it.
     fn forward(&self, x: &Tensor, ck: Kind) -> (Tensor, Tensor) {
         let n = x.size()[0];
         let e = self.experts.len() as i64;
@@ -1204,7 +1209,11 @@ impl Moe {
             MoeRouting::TokenChoice => {
                 let k = self.top_k;
                 let (gates, experts) = probs.topk(k, 1, true, false); // [N, k]
-                let gates = &gates / gates.sum_dim_intlist(1, true, Kind::Float);
+                // Top-1 keeps the raw router probability as the gate (Switch Transformer):
+                // renormalized, every gate would be exactly 1 with zero gradient, and only the
+                // balance loss would train the router. With k > 1 the renormalized gates still
+                // depend on the router's scores (Mixtral).
+                let gates = if k > 1 { &gates / gates.sum_dim_intlist(1, true, Kind::Float) } else { gates };
                 let flat = experts.reshape([-1]);
                 let order = flat.argsort_stable(true, 0, false);
                 // Per-expert sizes are needed on the host to split: one sync per layer,
@@ -1654,8 +1663,8 @@ impl Block {
         let f = match &self.ffn {
             Ffn::SwiGlu(f) => f.forward(&s.route, &h, ck, ffn_pre, ffn_post),
             Ffn::Moe(m) => {
-                // Expert choice picks among the step's tokens, so MoE decoding is not
-                // token-for-token the training-time routing (token choice is).
+                // Token choice only (`Model::check_decodable`): each token picks its experts
+                // from its own scores, exactly as in training.
                 let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.forward_single(&h));
                 let (y, _) = m.forward(&hn, ck);
                 ffn_post.map_or(y.shallow_clone(), |n| n.forward_single(&y))
@@ -1666,11 +1675,33 @@ impl Block {
 }
 
 impl Model {
+    /// Errors for a model whose routing at generation time cannot be the routing it was trained
+    /// with: an expert-choice MoE. Its experts each took their top `capacity · N / E` tokens
+    /// of a whole training batch (a non-causal choice across sequences and positions); one
+    /// decoded token, or one prompt plus image, would be ranked against a handful of tokens
+    /// instead (a single token becomes every expert's top choice and goes to all of them).
+    /// Token-choice MoE, dense and MoT route each token by its own input and decode exactly as
+    /// they train.
+    pub fn check_decodable(&self) -> Result<(), TrainError> {
+        if self.cfg.arch == Arch::Moe && self.cfg.moe_routing == MoeRouting::ExpertChoice {
+            return Err(TrainError::Config {
+                path: "model.moe_routing".into(),
+                msg: "this MoE was trained with expert-choice routing, where each expert picks its top tokens \
+                      among a whole training batch (non-causal); generating one token at a time cannot route as \
+                      training did (one token would go to every expert), so sampling is refused. Train the MoE \
+                      with model.moe_routing = \"token_choice\" to sample from it"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Runs `tokens` (global ids, with each token's input modality) as the continuation of
     /// the sequence in `cache`: the first call prefills a prompt in one pass, later calls
     /// usually add one token. Returns fp32 logits `[T, V]` in sequence order and appends the
     /// tokens' keys and values to `cache`. Batch 1, no gradients.
     pub fn forward_cached(&self, tokens: &[u32], modality: &[u8], cache: &mut KvCache) -> Result<Tensor, TrainError> {
+        self.check_decodable()?;
         if cache.layers.len() != self.layers.len() {
             return Err(TrainError::Batch(format!(
                 "KV cache has {} layers, the model {}",
@@ -2055,6 +2086,70 @@ mod tests {
             let router = g.iter().find(|(n, _)| n == "layers.0.ffn.router.weight").map(|(_, t)| t.defined());
             assert_eq!(router, Some(true), "router gets a gradient");
         }
+    }
+
+    /// The router must learn from the LM loss itself, not only from the balance loss: with
+    /// the aux loss off, its gradient is non-zero for top-1 and top-2 token choice and for
+    /// expert choice (renormalized top-1 gates are all exactly 1 and would give zero).
+    #[test]
+    fn moe_router_gets_gradient_from_the_lm_loss() {
+        let mut v = 0;
+        let b = batch(&mut v);
+        for (routing, k) in [(MoeRouting::TokenChoice, 1), (MoeRouting::TokenChoice, 2), (MoeRouting::ExpertChoice, 1)]
+        {
+            let cfg = ModelConfig {
+                vocab_size: v,
+                moe_routing: routing,
+                moe_top_k: k,
+                moe_aux_loss_coef: 0.0,
+                ..tiny(Arch::Moe)
+            };
+            let (_, _, g) = run(&cfg, &b, Routing::Sorted);
+            for layer in 0..cfg.n_layers {
+                let name = format!("layers.{layer}.ffn.router.weight");
+                let grad = g.iter().find(|(n, _)| *n == name).map(|(_, t)| t).expect("router weight");
+                assert!(grad.defined(), "{routing:?} k={k}: {name} has no gradient");
+                let mean_abs = |t: &Tensor| f64::try_from(t.abs().mean(Kind::Double)).expect("mean");
+                // Compared with the experts' gradients of the same layer: gates that are
+                // constant in the router's scores leave only rounding noise (~3e-8 of it; ~0.5 here).
+                let prefix = format!("layers.{layer}.ffn.experts.");
+                let experts: Vec<f64> =
+                    g.iter().filter(|(n, t)| n.starts_with(&prefix) && t.defined()).map(|(_, t)| mean_abs(t)).collect();
+                let expert = experts.iter().sum::<f64>() / experts.len().max(1) as f64;
+                let ratio = mean_abs(grad) / expert;
+                assert!(
+                    ratio > 1e-3,
+                    "{routing:?} k={k}: {name} gets (almost) no gradient from the LM loss: {ratio:e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn expert_choice_moe_refuses_to_decode_token_choice_decodes_as_it_trains() {
+        let (b, v) = mixed_sequence();
+        let expert = ModelConfig { vocab_size: v, ..tiny(Arch::Moe) };
+        assert_eq!(expert.moe_routing, MoeRouting::ExpertChoice);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new_seeded(&vs.root(), &expert, 2).expect("model");
+        let mut cache = KvCache::new(&expert);
+        let err = model.forward_cached(&b.inputs[..4], &b.modality[..4], &mut cache).expect_err("expert choice");
+        assert!(err.to_string().contains("token_choice"), "{err}");
+        assert!(cache.is_empty());
+        // Token choice: prefill + one token at a time gives the full forward's logits.
+        let cfg = ModelConfig { vocab_size: v, moe_routing: MoeRouting::TokenChoice, moe_top_k: 1, ..tiny(Arch::Moe) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new_seeded(&vs.root(), &cfg, 2).expect("model");
+        let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+        let full = p.route.to_seq(&model.logits(&p)).detach();
+        let mut cache = KvCache::new(&cfg);
+        let mut parts = vec![model.forward_cached(&b.inputs[..6], &b.modality[..6], &mut cache).expect("prefill")];
+        for i in 6..b.seq_len {
+            parts.push(model.forward_cached(&b.inputs[i..=i], &b.modality[i..=i], &mut cache).expect("step"));
+        }
+        let cached = Tensor::cat(&parts, 0);
+        let diff = f64::try_from((&cached - &full).abs().max()).expect("max");
+        assert!(cached.allclose(&full, 1e-4, 1e-5, false), "token-choice MoE decoding differs: max diff {diff}");
     }
 
     #[test]
