@@ -1,6 +1,8 @@
 //! motley-trainer: Mixture-of-Transformers (and dense / MoE-4x baselines) trained with libtorch.
 //!
-//! - [`model`]: the transformer, all three architectures, sorted modality routing.
+//! - [`model`]: the transformer, all three architectures (Config → Attention → FFN → Block →
+//!   Model); [`layout`]: what a step derives from a batch before the model runs (routing,
+//!   masks, RoPE, latent inputs and their noise); [`towers`]: per-tower parameter storage.
 //! - [`diffusion`]: the Transfusion setting's noise schedule, DDPM/DDIM steps, image generation.
 //! - [`train`]: the loop, evaluation, checkpoints and resume, the MoT-vs-dense comparison.
 //! - [`study`]: step matching (the paper's measure): the step at which MoT / MoE reach dense's
@@ -22,6 +24,7 @@ pub mod diffusion;
 pub mod dist;
 pub mod error;
 pub mod flat;
+pub mod layout;
 pub mod loader;
 pub mod metrics;
 pub mod model;
@@ -29,6 +32,7 @@ pub mod ops;
 pub mod optim;
 pub mod sample;
 pub mod study;
+pub mod towers;
 pub mod train;
 
 pub use config::TrainConfig;
