@@ -1,7 +1,9 @@
 //! What tch does not expose, through small C++ shims in `csrc/`: how many ATen operators a
 //! piece of work dispatches (each costs host time and usually a kernel launch on CUDA, so the
-//! count says how launch-bound a step is, measurable on a CPU-only machine), a CUDA device's
-//! compute capability, and [`tower_linear`], MoT's per-tower projection as one autograd op.
+//! count says how launch-bound a step is, measurable on a CPU-only machine), how many bytes it
+//! allocates at its peak ([`track_memory`]), a CUDA device's compute capability,
+//! [`tower_linear`] (MoT's per-tower projection as one autograd op) and
+//! [`linear_cross_entropy`] (LM head and loss in row chunks).
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char};
@@ -25,6 +27,76 @@ unsafe extern "C" {
         n_sizes: usize,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn motley_linear_cross_entropy(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        targets: *const C_tensor,
+        chunk: i64,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn motley_mem_track_start(out: *mut *mut MemTrackHandle) -> *mut c_char;
+    fn motley_mem_track_stop(h: *mut MemTrackHandle, live: *mut i64, peak: *mut i64) -> *mut c_char;
+}
+
+#[repr(C)]
+struct MemTrackHandle {
+    _p: [u8; 0],
+}
+
+/// Per-token cross-entropy of `x @ wᵀ` against `targets` (`-100`: no loss, 0), computed
+/// `chunk` rows at a time as one autograd node (`csrc/linear_cross_entropy.cpp`): the full
+/// `[N, V]` logits never exist, in the forward or the backward (each chunk's logits are
+/// recomputed there). `x`: `[N, D]`, `w`: `[V, D]`, both in the compute dtype; the result is
+/// fp32 `[N]`, and its gradients equal those of `cross_entropy(x @ wᵀ)` up to rounding.
+pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: i64) -> Result<Tensor, TrainError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensor handles borrowed for the call; on success the shim hands over a new
+    // heap tensor, which from_ptr owns; C++ exceptions come back as a message.
+    unsafe {
+        let err = motley_linear_cross_entropy(x.as_ptr(), w.as_ptr(), targets.as_ptr(), chunk, &mut out);
+        if let Some(msg) = take_string(err) {
+            return Err(TrainError::Torch { op: "linear_cross_entropy".into(), source: tch::TchError::Torch(msg) });
+        }
+        Ok(Tensor::from_ptr(out))
+    }
+}
+
+/// Bytes the allocators handed out while a closure ran, as the allocators report them (the
+/// hook of torch.profiler's memory profiling): still allocated at its end, and at the peak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemorySpan {
+    pub live: i64,
+    pub peak: i64,
+}
+
+/// Runs `f`, tracking what it allocates on this thread and in the autograd threads its
+/// backward passes use. Frees of tensors made before `f` do not count (the allocator does not
+/// know their size then), so `peak` is the most `f` held on top of what existed before it.
+pub fn track_memory<R>(f: impl FnOnce() -> R) -> Result<(R, MemorySpan), TrainError> {
+    let mut h: *mut MemTrackHandle = std::ptr::null_mut();
+    let err = |e: String| TrainError::Torch { op: "track memory".into(), source: tch::TchError::Torch(e) };
+    // SAFETY: out-pointer to a local; the shim catches C++ exceptions.
+    if let Some(e) = unsafe { take_string(motley_mem_track_start(&mut h)) } {
+        return Err(err(e));
+    }
+    /// Stops tracking if `f` unwinds.
+    struct StopOnUnwind(*mut MemTrackHandle);
+    impl Drop for StopOnUnwind {
+        fn drop(&mut self) {
+            let (mut a, mut b) = (0, 0);
+            // SAFETY: the handle from start, stopped once (the normal path forgets this guard).
+            let _ = unsafe { take_string(motley_mem_track_stop(self.0, &mut a, &mut b)) };
+        }
+    }
+    let guard = StopOnUnwind(h);
+    let out = f();
+    std::mem::forget(guard);
+    let mut span = MemorySpan::default();
+    // SAFETY: the handle from start, stopped once; it is freed by the shim.
+    if let Some(e) = unsafe { take_string(motley_mem_track_stop(h, &mut span.live, &mut span.peak)) } {
+        return Err(err(e));
+    }
+    Ok((out, span))
 }
 
 /// `y[rows of tower m] = x[rows of tower m] @ w[m]ᵀ` for rows grouped by tower (`sizes[m]`
