@@ -15,6 +15,7 @@ fn main() {
         "csrc/tower_linear.cpp",
         "csrc/linear_cross_entropy.cpp",
         "csrc/mem_track.cpp",
+        "csrc/checkpoint.cpp",
     ];
     // c10d: Gloo and the gradient hooks need only torch's headers (plus stand-ins for the
     // Gloo headers the wheel lacks); NCCL needs CUDA's, so it is a unit of its own.

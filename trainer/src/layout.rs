@@ -50,6 +50,23 @@ pub(crate) enum RouteKind {
 }
 
 impl Route {
+    /// The same layout sharing its index tensors (what a recomputed block needs to own).
+    pub(crate) fn shallow_clone(&self) -> Route {
+        let kind = match &self.kind {
+            RouteKind::Single => RouteKind::Single,
+            RouteKind::Sorted { perm, inv, spans, ends } => RouteKind::Sorted {
+                perm: perm.shallow_clone(),
+                inv: inv.shallow_clone(),
+                spans: *spans,
+                ends: ends.as_ref().map(Tensor::shallow_clone),
+            },
+            RouteKind::Scatter { idx } => {
+                RouteKind::Scatter { idx: idx.iter().map(|t| t.as_ref().map(Tensor::shallow_clone)).collect() }
+            }
+        };
+        Route { n: self.n, kind }
+    }
+
     /// `n` tokens all in one tower, in sequence order.
     pub(crate) fn single(n: i64) -> Route {
         Route { n, kind: RouteKind::Single }
@@ -611,6 +628,47 @@ pub(crate) struct AttnCtx<'a> {
     pub(crate) causal: bool,
     pub(crate) batch: i64,
     pub(crate) seq: i64,
+}
+
+/// An [`AttnCtx`] that owns (shallow clones of) its tensors: what a checkpointed block keeps
+/// to run its forward again during backward.
+#[derive(Debug)]
+pub(crate) struct OwnedAttnCtx {
+    route: Route,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    causal: bool,
+    batch: i64,
+    seq: i64,
+}
+
+impl AttnCtx<'_> {
+    pub(crate) fn to_owned(&self) -> OwnedAttnCtx {
+        OwnedAttnCtx {
+            route: self.route.shallow_clone(),
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+            mask: self.mask.map(Tensor::shallow_clone),
+            causal: self.causal,
+            batch: self.batch,
+            seq: self.seq,
+        }
+    }
+}
+
+impl OwnedAttnCtx {
+    pub(crate) fn view(&self) -> AttnCtx<'_> {
+        AttnCtx {
+            route: &self.route,
+            cos: &self.cos,
+            sin: &self.sin,
+            mask: self.mask.as_ref(),
+            causal: self.causal,
+            batch: self.batch,
+            seq: self.seq,
+        }
+    }
 }
 
 impl Prepared {

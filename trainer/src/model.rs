@@ -551,6 +551,29 @@ struct Block {
 }
 
 impl Block {
+    /// The same block sharing its parameters, for a checkpointed forward to own (dense and MoT
+    /// blocks; an MoE block returns its aux loss beside the output, so it is not checkpointed).
+    fn shallow_clone(&self) -> Option<Block> {
+        let Ffn::SwiGlu(f) = &self.ffn else { return None };
+        let a = &self.attn;
+        Some(Block {
+            attn_norm: self.attn_norm.shallow_clone(),
+            attn: Attention {
+                qkv_proj: a.qkv_proj.shallow_clone(),
+                o_proj: a.o_proj.shallow_clone(),
+                qk_norm: a.qk_norm.as_ref().map(TowerNorm::shallow_clone),
+                n_heads: a.n_heads,
+                head_dim: a.head_dim,
+            },
+            ffn_norm: self.ffn_norm.shallow_clone(),
+            ffn: Ffn::SwiGlu(SwiGlu {
+                gate_up_proj: f.gate_up_proj.shallow_clone(),
+                down_proj: f.down_proj.shallow_clone(),
+            }),
+            placement: self.placement,
+        })
+    }
+
     fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
         let t = cfg.towers();
         let ffn = match cfg.arch {
@@ -678,6 +701,8 @@ pub struct Model {
     latent: Option<LatentHead>,
     /// Matmul / attention precision (bf16 on CUDA, fp32 on CPU).
     pub compute_kind: Kind,
+    /// Activation checkpointing of every n-th block (0: off).
+    checkpoint_every: usize,
 }
 
 /// Serializes "seed torch's global generator, then draw the initial weights": two threads doing
@@ -752,7 +777,7 @@ impl Model {
         if cfg.grouped_mm && cfg.towers() > 1 {
             probe_grouped_mm(cfg, root.device(), compute_kind)?;
         }
-        Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, latent, compute_kind })
+        Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, latent, compute_kind, checkpoint_every: 0 })
     }
 
     /// Residual stream after the last block `[N, D]` (fp32, before the final norm), layout
@@ -763,8 +788,15 @@ impl Model {
             x = x.index_copy(0, &lat.rows, &head.embed(lat, self.compute_kind));
         }
         let mut aux: Option<Tensor> = None;
-        for layer in &self.layers {
-            let (y, a) = layer.forward(&x, &p.attn_ctx(), None, self.compute_kind);
+        let ctx = p.attn_ctx();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if self.checkpoint_every > 0 && i % self.checkpoint_every == 0 && x.requires_grad() {
+                if let Some(y) = self.checkpointed(layer, &x, &ctx) {
+                    x = y;
+                    continue;
+                }
+            }
+            let (y, a) = layer.forward(&x, &ctx, None, self.compute_kind);
             x = y;
             if let Some(a) = a {
                 aux = Some(match aux {
@@ -774,6 +806,28 @@ impl Model {
             }
         }
         (x, aux)
+    }
+
+    /// `layer` on `x` with activation checkpointing: nothing inside the block is kept for
+    /// backward, which runs the block's forward again (`ops::checkpoint`). None for a block that
+    /// cannot be checkpointed (MoE) or if the op fails (it warns once).
+    fn checkpointed(&self, layer: &Block, x: &Tensor, ctx: &AttnCtx<'_>) -> Option<Tensor> {
+        let block = layer.shallow_clone()?;
+        let (owned, ck) = (ctx.to_owned(), self.compute_kind);
+        match crate::ops::checkpoint(x, Box::new(move |x: &Tensor| Ok(block.forward(x, &owned.view(), None, ck).0))) {
+            Ok(y) => Some(y),
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| tracing::warn!("activation checkpointing failed, keeping activations: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Recompute every `every`-th block's activations in backward instead of keeping them
+    /// (`train.activation_checkpointing`); 0 keeps all.
+    pub fn set_activation_checkpointing(&mut self, every: usize) {
+        self.checkpoint_every = every;
     }
 
     /// Final norm and LM head of tower `m` on rows `xs` → fp32 logits.
@@ -992,6 +1046,46 @@ mod tests {
         })
         .expect("tracked");
         (loss, grads(&vs), span.peak)
+    }
+
+    /// Loss, gradients and peak bytes of forward + backward with every `every`-th block
+    /// checkpointed (0: none), on a model deep and wide enough that activations dominate.
+    fn ckpt_run(arch: Arch, norm: NormPlacement, every: usize) -> (f64, Vec<(String, Tensor)>, i64) {
+        tch::set_num_threads(1);
+        let mut src = SyntheticSource::new(9, 4, 64);
+        let b = src.next_batch().expect("synthetic batch");
+        let v = i64::from(src.vocab().total_size);
+        let cfg = ModelConfig { vocab_size: v, d_model: 64, n_layers: 4, norm, ..tiny(arch) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut model = Model::new_seeded(&vs.root(), &cfg, 11).expect("model");
+        model.set_activation_checkpointing(every);
+        let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+        let (loss, span) = crate::ops::track_memory(|| {
+            let out = model.loss(&p);
+            out.loss.backward();
+            f64::try_from(&out.loss).expect("scalar")
+        })
+        .expect("tracked");
+        (loss, grads(&vs), span.peak)
+    }
+
+    #[test]
+    fn activation_checkpointing_gives_the_same_gradients_and_keeps_less() {
+        for (arch, norm) in
+            [(Arch::Mot, NormPlacement::Pre), (Arch::Mot, NormPlacement::Swin), (Arch::Dense, NormPlacement::Pre)]
+        {
+            let (l0, g0, peak0) = ckpt_run(arch, norm, 0);
+            for every in [1, 2] {
+                let (l1, g1, peak1) = ckpt_run(arch, norm, every);
+                assert_eq!(l0, l1, "{arch} {norm:?}: the forward is the same computation");
+                for ((name, a), (_, b)) in g0.iter().zip(&g1) {
+                    let scale = f64::try_from(a.abs().max()).expect("max").max(1e-12);
+                    let diff = f64::try_from((a - b).abs().max()).expect("max");
+                    assert!(diff <= 1e-6 * scale, "{arch} {norm:?} every {every}: {name} differs by {diff} of {scale}");
+                }
+                assert!(peak1 < peak0, "{arch} every {every}: peak {peak1} bytes with checkpointing, {peak0} without");
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! [`linear_cross_entropy`] (LM head and loss in row chunks).
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, c_char};
+use std::ffi::{CStr, CString, c_char, c_void};
 use std::sync::Mutex;
 
 use tch::Tensor;
@@ -34,6 +34,13 @@ unsafe extern "C" {
         chunk: i64,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn motley_checkpoint(
+        x: *const C_tensor,
+        data: *mut c_void,
+        call: extern "C" fn(*mut c_void, *const C_tensor, *mut *mut C_tensor) -> *mut c_char,
+        drop: extern "C" fn(*mut c_void),
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
     fn motley_mem_track_start(out: *mut *mut MemTrackHandle) -> *mut c_char;
     fn motley_mem_track_stop(h: *mut MemTrackHandle, live: *mut i64, peak: *mut i64) -> *mut c_char;
 }
@@ -56,6 +63,54 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: i64
         let err = motley_linear_cross_entropy(x.as_ptr(), w.as_ptr(), targets.as_ptr(), chunk, &mut out);
         if let Some(msg) = take_string(err) {
             return Err(TrainError::Torch { op: "linear_cross_entropy".into(), source: tch::TchError::Torch(msg) });
+        }
+        Ok(Tensor::from_ptr(out))
+    }
+}
+
+/// A block's forward for [`checkpoint`]: owns what it uses (shallow clones), since autograd
+/// may call it again as long as the graph lives.
+pub type BlockFn = Box<dyn Fn(&Tensor) -> Result<Tensor, String> + Send>;
+
+extern "C" fn call_block(data: *mut c_void, x: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char {
+    // SAFETY: `data` is the BlockFn boxed by `checkpoint`, alive until `drop_block`; `x` is a
+    // live tensor the shim lends for the call (shallow-cloned into a handle of our own).
+    let (f, x) = unsafe { (&*(data as *const BlockFn), Tensor::clone_from_ptr(x as *mut C_tensor)) };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&x)));
+    let msg = match result {
+        Ok(Ok(mut y)) => {
+            // SAFETY: hands the heap tensor to the shim, which deletes it after copying.
+            unsafe { *out = y.as_mut_ptr() };
+            std::mem::forget(y);
+            return std::ptr::null_mut();
+        }
+        Ok(Err(msg)) => msg,
+        Err(_) => "the block's forward panicked".to_string(),
+    };
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: strdup copies into malloc'd memory, which the shim frees.
+    unsafe { libc::strdup(c.as_ptr()) }
+}
+
+extern "C" fn drop_block(data: *mut c_void) {
+    // SAFETY: called once by the shim, when the last owner of the closure goes away.
+    drop(unsafe { Box::from_raw(data as *mut BlockFn) });
+}
+
+/// `f(x)` with activation checkpointing (`csrc/checkpoint.cpp`): run without recording a graph,
+/// one autograd node in its place holding only `x`; backward runs `f` again with the graph on
+/// and back-propagates through it, so parameters inside `f` get their usual gradients and
+/// nothing `f` computed is kept in between. `f` must be deterministic (the model draws no
+/// random numbers).
+pub fn checkpoint(x: &Tensor, f: BlockFn) -> Result<Tensor, TrainError> {
+    let data = Box::into_raw(Box::new(f)) as *mut c_void;
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: the shim takes ownership of `data` (freed through drop_block, also on error);
+    // on success it hands over a new heap tensor.
+    unsafe {
+        let err = motley_checkpoint(x.as_ptr(), data, call_block, drop_block, &mut out);
+        if let Some(msg) = take_string(err) {
+            return Err(TrainError::Torch { op: "checkpoint".into(), source: tch::TchError::Torch(msg) });
         }
         Ok(Tensor::from_ptr(out))
     }

@@ -91,6 +91,11 @@ pub(crate) struct Stacked {
 }
 
 impl Stacked {
+    /// The same site sharing its tensor.
+    pub(crate) fn shallow_clone(&self) -> Stacked {
+        Stacked { weight: self.weight.shallow_clone() }
+    }
+
     /// Parts of shape `part` (`[out, in]` for projections, `[dim]` for norm weights) for `towers`
     /// towers. `std: Some` draws N(0, std²) part by part, tower by tower, as one variable per
     /// tower and part would (so seeded weights do not depend on the storage layout); None
@@ -164,6 +169,12 @@ pub fn public_parameters(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 pub(crate) struct TowerNorm {
     pub(crate) site: Stacked,
     pub(crate) eps: f64,
+}
+
+impl TowerNorm {
+    pub(crate) fn shallow_clone(&self) -> TowerNorm {
+        TowerNorm { site: self.site.shallow_clone(), eps: self.eps }
+    }
 }
 
 impl TowerNorm {

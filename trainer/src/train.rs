@@ -176,7 +176,8 @@ impl Trainer {
         comm.agree("config and corpus", &run_facts(&cfg, data.vocab())?)?;
         let schedule = Schedule::cosine(cfg.model.diffusion_steps as usize);
         let vs = nn::VarStore::new(device);
-        let model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
+        let mut model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing.every());
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let sharding = Sharding {
