@@ -254,6 +254,16 @@ fn zero_three_shards_the_weights_gathers_a_block_at_a_time_and_keeps_the_curve()
             "gathered at most: {peak} (root {root}, block {block})"
         );
         assert!(peak < whole, "never the whole model in a step: {peak} of {whole}");
+        // The memory plan predicted what rank 0 holds (padding aside) and, in one process
+        // (where no collective's buffers are freed late by Gloo's threads), what a step adds.
+        let plan = &s["planned_bytes"];
+        for k in ["weights", "gradients", "moments"] {
+            let (want, got) = (num(&plan[k]), num(&s["state_bytes"][k]));
+            assert!((want - got).abs() / got < 0.02, "{k}: planned {want}, held {got}");
+        }
+        let (solo, _) = run("zero3-one", &[set("data.batch_size=4"), set("train.zero=3")].concat());
+        let (want, got) = (num(&solo["planned_bytes"]["step"]), num(&solo["step_peak_bytes"]));
+        assert!((want - got).abs() / got <= 0.15, "{name}: a step planned {want} bytes, measured {got}");
         // Its checkpoint is the plain run's, tensor for tensor (names, shapes; values close).
         let step = "checkpoints/step-00000010";
         let (a, b) = (dp.join(step), z3.join(step));

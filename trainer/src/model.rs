@@ -776,9 +776,16 @@ impl Model {
     /// Seeds torch's global generator and creates the model while no other seeded
     /// initialization can draw from it: the same seed always gives the same weights.
     pub fn new_seeded(root: &nn::Path, cfg: &ModelConfig, seed: i64) -> Result<Self, TrainError> {
+        Self::new_seeded_for(root, cfg, seed, root.device())
+    }
+
+    /// [`Model::new_seeded`] with the parameters created under `root` (host memory, say) but
+    /// the model computing on `device`, where its weights will be moved before they are used
+    /// (ZeRO-3 on a GPU: the whole model never exists on the device).
+    pub fn new_seeded_for(root: &nn::Path, cfg: &ModelConfig, seed: i64, device: Device) -> Result<Self, TrainError> {
         let _guard = SEEDED_INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         tch::manual_seed(seed);
-        Model::build(root, cfg)
+        Model::build(root, cfg, device)
     }
 
     /// Creates every parameter under `root`; initialization draws from torch's generator
@@ -786,10 +793,10 @@ impl Model {
     /// so prefer [`Model::new_seeded`] for a reproducible model.
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
         let _guard = SEEDED_INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Model::build(root, cfg)
+        Model::build(root, cfg, root.device())
     }
 
-    fn build(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
+    fn build(root: &nn::Path, cfg: &ModelConfig, device: Device) -> Result<Self, TrainError> {
         cfg.validate()?;
         let head_towers = if cfg.untie_head { cfg.towers() } else { 1 };
         let embed = (root / "embed").var(
@@ -803,9 +810,9 @@ impl Model {
             Linear::new(p, cfg.d_model, cfg.vocab_size, cfg.init_std)
         });
         let latent = (cfg.latent_dim > 0).then(|| LatentHead::new(root, cfg));
-        let compute_kind = if root.device().is_cuda() { Kind::BFloat16 } else { Kind::Float };
+        let compute_kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
         if cfg.grouped_mm && cfg.towers() > 1 {
-            probe_grouped_mm(cfg, root.device(), compute_kind)?;
+            probe_grouped_mm(cfg, device, compute_kind)?;
         }
         Ok(Model {
             cfg: cfg.clone(),

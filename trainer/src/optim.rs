@@ -62,13 +62,16 @@ pub struct Sharding {
     pub zero: bool,
     /// ZeRO-3: parameters and gradients sharded too (implies `zero`).
     pub full_shard: bool,
+    /// ZeRO-3: the device the shards live on (the parameters may have been built elsewhere,
+    /// in host memory; None: the parameters' device).
+    pub device: Option<tch::Device>,
     pub buckets: BucketCap,
 }
 
 impl Sharding {
     /// One process, torch DDP's bucket sizes (irrelevant without communication).
     pub fn none() -> Self {
-        Sharding { rank: 0, world: 1, zero: false, full_shard: false, buckets: BucketCap::ddp(25.0, 4) }
+        Sharding { rank: 0, world: 1, zero: false, full_shard: false, device: None, buckets: BucketCap::ddp(25.0, 4) }
     }
 }
 
@@ -222,7 +225,8 @@ impl AdamW {
         let full_shard = sharding.full_shard;
         if full_shard {
             let layout = Layout::units(&infos, sharding.world);
-            return Self::flatten_full_shard(params, layout, sharding.rank).map(Some);
+            return Self::flatten_full_shard(params, layout, sharding.rank, sharding.device.unwrap_or(device))
+                .map(Some);
         }
         let layout = Layout::new(&infos, sharding.world, sharding.buckets);
         let opts = (kind, device);
@@ -273,16 +277,24 @@ impl AdamW {
 
     /// ZeRO-3: this rank keeps its chunk of every unit; the parameters are left empty (the
     /// gathers of [`crate::fsdp`] fill them when a unit runs).
-    fn flatten_full_shard(params: &mut [Param], layout: Layout, rank: usize) -> Result<Flat, TrainError> {
-        let (kind, device) = (params[0].tensor.kind(), params[0].tensor.device());
+    fn flatten_full_shard(
+        params: &mut [Param],
+        layout: Layout,
+        rank: usize,
+        device: tch::Device,
+    ) -> Result<Flat, TrainError> {
+        let (kind, built_on) = (params[0].tensor.kind(), params[0].tensor.device());
         let opts = (kind, device);
         let n = layout.shard_total();
         let param = Tensor::zeros([n], opts);
         tch::no_grad(|| {
+            // Empty on the compute device: `set_data` moves a variable between devices (as
+            // `param.data = param.data.cuda()` does), so gathers land there.
             let empty = Tensor::empty([0], opts);
             for (b, k) in layout.buckets.iter().enumerate() {
-                // The bucket whole (parameters and padding), then this rank's chunk of it.
-                let full = Tensor::zeros([k.len], opts);
+                // The bucket whole (parameters and padding) where they were built, then this
+                // rank's chunk of it on the device.
+                let full = Tensor::zeros([k.len], (kind, built_on));
                 for e in layout.entries.iter().filter(|e| e.bucket == b) {
                     let p = &params[e.param];
                     full.narrow(0, e.offset - k.start, e.numel).copy_(&p.tensor.reshape([-1]));
@@ -1016,8 +1028,14 @@ mod tests {
         // half of every bucket; their state bytes halve the moments.
         let build = |rank| {
             let vars = toy();
-            let sharding =
-                Sharding { rank, world: 2, zero: true, full_shard: false, buckets: BucketCap { first: 8, rest: 8 } };
+            let sharding = Sharding {
+                rank,
+                world: 2,
+                zero: true,
+                full_shard: false,
+                device: None,
+                buckets: BucketCap { first: 8, rest: 8 },
+            };
             AdamW::sharded(vars.into_iter().collect(), &OptimConfig::default(), sharding).expect("sharded")
         };
         let (a, b) = (build(0), build(1));

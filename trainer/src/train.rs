@@ -204,8 +204,11 @@ impl Trainer {
             });
         }
         let schedule = Schedule::cosine(cfg.model.diffusion_steps as usize);
-        let vs = nn::VarStore::new(device);
-        let mut model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
+        // ZeRO-3: the whole model is built in host memory, never on the device; each rank moves
+        // only its chunks there (the optimizer's shard) and gathers units as they run.
+        let build_on = if cfg.train.zero == 3 { Device::Cpu } else { device };
+        let vs = nn::VarStore::new(build_on);
+        let mut model = Model::new_seeded_for(&vs.root(), &cfg.model, cfg.train.seed as i64, device)?;
         model.set_activation_checkpointing(cfg.train.activation_checkpointing.every());
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -214,6 +217,7 @@ impl Trainer {
             world,
             zero: cfg.train.zero >= 1,
             full_shard: cfg.train.zero == 3,
+            device: Some(device),
             buckets: BucketCap::ddp(cfg.train.bucket_mb, Kind::Float.elt_size_in_bytes() as i64),
         };
         let opt = AdamW::sharded(vars, &cfg.optim, sharding).map_err(|(_, e)| e)?;

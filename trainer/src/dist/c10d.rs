@@ -562,8 +562,14 @@ mod tests {
                 ("b".to_string(), t(&[5.0, 6.0])),
                 ("c".to_string(), t(&[7.0, 8.0, 9.0])),
             ];
-            let sharding =
-                Sharding { rank: r, world: 2, zero, full_shard: false, buckets: BucketCap { first: 4, rest: 4 } };
+            let sharding = Sharding {
+                rank: r,
+                world: 2,
+                zero,
+                full_shard: false,
+                device: None,
+                buckets: BucketCap { first: 4, rest: 4 },
+            };
             let shared = vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
             let opt = AdamW::sharded(shared, &OptimConfig::default(), sharding).expect("flat");
             let b = opt.buckets().expect("buckets");
