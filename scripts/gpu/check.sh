@@ -74,6 +74,16 @@ print(f"step s: plain {t(plain):.4f}, NCCL world of 1 {t(dp):.4f}, overhead {t(d
 print("comm share:", statistics.median(r.get("comm_s", 0) / (r["tokens"] / r["tokens_per_s"]) for r in dp))
 PY
 
+stage "memory plan vs the CUDA allocator: 443M MoT, micro-batch 2 x 4096, chunked loss, checkpointing, ZeRO-3 (world of 1)"
+# The run logs the plan's bytes beside what its second step allocated; the JSON summary has both
+# (planned_bytes, step_peak_bytes, state_bytes). The same with ZeRO-3 off, for the gathered part.
+mem_common=(--preset 443m --data "$corpus" --steps 3 --set data.batch_size=2 --set data.seq_len=4096
+  --set model.ce_chunk_rows=4096 --set train.activation_checkpointing=true --set train.eval_every=0
+  --set train.checkpoint_every=0 --overwrite --device cuda)
+run plan_443m_z3 150 "$bin" --json train "${mem_common[@]}" --set train.zero=3 --out "$out/plan-z3"
+run plan_443m_z0 120 "$bin" --json train "${mem_common[@]}" --out "$out/plan-z0"
+grep -h "memory plan" "$out/plan_443m_z3.err" "$out/plan_443m_z0.err"
+
 if [ -n "${TRANSFUSION_CORPUS:-}" ]; then
   stage "tiny Transfusion MoT vs dense, CUDA"
   run train_transfusion 120 "$bin" train --compare --preset tiny --data "$TRANSFUSION_CORPUS" --device cuda \
