@@ -4,10 +4,11 @@
 //! projections) is gathered for a step's forwards and backwards; block `i` (unit `i + 1`) is
 //! gathered in its checkpointed forward and freed after it, gathered again for the
 //! recomputation in its backward, and its gradients are reduce-scattered into the owners'
-//! chunks (summed over micro-batches) and freed as soon as that backward is done. The next
-//! block's all-gather is issued while the current one computes (Gloo and NCCL run it beside
-//! the compute). So a rank holds its 1/N of weights, gradients and moments, plus unit 0 and at
-//! most two gathered blocks and one block's gradients.
+//! chunks (summed over micro-batches) as soon as that backward is done, the collective left
+//! running while the next block's backward computes. The next block's all-gather is issued
+//! while the current one computes (Gloo and NCCL run both beside the compute). So a rank holds
+//! its 1/N of weights, gradients and moments, plus unit 0, at most two gathered blocks, and
+//! two blocks' gradient buffers (one filling, one being reduced).
 //!
 //! The gathers ride on the activation-checkpointing node (`csrc/checkpoint.cpp`), whose
 //! callback is told which run it is: the recomputation is where backward needs the weights
@@ -36,6 +37,15 @@ struct Unit {
     grad: Option<Tensor>,
 }
 
+/// A block's reduce-scatter left running while the next block's backward computes: its
+/// output chunks, where they add into the shard gradient, and the gradient buffer it reads.
+struct Reducing {
+    works: Vec<Work>,
+    /// (output, shard offset) per bucket.
+    outs: Vec<(Tensor, i64)>,
+    _grad: Tensor,
+}
+
 /// An all-gather issued ahead of its use.
 struct InFlight {
     unit: usize,
@@ -50,6 +60,7 @@ struct Inner {
     shard_grad: Tensor,
     units: Vec<Unit>,
     in_flight: Option<InFlight>,
+    reducing: Option<Reducing>,
     empty: Tensor,
     /// The first error inside a block's forward (the model's forward cannot return one; the
     /// trainer checks after every forward).
@@ -120,6 +131,7 @@ impl Fsdp {
                 shard_grad,
                 units,
                 in_flight: None,
+                reducing: None,
                 empty,
                 failed: None,
                 gathered: 0,
@@ -171,13 +183,14 @@ impl Fsdp {
         for u in 0..inner.units.len() {
             inner.reduce_grads(u)?;
         }
-        Ok(())
+        inner.finish_reducing()
     }
 
     /// Frees everything gathered (after the optimizer step: the gathered copies are stale).
     pub fn release_all(&self) -> Result<(), TrainError> {
         let mut inner = self.lock();
         inner.settle()?;
+        inner.finish_reducing()?;
         for u in 0..inner.units.len() {
             inner.release(u);
         }
@@ -350,8 +363,24 @@ impl Inner {
         Ok(())
     }
 
+    /// Waits for the reduce-scatter left running and adds its chunks into the shard gradient.
+    fn finish_reducing(&mut self) -> Result<(), TrainError> {
+        let Some(r) = self.reducing.take() else { return Ok(()) };
+        for w in r.works {
+            w.wait().map_err(|e| self.comm.explain(e))?;
+        }
+        for (out, offset) in &r.outs {
+            let mut dst = self.shard_grad.narrow(0, *offset, out.numel() as i64);
+            let _ = tch::no_grad(|| dst.f_add_(out)).map_err(torch_err("add a reduced gradient"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts unit `u`'s reduce-scatter and leaves it running (the previous one is finished
+    /// first, so at most one block's gradient buffer waits on the network).
     fn reduce_grads(&mut self, u: usize) -> Result<(), TrainError> {
         let Some(grad) = self.units[u].grad.take() else { return Ok(()) };
+        self.finish_reducing()?;
         let unit = &self.units[u];
         for (p, ..) in &unit.params {
             crate::optim::set_grad(p, &Tensor::new()).map_err(|e| TrainError::Torch {
@@ -360,23 +389,25 @@ impl Inner {
             })?;
         }
         let world = self.layout.world as i64;
+        let (mut works, mut outs) = (Vec::new(), Vec::new());
         for &b in &unit.buckets {
             let k = &self.layout.buckets[b];
             let n = k.len / world;
             let input = grad.narrow(0, k.start - unit.start, k.len);
-            let mut dst = self.shard_grad.narrow(0, k.shard_offset, n);
             match self.comm.group() {
                 Some(g) => {
                     let out = Tensor::empty([n], (grad.kind(), grad.device()));
-                    g.reduce_scatter_into(&out, &input, ReduceOp::Sum)
-                        .and_then(Work::wait)
-                        .map_err(|e| self.comm.explain(e))?;
-                    let _ = tch::no_grad(|| dst.f_add_(&out)).map_err(torch_err("add a reduced gradient"))?;
+                    works.push(g.reduce_scatter_into(&out, &input, ReduceOp::Sum).map_err(|e| self.comm.explain(e))?);
+                    outs.push((out, k.shard_offset));
                 }
                 None => {
+                    let mut dst = self.shard_grad.narrow(0, k.shard_offset, n);
                     let _ = tch::no_grad(|| dst.f_add_(&input.narrow(0, 0, n))).map_err(torch_err("add a gradient"))?;
                 }
             }
+        }
+        if !works.is_empty() {
+            self.reducing = Some(Reducing { works, outs, _grad: grad });
         }
         Ok(())
     }

@@ -94,14 +94,18 @@ fn bytes(cfg: &TrainConfig, m: &ModelConfig, ranks: usize, target: Target, b: us
         Target::Cuda => 2.0,
     };
     // ZeRO-3 (`crate::fsdp`) holds unit 0 (embedding, head, final norm) gathered for the step
-    // with its gradient, and at most two gathered blocks (one running, one prefetched) and one
-    // block's gradient.
+    // with its gradient, at most two gathered blocks (one running, one prefetched) and two
+    // blocks' gradient buffers.
     let head_towers = if m.untie_head { t } else { 1.0 };
     let v = m.vocab_size as f64;
     let root = v * d * (1.0 + head_towers) + d * head_towers;
     let block = ((p - root) / l.max(1.0)).max(0.0);
     let weights = if zero == 3 { 4.0 * p / n } else { 4.0 * p };
-    let gathered = if zero == 3 { 4.0 * root + 2.0 * 4.0 * block + 4.0 * root + 4.0 * block } else { 0.0 };
+    // (Gradient buffers: unit 0's, the block's backward filling one, the previous block's being
+    // reduce-scattered; in a world of one nothing is left running.)
+    let grad_blocks = if n > 1.0 { 2.0 } else { 1.0 };
+    let gathered =
+        if zero == 3 { 4.0 * root + 2.0 * 4.0 * block + 4.0 * root + grad_blocks * 4.0 * block } else { 0.0 };
     // ZeRO-1 keeps the whole flat gradient (backward writes it) plus this rank's reduced shard.
     let gradients = match zero {
         0 => 4.0 * p,
