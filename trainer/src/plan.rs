@@ -44,15 +44,17 @@ pub struct Bytes {
     /// Part of `activations`: the weight copies blocks keep for backward (pre-norm-folded
     /// weights; in bf16 every projection's cast).
     pub weight_copies: f64,
-    /// Activations kept for backward, as configured (checkpointing or not).
+    /// Activations at their most, as configured: kept for backward, plus one block's during
+    /// its recomputation when blocks are checkpointed.
     pub activations: f64,
     /// The same without checkpointing and with every block checkpointed.
     pub activations_full: f64,
     pub activations_checkpointed: f64,
     /// Logits, their log-softmax and gradient (full), or one chunk of them.
     pub loss: f64,
-    /// What a training step allocates on top of what exists between steps: activations, the
-    /// loss and, under ZeRO-3, the gathered weights and gradient buffers.
+    /// What a training step allocates at its peak on top of what exists between steps: the
+    /// activations kept for backward, the larger of the loss's buffers and a recomputed block's
+    /// activations (they never coexist), and under ZeRO-3 the gathered units.
     pub step: f64,
     pub total: f64,
 }
@@ -130,18 +132,28 @@ fn bytes(cfg: &TrainConfig, m: &ModelConfig, ranks: usize, target: Target, b: us
     let full = l * per_block;
     // Checkpointed: each block keeps its input; backward recomputes one block at a time.
     let checkpointed = l * tokens * d * 4.0 + per_block;
-    let activations = if every == 0 {
-        full
+    // Held through backward, and what a checkpointed block's recomputation adds on top.
+    let (held, recompute) = if every == 0 {
+        (full, 0.0)
     } else {
         let kept = (l / every as f64).ceil();
-        kept * tokens * d * 4.0 + (l - kept) * per_block + per_block
+        (kept * tokens * d * 4.0 + (l - kept) * per_block, per_block)
     };
+    let activations = held + recompute;
     let rows = if m.ce_chunk_rows > 0 { (m.ce_chunk_rows as f64).min(tokens) } else { tokens };
-    // Logits and their log-softmax (forward), then the gradient beside the saved one.
-    let loss = 2.0 * rows * v * 4.0 + tokens * d * 4.0;
+    // At the head's backward: the saved log-probabilities, their gradient and the logits'
+    // gradient, `[rows, V]` fp32 each; chunked, one chunk's worth and the op's `[V, D]` weight-
+    // gradient accumulator and chunk product; and the hidden state's gradient.
+    let loss = if m.ce_chunk_rows > 0 {
+        3.0 * rows * v * 4.0 + 2.0 * v * d * 4.0 + tokens * d * 4.0
+    } else {
+        3.0 * rows * v * 4.0 + tokens * d * 4.0
+    };
     let weight_copies = if every == 0 { l * block_w } else { block_w };
-    let total = weights + gradients + moments + gathered + activations + loss;
-    let step = activations + loss + gathered;
+    // The loss's buffers live at the head's backward, before any block recomputes: a step's
+    // peak is what is held plus the larger of the two.
+    let step = held + loss.max(recompute) + gathered;
+    let total = weights + gradients + moments + step;
     Bytes {
         weights,
         gradients,
