@@ -4,11 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use half::f16;
 use serde::Serialize;
 
+use crate::cache::{ChunkBuf, ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, next_reader_id};
 use crate::error::{Result, ShardError};
 use crate::format::{
     self, ALIGN, CHUNK_ENTRY_LEN, ChunkEntry, Compression, FLAG_FRAME_RATE, FLAG_GRID, FLAG_SOURCE, Footer, Header,
@@ -38,20 +39,6 @@ impl Storage {
     }
 }
 
-/// An uncompressed chunk (zstd shards), 8-aligned so typed slices can borrow from it.
-#[derive(Debug)]
-struct ChunkBuf {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl ChunkBuf {
-    fn bytes(&self) -> &[u8] {
-        let b: &[u8] = bytemuck::cast_slice(&self.words);
-        &b[..self.len]
-    }
-}
-
 /// One opened shard. Opening checks header, footer, the index checksum, the meta block's
 /// vocabulary and that the chunk table's sizes add up (cost proportional to this shard's
 /// document and chunk count, paid on first touch); chunk checksums are checked the first time
@@ -69,12 +56,19 @@ pub struct ShardReader {
     /// still checks the record's structure, which is O(segments), but not each id again (the
     /// loader reads a long document once per row it spans).
     ids_checked: Vec<AtomicU64>,
-    cache: Mutex<Option<(u64, Arc<ChunkBuf>)>>,
+    /// Decoded zstd chunks: the corpus's shared cache, or a private one keeping the last chunk.
+    cache: Arc<ChunkCache>,
+    cache_id: u64,
 }
 
 impl ShardReader {
-    /// Maps and checks a shard file.
+    /// Maps and checks a shard file (decoded zstd chunks: the last one is kept).
     pub fn open(path: impl AsRef<Path>) -> Result<ShardReader> {
+        Self::open_with_cache(path, Arc::new(ChunkCache::new(0)))
+    }
+
+    /// [`ShardReader::open`] keeping decoded zstd chunks in `cache` (shared by a corpus).
+    pub fn open_with_cache(path: impl AsRef<Path>, cache: Arc<ChunkCache>) -> Result<ShardReader> {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ShardError::MissingShard { path: path.clone() },
@@ -83,17 +77,17 @@ impl ShardReader {
         // SAFETY: shards are immutable once renamed into place and only ever mapped read-only.
         // A concurrent truncation by another process would be a misuse outside this crate.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ShardError::io(&path, "mmap", e))?;
-        Self::from_storage(path, Storage::Map(map))
+        Self::from_storage(path, Storage::Map(map), cache)
     }
 
     /// A shard held in memory; `label` names it in errors.
     pub fn from_bytes(label: impl Into<PathBuf>, bytes: &[u8]) -> Result<ShardReader> {
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-        Self::from_storage(label.into(), Storage::Owned(words, bytes.len()))
+        Self::from_storage(label.into(), Storage::Owned(words, bytes.len()), Arc::new(ChunkCache::new(0)))
     }
 
-    fn from_storage(path: PathBuf, storage: Storage) -> Result<ShardReader> {
+    fn from_storage(path: PathBuf, storage: Storage, cache: Arc<ChunkCache>) -> Result<ShardReader> {
         let bytes = storage.bytes();
         let header = Header::decode(&path, bytes)?;
         let footer = Footer::decode(&path, bytes)?;
@@ -136,7 +130,18 @@ impl ShardReader {
         let rules = SegmentRules::from_vocab(&vocab);
         let bitmap = |n: u64| -> Vec<AtomicU64> { (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() };
         let (verified, ids_checked) = (bitmap(footer.num_chunks), bitmap(footer.num_docs));
-        Ok(ShardReader { path, storage, header, footer, vocab, rules, verified, ids_checked, cache: Mutex::new(None) })
+        Ok(ShardReader {
+            path,
+            storage,
+            header,
+            footer,
+            vocab,
+            rules,
+            verified,
+            ids_checked,
+            cache,
+            cache_id: next_reader_id(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -270,11 +275,8 @@ impl ShardReader {
     }
 
     fn decompressed(&self, i: u64, c: &ChunkEntry) -> Result<Arc<ChunkBuf>> {
-        if let Ok(guard) = self.cache.lock()
-            && let Some((ci, buf)) = guard.as_ref()
-            && *ci == i
-        {
-            return Ok(buf.clone());
+        if let Some(buf) = self.cache.get((self.cache_id, i)) {
+            return Ok(buf);
         }
         let stored = self.stored_chunk(i, c)?;
         let bad = |detail: String| ShardError::corrupt(&self.path, "zstd chunk", c.file_offset, detail);
@@ -286,9 +288,7 @@ impl ShardReader {
             return Err(bad(format!("decompressed to {n} bytes, chunk table says {}", c.raw_len)));
         }
         let buf = Arc::new(ChunkBuf { words, len: n });
-        if let Ok(mut guard) = self.cache.lock() {
-            *guard = Some((i, buf.clone()));
-        }
+        self.cache.insert((self.cache_id, i), buf.clone());
         Ok(buf)
     }
 
@@ -359,6 +359,15 @@ impl ShardReader {
             w.fetch_or(bit, Ordering::Relaxed);
         }
         Ok(DocumentRef { bytes, positions })
+    }
+}
+
+impl Drop for ShardReader {
+    fn drop(&mut self) {
+        // A shared cache outlives its readers: their chunks would never be hit again.
+        if Arc::strong_count(&self.cache) > 1 {
+            self.cache.forget(self.cache_id);
+        }
     }
 }
 
@@ -570,6 +579,9 @@ pub struct Corpus {
     /// `starts[i]` = global id of shard i's first document; `starts[n]` = num_docs.
     starts: Vec<u64>,
     shards: Vec<OnceLock<ShardReader>>,
+    cache: Arc<ChunkCache>,
+    /// Documents read through `get` (what a rank's loader touches; tests and benches).
+    reads: AtomicU64,
 }
 
 impl Corpus {
@@ -585,7 +597,8 @@ impl Corpus {
         }
         starts.push(acc);
         let shards = manifest.shards.iter().map(|_| OnceLock::new()).collect();
-        Ok(Corpus { dir, manifest, starts, shards })
+        let cache = Arc::new(ChunkCache::new(DEFAULT_CHUNK_CACHE_BYTES));
+        Ok(Corpus { dir, manifest, starts, shards, cache, reads: AtomicU64::new(0) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -602,6 +615,16 @@ impl Corpus {
     }
     pub fn num_shards(&self) -> usize {
         self.manifest.shards.len()
+    }
+
+    /// Documents read through [`Corpus::get`] so far.
+    pub fn docs_read(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// The decoded-chunk cache all of this corpus's zstd shards share (its limit is adjustable).
+    pub fn chunk_cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
     }
 
     /// Shard index and document index inside it of global document `doc` (O(log shards)).
@@ -628,7 +651,7 @@ impl Corpus {
             return Ok(r);
         }
         let entry = &self.manifest.shards[i];
-        let r = ShardReader::open(self.dir.join(&entry.name))?;
+        let r = ShardReader::open_with_cache(self.dir.join(&entry.name), self.cache.clone())?;
         r.check_against(entry, self.vocab())?;
         let _ = cell.set(r);
         cell.get().ok_or_else(|| ShardError::Config("shard cache".into()))
@@ -636,6 +659,7 @@ impl Corpus {
 
     /// Document `doc` as a borrowed view.
     pub fn get(&self, doc: u64) -> Result<DocumentRef<'_>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let (i, local) = self.locate(doc)?;
         self.shard(i)?.get(local).map_err(|e| e.with_global(doc))
     }
