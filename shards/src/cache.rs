@@ -28,7 +28,13 @@ impl ChunkBuf {
 struct Inner {
     lru: lru::LruCache<(u64, u64), Arc<ChunkBuf>>,
     bytes: u64,
+    /// Evicted buffers nobody borrows any more, reused for the next decodes: a fresh 1 MiB
+    /// buffer costs 256 page faults and an munmap, as much as decoding into it.
+    spare: Vec<Vec<u64>>,
 }
+
+/// Evicted buffers kept for reuse.
+const SPARE_BUFFERS: usize = 4;
 
 /// Decoded chunks keyed by (shard reader id, chunk index), evicted least recently used first
 /// once their bytes pass the limit; the newest chunk is always kept, so a limit of 0 keeps one.
@@ -51,7 +57,7 @@ impl ChunkCache {
     pub fn new(limit_bytes: u64) -> ChunkCache {
         ChunkCache {
             limit: AtomicU64::new(limit_bytes),
-            inner: Mutex::new(Inner { lru: lru::LruCache::unbounded(), bytes: 0 }),
+            inner: Mutex::new(Inner { lru: lru::LruCache::unbounded(), bytes: 0, spare: Vec::new() }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -93,9 +99,29 @@ impl ChunkCache {
         let limit = self.limit();
         while g.bytes > limit && g.lru.len() > 1 {
             match g.lru.pop_lru() {
-                Some((_, old)) => g.bytes -= old.words.len() as u64 * 8,
+                Some((_, old)) => {
+                    g.bytes -= old.words.len() as u64 * 8;
+                    if g.spare.len() < SPARE_BUFFERS
+                        && let Ok(b) = Arc::try_unwrap(old)
+                    {
+                        g.spare.push(b.words);
+                    }
+                }
                 None => break,
             }
+        }
+    }
+
+    /// A buffer of `words` u64s for a decode: a spare one when there is one (its contents are
+    /// overwritten by the decoder; bytes past the chunk's length are never read), else a new one.
+    pub(crate) fn buffer(&self, words: usize) -> Vec<u64> {
+        let spare = self.inner.lock().ok().and_then(|mut g| g.spare.pop());
+        match spare {
+            Some(mut v) => {
+                v.resize(words, 0);
+                v
+            }
+            None => vec![0u64; words],
         }
     }
 

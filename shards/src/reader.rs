@@ -281,9 +281,20 @@ impl ShardReader {
         let stored = self.stored_chunk(i, c)?;
         let bad = |detail: String| ShardError::corrupt(&self.path, "zstd chunk", c.file_offset, detail);
         check_zstd_claim(stored, c).map_err(bad)?;
-        let mut words = vec![0u64; (c.raw_len as usize).div_ceil(8)];
+        let mut words = self.cache.buffer((c.raw_len as usize).div_ceil(8));
         let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..c.raw_len as usize];
-        let n = zstd::bulk::decompress_to_buffer(stored, dst).map_err(|e| bad(e.to_string()))?;
+        let n = DECOMPRESSOR
+            .with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                match d.as_mut() {
+                    Some(d) => d.decompress_to_buffer(stored, dst),
+                    None => Err(std::io::Error::other("no zstd decompressor")),
+                }
+            })
+            .map_err(|e| bad(e.to_string()))?;
         if n != c.raw_len as usize {
             return Err(bad(format!("decompressed to {n} bytes, chunk table says {}", c.raw_len)));
         }
@@ -369,6 +380,13 @@ impl Drop for ShardReader {
             self.cache.forget(self.cache_id);
         }
     }
+}
+
+thread_local! {
+    /// One zstd context per thread: creating one per chunk (what `zstd::bulk::decompress_to_buffer`
+    /// does) allocates and faults in its ~100 KiB workspace every time.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// A zstd chunk's claimed size against its frame: the frame's content size must equal the

@@ -238,8 +238,13 @@ impl SourceIndex {
             Some(e) => (e.header.end.epoch, e.header.first_row + e.header.num_rows, e.header.end),
             None => (0, 0, RowStart::default()),
         };
-        std::fs::create_dir_all(&self.dir).map_err(|e| ShardError::io(&self.dir, "create dir", e))?;
         let path = self.path(epoch);
+        // Usually another rank (or an earlier run) built it: no lock needed to read it.
+        if let Ok(Some(ix)) = EpochIndex::open(&path, &self.key, epoch, first_row, start) {
+            self.epochs.push(ix);
+            return Ok(Next::Loaded);
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| ShardError::io(&self.dir, "create dir", e))?;
         let lock_path = path.with_extension("lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
