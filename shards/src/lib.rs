@@ -15,6 +15,7 @@ pub mod order;
 pub mod perm;
 pub mod reader;
 pub mod rowindex;
+pub mod store;
 pub mod types;
 mod verify;
 pub mod writer;

@@ -277,6 +277,44 @@ struct SourceRt {
     order_epoch: u64,
     /// The row index, when this loader packs only its own rows.
     index: Option<SourceIndex>,
+    /// Remote corpora: the window last seen and how many of this epoch's shards were released.
+    window_seen: Option<u64>,
+    released: usize,
+}
+
+impl SourceRt {
+    fn set_order(&mut self, order: DocOrder, epoch: u64) {
+        self.order = order;
+        self.order_epoch = epoch;
+        self.window_seen = None;
+        self.released = 0;
+    }
+
+    /// For a corpus whose shards come from a store: on entering a new window, lets go of the
+    /// shards this epoch has finished and tells the store which come next.
+    fn track(&mut self, position: u64) {
+        if !self.corpus.has_store() {
+            return;
+        }
+        let DocOrder::Block(b) = &self.order else {
+            if self.window_seen.is_none() {
+                self.window_seen = Some(0);
+                self.corpus.hint(&(0..self.corpus.num_shards()).collect::<Vec<_>>());
+            }
+            return;
+        };
+        let w = position / b.window();
+        if self.window_seen == Some(w) {
+            return;
+        }
+        self.window_seen = Some(w);
+        let done = b.shards_done_before(position);
+        for &s in b.shard_order().get(self.released..done).unwrap_or(&[]) {
+            self.corpus.release(s);
+        }
+        self.released = self.released.max(done);
+        self.corpus.hint(b.shard_order().get(done..).unwrap_or(&[]));
+    }
 }
 
 /// The single-threaded packer; the loader runs it inline or on the prefetch thread.
@@ -398,6 +436,8 @@ impl Packer {
                     weight: s.weight / total_w,
                     corpus: s.corpus,
                     index,
+                    window_seen: None,
+                    released: 0,
                 }
             })
             .collect();
@@ -437,15 +477,13 @@ impl Packer {
             let cur = &mut self.state.sources[src];
             let rt = &mut self.sources[src];
             if rt.order_epoch != cur.epoch {
-                rt.order = order_for(&self.cfg, &rt.corpus, src, cur.epoch);
-                rt.order_epoch = cur.epoch;
+                rt.set_order(order_for(&self.cfg, &rt.corpus, src, cur.epoch), cur.epoch);
             }
             if cur.position >= rt.order.len() {
                 cur.epoch += 1;
                 cur.position = 0;
                 cur.offset = 0;
-                rt.order = order_for(&self.cfg, &rt.corpus, src, cur.epoch);
-                rt.order_epoch = cur.epoch;
+                rt.set_order(order_for(&self.cfg, &rt.corpus, src, cur.epoch), cur.epoch);
                 wraps += 1;
                 if wraps > 1 {
                     return Err(ShardError::Config(format!("source {src} has no documents in the split")));
@@ -453,6 +491,7 @@ impl Packer {
                 continue;
             }
             let doc = rt.order.get(cur.position);
+            rt.track(cur.position);
             if in_split(&self.cfg, doc) {
                 return Ok(doc);
             }
@@ -745,8 +784,7 @@ impl Packer {
         (cur.epoch, cur.position, cur.offset) = (at.epoch, at.position, at.offset);
         let rt = &mut self.sources[src];
         if rt.order_epoch != at.epoch {
-            rt.order = order_for(&self.cfg, &rt.corpus, src, at.epoch);
-            rt.order_epoch = at.epoch;
+            rt.set_order(order_for(&self.cfg, &rt.corpus, src, at.epoch), at.epoch);
         }
     }
 

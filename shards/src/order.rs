@@ -95,6 +95,8 @@ pub struct BlockOrder {
     starts: Vec<u64>,
     /// Global id of that shard's first document.
     first: Vec<u64>,
+    /// Its manifest index.
+    ids: Vec<usize>,
     /// The last window's permutation: consecutive positions mostly share a window.
     last: Cell<Option<(u64, Permutation)>>,
 }
@@ -103,7 +105,8 @@ impl BlockOrder {
     fn new(corpus: &Corpus, window: u64, seed: u64) -> BlockOrder {
         let shards = corpus.manifest().shards.len();
         let perm = Permutation::new(shards as u64, mix64(seed ^ 0x5348_4152_4453));
-        let (mut starts, mut first) = (Vec::with_capacity(shards), Vec::with_capacity(shards));
+        let (mut starts, mut first, mut ids) =
+            (Vec::with_capacity(shards), Vec::with_capacity(shards), Vec::with_capacity(shards));
         let mut at = 0u64;
         for k in 0..shards as u64 {
             let s = perm.get(k) as usize;
@@ -111,10 +114,29 @@ impl BlockOrder {
             if docs > 0 {
                 starts.push(at);
                 first.push(corpus.shard_start(s).unwrap_or(0));
+                ids.push(s);
                 at += docs;
             }
         }
-        BlockOrder { n: at, window: window.max(1), seed, starts, first, last: Cell::new(None) }
+        BlockOrder { n: at, window: window.max(1), seed, starts, first, ids, last: Cell::new(None) }
+    }
+
+    /// Documents per window.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// Manifest indexes of the (non-empty) shards in the order this epoch reads them.
+    pub fn shard_order(&self) -> &[usize] {
+        &self.ids
+    }
+
+    /// How many shards of [`BlockOrder::shard_order`] lie wholly before position `p`'s window:
+    /// no later position of this epoch reads them.
+    pub fn shards_done_before(&self, p: u64) -> usize {
+        let base = (p / self.window) * self.window;
+        // Shard k ends where shard k + 1 starts (the last one at n).
+        (0..self.starts.len()).find(|&k| self.starts.get(k + 1).copied().unwrap_or(self.n) > base).unwrap_or(0)
     }
 
     fn get(&self, p: u64) -> u64 {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use half::f16;
 use serde::Serialize;
@@ -17,6 +17,7 @@ use crate::format::{
 };
 use crate::manifest::{Manifest, read_meta_vocab};
 use crate::perm::{Permutation, mix64};
+use crate::store::ShardStore;
 use crate::types::{Document, Modality, Segment, SegmentData, SegmentMeta, Vocab};
 use crate::writer::PerModality;
 
@@ -318,10 +319,22 @@ impl ShardReader {
     /// Document `local` of this shard as a validated borrowed view. A structural error names
     /// the document ([`ShardError::Record`]); checksum errors name the chunk.
     pub fn get(&self, local: u64) -> Result<DocumentRef<'_>> {
-        self.get_inner(local).map_err(|e| e.in_document(local))
+        self.get_inner(local, None).map_err(|e| e.in_document(local))
     }
 
-    fn get_inner(&self, local: u64) -> Result<DocumentRef<'_>> {
+    /// [`ShardReader::get`] holding the reader alive instead of borrowing it, so the corpus may
+    /// release the shard (a remote cache evicting it) while documents are still in use.
+    pub fn get_shared(self: &Arc<Self>, local: u64) -> Result<DocumentRef<'static>> {
+        let d = self.get_inner(local, Some(self)).map_err(|e| e.in_document(local))?;
+        let bytes = match d.bytes {
+            DocBytes::Shard(r, s, e) => DocBytes::Shard(r, s, e),
+            DocBytes::Chunk(b, s, e) => DocBytes::Chunk(b, s, e),
+            DocBytes::Mapped(_) => return Err(ShardError::Config("internal: borrowed record".into())),
+        };
+        Ok(DocumentRef { bytes, positions: d.positions })
+    }
+
+    fn get_inner<'a>(&'a self, local: u64, owner: Option<&Arc<ShardReader>>) -> Result<DocumentRef<'a>> {
         let e = self.index_entry(local)?;
         let c = self.chunk_entry(e.chunk as u64)?;
         let index_at = self.footer.doc_index_offset + local * INDEX_ENTRY_LEN as u64;
@@ -338,7 +351,13 @@ impl ShardReader {
             Compression::Raw => {
                 let chunk = self.stored_chunk(e.chunk as u64, &c)?;
                 let rec = chunk.get(e.offset as usize..end as usize).unwrap_or(&[]);
-                (DocBytes::Mapped(rec), c.file_offset + e.offset as u64, None)
+                let at = c.file_offset + e.offset as u64;
+                let bytes = match owner {
+                    // In the file: stored_chunk checked the chunk's extent, and end <= raw_len.
+                    Some(o) => DocBytes::Shard(o.clone(), at as usize, at as usize + rec.len()),
+                    None => DocBytes::Mapped(rec),
+                };
+                (bytes, at, None)
             }
             Compression::Zstd => {
                 let buf = self.decompressed(e.chunk as u64, &c)?;
@@ -408,6 +427,7 @@ fn check_zstd_claim(stored: &[u8], c: &ChunkEntry) -> std::result::Result<(), St
 #[derive(Debug)]
 enum DocBytes<'a> {
     Mapped(&'a [u8]),
+    Shard(Arc<ShardReader>, usize, usize),
     Chunk(Arc<ChunkBuf>, usize, usize),
 }
 
@@ -415,6 +435,7 @@ impl DocBytes<'_> {
     fn get(&self) -> &[u8] {
         match self {
             DocBytes::Mapped(b) => b,
+            DocBytes::Shard(r, s, e) => r.bytes().get(*s..*e).unwrap_or(&[]),
             DocBytes::Chunk(buf, s, e) => &buf.bytes()[*s..*e],
         }
     }
@@ -596,7 +617,10 @@ pub struct Corpus {
     manifest: Manifest,
     /// `starts[i]` = global id of shard i's first document; `starts[n]` = num_docs.
     starts: Vec<u64>,
-    shards: Vec<OnceLock<ShardReader>>,
+    /// Opened shards; a slot is emptied again when a shard store lets the shard go.
+    shards: Vec<RwLock<Option<Arc<ShardReader>>>>,
+    /// Where shard files come from when they are not plain files in `dir` (a remote cache).
+    store: Option<Arc<dyn ShardStore>>,
     cache: Arc<ChunkCache>,
     /// Documents read through `get` (what a rank's loader touches; tests and benches).
     reads: AtomicU64,
@@ -604,8 +628,22 @@ pub struct Corpus {
 
 impl Corpus {
     /// Opens a corpus: reads `manifest.json` only. Shards are mapped lazily on first access.
+    /// A `scheme://…` location goes to the opener the binary registered
+    /// ([`crate::store::set_remote_opener`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Corpus> {
-        let dir = dir.as_ref().to_path_buf();
+        if let Some(uri) = dir.as_ref().to_str().filter(|s| crate::store::is_remote(s)) {
+            return crate::store::open_remote(uri);
+        }
+        Self::open_local(dir.as_ref(), None)
+    }
+
+    /// A corpus whose manifest is in `dir` and whose shard files `store` provides on demand.
+    pub fn open_with_store(dir: impl AsRef<Path>, store: Arc<dyn ShardStore>) -> Result<Corpus> {
+        Self::open_local(dir.as_ref(), Some(store))
+    }
+
+    fn open_local(dir: &Path, store: Option<Arc<dyn ShardStore>>) -> Result<Corpus> {
+        let dir = dir.to_path_buf();
         let manifest = Manifest::read(&dir)?;
         let mut starts = Vec::with_capacity(manifest.shards.len() + 1);
         let mut acc = 0u64;
@@ -614,9 +652,9 @@ impl Corpus {
             acc = acc.saturating_add(s.num_docs); // Manifest::read checked the sum fits
         }
         starts.push(acc);
-        let shards = manifest.shards.iter().map(|_| OnceLock::new()).collect();
+        let shards = manifest.shards.iter().map(|_| RwLock::new(None)).collect();
         let cache = Arc::new(ChunkCache::new(DEFAULT_CHUNK_CACHE_BYTES));
-        Ok(Corpus { dir, manifest, starts, shards, cache, reads: AtomicU64::new(0) })
+        Ok(Corpus { dir, manifest, starts, shards, store, cache, reads: AtomicU64::new(0) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -659,27 +697,60 @@ impl Corpus {
         self.starts.get(i).copied()
     }
 
-    /// Shard `i`, mapped and checked against the manifest on first use.
-    pub fn shard(&self, i: usize) -> Result<&ShardReader> {
+    /// Shard `i`, mapped and checked against the manifest on first use (fetched first when a
+    /// store provides the files).
+    pub fn shard(&self, i: usize) -> Result<Arc<ShardReader>> {
         let cell = self
             .shards
             .get(i)
             .ok_or(ShardError::DocOutOfRange { doc: i as u64, num_docs: self.num_shards() as u64 })?;
-        if let Some(r) = cell.get() {
-            return Ok(r);
+        if let Ok(g) = cell.read()
+            && let Some(r) = g.as_ref()
+        {
+            return Ok(r.clone());
+        }
+        let mut g = cell.write().map_err(|_| ShardError::Config("shard slot poisoned".into()))?;
+        if let Some(r) = g.as_ref() {
+            return Ok(r.clone());
         }
         let entry = &self.manifest.shards[i];
-        let r = ShardReader::open_with_cache(self.dir.join(&entry.name), self.cache.clone())?;
+        let path = match &self.store {
+            Some(store) => store.ensure(i, entry)?,
+            None => self.dir.join(&entry.name),
+        };
+        let r = Arc::new(ShardReader::open_with_cache(path, self.cache.clone())?);
         r.check_against(entry, self.vocab())?;
-        let _ = cell.set(r);
-        cell.get().ok_or_else(|| ShardError::Config("shard cache".into()))
+        *g = Some(r.clone());
+        Ok(r)
     }
 
-    /// Document `doc` as a borrowed view.
+    /// Whether shard files come from a store (a remote corpus) rather than the directory.
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Lets shard `i` go (remote corpora: its cached file may be evicted; documents still in
+    /// use keep their reader alive). A later access opens it again. No-op for local corpora.
+    pub fn release(&self, i: usize) {
+        let Some(store) = &self.store else { return };
+        let was = self.shards.get(i).and_then(|c| c.write().ok().and_then(|mut g| g.take()));
+        if was.is_some() {
+            store.released(i);
+        }
+    }
+
+    /// The shards (manifest indexes) a reader will need next, in order: a store fetches ahead.
+    pub fn hint(&self, upcoming: &[usize]) {
+        if let Some(store) = &self.store {
+            store.upcoming(upcoming);
+        }
+    }
+
+    /// Document `doc` as a view (it keeps its shard mapped while it lives).
     pub fn get(&self, doc: u64) -> Result<DocumentRef<'_>> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let (i, local) = self.locate(doc)?;
-        self.shard(i)?.get(local).map_err(|e| e.with_global(doc))
+        self.shard(i)?.get_shared(local).map_err(|e| e.with_global(doc))
     }
 
     /// Sequence positions of document `doc`, from the index alone (no payload touched).
