@@ -724,6 +724,30 @@ impl Corpus {
         Ok(r)
     }
 
+    /// The local file of shard `i` (fetched first when a store provides the files; then
+    /// pinned until [`Corpus::release_path`]).
+    pub fn shard_path(&self, i: usize) -> Result<PathBuf> {
+        let entry = self
+            .manifest
+            .shards
+            .get(i)
+            .ok_or(ShardError::DocOutOfRange { doc: i as u64, num_docs: self.num_shards() as u64 })?;
+        match &self.store {
+            Some(store) => store.ensure(i, entry),
+            None => Ok(self.dir.join(&entry.name)),
+        }
+    }
+
+    /// Undoes the pin of [`Corpus::shard_path`] (no-op for local corpora).
+    pub fn release_path(&self, i: usize) {
+        if let Some(store) = &self.store {
+            let mapped = self.shards.get(i).is_some_and(|c| c.read().is_ok_and(|g| g.is_some()));
+            if !mapped {
+                store.released(i);
+            }
+        }
+    }
+
     /// Whether shard files come from a store (a remote corpus) rather than the directory.
     pub fn has_store(&self) -> bool {
         self.store.is_some()

@@ -33,7 +33,9 @@ impl ShardSource {
         }
         let mut sources = Vec::with_capacity(data.paths.len());
         for (i, p) in data.paths.iter().enumerate() {
-            if !p.is_dir() {
+            // Object-store locations (s3://…) are opened by the opener the binary registered.
+            let remote = p.to_str().is_some_and(motley_shards::store::is_remote);
+            if !remote && !p.is_dir() {
                 return Err(TrainError::Data {
                     path: p.display().to_string(),
                     msg: "corpus directory does not exist".into(),
