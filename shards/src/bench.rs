@@ -96,10 +96,14 @@ pub struct LoaderBenchReport {
     pub write_raw_tokens_per_s: f64,
     /// Loader on the caller's thread (prefetch 0), raw shards: the one-core figure.
     pub loader_one_core_raw: Throughput,
-    /// zstd under the default (block) shuffle and cache.
+    /// zstd under the default (block) shuffle and cache; the loader's thread plus the
+    /// decode-ahead thread, which decodes the next window's chunks.
     pub loader_one_core_zstd: Throughput,
     /// loader_one_core_zstd ÷ loader_one_core_raw tokens/s (the goal is at least 0.5).
     pub zstd_over_raw: f64,
+    /// zstd with the whole decode on the loader's thread (no decode-ahead thread).
+    pub loader_one_core_zstd_inline: Throughput,
+    pub zstd_inline_over_raw: f64,
     /// Raw and zstd with windows of a tenth of the corpus and a cache of a quarter of its
     /// decoded bytes: a corpus much larger than the cache.
     pub loader_one_core_raw_scaled: Throughput,
@@ -311,6 +315,14 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
     let one_raw = measure(&raw, cfg, 0, 60.0)?;
     progress("loader, one core, zstd");
     let one_zstd = measure(&zstd, cfg, 0, 60.0)?;
+    progress("loader, one core, zstd, no decode-ahead thread");
+    let zstd_inline_corpus = std::sync::Arc::new(Corpus::open(&zstd_dir)?);
+    let inline_zstd = measure_with(
+        &zstd_inline_corpus,
+        cfg,
+        LoaderConfig { prefetch: 0, decode_ahead: false, ..Default::default() },
+        60.0,
+    )?;
     // The same two at the proportions of a corpus far larger than the cache: windows of a
     // tenth of the corpus, a decoded-chunk cache of a quarter of it.
     let scaled_window = (cfg.docs / 10).max(1);
@@ -446,6 +458,8 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
         numpy_stream_tokens_per_cpu_s: stream_cpu,
         ratio_vs_numpy_stream_cpu: one_raw.tokens_per_cpu_s.zip(stream_cpu).map(|(l, n)| l / n),
         zstd_over_raw: one_zstd.tokens_per_s / one_raw.tokens_per_s,
+        zstd_inline_over_raw: inline_zstd.tokens_per_s / one_raw.tokens_per_s,
+        loader_one_core_zstd_inline: inline_zstd,
         zstd_over_raw_scaled: scaled_zstd.tokens_per_s / scaled_raw.tokens_per_s,
         scaled_window,
         scaled_cache_bytes: scaled_cache,

@@ -89,6 +89,11 @@ impl ChunkCache {
         hit
     }
 
+    /// Whether `key` is cached (without counting a hit or refreshing it).
+    pub(crate) fn contains(&self, key: (u64, u64)) -> bool {
+        self.inner.lock().is_ok_and(|g| g.lru.contains(&key))
+    }
+
     pub(crate) fn insert(&self, key: (u64, u64), buf: Arc<ChunkBuf>) {
         let Ok(mut g) = self.inner.lock() else { return };
         let add = buf.words.len() as u64 * 8;

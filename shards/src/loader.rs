@@ -69,6 +69,14 @@ pub struct LoaderConfig {
     /// Where row indexes live (None: beside each corpus, else the cache directory).
     #[serde(default)]
     pub index_dir: Option<PathBuf>,
+    /// zstd shards under the block shuffle: a helper thread decodes the next window's chunks
+    /// while the packer reads the current one.
+    #[serde(default = "yes")]
+    pub decode_ahead: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for LoaderConfig {
@@ -88,6 +96,7 @@ impl Default for LoaderConfig {
             shuffle_window: 0,
             row_index: RowIndexMode::Auto,
             index_dir: None,
+            decode_ahead: true,
         }
     }
 }
@@ -280,6 +289,30 @@ struct SourceRt {
     /// Remote corpora: the window last seen and how many of this epoch's shards were released.
     window_seen: Option<u64>,
     released: usize,
+    /// The decode-ahead thread's queue (zstd corpora under the block shuffle).
+    ahead: Option<crossbeam_channel::Sender<DecodeJob>>,
+}
+
+/// Chunks to decode ahead: (corpus, [(manifest shard index, shard-local documents)]).
+type DecodeJob = (Arc<Corpus>, Vec<(usize, std::ops::Range<u64>)>);
+
+/// The decode-ahead thread; it ends when every sender (the packer's sources) is gone.
+fn spawn_decode_ahead() -> Option<crossbeam_channel::Sender<DecodeJob>> {
+    // Two windows queued at most: a loader that outruns the thread never waits for it.
+    let (tx, rx) = crossbeam_channel::bounded::<DecodeJob>(2);
+    std::thread::Builder::new()
+        .name("motley-decode-ahead".into())
+        .spawn(move || {
+            for (corpus, ranges) in rx {
+                for (shard, docs) in ranges {
+                    if let Ok(r) = corpus.shard(shard) {
+                        r.warm(docs);
+                    }
+                }
+            }
+        })
+        .ok()?;
+    Some(tx)
 }
 
 impl SourceRt {
@@ -293,11 +326,12 @@ impl SourceRt {
     /// For a corpus whose shards come from a store: on entering a new window, lets go of the
     /// shards this epoch has finished and tells the store which come next.
     fn track(&mut self, position: u64) {
-        if !self.corpus.has_store() {
+        let store = self.corpus.has_store();
+        if !store && self.ahead.is_none() {
             return;
         }
         let DocOrder::Block(b) = &self.order else {
-            if self.window_seen.is_none() {
+            if store && self.window_seen.is_none() {
                 self.window_seen = Some(0);
                 self.corpus.hint(&(0..self.corpus.num_shards()).collect::<Vec<_>>());
             }
@@ -308,6 +342,12 @@ impl SourceRt {
             return;
         }
         self.window_seen = Some(w);
+        if let Some(tx) = &self.ahead {
+            let _ = tx.try_send((self.corpus.clone(), b.window_ranges(w + 1)));
+        }
+        if !store {
+            return;
+        }
         let done = b.shards_done_before(position);
         for &s in b.shard_order().get(self.released..done).unwrap_or(&[]) {
             self.corpus.release(s);
@@ -421,6 +461,10 @@ impl Packer {
             RowIndexMode::Never => false,
             RowIndexMode::Auto => cfg.world_size > 1,
         };
+        let zstd = |s: &Source| s.corpus.manifest().shards.iter().any(|e| e.compression == crate::Compression::Zstd);
+        let ahead = (cfg.decode_ahead && cfg.shuffle == Shuffle::Block && sources.iter().any(zstd))
+            .then(spawn_decode_ahead)
+            .flatten();
         let rts: Vec<SourceRt> = sources
             .into_iter()
             .enumerate()
@@ -438,6 +482,7 @@ impl Packer {
                     index,
                     window_seen: None,
                     released: 0,
+                    ahead: ahead.clone(),
                 }
             })
             .collect();

@@ -131,6 +131,24 @@ impl BlockOrder {
         &self.ids
     }
 
+    /// The documents of window `w` as (manifest shard index, shard-local range) in storage
+    /// order: what a decode-ahead thread decodes while the loader reads window `w - 1`.
+    pub fn window_ranges(&self, w: u64) -> Vec<(usize, std::ops::Range<u64>)> {
+        let base = w.saturating_mul(self.window);
+        let end = base.saturating_add(self.window).min(self.n);
+        let mut out = Vec::new();
+        if base >= end {
+            return out;
+        }
+        let mut k = self.starts.partition_point(|&s| s <= base).saturating_sub(1);
+        while k < self.starts.len() && self.starts[k] < end {
+            let (s, e) = (self.starts[k], self.starts.get(k + 1).copied().unwrap_or(self.n));
+            out.push((self.ids[k], base.max(s) - s..end.min(e) - s));
+            k += 1;
+        }
+        out
+    }
+
     /// How many shards of [`BlockOrder::shard_order`] lie wholly before position `p`'s window:
     /// no later position of this epoch reads them.
     pub fn shards_done_before(&self, p: u64) -> usize {

@@ -304,6 +304,25 @@ impl ShardReader {
         Ok(buf)
     }
 
+    /// Decodes (into the cache) the zstd chunks holding documents `docs` of this shard, so a
+    /// reader that comes for them finds them decoded. Errors are left for that reader.
+    pub fn warm(&self, docs: std::ops::Range<u64>) {
+        if self.header.compression != Compression::Zstd || docs.is_empty() {
+            return;
+        }
+        let chunk = |d: u64| self.index_entry(d).map(|e| e.chunk as u64);
+        let (Ok(first), Ok(last)) = (chunk(docs.start), chunk(docs.end - 1)) else { return };
+        for i in first..=last.min(self.footer.num_chunks.saturating_sub(1)) {
+            if self.cache.contains((self.cache_id, i)) {
+                continue;
+            }
+            let Ok(c) = self.chunk_entry(i) else { return };
+            if self.decompressed(i, &c).is_err() {
+                return;
+            }
+        }
+    }
+
     /// Chunk `i` checked as a whole: its table entry, its crc32c and, for zstd, that its frame
     /// can decode to the size the table claims (what `verify` checks per chunk).
     pub fn check_chunk(&self, i: u64) -> Result<ChunkEntry> {
