@@ -587,6 +587,8 @@ pub fn open_store(uri: &str, opts: &RemoteOptions) -> Result<(Corpus, Arc<Remote
     std::fs::create_dir_all(&dir).map_err(|e| io(&dir, "create dir", e))?;
     let object = describe(uri, MANIFEST_NAME);
     let bytes = get_bytes(&store, &child(&prefix, MANIFEST_NAME), &object, opts)?;
+    let marker = dir.join(motley_shards::store::REMOTE_MARKER);
+    write_file(&marker, uri.trim_end_matches('/').as_bytes())?;
     let path = dir.join(MANIFEST_NAME);
     let tmp = dir.join(format!(".{MANIFEST_NAME}.part-{}", std::process::id()));
     write_file(&tmp, &bytes)?;

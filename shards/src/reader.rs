@@ -653,6 +653,9 @@ impl Corpus {
         if let Some(uri) = dir.as_ref().to_str().filter(|s| crate::store::is_remote(s)) {
             return crate::store::open_remote(uri);
         }
+        if let Ok(uri) = std::fs::read_to_string(dir.as_ref().join(crate::store::REMOTE_MARKER)) {
+            return crate::store::open_remote(uri.trim());
+        }
         Self::open_local(dir.as_ref(), None)
     }
 

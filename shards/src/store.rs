@@ -23,6 +23,10 @@ pub trait ShardStore: Send + Sync + std::fmt::Debug {
     fn released(&self, _index: usize) {}
 }
 
+/// File in a remote corpus's cache folder naming its location: opening the folder opens the
+/// remote corpus (so a path recorded in a run's config keeps fetching what it lacks).
+pub const REMOTE_MARKER: &str = ".motley-remote";
+
 type Opener = dyn Fn(&str) -> Result<Corpus> + Send + Sync;
 
 static OPENER: OnceLock<Box<Opener>> = OnceLock::new();

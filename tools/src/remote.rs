@@ -22,6 +22,20 @@ pub fn install(opts: RemoteOptions) {
     motley_shards::store::set_remote_opener(move |uri| motley_remote::open(uri, &opts).map_err(Into::into));
 }
 
+/// Replaces each object-store location by its local cache folder (fetching the manifest):
+/// everything downstream, the trainer's start-up checks included, then reads a local
+/// manifest, and the folder's marker file reopens the remote corpus for the shards.
+pub fn localize(paths: &mut [PathBuf], opts: &RemoteOptions) -> anyhow::Result<()> {
+    for p in paths.iter_mut() {
+        if let Some(uri) = p.to_str().filter(|s| motley_shards::store::is_remote(s)).map(str::to_string) {
+            let (_, store) = motley_remote::open_store(&uri, opts)?;
+            tracing::info!("{uri}: cached in {}", store.dir().display());
+            *p = store.dir().to_path_buf();
+        }
+    }
+    Ok(())
+}
+
 /// Whether a path argument is an object-store location.
 pub fn is_remote(p: &Path) -> bool {
     p.to_str().is_some_and(motley_shards::store::is_remote)

@@ -14,7 +14,9 @@ use serde_json::Value;
 fn motley(port: u16, cache: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_motley"));
     for (k, _) in std::env::vars() {
-        if k.starts_with("AWS_") || k.starts_with("SLURM_") || ["RANK", "WORLD_SIZE", "LOCAL_RANK"].contains(&k.as_str())
+        if k.starts_with("AWS_")
+            || k.starts_with("SLURM_")
+            || ["RANK", "WORLD_SIZE", "LOCAL_RANK"].contains(&k.as_str())
         {
             c.env_remove(k);
         }
@@ -111,6 +113,6 @@ fn train_from_s3_equals_training_from_the_local_copy() {
     c.args(["shards", "verify", "s3://bkt/nothing-here"]);
     let out = c.output().expect("run");
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(err.contains("s3://bkt/nothing-here/manifest.json"), "{err}");
 }

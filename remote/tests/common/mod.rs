@@ -64,4 +64,3 @@ pub fn create_bucket(port: u16, name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"), "create bucket: {resp}");
     Ok(())
 }
-
