@@ -116,3 +116,43 @@ fn train_from_s3_equals_training_from_the_local_copy() {
     let err = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(err.contains("s3://bkt/nothing-here/manifest.json"), "{err}");
 }
+
+#[test]
+fn ingest_out_to_s3_uploads_zstd_shards_and_the_manifest() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let text = tmp.path().join("text");
+    std::fs::create_dir_all(&text).expect("mkdir");
+    for i in 0..6 {
+        let body: String =
+            (0..200).map(|k| format!("line {k} of file {i}: the quick brown fox {} jumps\n", k * i)).collect();
+        std::fs::write(text.join(format!("f{i}.txt")), body).expect("write");
+    }
+    let server = common::moto().expect("moto server");
+    common::create_bucket(server.port, "bkt").expect("bucket");
+    let cache = tmp.path().join("cache");
+    let tok = tmp.path().join("tok");
+    let mut c = motley(server.port, &cache);
+    c.args(["tokenizer", "train-text"]).arg(&text).arg("--out").arg(tok.join("text.json"));
+    c.args(["--vocab-size", "300"]);
+    run(c, "tokenizer train-text");
+
+    let uri = "s3://bkt/ingested";
+    let mut c = motley(server.port, &cache);
+    c.arg("ingest").arg(format!("{}/*.txt", text.display())).arg("--tokenizers").arg(&tok);
+    c.args(["--out", uri, "--json", "--no-progress"]);
+    let summary: Value = serde_json::from_slice(&run(c, "ingest --out s3://").stdout).expect("ingest json");
+    assert_eq!(summary["out"], uri, "{summary}");
+
+    let mut c = motley(server.port, &cache);
+    c.args(["--json", "shards", "verify", uri]);
+    let v: Value = serde_json::from_slice(&run(c, "verify the ingested corpus").stdout).expect("verify json");
+    assert_eq!(v["ok"], true, "{v}");
+    // The manifest read back from the bucket: zstd shards (the default for object stores).
+    let dir = motley_remote::cache_dir_for(
+        uri,
+        &motley_remote::RemoteOptions { cache_dir: Some(cache.clone()), ..Default::default() },
+    );
+    let m = motley_shards::Manifest::read(&dir).expect("fetched manifest");
+    assert!(m.num_docs > 0 && !m.shards.is_empty());
+    assert!(m.shards.iter().all(|s| s.compression == motley_shards::Compression::Zstd), "{:?}", m.shards);
+}
