@@ -58,8 +58,11 @@ impl From<RemoteError> for ShardError {
             RemoteError::Checksum { object, expected, actual, .. } => {
                 ShardError::Checksum { path: object.into(), what: "object blake3", offset: 0, expected, actual }
             }
-            RemoteError::Object { ref object, .. } | RemoteError::Location { uri: ref object, .. } => {
-                ShardError::Remote { object: object.clone(), detail: e.to_string() }
+            RemoteError::Object { object, op, attempts, source } => {
+                ShardError::Remote { object, detail: format!("{op} failed after {attempts} attempt(s): {source}") }
+            }
+            RemoteError::Location { uri, detail } => {
+                ShardError::Remote { object: uri, detail: format!("not an object store location: {detail}") }
             }
             RemoteError::Io { ref path, .. } => {
                 ShardError::Remote { object: path.display().to_string(), detail: e.to_string() }
@@ -258,7 +261,7 @@ fn get_bytes(store: &Arc<dyn ObjectStore>, path: &ObjPath, object: &str, opts: &
         let r = block(async move { s.get(&p).await?.bytes().await });
         match r {
             Ok(b) => return Ok(b.to_vec()),
-            Err(e) if transient(&e) && attempt <= opts.retries => {
+            Err(e) if transient(&e) && attempt <= outer_retries(opts) => {
                 tracing::warn!("{object}: {e}; retrying");
                 std::thread::sleep(backoff(opts, attempt));
             }
@@ -307,7 +310,7 @@ fn get_ranges(
                         },
                     });
                 }
-                Err(e) if transient(&e) && attempt <= opts.retries => {
+                Err(e) if transient(&e) && attempt <= outer_retries(opts) => {
                     tracing::warn!("{object} bytes {at}..{end}: {e}; retrying");
                     std::thread::sleep(backoff(opts, attempt));
                 }
@@ -324,6 +327,12 @@ fn get_ranges(
         at = end;
     }
     Ok(out)
+}
+
+/// Whole-request retries on top of object_store's own per-request ones (which already back off
+/// `opts.retries` times): these cover a body cut off mid-stream, so two are enough.
+fn outer_retries(opts: &RemoteOptions) -> usize {
+    opts.retries.min(2)
 }
 
 fn backoff(opts: &RemoteOptions, attempt: usize) -> Duration {
@@ -625,6 +634,26 @@ pub fn open_store(uri: &str, opts: &RemoteOptions) -> Result<(Corpus, Arc<Remote
     if let Ok(mut st) = rs.state.lock() {
         *st = state;
     }
+    // Tokenizer files (small) come along, best effort: `shards head` decodes text with them.
+    for rel in tokenizer_files(&manifest) {
+        let path = dir.join(&rel);
+        if path.exists() {
+            continue;
+        }
+        let object = describe(uri, &rel);
+        match get_bytes(&rs.store, &child_rel(&rs.prefix, &rel), &object, opts) {
+            Ok(bytes) => {
+                if let Some(parent) = path.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                let tmp = path.with_extension(format!("part-{}", std::process::id()));
+                if write_file(&tmp, &bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+            Err(e) => tracing::debug!("{e}"),
+        }
+    }
     let rs = Arc::new(rs);
     spawn_ahead(&rs);
     let corpus = Corpus::open_with_store(&dir, rs.clone())?;
@@ -652,10 +681,31 @@ pub fn upload(local: &Path, uri: &str, opts: &RemoteOptions, progress: &dyn Fn(u
         report.bytes += s.bytes;
         progress(report.bytes);
     }
+    // The tokenizer files the manifest names travel with the corpus (before the manifest).
+    for rel in tokenizer_files(&manifest) {
+        let path = local.join(&rel);
+        if let Ok(bytes) = std::fs::read(&path) {
+            put(&store, &child_rel(&prefix, &rel), &describe(uri, &rel), bytes, opts)?;
+        }
+    }
     let path = local.join(MANIFEST_NAME);
     let bytes = std::fs::read(&path).map_err(|e| io(&path, "read", e))?;
     put(&store, &child(&prefix, MANIFEST_NAME), &describe(uri, MANIFEST_NAME), bytes, opts)?;
     Ok(report)
+}
+
+/// Relative paths of the tokenizer files a manifest names (plain relative paths only).
+fn tokenizer_files(m: &Manifest) -> Vec<String> {
+    m.tokenizers
+        .values()
+        .filter_map(|v| v.as_str())
+        .filter(|p| !p.is_empty() && !p.starts_with('/') && !p.split(['/', '\\']).any(|c| c == ".." || c.is_empty()))
+        .map(str::to_string)
+        .collect()
+}
+
+fn child_rel(prefix: &ObjPath, rel: &str) -> ObjPath {
+    rel.split('/').fold(prefix.clone(), |p, part| p.join(part))
 }
 
 /// Writes one object (multipart in 16 MiB parts past 64 MiB), retrying transient errors.
@@ -677,7 +727,7 @@ fn put(store: &Arc<dyn ObjectStore>, path: &ObjPath, object: &str, bytes: Vec<u8
         });
         match r {
             Ok(()) => return Ok(()),
-            Err(e) if transient(&e) && attempt <= opts.retries => {
+            Err(e) if transient(&e) && attempt <= outer_retries(opts) => {
                 tracing::warn!("{object}: {e}; retrying");
                 std::thread::sleep(backoff(opts, attempt));
             }
