@@ -84,6 +84,14 @@ fn s3_upload_then_train_order_equals_local_through_a_bounded_cache() -> anyhow::
     let up = motley_remote::upload(local.dir(), uri, &opts, &|_| {})?;
     assert_eq!(up.shards, local.num_shards());
 
+    // The first batch needs the manifest and the first window's shards, not the corpus.
+    let unbounded = RemoteOptions { cache_limit: 0, cache_dir: Some(tmp.path().join("cache-first")), ..opts.clone() };
+    let (first, first_store) = motley_remote::open_store(uri, &unbounded)?;
+    batches(Arc::new(first), 1, &tmp.path().join("ix-first"), 1)?;
+    let total = local.manifest().bytes;
+    let first_bytes = first_store.cached_bytes();
+    assert!(first_bytes < total / 4, "the first batch fetched {first_bytes} of the corpus's {total} bytes");
+
     let (remote, store) = motley_remote::open_store(uri, &opts)?;
     assert_eq!(remote.manifest(), local.manifest());
     // Two epochs through the loader: the same batches as from the local copy.
@@ -92,7 +100,6 @@ fn s3_upload_then_train_order_equals_local_through_a_bounded_cache() -> anyhow::
     let got = batches(Arc::new(remote), 1, &tmp.path().join("ix-remote"), steps)?;
     assert_eq!(got, want, "remote batches differ from the local corpus's");
     let max_shard = local.manifest().shards.iter().map(|s| s.bytes).max().unwrap_or(0);
-    let total = local.manifest().bytes;
     let held = store.cached_bytes();
     assert!(held <= limit + max_shard && held < total, "cache holds {held} bytes, limit {limit}, corpus {total}");
     // Through the row index on 3 ranks, too.
