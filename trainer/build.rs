@@ -1,13 +1,22 @@
 //! Link-time glue for libtorch (rpath, keep libtorch_cuda; see link_libtorch.rs) and the
-//! C++ shims in `csrc/` (fused AdamW, operator counting, CUDA capability, the tower_linear
-//! op, torch's c10d for data parallelism), compiled against the same libtorch's headers.
+//! C++ shims in `csrc/` (fused AdamW, operator counting, memory tracking, CUDA capability, the
+//! tower_linear and chunked cross-entropy ops, torch's c10d for data parallelism), compiled
+//! against the same libtorch's headers.
 include!("link_libtorch.rs");
 
 use std::path::{Path, PathBuf};
 
 fn main() {
     link_libtorch();
-    let shims = ["csrc/fused_adamw.cpp", "csrc/op_count.cpp", "csrc/cuda_capability.cpp", "csrc/tower_linear.cpp"];
+    let shims = [
+        "csrc/fused_adamw.cpp",
+        "csrc/op_count.cpp",
+        "csrc/cuda_capability.cpp",
+        "csrc/tower_linear.cpp",
+        "csrc/linear_cross_entropy.cpp",
+        "csrc/mem_track.cpp",
+        "csrc/checkpoint.cpp",
+    ];
     // c10d: Gloo and the gradient hooks need only torch's headers (plus stand-ins for the
     // Gloo headers the wheel lacks); NCCL needs CUDA's, so it is a unit of its own.
     let c10d = ["csrc/c10d.cpp", "csrc/grad_sync.cpp"];

@@ -81,6 +81,13 @@ pub struct RecipeOptions {
     /// an object-store `--out`). Left out of the recipe when unset, so older ingests resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<motley_shards::Compression>,
+    /// Load every tokenizer the recipe names (or `--tokenizers DIR` holds), not only those its
+    /// sources need, so the vocabulary has every modality's block. Corpora ingested from
+    /// different sources this way share one vocabulary, which the loader needs to mix them
+    /// by weight (`data.weights`); the study mixes in `data/sample/study/` are built so.
+    /// (Left out of the serialized options when false, so older recipes fingerprint as before.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_tokenizers: bool,
 }
 
 fn default_shard_mib() -> u64 {
@@ -110,6 +117,7 @@ impl Default for RecipeOptions {
             max_text_bytes: default_max_text_bytes(),
             shard_mib: default_shard_mib(),
             compression: None,
+            all_tokenizers: false,
         }
     }
 }
@@ -392,6 +400,18 @@ impl Recipe {
         }
         n
     }
+
+    /// The tokenizers to load: those the sources need, plus every one the recipe names when
+    /// `options.all_tokenizers` is set (the vocabulary then has every modality's block).
+    pub fn tokenizers_to_load(&self) -> Needs {
+        let mut n = self.needs();
+        if self.options.all_tokenizers {
+            n.text |= self.tokenizers.text.is_some();
+            n.image |= self.tokenizers.image.is_some();
+            n.speech |= self.tokenizers.speech.is_some();
+        }
+        n
+    }
 }
 
 /// Which tokenizers a recipe needs.
@@ -448,6 +468,19 @@ mod tests {
         let bad_p = Recipe::from_toml("[[source]]\nkind = \"image\"\npaths = [\"a\"]\ntext_first = 1.5\n");
         assert!(bad_p.is_err_and(|e| e.contains("text_first")));
         assert!(Recipe::from_toml("").is_err());
+    }
+
+    #[test]
+    fn all_tokenizers_loads_every_named_tokenizer() {
+        let text_only =
+            "[tokenizers]\ntext = \"t.json\"\nspeech = \"sp\"\n[[source]]\nkind = \"text\"\npaths = [\"a\"]\n";
+        let r = Recipe::from_toml(text_only).expect("valid");
+        assert_eq!(r.tokenizers_to_load(), Needs { text: true, image: false, speech: false });
+        // Off by default, and then not serialized (fingerprints of older recipes stay as they were).
+        assert!(!serde_json::to_string(&r.options).expect("json").contains("all_tokenizers"));
+        let all = Recipe::from_toml(&text_only.replace("[[source]]", "[options]\nall_tokenizers = true\n[[source]]"))
+            .expect("valid");
+        assert_eq!(all.tokenizers_to_load(), Needs { text: true, image: false, speech: true });
     }
 
     #[test]

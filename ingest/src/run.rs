@@ -617,7 +617,8 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     cfg.recipe.validate().map_err(|message| Error::Recipe { path: PathBuf::from("<recipe>"), message })?;
     let all = plan(&cfg.recipe)?;
     let tasks = select_part(&all, cfg.part);
-    let toks = Tokenizers::load(&cfg.recipe.tokenizers, cfg.recipe.needs(), cfg.recipe.options.image_mode)?;
+    let toks =
+        Tokenizers::load(&cfg.recipe.tokenizers, cfg.recipe.tokenizers_to_load(), cfg.recipe.options.image_mode)?;
 
     // The fingerprint pins everything that decides the corpus's bytes.
     let mut fp = blake3::Hasher::new();

@@ -50,6 +50,8 @@ enum Command {
     Train(cmd::train::Args),
     /// Evaluate a checkpoint on a corpus: per-modality loss.
     Eval(cmd::train::EvalArgs),
+    /// Step matching: the step at which MoT (and MoE-4x) reach dense's final held-out loss, per modality.
+    Study(cmd::study::Args),
     /// Generate text, images or speech from a checkpoint.
     Sample(cmd::sample::Args),
     /// Benchmarks that print ratios against baselines measured in the same run.
@@ -71,6 +73,7 @@ fn main() {
         Command::Shards(c) => cmd::shards::run(c, &ctx),
         Command::Train(a) => cmd::train::run(a, &ctx),
         Command::Eval(a) => cmd::train::eval(a, &ctx),
+        Command::Study(a) => cmd::study::run(a, &ctx),
         Command::Sample(a) => cmd::sample::run(a, &ctx),
         Command::Bench(c) => cmd::bench::run(c, &ctx),
         Command::Demo(a) => cmd::demo::run(a, &ctx),

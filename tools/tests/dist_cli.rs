@@ -387,6 +387,27 @@ fn ranks_that_disagree_on_the_config_fail_at_start_naming_the_key() {
 }
 
 #[test]
+fn a_rank_that_never_joins_or_a_bad_launch_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let run = dir.path().join("run");
+    let args = tiny(&data, &run, &[set("data.batch_size=2"), set("train.dist_timeout_s=3")].concat());
+    // Rank 0 of 2 alone: the rendezvous times out naming how many joined.
+    let out = motley().args(&args).envs(torchrun_vars(2, free_port())(0)).output().expect("spawn");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("1/2 clients joined") && err.contains("rendezvous"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Conflicting variables: LOCAL_RANK past LOCAL_WORLD_SIZE.
+    let mut vars = torchrun_vars(2, free_port())(1);
+    vars.push(("LOCAL_WORLD_SIZE".into(), "1".into()));
+    let out = motley().args(&args).envs(vars).output().expect("spawn");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("LOCAL_RANK=1 is not below LOCAL_WORLD_SIZE=1"), "{err}");
+}
+
+#[test]
 fn slurm_variables_launch_a_job_as_in_the_readme() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = corpus(dir.path(), false);

@@ -97,6 +97,31 @@ impl Default for OptimConfig {
     }
 }
 
+/// Which blocks recompute their activations in backward instead of keeping them:
+/// `train.activation_checkpointing = true` (every block), `false`, or `k` (every k-th).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Checkpointing {
+    All(bool),
+    Every(u64),
+}
+
+impl Default for Checkpointing {
+    fn default() -> Self {
+        Checkpointing::All(false)
+    }
+}
+
+impl Checkpointing {
+    /// Checkpoint blocks `0, k, 2k, …`; 0 = none.
+    pub fn every(self) -> usize {
+        match self {
+            Checkpointing::All(on) => usize::from(on),
+            Checkpointing::Every(k) => k as usize,
+        }
+    }
+}
+
 /// What to do when a step's loss or gradient norm is NaN or inf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -153,6 +178,9 @@ pub struct LoopConfig {
     /// At the end of a data-parallel run, check that every rank holds bit-identical weights
     /// (blake3 of the parameters, compared through the store; costs a copy to the host).
     pub verify_replicas: bool,
+    /// Recompute block activations in backward instead of keeping them: `true`, `false` or
+    /// every k-th block (dense and MoT; MoE blocks always keep theirs).
+    pub activation_checkpointing: Checkpointing,
     /// Write the global row ids every rank trains on to `RUN/rows/rank-N.jsonl` (audits that
     /// every row is consumed exactly once, across resumes on other world sizes).
     pub log_rows: bool,
@@ -181,6 +209,7 @@ impl Default for LoopConfig {
             bucket_mb: 25.0,
             stop_at: 0,
             verify_replicas: false,
+            activation_checkpointing: Checkpointing::default(),
             log_rows: false,
         }
     }
@@ -343,6 +372,14 @@ impl TrainConfig {
                 format!("{} is not supported: 0 (replicated optimizer state) or 1 (sharded moments)", self.train.zero),
             );
         }
+        if self.train.activation_checkpointing.every() > 0 && self.model.arch == Arch::Moe {
+            return bad(
+                "train.activation_checkpointing",
+                "MoE blocks return their load-balancing loss beside the output and are not checkpointed; \
+                 use dense or MoT, or turn it off"
+                    .into(),
+            );
+        }
         if !(self.train.dist_timeout_s > 0.0) || !(self.train.bucket_mb > 0.0) {
             return bad("train.dist_timeout_s / train.bucket_mb", "must be > 0".into());
         }
@@ -444,8 +481,17 @@ mod tests {
         assert_eq!(c.optim.grad_accum, 6);
         let e = c.resolve_global_batch(5).expect_err("12 rows over 5 ranks");
         assert!(e.to_string().contains("not a multiple of data.batch_size 2 × 5 ranks"), "{e}");
-        c.train.zero = 2;
         c.data.synthetic = true;
+        for (text, every) in [("true", 1), ("false", 0), ("3", 3)] {
+            let o = c.apply_overrides(&[format!("train.activation_checkpointing={text}")]).expect("override");
+            assert_eq!(o.train.activation_checkpointing.every(), every, "{text}");
+            let back = TrainConfig::from_toml_str(&o.to_toml().expect("toml"), "t").expect("parse");
+            assert_eq!(back.train.activation_checkpointing, o.train.activation_checkpointing);
+        }
+        let mut moe = c.apply_overrides(&["train.activation_checkpointing=true".into()]).expect("override");
+        moe.model.arch = Arch::Moe;
+        assert!(moe.validate().expect_err("moe").to_string().contains("activation_checkpointing"));
+        c.train.zero = 2;
         assert!(c.validate().expect_err("zero 2").to_string().contains("train.zero"));
     }
 

@@ -180,56 +180,6 @@ pub struct NoisePolicy {
     pub caption_max_t: usize,
 }
 
-/// Draws a timestep per image and noise per patch and sets `p`'s noised latents. Each row's
-/// images draw from the stream of `(seed, step, row)`, where `row` is the row's global index
-/// in the loader's stream (`row_ids`; a batch without them uses `fallback_stream + row`): an
-/// image gets the same noise whichever rank, micro-batch or batch slot its row lands in, so
-/// N ranks train exactly what one process with N times the batch does. Does nothing when the
-/// batch has no latent patches.
-pub fn noise_prepared(
-    p: &mut Prepared,
-    sched: &Schedule,
-    policy: NoisePolicy,
-    (seed, step): (u64, u64),
-    row_ids: &[u64],
-    fallback_stream: u64,
-) {
-    let Some(lat) = p.latent.as_mut() else { return };
-    let big_t = sched.steps();
-    let dim = lat.dim;
-    let n_patches = lat.image_of_patch.len();
-    // Patches of each image, in patch order.
-    let mut patches: Vec<Vec<usize>> = vec![Vec::new(); lat.n_images()];
-    for (q, &i) in lat.image_of_patch.iter().enumerate() {
-        patches[i].push(q);
-    }
-    let mut rngs: std::collections::BTreeMap<usize, ChaCha8Rng> = std::collections::BTreeMap::new();
-    let mut timesteps = Vec::with_capacity(lat.n_images());
-    let mut eps = vec![0f32; n_patches * dim];
-    for (i, &captioned) in lat.followed_by_text.iter().enumerate() {
-        let row = lat.row_of_image[i];
-        let rng = rngs.entry(row).or_insert_with(|| {
-            let stream = row_ids.get(row).copied().unwrap_or(fallback_stream.wrapping_add(row as u64));
-            noise_rng(seed, step, stream)
-        });
-        // Draw both numbers for every image so the stream does not depend on the layout.
-        let cap = rng.random::<f64>() < policy.caption_fraction;
-        let u = rng.random::<f64>();
-        let hi = if captioned && cap { policy.caption_max_t.clamp(1, big_t) } else { big_t };
-        timesteps.push(((u * hi as f64) as usize).min(hi - 1));
-        let draws = normal_draws(rng, patches[i].len() * dim);
-        for (k, &q) in patches[i].iter().enumerate() {
-            eps[q * dim..(q + 1) * dim].copy_from_slice(&draws[k * dim..(k + 1) * dim]);
-        }
-    }
-    let ab: Vec<f32> = lat.image_of_patch.iter().map(|&i| sched.alpha_bar[timesteps[i]] as f32).collect();
-    let device = lat.x0.device();
-    let eps = Tensor::from_slice(&eps).view([n_patches as i64, dim as i64]).to_device(device);
-    let ab = Tensor::from_slice(&ab).view([n_patches as i64, 1]).to_device(device);
-    let xt = q_sample(&lat.x0, &eps, &ab);
-    lat.set_noised(xt, timesteps, Some(eps));
-}
-
 /// Which reverse process [`generate_image`] runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampler {
@@ -264,6 +214,8 @@ pub fn generate_image(
     opts: &GenerateOptions,
     device: Device,
 ) -> Result<Tensor, TrainError> {
+    // Expert-choice MoE would route the prompt and patches among themselves, not as trained.
+    model.check_decodable()?;
     let dim = model.cfg.latent_dim;
     if dim <= 0 {
         return Err(TrainError::Config { path: "model.latent_dim".into(), msg: "the model has no latent head".into() });

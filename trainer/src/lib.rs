@@ -1,8 +1,12 @@
 //! motley-trainer: Mixture-of-Transformers (and dense / MoE-4x baselines) trained with libtorch.
 //!
-//! - [`model`]: the transformer, all three architectures, sorted modality routing.
+//! - [`model`]: the transformer, all three architectures (Config → Attention → FFN → Block →
+//!   Model); [`layout`]: what a step derives from a batch before the model runs (routing,
+//!   masks, RoPE, latent inputs and their noise); [`towers`]: per-tower parameter storage.
 //! - [`diffusion`]: the Transfusion setting's noise schedule, DDPM/DDIM steps, image generation.
 //! - [`train`]: the loop, evaluation, checkpoints and resume, the MoT-vs-dense comparison.
+//! - [`study`]: step matching (the paper's measure): the step at which MoT / MoE reach dense's
+//!   final held-out loss, per modality, over several seeds.
 //! - [`config`]: TOML config, presets, overrides.
 //! - [`optim`]: AdamW with saveable moments, warmup + cosine schedule.
 //! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
@@ -20,12 +24,15 @@ pub mod diffusion;
 pub mod dist;
 pub mod error;
 pub mod flat;
+pub mod layout;
 pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod sample;
+pub mod study;
+pub mod towers;
 pub mod train;
 
 pub use config::TrainConfig;

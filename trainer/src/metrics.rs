@@ -208,7 +208,7 @@ impl MetricsLog {
 }
 
 /// Registers the bundled ASCII font once (no system fonts needed).
-fn ensure_font() {
+pub(crate) fn ensure_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-ascii.ttf");

@@ -1,4 +1,4 @@
-//! The decoder-only transformer, read top to bottom: Config → Route → Attention → FFN → Block → Model.
+//! The decoder-only transformer, read top to bottom: Config → Attention → FFN → Block → Model.
 //!
 //! One code path serves three architectures:
 //! - `dense`: the baseline; every token goes through the same weights.
@@ -9,25 +9,32 @@
 //!   expert-choice routing (token-choice top-k as an option).
 //!
 //! Modality routing (MoT): per batch, tokens are sorted by modality once (stable, integer
-//! indices computed on the host from the `Batch`), so each tower runs its matmuls on one
-//! contiguous slice; order is restored only around attention. The loss is computed in sorted
-//! order against targets permuted the same way. `Routing::GatherScatter` is the plain
-//! Algorithm-1 form (gather each modality's rows, scatter results back, per op), kept as the
-//! test oracle.
+//! indices computed on the host from the `Batch`: [`crate::layout`]), so each tower runs its
+//! matmuls on one contiguous slice; order is restored only around attention. The loss is
+//! computed in sorted order against targets permuted the same way. `Routing::GatherScatter` is
+//! the plain Algorithm-1 form (gather each modality's rows, scatter results back, per op), kept
+//! as the test oracle.
 //!
 //! Storage: each projection or norm site keeps every tower's weights in one leaf tensor
-//! ([`Stacked`], `[towers, Σ out, in]`); checkpoints see them per tower under self-describing
-//! names through [`public_views`].
+//! ([`crate::towers`]); checkpoints see them per tower under self-describing names.
+//!
+//! The training forward and the cached (sampling) forward are one code path: a layer takes an
+//! attention context ([`AttnCtx`], from a batch's [`Prepared`] or an incremental [`Step`]) and an
+//! optional key/value cache.
 //!
 //! Precision: weights are fp32 masters; `compute_kind` (bf16 on CUDA) is applied by hand at
 //! every matmul and attention call, norms and the loss run in fp32. tch's `autocast` only
 //! offers CUDA fp16, which would need loss scaling.
 
-use motley_shards::{Batch, Modality};
+use motley_shards::Modality;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::error::TrainError;
+use crate::layout::{AttnCtx, Step};
+pub use crate::layout::{LatentInputs, Prepared, Route, Routing};
+use crate::towers::{Linear, RmsNorm, Stacked, TowerNorm, Towers, rms, site_weight};
+pub use crate::towers::{public_parameters, public_views};
 
 // ---------------------------------------------------------------------------------------
 // Config
@@ -128,6 +135,11 @@ pub struct ModelConfig {
     /// VAE scale factor of latent diffusion); 0 = `1 / RMS` of the corpus's latents, measured
     /// when training starts and written into the resolved config (1 when nothing is measured).
     pub latent_scale: f64,
+    /// Compute the LM head and cross-entropy this many rows at a time (one autograd op:
+    /// `ops::linear_cross_entropy`), so the `[rows, vocab]` fp32 logits never exist whole
+    /// (8.6 GB at 8 × 4096 rows × 65k ids); 0 = all rows at once. Same gradients either way.
+    #[serde(default)]
+    pub ce_chunk_rows: i64,
     /// Weight λ of the diffusion loss in `L = L_LM + λ·L_DDPM` (Transfusion: 5).
     pub diffusion_lambda: f64,
     /// Training timesteps T of the cosine noise schedule.
@@ -162,6 +174,7 @@ impl Default for ModelConfig {
             init_std: 0.02,
             latent_dim: 0,
             latent_scale: 0.0,
+            ce_chunk_rows: 0,
             diffusion_lambda: 5.0,
             diffusion_steps: 1000,
             caption_noise_fraction: 0.2,
@@ -280,720 +293,6 @@ impl ModelConfig {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Route: the per-batch token layout
-// ---------------------------------------------------------------------------------------
-
-/// How per-modality weights meet tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Routing {
-    /// Sort tokens by modality once per batch; each tower works on one contiguous slice.
-    Sorted,
-    /// Gather each modality's rows and scatter results back at every op (the oracle).
-    GatherScatter,
-}
-
-/// The layout of one batch's `N = batch * seq` tokens inside the layers. Built on the host,
-/// once per batch; layers never look at token values, so no device → host sync happens there.
-#[derive(Debug)]
-pub struct Route {
-    n: i64,
-    kind: RouteKind,
-}
-
-#[derive(Debug)]
-enum RouteKind {
-    /// One tower sees all tokens in sequence order (dense, MoE).
-    Single,
-    /// Layout order = tokens stably sorted by modality. `perm[i]` is the sequence index of
-    /// layout row i; `inv` maps back. `spans[m] = (start, len)` of modality m's rows.
-    /// `ends`: int32 end row of every tower, when matmuls run as one grouped GEMM.
-    Sorted { perm: Tensor, inv: Tensor, spans: [(i64, i64); Modality::COUNT], ends: Option<Tensor> },
-    /// Layout order = sequence order; `idx[m]` lists modality m's rows (None if absent).
-    Scatter { idx: Vec<Option<Tensor>> },
-}
-
-impl Route {
-    /// `n` tokens all in one tower, in sequence order.
-    fn single(n: i64) -> Route {
-        Route { n, kind: RouteKind::Single }
-    }
-
-    /// Number of tokens.
-    pub fn len(&self) -> i64 {
-        self.n
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-
-    /// Towers that have tokens in this batch, in modality order.
-    fn active(&self) -> Vec<usize> {
-        match &self.kind {
-            RouteKind::Single => vec![0],
-            RouteKind::Sorted { spans, .. } => (0..Modality::COUNT).filter(|&m| spans[m].1 > 0).collect(),
-            RouteKind::Scatter { idx } => (0..idx.len()).filter(|&m| idx[m].is_some()).collect(),
-        }
-    }
-
-    /// Rows tower `m` holds.
-    fn rows(&self, m: usize) -> i64 {
-        match &self.kind {
-            RouteKind::Single => self.n,
-            RouteKind::Sorted { spans, .. } => spans[m].1,
-            RouteKind::Scatter { idx } => idx[m].as_ref().map_or(0, |i| i.size()[0]),
-        }
-    }
-
-    /// `x` (layout order) cut into each active tower's rows, in `active()` order. Sorted: one
-    /// `split_with_sizes`, whose backward is a single cat (slicing per tower would zero-fill a
-    /// full-size gradient for every tower). Oracle: a gather per tower.
-    fn split(&self, x: &Tensor) -> Vec<(usize, Tensor)> {
-        let active = self.active();
-        match &self.kind {
-            RouteKind::Single => vec![(0, x.shallow_clone())],
-            RouteKind::Sorted { .. } if active.len() == 1 => vec![(active[0], x.shallow_clone())],
-            RouteKind::Sorted { spans, .. } => {
-                let sizes: Vec<i64> = active.iter().map(|&m| spans[m].1).collect();
-                active.into_iter().zip(x.split_with_sizes(sizes.as_slice(), 0)).collect()
-            }
-            RouteKind::Scatter { idx } => {
-                active.into_iter().filter_map(|m| idx[m].as_ref().map(|i| (m, x.index_select(0, i)))).collect()
-            }
-        }
-    }
-
-    /// Puts per-tower results (in `active()` order) back into one layout-order tensor.
-    fn combine(&self, parts: Vec<(usize, Tensor)>) -> Tensor {
-        match &self.kind {
-            RouteKind::Single | RouteKind::Sorted { .. } if parts.len() == 1 => {
-                parts.into_iter().next().map(|(_, t)| t).unwrap_or_default()
-            }
-            RouteKind::Single | RouteKind::Sorted { .. } => {
-                let ts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
-                Tensor::cat(&ts, 0)
-            }
-            RouteKind::Scatter { idx } => {
-                let mut out: Option<Tensor> = None;
-                for (m, part) in parts {
-                    let Some(i) = &idx[m] else { continue };
-                    let mut shape = part.size();
-                    shape[0] = self.n;
-                    let base =
-                        out.take().unwrap_or_else(|| Tensor::zeros(shape.as_slice(), (part.kind(), part.device())));
-                    out = Some(base.index_copy(0, i, &part));
-                }
-                out.unwrap_or_default()
-            }
-        }
-    }
-
-    /// Applies `f(tower, rows)` to every active tower's rows and recombines in layout order.
-    pub fn map(&self, x: &Tensor, f: impl Fn(usize, &Tensor) -> Tensor) -> Tensor {
-        let parts = self.split(x).into_iter().map(|(m, xs)| (m, f(m, &xs))).collect();
-        self.combine(parts)
-    }
-
-    /// `x @ w[m]ᵀ` on each tower's rows; `w`: `[towers, out, in]`. Only the matmuls are per
-    /// tower: everything elementwise around them runs once over all rows.
-    fn matmul(&self, x: &Tensor, w: &Tensor) -> Tensor {
-        if w.size()[0] == 1 {
-            return x.linear::<Tensor>(&w.squeeze_dim(0), None);
-        }
-        match &self.kind {
-            RouteKind::Sorted { ends: Some(ends), .. } => {
-                // Model::new checked the op runs on this device and kind.
-                return x.internal_grouped_mm(&w.transpose(1, 2), Some(ends), None::<&Tensor>, None);
-            }
-            RouteKind::Sorted { spans, ends: None, .. } => {
-                // One autograd node, nothing but the per-tower matmuls in either direction.
-                let sizes = spans.map(|(_, len)| len);
-                match crate::ops::tower_linear(x, w, &sizes) {
-                    Ok(y) => return y,
-                    Err(e) => {
-                        static WARNED: std::sync::Once = std::sync::Once::new();
-                        WARNED.call_once(|| tracing::warn!("tower_linear failed, using split + cat: {e}"));
-                    }
-                }
-            }
-            _ => {}
-        }
-        // unbind, not select: its backward stacks the towers' gradients in one op.
-        let ws = w.unbind(0);
-        self.map(x, |m, xs| xs.linear::<Tensor>(&ws[m], None))
-    }
-
-    /// Per-tower values `w` (`[towers, ...]`) repeated on each tower's rows: `[N, ...]` in layout
-    /// order, or `w` itself (broadcasts) with one tower. For per-tower norm weights applied
-    /// after one weightless norm over all rows.
-    fn per_row(&self, w: &Tensor) -> Tensor {
-        if w.size()[0] == 1 {
-            return w.shallow_clone();
-        }
-        let ws = w.unbind(0);
-        let parts = self
-            .active()
-            .into_iter()
-            .map(|m| {
-                let mut shape = ws[m].size();
-                shape.insert(0, self.rows(m));
-                (m, ws[m].unsqueeze(0).expand(shape.as_slice(), false))
-            })
-            .collect();
-        self.combine(parts)
-    }
-
-    /// Layout order → sequence order (before attention, and for inspecting outputs). Written
-    /// as a scatter (`y[perm[r]] = x[r]`) into uninitialized memory rather than a gather: the
-    /// backward is then a plain gather, where a gather's backward is a zero fill plus an
-    /// (on CUDA atomic) index_add.
-    pub fn to_seq(&self, x: &Tensor) -> Tensor {
-        match &self.kind {
-            RouteKind::Sorted { perm, .. } => scatter_rows(x, perm),
-            _ => x.shallow_clone(),
-        }
-    }
-
-    /// Sequence order → layout order (after attention), the same way (`y[inv[i]] = x[i]`).
-    pub fn from_seq(&self, x: &Tensor) -> Tensor {
-        match &self.kind {
-            RouteKind::Sorted { inv, .. } => scatter_rows(x, inv),
-            _ => x.shallow_clone(),
-        }
-    }
-}
-
-/// `y[index[r]] = x[r]` for a permutation `index`: every row of `y` is written, so it starts
-/// uninitialized, and the scatter is in place (out-of-place `index_copy` would first copy the
-/// uninitialized tensor). Autograd records it on `y`; the backward is `grad.index_select(0, index)`.
-fn scatter_rows(x: &Tensor, index: &Tensor) -> Tensor {
-    let mut y = x.empty_like();
-    let _ = y.index_copy_(0, index, x);
-    y
-}
-
-impl Route {
-    /// Stable counting sort of the tokens by `modality` (host side): the sorted route, its
-    /// permutation (`perm[row]` = sequence index of layout row) and inverse (`inv[i]` = layout row).
-    fn sorted(modality: &[u8], device: Device, grouped: bool) -> (Route, Vec<usize>, Vec<i64>) {
-        let n = modality.len();
-        let mut perm = Vec::with_capacity(n);
-        let mut spans = [(0i64, 0i64); Modality::COUNT];
-        for (m, span) in spans.iter_mut().enumerate() {
-            let before = perm.len();
-            perm.extend((0..n).filter(|&i| usize::from(modality[i]) == m));
-            *span = (before as i64, (perm.len() - before) as i64);
-        }
-        let mut inv = vec![0i64; n];
-        for (row, &i) in perm.iter().enumerate() {
-            inv[i] = row as i64;
-        }
-        let perm_i64: Vec<i64> = perm.iter().map(|&i| i as i64).collect();
-        let ends: Vec<i32> = spans.iter().map(|&(start, len)| (start + len) as i32).collect();
-        let kind = RouteKind::Sorted {
-            perm: Tensor::from_slice(&perm_i64).to_device(device),
-            inv: Tensor::from_slice(&inv).to_device(device),
-            spans,
-            ends: grouped.then(|| Tensor::from_slice(&ends).to_device(device)),
-        };
-        (Route { n: n as i64, kind }, perm, inv)
-    }
-}
-
-/// RoPE `(cos, sin)` tables `[b, 1, t, hd/2]` for `b * t` positions; one function for the full
-/// and the cached forward, so both rotate identically.
-fn rope_tables(cfg: &ModelConfig, positions: &[f32], b: i64, t: i64, device: Device) -> (Tensor, Tensor) {
-    let hd = cfg.head_dim();
-    let pos = Tensor::from_slice(positions).to_device(device).view([b, 1, t, 1]);
-    let inv_freq: Vec<f32> =
-        (0..hd / 2).map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
-    let inv_freq = Tensor::from_slice(&inv_freq).to_device(device).view([1, 1, 1, hd / 2]);
-    let angles = pos * inv_freq;
-    (angles.cos(), angles.sin())
-}
-
-/// A batch moved to the device in the model's layout, with everything attention needs.
-#[derive(Debug)]
-pub struct Prepared {
-    pub route: Route,
-    pub batch_size: i64,
-    pub seq_len: i64,
-    /// `[N]` int64 input ids, layout order.
-    pub tokens: Tensor,
-    /// `[N]` int64 target ids, layout order.
-    pub targets: Tensor,
-    /// `[N]` fp32 1/0 loss weights, layout order.
-    pub loss_weight: Tensor,
-    /// `[N]` int64 modality of each target, layout order.
-    pub target_modality: Tensor,
-    /// Loss-bearing tokens per target modality (host side, for averaging).
-    pub loss_tokens: [i64; Modality::COUNT],
-    /// `[B, 1, T, hd/2]` RoPE tables from the batch's positions, sequence order.
-    cos: Tensor,
-    sin: Tensor,
-    /// `[B, 1, T, T]` bool: causal and inside one document, bidirectional among the patches of
-    /// one latent image; None when plain causal suffices.
-    mask: Option<Tensor>,
-    /// Latent image patches (Transfusion setting); None when the batch has none.
-    pub latent: Option<LatentInputs>,
-}
-
-/// The continuous image patches of a prepared batch and their noised versions.
-#[derive(Debug)]
-pub struct LatentInputs {
-    pub dim: usize,
-    /// `[P]` layout rows of the patch positions (patch order of `Batch::latents`).
-    rows: Tensor,
-    /// `[P, dim]` fp32 clean latents x_0 (the batch's latents times `latent_factor()`).
-    pub x0: Tensor,
-    /// Image index of each patch: an image is one latent segment within one row.
-    pub image_of_patch: Vec<usize>,
-    /// `[P]` int64 on the device, the same.
-    image_index: Tensor,
-    /// `[images]` fp32 patch count per image.
-    image_patches: Tensor,
-    /// Per image: loss-bearing tokens follow it in its document (the captioning case).
-    pub followed_by_text: Vec<bool>,
-    /// Per image: its row of the batch (training noise is drawn per row).
-    pub row_of_image: Vec<usize>,
-    /// Noised inputs `[P, dim]`, their timestep per image, and the true noise (training).
-    xt: Option<Tensor>,
-    pub timesteps: Vec<usize>,
-    eps: Option<Tensor>,
-}
-
-impl LatentInputs {
-    pub fn n_images(&self) -> usize {
-        self.followed_by_text.len()
-    }
-
-    /// Sets the noised patches `xt` at per-image timesteps (one value = all images) and, for
-    /// training, the noise the model must predict.
-    pub fn set_noised(&mut self, xt: Tensor, timesteps: Vec<usize>, eps: Option<Tensor>) {
-        self.timesteps = if timesteps.len() == 1 { vec![timesteps[0]; self.n_images()] } else { timesteps };
-        self.xt = Some(xt);
-        self.eps = eps;
-    }
-
-    /// `[P]` fp32 timestep of each patch (0 while not noised: clean conditioning).
-    fn patch_timesteps(&self) -> Tensor {
-        let t: Vec<f32> =
-            self.image_of_patch.iter().map(|&i| self.timesteps.get(i).copied().unwrap_or(0) as f32).collect();
-        Tensor::from_slice(&t).to_device(self.x0.device())
-    }
-}
-
-impl Prepared {
-    /// Lays out `batch` for `cfg`. All checks on user data happen here, so the layers
-    /// themselves cannot fail on it.
-    pub fn new(cfg: &ModelConfig, batch: &Batch, routing: Routing, device: Device) -> Result<Self, TrainError> {
-        let n = batch.numel();
-        let (b, t) = (batch.batch_size as i64, batch.seq_len as i64);
-        for (name, len) in [
-            ("inputs", batch.inputs.len()),
-            ("targets", batch.targets.len()),
-            ("modality", batch.modality.len()),
-            ("target_modality", batch.target_modality.len()),
-            ("positions", batch.positions.len()),
-            ("doc_ids", batch.doc_ids.len()),
-            ("loss_mask", batch.loss_mask.len()),
-        ] {
-            if len != n {
-                return Err(TrainError::Batch(format!("{name} has {len} entries, expected batch_size*seq_len = {n}")));
-            }
-        }
-        let lat = &batch.latents;
-        let mut is_patch = vec![false; n];
-        if !lat.positions.is_empty() {
-            if i64::try_from(lat.dim).unwrap_or(-1) != cfg.latent_dim {
-                return Err(TrainError::Batch(format!(
-                    "latent patches of dimension {} but the model's latent_dim is {}",
-                    lat.dim, cfg.latent_dim
-                )));
-            }
-            if lat.data.len() != lat.positions.len() * lat.dim {
-                return Err(TrainError::Batch(format!(
-                    "{} latent values for {} patches of dimension {}",
-                    lat.data.len(),
-                    lat.positions.len(),
-                    lat.dim
-                )));
-            }
-            for &q in &lat.positions {
-                let q = q as usize;
-                if q >= n || is_patch[q] || batch.modality[q] != Modality::Image as u8 {
-                    return Err(TrainError::Batch(format!("latent patch at flat position {q} is out of place")));
-                }
-                is_patch[q] = true;
-            }
-        }
-        // Patch positions carry a placeholder id (replaced by the projected latent) and targets
-        // without loss are never read: map both to id 0 so the lookup and the CE stay in range.
-        let inputs: Vec<u32> = batch.inputs.iter().zip(&is_patch).map(|(&x, &pt)| if pt { 0 } else { x }).collect();
-        let targets: Vec<u32> = batch
-            .targets
-            .iter()
-            .zip(&batch.loss_mask)
-            .map(|(&y, &w)| if w == 0 && i64::from(y) >= cfg.vocab_size { 0 } else { y })
-            .collect();
-        let vocab = cfg.vocab_size;
-        for (i, (&x, &y)) in inputs.iter().zip(&targets).enumerate() {
-            if i64::from(x) >= vocab || i64::from(y) >= vocab {
-                return Err(TrainError::Batch(format!(
-                    "token id {} at flat position {i} is outside the model vocabulary ({vocab})",
-                    x.max(y)
-                )));
-            }
-        }
-        for (i, (&m, &tm)) in batch.modality.iter().zip(&batch.target_modality).enumerate() {
-            if usize::from(m.max(tm)) >= Modality::COUNT {
-                return Err(TrainError::Batch(format!("modality tag {} at flat position {i} is unknown", m.max(tm))));
-            }
-        }
-
-        // Stable counting sort by input modality (perm, inv: host copies of the route's tables).
-        type HostPerm = Option<(Vec<usize>, Vec<i64>)>;
-        let (route, order): (Route, HostPerm) = if cfg.towers() == 1 {
-            (Route::single(n as i64), None)
-        } else {
-            match routing {
-                Routing::Sorted => {
-                    let (route, perm, inv) = Route::sorted(&batch.modality, device, cfg.grouped_mm);
-                    (route, Some((perm, inv)))
-                }
-                Routing::GatherScatter => {
-                    let idx = (0..Modality::COUNT)
-                        .map(|m| {
-                            let rows: Vec<i64> =
-                                (0..n).filter(|&i| usize::from(batch.modality[i]) == m).map(|i| i as i64).collect();
-                            (!rows.is_empty()).then(|| Tensor::from_slice(&rows).to_device(device))
-                        })
-                        .collect();
-                    (Route { n: n as i64, kind: RouteKind::Scatter { idx } }, None)
-                }
-            }
-        };
-        let layout = |v: &[u32]| -> Tensor {
-            let data: Vec<i64> = match &order {
-                Some((p, _)) => p.iter().map(|&i| i64::from(v[i])).collect(),
-                None => v.iter().map(|&x| i64::from(x)).collect(),
-            };
-            Tensor::from_slice(&data).to_device(device)
-        };
-        let widen = |v: &[u8]| -> Vec<u32> { v.iter().map(|&x| u32::from(x)).collect() };
-        let tokens = layout(&inputs);
-        let targets = layout(&targets);
-        let target_modality = layout(&widen(&batch.target_modality));
-        let loss_weight = layout(&widen(&batch.loss_mask)).gt(0).to_kind(Kind::Float);
-        let mut loss_tokens = [0i64; Modality::COUNT];
-        for (&tm, &w) in batch.target_modality.iter().zip(&batch.loss_mask) {
-            if w > 0 {
-                loss_tokens[usize::from(tm)] += 1;
-            }
-        }
-
-        // RoPE tables from the batch's per-document positions (sequence order).
-        let pos: Vec<f32> = batch.positions.iter().map(|&p| p as f32).collect();
-        let (cos, sin) = rope_tables(cfg, &pos, b, t, device);
-
-        // A mask is only needed when some row packs more than one document or holds latent
-        // images (bidirectional among one image's patches; text after it stays causal).
-        let packed = batch.doc_ids.chunks(batch.seq_len.max(1)).any(|row| row.windows(2).any(|w| w[0] != w[1]));
-        let has_latents = !lat.positions.is_empty();
-        if has_latents && batch.segment_ids.len() != n {
-            return Err(TrainError::Batch(format!(
-                "segment_ids has {} entries, expected {n}",
-                batch.segment_ids.len()
-            )));
-        }
-        let mask = (packed || has_latents).then(|| {
-            let docs: Vec<i64> = batch.doc_ids.iter().map(|&d| i64::from(d)).collect();
-            let docs = Tensor::from_slice(&docs).to_device(device).view([b, t]);
-            let same_doc = docs.unsqueeze(2).eq_tensor(&docs.unsqueeze(1));
-            let mut allowed = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
-            if has_latents {
-                // Patches of one image: same segment id, both latent positions.
-                let segs: Vec<i64> = batch
-                    .segment_ids
-                    .iter()
-                    .zip(&is_patch)
-                    .map(|(&s, &pt)| if pt { i64::from(s) } else { -1 })
-                    .collect();
-                let segs = Tensor::from_slice(&segs).to_device(device).view([b, t]);
-                let same_image = segs.unsqueeze(2).eq_tensor(&segs.unsqueeze(1)).logical_and(&segs.ge(0).unsqueeze(2));
-                allowed = allowed.logical_or(&same_image);
-            }
-            (same_doc.logical_and(&allowed)).unsqueeze(1)
-        });
-        let latent = has_latents.then(|| {
-            let tlen = batch.seq_len.max(1);
-            // Images: runs of patches sharing (row, segment id), in patch order.
-            let mut image_of_patch = Vec::with_capacity(lat.positions.len());
-            let mut followed_by_text = Vec::new();
-            let mut row_of_image = Vec::new();
-            let mut key = None;
-            for &q in &lat.positions {
-                let q = q as usize;
-                let k = (q / tlen, batch.segment_ids[q]);
-                if key != Some(k) {
-                    key = Some(k);
-                    // Loss-bearing input later in the row, same document, another segment, not a
-                    // patch: text the (noised) image conditions.
-                    let row_end = (q / tlen + 1) * tlen;
-                    let followed = (q + 1..row_end).any(|j| {
-                        batch.doc_ids[j] == batch.doc_ids[q]
-                            && batch.segment_ids[j] != k.1
-                            && !is_patch[j]
-                            && batch.loss_mask[j] > 0
-                    });
-                    followed_by_text.push(followed);
-                    row_of_image.push(q / tlen);
-                }
-                image_of_patch.push(followed_by_text.len() - 1);
-            }
-            // Layout row of each patch (the inverse of the sort permutation, if any).
-            let rows: Vec<i64> = match &order {
-                Some((_, inv)) => lat.positions.iter().map(|&q| inv[q as usize]).collect(),
-                None => lat.positions.iter().map(|&q| i64::from(q)).collect(),
-            };
-            let scale = cfg.latent_factor() as f32;
-            let x0: Vec<f32> = lat.data.iter().map(|v| v.to_f32() * scale).collect();
-            let mut counts = vec![0f32; followed_by_text.len()];
-            for &i in &image_of_patch {
-                counts[i] += 1.0;
-            }
-            let idx: Vec<i64> = image_of_patch.iter().map(|&i| i as i64).collect();
-            LatentInputs {
-                dim: lat.dim,
-                rows: Tensor::from_slice(&rows).to_device(device),
-                x0: Tensor::from_slice(&x0).view([lat.positions.len() as i64, lat.dim as i64]).to_device(device),
-                image_of_patch,
-                image_index: Tensor::from_slice(&idx).to_device(device),
-                image_patches: Tensor::from_slice(&counts).to_device(device),
-                followed_by_text,
-                row_of_image,
-                xt: None,
-                timesteps: Vec::new(),
-                eps: None,
-            }
-        });
-        Ok(Prepared {
-            route,
-            batch_size: b,
-            seq_len: t,
-            tokens,
-            targets,
-            loss_weight,
-            target_modality,
-            loss_tokens,
-            cos,
-            sin,
-            mask,
-            latent,
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Building blocks: towers of untied weights, norms, linears
-// ---------------------------------------------------------------------------------------
-
-/// One variable per tower, for the final norm and LM head, which run per tower on whole
-/// slices (the block's sites are [`Stacked`]). A single tower is named without a modality
-/// suffix (`lm_head.weight`), several are named by modality (`lm_head.image.weight`).
-#[derive(Debug)]
-struct Towers<T>(Vec<T>);
-
-impl<T> Towers<T> {
-    fn new(p: &nn::Path, n: usize, make: impl Fn(&nn::Path) -> T) -> Self {
-        if n == 1 {
-            Towers(vec![make(p)])
-        } else {
-            Towers(Modality::ALL[..n].iter().map(|m| make(&(p / m.as_str()))).collect())
-        }
-    }
-
-    /// Tower `m`'s weights (the only tower when untied weights are not in use).
-    fn pick(&self, m: usize) -> &T {
-        &self.0[m.min(self.0.len() - 1)]
-    }
-}
-
-/// A bias-free linear layer whose matmul runs in the compute precision.
-#[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-}
-
-impl Linear {
-    fn new(p: &nn::Path, d_in: i64, d_out: i64, std: f64) -> Self {
-        Linear { weight: p.var("weight", &[d_out, d_in], nn::Init::Randn { mean: 0.0, stdev: std }) }
-    }
-
-    fn forward(&self, x: &Tensor, ck: Kind) -> Tensor {
-        x.to_kind(ck).linear::<Tensor>(&self.weight.to_kind(ck), None)
-    }
-}
-
-/// RMSNorm over the last dimension, computed in fp32.
-#[derive(Debug)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
-        RmsNorm { weight: p.var("weight", &[dim], nn::Init::Const(1.0)), eps }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let dim = self.weight.size()[0];
-        x.to_kind(Kind::Float).rms_norm([dim], Some(&self.weight), self.eps)
-    }
-}
-
-/// Weightless RMSNorm over the last dimension, in fp32.
-fn rms(x: &Tensor, eps: f64) -> Tensor {
-    let dim = x.size()[x.dim() - 1];
-    x.to_kind(Kind::Float).rms_norm([dim], None::<Tensor>, eps)
-}
-
-/// Suffix of a VarStore name that holds several named tensors stacked (see [`Stacked`]).
-const STACKED: &str = "stacked";
-
-/// One parameter site: every tower's weights of one or more parts (projections, or norm
-/// weights) in one leaf tensor `[towers, Σ part rows, ...]`, tower m's rows being `parts[0]`'s,
-/// then `parts[1]`'s... A step reads, accumulates and updates one tensor per site instead of
-/// one per tower and part, and the weights reach the matmul with no concatenation: launch
-/// counts of MoT stay close to dense's (FSDP's flat parameters, per site).
-///
-/// The VarStore names it `<path>.<part>+<part>.stacked`, which encodes the layout, so
-/// [`public_views`] can present the per-tower tensors under their usual names
-/// (`q_proj.image.weight`) to checkpoints without the model at hand.
-#[derive(Debug)]
-struct Stacked {
-    /// `[towers, n_parts * part[0], part[1..]]`.
-    weight: Tensor,
-}
-
-impl Stacked {
-    /// Parts of shape `part` (`[out, in]` for projections, `[dim]` for norm weights) for `towers`
-    /// towers. `std: Some` draws N(0, std²) part by part, tower by tower, as one variable per
-    /// tower and part would (so seeded weights do not depend on the storage layout); None
-    /// initializes to ones (norms).
-    fn new(p: &nn::Path, parts: &[&str], towers: usize, part: &[i64], std: Option<f64>) -> Self {
-        let opts = (Kind::Float, p.device());
-        let draws: Vec<Vec<Tensor>> = parts
-            .iter()
-            .map(|_| {
-                (0..towers)
-                    .map(|_| match std {
-                        Some(s) => Tensor::randn(part, opts) * s + 0.0,
-                        None => Tensor::ones(part, opts),
-                    })
-                    .collect()
-            })
-            .collect();
-        let rows: Vec<&Tensor> = (0..towers).flat_map(|m| draws.iter().map(move |d| &d[m])).collect();
-        let mut shape = part.to_vec();
-        shape[0] *= parts.len() as i64;
-        shape.insert(0, towers as i64);
-        let init = Tensor::cat(&rows, 0).view(shape.as_slice());
-        Stacked { weight: (p / parts.join("+")).var_copy(STACKED, &init) }
-    }
-
-    fn towers(&self) -> i64 {
-        self.weight.size()[0]
-    }
-}
-
-/// A VarStore tensor `t` of variable `name` — the weights, or anything shaped like them
-/// (gradients, optimizer moments) — as the named tensors a checkpoint holds: a [`Stacked`]
-/// site becomes one view per tower and part (`layers.0.attn.q_proj.image.weight`, or
-/// `q_proj.weight` with one tower); any other variable passes through. The views share
-/// memory with `t`, so copying into them loads `t`.
-pub fn public_views(name: &str, t: &Tensor) -> Vec<(String, Tensor)> {
-    let Some(site) = name.strip_suffix(STACKED).and_then(|s| s.strip_suffix('.')) else {
-        return vec![(name.to_string(), t.shallow_clone())];
-    };
-    let (prefix, parts) = site.rsplit_once('.').map_or(("", site), |(pre, last)| (pre, last));
-    let parts: Vec<&str> = parts.split('+').collect();
-    let size = t.size();
-    let (towers, len) = (size[0], size.get(1).copied().unwrap_or(0) / parts.len() as i64);
-    let dot = if prefix.is_empty() { "" } else { "." };
-    tch::no_grad(|| {
-        let mut out = Vec::with_capacity(towers as usize * parts.len());
-        for m in 0..towers {
-            let tower = match Modality::ALL.get(m as usize) {
-                _ if towers == 1 => String::new(),
-                Some(modality) => format!(".{}", modality.as_str()),
-                None => format!(".{m}"),
-            };
-            for (j, part) in parts.iter().enumerate() {
-                out.push((format!("{prefix}{dot}{part}{tower}.weight"), t.get(m).narrow(0, j as i64 * len, len)));
-            }
-        }
-        out
-    })
-}
-
-/// Every variable of `vs` under its checkpoint name (see [`public_views`]), in name order.
-pub fn public_parameters(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().iter().flat_map(|(n, t)| public_views(n, t)).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// Per-tower RMSNorm weights as one stacked leaf: `[towers, dim]`, or `[towers, n * dim]` for
-/// n norms kept together (QK-norm's q and k).
-#[derive(Debug)]
-struct TowerNorm {
-    site: Stacked,
-    eps: f64,
-}
-
-impl TowerNorm {
-    fn new(p: &nn::Path, names: &[&str], towers: usize, dim: i64, eps: f64) -> Self {
-        TowerNorm { site: Stacked::new(p, names, towers, &[dim], None), eps }
-    }
-
-    /// `[towers, dim]`.
-    fn weight(&self) -> &Tensor {
-        &self.site.weight
-    }
-
-    /// The per-tower norm of `x` (`[N, dim]` layout order): one weightless norm over all rows
-    /// (fp32), then each tower's weight on its rows.
-    fn forward(&self, route: &Route, x: &Tensor) -> Tensor {
-        let w = self.weight();
-        if self.site.towers() == 1 {
-            return self.forward_single(x);
-        }
-        rms(x, self.eps) * route.per_row(w)
-    }
-
-    /// Tower 0's norm on all rows (one tower, or MoE, whose models have one tower of norms).
-    fn forward_single(&self, x: &Tensor) -> Tensor {
-        let w = self.weight();
-        // squeeze is a view both ways; select would zero-fill a `[towers, dim]` gradient.
-        let w0 = if self.site.towers() == 1 { w.squeeze_dim(0) } else { w.get(0) };
-        x.to_kind(Kind::Float).rms_norm([w.size()[1]], Some(&w0), self.eps)
-    }
-}
-
-/// The site's weights `[towers, Σ out, in]` in the compute kind, with a pre-norm's per-tower
-/// weight folded in: `W·diag(g)` applied to the weightless norm of x equals `W` applied to
-/// `norm(x)·g`, and scales the small weight instead of every row.
-fn site_weight(site: &Stacked, fold: Option<&TowerNorm>, ck: Kind) -> Tensor {
-    match fold {
-        Some(n) => (&site.weight * n.weight().unsqueeze(1)).to_kind(ck),
-        None => site.weight.to_kind(ck),
-    }
-}
-
 /// Rotates query/key pairs `[B, H, T, hd]` by the per-token angles (llama's half split).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
@@ -1035,19 +334,39 @@ impl Attention {
     }
 
     /// `x`: `[N, D]` layout order → `[N, D]` layout order. `pre` / `post` are the block's
-    /// per-tower attention norm (pre-norm or swin placement).
-    fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind, pre: Option<&TowerNorm>, post: Option<&TowerNorm>) -> Tensor {
+    /// per-tower attention norm (pre-norm or swin placement). With `kv` (incremental decoding,
+    /// batch 1), the cached keys and values (`[1, H, L, hd]`, RoPE applied, compute precision)
+    /// are attended to as well, and the new rows' keys and values are appended to them.
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttnCtx<'_>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        ck: Kind,
+        pre: Option<&TowerNorm>,
+        post: Option<&TowerNorm>,
+    ) -> Tensor {
         let (h, hd) = (self.n_heads, self.head_dim);
-        let qkv = self.project_in(&p.route, x, ck, pre);
+        let qkv = self.project_in(ctx.route, x, ck, pre);
         // One scatter restores sequence order for q, k and v together.
-        let qkv = p.route.to_seq(&qkv).view([p.batch_size, p.seq_len, 3, h, hd]).permute([2, 0, 3, 1, 4]);
+        let qkv = ctx.route.to_seq(&qkv).view([ctx.batch, ctx.seq, 3, h, hd]).permute([2, 0, 3, 1, 4]);
         let qkv = qkv.unbind(0);
-        let q = apply_rope(&qkv[0], &p.cos, &p.sin);
-        let k = apply_rope(&qkv[1], &p.cos, &p.sin);
-        let y =
-            Tensor::scaled_dot_product_attention(&q, &k, &qkv[2], p.mask.as_ref(), 0.0, p.mask.is_none(), None, false);
-        let y = p.route.from_seq(&y.transpose(1, 2).reshape([p.route.len(), h * hd]));
-        self.project_out(&p.route, &y, ck, post)
+        let q = apply_rope(&qkv[0], ctx.cos, ctx.sin);
+        let k = apply_rope(&qkv[1], ctx.cos, ctx.sin);
+        let (k, v) = match kv {
+            None => (k, qkv[2].shallow_clone()),
+            Some(cache) => {
+                let (k, v) = match cache.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &qkv[2]], 2)),
+                    None => (k.contiguous(), qkv[2].contiguous()),
+                };
+                *cache = Some((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
+        };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, ctx.mask, 0.0, ctx.causal, None, false);
+        let y = ctx.route.from_seq(&y.transpose(1, 2).reshape([ctx.route.len(), h * hd]));
+        self.project_out(ctx.route, &y, ck, post)
     }
 
     /// Residual rows → `[N, 3D]` q | k | v (compute kind, layout order): the pre-norm over
@@ -1076,37 +395,6 @@ impl Attention {
             Some(n) => n.forward(route, &o),
             None => o,
         }
-    }
-}
-
-/// Incremental decoding: the new tokens' queries attend over the cached keys and values.
-impl Attention {
-    /// Like [`Attention::forward`] for one sequence (batch 1) whose earlier tokens' keys and
-    /// values are in `kv` (`[1, H, L, hd]`, RoPE applied, compute precision). The new rows'
-    /// keys and values are appended to `kv`. `x`: `[T, D]` layout order of `s.route`.
-    fn forward_cached(
-        &self,
-        x: &Tensor,
-        s: &Step,
-        kv: &mut Option<(Tensor, Tensor)>,
-        ck: Kind,
-        pre: Option<&TowerNorm>,
-        post: Option<&TowerNorm>,
-    ) -> Tensor {
-        let (h, hd) = (self.n_heads, self.head_dim);
-        let t = s.route.len();
-        let qkv = self.project_in(&s.route, x, ck, pre);
-        let qkv = s.route.to_seq(&qkv).view([1, t, 3, h, hd]).permute([2, 0, 3, 1, 4]).unbind(0);
-        let q = apply_rope(&qkv[0], &s.cos, &s.sin);
-        let k = apply_rope(&qkv[1], &s.cos, &s.sin);
-        let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &qkv[2]], 2)),
-            None => (k.contiguous(), qkv[2].contiguous()),
-        };
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, s.mask.as_ref(), 0.0, s.causal, None, false);
-        *kv = Some((k, v));
-        let y = s.route.from_seq(&y.transpose(1, 2).reshape([t, h * hd]));
-        self.project_out(&s.route, &y, ck, post)
     }
 }
 
@@ -1182,6 +470,11 @@ impl Moe {
     }
 
     /// Returns the output and the load-balancing loss (zero for expert choice).
+    ///
+    /// Expert choice ranks the router scores of all `N` rows passed in, which in training are
+    /// every token of the batch (all rows, all positions): whether a token reaches an expert
+    /// depends on later tokens and other sequences, i.e. it is not causal. Decoding one token
+    /// would make it every expert's top choice, so [`Model::check_decodable`] refuses it.
     fn forward(&self, x: &Tensor, ck: Kind) -> (Tensor, Tensor) {
         let n = x.size()[0];
         let e = self.experts.len() as i64;
@@ -1204,7 +497,11 @@ impl Moe {
             MoeRouting::TokenChoice => {
                 let k = self.top_k;
                 let (gates, experts) = probs.topk(k, 1, true, false); // [N, k]
-                let gates = &gates / gates.sum_dim_intlist(1, true, Kind::Float);
+                // Top-1 keeps the raw router probability as the gate (Switch Transformer):
+                // renormalized, every gate would be exactly 1 with zero gradient, and only the
+                // balance loss would train the router. With k > 1 the renormalized gates still
+                // depend on the router's scores (Mixtral).
+                let gates = if k > 1 { &gates / gates.sum_dim_intlist(1, true, Kind::Float) } else { gates };
                 let flat = experts.reshape([-1]);
                 let order = flat.argsort_stable(true, 0, false);
                 // Per-expert sizes are needed on the host to split: one sync per layer,
@@ -1254,6 +551,29 @@ struct Block {
 }
 
 impl Block {
+    /// The same block sharing its parameters, for a checkpointed forward to own (dense and MoT
+    /// blocks; an MoE block returns its aux loss beside the output, so it is not checkpointed).
+    fn shallow_clone(&self) -> Option<Block> {
+        let Ffn::SwiGlu(f) = &self.ffn else { return None };
+        let a = &self.attn;
+        Some(Block {
+            attn_norm: self.attn_norm.shallow_clone(),
+            attn: Attention {
+                qkv_proj: a.qkv_proj.shallow_clone(),
+                o_proj: a.o_proj.shallow_clone(),
+                qk_norm: a.qk_norm.as_ref().map(TowerNorm::shallow_clone),
+                n_heads: a.n_heads,
+                head_dim: a.head_dim,
+            },
+            ffn_norm: self.ffn_norm.shallow_clone(),
+            ffn: Ffn::SwiGlu(SwiGlu {
+                gate_up_proj: f.gate_up_proj.shallow_clone(),
+                down_proj: f.down_proj.shallow_clone(),
+            }),
+            placement: self.placement,
+        })
+    }
+
     fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
         let t = cfg.towers();
         let ffn = match cfg.arch {
@@ -1269,19 +589,28 @@ impl Block {
         }
     }
 
-    /// Residual stream `x` (`[N, D]` fp32, layout order) → next residual stream, plus aux loss.
-    fn forward(&self, x: &Tensor, p: &Prepared, ck: Kind) -> (Tensor, Option<Tensor>) {
+    /// Residual stream `x` (`[N, D]` fp32, layout order) → next residual stream, plus the MoE
+    /// aux loss. `kv`: this layer's cache in incremental decoding (see [`Attention::forward`]).
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttnCtx<'_>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        ck: Kind,
+    ) -> (Tensor, Option<Tensor>) {
         let (an, fnorm) = (&self.attn_norm, &self.ffn_norm);
         let (attn_pre, attn_post, ffn_pre, ffn_post) = match self.placement {
             NormPlacement::Pre => (Some(an), None, Some(fnorm), None),
             NormPlacement::Swin => (None, Some(an), None, Some(fnorm)),
         };
-        let a = self.attn.forward(x, p, ck, attn_pre, attn_post);
+        let a = self.attn.forward(x, ctx, kv, ck, attn_pre, attn_post);
         let h = x + a.to_kind(Kind::Float);
         let (f, aux) = match &self.ffn {
-            Ffn::SwiGlu(f) => (f.forward(&p.route, &h, ck, ffn_pre, ffn_post), None),
+            Ffn::SwiGlu(f) => (f.forward(ctx.route, &h, ck, ffn_pre, ffn_post), None),
             Ffn::Moe(m) => {
-                // MoE models have one tower of norms, applied to all tokens.
+                // MoE models have one tower of norms, applied to all tokens. (Decoding reaches
+                // here only for token choice, `Model::check_decodable`: each token picks its
+                // experts from its own scores, exactly as in training.)
                 let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.forward_single(&h));
                 let (y, aux) = m.forward(&hn, ck);
                 (ffn_post.map_or(y.shallow_clone(), |n| n.forward_single(&y)), Some(aux))
@@ -1372,6 +701,8 @@ pub struct Model {
     latent: Option<LatentHead>,
     /// Matmul / attention precision (bf16 on CUDA, fp32 on CPU).
     pub compute_kind: Kind,
+    /// Activation checkpointing of every n-th block (0: off).
+    checkpoint_every: usize,
 }
 
 /// Serializes "seed torch's global generator, then draw the initial weights": two threads doing
@@ -1446,7 +777,7 @@ impl Model {
         if cfg.grouped_mm && cfg.towers() > 1 {
             probe_grouped_mm(cfg, root.device(), compute_kind)?;
         }
-        Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, latent, compute_kind })
+        Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, latent, compute_kind, checkpoint_every: 0 })
     }
 
     /// Residual stream after the last block `[N, D]` (fp32, before the final norm), layout
@@ -1457,8 +788,15 @@ impl Model {
             x = x.index_copy(0, &lat.rows, &head.embed(lat, self.compute_kind));
         }
         let mut aux: Option<Tensor> = None;
-        for layer in &self.layers {
-            let (y, a) = layer.forward(&x, p, self.compute_kind);
+        let ctx = p.attn_ctx();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if self.checkpoint_every > 0 && i % self.checkpoint_every == 0 && x.requires_grad() {
+                if let Some(y) = self.checkpointed(layer, &x, &ctx) {
+                    x = y;
+                    continue;
+                }
+            }
+            let (y, a) = layer.forward(&x, &ctx, None, self.compute_kind);
             x = y;
             if let Some(a) = a {
                 aux = Some(match aux {
@@ -1468,6 +806,28 @@ impl Model {
             }
         }
         (x, aux)
+    }
+
+    /// `layer` on `x` with activation checkpointing: nothing inside the block is kept for
+    /// backward, which runs the block's forward again (`ops::checkpoint`). None for a block that
+    /// cannot be checkpointed (MoE) or if the op fails (it warns once).
+    fn checkpointed(&self, layer: &Block, x: &Tensor, ctx: &AttnCtx<'_>) -> Option<Tensor> {
+        let block = layer.shallow_clone()?;
+        let (owned, ck) = (ctx.to_owned(), self.compute_kind);
+        match crate::ops::checkpoint(x, Box::new(move |x: &Tensor| Ok(block.forward(x, &owned.view(), None, ck).0))) {
+            Ok(y) => Some(y),
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| tracing::warn!("activation checkpointing failed, keeping activations: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Recompute every `every`-th block's activations in backward instead of keeping them
+    /// (`train.activation_checkpointing`); 0 keeps all.
+    pub fn set_activation_checkpointing(&mut self, every: usize) {
+        self.checkpoint_every = every;
     }
 
     /// Final norm and LM head of tower `m` on rows `xs` → fp32 logits.
@@ -1516,7 +876,22 @@ impl Model {
             _ => None,
         };
         // Per-tower logits and CE over that tower's rows: targets are already in layout order.
+        let chunk = self.cfg.ce_chunk_rows;
         let ce = |m: usize, xs: &Tensor, ts: &Tensor| -> Tensor {
+            if chunk > 0 {
+                let ck = self.compute_kind;
+                let h = self.final_norm.pick(m).forward(xs).to_kind(ck);
+                let w = self.lm_head.pick(m).weight.to_kind(ck);
+                // Shapes and ids were checked when the batch was laid out; if the op still fails
+                // (it never has), warn once and take the unchunked path.
+                match crate::ops::linear_cross_entropy(&h, &w, ts, chunk) {
+                    Ok(loss) => return loss,
+                    Err(e) => {
+                        static WARNED: std::sync::Once = std::sync::Once::new();
+                        WARNED.call_once(|| tracing::warn!("chunked cross-entropy failed, using full logits: {e}"));
+                    }
+                }
+            }
             self.head(m, xs).cross_entropy_loss::<Tensor>(ts, None, tch::Reduction::None, -100, 0.0)
         };
         let token_loss = if self.lm_head.0.len() == 1 {
@@ -1579,98 +954,34 @@ impl KvCache {
     }
 }
 
-/// The layout of one incremental forward: the new tokens' route (host-computed, like
-/// `Prepared`), RoPE tables at their absolute positions, and the attention mask over
-/// cached + new keys.
-#[derive(Debug)]
-struct Step {
-    route: Route,
-    /// `[T]` int64 ids, layout order.
-    tokens: Tensor,
-    /// `[1, 1, T, hd/2]`.
-    cos: Tensor,
-    sin: Tensor,
-    /// `[1, 1, T, L+T]` bool when the new tokens follow cached ones and are several.
-    mask: Option<Tensor>,
-    /// Plain causal attention (prefill into an empty cache).
-    causal: bool,
-}
-
-impl Step {
-    fn new(cfg: &ModelConfig, tokens: &[u32], modality: &[u8], start: i64, device: Device) -> Result<Self, TrainError> {
-        let n = tokens.len();
-        if n == 0 || modality.len() != n {
-            return Err(TrainError::Batch(format!(
-                "incremental forward needs one modality per token and at least one token (got {n} tokens, {} tags)",
-                modality.len()
-            )));
-        }
-        for (i, (&x, &m)) in tokens.iter().zip(modality).enumerate() {
-            if i64::from(x) >= cfg.vocab_size {
-                return Err(TrainError::Batch(format!(
-                    "token id {x} at position {} is outside the model vocabulary ({})",
-                    start + i as i64,
-                    cfg.vocab_size
-                )));
-            }
-            if usize::from(m) >= Modality::COUNT {
-                return Err(TrainError::Batch(format!("modality tag {m} at position {} is unknown", start + i as i64)));
-            }
-        }
-        let t = n as i64;
-        let (route, order) = if cfg.towers() == 1 {
-            (Route::single(t), (0..n).collect::<Vec<_>>())
-        } else {
-            let (route, perm, _) = Route::sorted(modality, device, cfg.grouped_mm);
-            (route, perm)
-        };
-        let ids: Vec<i64> = order.iter().map(|&i| i64::from(tokens[i])).collect();
-        let pos: Vec<f32> = (0..t).map(|i| (start + i) as f32).collect();
-        let (cos, sin) = rope_tables(cfg, &pos, 1, t, device);
-        // New query i sees every cached key and new keys 0..=i.
-        let mask = (start > 0 && t > 1)
-            .then(|| Tensor::ones([t, start + t], (Kind::Bool, device)).tril(start).view([1, 1, t, start + t]));
-        Ok(Step {
-            route,
-            tokens: Tensor::from_slice(&ids).to_device(device),
-            cos,
-            sin,
-            mask,
-            causal: start == 0 && t > 1,
-        })
-    }
-}
-
-impl Block {
-    /// [`Block::forward`] for new tokens of one cached sequence.
-    fn forward_cached(&self, x: &Tensor, s: &Step, kv: &mut Option<(Tensor, Tensor)>, ck: Kind) -> Tensor {
-        let (an, fnorm) = (&self.attn_norm, &self.ffn_norm);
-        let (attn_pre, attn_post, ffn_pre, ffn_post) = match self.placement {
-            NormPlacement::Pre => (Some(an), None, Some(fnorm), None),
-            NormPlacement::Swin => (None, Some(an), None, Some(fnorm)),
-        };
-        let a = self.attn.forward_cached(x, s, kv, ck, attn_pre, attn_post);
-        let h = x + a.to_kind(Kind::Float);
-        let f = match &self.ffn {
-            Ffn::SwiGlu(f) => f.forward(&s.route, &h, ck, ffn_pre, ffn_post),
-            Ffn::Moe(m) => {
-                // Expert choice picks among the step's tokens, so MoE decoding is not
-                // token-for-token the training-time routing (token choice is).
-                let hn = ffn_pre.map_or_else(|| h.shallow_clone(), |n| n.forward_single(&h));
-                let (y, _) = m.forward(&hn, ck);
-                ffn_post.map_or(y.shallow_clone(), |n| n.forward_single(&y))
-            }
-        };
-        &h + f.to_kind(Kind::Float)
-    }
-}
-
 impl Model {
+    /// Errors for a model whose routing at generation time cannot be the routing it was trained
+    /// with: an expert-choice MoE. Its experts each took their top `capacity · N / E` tokens
+    /// of a whole training batch (a non-causal choice across sequences and positions); one
+    /// decoded token, or one prompt plus image, would be ranked against a handful of tokens
+    /// instead (a single token becomes every expert's top choice and goes to all of them).
+    /// Token-choice MoE, dense and MoT route each token by its own input and decode exactly as
+    /// they train.
+    pub fn check_decodable(&self) -> Result<(), TrainError> {
+        if self.cfg.arch == Arch::Moe && self.cfg.moe_routing == MoeRouting::ExpertChoice {
+            return Err(TrainError::Config {
+                path: "model.moe_routing".into(),
+                msg: "this MoE was trained with expert-choice routing, where each expert picks its top tokens \
+                      among a whole training batch (non-causal); generating one token at a time cannot route as \
+                      training did (one token would go to every expert), so sampling is refused. Train the MoE \
+                      with model.moe_routing = \"token_choice\" to sample from it"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Runs `tokens` (global ids, with each token's input modality) as the continuation of
     /// the sequence in `cache`: the first call prefills a prompt in one pass, later calls
     /// usually add one token. Returns fp32 logits `[T, V]` in sequence order and appends the
     /// tokens' keys and values to `cache`. Batch 1, no gradients.
     pub fn forward_cached(&self, tokens: &[u32], modality: &[u8], cache: &mut KvCache) -> Result<Tensor, TrainError> {
+        self.check_decodable()?;
         if cache.layers.len() != self.layers.len() {
             return Err(TrainError::Batch(format!(
                 "KV cache has {} layers, the model {}",
@@ -1682,7 +993,7 @@ impl Model {
         let logits = tch::no_grad(|| {
             let mut x = Tensor::embedding(&self.embed, &s.tokens, -1, false, false);
             for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                x = layer.forward_cached(&x, &s, kv, self.compute_kind);
+                x = layer.forward(&x, &s.attn_ctx(), Some(kv), self.compute_kind).0;
             }
             let logits =
                 if self.lm_head.0.len() == 1 { self.head(0, &x) } else { s.route.map(&x, |m, xs| self.head(m, xs)) };
@@ -1697,6 +1008,7 @@ impl Model {
 mod tests {
     use super::*;
     use crate::data::{BatchSource, SyntheticSource};
+    use motley_shards::Batch;
     use motley_shards::Latents;
 
     fn tiny(arch: Arch) -> ModelConfig {
@@ -1718,6 +1030,91 @@ mod tests {
         src.next_batch().expect("synthetic batch")
     }
 
+    /// Loss, per-parameter gradients and the bytes held at the peak of forward + backward,
+    /// for a tiny model with a 4,096-id head (so the logits dominate) and `chunk` CE rows.
+    fn ce_run(arch: Arch, untie_head: bool, chunk: i64) -> (f64, Vec<(String, Tensor)>, i64) {
+        let mut v = 0;
+        let b = batch(&mut v);
+        let cfg = ModelConfig { vocab_size: 4096, untie_head, ce_chunk_rows: chunk, ..tiny(arch) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new_seeded(&vs.root(), &cfg, 5).expect("model");
+        let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+        let (loss, span) = crate::ops::track_memory(|| {
+            let out = model.loss(&p);
+            out.loss.backward();
+            f64::try_from(&out.loss).expect("scalar")
+        })
+        .expect("tracked");
+        (loss, grads(&vs), span.peak)
+    }
+
+    /// Loss, gradients and peak bytes of forward + backward with every `every`-th block
+    /// checkpointed (0: none), on a model deep and wide enough that activations dominate.
+    fn ckpt_run(arch: Arch, norm: NormPlacement, every: usize) -> (f64, Vec<(String, Tensor)>, i64) {
+        tch::set_num_threads(1);
+        let mut src = SyntheticSource::new(9, 4, 64);
+        let b = src.next_batch().expect("synthetic batch");
+        let v = i64::from(src.vocab().total_size);
+        let cfg = ModelConfig { vocab_size: v, d_model: 64, n_layers: 4, norm, ..tiny(arch) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut model = Model::new_seeded(&vs.root(), &cfg, 11).expect("model");
+        model.set_activation_checkpointing(every);
+        let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+        let (loss, span) = crate::ops::track_memory(|| {
+            let out = model.loss(&p);
+            out.loss.backward();
+            f64::try_from(&out.loss).expect("scalar")
+        })
+        .expect("tracked");
+        (loss, grads(&vs), span.peak)
+    }
+
+    #[test]
+    fn activation_checkpointing_gives_the_same_gradients_and_keeps_less() {
+        for (arch, norm) in
+            [(Arch::Mot, NormPlacement::Pre), (Arch::Mot, NormPlacement::Swin), (Arch::Dense, NormPlacement::Pre)]
+        {
+            let (l0, g0, peak0) = ckpt_run(arch, norm, 0);
+            for every in [1, 2] {
+                let (l1, g1, peak1) = ckpt_run(arch, norm, every);
+                assert_eq!(l0, l1, "{arch} {norm:?}: the forward is the same computation");
+                for ((name, a), (_, b)) in g0.iter().zip(&g1) {
+                    let scale = f64::try_from(a.abs().max()).expect("max").max(1e-12);
+                    let diff = f64::try_from((a - b).abs().max()).expect("max");
+                    assert!(diff <= 1e-6 * scale, "{arch} {norm:?} every {every}: {name} differs by {diff} of {scale}");
+                }
+                assert!(peak1 < peak0, "{arch} every {every}: peak {peak1} bytes with checkpointing, {peak0} without");
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_cross_entropy_matches_full_logits_and_holds_less() {
+        let logits_bytes = 2 * 48 * 4096 * 4;
+        for (arch, untie) in [(Arch::Mot, false), (Arch::Mot, true), (Arch::Dense, false)] {
+            let (full, gf, peak_full) = ce_run(arch, untie, 0);
+            let (chunked, gc, peak_chunked) = ce_run(arch, untie, 13); // 96 rows: 7 full chunks and 5
+            assert!((full - chunked).abs() <= 1e-6 * full.abs(), "{arch} untie={untie}: {full} vs {chunked}");
+            for ((name, a), (_, b)) in gf.iter().zip(&gc) {
+                if !a.defined() {
+                    assert!(!b.defined(), "{name}");
+                    continue;
+                }
+                let scale = f64::try_from(a.abs().max()).expect("max").max(1e-12);
+                let diff = f64::try_from((a - b).abs().max()).expect("max");
+                assert!(diff <= 1e-5 * scale, "{arch} untie={untie} {name}: max diff {diff} of {scale}");
+            }
+            // The full path holds [rows, vocab] logits, their log-softmax and their gradient;
+            // the chunked one a 13-row slice of them. (Untied heads run per tower, so there the
+            // full path's logits are only one tower's rows at a time, beside three head weights.)
+            let saved = if untie { 0 } else { logits_bytes };
+            assert!(
+                peak_chunked + saved < peak_full,
+                "{arch} untie={untie}: peak {peak_chunked} chunked vs {peak_full} full bytes (logits {logits_bytes})"
+            );
+        }
+    }
+
     fn grads(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1731,7 +1128,8 @@ mod tests {
         // No-op without latent patches; with them, the same draws for both routings.
         let sched = crate::diffusion::Schedule::cosine(cfg.diffusion_steps as usize);
         let policy = crate::diffusion::NoisePolicy { caption_fraction: 0.2, caption_max_t: 500 };
-        crate::diffusion::noise_prepared(&mut p, &sched, policy, (1, 1), &b.row_ids, 0);
+        let noising = crate::layout::Noising { schedule: &sched, policy, seed: 1, step: 1, fallback_stream: 0 };
+        noising.apply(&mut p, &b.row_ids);
         let logits = p.route.to_seq(&model.logits(&p));
         let out = model.loss(&p);
         out.loss.backward();
@@ -1855,7 +1253,8 @@ mod tests {
             let mut p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
             let sched = crate::diffusion::Schedule::cosine(1000);
             let policy = crate::diffusion::NoisePolicy { caption_fraction: 0.2, caption_max_t: 500 };
-            crate::diffusion::noise_prepared(&mut p, &sched, policy, (0, 1), &b.row_ids, 0);
+            let noising = crate::layout::Noising { schedule: &sched, policy, seed: 0, step: 1, fallback_stream: 0 };
+            noising.apply(&mut p, &b.row_ids);
             let out = model.loss(&p);
             let d = f64::try_from(out.diffusion_loss.as_ref().expect("diffusion loss")).expect("scalar");
             let lm = f64::try_from(&out.lm_loss).expect("scalar");
@@ -2055,6 +1454,70 @@ mod tests {
             let router = g.iter().find(|(n, _)| n == "layers.0.ffn.router.weight").map(|(_, t)| t.defined());
             assert_eq!(router, Some(true), "router gets a gradient");
         }
+    }
+
+    /// The router must learn from the LM loss itself, not only from the balance loss: with
+    /// the aux loss off, its gradient is non-zero for top-1 and top-2 token choice and for
+    /// expert choice (renormalized top-1 gates are all exactly 1 and would give zero).
+    #[test]
+    fn moe_router_gets_gradient_from_the_lm_loss() {
+        let mut v = 0;
+        let b = batch(&mut v);
+        for (routing, k) in [(MoeRouting::TokenChoice, 1), (MoeRouting::TokenChoice, 2), (MoeRouting::ExpertChoice, 1)]
+        {
+            let cfg = ModelConfig {
+                vocab_size: v,
+                moe_routing: routing,
+                moe_top_k: k,
+                moe_aux_loss_coef: 0.0,
+                ..tiny(Arch::Moe)
+            };
+            let (_, _, g) = run(&cfg, &b, Routing::Sorted);
+            for layer in 0..cfg.n_layers {
+                let name = format!("layers.{layer}.ffn.router.weight");
+                let grad = g.iter().find(|(n, _)| *n == name).map(|(_, t)| t).expect("router weight");
+                assert!(grad.defined(), "{routing:?} k={k}: {name} has no gradient");
+                let mean_abs = |t: &Tensor| f64::try_from(t.abs().mean(Kind::Double)).expect("mean");
+                // Compared with the experts' gradients of the same layer: gates that are
+                // constant in the router's scores leave only rounding noise (~3e-8 of it; ~0.5 here).
+                let prefix = format!("layers.{layer}.ffn.experts.");
+                let experts: Vec<f64> =
+                    g.iter().filter(|(n, t)| n.starts_with(&prefix) && t.defined()).map(|(_, t)| mean_abs(t)).collect();
+                let expert = experts.iter().sum::<f64>() / experts.len().max(1) as f64;
+                let ratio = mean_abs(grad) / expert;
+                assert!(
+                    ratio > 1e-3,
+                    "{routing:?} k={k}: {name} gets (almost) no gradient from the LM loss: {ratio:e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn expert_choice_moe_refuses_to_decode_token_choice_decodes_as_it_trains() {
+        let (b, v) = mixed_sequence();
+        let expert = ModelConfig { vocab_size: v, ..tiny(Arch::Moe) };
+        assert_eq!(expert.moe_routing, MoeRouting::ExpertChoice);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new_seeded(&vs.root(), &expert, 2).expect("model");
+        let mut cache = KvCache::new(&expert);
+        let err = model.forward_cached(&b.inputs[..4], &b.modality[..4], &mut cache).expect_err("expert choice");
+        assert!(err.to_string().contains("token_choice"), "{err}");
+        assert!(cache.is_empty());
+        // Token choice: prefill + one token at a time gives the full forward's logits.
+        let cfg = ModelConfig { vocab_size: v, moe_routing: MoeRouting::TokenChoice, moe_top_k: 1, ..tiny(Arch::Moe) };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Model::new_seeded(&vs.root(), &cfg, 2).expect("model");
+        let p = Prepared::new(&cfg, &b, Routing::Sorted, Device::Cpu).expect("prepare");
+        let full = p.route.to_seq(&model.logits(&p)).detach();
+        let mut cache = KvCache::new(&cfg);
+        let mut parts = vec![model.forward_cached(&b.inputs[..6], &b.modality[..6], &mut cache).expect("prefill")];
+        for i in 6..b.seq_len {
+            parts.push(model.forward_cached(&b.inputs[i..=i], &b.modality[i..=i], &mut cache).expect("step"));
+        }
+        let cached = Tensor::cat(&parts, 0);
+        let diff = f64::try_from((&cached - &full).abs().max()).expect("max");
+        assert!(cached.allclose(&full, 1e-4, 1e-5, false), "token-choice MoE decoding differs: max diff {diff}");
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! What tch does not expose, through small C++ shims in `csrc/`: how many ATen operators a
 //! piece of work dispatches (each costs host time and usually a kernel launch on CUDA, so the
-//! count says how launch-bound a step is, measurable on a CPU-only machine), a CUDA device's
-//! compute capability, and [`tower_linear`], MoT's per-tower projection as one autograd op.
+//! count says how launch-bound a step is, measurable on a CPU-only machine), how many bytes it
+//! allocates at its peak ([`track_memory`]), a CUDA device's compute capability,
+//! [`tower_linear`] (MoT's per-tower projection as one autograd op) and
+//! [`linear_cross_entropy`] (LM head and loss in row chunks).
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, c_char};
+use std::ffi::{CStr, CString, c_char, c_void};
 use std::sync::Mutex;
 
 use tch::Tensor;
@@ -25,6 +27,131 @@ unsafe extern "C" {
         n_sizes: usize,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn motley_linear_cross_entropy(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        targets: *const C_tensor,
+        chunk: i64,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn motley_checkpoint(
+        x: *const C_tensor,
+        data: *mut c_void,
+        call: extern "C" fn(*mut c_void, *const C_tensor, *mut *mut C_tensor) -> *mut c_char,
+        drop: extern "C" fn(*mut c_void),
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn motley_mem_track_start(out: *mut *mut MemTrackHandle) -> *mut c_char;
+    fn motley_mem_track_stop(h: *mut MemTrackHandle, live: *mut i64, peak: *mut i64) -> *mut c_char;
+}
+
+#[repr(C)]
+struct MemTrackHandle {
+    _p: [u8; 0],
+}
+
+/// Per-token cross-entropy of `x @ wᵀ` against `targets` (`-100`: no loss, 0), computed
+/// `chunk` rows at a time as one autograd node (`csrc/linear_cross_entropy.cpp`): the full
+/// `[N, V]` logits never exist, in the forward or the backward (each chunk's logits are
+/// recomputed there). `x`: `[N, D]`, `w`: `[V, D]`, both in the compute dtype; the result is
+/// fp32 `[N]`, and its gradients equal those of `cross_entropy(x @ wᵀ)` up to rounding.
+pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: i64) -> Result<Tensor, TrainError> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensor handles borrowed for the call; on success the shim hands over a new
+    // heap tensor, which from_ptr owns; C++ exceptions come back as a message.
+    unsafe {
+        let err = motley_linear_cross_entropy(x.as_ptr(), w.as_ptr(), targets.as_ptr(), chunk, &mut out);
+        if let Some(msg) = take_string(err) {
+            return Err(TrainError::Torch { op: "linear_cross_entropy".into(), source: tch::TchError::Torch(msg) });
+        }
+        Ok(Tensor::from_ptr(out))
+    }
+}
+
+/// A block's forward for [`checkpoint`]: owns what it uses (shallow clones), since autograd
+/// may call it again as long as the graph lives.
+pub type BlockFn = Box<dyn Fn(&Tensor) -> Result<Tensor, String> + Send>;
+
+extern "C" fn call_block(data: *mut c_void, x: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char {
+    // SAFETY: `data` is the BlockFn boxed by `checkpoint`, alive until `drop_block`; `x` is a
+    // live tensor the shim lends for the call (shallow-cloned into a handle of our own).
+    let (f, x) = unsafe { (&*(data as *const BlockFn), Tensor::clone_from_ptr(x as *mut C_tensor)) };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&x)));
+    let msg = match result {
+        Ok(Ok(mut y)) => {
+            // SAFETY: hands the heap tensor to the shim, which deletes it after copying.
+            unsafe { *out = y.as_mut_ptr() };
+            std::mem::forget(y);
+            return std::ptr::null_mut();
+        }
+        Ok(Err(msg)) => msg,
+        Err(_) => "the block's forward panicked".to_string(),
+    };
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: strdup copies into malloc'd memory, which the shim frees.
+    unsafe { libc::strdup(c.as_ptr()) }
+}
+
+extern "C" fn drop_block(data: *mut c_void) {
+    // SAFETY: called once by the shim, when the last owner of the closure goes away.
+    drop(unsafe { Box::from_raw(data as *mut BlockFn) });
+}
+
+/// `f(x)` with activation checkpointing (`csrc/checkpoint.cpp`): run without recording a graph,
+/// one autograd node in its place holding only `x`; backward runs `f` again with the graph on
+/// and back-propagates through it, so parameters inside `f` get their usual gradients and
+/// nothing `f` computed is kept in between. `f` must be deterministic (the model draws no
+/// random numbers).
+pub fn checkpoint(x: &Tensor, f: BlockFn) -> Result<Tensor, TrainError> {
+    let data = Box::into_raw(Box::new(f)) as *mut c_void;
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: the shim takes ownership of `data` (freed through drop_block, also on error);
+    // on success it hands over a new heap tensor.
+    unsafe {
+        let err = motley_checkpoint(x.as_ptr(), data, call_block, drop_block, &mut out);
+        if let Some(msg) = take_string(err) {
+            return Err(TrainError::Torch { op: "checkpoint".into(), source: tch::TchError::Torch(msg) });
+        }
+        Ok(Tensor::from_ptr(out))
+    }
+}
+
+/// Bytes the allocators handed out while a closure ran, as the allocators report them (the
+/// hook of torch.profiler's memory profiling): still allocated at its end, and at the peak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemorySpan {
+    pub live: i64,
+    pub peak: i64,
+}
+
+/// Runs `f`, tracking what it allocates on this thread and in the autograd threads its
+/// backward passes use. Frees of tensors made before `f` do not count (the allocator does not
+/// know their size then), so `peak` is the most `f` held on top of what existed before it.
+pub fn track_memory<R>(f: impl FnOnce() -> R) -> Result<(R, MemorySpan), TrainError> {
+    let mut h: *mut MemTrackHandle = std::ptr::null_mut();
+    let err = |e: String| TrainError::Torch { op: "track memory".into(), source: tch::TchError::Torch(e) };
+    // SAFETY: out-pointer to a local; the shim catches C++ exceptions.
+    if let Some(e) = unsafe { take_string(motley_mem_track_start(&mut h)) } {
+        return Err(err(e));
+    }
+    /// Stops tracking if `f` unwinds.
+    struct StopOnUnwind(*mut MemTrackHandle);
+    impl Drop for StopOnUnwind {
+        fn drop(&mut self) {
+            let (mut a, mut b) = (0, 0);
+            // SAFETY: the handle from start, stopped once (the normal path forgets this guard).
+            let _ = unsafe { take_string(motley_mem_track_stop(self.0, &mut a, &mut b)) };
+        }
+    }
+    let guard = StopOnUnwind(h);
+    let out = f();
+    std::mem::forget(guard);
+    let mut span = MemorySpan::default();
+    // SAFETY: the handle from start, stopped once; it is freed by the shim.
+    if let Some(e) = unsafe { take_string(motley_mem_track_stop(h, &mut span.live, &mut span.peak)) } {
+        return Err(err(e));
+    }
+    Ok((out, span))
 }
 
 /// `y[rows of tower m] = x[rows of tower m] @ w[m]ᵀ` for rows grouped by tower (`sizes[m]`

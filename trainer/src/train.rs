@@ -21,11 +21,12 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::checkpoint::{self, META_VERSION, Meta, RngState};
 use crate::config::{OnNonFinite, TrainConfig};
 use crate::data::BatchSource;
-use crate::diffusion::{self, BUCKETS, NoisePolicy, Schedule};
+use crate::diffusion::{BUCKETS, NoisePolicy, Schedule};
 use crate::dist::c10d::GradSync;
 use crate::dist::{self, Comm, Launch, Overlap};
 use crate::error::TrainError;
 use crate::flat::BucketCap;
+use crate::layout::Noising;
 use crate::loader::open_source;
 use crate::metrics::{EvalRecord, MODALITY_NAMES, MetricsLog, PerModality, StepRecord};
 use crate::model::{Arch, Model, Prepared};
@@ -175,7 +176,8 @@ impl Trainer {
         comm.agree("config and corpus", &run_facts(&cfg, data.vocab())?)?;
         let schedule = Schedule::cosine(cfg.model.diffusion_steps as usize);
         let vs = nn::VarStore::new(device);
-        let model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
+        let mut model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing.every());
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let sharding = Sharding {
@@ -352,17 +354,14 @@ impl Trainer {
             let batch = self.data.next_batch()?;
             tokens += batch.numel() as u64;
             self.log_rows(step, i, &batch.row_ids)?;
-            let mut p = Prepared::new(&self.model.cfg, &batch, routing, self.device)?;
-            let fallback = (self.comm.rank() as u64) << 48 | i << 32;
-            diffusion::noise_prepared(
-                &mut p,
-                &self.schedule,
+            let noising = Noising {
+                schedule: &self.schedule,
                 policy,
-                (self.cfg.train.seed, step),
-                &batch.row_ids,
-                fallback,
-            );
-            micro.push(p);
+                seed: self.cfg.train.seed,
+                step,
+                fallback_stream: (self.comm.rank() as u64) << 48 | i << 32,
+            };
+            micro.push(Prepared::build(&self.model.cfg, &batch, routing, self.device, Some(&noising))?);
         }
         // Loss tokens per modality and images, over every rank and micro-batch: each rank's
         // loss is its sum divided by these, so the summed gradient is the global mean's.
@@ -726,17 +725,15 @@ pub fn evaluate_model(
     let schedule = Schedule::cosine(model.cfg.diffusion_steps as usize);
     for i in 0..batches.max(1) {
         let batch = src.next_batch()?;
-        let mut p = Prepared::new(&model.cfg, &batch, routing, device)?;
         // The same noise at every evaluation: a fixed stream per held-out row.
-        let fallback = (comm.rank() as u64) << 48 | i << 32;
-        diffusion::noise_prepared(
-            &mut p,
-            &schedule,
-            noise_policy(&model.cfg),
-            (EVAL_NOISE_SEED, 0),
-            &batch.row_ids,
-            fallback,
-        );
+        let noising = Noising {
+            schedule: &schedule,
+            policy: noise_policy(&model.cfg),
+            seed: EVAL_NOISE_SEED,
+            step: 0,
+            fallback_stream: (comm.rank() as u64) << 48 | i << 32,
+        };
+        let p = Prepared::build(&model.cfg, &batch, routing, device, Some(&noising))?;
         let out = tch::no_grad(|| model.loss(&p));
         let s: Vec<f64> = Vec::<f64>::try_from(out.per_modality_sum.to_kind(Kind::Double))
             .map_err(TrainError::torch("read eval loss"))?;

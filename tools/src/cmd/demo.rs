@@ -1,4 +1,5 @@
-//! `motley demo`: the end-to-end flow on the bundled sample corpus, as a user would run it.
+//! `motley demo`: the end-to-end flow on the bundled sample corpus, as a user would run it;
+//! `motley demo --study` runs the step-matching study on the sample's study mixes instead.
 //!
 //! Each stage runs this same binary's subcommands as child processes, so the demo shows
 //! exactly the commands a user types (they are echoed) and a stage whose subcommand is not
@@ -29,6 +30,15 @@ pub struct Args {
     /// Start over even if the output folder holds a previous demo.
     #[arg(long)]
     overwrite: bool,
+    /// Run the step-matching study instead of the demo: fit the tokenizers, ingest the study
+    /// mixes of data/sample/study/ in both settings, and run `motley study` on each (into
+    /// OUT/study/chameleon, dense vs MoT vs MoE-4x, and OUT/study/transfusion, dense vs MoT);
+    /// then, for contrast, dense vs MoT on the whole corpus (OUT/study/chameleon-whole).
+    #[arg(long)]
+    study: bool,
+    /// Seeds of each study (with --study).
+    #[arg(long, default_value_t = 3)]
+    study_seeds: u64,
 }
 
 /// The demo's closing sample: a caption of the form the training images carry.
@@ -42,6 +52,178 @@ struct Stage {
 
 fn s(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// The text BPE, fitted on the sample's text.
+fn text_tokenizer(a: &Args) -> Stage {
+    let tok = a.out.join("tokenizers");
+    Stage {
+        name: "text tokenizer (byte-level BPE)",
+        args: vec![
+            "tokenizer".into(),
+            "train-text".into(),
+            s(&a.sample.join("text")),
+            "--out".into(),
+            s(&tok.join("text.json")),
+            "--vocab-size".into(),
+            "4096".into(),
+        ],
+    }
+}
+
+/// The VQ codebook of the Chameleon setting.
+fn vq_tokenizer(a: &Args) -> Stage {
+    let tok = a.out.join("tokenizers");
+    Stage {
+        name: "image tokenizer (VQ codebook)",
+        args: vec![
+            "tokenizer".into(),
+            "fit-image".into(),
+            s(&a.sample.join("images")),
+            "--out".into(),
+            s(&tok.join("image").join("vq.safetensors")),
+            // 32 px digits (8x8 originals upscaled 4x): 8 px patches give a 4x4 grid of
+            // codes, each patch holding 2x2 original pixels, so the codebook has real
+            // variety to learn; 4 px patches would only see the 17 grey levels.
+            "--resolution".into(),
+            "32".into(),
+            "--patch".into(),
+            "8".into(),
+            "--codebook-size".into(),
+            "256".into(),
+        ],
+    }
+}
+
+/// The speech units.
+fn speech_tokenizer(a: &Args) -> Stage {
+    let tok = a.out.join("tokenizers");
+    Stage {
+        name: "speech tokenizer (units)",
+        args: vec![
+            "tokenizer".into(),
+            "fit-speech".into(),
+            s(&a.sample.join("speech")),
+            "--out".into(),
+            s(&tok.join("speech").join("units.safetensors")),
+            // ~120 s of sample speech is ~3,000 frames: 128 units, not the paper's 500.
+            "--units".into(),
+            "128".into(),
+        ],
+    }
+}
+
+/// The latent patch tokenizer of the Transfusion setting.
+fn latent_tokenizer(a: &Args) -> Stage {
+    let tok = a.out.join("tokenizers");
+    Stage {
+        name: "image tokenizer (latent patches, Transfusion setting)",
+        args: vec![
+            "tokenizer".into(),
+            "fit-image".into(),
+            s(&a.sample.join("images")),
+            "--kind".into(),
+            "latent".into(),
+            "--out".into(),
+            s(&tok.join("image").join("latent.safetensors")),
+            "--resolution".into(),
+            "32".into(),
+            "--patch".into(),
+            "8".into(),
+            // The digits have only ~4 non-constant directions per 8 px patch.
+            "--latent-dim".into(),
+            "4".into(),
+        ],
+    }
+}
+
+/// The parts of the study mixes, in the order `data/sample/study/mix.toml` weights them.
+const STUDY_PARTS: [&str; 4] = ["text", "captions", "speech", "interleaved"];
+
+/// `motley demo --study`: the tokenizers, then per setting the four study corpora and one
+/// `motley study` over their mix (dense vs MoT, MoE-4x in the Chameleon setting, several
+/// seeds), then the same study on the whole corpus in one stream.
+fn study_stages(a: &Args) -> Vec<Stage> {
+    let tok = s(&a.out.join("tokenizers"));
+    let recipes = a.sample.join("study");
+    let mut v = vec![text_tokenizer(a), vq_tokenizer(a), speech_tokenizer(a), latent_tokenizer(a)];
+    // The paper's MoE-4x baseline is a Chameleon-setting result; it is left out of the
+    // Transfusion study to keep the whole study within a couple of CPU hours.
+    for (setting, mode, moe, ingest_name, study_name) in [
+        (
+            "chameleon",
+            "vq",
+            true,
+            "ingest a study corpus part (Chameleon setting: VQ image codes)",
+            "step-matching study, Chameleon setting (dense, MoT, MoE-4x)",
+        ),
+        (
+            "transfusion",
+            "latent",
+            false,
+            "ingest a study corpus part (Transfusion setting: latent image patches)",
+            "step-matching study, Transfusion setting (dense, MoT)",
+        ),
+    ] {
+        let dir = a.out.join("study").join(setting);
+        let mut study: Vec<String> = ["study", "--preset", "tiny", "--config"].map(String::from).to_vec();
+        study.push(s(&recipes.join("mix.toml")));
+        for part in STUDY_PARTS {
+            let corpus = s(&dir.join(part));
+            v.push(Stage {
+                name: ingest_name,
+                args: vec![
+                    "ingest".into(),
+                    "--config".into(),
+                    s(&recipes.join(format!("{part}.toml"))),
+                    "--tokenizers".into(),
+                    tok.clone(),
+                    "--image-mode".into(),
+                    mode.into(),
+                    "--out".into(),
+                    corpus.clone(),
+                    "--overwrite".into(),
+                    "--no-progress".into(),
+                ],
+            });
+            study.extend(["--data".into(), corpus]);
+        }
+        study.extend(["--seeds".into(), a.study_seeds.to_string(), "--out".into(), s(&dir.join("runs"))]);
+        if let Some(n) = a.steps {
+            study.extend(["--steps".into(), n.to_string()]);
+        }
+        if moe {
+            study.push("--moe".into());
+        }
+        study.push("--overwrite".into());
+        v.push(Stage { name: study_name, args: study });
+    }
+    // The contrast: the whole corpus in one stream, as the demo trains on it (images ~6%,
+    // speech ~2% of positions), where each tower's modality is a minority of the data.
+    let corpus = s(&a.out.join("corpus"));
+    v.push(Stage {
+        name: "ingest the whole sample corpus (Chameleon setting)",
+        args: vec![
+            "ingest".into(),
+            "--config".into(),
+            s(&a.sample.join("recipe.toml")),
+            "--tokenizers".into(),
+            tok.clone(),
+            "--out".into(),
+            corpus.clone(),
+            "--overwrite".into(),
+            "--no-progress".into(),
+        ],
+    });
+    let mut whole: Vec<String> = ["study", "--preset", "tiny", "--data"].map(String::from).to_vec();
+    whole.extend([corpus, "--seeds".into(), a.study_seeds.to_string()]);
+    whole.extend(["--out".into(), s(&a.out.join("study").join("chameleon-whole"))]);
+    if let Some(n) = a.steps {
+        whole.extend(["--steps".into(), n.to_string()]);
+    }
+    whole.push("--overwrite".into());
+    v.push(Stage { name: "step-matching study on the whole corpus, Chameleon setting (dense, MoT)", args: whole });
+    v
 }
 
 fn stages(a: &Args) -> Vec<Stage> {
@@ -74,50 +256,9 @@ fn stages(a: &Args) -> Vec<Stage> {
         strings(&["train", "--preset", "tiny", "--data", &data, "--out", &run, "--steps", &steps, "--overwrite"])
     };
     vec![
-        Stage {
-            name: "text tokenizer (byte-level BPE)",
-            args: vec![
-                "tokenizer".into(),
-                "train-text".into(),
-                s(&a.sample.join("text")),
-                "--out".into(),
-                s(&tok.join("text.json")),
-                "--vocab-size".into(),
-                "4096".into(),
-            ],
-        },
-        Stage {
-            name: "image tokenizer (VQ codebook)",
-            args: vec![
-                "tokenizer".into(),
-                "fit-image".into(),
-                s(&a.sample.join("images")),
-                "--out".into(),
-                s(&tok.join("image").join("vq.safetensors")),
-                // 32 px digits (8x8 originals upscaled 4x): 8 px patches give a 4x4 grid of
-                // codes, each patch holding 2x2 original pixels, so the codebook has real
-                // variety to learn; 4 px patches would only see the 17 grey levels.
-                "--resolution".into(),
-                "32".into(),
-                "--patch".into(),
-                "8".into(),
-                "--codebook-size".into(),
-                "256".into(),
-            ],
-        },
-        Stage {
-            name: "speech tokenizer (units)",
-            args: vec![
-                "tokenizer".into(),
-                "fit-speech".into(),
-                s(&a.sample.join("speech")),
-                "--out".into(),
-                s(&tok.join("speech").join("units.safetensors")),
-                // ~120 s of sample speech is ~3,000 frames: 128 units, not the paper's 500.
-                "--units".into(),
-                "128".into(),
-            ],
-        },
+        text_tokenizer(a),
+        vq_tokenizer(a),
+        speech_tokenizer(a),
         Stage {
             name: "ingest the sample corpus",
             args: vec![
@@ -198,25 +339,7 @@ fn stages(a: &Args) -> Vec<Stage> {
         },
         // The Transfusion setting on the same sample: images as continuous latent patches
         // (4-dim PCA of 8 px patches) trained with the diffusion loss, text and speech as tokens.
-        Stage {
-            name: "image tokenizer (latent patches, Transfusion setting)",
-            args: vec![
-                "tokenizer".into(),
-                "fit-image".into(),
-                s(&a.sample.join("images")),
-                "--kind".into(),
-                "latent".into(),
-                "--out".into(),
-                s(&tok.join("image").join("latent.safetensors")),
-                "--resolution".into(),
-                "32".into(),
-                "--patch".into(),
-                "8".into(),
-                // The digits have only ~4 non-constant directions per 8 px patch.
-                "--latent-dim".into(),
-                "4".into(),
-            ],
-        },
+        latent_tokenizer(a),
         Stage {
             name: "ingest the sample corpus with latent images",
             args: vec![
@@ -300,7 +423,8 @@ pub fn run(args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the motley binary")?;
     let mut missing = Vec::new();
     let mut failed = Vec::new();
-    for stage in stages(&args) {
+    let all = if args.study { study_stages(&args) } else { stages(&args) };
+    for stage in all {
         // A stage depends on the ones before it; once something is missing, later stages
         // would only fail on absent inputs.
         if !missing.is_empty() || !failed.is_empty() {
@@ -327,6 +451,10 @@ pub fn run(args: Args, _ctx: &Ctx) -> anyhow::Result<()> {
     }
     if !missing.is_empty() {
         anyhow::bail!("demo incomplete; not built yet: {}", missing.join("; "));
+    }
+    if args.study {
+        eprintln!("\nstudy finished: tables and plots in {}", args.out.join("study").display());
+        return Ok(());
     }
     std::fs::write(args.out.join("demo.done"), b"")?;
     eprintln!("\ndemo finished: outputs in {}", args.out.display());

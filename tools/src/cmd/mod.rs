@@ -5,5 +5,6 @@ pub mod demo;
 pub mod ingest;
 pub mod sample;
 pub mod shards;
+pub mod study;
 pub mod tokenizer;
 pub mod train;

@@ -161,7 +161,11 @@ struct StepRun {
 fn train_run(dir: &Path, group: Option<usize>, threads: Option<usize>, steps: u64) -> anyhow::Result<StepRun> {
     let exe = std::env::current_exe()?;
     let ranks = group.unwrap_or(1);
-    let run = dir.join(format!("r{}-t{}", group.map_or("plain".into(), |n| n.to_string()), threads.map_or("auto".into(), |t| t.to_string())));
+    let run = dir.join(format!(
+        "r{}-t{}",
+        group.map_or("plain".into(), |n| n.to_string()),
+        threads.map_or("auto".into(), |t| t.to_string())
+    ));
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["train", "--preset", "tiny", "--overwrite", "--out"]).arg(&run);
     if let Some(n) = group {
