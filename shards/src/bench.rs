@@ -147,7 +147,10 @@ pub struct LoaderBenchReport {
     pub open_random_get_us: f64,
     /// Rank 0's time per batch at each simulated world size.
     pub rank_scaling: Vec<RankScale>,
-    /// Building epoch 0's row index of the bench corpus (raw): seconds and file bytes.
+    /// Documents of the raw corpus those were timed on: the bench corpus, or a larger one of
+    /// the same documents when the largest world's timed batches would cross an epoch.
+    pub rank_docs: u64,
+    /// Building epoch 0's row index of that corpus: seconds and file bytes.
     pub index_build_seconds: f64,
     pub index_bytes: u64,
     /// The large-corpus build, when asked for.
@@ -382,9 +385,25 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
     }
 
     let (mut rank_scaling, mut index_build_seconds, mut index_bytes) = (Vec::new(), 0.0, 0);
+    let mut rank_docs = cfg.docs;
     if !cfg.worlds.is_empty() {
+        // The timed batches of the largest world stay inside one epoch: on a corpus of fewer
+        // rows every few steps open the next epoch (its order and index file), a cost a
+        // corpus of millions of rows per epoch pays once, which would show as growth with the
+        // world size. A larger raw corpus of the same documents is written when needed.
+        let rows = |docs: u64| docs * u64::from(cfg.mean_len) / cfg.seq_len.max(1) as u64;
+        let need = rank_rows_needed(cfg);
+        let rank_corpus = if rows(cfg.docs) >= need {
+            raw.clone()
+        } else {
+            rank_docs = need.saturating_mul(cfg.seq_len as u64).div_ceil(u64::from(cfg.mean_len.max(1))) * 11 / 10;
+            progress(&format!("writing a {rank_docs}-document raw corpus for the world sizes ({need} rows needed)"));
+            let rank_cfg = LoaderBenchConfig { docs: rank_docs, ..cfg.clone() };
+            write_synth(&cfg.dir.join("rank"), &rank_cfg, &vocab, Compression::Raw)?;
+            std::sync::Arc::new(Corpus::open(cfg.dir.join("rank"))?)
+        };
         let ix = cfg.dir.join("row-index");
-        progress("row index of the bench corpus");
+        progress("row index of the world-size corpus");
         let t0 = Instant::now();
         let lc = LoaderConfig {
             seq_len: cfg.seq_len,
@@ -396,13 +415,13 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
             index_dir: Some(ix.clone()),
             ..Default::default()
         };
-        Loader::new(vec![Source::new(raw.clone(), 1.0)], lc)?.next_batch()?;
+        Loader::new(vec![Source::new(rank_corpus.clone(), 1.0)], lc)?.next_batch()?;
         index_build_seconds = t0.elapsed().as_secs_f64();
         index_bytes = dir_bytes(&ix);
         for &w in &cfg.worlds {
             progress(&format!("rank 0's batch at world size {w}"));
-            let (index_batch_ms, index_batch_cpu_ms) = rank_batch_ms(&raw, cfg, w, RowIndexMode::Always, &ix)?;
-            let (skip_batch_ms, skip_batch_cpu_ms) = rank_batch_ms(&raw, cfg, w, RowIndexMode::Never, &ix)?;
+            let (index_batch_ms, index_batch_cpu_ms) = rank_batch_ms(&rank_corpus, cfg, w, RowIndexMode::Always, &ix)?;
+            let (skip_batch_ms, skip_batch_cpu_ms) = rank_batch_ms(&rank_corpus, cfg, w, RowIndexMode::Never, &ix)?;
             rank_scaling.push(RankScale {
                 world: w,
                 index_batch_ms,
@@ -479,6 +498,7 @@ pub fn run(cfg: &LoaderBenchConfig, progress: &dyn Fn(&str)) -> Result<LoaderBen
         open_seconds,
         open_random_get_us,
         rank_scaling,
+        rank_docs,
         index_build_seconds,
         index_bytes,
         index_build,
@@ -489,6 +509,13 @@ fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
         .unwrap_or(0)
+}
+
+/// Rows per epoch the world-size part needs: the largest world's steps (a warm-up batch, the
+/// timed ones and one more) of `batch_size` rows per rank, inside one epoch.
+pub fn rank_rows_needed(cfg: &LoaderBenchConfig) -> u64 {
+    let world = cfg.worlds.iter().copied().max().unwrap_or(0) as u64;
+    world * cfg.batch_size as u64 * (cfg.rank_batches.max(1) as u64 + 2)
 }
 
 /// Rank 0's mean time per batch (wall, thread CPU) at world size `world`. Index files the timed

@@ -200,7 +200,8 @@ fn print_human(r: &LoaderBenchReport) -> anyhow::Result<()> {
     output::line(format!("first batch: {:.1} ms", r.first_batch_seconds * 1e3))?;
     if !r.rank_scaling.is_empty() {
         output::line(format!(
-            "row index of the corpus (epoch 0): built in {:.2} s, {:.1} KiB",
+            "row index of the world-size corpus ({} raw documents, epoch 0): built in {:.2} s, {:.1} KiB",
+            r.rank_docs,
             r.index_build_seconds,
             r.index_bytes as f64 / 1024.0
         ))?;
