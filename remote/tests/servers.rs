@@ -1,8 +1,9 @@
 //! Remote corpora against real servers started here on 127.0.0.1 (installed by scripts/setup
 //! into .test-servers): moto's S3 server and RangeHTTPServer. Upload then read back gives the
 //! local corpus's exact batches through a bounded cache; a corrupted object is rejected by its
-//! checksum; a server stopped mid-run fails with the object named after retries; plain HTTP
-//! works through range reads, and a server without Range support is an error.
+//! checksum; a server stopped mid-run fails with the object named after retries, one back
+//! within the retries is no error; an upload cut short leaves no manifest; plain HTTP works
+//! through range reads, and a server without Range support is an error.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{create_bucket, moto, start};
+use common::{create_bucket, moto, start, start_on};
 
 use motley_remote::RemoteOptions;
 use motley_shards::{
@@ -197,5 +198,57 @@ fn plain_http_with_range_reads() -> anyhow::Result<()> {
     let remote = motley_remote::open(&format!("http://127.0.0.1:{}", plain.port), &opts)?;
     let err = remote.get(0).err().ok_or_else(|| anyhow::anyhow!("a server without Range support was accepted"))?;
     assert!(err.to_string().contains("http://127.0.0.1"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_interrupted_upload_leaves_no_manifest() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let local = write_corpus(&tmp.path().join("local"))?;
+    // One shard cannot be read locally: the upload stops there, after the shards before it.
+    let missing = &local.manifest().shards[3].name;
+    std::fs::remove_file(local.dir().join(missing))?;
+    let server = moto()?;
+    create_bucket(server.port, "bkt")?;
+    let opts = s3_opts(server.port, &tmp.path().join("cache"));
+    let err = motley_remote::upload(local.dir(), "s3://bkt/half", &opts, &|_| {})
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("an upload with a shard missing succeeded"))?;
+    assert!(err.to_string().contains(missing.as_str()), "{err}");
+    // A reader finds no corpus there (no manifest naming the shards that never arrived).
+    let err = motley_remote::open("s3://bkt/half", &opts)
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a manifest was uploaded before its shards"))?;
+    assert!(err.to_string().contains("s3://bkt/half/manifest.json"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_server_back_within_the_retries_is_not_an_error() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let local = write_corpus(&tmp.path().join("local"))?;
+    let args = ["-m", "RangeHTTPServer", "--bind", "127.0.0.1", "{port}"];
+    let server = start(&args, local.dir())?;
+    let port = server.port;
+    let opts = RemoteOptions {
+        cache_dir: Some(tmp.path().join("cache")),
+        prefetch: 0,
+        retries: 6,
+        backoff: Duration::from_millis(100),
+        ..RemoteOptions::default()
+    };
+    let remote = motley_remote::open(&format!("http://127.0.0.1:{port}/"), &opts)?;
+    // The server goes away before any shard is fetched and is back ~0.5 s later: the fetches
+    // in between fail (connection refused) and are retried with backoff until it answers.
+    drop(server);
+    let dir = local.dir().to_path_buf();
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        start_on(&args, &dir, port)
+    });
+    for d in 0..local.num_docs() {
+        assert_eq!(remote.get(d)?.to_owned(), local.get(d)?.to_owned(), "document {d}");
+    }
+    let _server = back.join().map_err(|_| anyhow::anyhow!("restart thread panicked"))??;
     Ok(())
 }

@@ -32,9 +32,13 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 pub fn start(args: &[&str], cwd: &Path) -> anyhow::Result<Server> {
+    start_on(args, cwd, free_port()?)
+}
+
+/// [`start`] on a given port (a server restarted where its clients expect it).
+pub fn start_on(args: &[&str], cwd: &Path, port: u16) -> anyhow::Result<Server> {
     let dir = servers_dir();
     anyhow::ensure!(dir.join(".motley-done").is_file(), "{} missing: run scripts/setup", dir.display());
-    let port = free_port()?;
     let mut cmd = Command::new(std::env::var("MOTLEY_TEST_PYTHON").unwrap_or_else(|_| "python3".into()));
     cmd.args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
         .current_dir(cwd)
