@@ -737,3 +737,38 @@ fn put(store: &Arc<dyn ObjectStore>, path: &ObjPath, object: &str, bytes: Vec<u8
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every scheme the CLI documents parses to a store and the object prefix under it (no
+    /// request is made: building a store does not contact it).
+    #[test]
+    fn locations_of_each_store_parse_to_their_prefix() {
+        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let opts = RemoteOptions {
+            config: vec![
+                kv("aws_region", "us-east-1"),
+                kv("aws_access_key_id", "x"),
+                kv("aws_secret_access_key", "x"),
+                kv("azure_storage_account_name", "acct"),
+                kv("azure_storage_account_key", "eA=="),
+            ],
+            ..RemoteOptions::default()
+        };
+        for (uri, prefix) in [
+            ("s3://bkt/corpora/c1", "corpora/c1"),
+            ("s3://bkt/corpora/c1/", "corpora/c1"),
+            ("gs://bkt/corpora/c1", "corpora/c1"),
+            ("az://container/corpora/c1", "corpora/c1"),
+            ("https://example.org/data/c1", ""),
+        ] {
+            let (_, p) = parse_location(uri, &opts).unwrap_or_else(|e| panic!("{uri}: {e}"));
+            assert_eq!(p.as_ref(), prefix, "{uri}");
+        }
+        let err = parse_location("ftp://host/c1", &opts).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("unsupported scheme") && err.contains("ftp://host/c1"), "{err}");
+        assert_eq!(describe("s3://bkt/c1/", "manifest.json"), "s3://bkt/c1/manifest.json");
+    }
+}
