@@ -233,11 +233,24 @@ pub struct TrainConfig {
 }
 
 /// Names accepted by [`TrainConfig::preset`].
-pub const PRESETS: [&str; 6] = ["tiny", "37m", "94m", "443m", "1.5b", "7b"];
+pub const PRESETS: [&str; 10] = [
+    "tiny",
+    "37m",
+    "94m",
+    "443m",
+    "1.5b",
+    "7b",
+    "transfusion-163m",
+    "transfusion-760m",
+    "transfusion-1.4b",
+    "transfusion-7b",
+];
 
 impl TrainConfig {
-    /// A named preset: `tiny` (CPU in minutes on the sample corpus) or the paper's Chameleon
-    /// sizes (Table 1: d_model, layers, heads; seq 4096; AdamW 3e-4, warmup 4000, cosine to 1.5e-5).
+    /// A named preset: `tiny` (CPU in minutes on the sample corpus), the paper's Chameleon
+    /// sizes (Table 1: d_model, layers, heads; seq 4096; AdamW 3e-4, warmup 4000, cosine to
+    /// 1.5e-5) or its Transfusion sizes (`transfusion-*`: the same schedule, llama pre-norm,
+    /// `L = L_LM + 5·L_DDPM` over a corpus of latent image patches).
     pub fn preset(name: &str) -> Result<Self, TrainError> {
         let chameleon = |d: i64, l: i64, h: i64| TrainConfig {
             preset: name.to_string(),
@@ -272,6 +285,11 @@ impl TrainConfig {
             "443m" => chameleon(1024, 24, 16),
             "1.5b" => chameleon(2048, 24, 16),
             "7b" => chameleon(4096, 32, 32),
+            // Transfusion's sizes (Zhou et al. 2024, Table 1, as the MoT paper trains them).
+            "transfusion-163m" => chameleon(768, 16, 12),
+            "transfusion-760m" => chameleon(1536, 24, 24),
+            "transfusion-1.4b" => chameleon(2048, 24, 16),
+            "transfusion-7b" => chameleon(4096, 32, 32),
             other => {
                 return Err(TrainError::Config {
                     path: "preset".into(),

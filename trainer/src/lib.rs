@@ -15,7 +15,10 @@
 //! - [`dist`]: data parallelism on torch's c10d (launch variables, process groups, gradient
 //!   buckets from autograd hooks, heartbeats); [`flat`]: the flat buffers' layout, buckets and
 //!   ZeRO shards.
-//! - [`ops`]: counting the operators a step dispatches (how launch-bound it is).
+//! - [`ops`]: counting the operators a step dispatches (how launch-bound it is), the bytes it
+//!   allocates, and the C++ ops (tower_linear, chunked cross-entropy, block checkpointing).
+//! - [`plan`]: bytes per GPU of a run (weights, gradients, moments, activations, loss) and the
+//!   settings that make it fit.
 
 pub mod checkpoint;
 pub mod config;
@@ -30,6 +33,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod plan;
 pub mod sample;
 pub mod study;
 pub mod towers;

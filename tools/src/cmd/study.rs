@@ -15,7 +15,7 @@ use crate::output::{self, Ctx};
                   --config data/sample/study/mix.toml --seeds 3 --moe --out runs/study/chameleon/runs\n  \
                   motley --json study --set data.synthetic=true --steps 40 --eval-every 5")]
 pub struct Args {
-    /// Start from a preset: tiny, 37m, 94m, 443m, 1.5b, 7b.
+    /// Start from a preset (see `motley train --help`).
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// TOML config file laid over the preset (e.g. a mix's `[data] weights`).

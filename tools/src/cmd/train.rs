@@ -14,7 +14,8 @@ use crate::output::{self, Ctx};
     after_help = "Examples:\n  motley train --preset tiny --data runs/demo/corpus --out runs/tiny-mot\n  motley train --preset tiny --data runs/demo/corpus --arch dense --steps 300 --out runs/tiny-dense\n  motley train --preset tiny --data runs/demo/corpus --compare --out runs/compare\n  motley train --resume runs/tiny-mot --steps 400\n  motley train --config my.toml --set model.untie_head=true --set optim.lr=1e-3 --out runs/x\n  motley train --nproc 2 --preset tiny --data runs/demo/corpus --out runs/tiny-dp2\n  torchrun --no-python --nproc-per-node 8 motley train --preset 443m --data /corpus --out runs/443m\n\nData parallel: under torchrun or srun every process is one rank (RANK, WORLD_SIZE, LOCAL_RANK,\nMASTER_ADDR, MASTER_PORT, or SLURM_*); --nproc N starts N local ranks itself. See the README's\n\"Training on a cluster\"."
 )]
 pub struct Args {
-    /// Start from a preset: tiny, 37m, 94m, 443m, 1.5b, 7b (the paper's Chameleon sizes).
+    /// Start from a preset: tiny; the paper's Chameleon sizes 37m, 94m, 443m, 1.5b, 7b; its
+    /// Transfusion sizes transfusion-163m, -760m, -1.4b, -7b.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// TOML config file ([model], [data], [optim], [train]); applied over the preset.

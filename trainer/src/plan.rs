@@ -1,0 +1,302 @@
+//! The memory plan of a run: bytes per GPU (or per CPU process) for weights, gradients, AdamW
+//! moments, the compute-precision weight copies kept for backward, block activations (with and
+//! without checkpointing) and the loss, for a config, a number of ranks and the memory of one;
+//! the largest micro-batch that fits; and the settings that would make a run fit.
+//!
+//! Activations follow what motley's layers keep for backward, per token per block: about
+//! 21·d_model + 4·ffn floats for MoT (16.7·d_model + 4·ffn dense; per-tower QK-norm and norm
+//! weights make the difference), measured on CPU with `ops::track_memory` (the test beside
+//! this file checks the plan against a real step within 15 %); a `[B, 1, T, T]` float mask per
+//! block while packed rows are masked; and each block's pre-norm-folded weights (a new tensor
+//! per step, saved for its matmul). In bf16 on CUDA the matmul-side tensors halve: there the
+//! plan counts 0.75 of the fp32 bytes, an estimate until a GPU measures it.
+
+use serde::Serialize;
+
+use crate::config::TrainConfig;
+use crate::model::{Arch, ModelConfig};
+
+/// Per-token floats kept per block: `alpha · d_model + BETA · ffn`.
+const ALPHA_MOT: f64 = 21.2;
+const ALPHA_DENSE: f64 = 16.7;
+const BETA: f64 = 4.0;
+
+/// Where the run computes: sets the compute precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// fp32 compute.
+    Cpu,
+    /// bf16 compute, fp32 master weights.
+    Cuda,
+}
+
+/// Bytes one rank holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Bytes {
+    pub weights: f64,
+    pub gradients: f64,
+    pub moments: f64,
+    /// Part of `activations`: the weight copies blocks keep for backward (pre-norm-folded
+    /// weights; in bf16 every projection's cast).
+    pub weight_copies: f64,
+    /// Activations kept for backward, as configured (checkpointing or not).
+    pub activations: f64,
+    /// The same without checkpointing and with every block checkpointed.
+    pub activations_full: f64,
+    pub activations_checkpointed: f64,
+    /// Logits, their log-softmax and gradient (full), or one chunk of them.
+    pub loss: f64,
+    pub total: f64,
+}
+
+/// The plan for one configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub preset: String,
+    pub arch: Arch,
+    pub params: i64,
+    pub ranks: usize,
+    pub memory_per_rank: f64,
+    pub target: Target,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub zero: u8,
+    pub activation_checkpointing: usize,
+    pub ce_chunk_rows: i64,
+    pub bytes: Bytes,
+    pub fits: bool,
+    /// The largest micro-batch (rows per rank) that fits with these settings (0: none).
+    pub max_micro_batch: usize,
+    /// Settings that make the run fit when it does not, most economical first.
+    pub suggestions: Vec<String>,
+}
+
+/// Bytes of one rank for `cfg` (its `vocab_size` must be set) at micro-batch `b`.
+fn bytes(cfg: &TrainConfig, m: &ModelConfig, ranks: usize, target: Target, b: usize) -> Bytes {
+    let p = m.param_count() as f64;
+    let n = ranks.max(1) as f64;
+    let zero = cfg.train.zero;
+    let shard = |stage: u8, x: f64| if zero >= stage { x / n } else { x };
+    let (d, f, l) = (m.d_model as f64, m.ffn_dim() as f64, m.n_layers as f64);
+    let t = m.towers() as f64;
+    let seq = cfg.data.seq_len as f64;
+    let tokens = b as f64 * seq;
+    let ck = match target {
+        Target::Cpu => 4.0,
+        Target::Cuda => 2.0,
+    };
+    let weights = shard(3, 4.0 * p);
+    // ZeRO-1 keeps the whole flat gradient (backward writes it) plus this rank's reduced shard.
+    let gradients = match zero {
+        0 => 4.0 * p,
+        1 => 4.0 * p + 4.0 * p / n,
+        _ => 4.0 * p / n,
+    };
+    let moments = shard(1, 8.0 * p);
+    // Per block: the pre-norm-folded Q|K|V and gate|up weights are new tensors each step; in
+    // bf16 every projection's weight is cast (O and down too).
+    let block_w = match (m.arch, target) {
+        (Arch::Moe, _) => 0.0,
+        (_, Target::Cpu) => t * (3.0 * d * d + 2.0 * f * d) * ck,
+        (_, Target::Cuda) => t * (4.0 * d * d + 3.0 * f * d) * ck,
+    };
+    let alpha = if m.arch == Arch::Mot { ALPHA_MOT } else { ALPHA_DENSE };
+    let precision = match target {
+        Target::Cpu => 1.0,
+        Target::Cuda => 0.75,
+    };
+    let per_block = tokens * (alpha * d + BETA * f) * 4.0 * precision + 4.0 * b as f64 * seq * seq + block_w;
+    let every = cfg.train.activation_checkpointing.every();
+    let full = l * per_block;
+    // Checkpointed: each block keeps its input; backward recomputes one block at a time.
+    let checkpointed = l * tokens * d * 4.0 + per_block;
+    let activations = if every == 0 {
+        full
+    } else {
+        let kept = (l / every as f64).ceil();
+        kept * tokens * d * 4.0 + (l - kept) * per_block + per_block
+    };
+    let v = m.vocab_size as f64;
+    let rows = if m.ce_chunk_rows > 0 { (m.ce_chunk_rows as f64).min(tokens) } else { tokens };
+    // Logits and their log-softmax (forward), then the gradient beside the saved one.
+    let loss = 2.0 * rows * v * 4.0 + tokens * d * 4.0;
+    let weight_copies = if every == 0 { l * block_w } else { block_w };
+    let total = weights + gradients + moments + activations + loss;
+    Bytes {
+        weights,
+        gradients,
+        moments,
+        weight_copies,
+        activations,
+        activations_full: full,
+        activations_checkpointed: checkpointed,
+        loss,
+        total,
+    }
+}
+
+/// The plan for `cfg` on `ranks` ranks of `memory_per_rank` bytes. A config whose vocabulary
+/// comes from the corpus (`vocab_size = 0`) is planned with `default_vocab` ids.
+pub fn plan(cfg: &TrainConfig, ranks: usize, memory_per_rank: f64, target: Target, default_vocab: i64) -> Plan {
+    let mut m = cfg.model.clone();
+    if m.vocab_size == 0 {
+        m.vocab_size = default_vocab;
+    }
+    let b = cfg.data.batch_size;
+    let now = bytes(cfg, &m, ranks, target, b);
+    let fits = now.total <= memory_per_rank;
+    let largest = |c: &TrainConfig| (1..=4096usize).take_while(|&k| bytes(c, &m, ranks, target, k).total <= memory_per_rank).last();
+    let max_micro_batch = largest(cfg).unwrap_or(0);
+    let mut suggestions = Vec::new();
+    if !fits {
+        // Try the cheaper levers first: chunked loss, checkpointing, then ZeRO stages.
+        let mut tries: Vec<(String, TrainConfig)> = Vec::new();
+        let mut c = cfg.clone();
+        if c.model.ce_chunk_rows == 0 {
+            c.model.ce_chunk_rows = 4096;
+            tries.push(("model.ce_chunk_rows=4096".into(), c.clone()));
+        }
+        if c.train.activation_checkpointing.every() != 1 && m.arch != Arch::Moe {
+            c.train.activation_checkpointing = crate::config::Checkpointing::All(true);
+            tries.push((format!("{} train.activation_checkpointing=true", tries.last().map_or("", |t| t.0.as_str())), c.clone()));
+        }
+        for stage in (cfg.train.zero + 1)..=3 {
+            c.train.zero = stage;
+            let label = format!("{} train.zero={stage}", tries.last().map_or("", |t| t.0.as_str()));
+            tries.push((label, c.clone()));
+        }
+        for (label, c) in tries {
+            let mut mm = m.clone();
+            mm.ce_chunk_rows = c.model.ce_chunk_rows;
+            if bytes(&c, &mm, ranks, target, b).total <= memory_per_rank {
+                let mut s = label.trim().to_string();
+                if c.train.zero >= 2 {
+                    s.push_str(" (ZeRO-2/3 are planned: motley trains with train.zero ≤ 1 today)");
+                }
+                suggestions.push(s);
+                break;
+            }
+        }
+        if suggestions.is_empty() {
+            suggestions.push(format!(
+                "does not fit on {ranks} rank(s) of {:.0} GB even with every setting: more ranks or a smaller micro-batch",
+                memory_per_rank / 1e9
+            ));
+        }
+    }
+    Plan {
+        preset: cfg.preset.clone(),
+        arch: m.arch,
+        params: m.param_count(),
+        ranks,
+        memory_per_rank,
+        target,
+        micro_batch: b,
+        seq_len: cfg.data.seq_len,
+        zero: cfg.train.zero,
+        activation_checkpointing: cfg.train.activation_checkpointing.every(),
+        ce_chunk_rows: m.ce_chunk_rows,
+        bytes: now,
+        fits,
+        max_micro_batch,
+        suggestions,
+    }
+}
+
+impl Plan {
+    /// A table of the bytes per rank, in GB.
+    pub fn table(&self) -> String {
+        let gb = |x: f64| format!("{:>9.2} GB", x / 1e9);
+        let b = &self.bytes;
+        let mut s = format!(
+            "{} {} ({:.2} B parameters), {} rank(s) of {:.0} GB, {:?}: micro-batch {} × {} tokens, zero {}, \
+             checkpointing {}, loss chunk {}\n",
+            self.preset,
+            self.arch,
+            self.params as f64 / 1e9,
+            self.ranks,
+            self.memory_per_rank / 1e9,
+            self.target,
+            self.micro_batch,
+            self.seq_len,
+            self.zero,
+            match self.activation_checkpointing {
+                0 => "off".to_string(),
+                1 => "every block".to_string(),
+                k => format!("every {k}th block"),
+            },
+            if self.ce_chunk_rows > 0 { format!("{} rows", self.ce_chunk_rows) } else { "off".into() },
+        );
+        for (name, v) in [
+            ("weights", b.weights),
+            ("gradients", b.gradients),
+            ("optimizer moments", b.moments),
+            ("activations", b.activations),
+            ("  without checkpointing", b.activations_full),
+            ("  every block checkpointed", b.activations_checkpointed),
+            ("loss (logits)", b.loss),
+            ("total", b.total),
+        ] {
+            s.push_str(&format!("{name:<28}{}\n", gb(v)));
+        }
+        s.push_str(&format!(
+            "{}; the largest micro-batch that fits: {}\n",
+            if self.fits { "fits" } else { "does NOT fit" },
+            self.max_micro_batch
+        ));
+        for sug in &self.suggestions {
+            s.push_str(&format!("to fit: {sug}\n"));
+        }
+        s
+    }
+}
+
+/// Parses `80GB`, `40G`, `24GiB`, `512MB` or a plain byte count.
+pub fn parse_bytes(text: &str) -> Option<f64> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.trim().parse().ok()?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    (x >= 0.0).then_some(x * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("80GB"), Some(80e9));
+        assert_eq!(parse_bytes("24GiB"), Some(24.0 * 1024.0 * 1024.0 * 1024.0));
+        assert_eq!(parse_bytes("512 MB"), Some(512e6));
+        assert_eq!(parse_bytes("x"), None);
+    }
+
+    #[test]
+    fn sharding_and_checkpointing_shrink_the_right_parts() {
+        let mut c = TrainConfig::preset("1.5b").expect("preset");
+        let base = plan(&c, 8, 80e9, Target::Cuda, 65_536);
+        c.train.zero = 1;
+        let z1 = plan(&c, 8, 80e9, Target::Cuda, 65_536);
+        assert!((z1.bytes.moments - base.bytes.moments / 8.0).abs() < 1.0);
+        assert_eq!(z1.bytes.weights, base.bytes.weights);
+        c.train.activation_checkpointing = crate::config::Checkpointing::All(true);
+        let ck = plan(&c, 8, 80e9, Target::Cuda, 65_536);
+        assert!(ck.bytes.activations < z1.bytes.activations / 4.0, "{} vs {}", ck.bytes.activations, z1.bytes.activations);
+        c.model.ce_chunk_rows = 4096;
+        let ch = plan(&c, 8, 80e9, Target::Cuda, 65_536);
+        assert!(ch.bytes.loss < ck.bytes.loss / 4.0);
+    }
+}
