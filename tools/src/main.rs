@@ -50,6 +50,8 @@ enum Command {
     Train(cmd::train::Args),
     /// Evaluate a checkpoint on a corpus: per-modality loss.
     Eval(cmd::train::EvalArgs),
+    /// Memory per GPU of a run (weights, gradients, moments, activations, loss) and the settings that make it fit.
+    Plan(cmd::plan::Args),
     /// Step matching: the step at which MoT (and MoE-4x) reach dense's final held-out loss, per modality.
     Study(cmd::study::Args),
     /// Generate text, images or speech from a checkpoint.
@@ -73,6 +75,7 @@ fn main() {
         Command::Shards(c) => cmd::shards::run(c, &ctx),
         Command::Train(a) => cmd::train::run(a, &ctx),
         Command::Eval(a) => cmd::train::eval(a, &ctx),
+        Command::Plan(a) => cmd::plan::run(a, &ctx),
         Command::Study(a) => cmd::study::run(a, &ctx),
         Command::Sample(a) => cmd::sample::run(a, &ctx),
         Command::Bench(c) => cmd::bench::run(c, &ctx),

@@ -215,6 +215,106 @@ fn zero_one_shards_the_moments_and_keeps_the_curve() {
     }
 }
 
+#[test]
+fn zero_three_shards_the_weights_gathers_a_block_at_a_time_and_keeps_the_curve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, latent) in [("mot", false), ("transfusion", true)] {
+        let data = corpus(dir.path(), latent);
+        let run = |tag: &str, extra: &[String]| {
+            let out = dir.path().join(format!("{name}-{tag}"));
+            let common = [set("model.n_layers=3"), set("train.activation_checkpointing=true")].concat();
+            (train(&tiny(&data, &out, &[common, extra.to_vec()].concat())), out)
+        };
+        let (_, one) = run("one", &set("data.batch_size=4"));
+        let (_, dp) = run("dp", &[args(&["--nproc", "2"]), set("data.batch_size=2")].concat());
+        let (s, z3) = run(
+            "zero3",
+            &[
+                args(&["--nproc", "2"]),
+                set("data.batch_size=2"),
+                set("train.zero=3"),
+                set("train.verify_replicas=true"),
+            ]
+            .concat(),
+        );
+        assert_curves_close(&curve(&dp), &curve(&z3), 1e-5, &format!("{name}: ZeRO-3 vs plain data parallel"));
+        assert_curves_close(&curve(&one), &curve(&z3), 1e-5, &format!("{name}: ZeRO-3 vs one process"));
+        assert!(s["weights_blake3"].is_string(), "replicas gather to equal weights: {s}");
+        // Rank 0 keeps half of every weight, gradient and moment; gathered, at most unit 0 (the
+        // embedding and head) and two blocks (the one running and the one prefetched).
+        let z = &s["zero3"];
+        let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let whole = 4.0 * num(&s["params"]);
+        let shard = num(&z["shard"]);
+        assert!((shard / whole - 0.5).abs() < 0.02, "rank 0 holds {shard} of {whole} bytes of weights: {s}");
+        assert_eq!(num(&s["state_bytes"]["moments"]), 2.0 * shard, "{s}");
+        let (peak, root, block) = (num(&z["peak_gathered"]), num(&z["root_unit"]), num(&z["largest_unit"]));
+        assert!(
+            peak >= root + block && peak <= root + 2.0 * block,
+            "gathered at most: {peak} (root {root}, block {block})"
+        );
+        assert!(peak < whole, "never the whole model in a step: {peak} of {whole}");
+        // The memory plan predicted what rank 0 holds (padding aside) and, in one process
+        // (where no collective's buffers are freed late by Gloo's threads), what a step adds.
+        let plan = &s["planned_bytes"];
+        for k in ["weights", "gradients", "moments"] {
+            let (want, got) = (num(&plan[k]), num(&s["state_bytes"][k]));
+            assert!((want - got).abs() / got < 0.02, "{k}: planned {want}, held {got}");
+        }
+        let (solo, _) = run("zero3-one", &[set("data.batch_size=4"), set("train.zero=3")].concat());
+        let (want, got) = (num(&solo["planned_bytes"]["step"]), num(&solo["step_peak_bytes"]));
+        assert!((want - got).abs() / got <= 0.15, "{name}: a step planned {want} bytes, measured {got}");
+        // Its checkpoint is the plain run's, tensor for tensor (names, shapes; values close).
+        let step = "checkpoints/step-00000010";
+        let (a, b) = (dp.join(step), z3.join(step));
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            let x = motley_trainer::checkpoint::read_tensors(&a.join(file)).expect("plain checkpoint");
+            let y = motley_trainer::checkpoint::read_tensors(&b.join(file)).expect("ZeRO-3 checkpoint");
+            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{file}");
+            for (k, t) in &x {
+                let diff = f64::try_from((t - &y[k]).abs().max()).expect("max");
+                assert!(diff < 1e-4, "{name} {file} {k}: differs by {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn checkpoints_move_between_zero_three_and_plain_on_other_world_sizes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let base = |steps| {
+        [
+            set("model.n_layers=3"),
+            set("train.activation_checkpointing=true"),
+            set("data.batch_size=2"),
+            set("optim.global_batch=12"),
+            set(&format!("train.steps={steps}")),
+            set("train.checkpoint_every=3"),
+            set("train.eval_every=3"),
+        ]
+        .concat()
+    };
+    let whole = dir.path().join("whole");
+    train(&tiny(&data, &whole, &[args(&["--nproc", "2"]), base(9)].concat()));
+    // Plain on 2 ranks → ZeRO-3 on 3 ranks → ZeRO-3 in one process → plain on 2 ranks.
+    let run = dir.path().join("resumed");
+    train(&tiny(&data, &run, &[args(&["--nproc", "2"]), base(9), set("train.stop_at=3")].concat()));
+    let resume = |extra: &[String]| {
+        let mut a: Vec<String> = vec!["--json".into(), "train".into(), "--resume".into(), run.display().to_string()];
+        a.extend(extra.iter().cloned());
+        train(&a)
+    };
+    let s = resume(&[args(&["--nproc", "3"]), set("train.stop_at=5"), set("train.zero=3")].concat());
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(3), Some(5)), "{s}");
+    assert!(s["zero3"].is_object(), "{s}");
+    let s = resume(&[set("train.stop_at=6"), set("train.zero=3")].concat());
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(1), Some(6)), "{s}");
+    let s = resume(&[args(&["--nproc", "2"]), set("train.stop_at=0"), set("train.zero=0")].concat());
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64(), s["zero3"].is_null()), (Some(2), Some(9), true), "{s}");
+    assert_curves_close(&curve(&whole), &curve(&run), 1e-5, "plain → ZeRO-3 (3 ranks, 1 rank) → plain");
+}
+
 /// Global row ids each rank trained on, over a run's row logs, up to `last_step`.
 fn rows(run: &Path, last_step: u64) -> Vec<u64> {
     let mut out = Vec::new();

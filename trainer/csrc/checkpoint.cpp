@@ -7,6 +7,10 @@
 // Rust code (the model), reached through a callback the node owns; the block draws no random
 // numbers, so the recomputation is exact.
 //
+// The callback is told which run it is (`phase`), so a block whose weights are sharded over
+// ranks (ZeRO-3, trainer/src/fsdp.rs) can gather them before each run, free them after the
+// graph-free one, and reduce its gradients once the backward through the recomputation is done.
+//
 // Errors come back as a malloc'd message (free with motley_free_error), never as an
 // exception across the FFI.
 #include <ATen/ATen.h>
@@ -24,7 +28,10 @@
 
 // The block's forward, `x -> y`, as a Rust closure: `call` returns a malloc'd error or null and
 // hands over a new heap tensor; `drop` frees the closure once the node that needs it is gone.
-typedef char* (*motley_block_call)(void* data, const at::Tensor* x, at::Tensor** out);
+// Phases: 0 the forward without a graph, 1 the recomputation in backward (a graph follows),
+// 2 after the backward through that recomputation (`x` and `out` null).
+enum { PHASE_FORWARD = 0, PHASE_RECOMPUTE = 1, PHASE_BACKWARD_DONE = 2 };
+typedef char* (*motley_block_call)(void* data, int phase, const at::Tensor* x, at::Tensor** out);
 typedef void (*motley_block_drop)(void* data);
 
 namespace {
@@ -38,18 +45,23 @@ struct Closure {
   Closure& operator=(const Closure&) = delete;
   ~Closure() { drop(data); }
 
-  at::Tensor run(const at::Tensor& x) const {
-    at::Tensor* out = nullptr;
-    char* err = call(data, &x, &out);
+  static void check(char* err) {
     if (err != nullptr) {
       std::string msg(err);
       free(err);
       throw std::runtime_error("checkpointed block: " + msg);
     }
+  }
+
+  at::Tensor run(const at::Tensor& x, int phase) const {
+    at::Tensor* out = nullptr;
+    check(call(data, phase, &x, &out));
     at::Tensor y = *out;
     delete out;
     return y;
   }
+
+  void backward_done() const { check(call(data, PHASE_BACKWARD_DONE, nullptr, nullptr)); }
 };
 
 struct CheckpointBackward : public torch::autograd::Node {
@@ -62,9 +74,11 @@ struct CheckpointBackward : public torch::autograd::Node {
     at::Tensor y;
     {
       at::AutoGradMode enable(true);
-      y = block->run(x);
+      y = block->run(x, PHASE_RECOMPUTE);
     }
     torch::autograd::backward({y}, {grads[0]});
+    y.reset();
+    block->backward_done();
     return {x.grad()};
   }
 
@@ -83,7 +97,7 @@ extern "C" char* motley_checkpoint(const at::Tensor* x, void* data, motley_block
     at::Tensor y;
     {
       at::NoGradGuard no_grad;
-      y = block->run(*x);
+      y = block->run(*x, PHASE_FORWARD);
     }
     if (x->requires_grad() && at::GradMode::is_enabled()) {
       auto node = std::shared_ptr<CheckpointBackward>(new CheckpointBackward(), torch::autograd::deleteNode);

@@ -167,8 +167,10 @@ pub struct LoopConfig {
     /// Seconds a collective or the rendezvous may take before a rank gives up, and how long a
     /// rank may go silent before the others end the job naming it.
     pub dist_timeout_s: f64,
-    /// ZeRO stage: 0 (every rank keeps all optimizer state) or 1 (AdamW moments sharded over
-    /// ranks: gradients reduce-scattered, parameters all-gathered).
+    /// ZeRO stage: 0 (every rank keeps all optimizer state), 1 (AdamW moments sharded over
+    /// ranks: gradients reduce-scattered, parameters all-gathered) or 3 (parameters, gradients
+    /// and moments sharded: each block's weights gathered just before it runs and freed after,
+    /// as FSDP's full shard; needs `activation_checkpointing = true`).
     pub zero: u8,
     /// Gradient bucket size in MiB (torch DDP's 25; the first bucket 1 MiB).
     pub bucket_mb: f64,
@@ -184,6 +186,9 @@ pub struct LoopConfig {
     /// Write the global row ids every rank trains on to `RUN/rows/rank-N.jsonl` (audits that
     /// every row is consumed exactly once, across resumes on other world sizes).
     pub log_rows: bool,
+    /// Memory of one device (`80GB`, `40GiB`; empty: no check): a run the memory plan
+    /// (`motley plan`) says cannot fit is refused at start, naming the settings that would fit.
+    pub device_memory: String,
 }
 
 impl Default for LoopConfig {
@@ -211,6 +216,7 @@ impl Default for LoopConfig {
             verify_replicas: false,
             activation_checkpointing: Checkpointing::default(),
             log_rows: false,
+            device_memory: String::new(),
         }
     }
 }
@@ -384,10 +390,22 @@ impl TrainConfig {
         if !(self.optim.lr > 0.0) || self.optim.min_lr < 0.0 || self.optim.min_lr > self.optim.lr {
             return bad("optim.lr", format!("need 0 <= min_lr ({}) <= lr ({})", self.optim.min_lr, self.optim.lr));
         }
-        if self.train.zero > 1 {
+        if !matches!(self.train.zero, 0 | 1 | 3) {
             return bad(
                 "train.zero",
-                format!("{} is not supported: 0 (replicated optimizer state) or 1 (sharded moments)", self.train.zero),
+                format!(
+                    "{} is not supported: 0 (replicated optimizer state), 1 (sharded moments) or 3 (sharded \
+                     parameters, gradients and moments)",
+                    self.train.zero
+                ),
+            );
+        }
+        if self.train.zero == 3 && self.train.activation_checkpointing.every() != 1 {
+            return bad(
+                "train.zero",
+                "ZeRO-3 gathers a block's weights again in backward by recomputing the block: set \
+                 train.activation_checkpointing = true (every block)"
+                    .into(),
             );
         }
         if self.train.activation_checkpointing.every() > 0 && self.model.arch == Arch::Moe {
@@ -397,6 +415,9 @@ impl TrainConfig {
                  use dense or MoT, or turn it off"
                     .into(),
             );
+        }
+        if !self.train.device_memory.is_empty() && crate::plan::parse_bytes(&self.train.device_memory).is_none() {
+            return bad("train.device_memory", format!("{:?}: expected a size such as 80GB", self.train.device_memory));
         }
         if !(self.train.dist_timeout_s > 0.0) || !(self.train.bucket_mb > 0.0) {
             return bad("train.dist_timeout_s / train.bucket_mb", "must be > 0".into());
@@ -511,6 +532,10 @@ mod tests {
         assert!(moe.validate().expect_err("moe").to_string().contains("activation_checkpointing"));
         c.train.zero = 2;
         assert!(c.validate().expect_err("zero 2").to_string().contains("train.zero"));
+        c.train.zero = 3;
+        assert!(c.validate().expect_err("zero 3 alone").to_string().contains("activation_checkpointing = true"));
+        c.train.activation_checkpointing = Checkpointing::All(true);
+        c.validate().expect("zero 3 with checkpointing");
     }
 
     #[test]

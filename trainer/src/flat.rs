@@ -8,6 +8,10 @@
 //! 1 MiB, then 25 MiB), never split a parameter or cross the decay boundary, and are padded
 //! with zeros to a multiple of `world × 4` elements so every rank's chunk is equal and
 //! 16-byte aligned.
+//!
+//! Under ZeRO-3 ([`Layout::units`]) the buckets are the units weights are gathered in instead:
+//! everything outside the blocks (embedding, final norm, head, latent projections) is unit 0
+//! and block `i` is unit `i + 1`, each split only at the decay boundary, whatever its size.
 
 /// One parameter's place in the flat buffers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +32,8 @@ pub struct Bucket {
     pub decay: bool,
     /// Offset of this bucket's chunk in a rank's shard buffer (`Σ len / world` before it).
     pub shard_offset: i64,
+    /// The ZeRO-3 unit the bucket belongs to (0 in a data-parallel layout).
+    pub unit: usize,
 }
 
 /// The flat layout for a world of `world` ranks.
@@ -77,6 +83,14 @@ fn backward_rank(name: &str) -> (u8, i64) {
     }
 }
 
+/// ZeRO-3 unit of a parameter: 0 outside the blocks, `i + 1` for block `i`.
+pub fn unit_of(name: &str) -> usize {
+    name.strip_prefix("layers.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|s| s.parse::<usize>().ok())
+        .map_or(0, |i| i + 1)
+}
+
 fn round_up(n: i64, to: i64) -> i64 {
     let to = to.max(1);
     (n + to - 1) / to * to
@@ -84,33 +98,49 @@ fn round_up(n: i64, to: i64) -> i64 {
 
 impl Layout {
     pub fn new(params: &[ParamInfo<'_>], world: usize, cap: BucketCap) -> Self {
-        let world = world.max(1);
-        let align = world as i64 * 4;
         let mut order: Vec<usize> = (0..params.len()).collect();
         order.sort_by(|&a, &b| {
             let (pa, pb) = (&params[a], &params[b]);
             (!pa.decay, backward_rank(pa.name), pa.name).cmp(&(!pb.decay, backward_rank(pb.name), pb.name))
         });
+        Self::build(params, &order, world, cap, false)
+    }
+
+    /// The ZeRO-3 layout: one bucket per unit and decay group, units in order.
+    pub fn units(params: &[ParamInfo<'_>], world: usize) -> Self {
+        let mut order: Vec<usize> = (0..params.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (pa, pb) = (&params[a], &params[b]);
+            (unit_of(pa.name), !pa.decay, pa.name).cmp(&(unit_of(pb.name), !pb.decay, pb.name))
+        });
+        Self::build(params, &order, world, BucketCap { first: i64::MAX, rest: i64::MAX }, true)
+    }
+
+    fn build(params: &[ParamInfo<'_>], order: &[usize], world: usize, cap: BucketCap, units: bool) -> Self {
+        let world = world.max(1);
+        let align = world as i64 * 4;
         let mut entries = Vec::with_capacity(params.len());
         let mut buckets: Vec<Bucket> = Vec::new();
-        let (mut offset, mut open): (i64, Option<(i64, bool, i64)>) = (0, None); // (start, decay, filled)
-        let close = |buckets: &mut Vec<Bucket>, offset: &mut i64, open: &mut Option<(i64, bool, i64)>| {
-            if let Some((start, decay, filled)) = open.take() {
+        // The open bucket: (start, decay, filled, unit).
+        let (mut offset, mut open): (i64, Option<(i64, bool, i64, usize)>) = (0, None);
+        let close = |buckets: &mut Vec<Bucket>, offset: &mut i64, open: &mut Option<(i64, bool, i64, usize)>| {
+            if let Some((start, decay, filled, unit)) = open.take() {
                 let len = round_up(filled, align);
                 let shard_offset = buckets.iter().map(|b| b.len / world as i64).sum();
-                buckets.push(Bucket { start, len, decay, shard_offset });
+                buckets.push(Bucket { start, len, decay, shard_offset, unit });
                 *offset = start + len;
             }
         };
-        for &i in &order {
+        for &i in order {
             let p = &params[i];
+            let unit = if units { unit_of(p.name) } else { 0 };
             let limit = if buckets.is_empty() { cap.first } else { cap.rest };
-            if let Some((_, decay, filled)) = open
-                && (decay != p.decay || (filled > 0 && filled + p.numel > limit))
+            if let Some((_, decay, filled, u)) = open
+                && (decay != p.decay || u != unit || (filled > 0 && filled + p.numel > limit))
             {
                 close(&mut buckets, &mut offset, &mut open);
             }
-            let (start, _, filled) = open.get_or_insert((offset, p.decay, 0));
+            let (start, _, filled, _) = open.get_or_insert((offset, p.decay, 0, unit));
             entries.push(Entry { param: i, offset: *start + *filled, numel: p.numel, bucket: buckets.len() });
             *filled += p.numel;
         }
@@ -133,6 +163,11 @@ impl Layout {
         let k = &self.buckets[b];
         let len = k.len / self.world as i64;
         (k.start + rank as i64 * len, len)
+    }
+
+    /// Units of a ZeRO-3 layout (the largest unit index + 1).
+    pub fn n_units(&self) -> usize {
+        self.buckets.iter().map(|b| b.unit + 1).max().unwrap_or(0)
     }
 
     /// Bucket index of each parameter (by parameter index).
@@ -193,6 +228,27 @@ mod tests {
         assert_eq!(l.buckets[2].shard_offset, (48 + 60) / 3);
         assert_eq!(l.shard_total(), 88);
         assert_eq!(l.bucket_of(6), vec![4, 2, 1, 1, 3, 0]);
+    }
+
+    #[test]
+    fn units_group_each_block_split_only_at_the_decay_boundary() {
+        let params = [
+            info("embed.weight", 100, false),
+            info("layers.1.attn.qkv.stacked", 30, true),
+            info("layers.0.attn.qkv.stacked", 30, true),
+            info("layers.0.ffn.down.stacked", 3000, true),
+            info("layers.0.attn_norm.stacked", 5, false),
+            info("lm_head.weight", 40, true),
+        ];
+        let l = Layout::units(&params, 2);
+        let got: Vec<(usize, bool, i64)> = l.buckets.iter().map(|b| (b.unit, b.decay, b.len)).collect();
+        assert_eq!(got, vec![(0, true, 40), (0, false, 104), (1, true, 3032), (1, false, 8), (2, true, 32)]);
+        assert_eq!(l.n_units(), 3);
+        for e in &l.entries {
+            assert_eq!(l.buckets[e.bucket].unit, unit_of(params[e.param].name));
+        }
+        assert_eq!(unit_of("layers.12.x"), 13);
+        assert_eq!(unit_of("latent_in.weight"), 0);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! - [`checkpoint`], [`metrics`]: files on disk, metrics and plot.
 //! - [`dist`]: data parallelism on torch's c10d (launch variables, process groups, gradient
 //!   buckets from autograd hooks, heartbeats); [`flat`]: the flat buffers' layout, buckets and
-//!   ZeRO shards.
+//!   ZeRO shards; [`fsdp`]: ZeRO-3, each block's weights gathered around its runs.
 //! - [`ops`]: counting the operators a step dispatches (how launch-bound it is), the bytes it
 //!   allocates, and the C++ ops (tower_linear, chunked cross-entropy, block checkpointing).
 //! - [`plan`]: bytes per GPU of a run (weights, gradients, moments, activations, loss) and the
@@ -27,6 +27,7 @@ pub mod diffusion;
 pub mod dist;
 pub mod error;
 pub mod flat;
+pub mod fsdp;
 pub mod layout;
 pub mod loader;
 pub mod metrics;

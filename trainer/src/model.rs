@@ -26,13 +26,17 @@
 //! every matmul and attention call, norms and the loss run in fp32. tch's `autocast` only
 //! offers CUDA fp16, which would need loss scaling.
 
+use std::sync::Arc;
+
 use motley_shards::Modality;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::error::TrainError;
-use crate::layout::{AttnCtx, Step};
+use crate::fsdp::{BlockUnit, Fsdp};
+use crate::layout::{AttnCtx, OwnedAttnCtx, Step};
 pub use crate::layout::{LatentInputs, Prepared, Route, Routing};
+use crate::ops::CheckpointFn;
 use crate::towers::{Linear, RmsNorm, Stacked, TowerNorm, Towers, rms, site_weight};
 pub use crate::towers::{public_parameters, public_views};
 
@@ -690,6 +694,30 @@ pub struct LossOutput {
     pub image_diffusion: Option<Tensor>,
 }
 
+/// A block's forward as [`crate::ops::checkpoint`] runs it: owns its (shallow-cloned) weights
+/// and attention context, since autograd may run it again while the graph lives; under
+/// ZeRO-3 the hooks gather and free the block's weights around each run.
+struct CheckpointedBlock {
+    block: Block,
+    ctx: OwnedAttnCtx,
+    ck: Kind,
+    unit: Option<BlockUnit>,
+}
+
+impl CheckpointFn for CheckpointedBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, String> {
+        Ok(self.block.forward(x, &self.ctx.view(), None, self.ck).0)
+    }
+
+    fn before(&self, recompute: bool) -> Result<(), String> {
+        self.unit.as_ref().map_or(Ok(()), |u| u.before(recompute))
+    }
+
+    fn after(&self, backward: bool) -> Result<(), String> {
+        self.unit.as_ref().map_or(Ok(()), |u| u.after(backward))
+    }
+}
+
 /// The whole network. Parameters live in the `VarStore` passed to [`Model::new`].
 #[derive(Debug)]
 pub struct Model {
@@ -703,6 +731,8 @@ pub struct Model {
     pub compute_kind: Kind,
     /// Activation checkpointing of every n-th block (0: off).
     checkpoint_every: usize,
+    /// ZeRO-3: the blocks' weights are gathered by this around each checkpointed run.
+    fsdp: Option<Arc<Fsdp>>,
 }
 
 /// Serializes "seed torch's global generator, then draw the initial weights": two threads doing
@@ -746,9 +776,16 @@ impl Model {
     /// Seeds torch's global generator and creates the model while no other seeded
     /// initialization can draw from it: the same seed always gives the same weights.
     pub fn new_seeded(root: &nn::Path, cfg: &ModelConfig, seed: i64) -> Result<Self, TrainError> {
+        Self::new_seeded_for(root, cfg, seed, root.device())
+    }
+
+    /// [`Model::new_seeded`] with the parameters created under `root` (host memory, say) but
+    /// the model computing on `device`, where its weights will be moved before they are used
+    /// (ZeRO-3 on a GPU: the whole model never exists on the device).
+    pub fn new_seeded_for(root: &nn::Path, cfg: &ModelConfig, seed: i64, device: Device) -> Result<Self, TrainError> {
         let _guard = SEEDED_INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         tch::manual_seed(seed);
-        Model::build(root, cfg)
+        Model::build(root, cfg, device)
     }
 
     /// Creates every parameter under `root`; initialization draws from torch's generator
@@ -756,10 +793,10 @@ impl Model {
     /// so prefer [`Model::new_seeded`] for a reproducible model.
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
         let _guard = SEEDED_INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Model::build(root, cfg)
+        Model::build(root, cfg, root.device())
     }
 
-    fn build(root: &nn::Path, cfg: &ModelConfig) -> Result<Self, TrainError> {
+    fn build(root: &nn::Path, cfg: &ModelConfig, device: Device) -> Result<Self, TrainError> {
         cfg.validate()?;
         let head_towers = if cfg.untie_head { cfg.towers() } else { 1 };
         let embed = (root / "embed").var(
@@ -773,11 +810,21 @@ impl Model {
             Linear::new(p, cfg.d_model, cfg.vocab_size, cfg.init_std)
         });
         let latent = (cfg.latent_dim > 0).then(|| LatentHead::new(root, cfg));
-        let compute_kind = if root.device().is_cuda() { Kind::BFloat16 } else { Kind::Float };
+        let compute_kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
         if cfg.grouped_mm && cfg.towers() > 1 {
-            probe_grouped_mm(cfg, root.device(), compute_kind)?;
+            probe_grouped_mm(cfg, device, compute_kind)?;
         }
-        Ok(Model { cfg: cfg.clone(), embed, layers, final_norm, lm_head, latent, compute_kind, checkpoint_every: 0 })
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            latent,
+            compute_kind,
+            checkpoint_every: 0,
+            fsdp: None,
+        })
     }
 
     /// Residual stream after the last block `[N, D]` (fp32, before the final norm), layout
@@ -790,11 +837,14 @@ impl Model {
         let mut aux: Option<Tensor> = None;
         let ctx = p.attn_ctx();
         for (i, layer) in self.layers.iter().enumerate() {
-            if self.checkpoint_every > 0 && i % self.checkpoint_every == 0 && x.requires_grad() {
-                if let Some(y) = self.checkpointed(layer, &x, &ctx) {
-                    x = y;
-                    continue;
-                }
+            // Under ZeRO-3 every block runs through the node that gathers its weights, with or
+            // without a graph.
+            let checkpoint = self.checkpoint_every > 0 && i % self.checkpoint_every == 0 && x.requires_grad();
+            if (self.fsdp.is_some() || checkpoint)
+                && let Some(y) = self.checkpointed(i, layer, &x, &ctx)
+            {
+                x = y;
+                continue;
             }
             let (y, a) = layer.forward(&x, &ctx, None, self.compute_kind);
             x = y;
@@ -811,17 +861,35 @@ impl Model {
     /// `layer` on `x` with activation checkpointing: nothing inside the block is kept for
     /// backward, which runs the block's forward again (`ops::checkpoint`). None for a block that
     /// cannot be checkpointed (MoE) or if the op fails (it warns once).
-    fn checkpointed(&self, layer: &Block, x: &Tensor, ctx: &AttnCtx<'_>) -> Option<Tensor> {
+    ///
+    /// Under ZeRO-3 a failure is recorded for the trainer ([`Fsdp::take_error`]) and the block
+    /// runs with its weights gathered (kept until the step's end, so backward still finds them).
+    fn checkpointed(&self, i: usize, layer: &Block, x: &Tensor, ctx: &AttnCtx<'_>) -> Option<Tensor> {
         let block = layer.shallow_clone()?;
-        let (owned, ck) = (ctx.to_owned(), self.compute_kind);
-        match crate::ops::checkpoint(x, Box::new(move |x: &Tensor| Ok(block.forward(x, &owned.view(), None, ck).0))) {
+        let unit = self.fsdp.as_ref().map(|f| BlockUnit { fsdp: Arc::clone(f), layer: i });
+        let f = CheckpointedBlock { block, ctx: ctx.to_owned(), ck: self.compute_kind, unit };
+        match crate::ops::checkpoint(x, Box::new(f)) {
             Ok(y) => Some(y),
             Err(e) => {
+                if let Some(f) = &self.fsdp {
+                    let fallback = f.gather(i + 1).and_then(|()| f.link_grads(i + 1));
+                    f.fail(match fallback {
+                        Ok(()) => e.to_string(),
+                        Err(g) => format!("{e}; then {g}"),
+                    });
+                    return None;
+                }
                 static WARNED: std::sync::Once = std::sync::Once::new();
                 WARNED.call_once(|| tracing::warn!("activation checkpointing failed, keeping activations: {e}"));
                 None
             }
         }
+    }
+
+    /// ZeRO-3 ([`crate::fsdp`]): blocks gather their weights through `fsdp` around each run
+    /// (every block is checkpointed); unit 0 must be gathered by the caller before a forward.
+    pub fn set_fsdp(&mut self, fsdp: Option<Arc<Fsdp>>) {
+        self.fsdp = fsdp;
     }
 
     /// Recompute every `every`-th block's activations in backward instead of keeping them

@@ -37,7 +37,7 @@ unsafe extern "C" {
     fn motley_checkpoint(
         x: *const C_tensor,
         data: *mut c_void,
-        call: extern "C" fn(*mut c_void, *const C_tensor, *mut *mut C_tensor) -> *mut c_char,
+        call: extern "C" fn(*mut c_void, i32, *const C_tensor, *mut *mut C_tensor) -> *mut c_char,
         drop: extern "C" fn(*mut c_void),
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
@@ -69,19 +69,59 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, chunk: i64
 }
 
 /// A block's forward for [`checkpoint`]: owns what it uses (shallow clones), since autograd
-/// may call it again as long as the graph lives.
-pub type BlockFn = Box<dyn Fn(&Tensor) -> Result<Tensor, String> + Send>;
+/// may call it again as long as the graph lives. A closure `Fn(&Tensor) -> Result<Tensor,
+/// String>` is one; a block whose weights live elsewhere between runs (ZeRO-3) also implements
+/// the hooks around each run.
+pub trait CheckpointFn: Send {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, String>;
+    /// Before a run: the graph-free forward (`recompute` false) or the recomputation in backward.
+    fn before(&self, _recompute: bool) -> Result<(), String> {
+        Ok(())
+    }
+    /// After the graph-free forward (`backward` false), or after the backward through the
+    /// recomputation (the block's parameters hold their gradients).
+    fn after(&self, _backward: bool) -> Result<(), String> {
+        Ok(())
+    }
+}
 
-extern "C" fn call_block(data: *mut c_void, x: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char {
-    // SAFETY: `data` is the BlockFn boxed by `checkpoint`, alive until `drop_block`; `x` is a
-    // live tensor the shim lends for the call (shallow-cloned into a handle of our own).
-    let (f, x) = unsafe { (&*(data as *const BlockFn), Tensor::clone_from_ptr(x as *mut C_tensor)) };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&x)));
-    let msg = match result {
-        Ok(Ok(mut y)) => {
-            // SAFETY: hands the heap tensor to the shim, which deletes it after copying.
-            unsafe { *out = y.as_mut_ptr() };
-            std::mem::forget(y);
+impl<F: Fn(&Tensor) -> Result<Tensor, String> + Send> CheckpointFn for F {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, String> {
+        self(x)
+    }
+}
+
+pub type BlockFn = Box<dyn CheckpointFn>;
+
+/// The shim's phases (`csrc/checkpoint.cpp`).
+const PHASE_FORWARD: i32 = 0;
+const PHASE_RECOMPUTE: i32 = 1;
+
+extern "C" fn call_block(data: *mut c_void, phase: i32, x: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char {
+    // SAFETY: `data` is the BlockFn boxed by `checkpoint`, alive until `drop_block`.
+    let f = unsafe { &*(data as *const BlockFn) };
+    let run = || -> Result<Option<Tensor>, String> {
+        if phase != PHASE_FORWARD && phase != PHASE_RECOMPUTE {
+            f.after(true)?;
+            return Ok(None);
+        }
+        // SAFETY: in these phases `x` is a live tensor the shim lends for the call
+        // (shallow-cloned into a handle of our own).
+        let x = unsafe { Tensor::clone_from_ptr(x as *mut C_tensor) };
+        f.before(phase == PHASE_RECOMPUTE)?;
+        let y = f.forward(&x)?;
+        if phase == PHASE_FORWARD {
+            f.after(false)?;
+        }
+        Ok(Some(y))
+    };
+    let msg = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(y)) => {
+            if let Some(mut y) = y {
+                // SAFETY: hands the heap tensor to the shim, which deletes it after copying.
+                unsafe { *out = y.as_mut_ptr() };
+                std::mem::forget(y);
+            }
             return std::ptr::null_mut();
         }
         Ok(Err(msg)) => msg,

@@ -9,7 +9,9 @@
 //! `zero_grad(set_to_none=False)`), which the data-parallel buckets reduce in place. Under
 //! ZeRO-1 ([`Sharding::zero`]) a rank keeps moments only for its chunk of each bucket: the
 //! buckets are reduce-scattered into a shard gradient, the rank updates its chunks, and the
-//! parameters are all-gathered.
+//! parameters are all-gathered. Under ZeRO-3 ([`Sharding::full_shard`]) the rank keeps only
+//! its chunks of the parameters too, in the per-unit layout of [`Layout::units`]: the model's
+//! tensors are empty between uses and [`crate::fsdp`] gathers them unit by unit.
 
 use std::collections::BTreeMap;
 
@@ -31,7 +33,25 @@ pub struct Param {
     moments: Option<(Tensor, Tensor)>,
     pub step: i64,
     pub decay: bool,
+    /// Its shape (under ZeRO-3 the tensor itself is empty between uses).
+    pub shape: Vec<i64>,
 }
+
+impl Param {
+    /// A tensor of the parameter's shape for naming its parts ([`public_views`]): the parameter
+    /// itself, or a broadcast scalar while ZeRO-3 has freed it (no memory either way).
+    fn shaped(&self) -> Tensor {
+        if self.tensor.size() == self.shape {
+            self.tensor.shallow_clone()
+        } else {
+            Tensor::zeros([1], (self.tensor.kind(), tch::Device::Cpu)).expand(self.shape.as_slice(), false)
+        }
+    }
+}
+
+/// ZeRO-3's view of the optimizer: the layout, this rank's parameter chunks, its shard
+/// gradient, and every parameter (empty between uses) with its shape.
+pub type FullShardParts = (Layout, Tensor, Tensor, Vec<(Tensor, Vec<i64>)>);
 
 /// How optimizer state is spread over the ranks of a job.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,13 +60,18 @@ pub struct Sharding {
     pub world: usize,
     /// ZeRO-1: each rank keeps moments for its chunk of every bucket only.
     pub zero: bool,
+    /// ZeRO-3: parameters and gradients sharded too (implies `zero`).
+    pub full_shard: bool,
+    /// ZeRO-3: the device the shards live on (the parameters may have been built elsewhere,
+    /// in host memory; None: the parameters' device).
+    pub device: Option<tch::Device>,
     pub buckets: BucketCap,
 }
 
 impl Sharding {
     /// One process, torch DDP's bucket sizes (irrelevant without communication).
     pub fn none() -> Self {
-        Sharding { rank: 0, world: 1, zero: false, buckets: BucketCap::ddp(25.0, 4) }
+        Sharding { rank: 0, world: 1, zero: false, full_shard: false, device: None, buckets: BucketCap::ddp(25.0, 4) }
     }
 }
 
@@ -77,6 +102,9 @@ struct Flat {
     layout: Layout,
     rank: usize,
     zero: bool,
+    /// ZeRO-3: `param` is this rank's chunks (`[shard_total]`, like the moments) and `grad` is
+    /// empty; gradients arrive reduce-scattered in `shard_grad`, summed over micro-batches.
+    full_shard: bool,
     param: Tensor,
     /// Every parameter's gradient is a view of this (linked at construction).
     grad: Tensor,
@@ -123,7 +151,7 @@ pub fn decays(name: &str, t: &Tensor) -> bool {
 }
 
 /// Points `param`'s gradient at `grad` (same shape, dtype and device).
-fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), String> {
+pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), String> {
     kernel::set_grad(param, grad)
 }
 
@@ -148,7 +176,8 @@ impl AdamW {
             .into_iter()
             .map(|(name, tensor)| {
                 let decay = decays(&name, &tensor);
-                Param { name, tensor, moments: None, step: 0, decay }
+                let shape = tensor.size();
+                Param { name, tensor, moments: None, step: 0, decay, shape }
             })
             .collect();
         let flat = match Self::flatten(&mut params, sharding) {
@@ -193,6 +222,12 @@ impl AdamW {
             .iter()
             .map(|p| ParamInfo { name: &p.name, numel: p.tensor.numel() as i64, decay: p.decay })
             .collect();
+        let full_shard = sharding.full_shard;
+        if full_shard {
+            let layout = Layout::units(&infos, sharding.world);
+            return Self::flatten_full_shard(params, layout, sharding.rank, sharding.device.unwrap_or(device))
+                .map(Some);
+        }
         let layout = Layout::new(&infos, sharding.world, sharding.buckets);
         let opts = (kind, device);
         let (param, grad) = (Tensor::zeros([layout.total], opts), Tensor::zeros([layout.total], opts));
@@ -228,6 +263,7 @@ impl AdamW {
             layout,
             rank: sharding.rank,
             zero,
+            full_shard: false,
             param,
             grad,
             grad_ptrs,
@@ -237,6 +273,67 @@ impl AdamW {
             scratch,
             kernel: true,
         }))
+    }
+
+    /// ZeRO-3: this rank keeps its chunk of every unit; the parameters are left empty (the
+    /// gathers of [`crate::fsdp`] fill them when a unit runs).
+    fn flatten_full_shard(
+        params: &mut [Param],
+        layout: Layout,
+        rank: usize,
+        device: tch::Device,
+    ) -> Result<Flat, TrainError> {
+        let (kind, built_on) = (params[0].tensor.kind(), params[0].tensor.device());
+        let opts = (kind, device);
+        let n = layout.shard_total();
+        let param = Tensor::zeros([n], opts);
+        tch::no_grad(|| {
+            // Empty on the compute device: `set_data` moves a variable between devices (as
+            // `param.data = param.data.cuda()` does), so gathers land there.
+            let empty = Tensor::empty([0], opts);
+            for (b, k) in layout.buckets.iter().enumerate() {
+                // The bucket whole (parameters and padding) where they were built, then this
+                // rank's chunk of it on the device.
+                let full = Tensor::zeros([k.len], (kind, built_on));
+                for e in layout.entries.iter().filter(|e| e.bucket == b) {
+                    let p = &params[e.param];
+                    full.narrow(0, e.offset - k.start, e.numel).copy_(&p.tensor.reshape([-1]));
+                }
+                let (start, len) = layout.chunk(b, rank);
+                param.narrow(0, k.shard_offset, len).copy_(&full.narrow(0, start - k.start, len));
+            }
+            for p in params.iter_mut() {
+                p.tensor.set_data(&empty);
+            }
+        });
+        let chunk = if device.is_cuda() { n.max(1) } else { n.clamp(1, CPU_CHUNK) };
+        Ok(Flat {
+            rank,
+            zero: true,
+            full_shard: true,
+            param,
+            grad: Tensor::empty([0], opts),
+            grad_ptrs: Vec::new(),
+            shard_grad: Some(Tensor::zeros([n], opts)),
+            exp_avg: Tensor::zeros([n], opts),
+            exp_avg_sq: Tensor::zeros([n], opts),
+            scratch: Tensor::zeros([chunk], opts),
+            kernel: true,
+            layout,
+        })
+    }
+
+    /// ZeRO-3: what [`crate::fsdp::Fsdp`] gathers from and reduces into — the layout, this
+    /// rank's parameter chunks and shard gradient, and every parameter with its shape.
+    pub fn full_shard_parts(&self) -> Option<FullShardParts> {
+        let f = self.flat.as_ref().filter(|f| f.full_shard)?;
+        let params = self.params.iter().map(|p| (p.tensor.shallow_clone(), p.shape.clone())).collect();
+        Some((f.layout.clone(), f.param.shallow_clone(), f.shard_grad.as_ref()?.shallow_clone(), params))
+    }
+
+    /// Whether parameters are sharded over ranks (ZeRO-3).
+    pub fn is_full_shard(&self) -> bool {
+        self.flat.as_ref().is_some_and(|f| f.full_shard)
     }
 
     /// Whether moments are sharded over ranks (ZeRO-1).
@@ -251,7 +348,7 @@ impl AdamW {
 
     /// What the gradient buckets reduce (None on the per-tensor path).
     pub fn buckets(&self) -> Option<Buckets> {
-        let f = self.flat.as_ref()?;
+        let f = self.flat.as_ref().filter(|f| !f.full_shard)?;
         let params = self.params.iter().map(|p| p.tensor.shallow_clone()).collect();
         let bucket_of = f.layout.bucket_of(self.params.len());
         let grads = f.layout.buckets.iter().map(|b| f.grad.narrow(0, b.start, b.len)).collect();
@@ -294,6 +391,15 @@ impl AdamW {
 
     pub fn zero_grad(&mut self) {
         tch::no_grad(|| {
+            if let Some(f) = &mut self.flat
+                && f.full_shard
+            {
+                // ZeRO-3 sums reduce-scattered micro-batch gradients into the shard.
+                if let Some(g) = &mut f.shard_grad {
+                    let _ = g.zero_();
+                }
+                return;
+            }
             if self.grads_linked() {
                 if let Some(f) = &mut self.flat {
                     let _ = f.grad.zero_();
@@ -312,6 +418,9 @@ impl AdamW {
     /// Whether every parameter's gradient is still its view of the flat gradient buffer.
     fn grads_linked(&self) -> bool {
         let Some(f) = &self.flat else { return false };
+        if f.full_shard {
+            return true; // no full gradients to link: they live in fsdp's unit buffers
+        }
         self.params.iter().zip(&f.grad_ptrs).all(|(p, &ptr)| {
             let g = p.tensor.grad();
             g.defined() && g.data_ptr() as usize == ptr
@@ -406,7 +515,7 @@ impl AdamW {
                     let (start, n) = f.layout.chunk(b, f.rank);
                     let so = f.layout.buckets[b].shard_offset;
                     Piece {
-                        param: cut(&f.param, start, n),
+                        param: cut(&f.param, if f.full_shard { so } else { start }, n),
                         grad: cut(sg, so, n),
                         m: cut(&f.exp_avg, so, n),
                         v: cut(&f.exp_avg_sq, so, n),
@@ -496,7 +605,7 @@ impl AdamW {
     /// ZeRO: every rank's updated chunks into every rank's parameters, bucket by bucket.
     fn gather_params(&self, comm: &Comm) -> Result<(), TrainError> {
         let (Some(f), Some(group)) = (&self.flat, comm.group()) else { return Ok(()) };
-        if !f.zero {
+        if !f.zero || f.full_shard {
             return Ok(());
         }
         let mut works = Vec::with_capacity(f.layout.buckets.len());
@@ -542,16 +651,24 @@ impl AdamW {
     /// Full moment buffers `[total]` on the CPU, gathered from every rank's chunks (ZeRO;
     /// every rank takes part, only rank 0 keeps the result).
     fn gather_moments(&self, f: &Flat, comm: &Comm) -> Result<Option<(Tensor, Tensor)>, TrainError> {
-        let group = comm.group().ok_or_else(|| TrainError::Distributed("sharded moments without a group".into()))?;
         let keep = comm.rank() == 0;
         let full = || Tensor::zeros([f.layout.total], (f.exp_avg.kind(), tch::Device::Cpu));
         let (m_full, v_full) = (keep.then(full), keep.then(full));
         for (src, dst) in [(&f.exp_avg, &m_full), (&f.exp_avg_sq, &v_full)] {
             for k in &f.layout.buckets {
                 let n = k.len / f.layout.world as i64;
-                let out = Tensor::zeros([k.len], (src.kind(), src.device()));
+                let mut out = Tensor::zeros([k.len], (src.kind(), src.device()));
                 let input = src.narrow(0, k.shard_offset, n).copy();
-                group.all_gather_into(&out, &input).and_then(|w| w.wait()).map_err(|e| comm.explain(e))?;
+                match comm.group() {
+                    Some(group) => {
+                        group.all_gather_into(&out, &input).and_then(|w| w.wait()).map_err(|e| comm.explain(e))?
+                    }
+                    // ZeRO-3 in one process: the one chunk is the bucket.
+                    None if f.layout.world == 1 => {
+                        tch::no_grad(|| out.copy_(&input));
+                    }
+                    None => return Err(TrainError::Distributed("sharded moments without a group".into())),
+                }
                 if let Some(d) = dst {
                     tch::no_grad(|| d.narrow(0, k.start, k.len).copy_(&out));
                 }
@@ -565,7 +682,7 @@ impl AdamW {
         let mut out = Vec::new();
         for e in &f.layout.entries {
             let p = &self.params[e.param];
-            let t = buffer.narrow(0, e.offset, e.numel).view(p.tensor.size().as_slice());
+            let t = buffer.narrow(0, e.offset, e.numel).view(p.shape.as_slice());
             for (name, view) in public_views(&p.name, &t) {
                 out.push((e.param, name, view));
             }
@@ -580,7 +697,7 @@ impl AdamW {
     pub fn state(&self, comm: &Comm) -> Result<Option<(Vec<(String, Tensor)>, BTreeMap<String, i64>)>, TrainError> {
         let mut steps = BTreeMap::new();
         for p in &self.params {
-            for (name, _) in public_views(&p.name, &p.tensor) {
+            for (name, _) in public_views(&p.name, &p.shaped()) {
                 steps.insert(name, p.step);
             }
         }
@@ -659,7 +776,7 @@ impl AdamW {
             for p in &mut self.params {
                 // One step count per stored tensor; the parts of a stacked one must agree.
                 let mut step = None;
-                for (name, _) in public_views(&p.name, &p.tensor) {
+                for (name, _) in public_views(&p.name, &p.shaped()) {
                     let s = *steps.get(&name).ok_or_else(|| missing(format!("optimizer steps lack {name}")))?;
                     if step.is_some_and(|prev| prev != s) {
                         return Err(missing(format!("step counts differ within {} ({name}: {s})", p.name)));
@@ -740,8 +857,8 @@ mod kernel {
         }
     }
 
-    /// `param.grad = grad` (tch binds no setter for a gradient).
-    pub(super) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), String> {
+    /// `param.grad = grad` (tch binds no setter for a gradient; an undefined `grad` clears it).
+    pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), String> {
         // SAFETY: two live tensor handles borrowed for the call; errors come back as a message.
         unsafe {
             match take_string(motley_set_grad(param.as_ptr(), grad.as_ptr())) {
@@ -911,7 +1028,14 @@ mod tests {
         // half of every bucket; their state bytes halve the moments.
         let build = |rank| {
             let vars = toy();
-            let sharding = Sharding { rank, world: 2, zero: true, buckets: BucketCap { first: 8, rest: 8 } };
+            let sharding = Sharding {
+                rank,
+                world: 2,
+                zero: true,
+                full_shard: false,
+                device: None,
+                buckets: BucketCap { first: 8, rest: 8 },
+            };
             AdamW::sharded(vars.into_iter().collect(), &OptimConfig::default(), sharding).expect("sharded")
         };
         let (a, b) = (build(0), build(1));

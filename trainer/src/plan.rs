@@ -32,11 +32,15 @@ pub enum Target {
 }
 
 /// Bytes one rank holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Bytes {
+    /// Held between steps (under ZeRO-3 this rank's chunks only).
     pub weights: f64,
     pub gradients: f64,
     pub moments: f64,
+    /// ZeRO-3: weights gathered (unit 0 and two blocks) and gradient buffers (unit 0 and one
+    /// block) inside a step.
+    pub gathered: f64,
     /// Part of `activations`: the weight copies blocks keep for backward (pre-norm-folded
     /// weights; in bf16 every projection's cast).
     pub weight_copies: f64,
@@ -47,6 +51,9 @@ pub struct Bytes {
     pub activations_checkpointed: f64,
     /// Logits, their log-softmax and gradient (full), or one chunk of them.
     pub loss: f64,
+    /// What a training step allocates on top of what exists between steps: activations, the
+    /// loss and, under ZeRO-3, the gathered weights and gradient buffers.
+    pub step: f64,
     pub total: f64,
 }
 
@@ -86,7 +93,15 @@ fn bytes(cfg: &TrainConfig, m: &ModelConfig, ranks: usize, target: Target, b: us
         Target::Cpu => 4.0,
         Target::Cuda => 2.0,
     };
-    let weights = shard(3, 4.0 * p);
+    // ZeRO-3 (`crate::fsdp`) holds unit 0 (embedding, head, final norm) gathered for the step
+    // with its gradient, and at most two gathered blocks (one running, one prefetched) and one
+    // block's gradient.
+    let head_towers = if m.untie_head { t } else { 1.0 };
+    let v = m.vocab_size as f64;
+    let root = v * d * (1.0 + head_towers) + d * head_towers;
+    let block = ((p - root) / l.max(1.0)).max(0.0);
+    let weights = if zero == 3 { 4.0 * p / n } else { 4.0 * p };
+    let gathered = if zero == 3 { 4.0 * root + 2.0 * 4.0 * block + 4.0 * root + 4.0 * block } else { 0.0 };
     // ZeRO-1 keeps the whole flat gradient (backward writes it) plus this rank's reduced shard.
     let gradients = match zero {
         0 => 4.0 * p,
@@ -117,21 +132,23 @@ fn bytes(cfg: &TrainConfig, m: &ModelConfig, ranks: usize, target: Target, b: us
         let kept = (l / every as f64).ceil();
         kept * tokens * d * 4.0 + (l - kept) * per_block + per_block
     };
-    let v = m.vocab_size as f64;
     let rows = if m.ce_chunk_rows > 0 { (m.ce_chunk_rows as f64).min(tokens) } else { tokens };
     // Logits and their log-softmax (forward), then the gradient beside the saved one.
     let loss = 2.0 * rows * v * 4.0 + tokens * d * 4.0;
     let weight_copies = if every == 0 { l * block_w } else { block_w };
-    let total = weights + gradients + moments + activations + loss;
+    let total = weights + gradients + moments + gathered + activations + loss;
+    let step = activations + loss + gathered;
     Bytes {
         weights,
         gradients,
         moments,
+        gathered,
         weight_copies,
         activations,
         activations_full: full,
         activations_checkpointed: checkpointed,
         loss,
+        step,
         total,
     }
 }
@@ -146,41 +163,45 @@ pub fn plan(cfg: &TrainConfig, ranks: usize, memory_per_rank: f64, target: Targe
     let b = cfg.data.batch_size;
     let now = bytes(cfg, &m, ranks, target, b);
     let fits = now.total <= memory_per_rank;
-    let largest = |c: &TrainConfig| (1..=4096usize).take_while(|&k| bytes(c, &m, ranks, target, k).total <= memory_per_rank).last();
+    let largest = |c: &TrainConfig| {
+        (1..=4096usize).take_while(|&k| bytes(c, &m, ranks, target, k).total <= memory_per_rank).last()
+    };
     let max_micro_batch = largest(cfg).unwrap_or(0);
     let mut suggestions = Vec::new();
     if !fits {
-        // Try the cheaper levers first: chunked loss, checkpointing, then ZeRO stages.
-        let mut tries: Vec<(String, TrainConfig)> = Vec::new();
+        // Try the cheaper levers first, each added to the ones before: chunked loss,
+        // checkpointing, ZeRO-1, ZeRO-3 (there is no ZeRO-2: gradients shard with the weights;
+        // ZeRO-3 needs every block checkpointed, which MoE blocks are not).
+        let mut tries: Vec<(Vec<String>, TrainConfig)> = Vec::new();
         let mut c = cfg.clone();
+        let mut said: Vec<String> = Vec::new();
         if c.model.ce_chunk_rows == 0 {
             c.model.ce_chunk_rows = 4096;
-            tries.push(("model.ce_chunk_rows=4096".into(), c.clone()));
+            said.push("model.ce_chunk_rows=4096".into());
+            tries.push((said.clone(), c.clone()));
         }
         if c.train.activation_checkpointing.every() != 1 && m.arch != Arch::Moe {
             c.train.activation_checkpointing = crate::config::Checkpointing::All(true);
-            tries.push((format!("{} train.activation_checkpointing=true", tries.last().map_or("", |t| t.0.as_str())), c.clone()));
+            said.push("train.activation_checkpointing=true".into());
+            tries.push((said.clone(), c.clone()));
         }
-        for stage in (cfg.train.zero + 1)..=3 {
+        for stage in [1u8, 3].into_iter().filter(|&s| s > cfg.train.zero && (s < 3 || m.arch != Arch::Moe)) {
             c.train.zero = stage;
-            let label = format!("{} train.zero={stage}", tries.last().map_or("", |t| t.0.as_str()));
-            tries.push((label, c.clone()));
+            let mut with = said.clone();
+            with.push(format!("train.zero={stage}"));
+            tries.push((with, c.clone()));
         }
-        for (label, c) in tries {
+        for (with, c) in tries {
             let mut mm = m.clone();
             mm.ce_chunk_rows = c.model.ce_chunk_rows;
             if bytes(&c, &mm, ranks, target, b).total <= memory_per_rank {
-                let mut s = label.trim().to_string();
-                if c.train.zero >= 2 {
-                    s.push_str(" (ZeRO-2/3 are planned: motley trains with train.zero ≤ 1 today)");
-                }
-                suggestions.push(s);
+                suggestions.push(with.join(" "));
                 break;
             }
         }
         if suggestions.is_empty() {
             suggestions.push(format!(
-                "does not fit on {ranks} rank(s) of {:.0} GB even with every setting: more ranks or a smaller micro-batch",
+                "does not fit on {ranks} rank(s) of {:.3} GB even with every setting: more ranks or a smaller micro-batch",
                 memory_per_rank / 1e9
             ));
         }
@@ -202,6 +223,25 @@ pub fn plan(cfg: &TrainConfig, ranks: usize, memory_per_rank: f64, target: Targe
         max_micro_batch,
         suggestions,
     }
+}
+
+/// The fewest ranks (powers of two up to 4096) of `memory_per_rank` bytes that fit `cfg` at its
+/// micro-batch, with the cheapest settings that make it fit: `(ranks, settings)`, None when
+/// nothing does.
+pub fn fewest_ranks(
+    cfg: &TrainConfig,
+    memory_per_rank: f64,
+    target: Target,
+    default_vocab: i64,
+) -> Option<(usize, Vec<String>)> {
+    (0..=12).map(|k| 1usize << k).find_map(|ranks| {
+        let p = plan(cfg, ranks, memory_per_rank, target, default_vocab);
+        if p.fits {
+            return Some((ranks, Vec::new()));
+        }
+        let s = p.suggestions.first()?;
+        (!s.starts_with("does not fit")).then(|| (ranks, s.split_whitespace().map(str::to_string).collect()))
+    })
 }
 
 impl Plan {
@@ -232,6 +272,7 @@ impl Plan {
             ("weights", b.weights),
             ("gradients", b.gradients),
             ("optimizer moments", b.moments),
+            ("gathered (ZeRO-3)", b.gathered),
             ("activations", b.activations),
             ("  without checkpointing", b.activations_full),
             ("  every block checkpointed", b.activations_checkpointed),
@@ -241,12 +282,12 @@ impl Plan {
             s.push_str(&format!("{name:<28}{}\n", gb(v)));
         }
         s.push_str(&format!(
-            "{}; the largest micro-batch that fits: {}\n",
-            if self.fits { "fits" } else { "does NOT fit" },
+            "{}; the largest micro-batch that fits as configured: {}\n",
+            if self.fits { "fits as configured" } else { "does NOT fit as configured" },
             self.max_micro_batch
         ));
         for sug in &self.suggestions {
-            s.push_str(&format!("to fit: {sug}\n"));
+            s.push_str(&format!("fits with: --set {}\n", sug.replace(' ', " --set ")));
         }
         s
     }
@@ -294,7 +335,12 @@ mod tests {
         assert_eq!(z1.bytes.weights, base.bytes.weights);
         c.train.activation_checkpointing = crate::config::Checkpointing::All(true);
         let ck = plan(&c, 8, 80e9, Target::Cuda, 65_536);
-        assert!(ck.bytes.activations < z1.bytes.activations / 4.0, "{} vs {}", ck.bytes.activations, z1.bytes.activations);
+        assert!(
+            ck.bytes.activations < z1.bytes.activations / 4.0,
+            "{} vs {}",
+            ck.bytes.activations,
+            z1.bytes.activations
+        );
         c.model.ce_chunk_rows = 4096;
         let ch = plan(&c, 8, 80e9, Target::Cuda, 65_536);
         assert!(ch.bytes.loss < ck.bytes.loss / 4.0);

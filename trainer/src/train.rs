@@ -8,6 +8,9 @@
 //! ranks bucket by bucket as they complete (dist::c10d::GradSync). With latent images
 //! (Transfusion setting) each row's images are noised from a stream keyed by (seed, step, row)
 //! and the objective adds λ times the diffusion loss, whose share is weighted by images.
+//! Under ZeRO-3 (`train.zero = 3`, [`crate::fsdp`]) unit 0 (embedding, head) is gathered for
+//! the step, blocks gather themselves around each run, and gradients arrive reduce-scattered in
+//! the optimizer's shard; the gathered copies are freed after the update.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -97,6 +100,13 @@ pub struct Trainer {
     comm: Arc<Comm>,
     /// Gradient buckets reduced from autograd hooks (several ranks only).
     sync: Option<GradSync>,
+    /// ZeRO-3: gathers and frees the weights, reduce-scatters the gradients.
+    fsdp: Option<Arc<crate::fsdp::Fsdp>>,
+    /// ZeRO-3: the most weight bytes gathered at once inside a training step.
+    gathered_peak: u64,
+    /// What the memory plan predicts for this run, and the first step's measured peak.
+    plan: crate::plan::Plan,
+    step_peak: Option<u64>,
     /// `train.log_rows`: this rank's global row ids, one line per micro-batch.
     rows_log: Option<PathBuf>,
     /// The diffusion noise schedule (used when batches carry latent images).
@@ -174,9 +184,31 @@ impl Trainer {
             tracing::info!("latent_scale = {} (1 / RMS of the corpus's latents)", cfg.model.latent_scale);
         }
         comm.agree("config and corpus", &run_facts(&cfg, data.vocab())?)?;
+        let target = if device.is_cuda() { crate::plan::Target::Cuda } else { crate::plan::Target::Cpu };
+        let memory = crate::plan::parse_bytes(&cfg.train.device_memory).unwrap_or(f64::INFINITY);
+        let plan = crate::plan::plan(&cfg, world, memory, target, 0);
+        if !plan.fits {
+            return Err(TrainError::Config {
+                path: "train.device_memory".into(),
+                msg: format!(
+                    "the memory plan needs {:.3} GB per rank, more than {}; {}",
+                    plan.bytes.total / 1e9,
+                    cfg.train.device_memory,
+                    match plan.suggestions.first() {
+                        Some(s) if !s.starts_with("does not fit") =>
+                            format!("it fits with: --set {}", s.replace(' ', " --set ")),
+                        Some(s) => s.clone(),
+                        None => "see `motley plan`".into(),
+                    }
+                ),
+            });
+        }
         let schedule = Schedule::cosine(cfg.model.diffusion_steps as usize);
-        let vs = nn::VarStore::new(device);
-        let mut model = Model::new_seeded(&vs.root(), &cfg.model, cfg.train.seed as i64)?;
+        // ZeRO-3: the whole model is built in host memory, never on the device; each rank moves
+        // only its chunks there (the optimizer's shard) and gathers units as they run.
+        let build_on = if cfg.train.zero == 3 { Device::Cpu } else { device };
+        let vs = nn::VarStore::new(build_on);
+        let mut model = Model::new_seeded_for(&vs.root(), &cfg.model, cfg.train.seed as i64, device)?;
         model.set_activation_checkpointing(cfg.train.activation_checkpointing.every());
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -184,10 +216,17 @@ impl Trainer {
             rank,
             world,
             zero: cfg.train.zero >= 1,
+            full_shard: cfg.train.zero == 3,
+            device: Some(device),
             buckets: BucketCap::ddp(cfg.train.bucket_mb, Kind::Float.elt_size_in_bytes() as i64),
         };
         let opt = AdamW::sharded(vars, &cfg.optim, sharding).map_err(|(_, e)| e)?;
+        let fsdp = opt.full_shard_parts().map(|(layout, shard, grad, params)| {
+            Arc::new(crate::fsdp::Fsdp::new(Arc::clone(&comm), layout, shard, grad, params))
+        });
+        model.set_fsdp(fsdp.clone());
         let sync = match comm.group() {
+            Some(_) if fsdp.is_some() => None,
             Some(group) => {
                 let b = opt
                     .buckets()
@@ -205,6 +244,10 @@ impl Trainer {
             data,
             comm,
             sync,
+            fsdp,
+            gathered_peak: 0,
+            plan,
+            step_peak: None,
             rows_log: None,
             schedule,
             step: 0,
@@ -225,6 +268,7 @@ impl Trainer {
         if !self.cfg.train.verify_replicas {
             return Ok(None);
         }
+        let _gathered = self.gathered()?;
         let mut h = blake3::Hasher::new();
         for (name, t) in crate::model::public_parameters(&self.vs) {
             let t = t.detach().to_device(Device::Cpu).contiguous().to_kind(Kind::Float);
@@ -242,7 +286,8 @@ impl Trainer {
     /// Every rank starts from rank 0's weights (seeded init already agrees; a checkpoint read
     /// by every rank too, but this makes it so whatever each rank read).
     fn broadcast_weights(&self) -> Result<(), TrainError> {
-        if !self.comm.is_distributed() {
+        // Under ZeRO-3 each rank keeps only its chunks of the weights it built (or read).
+        if !self.comm.is_distributed() || self.fsdp.is_some() {
             return Ok(());
         }
         // Bucket by bucket over the flat parameter buffer every parameter is a view of.
@@ -278,7 +323,15 @@ impl Trainer {
             });
         }
         let mut t = Trainer::new(cfg)?;
-        checkpoint::load_weights(&t.vs, &ckpt)?;
+        match &t.fsdp {
+            Some(f) => {
+                // Whole parameters to read into, then this rank's chunks kept.
+                f.gather_all()?;
+                checkpoint::load_weights(&t.vs, &ckpt)?;
+                f.keep_gathered()?;
+            }
+            None => checkpoint::load_weights(&t.vs, &ckpt)?,
+        }
         t.broadcast_weights()?;
         let opt_tensors = checkpoint::read_tensors(&ckpt.join(checkpoint::OPTIMIZER_FILE))?;
         t.opt.load_state(&opt_tensors, &meta.optimizer_steps, &ckpt.join(checkpoint::OPTIMIZER_FILE))?;
@@ -330,7 +383,8 @@ impl Trainer {
     }
 
     pub fn param_count(&self) -> i64 {
-        self.vs.variables().values().map(|t| t.numel() as i64).sum()
+        // From the optimizer's shapes: under ZeRO-3 the tensors are empty between uses.
+        self.opt.params.iter().map(|p| p.shape.iter().product::<i64>()).sum()
     }
 
     /// One optimizer step (several micro-batches under gradient accumulation).
@@ -383,6 +437,12 @@ impl Trainer {
         let mut diff_acc = Tensor::zeros([1 + BUCKETS as i64], (Kind::Float, self.device));
         let mut diff_counts = [0f64; 1 + BUCKETS];
         let last = micro.len().saturating_sub(1);
+        if let Some(f) = &self.fsdp {
+            // Unit 0 stays gathered for the step; its gradients accumulate over micro-batches.
+            f.reset_peak();
+            f.gather(0)?;
+            f.link_grads(0)?;
+        }
         for (i, p) in micro.iter().enumerate() {
             if i == last
                 && let Some(sync) = &mut self.sync
@@ -391,6 +451,9 @@ impl Trainer {
                 sync.arm();
             }
             let out = self.model.loss(p);
+            if let Some(f) = &self.fsdp {
+                f.take_error()?;
+            }
             let share = p.loss_tokens.iter().sum::<i64>() as f64 / total;
             let mut scaled = out.lm_loss * share;
             if let (Some(d), Some(per_image), Some(lat)) = (&out.diffusion_loss, &out.image_diffusion, &p.latent) {
@@ -407,6 +470,9 @@ impl Trainer {
             Some(sync) => sync.finish().map_err(|e| self.comm.explain(e))?,
             None => Overlap::default(),
         };
+        if let Some(f) = &self.fsdp {
+            f.reduce_pending()?;
+        }
         let mut comm_s = comm_started.elapsed().as_secs_f64();
         // One device → host read per step: the loss, for the finiteness check and the log.
         // Layout: [loss, per-modality sums (3), diffusion sums (1 + BUCKETS)].
@@ -485,6 +551,11 @@ impl Trainer {
             }
         }
         self.opt.zero_grad();
+        if let Some(f) = &self.fsdp {
+            self.gathered_peak = self.gathered_peak.max(f.resident().peak_gathered);
+            // The update made the gathered copies stale.
+            f.release_all()?;
+        }
         self.step = step;
         self.tokens += tokens * world;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -545,6 +616,7 @@ impl Trainer {
         };
         // `eval_batches` global batches of held-out rows: the same rows whatever the number of
         // ranks (each evaluates its share of every micro-batch).
+        let _gathered = self.gathered_root()?;
         evaluate_model(
             &self.model,
             src.as_mut(),
@@ -560,6 +632,8 @@ impl Trainer {
     /// state is gathered); rank 0 writes.
     pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, TrainError> {
         let Some(run) = &self.run_dir else { return Ok(None) };
+        // Under ZeRO-3 every rank takes part in gathering the weights rank 0 writes.
+        let _gathered = self.gathered()?;
         let Some((opt_tensors, optimizer_steps)) = self.opt.state(&self.comm)? else { return Ok(None) };
         let meta = Meta {
             version: META_VERSION,
@@ -581,6 +655,27 @@ impl Trainer {
             self.cfg.train.checkpoint_shard_mb,
         )
         .map(Some)
+    }
+
+    /// ZeRO-3: every unit gathered until the guard drops (for reading the whole weights).
+    fn gathered(&self) -> Result<Gathered, TrainError> {
+        if let Some(f) = &self.fsdp {
+            f.gather_all()?;
+        }
+        Ok(Gathered(self.fsdp.clone()))
+    }
+
+    /// ZeRO-3: unit 0 gathered until the guard drops (blocks gather themselves).
+    fn gathered_root(&self) -> Result<Gathered, TrainError> {
+        if let Some(f) = &self.fsdp {
+            f.gather(0)?;
+        }
+        Ok(Gathered(self.fsdp.clone()))
+    }
+
+    /// The ZeRO-3 state of this rank (None without ZeRO-3).
+    pub fn fsdp(&self) -> Option<&crate::fsdp::Fsdp> {
+        self.fsdp.as_deref()
     }
 
     /// Trains until `train.steps`, logging, evaluating and checkpointing on the way. In a job
@@ -626,7 +721,9 @@ impl Trainer {
                 mib(b.weights),
                 mib(b.gradients),
                 mib(b.moments),
-                if self.opt.is_sharded() {
+                if self.opt.is_full_shard() {
+                    format!(" (ZeRO-3: 1/{} of each; blocks gathered while they run)", self.comm.world())
+                } else if self.opt.is_sharded() {
                     format!(" (ZeRO-1: 1/{} of them)", self.comm.world())
                 } else {
                     String::new()
@@ -640,9 +737,40 @@ impl Trainer {
             self.run_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
         );
         let mut last_eval = None;
+        let mut measured = 0;
         let stop = if self.cfg.train.stop_at > 0 { self.cfg.train.stop_at.min(total) } else { total };
         while self.step < stop {
-            let mut record = self.train_step()?;
+            let mut record = if measured < 2 {
+                // The allocations of this process's second step (the first also makes what
+                // lives on, such as lazily built tables) beside the plan's prediction.
+                let (record, span) = crate::ops::track_memory(|| self.train_step())?;
+                let record = record?;
+                measured += 1;
+                self.step_peak = Some(span.peak.max(0) as u64);
+                if self.verbose && rank0 && (measured == 2 || self.step >= stop) {
+                    let b = &self.plan.bytes;
+                    eprintln!(
+                        "memory plan per rank: weights {:.1} MB, gradients {:.1} MB, moments {:.1} MB, a step {:.1} MB \
+                         (activations {:.1}, loss {:.1}, gathered {:.1}); measured in step {}: weights {:.1} MB, \
+                         gradients {:.1} MB, moments {:.1} MB, a step {:.1} MB",
+                        b.weights / 1e6,
+                        b.gradients / 1e6,
+                        b.moments / 1e6,
+                        b.step / 1e6,
+                        b.activations / 1e6,
+                        b.loss / 1e6,
+                        b.gathered / 1e6,
+                        record.step,
+                        self.opt.state_bytes().weights as f64 / 1e6,
+                        self.opt.state_bytes().gradients as f64 / 1e6,
+                        self.opt.state_bytes().moments as f64 / 1e6,
+                        span.peak as f64 / 1e6,
+                    );
+                }
+                record
+            } else {
+                self.train_step()?
+            };
             let step = record.step;
             if (eval_every > 0 && step % eval_every == 0) || step == total {
                 record.eval = self.evaluate()?;
@@ -676,6 +804,13 @@ impl Trainer {
             final_diffusion: final_diffusion_loss(self.records()),
             world: self.comm.world(),
             state_bytes: Some(self.opt.state_bytes()),
+            planned_bytes: Some(self.plan.bytes),
+            step_peak_bytes: self.step_peak,
+            zero3: self.fsdp.as_ref().map(|f| crate::fsdp::Resident {
+                peak_gathered: self.gathered_peak,
+                gathered: 0,
+                ..f.resident()
+            }),
             weights_blake3,
         };
         if self.verbose && rank0 {
@@ -711,6 +846,19 @@ impl DataShape {
 
 /// Mean per-modality loss over `batches` batches of `src`, without gradients, summed over
 /// the ranks of `comm` (each evaluates its own disjoint rows).
+/// Frees what ZeRO-3 gathered for a read when dropped (errors are logged: nothing to undo).
+struct Gathered(Option<Arc<crate::fsdp::Fsdp>>);
+
+impl Drop for Gathered {
+    fn drop(&mut self) {
+        if let Some(f) = &self.0
+            && let Err(e) = f.release_all()
+        {
+            tracing::warn!("freeing gathered weights: {e}");
+        }
+    }
+}
+
 pub fn evaluate_model(
     model: &Model,
     src: &mut dyn BatchSource,
@@ -885,6 +1033,16 @@ pub struct TrainSummary {
     /// `train.verify_replicas`: blake3 of the final weights, the same on every rank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_blake3: Option<String>,
+    /// ZeRO-3: rank 0's weight chunks, and the most it held gathered at once in a step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero3: Option<crate::fsdp::Resident>,
+    /// The memory plan's bytes per rank for this run ([`crate::plan`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_bytes: Option<crate::plan::Bytes>,
+    /// Bytes the first step of this process allocated at its peak, on top of what existed
+    /// before it (compare with `planned_bytes.step`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_peak_bytes: Option<u64>,
 }
 
 fn one() -> usize {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod demo;
 pub mod ingest;
+pub mod plan;
 pub mod sample;
 pub mod shards;
 pub mod study;

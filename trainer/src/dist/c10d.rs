@@ -282,6 +282,9 @@ impl Work {
     }
 }
 
+// SAFETY: a c10d Work may be waited on and freed from any thread (the Reducer does both).
+unsafe impl Send for Work {}
+
 impl Drop for Work {
     fn drop(&mut self) {
         // SAFETY: created by the shim, freed once.
@@ -559,7 +562,14 @@ mod tests {
                 ("b".to_string(), t(&[5.0, 6.0])),
                 ("c".to_string(), t(&[7.0, 8.0, 9.0])),
             ];
-            let sharding = Sharding { rank: r, world: 2, zero, buckets: BucketCap { first: 4, rest: 4 } };
+            let sharding = Sharding {
+                rank: r,
+                world: 2,
+                zero,
+                full_shard: false,
+                device: None,
+                buckets: BucketCap { first: 4, rest: 4 },
+            };
             let shared = vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
             let opt = AdamW::sharded(shared, &OptimConfig::default(), sharding).expect("flat");
             let b = opt.buckets().expect("buckets");

@@ -3,7 +3,10 @@
 //! reduce-scatter, all-gather; bus bandwidth as nccl-tests defines it) against a memcpy of the
 //! same bytes in the same processes; training step time at 1 and N ranks (each rank the same
 //! micro-batch) with the share of a step spent waiting on communication; and N ranks with
-//! every rank using all cores (oversubscribed OpenMP) against the default division.
+//! every rank using all cores (oversubscribed OpenMP) against the default division; and the
+//! cost of memory savings at N ranks, in turns at the same shapes: activation checkpointing
+//! against plain data parallel, ZeRO-3 (which needs checkpointing) against both, with the
+//! bytes each holds.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -155,19 +158,33 @@ struct StepRun {
     tokens_per_s: f64,
     /// Median share of a step spent waiting on communication after backward.
     comm_share: Option<f64>,
+    /// Rank 0's weights + gradients + moments between steps, and the most its second step
+    /// allocated on top (activations, loss, ZeRO-3's gathered weights).
+    state_bytes: Option<u64>,
+    step_peak_bytes: Option<u64>,
 }
 
 /// One training run: `group` ranks under the launcher (None: one plain process).
-fn train_run(dir: &Path, group: Option<usize>, threads: Option<usize>, steps: u64) -> anyhow::Result<StepRun> {
+fn train_run(
+    dir: &Path,
+    group: Option<usize>,
+    threads: Option<usize>,
+    steps: u64,
+    extra: &[&str],
+) -> anyhow::Result<StepRun> {
     let exe = std::env::current_exe()?;
     let ranks = group.unwrap_or(1);
     let run = dir.join(format!(
-        "r{}-t{}",
+        "r{}-t{}-{}",
         group.map_or("plain".into(), |n| n.to_string()),
-        threads.map_or("auto".into(), |t| t.to_string())
+        threads.map_or("auto".into(), |t| t.to_string()),
+        extra.join("-").replace(['=', '.'], "_")
     ));
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["train", "--preset", "tiny", "--overwrite", "--out"]).arg(&run);
+    cmd.args(["--json", "train", "--preset", "tiny", "--overwrite", "--out"]).arg(&run);
+    for s in extra {
+        cmd.args(["--set", s]);
+    }
     if let Some(n) = group {
         cmd.args(["--nproc", &n.to_string()]);
     }
@@ -187,6 +204,9 @@ fn train_run(dir: &Path, group: Option<usize>, threads: Option<usize>, steps: u6
     }
     let out = cmd.env("RUST_LOG", "warn").output().context("starting motley train")?;
     anyhow::ensure!(out.status.success(), "motley train ({ranks} ranks): {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let b = &summary["state_bytes"];
+    let state_bytes = ["weights", "gradients", "moments"].iter().map(|k| b[*k].as_u64()).sum::<Option<u64>>();
     let text = std::fs::read_to_string(run.join("metrics.jsonl"))?;
     let (mut secs, mut tps, mut share) = (Vec::new(), Vec::new(), Vec::new());
     for line in text.lines() {
@@ -211,6 +231,8 @@ fn train_run(dir: &Path, group: Option<usize>, threads: Option<usize>, steps: u6
         step_s: median(&mut secs),
         tokens_per_s: median(&mut tps),
         comm_share: (!share.is_empty()).then(|| median(&mut share)),
+        state_bytes,
+        step_peak_bytes: summary["step_peak_bytes"].as_u64(),
     })
 }
 
@@ -226,6 +248,11 @@ struct Report {
     group_of_one_over_plain: Option<f64>,
     /// N ranks each using every core over N ranks dividing the cores (the default).
     oversubscribed_over_divided: Option<f64>,
+    /// Step time at N ranks: activation checkpointing over plain data parallel, ZeRO-3 (with
+    /// checkpointing) over checkpointing alone and over plain data parallel.
+    checkpointing_over_plain: Option<f64>,
+    zero3_over_checkpointing: Option<f64>,
+    zero3_over_plain: Option<f64>,
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
@@ -244,24 +271,33 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let collectives: WorkerReport = serde_json::from_slice(&std::fs::read(&out)?)?;
     let mut training: Vec<StepRun> = Vec::new();
     let (mut one, mut many, mut over, mut group_one) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ck, mut z3, mut z3_ck) = (Vec::new(), Vec::new(), Vec::new());
     if !args.no_train {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let per_rank = (cores / args.nproc).max(1);
         for rep in 0..args.repeats {
             eprintln!("bench dist: training runs, round {} of {}", rep + 1, args.repeats);
-            let mut a = train_run(dir.path(), None, Some(per_rank), args.steps)?;
+            let mut a = train_run(dir.path(), None, Some(per_rank), args.steps, &[])?;
             a.label = "1 process".into();
-            let mut g = train_run(dir.path(), Some(1), Some(per_rank), args.steps)?;
+            let mut g = train_run(dir.path(), Some(1), Some(per_rank), args.steps, &[])?;
             g.label = "1 rank, group of one".into();
-            let mut b = train_run(dir.path(), Some(args.nproc), None, args.steps)?;
+            let mut b = train_run(dir.path(), Some(args.nproc), None, args.steps, &[])?;
             b.label = format!("{} ranks", args.nproc);
-            let mut c = train_run(dir.path(), Some(args.nproc), Some(cores), args.steps)?;
+            let mut c = train_run(dir.path(), Some(args.nproc), Some(cores), args.steps, &[])?;
             c.label = format!("{} ranks, all cores each", args.nproc);
+            let ckpt = "train.activation_checkpointing=true";
+            let mut d = train_run(dir.path(), Some(args.nproc), None, args.steps, &[ckpt])?;
+            d.label = format!("{} ranks, checkpointing", args.nproc);
+            let mut e = train_run(dir.path(), Some(args.nproc), None, args.steps, &[ckpt, "train.zero=3"])?;
+            e.label = format!("{} ranks, ZeRO-3", args.nproc);
             one.push(a.step_s);
             group_one.push(g.step_s / a.step_s);
             many.push(b.step_s);
             over.push(c.step_s / b.step_s);
-            training.extend([a, g, b, c]);
+            ck.push(d.step_s / b.step_s);
+            z3_ck.push(e.step_s / d.step_s);
+            z3.push(e.step_s / b.step_s);
+            training.extend([a, g, b, c, d, e]);
         }
     }
     let ratio = |a: &mut Vec<f64>, b: &mut Vec<f64>| (!a.is_empty()).then(|| median(a) / median(b));
@@ -269,6 +305,9 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         nproc_over_one: ratio(&mut many, &mut one),
         group_of_one_over_plain: (!group_one.is_empty()).then(|| median(&mut group_one)),
         oversubscribed_over_divided: (!over.is_empty()).then(|| median(&mut over)),
+        checkpointing_over_plain: (!ck.is_empty()).then(|| median(&mut ck)),
+        zero3_over_checkpointing: (!z3_ck.is_empty()).then(|| median(&mut z3_ck)),
+        zero3_over_plain: (!z3.is_empty()).then(|| median(&mut z3)),
         collectives,
         training,
     };
@@ -297,11 +336,13 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     }
     for t in &report.training {
         output::line(format!(
-            "{:<28} step {:.3}s  {:>9.0} tokens/s  communication {}",
+            "{:<28} step {:.3}s  {:>9.0} tokens/s  communication {:<16} held {} + step {}",
             t.label,
             t.step_s,
             t.tokens_per_s,
-            t.comm_share.map_or("-".into(), |s| format!("{:.1}% of a step", s * 100.0))
+            t.comm_share.map_or("-".into(), |s| format!("{:.1}% of a step", s * 100.0)),
+            t.state_bytes.map_or("-".into(), |b| format!("{:.1} MB", b as f64 / 1e6)),
+            t.step_peak_bytes.map_or("-".into(), |b| format!("{:.1} MB", b as f64 / 1e6)),
         ))?;
     }
     if let Some(r) = report.nproc_over_one {
@@ -312,6 +353,14 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     }
     if let Some(r) = report.oversubscribed_over_divided {
         output::line(format!("all cores per rank / cores divided among ranks: {r:.2}x the step time"))?;
+    }
+    if let (Some(a), Some(b), Some(c)) =
+        (report.checkpointing_over_plain, report.zero3_over_checkpointing, report.zero3_over_plain)
+    {
+        output::line(format!(
+            "step time at {} ranks: checkpointing / plain {a:.3}, ZeRO-3 / checkpointing {b:.3}, ZeRO-3 / plain {c:.3}",
+            args.nproc
+        ))?;
     }
     Ok(())
 }
