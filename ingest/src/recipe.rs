@@ -77,6 +77,10 @@ pub struct RecipeOptions {
     /// Shards roll over before growing past this many MiB.
     #[serde(default = "default_shard_mib")]
     pub shard_mib: u64,
+    /// Chunk compression of the shards ("raw" or "zstd"); unset: raw (the CLI picks zstd for
+    /// an object-store `--out`). Left out of the recipe when unset, so older ingests resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<motley_shards::Compression>,
     /// Load every tokenizer the recipe names (or `--tokenizers DIR` holds), not only those its
     /// sources need, so the vocabulary has every modality's block. Corpora ingested from
     /// different sources this way share one vocabulary, which the loader needs to mix them
@@ -112,6 +116,7 @@ impl Default for RecipeOptions {
             task_files: default_task_files(),
             max_text_bytes: default_max_text_bytes(),
             shard_mib: default_shard_mib(),
+            compression: None,
             all_tokenizers: false,
         }
     }

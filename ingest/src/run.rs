@@ -226,7 +226,10 @@ fn run_task(
 ) -> Result<Option<TaskMarker>> {
     let cfg = sh.cfg;
     let nth = sh.started.fetch_add(1, Ordering::SeqCst) + 1;
-    let props = WriterProperties::builder().max_shard_bytes(cfg.recipe.options.shard_mib << 20).build();
+    let props = WriterProperties::builder()
+        .max_shard_bytes(cfg.recipe.options.shard_mib << 20)
+        .compression(cfg.recipe.options.compression.unwrap_or(motley_shards::Compression::Raw))
+        .build();
     let mut writer =
         CorpusWriter::create(&cfg.out, sh.vocab, props, &task.name()).map_err(|e| shard_err(&cfg.out, e))?;
     let spec = &cfg.recipe.sources[task.source];

@@ -81,6 +81,10 @@ pub enum ShardError {
     /// A loader state that does not belong to these sources / this configuration.
     #[error("cannot resume: {0}")]
     Resume(String),
+
+    /// An object of a remote corpus could not be fetched (after retries, for transient errors).
+    #[error("{object}: {detail}")]
+    Remote { object: String, detail: String },
 }
 
 impl ShardError {
@@ -170,6 +174,7 @@ impl ShardError {
             ShardError::DocOutOfRange { .. } => "doc_out_of_range",
             ShardError::Config(_) => "config",
             ShardError::Resume(_) => "resume",
+            ShardError::Remote { .. } => "remote",
         }
     }
 }

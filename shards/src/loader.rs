@@ -5,11 +5,14 @@
 //! Global order: every rank walks the same global stream of packed sequences (rows), fixed by
 //! `(seed, sources, seq_len, split_segments, split)` and independent of world size. A global
 //! step takes `batch_size × world_size` consecutive rows; the k-th row of a step goes to rank
-//! `k mod world_size`, batch slot `k div world_size`. Ranks pack other ranks' rows in a cheap
-//! skip mode (lengths only). The state counts rows consumed, so resuming with another world
-//! size or batch size continues the same stream: no row is lost or repeated.
+//! `k mod world_size`, batch slot `k div world_size`. With one rank the packer walks the stream
+//! itself; with several, each rank looks up where its rows start in the row index (see
+//! `rowindex.rs`, built once per epoch and shared) and packs only those, so its cost does not
+//! grow with the world size (`RowIndexMode::Never` keeps the old skip mode, where every rank
+//! walked every row). The state counts rows consumed, so resuming with another world size or
+//! batch size continues the same stream: no row is lost or repeated.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use half::f16;
@@ -17,8 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, DocSpan, Latents};
 use crate::error::{Result, ShardError};
-use crate::perm::{Permutation, mix64};
+use crate::order::{DocOrder, Shuffle, resolve_window};
+use crate::perm::mix64;
 use crate::reader::{Corpus, DocumentRef, SegmentView, is_eval_doc};
+use crate::rowindex::{EpochHeader, Next, RowIndexMode, RowStart, SourceIndex};
 use crate::types::{Modality, Vocab};
 
 /// Which documents the loader reads.
@@ -52,6 +57,26 @@ pub struct LoaderConfig {
     pub split: Split,
     /// Fraction of documents held out for evaluation (0 disables the split).
     pub eval_fraction: f64,
+    /// Document order within an epoch (docs/FORMAT.md, section 7).
+    #[serde(default)]
+    pub shuffle: Shuffle,
+    /// Documents per block-shuffle window; 0 = as many as hold 64 MiB of decoded payload.
+    #[serde(default)]
+    pub shuffle_window: u64,
+    /// Whether each rank packs only its own rows through the row index.
+    #[serde(default)]
+    pub row_index: RowIndexMode,
+    /// Where row indexes live (None: beside each corpus, else the cache directory).
+    #[serde(default)]
+    pub index_dir: Option<PathBuf>,
+    /// zstd shards under the block shuffle: a helper thread decodes the next window's chunks
+    /// while the packer reads the current one.
+    #[serde(default = "yes")]
+    pub decode_ahead: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for LoaderConfig {
@@ -67,6 +92,11 @@ impl Default for LoaderConfig {
             prefetch: 4,
             split: Split::Train,
             eval_fraction: 0.0,
+            shuffle: Shuffle::Block,
+            shuffle_window: 0,
+            row_index: RowIndexMode::Auto,
+            index_dir: None,
+            decode_ahead: true,
         }
     }
 }
@@ -169,6 +199,11 @@ pub struct LoaderState {
     pub split_segments: bool,
     pub split: Split,
     pub eval_fraction: f64,
+    /// States saved before the block shuffle existed walked the global document shuffle.
+    #[serde(default = "legacy_shuffle")]
+    pub shuffle: Shuffle,
+    #[serde(default)]
+    pub shuffle_window: u64,
     /// Epoch of the first source.
     pub epoch: u64,
     /// Global steps taken (each `batch_size × world_size` rows, at the sizes then in force).
@@ -179,6 +214,10 @@ pub struct LoaderState {
 }
 
 const STATE_VERSION: u32 = 1;
+
+fn legacy_shuffle() -> Shuffle {
+    Shuffle::Documents
+}
 
 /// Global ids of the structural specials and the per-modality blocks.
 #[derive(Debug, Clone)]
@@ -242,7 +281,80 @@ struct PlanItem {
 struct SourceRt {
     corpus: Arc<Corpus>,
     weight: f64,
-    perm: Permutation,
+    /// The document order of epoch `order_epoch`.
+    order: DocOrder,
+    order_epoch: u64,
+    /// The row index, when this loader packs only its own rows.
+    index: Option<SourceIndex>,
+    /// Remote corpora: the window last seen and how many of this epoch's shards were released.
+    window_seen: Option<u64>,
+    released: usize,
+    /// The decode-ahead thread's queue (zstd corpora under the block shuffle).
+    ahead: Option<crossbeam_channel::Sender<DecodeJob>>,
+}
+
+/// Chunks to decode ahead: (corpus, [(manifest shard index, shard-local documents)]).
+type DecodeJob = (Arc<Corpus>, Vec<(usize, std::ops::Range<u64>)>);
+
+/// The decode-ahead thread; it ends when every sender (the packer's sources) is gone.
+fn spawn_decode_ahead() -> Option<crossbeam_channel::Sender<DecodeJob>> {
+    // Two windows queued at most: a loader that outruns the thread never waits for it.
+    let (tx, rx) = crossbeam_channel::bounded::<DecodeJob>(2);
+    std::thread::Builder::new()
+        .name("motley-decode-ahead".into())
+        .spawn(move || {
+            for (corpus, ranges) in rx {
+                for (shard, docs) in ranges {
+                    if let Ok(r) = corpus.shard(shard) {
+                        r.warm(docs);
+                    }
+                }
+            }
+        })
+        .ok()?;
+    Some(tx)
+}
+
+impl SourceRt {
+    fn set_order(&mut self, order: DocOrder, epoch: u64) {
+        self.order = order;
+        self.order_epoch = epoch;
+        self.window_seen = None;
+        self.released = 0;
+    }
+
+    /// For a corpus whose shards come from a store: on entering a new window, lets go of the
+    /// shards this epoch has finished and tells the store which come next.
+    fn track(&mut self, position: u64) {
+        let store = self.corpus.has_store();
+        if !store && self.ahead.is_none() {
+            return;
+        }
+        let DocOrder::Block(b) = &self.order else {
+            if store && self.window_seen.is_none() {
+                self.window_seen = Some(0);
+                self.corpus.hint(&(0..self.corpus.num_shards()).collect::<Vec<_>>());
+            }
+            return;
+        };
+        let w = position / b.window();
+        if self.window_seen == Some(w) {
+            return;
+        }
+        self.window_seen = Some(w);
+        if let Some(tx) = &self.ahead {
+            let _ = tx.try_send((self.corpus.clone(), b.window_ranges(w + 1)));
+        }
+        if !store {
+            return;
+        }
+        let done = b.shards_done_before(position);
+        for &s in b.shard_order().get(self.released..done).unwrap_or(&[]) {
+            self.corpus.release(s);
+        }
+        self.released = self.released.max(done);
+        self.corpus.hint(b.shard_order().get(done..).unwrap_or(&[]));
+    }
 }
 
 /// The single-threaded packer; the loader runs it inline or on the prefetch thread.
@@ -258,6 +370,50 @@ struct Packer {
 
 fn perm_seed(seed: u64, source: usize, epoch: u64) -> u64 {
     mix64(seed ^ mix64(source as u64 + 0x51) ^ mix64(epoch.wrapping_add(0xE90C)))
+}
+
+fn order_for(cfg: &LoaderConfig, corpus: &Corpus, src: usize, epoch: u64) -> DocOrder {
+    DocOrder::new(corpus, cfg.shuffle, cfg.shuffle_window, perm_seed(cfg.seed, src, epoch))
+}
+
+/// What a source's row stream depends on: the corpus (its manifest, hence every shard's
+/// blake3), the source's slot in the mixture (it keys the shuffle), the seed, the packing and
+/// the split. A row index built under another key is never used.
+fn index_key(cfg: &LoaderConfig, src: usize, corpus: &Corpus) -> [u8; 32] {
+    let manifest = serde_json::to_vec(corpus.manifest()).unwrap_or_default();
+    let key = serde_json::json!({
+        "row_index": crate::rowindex::VERSION,
+        "manifest": blake3::hash(&manifest).to_hex().to_string(),
+        "source": src,
+        "seed": cfg.seed,
+        "seq_len": cfg.seq_len,
+        "split_segments": cfg.split_segments,
+        "split": cfg.split,
+        "eval_fraction": cfg.eval_fraction,
+        "shuffle": cfg.shuffle,
+        "window": resolve_window(corpus, cfg.shuffle_window),
+    });
+    *blake3::hash(key.to_string().as_bytes()).as_bytes()
+}
+
+fn empty_batch(b: usize, t: usize, latent_dim: usize) -> Batch {
+    let n = b * t;
+    Batch {
+        batch_size: b,
+        seq_len: t,
+        inputs: Vec::with_capacity(n),
+        targets: Vec::with_capacity(n),
+        modality: Vec::with_capacity(n),
+        target_modality: Vec::with_capacity(n),
+        positions: Vec::with_capacity(n),
+        doc_ids: Vec::with_capacity(n),
+        segment_ids: Vec::with_capacity(n),
+        loss_mask: Vec::with_capacity(n),
+        latents: Latents { dim: latent_dim, data: Vec::new(), positions: Vec::new() },
+        padding_fraction: 0.0,
+        row_ids: vec![0; b],
+        spans: Vec::new(),
+    }
 }
 
 impl Packer {
@@ -289,6 +445,8 @@ impl Packer {
                 split_segments: cfg.split_segments,
                 split: cfg.split,
                 eval_fraction: cfg.eval_fraction,
+                shuffle: cfg.shuffle,
+                shuffle_window: cfg.shuffle_window,
                 epoch: 0,
                 step: 0,
                 rows: 0,
@@ -298,15 +456,33 @@ impl Packer {
                     .collect(),
             },
         };
+        let use_index = match cfg.row_index {
+            RowIndexMode::Always => true,
+            RowIndexMode::Never => false,
+            RowIndexMode::Auto => cfg.world_size > 1,
+        };
+        let zstd = |s: &Source| s.corpus.manifest().shards.iter().any(|e| e.compression == crate::Compression::Zstd);
+        let ahead = (cfg.decode_ahead && cfg.shuffle == Shuffle::Block && sources.iter().any(zstd))
+            .then(spawn_decode_ahead)
+            .flatten();
         let rts: Vec<SourceRt> = sources
             .into_iter()
             .enumerate()
             .map(|(i, s)| {
-                let n = s.corpus.num_docs();
+                let epoch = state.sources[i].epoch;
+                let index = use_index.then(|| {
+                    let dir = cfg.index_dir.clone().unwrap_or_else(|| crate::rowindex::default_dir(s.corpus.dir()));
+                    SourceIndex::new(dir, index_key(&cfg, i, &s.corpus))
+                });
                 SourceRt {
-                    perm: Permutation::new(n, perm_seed(cfg.seed, i, state.sources[i].epoch)),
+                    order: DocOrder::new(&s.corpus, cfg.shuffle, cfg.shuffle_window, perm_seed(cfg.seed, i, epoch)),
+                    order_epoch: epoch,
                     weight: s.weight / total_w,
                     corpus: s.corpus,
+                    index,
+                    window_seen: None,
+                    released: 0,
+                    ahead: ahead.clone(),
                 }
             })
             .collect();
@@ -345,18 +521,22 @@ impl Packer {
         loop {
             let cur = &mut self.state.sources[src];
             let rt = &mut self.sources[src];
-            if cur.position >= rt.perm.len() {
+            if rt.order_epoch != cur.epoch {
+                rt.set_order(order_for(&self.cfg, &rt.corpus, src, cur.epoch), cur.epoch);
+            }
+            if cur.position >= rt.order.len() {
                 cur.epoch += 1;
                 cur.position = 0;
                 cur.offset = 0;
-                rt.perm = Permutation::new(rt.corpus.num_docs(), perm_seed(self.cfg.seed, src, cur.epoch));
+                rt.set_order(order_for(&self.cfg, &rt.corpus, src, cur.epoch), cur.epoch);
                 wraps += 1;
                 if wraps > 1 {
                     return Err(ShardError::Config(format!("source {src} has no documents in the split")));
                 }
                 continue;
             }
-            let doc = rt.perm.get(cur.position);
+            let doc = rt.order.get(cur.position);
+            rt.track(cur.position);
             if in_split(&self.cfg, doc) {
                 return Ok(doc);
             }
@@ -569,32 +749,21 @@ impl Packer {
     fn next_batch(&mut self) -> Result<Batch> {
         let (b, t, w, r) = (self.cfg.batch_size, self.cfg.seq_len, self.cfg.world_size, self.cfg.rank);
         let n = b * t;
-        let mut batch = Batch {
-            batch_size: b,
-            seq_len: t,
-            inputs: Vec::with_capacity(n),
-            targets: Vec::with_capacity(n),
-            modality: Vec::with_capacity(n),
-            target_modality: Vec::with_capacity(n),
-            positions: Vec::with_capacity(n),
-            doc_ids: Vec::with_capacity(n),
-            segment_ids: Vec::with_capacity(n),
-            loss_mask: Vec::with_capacity(n),
-            latents: Latents { dim: self.ids.latent_dim, data: Vec::new(), positions: Vec::new() },
-            padding_fraction: 0.0,
-            row_ids: vec![0; b],
-            spans: Vec::new(),
-        };
+        let mut batch = empty_batch(b, t, self.ids.latent_dim);
         let mut pads = 0usize;
-        for k in 0..b * w {
-            let src = self.pick_source();
-            let slot = (k % w == r).then_some(k / w);
-            pads += self.pack_row(src, slot, &mut batch)?;
-            if let Some(slot) = slot {
-                batch.row_ids[slot] = self.state.rows;
+        if self.sources[0].index.is_some() {
+            pads = self.pack_own_rows(&mut batch)?;
+        } else {
+            for k in 0..b * w {
+                let src = self.pick_source();
+                let slot = (k % w == r).then_some(k / w);
+                pads += self.pack_row(src, slot, &mut batch)?;
+                if let Some(slot) = slot {
+                    batch.row_ids[slot] = self.state.rows;
+                }
+                self.state.sources[src].rows += 1;
+                self.state.rows += 1;
             }
-            self.state.sources[src].rows += 1;
-            self.state.rows += 1;
         }
         let lens = [
             batch.inputs.len(),
@@ -613,6 +782,105 @@ impl Packer {
         self.state.epoch = self.state.sources.first().map_or(0, |s| s.epoch);
         batch.padding_fraction = pads as f32 / n as f32;
         Ok(batch)
+    }
+}
+
+impl Packer {
+    /// Row-index mode: decides which (source, source-local row) each of this rank's slots
+    /// gets, packs just those rows from their indexed starts, and leaves every source's cursor
+    /// where the sequential packer would (the start of its next row), so states agree.
+    fn pack_own_rows(&mut self, batch: &mut Batch) -> Result<usize> {
+        let (b, w, r) = (self.cfg.batch_size, self.cfg.world_size, self.cfg.rank);
+        let first = self.state.rows;
+        // (slot, source, source-local row)
+        let mut own = Vec::with_capacity(b);
+        if self.sources.len() == 1 {
+            let base = self.state.sources[0].rows;
+            own.extend((0..b).map(|slot| (slot, 0usize, base + (slot * w + r) as u64)));
+            self.state.sources[0].rows += (b * w) as u64;
+            self.state.rows += (b * w) as u64;
+        } else {
+            // The blend only counts rows: a few float operations per global row and source.
+            for k in 0..b * w {
+                let src = self.pick_source();
+                if k % w == r {
+                    own.push((k / w, src, self.state.sources[src].rows));
+                }
+                self.state.sources[src].rows += 1;
+                self.state.rows += 1;
+            }
+        }
+        let mut pads = 0;
+        for (slot, src, row) in own {
+            let start = self.row_start(src, row)?;
+            self.seek(src, start);
+            pads += self.pack_row(src, Some(slot), batch)?;
+            batch.row_ids[slot] = first + (slot * w + r) as u64;
+        }
+        for src in 0..self.sources.len() {
+            let start = self.row_start(src, self.state.sources[src].rows)?;
+            self.seek(src, start);
+        }
+        Ok(pads)
+    }
+
+    fn seek(&mut self, src: usize, at: RowStart) {
+        let cur = &mut self.state.sources[src];
+        (cur.epoch, cur.position, cur.offset) = (at.epoch, at.position, at.offset);
+        let rt = &mut self.sources[src];
+        if rt.order_epoch != at.epoch {
+            rt.set_order(order_for(&self.cfg, &rt.corpus, src, at.epoch), at.epoch);
+        }
+    }
+
+    /// Where source-local row `row` of source `src` starts, loading or building epoch indexes
+    /// until one holds it.
+    fn row_start(&mut self, src: usize, row: u64) -> Result<RowStart> {
+        loop {
+            let Some(ix) = self.sources[src].index.as_mut() else {
+                return Err(ShardError::Config("internal: no row index".into()));
+            };
+            if let Some(at) = ix.find(row) {
+                return Ok(at);
+            }
+            if let Next::Build { epoch, first_row, start, lock } = ix.load_next()? {
+                let t0 = std::time::Instant::now();
+                let (entries, end) = self.walk_epoch(src, start)?;
+                let header = EpochHeader { key: [0; 32], epoch, first_row, num_rows: entries.len() as u64, start, end };
+                let Some(ix) = self.sources[src].index.as_mut() else { continue };
+                ix.store(header, &entries, lock)?;
+                tracing::info!(
+                    "row index of source {src}, epoch {epoch}: {} rows in {:.2} s ({})",
+                    entries.len(),
+                    t0.elapsed().as_secs_f64(),
+                    ix.path(epoch).display()
+                );
+            }
+        }
+    }
+
+    /// Packs (without writing anything) every row whose start cursor lies in `start.epoch`,
+    /// recording each start; returns them and the start of the next row. The source's cursor
+    /// and order are restored afterwards.
+    fn walk_epoch(&mut self, src: usize, start: RowStart) -> Result<(Vec<[u64; 2]>, RowStart)> {
+        let saved = self.state.sources[src];
+        self.seek(src, start);
+        let mut dummy = empty_batch(0, self.cfg.seq_len, 0);
+        let mut entries = Vec::new();
+        let result = loop {
+            let c = self.state.sources[src];
+            if c.epoch != start.epoch {
+                break Ok(RowStart { epoch: c.epoch, position: c.position, offset: c.offset });
+            }
+            entries.push([c.position, c.offset]);
+            if let Err(e) = self.pack_row(src, None, &mut dummy) {
+                break Err(e);
+            }
+        };
+        let back = RowStart { epoch: saved.epoch, position: saved.position, offset: saved.offset };
+        self.seek(src, back);
+        self.state.sources[src] = saved;
+        result.map(|end| (entries, end))
     }
 }
 
@@ -636,6 +904,15 @@ fn check_resume(st: &LoaderState, cfg: &LoaderConfig, sources: &[Source]) -> Res
     }
     if st.split != cfg.split || st.eval_fraction != cfg.eval_fraction {
         return bad("split or eval_fraction differ from the saved state".into());
+    }
+    if st.shuffle != cfg.shuffle || (st.shuffle == Shuffle::Block && st.shuffle_window != cfg.shuffle_window) {
+        return bad(format!(
+            "state was saved with shuffle {} (window {}), config has {} (window {}); set the data config's shuffle to match",
+            st.shuffle.as_str(),
+            st.shuffle_window,
+            cfg.shuffle.as_str(),
+            cfg.shuffle_window
+        ));
     }
     if st.sources.len() != sources.len() {
         return bad(format!("state has {} sources, {} given", st.sources.len(), sources.len()));

@@ -4,11 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use half::f16;
 use serde::Serialize;
 
+use crate::cache::{ChunkBuf, ChunkCache, DEFAULT_CHUNK_CACHE_BYTES, next_reader_id};
 use crate::error::{Result, ShardError};
 use crate::format::{
     self, ALIGN, CHUNK_ENTRY_LEN, ChunkEntry, Compression, FLAG_FRAME_RATE, FLAG_GRID, FLAG_SOURCE, Footer, Header,
@@ -16,6 +17,7 @@ use crate::format::{
 };
 use crate::manifest::{Manifest, read_meta_vocab};
 use crate::perm::{Permutation, mix64};
+use crate::store::ShardStore;
 use crate::types::{Document, Modality, Segment, SegmentData, SegmentMeta, Vocab};
 use crate::writer::PerModality;
 
@@ -38,20 +40,6 @@ impl Storage {
     }
 }
 
-/// An uncompressed chunk (zstd shards), 8-aligned so typed slices can borrow from it.
-#[derive(Debug)]
-struct ChunkBuf {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl ChunkBuf {
-    fn bytes(&self) -> &[u8] {
-        let b: &[u8] = bytemuck::cast_slice(&self.words);
-        &b[..self.len]
-    }
-}
-
 /// One opened shard. Opening checks header, footer, the index checksum, the meta block's
 /// vocabulary and that the chunk table's sizes add up (cost proportional to this shard's
 /// document and chunk count, paid on first touch); chunk checksums are checked the first time
@@ -69,12 +57,19 @@ pub struct ShardReader {
     /// still checks the record's structure, which is O(segments), but not each id again (the
     /// loader reads a long document once per row it spans).
     ids_checked: Vec<AtomicU64>,
-    cache: Mutex<Option<(u64, Arc<ChunkBuf>)>>,
+    /// Decoded zstd chunks: the corpus's shared cache, or a private one keeping the last chunk.
+    cache: Arc<ChunkCache>,
+    cache_id: u64,
 }
 
 impl ShardReader {
-    /// Maps and checks a shard file.
+    /// Maps and checks a shard file (decoded zstd chunks: the last one is kept).
     pub fn open(path: impl AsRef<Path>) -> Result<ShardReader> {
+        Self::open_with_cache(path, Arc::new(ChunkCache::new(0)))
+    }
+
+    /// [`ShardReader::open`] keeping decoded zstd chunks in `cache` (shared by a corpus).
+    pub fn open_with_cache(path: impl AsRef<Path>, cache: Arc<ChunkCache>) -> Result<ShardReader> {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ShardError::MissingShard { path: path.clone() },
@@ -83,17 +78,17 @@ impl ShardReader {
         // SAFETY: shards are immutable once renamed into place and only ever mapped read-only.
         // A concurrent truncation by another process would be a misuse outside this crate.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ShardError::io(&path, "mmap", e))?;
-        Self::from_storage(path, Storage::Map(map))
+        Self::from_storage(path, Storage::Map(map), cache)
     }
 
     /// A shard held in memory; `label` names it in errors.
     pub fn from_bytes(label: impl Into<PathBuf>, bytes: &[u8]) -> Result<ShardReader> {
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-        Self::from_storage(label.into(), Storage::Owned(words, bytes.len()))
+        Self::from_storage(label.into(), Storage::Owned(words, bytes.len()), Arc::new(ChunkCache::new(0)))
     }
 
-    fn from_storage(path: PathBuf, storage: Storage) -> Result<ShardReader> {
+    fn from_storage(path: PathBuf, storage: Storage, cache: Arc<ChunkCache>) -> Result<ShardReader> {
         let bytes = storage.bytes();
         let header = Header::decode(&path, bytes)?;
         let footer = Footer::decode(&path, bytes)?;
@@ -136,7 +131,18 @@ impl ShardReader {
         let rules = SegmentRules::from_vocab(&vocab);
         let bitmap = |n: u64| -> Vec<AtomicU64> { (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() };
         let (verified, ids_checked) = (bitmap(footer.num_chunks), bitmap(footer.num_docs));
-        Ok(ShardReader { path, storage, header, footer, vocab, rules, verified, ids_checked, cache: Mutex::new(None) })
+        Ok(ShardReader {
+            path,
+            storage,
+            header,
+            footer,
+            vocab,
+            rules,
+            verified,
+            ids_checked,
+            cache,
+            cache_id: next_reader_id(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -270,26 +276,51 @@ impl ShardReader {
     }
 
     fn decompressed(&self, i: u64, c: &ChunkEntry) -> Result<Arc<ChunkBuf>> {
-        if let Ok(guard) = self.cache.lock()
-            && let Some((ci, buf)) = guard.as_ref()
-            && *ci == i
-        {
-            return Ok(buf.clone());
+        if let Some(buf) = self.cache.get((self.cache_id, i)) {
+            return Ok(buf);
         }
         let stored = self.stored_chunk(i, c)?;
         let bad = |detail: String| ShardError::corrupt(&self.path, "zstd chunk", c.file_offset, detail);
         check_zstd_claim(stored, c).map_err(bad)?;
-        let mut words = vec![0u64; (c.raw_len as usize).div_ceil(8)];
+        let mut words = self.cache.buffer((c.raw_len as usize).div_ceil(8));
         let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..c.raw_len as usize];
-        let n = zstd::bulk::decompress_to_buffer(stored, dst).map_err(|e| bad(e.to_string()))?;
+        let n = DECOMPRESSOR
+            .with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                match d.as_mut() {
+                    Some(d) => d.decompress_to_buffer(stored, dst),
+                    None => Err(std::io::Error::other("no zstd decompressor")),
+                }
+            })
+            .map_err(|e| bad(e.to_string()))?;
         if n != c.raw_len as usize {
             return Err(bad(format!("decompressed to {n} bytes, chunk table says {}", c.raw_len)));
         }
         let buf = Arc::new(ChunkBuf { words, len: n });
-        if let Ok(mut guard) = self.cache.lock() {
-            *guard = Some((i, buf.clone()));
-        }
+        self.cache.insert((self.cache_id, i), buf.clone());
         Ok(buf)
+    }
+
+    /// Decodes (into the cache) the zstd chunks holding documents `docs` of this shard, so a
+    /// reader that comes for them finds them decoded. Errors are left for that reader.
+    pub fn warm(&self, docs: std::ops::Range<u64>) {
+        if self.header.compression != Compression::Zstd || docs.is_empty() {
+            return;
+        }
+        let chunk = |d: u64| self.index_entry(d).map(|e| e.chunk as u64);
+        let (Ok(first), Ok(last)) = (chunk(docs.start), chunk(docs.end - 1)) else { return };
+        for i in first..=last.min(self.footer.num_chunks.saturating_sub(1)) {
+            if self.cache.contains((self.cache_id, i)) {
+                continue;
+            }
+            let Ok(c) = self.chunk_entry(i) else { return };
+            if self.decompressed(i, &c).is_err() {
+                return;
+            }
+        }
     }
 
     /// Chunk `i` checked as a whole: its table entry, its crc32c and, for zstd, that its frame
@@ -307,10 +338,22 @@ impl ShardReader {
     /// Document `local` of this shard as a validated borrowed view. A structural error names
     /// the document ([`ShardError::Record`]); checksum errors name the chunk.
     pub fn get(&self, local: u64) -> Result<DocumentRef<'_>> {
-        self.get_inner(local).map_err(|e| e.in_document(local))
+        self.get_inner(local, None).map_err(|e| e.in_document(local))
     }
 
-    fn get_inner(&self, local: u64) -> Result<DocumentRef<'_>> {
+    /// [`ShardReader::get`] holding the reader alive instead of borrowing it, so the corpus may
+    /// release the shard (a remote cache evicting it) while documents are still in use.
+    pub fn get_shared(self: &Arc<Self>, local: u64) -> Result<DocumentRef<'static>> {
+        let d = self.get_inner(local, Some(self)).map_err(|e| e.in_document(local))?;
+        let bytes = match d.bytes {
+            DocBytes::Shard(r, s, e) => DocBytes::Shard(r, s, e),
+            DocBytes::Chunk(b, s, e) => DocBytes::Chunk(b, s, e),
+            DocBytes::Mapped(_) => return Err(ShardError::Config("internal: borrowed record".into())),
+        };
+        Ok(DocumentRef { bytes, positions: d.positions })
+    }
+
+    fn get_inner<'a>(&'a self, local: u64, owner: Option<&Arc<ShardReader>>) -> Result<DocumentRef<'a>> {
         let e = self.index_entry(local)?;
         let c = self.chunk_entry(e.chunk as u64)?;
         let index_at = self.footer.doc_index_offset + local * INDEX_ENTRY_LEN as u64;
@@ -327,7 +370,13 @@ impl ShardReader {
             Compression::Raw => {
                 let chunk = self.stored_chunk(e.chunk as u64, &c)?;
                 let rec = chunk.get(e.offset as usize..end as usize).unwrap_or(&[]);
-                (DocBytes::Mapped(rec), c.file_offset + e.offset as u64, None)
+                let at = c.file_offset + e.offset as u64;
+                let bytes = match owner {
+                    // In the file: stored_chunk checked the chunk's extent, and end <= raw_len.
+                    Some(o) => DocBytes::Shard(o.clone(), at as usize, at as usize + rec.len()),
+                    None => DocBytes::Mapped(rec),
+                };
+                (bytes, at, None)
             }
             Compression::Zstd => {
                 let buf = self.decompressed(e.chunk as u64, &c)?;
@@ -362,6 +411,22 @@ impl ShardReader {
     }
 }
 
+impl Drop for ShardReader {
+    fn drop(&mut self) {
+        // A shared cache outlives its readers: their chunks would never be hit again.
+        if Arc::strong_count(&self.cache) > 1 {
+            self.cache.forget(self.cache_id);
+        }
+    }
+}
+
+thread_local! {
+    /// One zstd context per thread: creating one per chunk (what `zstd::bulk::decompress_to_buffer`
+    /// does) allocates and faults in its ~100 KiB workspace every time.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// A zstd chunk's claimed size against its frame: the frame's content size must equal the
 /// table's `raw_len`, which must not exceed what the frame's blocks can decode to.
 fn check_zstd_claim(stored: &[u8], c: &ChunkEntry) -> std::result::Result<(), String> {
@@ -381,6 +446,7 @@ fn check_zstd_claim(stored: &[u8], c: &ChunkEntry) -> std::result::Result<(), St
 #[derive(Debug)]
 enum DocBytes<'a> {
     Mapped(&'a [u8]),
+    Shard(Arc<ShardReader>, usize, usize),
     Chunk(Arc<ChunkBuf>, usize, usize),
 }
 
@@ -388,6 +454,7 @@ impl DocBytes<'_> {
     fn get(&self) -> &[u8] {
         match self {
             DocBytes::Mapped(b) => b,
+            DocBytes::Shard(r, s, e) => r.bytes().get(*s..*e).unwrap_or(&[]),
             DocBytes::Chunk(buf, s, e) => &buf.bytes()[*s..*e],
         }
     }
@@ -569,13 +636,36 @@ pub struct Corpus {
     manifest: Manifest,
     /// `starts[i]` = global id of shard i's first document; `starts[n]` = num_docs.
     starts: Vec<u64>,
-    shards: Vec<OnceLock<ShardReader>>,
+    /// Opened shards; a slot is emptied again when a shard store lets the shard go.
+    shards: Vec<RwLock<Option<Arc<ShardReader>>>>,
+    /// Where shard files come from when they are not plain files in `dir` (a remote cache).
+    store: Option<Arc<dyn ShardStore>>,
+    cache: Arc<ChunkCache>,
+    /// Documents read through `get` (what a rank's loader touches; tests and benches).
+    reads: AtomicU64,
 }
 
 impl Corpus {
     /// Opens a corpus: reads `manifest.json` only. Shards are mapped lazily on first access.
+    /// A `scheme://…` location goes to the opener the binary registered
+    /// ([`crate::store::set_remote_opener`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Corpus> {
-        let dir = dir.as_ref().to_path_buf();
+        if let Some(uri) = dir.as_ref().to_str().filter(|s| crate::store::is_remote(s)) {
+            return crate::store::open_remote(uri);
+        }
+        if let Ok(uri) = std::fs::read_to_string(dir.as_ref().join(crate::store::REMOTE_MARKER)) {
+            return crate::store::open_remote(uri.trim());
+        }
+        Self::open_local(dir.as_ref(), None)
+    }
+
+    /// A corpus whose manifest is in `dir` and whose shard files `store` provides on demand.
+    pub fn open_with_store(dir: impl AsRef<Path>, store: Arc<dyn ShardStore>) -> Result<Corpus> {
+        Self::open_local(dir.as_ref(), Some(store))
+    }
+
+    fn open_local(dir: &Path, store: Option<Arc<dyn ShardStore>>) -> Result<Corpus> {
+        let dir = dir.to_path_buf();
         let manifest = Manifest::read(&dir)?;
         let mut starts = Vec::with_capacity(manifest.shards.len() + 1);
         let mut acc = 0u64;
@@ -584,8 +674,9 @@ impl Corpus {
             acc = acc.saturating_add(s.num_docs); // Manifest::read checked the sum fits
         }
         starts.push(acc);
-        let shards = manifest.shards.iter().map(|_| OnceLock::new()).collect();
-        Ok(Corpus { dir, manifest, starts, shards })
+        let shards = manifest.shards.iter().map(|_| RwLock::new(None)).collect();
+        let cache = Arc::new(ChunkCache::new(DEFAULT_CHUNK_CACHE_BYTES));
+        Ok(Corpus { dir, manifest, starts, shards, store, cache, reads: AtomicU64::new(0) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -604,6 +695,16 @@ impl Corpus {
         self.manifest.shards.len()
     }
 
+    /// Documents read through [`Corpus::get`] so far.
+    pub fn docs_read(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// The decoded-chunk cache all of this corpus's zstd shards share (its limit is adjustable).
+    pub fn chunk_cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
     /// Shard index and document index inside it of global document `doc` (O(log shards)).
     pub fn locate(&self, doc: u64) -> Result<(usize, u64)> {
         if doc >= self.num_docs() {
@@ -618,26 +719,84 @@ impl Corpus {
         self.starts.get(i).copied()
     }
 
-    /// Shard `i`, mapped and checked against the manifest on first use.
-    pub fn shard(&self, i: usize) -> Result<&ShardReader> {
+    /// Shard `i`, mapped and checked against the manifest on first use (fetched first when a
+    /// store provides the files).
+    pub fn shard(&self, i: usize) -> Result<Arc<ShardReader>> {
         let cell = self
             .shards
             .get(i)
             .ok_or(ShardError::DocOutOfRange { doc: i as u64, num_docs: self.num_shards() as u64 })?;
-        if let Some(r) = cell.get() {
-            return Ok(r);
+        if let Ok(g) = cell.read()
+            && let Some(r) = g.as_ref()
+        {
+            return Ok(r.clone());
+        }
+        let mut g = cell.write().map_err(|_| ShardError::Config("shard slot poisoned".into()))?;
+        if let Some(r) = g.as_ref() {
+            return Ok(r.clone());
         }
         let entry = &self.manifest.shards[i];
-        let r = ShardReader::open(self.dir.join(&entry.name))?;
+        let path = match &self.store {
+            Some(store) => store.ensure(i, entry)?,
+            None => self.dir.join(&entry.name),
+        };
+        let r = Arc::new(ShardReader::open_with_cache(path, self.cache.clone())?);
         r.check_against(entry, self.vocab())?;
-        let _ = cell.set(r);
-        cell.get().ok_or_else(|| ShardError::Config("shard cache".into()))
+        *g = Some(r.clone());
+        Ok(r)
     }
 
-    /// Document `doc` as a borrowed view.
+    /// The local file of shard `i` (fetched first when a store provides the files; then
+    /// pinned until [`Corpus::release_path`]).
+    pub fn shard_path(&self, i: usize) -> Result<PathBuf> {
+        let entry = self
+            .manifest
+            .shards
+            .get(i)
+            .ok_or(ShardError::DocOutOfRange { doc: i as u64, num_docs: self.num_shards() as u64 })?;
+        match &self.store {
+            Some(store) => store.ensure(i, entry),
+            None => Ok(self.dir.join(&entry.name)),
+        }
+    }
+
+    /// Undoes the pin of [`Corpus::shard_path`] (no-op for local corpora).
+    pub fn release_path(&self, i: usize) {
+        if let Some(store) = &self.store {
+            let mapped = self.shards.get(i).is_some_and(|c| c.read().is_ok_and(|g| g.is_some()));
+            if !mapped {
+                store.released(i);
+            }
+        }
+    }
+
+    /// Whether shard files come from a store (a remote corpus) rather than the directory.
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Lets shard `i` go (remote corpora: its cached file may be evicted; documents still in
+    /// use keep their reader alive). A later access opens it again. No-op for local corpora.
+    pub fn release(&self, i: usize) {
+        let Some(store) = &self.store else { return };
+        let was = self.shards.get(i).and_then(|c| c.write().ok().and_then(|mut g| g.take()));
+        if was.is_some() {
+            store.released(i);
+        }
+    }
+
+    /// The shards (manifest indexes) a reader will need next, in order: a store fetches ahead.
+    pub fn hint(&self, upcoming: &[usize]) {
+        if let Some(store) = &self.store {
+            store.upcoming(upcoming);
+        }
+    }
+
+    /// Document `doc` as a view (it keeps its shard mapped while it lives).
     pub fn get(&self, doc: u64) -> Result<DocumentRef<'_>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let (i, local) = self.locate(doc)?;
-        self.shard(i)?.get(local).map_err(|e| e.with_global(doc))
+        self.shard(i)?.get_shared(local).map_err(|e| e.with_global(doc))
     }
 
     /// Sequence positions of document `doc`, from the index alone (no payload touched).

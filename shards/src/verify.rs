@@ -9,6 +9,15 @@ use crate::writer::PerModality;
 /// At most this many record-level problems are listed per shard (the rest are counted).
 const MAX_PROBLEMS_PER_SHARD: usize = 32;
 
+/// Releases a shard of a remote corpus when dropped (no-op for local corpora).
+struct Release<'a>(&'a Corpus, usize);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.release_path(self.1);
+    }
+}
+
 pub(crate) fn verify_corpus(corpus: &Corpus) -> VerifyReport {
     let mut report = VerifyReport::default();
     let m = corpus.manifest();
@@ -19,8 +28,16 @@ pub(crate) fn verify_corpus(corpus: &Corpus) -> VerifyReport {
         report.shards += 1;
         let first_doc = corpus.shard_start(i).unwrap_or(0);
         let name = entry.name.as_str();
-        let path = corpus.dir().join(name);
         let push = |e: ShardError, report: &mut VerifyReport| report.problems.push(Problem::from_error(Some(name), &e));
+        // A remote corpus's store fetches (and checks) the file first; it is let go after.
+        let path = match corpus.shard_path(i) {
+            Ok(p) => p,
+            Err(e) => {
+                push(e, &mut report);
+                continue;
+            }
+        };
+        let _release = Release(corpus, i);
         let reader = match ShardReader::open(&path) {
             Ok(r) => r,
             Err(e) => {

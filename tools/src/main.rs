@@ -6,6 +6,7 @@
 mod cmd;
 mod launch;
 mod output;
+mod remote;
 #[cfg(test)]
 mod test_alloc;
 
@@ -24,6 +25,13 @@ struct Cli {
     /// More logging on stderr (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Local cache of corpora read from object stores (default: $MOTLEY_CACHE/remote, else
+    /// ~/.cache/motley/remote).
+    #[arg(long, global = true, env = "MOTLEY_CACHE_DIR")]
+    cache_dir: Option<std::path::PathBuf>,
+    /// Bytes of shards that cache keeps (released shards evicted past it; default 32 GiB; 0: no limit).
+    #[arg(long, global = true, env = "MOTLEY_CACHE_LIMIT")]
+    cache_limit: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,7 +66,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     output::init_logging(cli.verbose);
-    let ctx = output::Ctx { json: cli.json };
+    let remote = remote::options(cli.cache_dir.clone(), cli.cache_limit);
+    remote::install(remote.clone());
+    let ctx = output::Ctx { json: cli.json, remote };
     let result = match cli.command {
         Command::Tokenizer(c) => cmd::tokenizer::run(c, &ctx),
         Command::Ingest(a) => cmd::ingest::run(a, &ctx),

@@ -6,6 +6,8 @@ use std::io::Write;
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub json: bool,
+    /// How corpora in object stores are cached and fetched (global `--cache-dir`, `--cache-limit`).
+    pub remote: motley_remote::RemoteOptions,
 }
 
 pub fn init_logging(verbose: u8) {

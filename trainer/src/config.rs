@@ -28,6 +28,14 @@ pub struct DataConfig {
     pub split_segments: bool,
     /// Batches the loader prepares ahead on its own thread.
     pub prefetch: usize,
+    /// Document order within an epoch: "block" (shards permuted, documents shuffled inside
+    /// windows; zstd shards decode each chunk about once) or "documents" (one global shuffle).
+    pub shuffle: motley_shards::Shuffle,
+    /// Documents per block-shuffle window (0: as many as hold 64 MiB of decoded payload).
+    pub shuffle_window: u64,
+    /// Where the per-epoch row indexes of multi-rank runs go (empty: beside each corpus, or
+    /// the cache directory when that is read-only).
+    pub index_dir: Option<PathBuf>,
 }
 
 impl Default for DataConfig {
@@ -41,6 +49,9 @@ impl Default for DataConfig {
             eval_fraction: 0.05,
             split_segments: false,
             prefetch: 2,
+            shuffle: motley_shards::Shuffle::Block,
+            shuffle_window: 0,
+            index_dir: None,
         }
     }
 }

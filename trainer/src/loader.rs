@@ -33,7 +33,9 @@ impl ShardSource {
         }
         let mut sources = Vec::with_capacity(data.paths.len());
         for (i, p) in data.paths.iter().enumerate() {
-            if !p.is_dir() {
+            // Object-store locations (s3://…) are opened by the opener the binary registered.
+            let remote = p.to_str().is_some_and(motley_shards::store::is_remote);
+            if !remote && !p.is_dir() {
                 return Err(TrainError::Data {
                     path: p.display().to_string(),
                     msg: "corpus directory does not exist".into(),
@@ -55,6 +57,10 @@ impl ShardSource {
             prefetch: if split == Split::Eval { 0 } else { data.prefetch },
             split,
             eval_fraction: data.eval_fraction,
+            shuffle: data.shuffle,
+            shuffle_window: data.shuffle_window,
+            index_dir: data.index_dir.clone(),
+            ..LoaderConfig::default()
         };
         let loader = Loader::new(sources.clone(), cfg.clone())
             .map_err(|e| TrainError::Data { path: label.clone(), msg: e.to_string() })?;
@@ -74,8 +80,14 @@ impl BatchSource for ShardSource {
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), TrainError> {
         let err = |msg: String| TrainError::Data { path: self.label.clone(), msg };
         let st: LoaderState = serde_json::from_value(state.clone()).map_err(|e| err(format!("loader state: {e}")))?;
+        // A checkpoint from before the block shuffle continues its global document shuffle
+        // (its state has no `shuffle` field), so the run goes on with the same stream.
+        let mut cfg = self.cfg.clone();
+        if state.get("shuffle").is_none() {
+            cfg.shuffle = motley_shards::Shuffle::Documents;
+        }
         // Drop the old loader (and its prefetch thread) before starting the resumed one.
-        let resumed = Loader::resume(self.sources.clone(), self.cfg.clone(), st).map_err(|e| err(e.to_string()))?;
+        let resumed = Loader::resume(self.sources.clone(), cfg, st).map_err(|e| err(e.to_string()))?;
         self.loader = resumed;
         Ok(())
     }

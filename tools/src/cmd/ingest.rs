@@ -37,9 +37,13 @@ pub struct Args {
     /// overrides the recipe's paths.
     #[arg(long)]
     tokenizers: Option<PathBuf>,
-    /// Output corpus directory.
+    /// Output corpus directory, or an object-store location (s3://, gs://, az://): the corpus
+    /// is built in a local staging folder, then its shards and, last, its manifest are uploaded.
     #[arg(long, short = 'o')]
     out: PathBuf,
+    /// Chunk compression of the shards (default: raw on disk, zstd for an object-store --out).
+    #[arg(long, value_enum)]
+    compression: Option<CompressionArg>,
     /// Kind of the command-line inputs.
     #[arg(long, value_enum, default_value = "text")]
     kind: KindArg,
@@ -136,11 +140,30 @@ fn build_recipe(args: &Args) -> anyhow::Result<Recipe> {
     Ok(recipe)
 }
 
+/// Shard chunk compression.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CompressionArg {
+    Raw,
+    Zstd,
+}
+
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
-    let recipe = build_recipe(&args)?;
+    let mut recipe = build_recipe(&args)?;
+    let remote = crate::remote::is_remote(&args.out).then(|| args.out.to_string_lossy().to_string());
+    let out = match &remote {
+        Some(uri) => crate::remote::staging_dir(uri, &ctx.remote),
+        None => args.out.clone(),
+    };
+    recipe.options.compression = match (args.compression, &remote) {
+        (Some(CompressionArg::Raw), _) => Some(motley_shards::Compression::Raw),
+        (Some(CompressionArg::Zstd), _) => Some(motley_shards::Compression::Zstd),
+        // Object stores: smaller transfers, and the block shuffle reads zstd at raw's pace.
+        (None, Some(_)) => Some(motley_shards::Compression::Zstd),
+        (None, None) => recipe.options.compression,
+    };
     let cfg = IngestConfig {
         recipe,
-        out: args.out.clone(),
+        out: out.clone(),
         workers: args.workers,
         limit: args.limit,
         part: args.part,
@@ -148,7 +171,12 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         overwrite: args.overwrite,
         progress: !args.no_progress,
     };
-    let summary = motley_ingest::ingest(&cfg).with_context(|| format!("ingest into {}", args.out.display()))?;
+    let mut summary = motley_ingest::ingest(&cfg).with_context(|| format!("ingest into {}", out.display()))?;
+    if let Some(uri) = &remote {
+        crate::remote::upload(&out, uri, &ctx.remote)
+            .with_context(|| format!("uploading {} to {uri}", out.display()))?;
+        summary.out = args.out.clone();
+    }
     if ctx.json {
         return output::json(&summary);
     }

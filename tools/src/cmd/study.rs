@@ -57,7 +57,7 @@ pub struct Args {
 }
 
 /// Preset → config file → flags → `--set`, as `motley train` does; then the study's cadence.
-fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
+fn resolve_config(args: &Args, remote: &motley_remote::RemoteOptions) -> anyhow::Result<TrainConfig> {
     let mut cfg = TrainConfig::preset(&args.preset)?;
     if let Some(path) = &args.config {
         cfg = cfg.merge_file(path)?;
@@ -75,6 +75,8 @@ fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
         cfg.data.paths = args.data.clone();
         cfg.data.synthetic = false;
     }
+    // Object-store corpora (`--data s3://…`) train from their cache folders, as in `motley train`.
+    crate::remote::localize(&mut cfg.data.paths, remote)?;
     // A curve needs evaluations along the way; checkpoints only at the end (each run's final
     // model stays for `motley sample` / `motley eval`).
     cfg.train.eval_every = args.eval_every.unwrap_or((cfg.train.steps / 20).max(1));
@@ -88,7 +90,7 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         let report = reload_study(&args.out)?;
         return if ctx.json { output::json(&report) } else { output::line(report.table()) };
     }
-    let cfg = resolve_config(&args)?;
+    let cfg = resolve_config(&args, &ctx.remote)?;
     anyhow::ensure!(args.seeds >= 1, "--seeds must be at least 1");
     let first = args.seed.unwrap_or(cfg.train.seed);
     let mut archs = vec![Arch::Dense, Arch::Mot];

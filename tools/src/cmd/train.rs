@@ -82,7 +82,7 @@ pub struct EvalArgs {
 }
 
 /// Preset → config file → explicit flags → `--set`, in that order.
-fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
+fn resolve_config(args: &Args, remote: &motley_remote::RemoteOptions) -> anyhow::Result<TrainConfig> {
     let mut cfg = TrainConfig::preset(&args.preset)?;
     if let Some(path) = &args.config {
         cfg = cfg.merge_file(path)?;
@@ -106,6 +106,7 @@ fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
         cfg.data.paths = args.data.clone();
         cfg.data.synthetic = false;
     }
+    crate::remote::localize(&mut cfg.data.paths, remote)?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -115,7 +116,7 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     // `torchrun --nproc-per-node 1` runs DDP with one rank.
     if let Some(n) = args.nproc.filter(|&n| n >= 1) {
         // The launcher's own timeout for stragglers: the run's, as the ranks will resolve it.
-        let timeout = resolve_config(&args)
+        let timeout = resolve_config(&args, &ctx.remote)
             .map(|c| c.train.dist_timeout_s)
             .or_else(|_| -> anyhow::Result<f64> {
                 let run = args.resume.as_ref().context("no config to read the timeout from")?;
@@ -157,7 +158,9 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             sets.push(format!("train.device=\"{d}\""));
         }
         if !args.data.is_empty() {
-            let list: Vec<String> = args.data.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+            let mut data = args.data.clone();
+            crate::remote::localize(&mut data, &ctx.remote)?;
+            let list: Vec<String> = data.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
             sets.push(format!("data.paths=[{}]", list.join(",")));
         }
         sets.extend(args.set.iter().cloned());
@@ -165,7 +168,7 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         let summary = t.run()?;
         return report(&summary, t.comm().rank(), ctx);
     }
-    let cfg = resolve_config(&args)?;
+    let cfg = resolve_config(&args, &ctx.remote)?;
     if args.dry_run {
         return output::line(cfg.to_toml()?);
     }
@@ -195,7 +198,10 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
 
 pub fn eval(args: EvalArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let split = if args.split == "train" { Split::Train } else { Split::Eval };
-    let data = (!args.data.is_empty()).then(|| args.data.clone());
+    let mut data = (!args.data.is_empty()).then(|| args.data.clone());
+    if let Some(d) = data.as_mut() {
+        crate::remote::localize(d, &ctx.remote)?;
+    }
     let (step, r) = evaluate_checkpoint(&args.checkpoint, data, args.batches, split, &args.device)?;
     if ctx.json {
         let v = serde_json::json!({

@@ -1,7 +1,9 @@
 //! `motley bench loader`: the streaming loader's tokens/s as finished batches (all fields),
 //! against a memcpy of the same bytes and a numpy.memmap packer doing the same packing
-//! (scripts/bench/loader_numpy.py), plus the open time of a 10,000-shard / 10M-document corpus
-//! and first-batch latency. The body lives in `motley_shards::bench`.
+//! (scripts/bench/loader_numpy.py), zstd against raw under the default (block) shuffle, rank 0's
+//! time per batch at simulated world sizes through the row index against the skip mode, the
+//! row index's build time, the open time of a 10,000-shard / 10M-document corpus and
+//! first-batch latency. The body lives in `motley_shards::bench`.
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +46,18 @@ pub struct Args {
     /// Scratch directory (default: a fresh one under the system temp dir, removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Simulated world sizes for rank 0's time per batch (comma-separated; empty skips).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,512")]
+    worlds: Vec<usize>,
+    /// Batches timed per world size.
+    #[arg(long, default_value_t = 20)]
+    rank_batches: usize,
+    /// Also time the row index build of a corpus of this many short documents (0: skip).
+    #[arg(long, default_value_t = 0)]
+    index_docs: u64,
+    /// Mean tokens per document of that corpus.
+    #[arg(long, default_value_t = 32)]
+    index_mean_len: u32,
 }
 
 fn repo_root() -> PathBuf {
@@ -92,6 +106,10 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         open_shards: args.open_shards.max(1),
         open_docs_per_shard: args.open_docs_per_shard.max(1),
         python,
+        worlds: args.worlds.clone(),
+        rank_batches: args.rank_batches,
+        index_docs: args.index_docs,
+        index_mean_len: args.index_mean_len,
     };
     let spinner = ProgressBar::new_spinner();
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -130,8 +148,28 @@ fn print_human(r: &LoaderBenchReport) -> anyhow::Result<()> {
         one.padding_fraction
     ))?;
     output::line(format!(
-        "loader, 1 core, zstd:  {:.2}M tokens/s (shuffled access decodes a chunk per document)",
-        m(r.loader_one_core_zstd.tokens_per_s)
+        "loader, 1 core, zstd:  {:.1}M tokens/s ({} per CPU-second of the loader's thread; decode-ahead thread on) -> {:.2}x raw under the default block shuffle, {:.0}% of raw's bytes",
+        m(r.loader_one_core_zstd.tokens_per_s),
+        per_cpu(r.loader_one_core_zstd.tokens_per_cpu_s),
+        r.zstd_over_raw,
+        100.0 / r.zstd_ratio
+    ))?;
+    output::line(format!(
+        "  zstd with the decode on the loader's thread alone (no decode-ahead thread): {:.1}M tokens/s -> {:.2}x raw",
+        m(r.loader_one_core_zstd_inline.tokens_per_s),
+        r.zstd_inline_over_raw
+    ))?;
+    output::line(format!(
+        "  at the scale of a corpus past the cache (window {} docs, cache {:.1} MiB): raw {:.1}M, zstd {:.1}M tokens/s -> {:.2}x",
+        r.scaled_window,
+        r.scaled_cache_bytes as f64 / 1048576.0,
+        m(r.loader_one_core_raw_scaled.tokens_per_s),
+        m(r.loader_one_core_zstd_scaled.tokens_per_s),
+        r.zstd_over_raw_scaled
+    ))?;
+    output::line(format!(
+        "  zstd under the global document shuffle, same cache (a chunk decoded per document): {:.2}M tokens/s",
+        m(r.loader_one_core_zstd_documents.tokens_per_s)
     ))?;
     output::line(format!("loader, prefetch, raw: {:.1}M tokens/s", m(r.loader_prefetch_raw.tokens_per_s)))?;
     output::line(format!(
@@ -160,6 +198,36 @@ fn print_human(r: &LoaderBenchReport) -> anyhow::Result<()> {
         ))?;
     }
     output::line(format!("first batch: {:.1} ms", r.first_batch_seconds * 1e3))?;
+    if !r.rank_scaling.is_empty() {
+        output::line(format!(
+            "row index of the world-size corpus ({} raw documents, epoch 0): built in {:.2} s, {:.1} KiB",
+            r.rank_docs,
+            r.index_build_seconds,
+            r.index_bytes as f64 / 1024.0
+        ))?;
+        output::line("rank 0, ms per batch:  world  row index  skip mode (baseline)  skip / index")?;
+        for s in &r.rank_scaling {
+            output::line(format!(
+                "                       {:>5}  {:>9.3}  {:>20.3}  {:>11.1}x",
+                s.world,
+                s.index_batch_ms,
+                s.skip_batch_ms,
+                s.skip_batch_ms / s.index_batch_ms
+            ))?;
+        }
+    }
+    if let Some(b) = &r.index_build {
+        output::line(format!(
+            "row index of {} documents ({:.0}M tokens, {:.0} MiB of shards): {} rows, {:.2} MiB, built in {:.1} s (corpus written in {:.1} s)",
+            b.docs,
+            m(b.tokens as f64),
+            b.corpus_bytes as f64 / 1048576.0,
+            b.rows,
+            b.index_bytes as f64 / 1048576.0,
+            b.build_seconds,
+            b.corpus_write_seconds
+        ))?;
+    }
     output::line(format!(
         "open {} shards / {} docs: {:.1} ms; random get with first shard touches: {:.1} us",
         r.open_shards,

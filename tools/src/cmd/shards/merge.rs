@@ -18,7 +18,8 @@ pub struct Args {
     /// Corpus directories to join, in order (document ids follow this order).
     #[arg(required = true, num_args = 1..)]
     dirs: Vec<PathBuf>,
-    /// Output corpus directory (must not exist, or be empty).
+    /// Output corpus directory (must not exist, or be empty), or an object-store location:
+    /// merged locally, then uploaded, the manifest last.
     #[arg(long)]
     out: PathBuf,
 }
@@ -44,7 +45,23 @@ enum Placed {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
-    let out = merge(&args.dirs, &args.out, &mut RealIo)?;
+    let remote = crate::remote::is_remote(&args.out).then(|| args.out.to_string_lossy().to_string());
+    let local = match &remote {
+        // Built locally first (hard links where possible), then uploaded, the manifest last.
+        Some(uri) => {
+            let d = crate::remote::staging_dir(uri, &ctx.remote);
+            let _ = std::fs::remove_dir_all(&d);
+            d
+        }
+        None => args.out.clone(),
+    };
+    let mut out = merge(&args.dirs, &local, &mut RealIo)?;
+    if let Some(uri) = &remote {
+        crate::remote::upload(&local, uri, &ctx.remote)
+            .with_context(|| format!("uploading {} to {uri}", local.display()))?;
+        out.out = uri.clone();
+        let _ = std::fs::remove_dir_all(&local);
+    }
     if ctx.json {
         return output::json(&out);
     }

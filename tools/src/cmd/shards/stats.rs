@@ -242,8 +242,11 @@ impl IdCounts {
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
-    let manifest =
-        Manifest::read(&args.dir).with_context(|| format!("reading the corpus at {}", args.dir.display()))?;
+    let manifest = if crate::remote::is_remote(&args.dir) {
+        Corpus::open(&args.dir)?.manifest().clone()
+    } else {
+        Manifest::read(&args.dir).with_context(|| format!("reading the corpus at {}", args.dir.display()))?
+    };
     let mut stats = from_manifest(&manifest);
     if args.deep {
         let corpus = Corpus::open(&args.dir)?;
@@ -311,7 +314,12 @@ fn deep_scan(corpus: &Corpus) -> anyhow::Result<Deep> {
     // finishes; nothing is kept per shard.
     let total = (0..corpus.num_shards())
         .into_par_iter()
-        .try_fold(Acc::new, |acc, i| scan_shard(corpus, i, acc, &ids, &pb))
+        .try_fold(Acc::new, |acc, i| {
+            let r = scan_shard(corpus, i, acc, &ids, &pb);
+            // A remote corpus's cache may evict the shard now.
+            corpus.release(i);
+            r
+        })
         .try_reduce(Acc::new, |a, b| Ok(a.merge(b)));
     pb.finish_and_clear();
     let total = total?;

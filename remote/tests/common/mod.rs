@@ -1,0 +1,70 @@
+//! Real test servers on 127.0.0.1 (moto's S3 server, RangeHTTPServer, Python's http.server),
+//! installed by scripts/setup into .test-servers; shared by remote/tests and tools/tests.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server process, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn servers_dir() -> PathBuf {
+    std::env::var_os("MOTLEY_TEST_SERVERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.test-servers"))
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn start(args: &[&str], cwd: &Path) -> anyhow::Result<Server> {
+    start_on(args, cwd, free_port()?)
+}
+
+/// [`start`] on a given port (a server restarted where its clients expect it).
+pub fn start_on(args: &[&str], cwd: &Path, port: u16) -> anyhow::Result<Server> {
+    let dir = servers_dir();
+    anyhow::ensure!(dir.join(".motley-done").is_file(), "{} missing: run scripts/setup", dir.display());
+    let mut cmd = Command::new(std::env::var("MOTLEY_TEST_PYTHON").unwrap_or_else(|_| "python3".into()));
+    cmd.args(args.iter().map(|a| a.replace("{port}", &port.to_string())))
+        .current_dir(cwd)
+        .env("PYTHONPATH", &dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = cmd.spawn()?;
+    let server = Server { child, port };
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "server {args:?} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(server)
+}
+
+pub fn moto() -> anyhow::Result<Server> {
+    start(&["-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"], Path::new("."))
+}
+
+/// Creates a bucket with a plain HTTP request (moto accepts it unsigned).
+pub fn create_bucket(port: u16, name: &str) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    anyhow::ensure!(resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"), "create bucket: {resp}");
+    Ok(())
+}

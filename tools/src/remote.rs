@@ -1,0 +1,62 @@
+//! Object-store locations on the command line: the opener that lets every corpus argument be
+//! `s3://…`, `gs://…`, `az://…` or `http(s)://…` (motley-remote behind motley-shards' hook),
+//! and `--out` to an object store: write into a local staging folder, then upload the shards
+//! and the manifest last.
+
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use motley_remote::RemoteOptions;
+
+/// The options of this process (global `--cache-dir`, `--cache-limit`).
+pub fn options(cache_dir: Option<PathBuf>, cache_limit: Option<u64>) -> RemoteOptions {
+    let mut o = RemoteOptions { cache_dir, ..RemoteOptions::default() };
+    if let Some(l) = cache_limit {
+        o.cache_limit = l;
+    }
+    o
+}
+
+/// Registers the opener for `scheme://` corpus locations.
+pub fn install(opts: RemoteOptions) {
+    motley_shards::store::set_remote_opener(move |uri| motley_remote::open(uri, &opts).map_err(Into::into));
+}
+
+/// Replaces each object-store location by its local cache folder (fetching the manifest):
+/// everything downstream, the trainer's start-up checks included, then reads a local
+/// manifest, and the folder's marker file reopens the remote corpus for the shards.
+pub fn localize(paths: &mut [PathBuf], opts: &RemoteOptions) -> anyhow::Result<()> {
+    for p in paths.iter_mut() {
+        if let Some(uri) = p.to_str().filter(|s| motley_shards::store::is_remote(s)).map(str::to_string) {
+            let (_, store) = motley_remote::open_store(&uri, opts)?;
+            tracing::info!("{uri}: cached in {}", store.dir().display());
+            *p = store.dir().to_path_buf();
+        }
+    }
+    Ok(())
+}
+
+/// Whether a path argument is an object-store location.
+pub fn is_remote(p: &Path) -> bool {
+    p.to_str().is_some_and(motley_shards::store::is_remote)
+}
+
+/// The local folder a remote `--out` is built in first (stable per location, so an interrupted
+/// ingest resumes there).
+pub fn staging_dir(uri: &str, opts: &RemoteOptions) -> PathBuf {
+    let dir = motley_remote::cache_dir_for(uri, opts);
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    dir.with_file_name(format!("upload-{name}"))
+}
+
+/// Uploads the corpus in `local` to `uri` with a progress bar on stderr.
+pub fn upload(local: &Path, uri: &str, opts: &RemoteOptions) -> anyhow::Result<motley_remote::UploadReport> {
+    let total = motley_shards::Manifest::read(local)?.bytes;
+    let pb = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("uploading {bytes}/{total_bytes} {bar:30} {eta}") {
+        pb.set_style(style);
+    }
+    let r = motley_remote::upload(local, uri, opts, &|b| pb.set_position(b));
+    pb.finish_and_clear();
+    Ok(r?)
+}
