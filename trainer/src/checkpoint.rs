@@ -277,15 +277,42 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, TrainError>
 /// must match exactly. Names are the per-tower ones of [`public_parameters`], whatever the
 /// VarStore's storage layout.
 pub fn load_weights(vs: &nn::VarStore, ckpt: &Path) -> Result<(), TrainError> {
-    let path = if ckpt.join(MODEL_INDEX).exists() { ckpt.join(MODEL_INDEX) } else { ckpt.join(MODEL_FILE) };
     let saved = read_model(ckpt)?;
-    let vars: BTreeMap<String, Tensor> = public_parameters(vs).into_iter().collect();
-    let bad = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
-    for name in saved.keys() {
-        if !vars.contains_key(name) {
-            return Err(bad(format!("unexpected tensor {name} (config and checkpoint disagree)")));
-        }
+    let vars = public_parameters(vs);
+    let names: std::collections::BTreeSet<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+    check_unexpected(&saved, &names, ckpt)?;
+    copy_weights(&saved, vars, ckpt)
+}
+
+/// The model file of checkpoint `ckpt` (the index when sharded), for errors.
+fn model_path(ckpt: &Path) -> PathBuf {
+    if ckpt.join(MODEL_INDEX).exists() { ckpt.join(MODEL_INDEX) } else { ckpt.join(MODEL_FILE) }
+}
+
+/// A saved tensor the model has no place for is an error (config and checkpoint disagree).
+pub fn check_unexpected(
+    saved: &BTreeMap<String, Tensor>,
+    names: &std::collections::BTreeSet<String>,
+    ckpt: &Path,
+) -> Result<(), TrainError> {
+    match saved.keys().find(|n| !names.contains(*n)) {
+        Some(name) => Err(TrainError::Checkpoint {
+            path: model_path(ckpt),
+            msg: format!("unexpected tensor {name} (config and checkpoint disagree)"),
+        }),
+        None => Ok(()),
     }
+}
+
+/// Copies the saved tensors into `vars` (public names: the model's variables or views of
+/// them), each present with its shape.
+pub fn copy_weights(
+    saved: &BTreeMap<String, Tensor>,
+    vars: Vec<(String, Tensor)>,
+    ckpt: &Path,
+) -> Result<(), TrainError> {
+    let path = model_path(ckpt);
+    let bad = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
     tch::no_grad(|| {
         for (name, mut var) in vars {
             let src = saved.get(&name).ok_or_else(|| bad(format!("missing tensor {name}")))?;

@@ -23,14 +23,24 @@ use crate::dist::c10d::{ReduceOp, Work};
 use crate::error::TrainError;
 use crate::flat::Layout;
 
+/// A parameter of a unit: its handle (the model's variable), name, shape, and where it lies
+/// in the unit's flat range.
+struct UnitParam {
+    tensor: Tensor,
+    name: String,
+    shape: Vec<i64>,
+    offset: i64,
+    numel: i64,
+}
+
 /// One unit's parameters and what is gathered of it now.
 struct Unit {
     /// Its buckets, consecutive in the layout, and the range they cover.
     buckets: Vec<usize>,
     start: i64,
     len: i64,
-    /// Parameter, shape, offset in the unit, elements.
-    params: Vec<(Tensor, Vec<i64>, i64, i64)>,
+    /// Its parameters in layout order.
+    params: Vec<UnitParam>,
     /// The gathered weights `[len]` while the unit is in use.
     full: Option<Tensor>,
     /// Its gradient buffer `[len]` while a backward writes into it.
@@ -106,7 +116,7 @@ impl Fsdp {
         layout: Layout,
         shard_param: Tensor,
         shard_grad: Tensor,
-        params: Vec<(Tensor, Vec<i64>)>,
+        params: Vec<(String, Tensor, Vec<i64>)>,
     ) -> Self {
         let mut units: Vec<Unit> = (0..layout.n_units())
             .map(|_| Unit { buckets: Vec::new(), start: i64::MAX, len: 0, params: Vec::new(), full: None, grad: None })
@@ -119,8 +129,14 @@ impl Fsdp {
         }
         for e in &layout.entries {
             let u = &mut units[layout.buckets[e.bucket].unit];
-            let (t, shape) = &params[e.param];
-            u.params.push((t.shallow_clone(), shape.clone(), e.offset - u.start, e.numel));
+            let (name, t, shape) = &params[e.param];
+            u.params.push(UnitParam {
+                tensor: t.shallow_clone(),
+                name: name.clone(),
+                shape: shape.clone(),
+                offset: e.offset - u.start,
+                numel: e.numel,
+            });
         }
         let empty = Tensor::empty([0], (shard_param.kind(), shard_param.device()));
         Fsdp {
@@ -197,32 +213,38 @@ impl Fsdp {
         Ok(())
     }
 
-    /// Gathers every unit (for a checkpoint's weights, or to load one into them).
-    pub fn gather_all(&self) -> Result<(), TrainError> {
-        let mut inner = self.lock();
-        for u in 0..inner.units.len() {
-            inner.gather(u)?;
+    /// Each unit whole in turn — an all-gather every rank takes part in — handed to `f` as
+    /// (parameter name, tensor) pairs, then freed: a checkpoint's weights or a hash of them
+    /// without the whole model on the device at once.
+    pub fn each_unit_gathered(
+        &self,
+        mut f: impl FnMut(&[(String, Tensor)]) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        for u in 0..self.n_units() {
+            self.gather(u)?;
+            let params = self.lock().named(u);
+            let result = f(&params);
+            self.release(u);
+            result?;
         }
         Ok(())
     }
 
-    /// Copies this rank's chunks of the gathered units back into its shard (after a
-    /// checkpoint was loaded into the whole parameters), then frees them.
-    pub fn keep_gathered(&self) -> Result<(), TrainError> {
-        let mut inner = self.lock();
-        let rank = inner.comm.rank();
-        tch::no_grad(|| {
-            for unit in &inner.units {
-                let Some(full) = &unit.full else { continue };
-                for &b in &unit.buckets {
-                    let k = &inner.layout.buckets[b];
-                    let (start, n) = inner.layout.chunk(b, rank);
-                    inner.shard_param.narrow(0, k.shard_offset, n).copy_(&full.narrow(0, start - unit.start, n));
-                }
+    /// Each unit made whole from zeros without communication, handed to `f` to fill (every
+    /// rank fills it alike, from a checkpoint), then this rank's chunks kept and the unit freed.
+    pub fn each_unit_filled(
+        &self,
+        mut f: impl FnMut(&[(String, Tensor)]) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        for u in 0..self.n_units() {
+            self.lock().materialize(u);
+            let params = self.lock().named(u);
+            let result = f(&params);
+            if result.is_ok() {
+                self.lock().keep(u);
             }
-        });
-        for u in 0..inner.units.len() {
-            inner.release(u);
+            self.release(u);
+            result?;
         }
         Ok(())
     }
@@ -260,6 +282,46 @@ impl Fsdp {
 }
 
 impl Inner {
+    /// Unit `u`'s parameters by name (handles to the model's variables).
+    fn named(&self, u: usize) -> Vec<(String, Tensor)> {
+        self.units[u].params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect()
+    }
+
+    /// Points unit `u`'s parameters at a zeroed buffer of its own, as a gather would.
+    fn materialize(&mut self, u: usize) {
+        if self.units[u].full.is_some() {
+            return;
+        }
+        let buffer = Tensor::zeros([self.units[u].len], (self.shard_param.kind(), self.shard_param.device()));
+        self.install(u, buffer);
+    }
+
+    /// Makes `buffer` unit `u`'s whole weights.
+    fn install(&mut self, u: usize, buffer: Tensor) {
+        let unit = &mut self.units[u];
+        for p in &mut unit.params {
+            // set_data swaps the storage under every handle of the variable (model, VarStore).
+            p.tensor.set_data(&buffer.narrow(0, p.offset, p.numel).view(p.shape.as_slice()));
+        }
+        self.gathered += unit.len;
+        self.peak_gathered = self.peak_gathered.max(self.gathered);
+        unit.full = Some(buffer);
+    }
+
+    /// Copies this rank's chunks of unit `u`'s whole weights into its shard.
+    fn keep(&mut self, u: usize) {
+        let unit = &self.units[u];
+        let Some(full) = &unit.full else { return };
+        let rank = self.comm.rank();
+        tch::no_grad(|| {
+            for &b in &unit.buckets {
+                let k = &self.layout.buckets[b];
+                let (start, n) = self.layout.chunk(b, rank);
+                self.shard_param.narrow(0, k.shard_offset, n).copy_(&full.narrow(0, start - unit.start, n));
+            }
+        });
+    }
+
     /// Issues the all-gathers of unit `u` into a new buffer (copies in a world of one).
     fn start(&self, u: usize) -> Result<(Tensor, Vec<Work>), TrainError> {
         let unit = &self.units[u];
@@ -326,14 +388,7 @@ impl Inner {
                 buffer
             }
         };
-        let unit = &mut self.units[u];
-        for (p, shape, off, n) in &mut unit.params {
-            // set_data swaps the storage under every handle of the variable (model, VarStore).
-            p.set_data(&buffer.narrow(0, *off, *n).view(shape.as_slice()));
-        }
-        self.gathered += unit.len;
-        self.peak_gathered = self.peak_gathered.max(self.gathered);
-        unit.full = Some(buffer);
+        self.install(u, buffer);
         Ok(())
     }
 
@@ -342,8 +397,8 @@ impl Inner {
         if unit.full.take().is_none() {
             return;
         }
-        for (p, ..) in &mut unit.params {
-            p.set_data(&self.empty);
+        for p in &mut unit.params {
+            p.tensor.set_data(&self.empty);
         }
         self.gathered -= unit.len;
     }
@@ -354,10 +409,10 @@ impl Inner {
             return Ok(());
         }
         let grad = Tensor::zeros([unit.len], (self.shard_param.kind(), self.shard_param.device()));
-        for (p, shape, off, n) in &unit.params {
-            crate::optim::set_grad(p, &grad.narrow(0, *off, *n).view(shape.as_slice())).map_err(|e| {
-                TrainError::Torch { op: "link a ZeRO-3 gradient".into(), source: tch::TchError::Torch(e) }
-            })?;
+        for p in &unit.params {
+            crate::optim::set_grad(&p.tensor, &grad.narrow(0, p.offset, p.numel).view(p.shape.as_slice())).map_err(
+                |e| TrainError::Torch { op: "link a ZeRO-3 gradient".into(), source: tch::TchError::Torch(e) },
+            )?;
         }
         unit.grad = Some(grad);
         Ok(())
@@ -382,8 +437,8 @@ impl Inner {
         let Some(grad) = self.units[u].grad.take() else { return Ok(()) };
         self.finish_reducing()?;
         let unit = &self.units[u];
-        for (p, ..) in &unit.params {
-            crate::optim::set_grad(p, &Tensor::new()).map_err(|e| TrainError::Torch {
+        for p in &unit.params {
+            crate::optim::set_grad(&p.tensor, &Tensor::new()).map_err(|e| TrainError::Torch {
                 op: "clear a ZeRO-3 gradient".into(),
                 source: tch::TchError::Torch(e),
             })?;

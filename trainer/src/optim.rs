@@ -51,7 +51,7 @@ impl Param {
 
 /// ZeRO-3's view of the optimizer: the layout, this rank's parameter chunks, its shard
 /// gradient, and every parameter (empty between uses) with its shape.
-pub type FullShardParts = (Layout, Tensor, Tensor, Vec<(Tensor, Vec<i64>)>);
+pub type FullShardParts = (Layout, Tensor, Tensor, Vec<(String, Tensor, Vec<i64>)>);
 
 /// How optimizer state is spread over the ranks of a job.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -327,7 +327,7 @@ impl AdamW {
     /// rank's parameter chunks and shard gradient, and every parameter with its shape.
     pub fn full_shard_parts(&self) -> Option<FullShardParts> {
         let f = self.flat.as_ref().filter(|f| f.full_shard)?;
-        let params = self.params.iter().map(|p| (p.tensor.shallow_clone(), p.shape.clone())).collect();
+        let params = self.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone(), p.shape.clone())).collect();
         Some((f.layout.clone(), f.param.shallow_clone(), f.shard_grad.as_ref()?.shallow_clone(), params))
     }
 

@@ -268,9 +268,8 @@ impl Trainer {
         if !self.cfg.train.verify_replicas {
             return Ok(None);
         }
-        let _gathered = self.gathered()?;
         let mut h = blake3::Hasher::new();
-        for (name, t) in crate::model::public_parameters(&self.vs) {
+        for (name, t) in self.public_weights(true)? {
             let t = t.detach().to_device(Device::Cpu).contiguous().to_kind(Kind::Float);
             let v: Vec<f32> = Vec::try_from(t.view([-1])).map_err(TrainError::torch(format!("read {name}")))?;
             h.update(name.as_bytes());
@@ -325,10 +324,16 @@ impl Trainer {
         let mut t = Trainer::new(cfg)?;
         match &t.fsdp {
             Some(f) => {
-                // Whole parameters to read into, then this rank's chunks kept.
-                f.gather_all()?;
-                checkpoint::load_weights(&t.vs, &ckpt)?;
-                f.keep_gathered()?;
+                // Unit by unit: whole parameters to read into, then this rank's chunks kept.
+                let saved = checkpoint::read_model(&ckpt)?;
+                let mut seen = std::collections::BTreeSet::new();
+                f.each_unit_filled(|params| {
+                    let views: Vec<(String, Tensor)> =
+                        params.iter().flat_map(|(n, t)| crate::model::public_views(n, t)).collect();
+                    seen.extend(views.iter().map(|(n, _)| n.clone()));
+                    checkpoint::copy_weights(&saved, views, &ckpt)
+                })?;
+                checkpoint::check_unexpected(&saved, &seen, &ckpt)?;
             }
             None => checkpoint::load_weights(&t.vs, &ckpt)?,
         }
@@ -633,7 +638,7 @@ impl Trainer {
     pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, TrainError> {
         let Some(run) = &self.run_dir else { return Ok(None) };
         // Under ZeRO-3 every rank takes part in gathering the weights rank 0 writes.
-        let _gathered = self.gathered()?;
+        let weights = self.public_weights(false)?;
         let Some((opt_tensors, optimizer_steps)) = self.opt.state(&self.comm)? else { return Ok(None) };
         let meta = Meta {
             version: META_VERSION,
@@ -648,7 +653,7 @@ impl Trainer {
         };
         checkpoint::save(
             run,
-            crate::model::public_parameters(&self.vs),
+            weights,
             opt_tensors,
             &meta,
             self.cfg.train.keep_checkpoints,
@@ -657,12 +662,29 @@ impl Trainer {
         .map(Some)
     }
 
-    /// ZeRO-3: every unit gathered until the guard drops (for reading the whole weights).
-    fn gathered(&self) -> Result<Gathered, TrainError> {
-        if let Some(f) = &self.fsdp {
-            f.gather_all()?;
-        }
-        Ok(Gathered(self.fsdp.clone()))
+    /// The weights under their public names, sorted by name. Under ZeRO-3 every rank must
+    /// call it: units are gathered one at a time and copied to host memory (on rank 0 only,
+    /// unless `every_rank`), so the whole model never exists on the device.
+    fn public_weights(&self, every_rank: bool) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let Some(f) = &self.fsdp else { return Ok(crate::model::public_parameters(&self.vs)) };
+        let keep = every_rank || self.comm.rank() == 0;
+        let mut out = Vec::new();
+        f.each_unit_gathered(|params| {
+            if keep {
+                for (name, t) in params {
+                    for (public, view) in crate::model::public_views(name, t) {
+                        // A copy of its own: the gathered buffer is freed after this unit.
+                        let mut host = Tensor::empty(view.size(), (view.kind(), Device::Cpu));
+                        tch::no_grad(|| host.f_copy_(&view))
+                            .map_err(TrainError::torch(format!("copy {public} to the host")))?;
+                        out.push((public, host));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     /// ZeRO-3: unit 0 gathered until the guard drops (blocks gather themselves).
