@@ -297,6 +297,11 @@ fn stages(a: &Args) -> Vec<Stage> {
                 &train_common,
             ),
         },
+        // What the same code needs for the paper's largest model, from the memory plan.
+        Stage {
+            name: "plan the paper's 7B MoT on 64 GPUs of 80 GB",
+            args: strings(&["plan", "--preset", "7b", "--arch", "mot", "--gpus", "64", "--gpu-mem", "80GB"]),
+        },
         Stage {
             name: "sample a digit image from the MoT run",
             // The prompt has the form of the training captions (data/sample/images.jsonl).
