@@ -236,11 +236,8 @@ pub fn load_any(path: impl AsRef<Path>) -> Result<Box<dyn ModalityTokenizer>> {
     if head == b'{' {
         return Ok(Box::new(load_text(path)?));
     }
-    if path.is_dir() {
-        return Ok(Box::new(pretrained::AutoencoderKlTokenizer::from_folder(path, Default::default())?));
-    }
-    if store::peek_kind(path)?.as_deref() == Some(pretrained::vae::KIND) {
-        return Ok(Box::new(pretrained::AutoencoderKlTokenizer::load(path)?));
+    if let Some(t) = pretrained::load_modality(path)? {
+        return Ok(t);
     }
     let loaded = store::load(path)?;
     match loaded.kind() {

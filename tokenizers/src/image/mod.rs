@@ -75,16 +75,15 @@ pub trait ImageTokenizer: Send + Sync + std::fmt::Debug {
 }
 
 /// Opens an image tokenizer file of either kind.
-/// A directory is a diffusers model folder (`config.json` + safetensors), loaded with
-/// default geometry (`sample_size`, 2x2 latent patches).
+/// A directory is a diffusers model folder (`config.json` + safetensors: AutoencoderKL or
+/// VQModel), loaded with default geometry (`sample_size`, 2x2 latent patches).
 pub fn load_image_tokenizer(path: impl AsRef<Path>) -> Result<Box<dyn ImageTokenizer>> {
     let path = path.as_ref();
     if path.is_dir() {
-        let t = crate::pretrained::AutoencoderKlTokenizer::from_folder(path, Default::default())?;
-        return Ok(Box::new(t));
+        return crate::pretrained::load_image_folder(path);
     }
-    if crate::store::peek_kind(path)?.as_deref() == Some(crate::pretrained::vae::KIND) {
-        return Ok(Box::new(crate::pretrained::AutoencoderKlTokenizer::load(path)?));
+    if let Some(t) = crate::pretrained::load_image_file(path, crate::store::peek_kind(path)?.as_deref())? {
+        return Ok(t);
     }
     let loaded = crate::store::load(path)?;
     match loaded.kind() {

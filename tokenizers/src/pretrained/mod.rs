@@ -9,6 +9,7 @@
 //! so a corpus manifest names one self-contained file as for the fitted tokenizers.
 
 pub mod vae;
+pub mod vq;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use safetensors::SafeTensors;
 use crate::error::{Result, TokenizerError};
 
 pub use vae::{AutoencoderKlTokenizer, VaeOptions};
+pub use vq::VqModelTokenizer;
 
 /// Weight file names tried in a model folder, in order.
 pub const WEIGHT_FILES: &[&str] = &["diffusion_pytorch_model.safetensors", "model.safetensors"];
@@ -39,6 +41,8 @@ pub struct ModelFolder {
 pub enum Architecture {
     /// diffusers `AutoencoderKL` (`_class_name`).
     AutoencoderKl,
+    /// diffusers `VQModel`.
+    VqModel,
 }
 
 impl ModelFolder {
@@ -78,6 +82,7 @@ pub fn architecture_of(config: &serde_json::Value, path: &Path) -> Result<Archit
     let model_type = config.get("model_type").and_then(|v| v.as_str());
     match (class, arch, model_type) {
         (Some("AutoencoderKL"), _, _) => Ok(Architecture::AutoencoderKl),
+        (Some("VQModel"), _, _) => Ok(Architecture::VqModel),
         (None, None, None) => Err(TokenizerError::model(
             path,
             "names no architecture (no `_class_name`, `architectures` or `model_type`)",
@@ -85,11 +90,69 @@ pub fn architecture_of(config: &serde_json::Value, path: &Path) -> Result<Archit
         _ => Err(TokenizerError::model(
             path,
             format!(
-                "unknown architecture {}; motley runs diffusers AutoencoderKL",
+                "unknown architecture {}; motley runs diffusers AutoencoderKL and VQModel",
                 class.or(arch).or(model_type).unwrap_or_default()
             ),
         )),
     }
+}
+
+/// An image model folder, dispatched on the architecture its `config.json` names; default
+/// geometry (`sample_size`; 2x2 latent patches for an AutoencoderKL).
+pub fn load_image_folder(dir: &Path) -> Result<Box<dyn crate::image::ImageTokenizer>> {
+    match ModelFolder::open(dir)?.architecture()? {
+        Architecture::AutoencoderKl => Ok(Box::new(AutoencoderKlTokenizer::from_folder(dir, VaeOptions::default())?)),
+        Architecture::VqModel => Ok(Box::new(VqModelTokenizer::from_folder(dir, None)?)),
+    }
+}
+
+/// A saved pretrained image tokenizer file of `kind`, or `None` when `kind` is not one.
+pub fn load_image_file(path: &Path, kind: Option<&str>) -> Result<Option<Box<dyn crate::image::ImageTokenizer>>> {
+    Ok(match kind {
+        Some(vae::KIND) => Some(Box::new(AutoencoderKlTokenizer::load(path)?)),
+        Some(vq::KIND) => Some(Box::new(VqModelTokenizer::load(path)?)),
+        _ => None,
+    })
+}
+
+/// [`load_image_folder`] / [`load_image_file`] as a [`crate::ModalityTokenizer`]; `None` when
+/// `path` is neither a model folder nor a pretrained tokenizer file.
+pub fn load_modality(path: &Path) -> Result<Option<Box<dyn crate::ModalityTokenizer>>> {
+    let arch = if path.is_dir() {
+        Some(ModelFolder::open(path)?.architecture()?)
+    } else {
+        match crate::store::peek_kind(path)?.as_deref() {
+            Some(vae::KIND) => return Ok(Some(Box::new(AutoencoderKlTokenizer::load(path)?))),
+            Some(vq::KIND) => return Ok(Some(Box::new(VqModelTokenizer::load(path)?))),
+            _ => None,
+        }
+    };
+    Ok(match arch {
+        Some(Architecture::AutoencoderKl) => {
+            Some(Box::new(AutoencoderKlTokenizer::from_folder(path, VaeOptions::default())?))
+        }
+        Some(Architecture::VqModel) => Some(Box::new(VqModelTokenizer::from_folder(path, None)?)),
+        None => None,
+    })
+}
+
+/// diffusers' `VaeImageProcessor` input: `2·(v/255) − 1`, planar RGB.
+pub(crate) fn pixels_in(img: &image::RgbImage) -> Vec<f32> {
+    let mut px = Vec::with_capacity(3 * img.width() as usize * img.height() as usize);
+    for ch in 0..3 {
+        px.extend(img.pixels().map(|p| 2.0 * (p.0[ch] as f32 / 255.0) - 1.0));
+    }
+    px
+}
+
+/// diffusers' post-processing to 8 bits of planar RGB already mapped to [0, 1]: ×255, round.
+pub(crate) fn pixels_out(v: &[f32], side: u32) -> image::RgbImage {
+    let plane = side as usize * side as usize;
+    image::RgbImage::from_fn(side, side, |x, y| {
+        let k = y as usize * side as usize + x as usize;
+        let q = |ch: usize| (v[ch * plane + k] * 255.0).round().clamp(0.0, 255.0) as u8;
+        image::Rgb([q(0), q(1), q(2)])
+    })
 }
 
 /// Every tensor of a safetensors buffer as f32 on the CPU (f16 / bf16 weights are widened:

@@ -85,7 +85,7 @@ fn yes() -> bool {
 
 impl VaeConfig {
     /// Checks what this implementation covers; anything else is an error naming `path`.
-    fn check(&self, path: &Path) -> Result<()> {
+    pub(crate) fn check(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(TokenizerError::model(path, msg));
         if self.block_out_channels.is_empty() {
             return bad("block_out_channels is empty".into());
@@ -127,7 +127,7 @@ impl VaeConfig {
     }
 
     /// `sample_size` as one side (diffusers writes an int, or a pair).
-    fn sample_side(&self) -> Option<u32> {
+    pub(crate) fn sample_side(&self) -> Option<u32> {
         match self.sample_size.as_ref()? {
             serde_json::Value::Number(n) => n.as_u64().map(|v| v as u32),
             serde_json::Value::Array(a) => a.first().and_then(|v| v.as_u64()).map(|v| v as u32),
@@ -168,7 +168,7 @@ struct Header {
 }
 
 #[derive(Debug)]
-struct Encoder {
+pub(crate) struct Encoder {
     conv_in: Conv2d,
     down: Vec<DownEncoderBlock2D>,
     mid: UNetMidBlock2D,
@@ -177,7 +177,7 @@ struct Encoder {
 }
 
 #[derive(Debug)]
-struct Decoder {
+pub(crate) struct Decoder {
     conv_in: Conv2d,
     mid: UNetMidBlock2D,
     up: Vec<UpDecoderBlock2D>,
@@ -202,7 +202,8 @@ fn mid_block(ch: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<UN
 }
 
 impl Encoder {
-    fn new(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// `out_channels`: `2·latent_channels` for a KL posterior (mean, log-variance), `latent_channels` for a VQ model.
+    pub(crate) fn new(c: &VaeConfig, out_channels: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let boc = &c.block_out_channels;
         let conv_in = conv3(c.in_channels, boc[0], vb.pp("conv_in"))?;
         let mut down = Vec::with_capacity(boc.len());
@@ -225,11 +226,11 @@ impl Encoder {
             down,
             mid: mid_block(last, c.norm_num_groups, vb.pp("mid_block"))?,
             norm_out: candle_nn::group_norm(c.norm_num_groups, last, 1e-6, vb.pp("conv_norm_out"))?,
-            conv_out: conv3(last, 2 * c.latent_channels, vb.pp("conv_out"))?,
+            conv_out: conv3(last, out_channels, vb.pp("conv_out"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = self.conv_in.forward(x)?;
         for b in &self.down {
             x = b.forward(&x)?;
@@ -241,7 +242,7 @@ impl Encoder {
 }
 
 impl Decoder {
-    fn new(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(c: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let conv_in = conv3(c.latent_channels, rev[0], vb.pp("conv_in"))?;
         let mid = mid_block(rev[0], c.norm_num_groups, vb.pp("mid_block"))?;
@@ -267,7 +268,7 @@ impl Decoder {
         })
     }
 
-    fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = self.mid.forward(&self.conv_in.forward(z)?, None)?;
         for b in &self.up {
             x = b.forward(&x)?;
@@ -322,7 +323,7 @@ impl AutoencoderKlTokenizer {
         let vb = var_builder(tensors);
         let e = candle_err(weights);
         let net = Net {
-            encoder: Encoder::new(&cfg, vb.pp("encoder")).map_err(&e)?,
+            encoder: Encoder::new(&cfg, 2 * cfg.latent_channels, vb.pp("encoder")).map_err(&e)?,
             decoder: Decoder::new(&cfg, vb.pp("decoder")).map_err(&e)?,
             quant_conv: if cfg.use_quant_conv {
                 let n = 2 * cfg.latent_channels;
