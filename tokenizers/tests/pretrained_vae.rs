@@ -18,8 +18,11 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The reference tensors (f32 or u8) by name, and the image names they were computed on.
-fn reference(name: &str) -> Result<(HashMap<String, (Vec<usize>, Vec<f32>)>, Vec<String>)> {
+/// Reference tensors by name: shape and values (f32, or u8 widened).
+type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// The reference tensors by name, and the image names they were computed on.
+fn reference(name: &str) -> Result<(Tensors, Vec<String>)> {
     let buf = std::fs::read(fixtures().join(name))?;
     let (_, meta) = SafeTensors::read_metadata(&buf)?;
     let images: Vec<String> = serde_json::from_str(meta.metadata().as_ref().context("metadata")?["images"].as_str())?;
