@@ -188,3 +188,38 @@ fn broken_model_folders_are_clear_errors() -> Result<()> {
     assert!(e.contains("diffusion_pytorch_model.safetensors"), "{e}");
     Ok(())
 }
+
+#[test]
+fn autoencoder_kl_loads_f16_weights() -> Result<()> {
+    // Released VAEs often ship fp16 safetensors; they are widened to f32 on load.
+    let src = fixtures().join("vae");
+    let buf = std::fs::read(src.join("diffusion_pytorch_model.safetensors"))?;
+    let st = SafeTensors::deserialize(&buf)?;
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let h: Vec<u8> = v
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| half::f16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes())
+                .collect();
+            (n, v.shape().to_vec(), h)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = halves
+        .iter()
+        .map(|(n, s, d)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), d)?)))
+        .collect::<Result<_>>()?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("diffusion_pytorch_model.safetensors"), safetensors::serialize(views, None)?)?;
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json"))?;
+    let vae = AutoencoderKlTokenizer::from_folder(dir.path(), VaeOptions::default())?;
+    let (refs, names) = reference("vae_reference.safetensors")?;
+    let images = sample_images(&names)?;
+    let got = vae.encode_latents(&images.iter().collect::<Vec<_>>())?;
+    let d = max_abs_diff(&got, &refs["latents"].1);
+    // f16 weights move the latents a little, not a lot.
+    assert!(d > 0.0 && d < 2e-2, "f16-weight latents differ from the f32 reference by {d}");
+    Ok(())
+}

@@ -409,17 +409,15 @@ impl AutoencoderKlTokenizer {
                     format!("{}x{} (expected {side}x{side})", img.width(), img.height()),
                 ));
             }
-            // diffusers' VaeImageProcessor: v / 255, then 2x - 1; planar RGB.
-            for ch in 0..3 {
-                px.extend(img.pixels().map(|p| 2.0 * (p.0[ch] as f32 / 255.0) - 1.0));
-            }
+            px.extend(super::pixels_in(img));
         }
         // One image per forward pass: candle-transformers 0.11.1's attention block gives wrong
         // results for every image but the first of a batch (0.08 off on the parity fixture), so
         // images are parallel across records (rayon in ingest), not inside one tensor.
         let plane = 3 * side * side;
         let run = || -> candle_core::Result<Vec<f32>> {
-            let mut out = Vec::with_capacity(images.len() * self.cfg.latent_channels * (side / 8).pow(2));
+            let mut out =
+                Vec::with_capacity(images.len() * self.cfg.latent_channels * (self.latent_side() as usize).pow(2));
             for chunk in px.chunks_exact(plane) {
                 let x = Tensor::from_slice(chunk, (1, 3, side, side), &Device::Cpu)?;
                 let mut h = self.net.encoder.forward(&x)?;
@@ -462,18 +460,8 @@ impl AutoencoderKlTokenizer {
         };
         let v = run()
             .map_err(|e| TokenizerError::model(&self.weights, format!("decode: {}", super::candle_message(&e))))?;
-        let side = self.resolution as usize;
-        let plane = side * side;
-        Ok((0..n)
-            .map(|i| {
-                let img = &v[i * 3 * plane..(i + 1) * 3 * plane];
-                RgbImage::from_fn(side as u32, side as u32, |x, y| {
-                    let k = y as usize * side + x as usize;
-                    let q = |ch: usize| (img[ch * plane + k] * 255.0).round().clamp(0.0, 255.0) as u8;
-                    image::Rgb([q(0), q(1), q(2)])
-                })
-            })
-            .collect())
+        let per = 3 * (self.resolution as usize).pow(2);
+        Ok(v.chunks_exact(per).map(|img| super::pixels_out(img, self.resolution)).collect())
     }
 
     /// `[C, h, w]` latents of one image → `(h/p)·(w/p)` patch vectors of `C·p·p`, in
