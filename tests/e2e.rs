@@ -294,3 +294,133 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
         motley().args(["train", "--preset", "tiny", "--data", &d(&corpus), "--out", &d(&run)]).output().expect("spawn");
     assert!(!again.status.success());
 }
+
+/// A pretrained diffusers AutoencoderKL (the tiny random one of the tokenizer parity fixtures)
+/// through the whole Transfusion flow: imported as a tokenizer file, ingested from the model
+/// folder itself, its factors in the manifest, stored latents decoded back to PNG, a few training
+/// steps, and an image sampled and decoded through the VAE decoder.
+#[test]
+fn pretrained_vae_import_ingest_decode_train_sample() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    sample_subset(&data).expect("copy the sample subset");
+    let tok = tmp.path().join("tok");
+    let d = |p: &Path| p.display().to_string();
+    let model = repo().join("tokenizers/tests/fixtures/pretrained/vae");
+
+    let out = run_ok(&["tokenizer", "import", &d(&model), "--out", &d(&tok.join("image/vae.safetensors")), "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("import --json prints JSON");
+    assert_eq!(info["kind"], "autoencoder-kl", "{info}");
+    assert_eq!((info["grid"][0].as_u64(), info["latent_dim"].as_u64()), (Some(2), Some(16)), "{info}");
+    run_ok(&[
+        "tokenizer",
+        "train-text",
+        &d(&data.join("text")),
+        "--out",
+        &d(&tok.join("text.json")),
+        "--vocab-size",
+        "512",
+    ]);
+    run_ok(&[
+        "tokenizer",
+        "fit-speech",
+        &d(&data.join("speech")),
+        "--out",
+        &d(&tok.join("speech/units.safetensors")),
+        "--units",
+        "16",
+        "--max-iter",
+        "5",
+    ]);
+    // The recipe names the model folder directly; --tokenizers would find the imported file.
+    let recipe = std::fs::read_to_string(data.join("recipe.toml")).expect("recipe");
+    std::fs::write(
+        data.join("recipe-vae.toml"),
+        format!(
+            "[tokenizers]\ntext = {:?}\nimage = {:?}\nspeech = {:?}\n\n{}",
+            d(&tok.join("text.json")),
+            d(&model),
+            d(&tok.join("speech")),
+            recipe.replace("[options]\n", "[options]\nimage_mode = \"latent\"\n")
+        ),
+    )
+    .expect("write recipe");
+    let corpus = tmp.path().join("corpus-vae");
+    run_ok(&["ingest", "--config", &d(&data.join("recipe-vae.toml")), "--out", &d(&corpus), "--no-progress"]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(corpus.join("manifest.json")).expect("manifest")).expect("JSON");
+    let image = &manifest["tokenizers"]["image"];
+    assert_eq!(image["kind"], "autoencoder-kl", "{manifest}");
+    assert_eq!(image["file"], "tokenizers/image.safetensors");
+    assert_eq!((image["scaling_factor"].as_f64(), image["shift_factor"].as_f64()), (Some(0.3611), Some(0.1159)));
+    assert_eq!(
+        manifest["vocab"]["modalities"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["modality"] == "image"))
+            .map(|m| m["latent_dim"].clone()),
+        Some(serde_json::json!(16)),
+        "{manifest}"
+    );
+    run_ok(&["shards", "verify", &d(&corpus)]);
+
+    // Stored latents back to pictures: the last document holding an image (interleaved documents
+    // follow the text ones) decodes to a PNG.
+    let dec = tmp.path().join("decoded");
+    let mut found = false;
+    let num_docs = manifest["num_docs"].as_u64().expect("num_docs");
+    for doc in (0..num_docs).rev().take(20) {
+        let out = run_ok(&["shards", "decode", &d(&corpus), "--doc", &doc.to_string(), "--out", &d(&dec), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("decode --json prints JSON");
+        assert_eq!(v["missing_decoders"].as_object().map(serde_json::Map::len), Some(0), "{v}");
+        let pngs: Vec<String> = v["parts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["modality"] == "image")
+            .flat_map(|p| p["files"].as_array().cloned().unwrap_or_default())
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        if let Some(p) = pngs.first() {
+            let img = image::open(dec.join(p)).expect("a PNG");
+            assert_eq!((img.width(), img.height()), (32, 32));
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no image in the last 20 documents");
+
+    let run = tmp.path().join("run-vae");
+    run_ok(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        &d(&corpus),
+        "--out",
+        &d(&run),
+        "--steps",
+        "3",
+        "--set",
+        "train.threads=1",
+    ]);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    assert!(metrics.contains("loss_diffusion"), "the Transfusion run logs its diffusion loss");
+    let out = run_ok(&[
+        "sample",
+        "--checkpoint",
+        &d(&run),
+        "--prompt",
+        "a handwritten digit seven",
+        "--image",
+        "--diffusion-steps",
+        "4",
+        "--out",
+        &d(&tmp.path().join("samples-vae")),
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sample --json prints JSON");
+    assert_eq!(summary["setting"], "transfusion", "{summary}");
+    let png = summary["files"][0]["path"].as_str().map(PathBuf::from).expect("one file written");
+    let img = image::open(&png).expect("the sampled PNG");
+    assert_eq!((img.width(), img.height()), (32, 32));
+}

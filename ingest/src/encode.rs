@@ -45,13 +45,15 @@ fn load_image_from(path: &Path, mode: Option<ImageMode>) -> Result<(Box<dyn Imag
         Some(ImageMode::Vq) => t.latent_dim().is_none(),
         Some(ImageMode::Latent) => t.latent_dim().is_some(),
     };
-    let candidates = if path.is_dir() { safetensors_in(path)? } else { vec![path.to_path_buf()] };
+    // A diffusers model folder (config.json + safetensors) is one tokenizer, not a directory of them.
+    let model_folder = path.join("config.json").is_file();
+    let candidates = if path.is_dir() && !model_folder { safetensors_in(path)? } else { vec![path.to_path_buf()] };
     let mut loaded = Vec::new();
     for c in &candidates {
         match motley_tokenizers::load_image(c) {
             Ok(t) if want(t.as_ref()) => loaded.push((t, c.clone())),
             Ok(_) => {}
-            Err(e) if !path.is_dir() => return Err(tok_err(c, e)),
+            Err(e) if !path.is_dir() || model_folder => return Err(tok_err(c, e)),
             Err(_) => {}
         }
     }

@@ -525,8 +525,16 @@ fn copy_tokenizers(out: &Path, toks: &Tokenizers) -> Result<Vec<(Modality, Strin
         if let Some(parent) = dst.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
         }
-        let bytes = std::fs::read(&src).map_err(|e| Error::io("read tokenizer", &src, e))?;
-        write_atomic(&dst, &bytes)?;
+        match (&toks.image, m) {
+            // A model folder becomes one tokenizer file (its weights unchanged, plus a header).
+            (Some((tok, _)), Modality::Image) if src.is_dir() => {
+                tok.save(&dst).map_err(|e| Error::Tokenizer { path: src.clone(), message: e.to_string() })?
+            }
+            _ => {
+                let bytes = std::fs::read(&src).map_err(|e| Error::io("read tokenizer", &src, e))?;
+                write_atomic(&dst, &bytes)?;
+            }
+        }
         v.push((m, rel));
     }
     Ok(v)
@@ -759,7 +767,19 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     let mut tokenizers = BTreeMap::new();
     for (m, rel) in &tok_files {
         tokenizers.insert(m.as_str().to_string(), rel.clone());
-        manifest.tokenizers.insert(m.as_str().to_string(), serde_json::Value::String(rel.clone()));
+        // A pretrained model also records what it is and the factors its latents carry.
+        let info = match (m, &toks.image) {
+            (Modality::Image, Some((t, _))) => t.manifest_info(),
+            _ => None,
+        };
+        let entry = match info {
+            Some(serde_json::Value::Object(mut o)) => {
+                o.insert("file".into(), serde_json::Value::String(rel.clone()));
+                serde_json::Value::Object(o)
+            }
+            _ => serde_json::Value::String(rel.clone()),
+        };
+        manifest.tokenizers.insert(m.as_str().to_string(), entry);
     }
     let summary = summarize(cfg, &tasks, &done, &new_markers, tokenizers, start.elapsed().as_secs_f64());
     manifest.extra.insert(

@@ -42,6 +42,10 @@ pub enum TokenizerError {
     /// A saved tokenizer file that is malformed or of the wrong kind.
     #[error("bad tokenizer file {path}: {msg}")]
     BadFile { path: PathBuf, msg: String },
+    /// A pretrained model folder or file that cannot be run: unknown architecture, missing or
+    /// misshapen tensor (named), unsupported configuration.
+    #[error("model {path}: {msg}")]
+    Model { path: PathBuf, msg: String },
     /// A segment handed to decode that this tokenizer cannot have produced.
     #[error("cannot decode segment{}: {msg}", source_name.as_ref().map(|s| format!(" from {s}")).unwrap_or_default())]
     BadSegment { source_name: Option<String>, msg: String },
@@ -63,6 +67,10 @@ impl TokenizerError {
 
     pub(crate) fn bad_file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
         TokenizerError::BadFile { path: path.into(), msg: msg.to_string() }
+    }
+
+    pub(crate) fn model(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        TokenizerError::Model { path: path.into(), msg: msg.to_string() }
     }
 
     pub(crate) fn config(what: &'static str, msg: impl std::fmt::Display) -> Self {

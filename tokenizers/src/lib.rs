@@ -39,6 +39,7 @@ pub mod error;
 pub mod image;
 pub mod kmeans;
 pub mod pca;
+pub mod pretrained;
 pub mod speech;
 pub mod store;
 pub mod text;
@@ -220,7 +221,9 @@ pub fn load_speech(path: impl AsRef<Path>) -> Result<SpeechTokenizer> {
 /// Opens any tokenizer file: JSON is text, safetensors is dispatched on its header's `kind`.
 pub fn load_any(path: impl AsRef<Path>) -> Result<Box<dyn ModalityTokenizer>> {
     let path = path.as_ref();
-    let head = {
+    let head = if path.is_dir() {
+        b'm'
+    } else {
         use std::io::Read;
         let mut f = std::fs::File::open(path).map_err(|e| TokenizerError::io("open", path, e))?;
         let mut b = [0u8; 1];
@@ -232,6 +235,9 @@ pub fn load_any(path: impl AsRef<Path>) -> Result<Box<dyn ModalityTokenizer>> {
     };
     if head == b'{' {
         return Ok(Box::new(load_text(path)?));
+    }
+    if let Some(t) = pretrained::load_modality(path)? {
+        return Ok(t);
     }
     let loaded = store::load(path)?;
     match loaded.kind() {

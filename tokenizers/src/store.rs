@@ -43,6 +43,61 @@ pub fn save<H: Serialize>(path: &Path, header: &H, tensors: &[Tensor<'_>]) -> Re
     Ok(())
 }
 
+/// The `motley` header JSON of a safetensors buffer, without reading its tensors.
+pub fn header_json(buf: &[u8], path: &Path) -> Result<String> {
+    let (_, meta) = SafeTensors::read_metadata(buf)
+        .map_err(|e| TokenizerError::bad_file(path, format!("not a safetensors file: {e}")))?;
+    meta.metadata()
+        .as_ref()
+        .and_then(|m| m.get(HEADER_KEY))
+        .cloned()
+        .ok_or_else(|| TokenizerError::bad_file(path, format!("no `{HEADER_KEY}` header in the safetensors metadata")))
+}
+
+/// The header's `kind` of a tokenizer file, reading only the safetensors header (a pretrained
+/// model's file can be hundreds of MB).
+pub fn peek_kind(path: &Path) -> Result<Option<String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| TokenizerError::io("open", path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| TokenizerError::io("read", path, e))?;
+    let n = u64::from_le_bytes(len);
+    // safetensors caps its header at 100 MB; a larger claim is not a tokenizer file.
+    if n > 100_000_000 {
+        return Err(TokenizerError::bad_file(path, format!("safetensors header of {n} bytes")));
+    }
+    let mut head = vec![0u8; 8 + n as usize];
+    head[..8].copy_from_slice(&len);
+    f.read_exact(&mut head[8..]).map_err(|e| TokenizerError::io("read", path, e))?;
+    let json: serde_json::Value = serde_json::from_slice(&head[8..])
+        .map_err(|e| TokenizerError::bad_file(path, format!("not a safetensors file: {e}")))?;
+    let Some(h) = json.get("__metadata__").and_then(|m| m.get(HEADER_KEY)).and_then(|h| h.as_str()) else {
+        return Ok(None);
+    };
+    let h: serde_json::Value =
+        serde_json::from_str(h).map_err(|e| TokenizerError::bad_file(path, format!("header JSON: {e}")))?;
+    Ok(h.get("kind").and_then(|k| k.as_str()).map(str::to_string))
+}
+
+/// Writes the tensors of the safetensors buffer `weights` (read from `from`) unchanged, dtypes
+/// included, under `header`: how a pretrained model becomes one tokenizer file.
+pub fn save_raw<H: Serialize>(path: &Path, header: &H, weights: &[u8], from: &Path) -> Result<()> {
+    let json = serde_json::to_string(header).map_err(|e| TokenizerError::bad_file(path, format!("header: {e}")))?;
+    let st =
+        SafeTensors::deserialize(weights).map_err(|e| TokenizerError::model(from, format!("not safetensors: {e}")))?;
+    let mut meta = HashMap::new();
+    meta.insert(HEADER_KEY.to_string(), json);
+    let views: Vec<(String, TensorView<'_>)> = st.tensors();
+    let buf = safetensors::serialize(views, Some(meta)).map_err(|e| TokenizerError::bad_file(path, e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| TokenizerError::io("create directory", dir, e))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, &buf).map_err(|e| TokenizerError::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TokenizerError::io("rename into", path, e))?;
+    Ok(())
+}
+
 /// A loaded codebook file: its JSON header and f32 tensors by name.
 #[derive(Debug)]
 pub struct Loaded {

@@ -49,6 +49,11 @@ pub trait ImageTokenizer: Send + Sync + std::fmt::Debug {
     fn decode_to_image(&self, seg: &Segment) -> Result<RgbImage>;
     /// Writes the tokenizer file (safetensors + JSON header).
     fn save(&self, path: &Path) -> Result<()>;
+    /// What a corpus manifest records beside the tokenizer's file name (a pretrained model's
+    /// name and latent factors); `None` for the fitted tokenizers.
+    fn manifest_info(&self) -> Option<serde_json::Value> {
+        None
+    }
 
     /// Decodes image bytes (PNG, JPEG, WebP, BMP, GIF, TIFF) safely, then encodes them; `source`
     /// names them in errors.
@@ -70,8 +75,16 @@ pub trait ImageTokenizer: Send + Sync + std::fmt::Debug {
 }
 
 /// Opens an image tokenizer file of either kind.
+/// A directory is a diffusers model folder (`config.json` + safetensors: AutoencoderKL or
+/// VQModel), loaded with default geometry (`sample_size`, 2x2 latent patches).
 pub fn load_image_tokenizer(path: impl AsRef<Path>) -> Result<Box<dyn ImageTokenizer>> {
     let path = path.as_ref();
+    if path.is_dir() {
+        return crate::pretrained::load_image_folder(path);
+    }
+    if let Some(t) = crate::pretrained::load_image_file(path, crate::store::peek_kind(path)?.as_deref())? {
+        return Ok(t);
+    }
     let loaded = crate::store::load(path)?;
     match loaded.kind() {
         Some("vq") => Ok(Box::new(VqImageTokenizer::from_loaded(path, loaded)?)),

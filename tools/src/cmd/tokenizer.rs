@@ -23,6 +23,10 @@ pub enum Command {
     FitImage(FitImageArgs),
     /// Fit discrete speech units (k-means++ over log-mel frames).
     FitSpeech(FitSpeechArgs),
+    /// Import a pretrained model folder (diffusers AutoencoderKL or VQModel: config.json +
+    /// safetensors) as one tokenizer file that ingest, `shards decode` and `sample` use like a
+    /// fitted one.
+    Import(ImportArgs),
     /// Encode one input with any tokenizer file; prints the ids (or latent shape).
     Encode(EncodeArgs),
     /// Decode ids back to text, PNG or WAV + spectrogram PNG.
@@ -128,6 +132,24 @@ pub struct FitSpeechArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The model folder as `save_pretrained` writes it (config.json +
+    /// diffusion_pytorch_model.safetensors), e.g. a downloaded SD / SDXL / FLUX `vae/` folder.
+    model: PathBuf,
+    /// Where to write the tokenizer (.safetensors): the model's weights, unchanged, plus a header.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Images are centre-cropped and resized to this square side (default: the config's
+    /// sample_size).
+    #[arg(long)]
+    resolution: Option<u32>,
+    /// AutoencoderKL: latent cells per patch side (each patch vector is latent_channels x patch²
+    /// values). A VQModel has one code per latent cell.
+    #[arg(long, default_value_t = 2)]
+    patch: u32,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct EncodeArgs {
     /// Tokenizer file: tokenizer.json, or an image / speech .safetensors.
     #[arg(long, short)]
@@ -156,6 +178,7 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         Command::TrainText(a) => train_text(a, ctx),
         Command::FitImage(a) => fit_image(a, ctx),
         Command::FitSpeech(a) => fit_speech(a, ctx),
+        Command::Import(a) => import(a, ctx),
         Command::Encode(a) => encode(a, ctx),
         Command::Decode(a) => decode(a, ctx),
     }
@@ -319,6 +342,45 @@ fn fit_image(a: FitImageArgs, ctx: &Ctx) -> anyhow::Result<()> {
         tracing::info!("previews written to {}", dir.display());
     }
     Ok(())
+}
+
+fn import(a: ImportArgs, ctx: &Ctx) -> anyhow::Result<()> {
+    use motley_tokenizers::pretrained::{
+        Architecture, AutoencoderKlTokenizer, ModelFolder, VaeOptions, VqModelTokenizer,
+    };
+    let start = Instant::now();
+    let arch = ModelFolder::open(&a.model)?.architecture()?;
+    let (tok, factors): (Box<dyn ImageTokenizer>, Option<(f64, f64)>) = match arch {
+        Architecture::AutoencoderKl => {
+            let t =
+                AutoencoderKlTokenizer::from_folder(&a.model, VaeOptions { resolution: a.resolution, patch: a.patch })?;
+            let f = t.factors();
+            (Box::new(t), Some(f))
+        }
+        Architecture::VqModel => (Box::new(VqModelTokenizer::from_folder(&a.model, a.resolution)?), None),
+    };
+    tok.save(&a.out)?;
+    let (gh, gw) = tok.grid();
+    let model = a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if ctx.json {
+        return output::json(&json!({
+            "out": a.out,
+            "kind": tok.kind(),
+            "model": model,
+            "resolution": tok.resolution(),
+            "grid": [gh, gw],
+            "latent_dim": tok.latent_dim(),
+            "codes": tok.vocab_size(),
+            "scaling_factor": factors.map(|f| f.0),
+            "shift_factor": factors.map(|f| f.1),
+            "seconds": start.elapsed().as_secs_f64(),
+        }));
+    }
+    let what = match (tok.latent_dim(), factors) {
+        (Some(d), Some((scale, shift))) => format!("patches of {d} values, scaling {scale}, shift {shift}"),
+        _ => format!("codes of {}", tok.vocab_size()),
+    };
+    output::line(format!("{} {model}: {} px -> {gh}x{gw} {what} -> {}", tok.kind(), tok.resolution(), a.out.display()))
 }
 
 fn fit_speech(a: FitSpeechArgs, ctx: &Ctx) -> anyhow::Result<()> {

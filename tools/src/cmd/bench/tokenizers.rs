@@ -1,6 +1,8 @@
 //! `motley bench tokenizers`: text BPE encode throughput against HF Python `encode_batch`
 //! (same tokenizer.json, same input, same thread count), speech real-time factor per core,
-//! and image VQ images/s and tokens/s per core at the sample resolution and at 256×256.
+//! and image VQ images/s and tokens/s per core at the sample resolution and at 256×256;
+//! `--only vae`: a diffusers AutoencoderKL's images/s in motley (candle) against diffusers
+//! (PyTorch) in the same run, same model file, images, batch and threads.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -53,6 +55,17 @@ pub struct Args {
     /// Seconds to spend timing each speech / image measurement.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// `--only vae`: a diffusers AutoencoderKL folder; default: one of Stable Diffusion's VAE
+    /// geometry, randomly initialized by diffusers for the run (no download).
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// `--only vae`: image side and batch size, the same for motley and diffusers.
+    #[arg(long, default_value_t = 256)]
+    vae_resolution: u32,
+    #[arg(long, default_value_t = 4)]
+    vae_batch: usize,
+    #[arg(long, default_value = "scripts/bench/vae_diffusers.py")]
+    vae_script: PathBuf,
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
@@ -68,6 +81,9 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     }
     if wants("image") {
         results.insert("image".into(), bench_image(&args, &tmp, ctx)?);
+    }
+    if wants("vae") {
+        results.insert("vae".into(), bench_vae(&args, &tmp, ctx)?);
     }
     let _ = std::fs::remove_dir_all(&tmp);
     if ctx.json {
@@ -416,4 +432,76 @@ fn bench_image(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json:
         out.push(r);
     }
     Ok(serde_json::Value::Array(out))
+}
+
+fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
+    use motley_tokenizers::pretrained::{AutoencoderKlTokenizer, VaeOptions};
+    let res = args.vae_resolution;
+    let files = find_inputs(&args.images, &["png", "jpg", "jpeg"]).context("no images to encode")?;
+    // Both sides read the same squared PNGs, so neither resizes.
+    let mut squared = Vec::new();
+    let mut paths = Vec::new();
+    for (i, f) in files.iter().take(args.vae_batch.max(1)).enumerate() {
+        let img = motley_tokenizers::image::read_image(f)?;
+        let sq = motley_tokenizers::image::square(&img, res, None)?;
+        let p = tmp.join(format!("vae{i}.png"));
+        sq.save(&p)?;
+        squared.push(sq);
+        paths.push(p);
+    }
+    let model = args.vae.clone().unwrap_or_else(|| tmp.join("vae-sd"));
+    let py = |save: bool| -> anyhow::Result<serde_json::Value> {
+        let mut cmd = std::process::Command::new(&args.python);
+        cmd.arg(&args.vae_script).arg("--out").arg(&model).arg("--images").args(&paths);
+        cmd.args(["--resolution", &res.to_string(), "--batch", &args.vae_batch.to_string()]);
+        cmd.args(["--threads", &args.threads.to_string(), "--seconds", &args.seconds.to_string()]);
+        if save {
+            cmd.arg("--save");
+        }
+        let out = cmd.output().with_context(|| format!("running {}", args.python.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} failed: {}",
+            args.vae_script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        Ok(serde_json::from_str(line.lines().last().unwrap_or_default())?)
+    };
+    // diffusers builds (or reads) the model first; motley then loads the very same files.
+    let torch = py(args.vae.is_none())?;
+    let vae = AutoencoderKlTokenizer::from_folder(&model, VaeOptions { resolution: Some(res), patch: 2 })?;
+    let refs: Vec<&image::RgbImage> = squared.iter().collect();
+    let threads = pool(args.threads)?;
+    let (n, secs) = threads.install(|| {
+        time_for(args.seconds, || {
+            vae.encode_latents(&refs)?;
+            Ok(())
+        })
+    })?;
+    let motley_ips = (n * refs.len()) as f64 / secs;
+    let torch_ips = torch["images_per_s"].as_f64().unwrap_or(f64::NAN);
+    if !ctx.json {
+        output::line(format!(
+            "vae {} ({}x{} px, batch {}, {} threads): motley {:.2} images/s, diffusers {:.2} images/s: {:.2}x",
+            vae.model_name(),
+            res,
+            res,
+            refs.len(),
+            args.threads,
+            motley_ips,
+            torch_ips,
+            motley_ips / torch_ips
+        ))?;
+    }
+    Ok(json!({
+        "model": vae.model_name(),
+        "resolution": res,
+        "batch": refs.len(),
+        "threads": args.threads,
+        "motley_images_per_s": motley_ips,
+        "diffusers_images_per_s": torch_ips,
+        "ratio": motley_ips / torch_ips,
+        "diffusers": torch,
+    }))
 }

@@ -86,7 +86,7 @@ pub(crate) fn find_tokenizer<T>(
     let Some(path) = tokenizer_path(dir, manifest, m) else {
         return Found::Missing(format!("the manifest names no {m} tokenizer"));
     };
-    if !path.is_file() {
+    if !path.exists() {
         return Found::Missing(format!("{m} tokenizer {} is missing", path.display()));
     }
     match load(&path) {

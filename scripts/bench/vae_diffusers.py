@@ -1,0 +1,68 @@
+"""The PyTorch side of `motley bench tokenizers --only vae`: builds a randomly initialized
+diffusers AutoencoderKL of Stable Diffusion's published VAE geometry (no download), saves it
+where motley loads it from, and times diffusers' own encode (posterior mean, scaled) on the same
+images, batch and thread count. Prints one JSON line.
+
+    python scripts/bench/vae_diffusers.py --out DIR --images a.png b.png --resolution 256 \
+        --batch 4 --threads 1 --seconds 5 [--save]
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusers import AutoencoderKL
+
+# Stable Diffusion 1.x/2.x `vae/config.json` (the SDXL VAE has the same geometry).
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--images", nargs="+", required=True)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--save", action="store_true", help="build and save the model first")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.save:
+        torch.manual_seed(0)
+        AutoencoderKL(**SD_VAE).save_pretrained(a.out, safe_serialization=True)
+    vae = AutoencoderKL.from_pretrained(a.out).eval()
+    imgs = [Image.open(p).convert("RGB").resize((a.resolution, a.resolution), Image.BICUBIC) for p in a.images]
+    u8 = np.stack([np.asarray(i) for i in imgs[: a.batch]])
+    x = 2.0 * torch.from_numpy(u8.astype(np.float32) / 255.0).permute(0, 3, 1, 2) - 1.0
+    n = 0
+    with torch.no_grad():
+        vae.encode(x).latent_dist.mean  # warm-up
+        start = time.perf_counter()
+        while True:
+            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            n += x.shape[0]
+            if time.perf_counter() - start >= a.seconds:
+                break
+        secs = time.perf_counter() - start
+    print(json.dumps({"images": n, "seconds": secs, "images_per_s": n / secs, "batch": x.shape[0],
+                      "latent_shape": list(z.shape), "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()
