@@ -230,7 +230,11 @@ fn stages(a: &Args) -> Vec<Stage> {
     let out = &a.out;
     let tok = out.join("tokenizers");
     let corpus = out.join("corpus");
+    // Held-out loss over 16 batches (the preset's 4 hold ~130 image and often no speech target
+    // tokens of this corpus: too few to compare towers on).
+    let eval = ["--set".to_string(), "train.eval_batches=16".to_string()];
     let mut train_common = vec!["--preset".into(), "tiny".into(), "--data".into(), s(&corpus), "--overwrite".into()];
+    train_common.extend(eval.iter().cloned());
     if let Some(n) = a.steps {
         train_common.extend(["--steps".into(), n.to_string()]);
     }
@@ -371,6 +375,8 @@ fn stages(a: &Args) -> Vec<Stage> {
                     "--data".into(),
                     s(&out.join("corpus-transfusion")),
                     "--overwrite".into(),
+                    eval[0].clone(),
+                    eval[1].clone(),
                 ],
                 &a.steps.map(|n| vec!["--steps".to_string(), n.to_string()]).unwrap_or_default(),
             ),
