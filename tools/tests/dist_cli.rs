@@ -300,11 +300,7 @@ fn checkpoints_move_between_zero_three_and_plain_on_other_world_sizes() {
     // Plain on 2 ranks → ZeRO-3 on 3 ranks → ZeRO-3 in one process → plain on 2 ranks.
     let run = dir.path().join("resumed");
     train(&tiny(&data, &run, &[args(&["--nproc", "2"]), base(9), set("train.stop_at=3")].concat()));
-    let resume = |extra: &[String]| {
-        let mut a: Vec<String> = vec!["--json".into(), "train".into(), "--resume".into(), run.display().to_string()];
-        a.extend(extra.iter().cloned());
-        train(&a)
-    };
+    let resume = |extra: &[String]| resume(&run, extra);
     let s = resume(&[args(&["--nproc", "3"]), set("train.stop_at=5"), set("train.zero=3")].concat());
     assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(3), Some(5)), "{s}");
     assert!(s["zero3"].is_object(), "{s}");
@@ -313,6 +309,13 @@ fn checkpoints_move_between_zero_three_and_plain_on_other_world_sizes() {
     let s = resume(&[args(&["--nproc", "2"]), set("train.stop_at=0"), set("train.zero=0")].concat());
     assert_eq!((s["world"].as_u64(), s["steps"].as_u64(), s["zero3"].is_null()), (Some(2), Some(9), true), "{s}");
     assert_curves_close(&curve(&whole), &curve(&run), 1e-5, "plain → ZeRO-3 (3 ranks, 1 rank) → plain");
+}
+
+/// `motley --json train --resume RUN EXTRA…`: the summary.
+fn resume(run: &Path, extra: &[String]) -> Value {
+    let mut a: Vec<String> = vec!["--json".into(), "train".into(), "--resume".into(), run.display().to_string()];
+    a.extend(extra.iter().cloned());
+    train(&a)
 }
 
 /// Global row ids each rank trained on, over a run's row logs, up to `last_step`.
@@ -351,11 +354,7 @@ fn a_run_resumes_on_three_ranks_with_zero_then_one_continuing_the_curve_and_usin
     train(&tiny(&data, &whole, &[args(&["--nproc", "2"]), base(9)].concat()));
     let run = dir.path().join("resumed");
     train(&tiny(&data, &run, &[args(&["--nproc", "2"]), base(9), set("train.stop_at=3")].concat()));
-    let resume = |extra: &[String]| {
-        let mut a: Vec<String> = vec!["--json".into(), "train".into(), "--resume".into(), run.display().to_string()];
-        a.extend(extra.iter().cloned());
-        train(&a)
-    };
+    let resume = |extra: &[String]| resume(&run, extra);
     // The middle segment shards the optimizer state (ZeRO-1): checkpoints move between both.
     let s = resume(&[args(&["--nproc", "3"]), set("train.stop_at=6"), set("train.zero=1")].concat());
     assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(3), Some(6)), "{s}");

@@ -305,6 +305,16 @@ impl TrainConfig {
         })
     }
 
+    /// Preset `preset`, the TOML file `config` laid over it, then `overrides` (`key=value`):
+    /// the order every command that takes a config resolves it in.
+    pub fn layered(preset: &str, config: Option<&Path>, overrides: &[String]) -> Result<Self, TrainError> {
+        let mut cfg = Self::preset(preset)?;
+        if let Some(path) = config {
+            cfg = cfg.merge_file(path)?;
+        }
+        cfg.apply_overrides(overrides)
+    }
+
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, TrainError> {
         toml::from_str(text).map_err(|e| TrainError::Config { path: origin.to_string(), msg: e.to_string() })
     }

@@ -14,7 +14,7 @@
 use serde::Serialize;
 
 use crate::config::TrainConfig;
-use crate::model::{Arch, ModelConfig};
+use crate::model::Arch;
 
 /// Per-token floats kept per block: `alpha · d_model + BETA · ffn`.
 const ALPHA_MOT: f64 = 21.2;
@@ -82,7 +82,8 @@ pub struct Plan {
 }
 
 /// Bytes of one rank for `cfg` (its `vocab_size` must be set) at micro-batch `b`.
-fn bytes(cfg: &TrainConfig, m: &ModelConfig, ranks: usize, target: Target, b: usize) -> Bytes {
+fn bytes(cfg: &TrainConfig, ranks: usize, target: Target, b: usize) -> Bytes {
+    let m = &cfg.model;
     let p = m.param_count() as f64;
     let n = ranks.max(1) as f64;
     let zero = cfg.train.zero;
@@ -172,16 +173,16 @@ fn bytes(cfg: &TrainConfig, m: &ModelConfig, ranks: usize, target: Target, b: us
 /// The plan for `cfg` on `ranks` ranks of `memory_per_rank` bytes. A config whose vocabulary
 /// comes from the corpus (`vocab_size = 0`) is planned with `default_vocab` ids.
 pub fn plan(cfg: &TrainConfig, ranks: usize, memory_per_rank: f64, target: Target, default_vocab: i64) -> Plan {
-    let mut m = cfg.model.clone();
-    if m.vocab_size == 0 {
-        m.vocab_size = default_vocab;
+    let mut cfg = cfg.clone();
+    if cfg.model.vocab_size == 0 {
+        cfg.model.vocab_size = default_vocab;
     }
+    let (cfg, m) = (&cfg, &cfg.model);
     let b = cfg.data.batch_size;
-    let now = bytes(cfg, &m, ranks, target, b);
+    let now = bytes(cfg, ranks, target, b);
     let fits = now.total <= memory_per_rank;
-    let largest = |c: &TrainConfig| {
-        (1..=4096usize).take_while(|&k| bytes(c, &m, ranks, target, k).total <= memory_per_rank).last()
-    };
+    let largest =
+        |c: &TrainConfig| (1..=4096usize).take_while(|&k| bytes(c, ranks, target, k).total <= memory_per_rank).last();
     let max_micro_batch = largest(cfg).unwrap_or(0);
     let mut suggestions = Vec::new();
     if !fits {
@@ -208,9 +209,7 @@ pub fn plan(cfg: &TrainConfig, ranks: usize, memory_per_rank: f64, target: Targe
             tries.push((with, c.clone()));
         }
         for (with, c) in tries {
-            let mut mm = m.clone();
-            mm.ce_chunk_rows = c.model.ce_chunk_rows;
-            if bytes(&c, &mm, ranks, target, b).total <= memory_per_rank {
+            if bytes(&c, ranks, target, b).total <= memory_per_rank {
                 suggestions.push(with.join(" "));
                 break;
             }

@@ -8,14 +8,12 @@ use std::time::Instant;
 use half::f16;
 use image::{DynamicImage, RgbImage};
 use indicatif::ProgressBar;
-use motley_shards::{Modality, Segment, SegmentData};
+use motley_shards::{Modality, Segment};
 use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    ColorNorm, ImageTokenizer, PreparedImages, check_geometry, check_grid, image_meta, patchify, square, unpatchify,
-};
+use super::{ColorNorm, ImageTokenizer, PreparedImages, check_geometry, image_meta, patchify, square, unpatchify};
 use crate::error::{Result, TokenizerError};
 use crate::pca::Pca;
 use crate::store;
@@ -281,25 +279,7 @@ impl ImageTokenizer for LatentImageTokenizer {
     }
 
     fn decode_to_image(&self, seg: &Segment) -> Result<RgbImage> {
-        let src = seg.meta.source.as_deref();
-        let SegmentData::Latent { dim, data } = &seg.data else {
-            return Err(TokenizerError::bad_segment(src, "latent tokenizer needs latent vectors, got discrete tokens"));
-        };
-        if seg.modality != Modality::Image {
-            return Err(TokenizerError::bad_segment(src, format!("not an image segment ({})", seg.modality)));
-        }
-        check_grid(seg, self.grid())?;
-        let (gh, gw) = self.grid();
-        if *dim != self.dim() || data.len() != gh as usize * gw as usize * self.dim() as usize {
-            return Err(TokenizerError::bad_segment(
-                src,
-                format!(
-                    "{} values of dimension {dim}; expected {gh}x{gw} vectors of dimension {}",
-                    data.len(),
-                    self.dim()
-                ),
-            ));
-        }
+        let data = super::latent_image_data(seg, self.grid(), self.dim(), "latent tokenizer")?;
         Ok(self.latents_to_image(data))
     }
 

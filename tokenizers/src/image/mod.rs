@@ -403,6 +403,32 @@ pub(crate) fn image_meta(grid: (u16, u16), source: Option<&str>) -> SegmentMeta 
 }
 
 /// Checks a segment's grid against the tokenizer's.
+/// The latent vectors of an image segment, checked against a latent tokenizer's grid and
+/// vector dimension (`who` names the tokenizer in the error).
+pub(crate) fn latent_image_data<'a>(
+    seg: &'a Segment,
+    grid: (u16, u16),
+    dim: u32,
+    who: &str,
+) -> Result<&'a [half::f16]> {
+    let src = seg.meta.source.as_deref();
+    let motley_shards::SegmentData::Latent { dim: d, data } = &seg.data else {
+        return Err(TokenizerError::bad_segment(src, format!("{who} needs latent vectors, got discrete tokens")));
+    };
+    if seg.modality != motley_shards::Modality::Image {
+        return Err(TokenizerError::bad_segment(src, format!("not an image segment ({})", seg.modality)));
+    }
+    check_grid(seg, grid)?;
+    let (gh, gw) = grid;
+    if *d != dim || data.len() != gh as usize * gw as usize * dim as usize {
+        return Err(TokenizerError::bad_segment(
+            src,
+            format!("{} values of dimension {d}; expected {gh}x{gw} vectors of dimension {dim}", data.len()),
+        ));
+    }
+    Ok(data)
+}
+
 pub(crate) fn check_grid(seg: &Segment, grid: (u16, u16)) -> Result<()> {
     if let Some(g) = seg.meta.grid
         && g != grid

@@ -20,12 +20,12 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
 };
 use half::f16;
 use image::{DynamicImage, RgbImage};
-use motley_shards::{Modality, Segment, SegmentData};
+use motley_shards::{Modality, Segment};
 use serde::{Deserialize, Serialize};
 
 use super::{ModelFolder, candle_err, tensors_from_bytes, var_builder};
 use crate::error::{Result, TokenizerError};
-use crate::image::{ImageTokenizer, check_grid, image_meta, square};
+use crate::image::{ImageTokenizer, image_meta, square};
 
 /// `kind` of a saved AutoencoderKL tokenizer file.
 pub const KIND: &str = "autoencoder-kl";
@@ -558,24 +558,7 @@ impl ImageTokenizer for AutoencoderKlTokenizer {
 
     fn decode_to_image(&self, seg: &Segment) -> Result<RgbImage> {
         let src = seg.meta.source.as_deref();
-        let SegmentData::Latent { dim, data } = &seg.data else {
-            return Err(TokenizerError::bad_segment(src, "an AutoencoderKL needs latent vectors, got discrete tokens"));
-        };
-        if seg.modality != Modality::Image {
-            return Err(TokenizerError::bad_segment(src, format!("not an image segment ({})", seg.modality)));
-        }
-        check_grid(seg, self.grid())?;
-        let (gh, gw) = self.grid();
-        if *dim != self.dim() || data.len() != gh as usize * gw as usize * self.dim() as usize {
-            return Err(TokenizerError::bad_segment(
-                src,
-                format!(
-                    "{} values of dimension {dim}; expected {gh}x{gw} vectors of dimension {}",
-                    data.len(),
-                    self.dim()
-                ),
-            ));
-        }
+        let data = crate::image::latent_image_data(seg, self.grid(), self.dim(), "an AutoencoderKL")?;
         let v: Vec<f32> = data.iter().map(|x| x.to_f32()).collect();
         let mut imgs = self.decode_latents(&self.unpatchify(&v), 1)?;
         imgs.pop().ok_or_else(|| TokenizerError::bad_segment(src, "decoder returned nothing"))

@@ -60,16 +60,12 @@ struct Row {
 }
 
 fn resolve(args: &Args, preset: &str, arch: Option<Arch>) -> anyhow::Result<TrainConfig> {
-    let mut cfg = TrainConfig::preset(preset)?;
-    if let Some(path) = &args.config {
-        cfg = cfg.merge_file(path)?;
-    }
     let mut sets = Vec::new();
     if let Some(a) = arch {
         sets.push(format!("model.arch=\"{a}\""));
     }
     sets.extend(args.set.iter().cloned());
-    cfg = cfg.apply_overrides(&sets)?;
+    let mut cfg = TrainConfig::layered(preset, args.config.as_deref(), &sets)?;
     // A plan needs no corpus: validate everything else.
     if cfg.data.paths.is_empty() {
         cfg.data.synthetic = true;

@@ -58,10 +58,6 @@ pub struct Args {
 
 /// Preset → config file → flags → `--set`, as `motley train` does; then the study's cadence.
 fn resolve_config(args: &Args, remote: &motley_remote::RemoteOptions) -> anyhow::Result<TrainConfig> {
-    let mut cfg = TrainConfig::preset(&args.preset)?;
-    if let Some(path) = &args.config {
-        cfg = cfg.merge_file(path)?;
-    }
     let mut sets = Vec::new();
     if let Some(s) = args.steps {
         sets.push(format!("train.steps={s}"));
@@ -70,7 +66,7 @@ fn resolve_config(args: &Args, remote: &motley_remote::RemoteOptions) -> anyhow:
         sets.push(format!("train.device=\"{d}\""));
     }
     sets.extend(args.set.iter().cloned());
-    cfg = cfg.apply_overrides(&sets)?;
+    let mut cfg = TrainConfig::layered(&args.preset, args.config.as_deref(), &sets)?;
     if !args.data.is_empty() {
         cfg.data.paths = args.data.clone();
         cfg.data.synthetic = false;

@@ -83,10 +83,6 @@ pub struct EvalArgs {
 
 /// Preset → config file → explicit flags → `--set`, in that order.
 fn resolve_config(args: &Args, remote: &motley_remote::RemoteOptions) -> anyhow::Result<TrainConfig> {
-    let mut cfg = TrainConfig::preset(&args.preset)?;
-    if let Some(path) = &args.config {
-        cfg = cfg.merge_file(path)?;
-    }
     let mut sets = Vec::new();
     if let Some(a) = args.arch {
         sets.push(format!("model.arch=\"{a}\""));
@@ -101,7 +97,7 @@ fn resolve_config(args: &Args, remote: &motley_remote::RemoteOptions) -> anyhow:
         sets.push(format!("train.seed={s}"));
     }
     sets.extend(args.set.iter().cloned());
-    cfg = cfg.apply_overrides(&sets)?;
+    let mut cfg = TrainConfig::layered(&args.preset, args.config.as_deref(), &sets)?;
     if !args.data.is_empty() {
         cfg.data.paths = args.data.clone();
         cfg.data.synthetic = false;
