@@ -424,3 +424,138 @@ fn pretrained_vae_import_ingest_decode_train_sample() {
     let img = image::open(&png).expect("the sampled PNG");
     assert_eq!((img.width(), img.height()), (32, 32));
 }
+
+/// A pretrained transformers MimiModel (the tiny random one of the tokenizer parity fixtures)
+/// through the speech flow: imported as a tokenizer file, ingested from the model folder itself
+/// (speech with transcripts), its codebooks and token order in the manifest, stored codes
+/// decoded back to WAV, a few training steps, and speech sampled and decoded through Mimi.
+#[test]
+fn pretrained_mimi_import_ingest_decode_train_sample() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let src = repo().join("data/sample");
+    std::fs::create_dir_all(data.join("speech")).expect("mkdir");
+    std::fs::create_dir_all(data.join("text")).expect("mkdir");
+    let lines: Vec<String> = std::fs::read_to_string(src.join("speech.jsonl"))
+        .expect("speech.jsonl")
+        .lines()
+        .step_by(4)
+        .take(24)
+        .map(str::to_string)
+        .collect();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        let rel = v["audio"].as_str().expect("audio");
+        std::fs::copy(src.join(rel), data.join(rel)).expect("copy clip");
+    }
+    std::fs::write(data.join("speech.jsonl"), lines.join("\n") + "\n").expect("write");
+    let kjv = std::fs::read_to_string(src.join("text/kjv.txt")).expect("kjv");
+    std::fs::write(data.join("text/kjv.txt"), &kjv[..kjv.char_indices().nth(60_000).map_or(kjv.len(), |(i, _)| i)])
+        .expect("write");
+    let tok = tmp.path().join("tok");
+    let d = |p: &Path| p.display().to_string();
+    let model = repo().join("tokenizers/tests/fixtures/pretrained/mimi");
+
+    let out = run_ok(&["tokenizer", "import", &d(&model), "--out", &d(&tok.join("mimi.safetensors")), "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("import --json prints JSON");
+    assert_eq!(info["kind"], "mimi", "{info}");
+    assert_eq!((info["codebooks"].as_u64(), info["vocab_size"].as_u64()), (Some(4), Some(256)), "{info}");
+    assert_eq!(info["tokens_per_second"].as_f64(), Some(50.0), "{info}");
+    run_ok(&[
+        "tokenizer",
+        "train-text",
+        &d(&data.join("text")),
+        "--out",
+        &d(&tok.join("text.json")),
+        "--vocab-size",
+        "512",
+    ]);
+    std::fs::write(
+        data.join("recipe.toml"),
+        format!(
+            "[tokenizers]\ntext = {:?}\nspeech = {:?}\n\n[options]\nseed = 0\nmax_text_bytes = 2048\n\n\
+             [[source]]\nname = \"text\"\nkind = \"text\"\npaths = [\"text/*.txt\"]\n\n\
+             [[source]]\nname = \"speech\"\nkind = \"speech\"\npaths = [\"speech.jsonl\"]\naudio_field = \"audio\"\n\
+             text_field = \"transcript\"\nspeech_mode = \"interleaved\"\ntext_first = 0.5\n",
+            d(&tok.join("text.json")),
+            d(&model),
+        ),
+    )
+    .expect("write recipe");
+    let corpus = tmp.path().join("corpus-mimi");
+    run_ok(&["ingest", "--config", &d(&data.join("recipe.toml")), "--out", &d(&corpus), "--no-progress"]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(corpus.join("manifest.json")).expect("manifest")).expect("JSON");
+    let speech = &manifest["tokenizers"]["speech"];
+    assert_eq!((speech["kind"].as_str(), speech["codebooks"].as_u64()), (Some("mimi"), Some(4)), "{manifest}");
+    assert_eq!(speech["file"], "tokenizers/speech.safetensors");
+    let vocab = manifest["vocab"]["modalities"].as_array().and_then(|m| m.iter().find(|m| m["modality"] == "speech"));
+    assert_eq!(vocab.map(|m| m["vocab_size"].clone()), Some(serde_json::json!(256)), "{manifest}");
+    run_ok(&["shards", "verify", &d(&corpus)]);
+
+    // Stored codes back to audio: the last documents are the speech ones.
+    let dec = tmp.path().join("decoded");
+    let num_docs = manifest["num_docs"].as_u64().expect("num_docs");
+    let mut found = false;
+    for doc in (0..num_docs).rev().take(20) {
+        let out = run_ok(&["shards", "decode", &d(&corpus), "--doc", &doc.to_string(), "--out", &d(&dec), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("decode --json prints JSON");
+        let wavs: Vec<String> = v["parts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["modality"] == "speech")
+            .flat_map(|p| p["files"].as_array().cloned().unwrap_or_default())
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        if let Some(w) = wavs.first() {
+            let r = hound::WavReader::open(dec.join(w)).expect("a WAV");
+            assert_eq!(r.spec().sample_rate, 24_000);
+            assert!(r.len() > 0 && r.len() % 1920 == 0, "whole Mimi frames: {} samples", r.len());
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no speech in the last 20 documents");
+
+    let run = tmp.path().join("run-mimi");
+    run_ok(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        &d(&corpus),
+        "--out",
+        &d(&run),
+        "--steps",
+        "3",
+        "--set",
+        "train.threads=1",
+    ]);
+    let out = run_ok(&[
+        "sample",
+        "--checkpoint",
+        &d(&run),
+        "--prompt",
+        "seven",
+        "--speech",
+        "--max-speech-units",
+        "16",
+        "--out",
+        &d(&tmp.path().join("samples-mimi")),
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sample --json prints JSON");
+    let wav = summary["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| f["modality"] == "speech")
+        .and_then(|f| f["path"].as_str())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("no speech file written: {summary}"));
+    let r = hound::WavReader::open(&wav).expect("the sampled WAV");
+    assert_eq!(r.spec().sample_rate, 24_000);
+    // At most 16 ids: at most 4 whole frames of 4 codebooks (a partial frame is dropped).
+    assert!(r.len() % 1920 == 0 && r.len() <= 4 * 1920, "{} samples", r.len());
+}

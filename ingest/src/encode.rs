@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use motley_shards::{Document, Modality, Segment, SegmentMeta, Vocab};
-use motley_tokenizers::{ImageTokenizer, SpeechTokenizer, TextTokenizer, TokenizerError};
+use motley_tokenizers::{AudioTokenizer, ImageTokenizer, TextTokenizer, TokenizerError};
 use rayon::prelude::*;
 
 use crate::error::{Error, Reason, RecordError, Result};
@@ -19,7 +19,7 @@ use crate::source::{Blob, RawPart, RawRecord, load_blob};
 pub struct Tokenizers {
     pub text: Option<(TextTokenizer, PathBuf)>,
     pub image: Option<(Box<dyn ImageTokenizer>, PathBuf)>,
-    pub speech: Option<(SpeechTokenizer, PathBuf)>,
+    pub speech: Option<(Box<dyn AudioTokenizer>, PathBuf)>,
 }
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -74,7 +74,11 @@ fn load_image_from(path: &Path, mode: Option<ImageMode>) -> Result<(Box<dyn Imag
     })
 }
 
-fn load_speech_from(path: &Path) -> Result<(SpeechTokenizer, PathBuf)> {
+fn load_speech_from(path: &Path) -> Result<(Box<dyn AudioTokenizer>, PathBuf)> {
+    // A transformers codec folder (config.json + safetensors) is one tokenizer.
+    if path.join("config.json").is_file() {
+        return Ok((motley_tokenizers::load_speech(path).map_err(|e| tok_err(path, e))?, path.to_path_buf()));
+    }
     let candidates = if path.is_dir() { safetensors_in(path)? } else { vec![path.to_path_buf()] };
     let mut last = None;
     for c in &candidates {

@@ -525,11 +525,12 @@ fn copy_tokenizers(out: &Path, toks: &Tokenizers) -> Result<Vec<(Modality, Strin
         if let Some(parent) = dst.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
         }
-        match (&toks.image, m) {
+        let tok_err =
+            |e: motley_tokenizers::TokenizerError| Error::Tokenizer { path: src.clone(), message: e.to_string() };
+        match (&toks.image, &toks.speech, m) {
             // A model folder becomes one tokenizer file (its weights unchanged, plus a header).
-            (Some((tok, _)), Modality::Image) if src.is_dir() => {
-                tok.save(&dst).map_err(|e| Error::Tokenizer { path: src.clone(), message: e.to_string() })?
-            }
+            (Some((tok, _)), _, Modality::Image) if src.is_dir() => tok.save(&dst).map_err(tok_err)?,
+            (_, Some((tok, _)), Modality::Speech) if src.is_dir() => tok.save(&dst).map_err(tok_err)?,
             _ => {
                 let bytes = std::fs::read(&src).map_err(|e| Error::io("read tokenizer", &src, e))?;
                 write_atomic(&dst, &bytes)?;
@@ -768,8 +769,9 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     for (m, rel) in &tok_files {
         tokenizers.insert(m.as_str().to_string(), rel.clone());
         // A pretrained model also records what it is and the factors its latents carry.
-        let info = match (m, &toks.image) {
-            (Modality::Image, Some((t, _))) => t.manifest_info(),
+        let info = match (m, &toks.image, &toks.speech) {
+            (Modality::Image, Some((t, _)), _) => t.manifest_info(),
+            (Modality::Speech, _, Some((t, _))) => t.manifest_info(),
             _ => None,
         };
         let entry = match info {

@@ -10,6 +10,8 @@
 //! | image, discrete | [`VqImageTokenizer`] (k-means++ VQ codebook) | `*.safetensors`, kind `vq` | `Tokens`, `meta.grid` |
 //! | image, continuous | [`LatentImageTokenizer`] (patches, optional PCA, f16) | `*.safetensors`, kind `latent` | `Latent`, `meta.grid` |
 //! | speech | [`SpeechTokenizer`] (log-mel k-means++ units, 25 Hz) | `*.safetensors`, kind `speech-units` | `Tokens`, `meta.frame_rate` |
+//! | image, pretrained | [`pretrained::AutoencoderKlTokenizer`], [`pretrained::VqModelTokenizer`] (diffusers folders) | kind `autoencoder-kl` / `vq-model` | `Latent` / `Tokens` |
+//! | speech, pretrained | [`pretrained::MimiTokenizer`] (transformers MimiModel folder) | kind `mimi` | `Tokens` (codebooks flattened frame-major) |
 //!
 //! Codebook files are safetensors whose metadata key `motley` holds a JSON header
 //! (`kind`, geometry, normalization), so each file is self-describing.
@@ -17,15 +19,15 @@
 //! # For ingest
 //!
 //! ```no_run
-//! use motley_tokenizers::{load_image, load_speech, load_text, ImageTokenizer};
+//! use motley_tokenizers::{load_image, load_speech, load_text, AudioTokenizer, ImageTokenizer};
 //! # fn main() -> motley_tokenizers::Result<()> {
 //! let text = load_text("tok/tokenizer.json")?;
 //! let ids: Vec<Vec<u32>> = text.encode_batch(&["hello", "world"])?; // parallel (rayon)
 //! let image = load_image("tok/image.safetensors")?; // Box<dyn ImageTokenizer>, VQ or latent
 //! let seg = image.encode_bytes(&std::fs::read("a.png").unwrap(), "a.png")?; // grid + source set
 //! let png = image.decode_to_png(&seg)?;
-//! let speech = load_speech("tok/speech.safetensors")?;
-//! let seg = speech.encode_file("a.flac")?; // frame_rate + source set
+//! let speech = load_speech("tok/speech.safetensors")?; // Box<dyn AudioTokenizer>: units or a codec
+//! let seg = speech.encode_file("a.flac".as_ref())?; // frame_rate + source set
 //! let wav = speech.decode_to_wav(&seg)?;
 //! # Ok(()) }
 //! ```
@@ -55,7 +57,7 @@ pub use crate::image::{
     ImageTokenizer, LatentConfig, LatentFitSummary, LatentImageTokenizer, VqConfig, VqFitSummary, VqImageTokenizer,
     decode_image_bytes, load_image_tokenizer,
 };
-pub use crate::speech::{MelConfig, SpeechConfig, SpeechFitSummary, SpeechTokenizer};
+pub use crate::speech::{AudioTokenizer, MelConfig, SpeechConfig, SpeechFitSummary, SpeechTokenizer};
 pub use crate::text::{TextTokenizer, TextTrainConfig, TextTrainSummary};
 
 /// One human-viewable rendering of a decoded segment (`txt`, `png` or `wav`).
@@ -137,25 +139,26 @@ impl<T: ImageTokenizer + ?Sized> ModalityTokenizer for T {
     }
 }
 
-impl ModalityTokenizer for SpeechTokenizer {
+/// A speech tokenizer behind the common trait (a fitted unit file or a neural codec).
+#[derive(Debug)]
+pub struct Speech(pub Box<dyn AudioTokenizer>);
+
+impl ModalityTokenizer for Speech {
     fn modality(&self) -> Modality {
         Modality::Speech
     }
     fn token_vocab_size(&self) -> u32 {
-        SpeechTokenizer::vocab_size(self)
+        self.0.vocab_size()
     }
     fn encode_raw(&self, bytes: &[u8], source: &str) -> Result<Segment> {
         let hint = Path::new(source).extension().and_then(|e| e.to_str());
-        self.encode_bytes(bytes, hint, source)
+        self.0.encode_bytes(bytes, hint, source)
     }
     fn render(&self, seg: &Segment) -> Result<Vec<Rendered>> {
-        Ok(vec![
-            Rendered { extension: "wav", bytes: self.decode_to_wav(seg)? },
-            Rendered { extension: "png", bytes: self.spectrogram_png(seg)? },
-        ])
+        self.0.render(seg)
     }
     fn save_to(&self, path: &Path) -> Result<()> {
-        self.save(path)
+        self.0.save(path)
     }
 }
 
@@ -213,9 +216,9 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<Box<dyn ImageTokenizer>> {
     load_image_tokenizer(path)
 }
 
-/// Opens a speech unit tokenizer file.
-pub fn load_speech(path: impl AsRef<Path>) -> Result<SpeechTokenizer> {
-    SpeechTokenizer::load(path)
+/// Opens a speech tokenizer: a fitted unit file, a saved codec file or a codec model folder.
+pub fn load_speech(path: impl AsRef<Path>) -> Result<Box<dyn AudioTokenizer>> {
+    speech::load_speech_tokenizer(path)
 }
 
 /// Opens any tokenizer file: JSON is text, safetensors is dispatched on its header's `kind`.
@@ -243,7 +246,7 @@ pub fn load_any(path: impl AsRef<Path>) -> Result<Box<dyn ModalityTokenizer>> {
     match loaded.kind() {
         Some("vq") => Ok(Box::new(VqImageTokenizer::load(path)?)),
         Some("latent") => Ok(Box::new(LatentImageTokenizer::load(path)?)),
-        Some("speech-units") => Ok(Box::new(SpeechTokenizer::load(path)?)),
+        Some("speech-units") => Ok(Box::new(Speech(Box::new(SpeechTokenizer::load(path)?)))),
         other => Err(TokenizerError::bad_file(path, format!("unknown tokenizer kind {other:?}"))),
     }
 }

@@ -10,7 +10,8 @@ use image::{DynamicImage, ImageBuffer, Luma, LumaA, Rgb, Rgba};
 use indicatif::ProgressBar;
 use motley_tokenizers::speech::audio;
 use motley_tokenizers::{
-    ImageTokenizer, SpeechConfig, SpeechTokenizer, TokenizerError, VqConfig, VqImageTokenizer, decode_image_bytes,
+    AudioTokenizer, ImageTokenizer, SpeechConfig, SpeechTokenizer, TokenizerError, VqConfig, VqImageTokenizer,
+    decode_image_bytes,
 };
 
 fn vq() -> anyhow::Result<VqImageTokenizer> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 use motley_shards::{Modality, SegmentData};
 use motley_tokenizers::speech::audio;
-use motley_tokenizers::{ModalityTokenizer, SpeechConfig, SpeechTokenizer, load_speech};
+use motley_tokenizers::{AudioTokenizer, SpeechConfig, SpeechTokenizer, load_speech};
 
 fn training_clips(dir: &Path) -> Vec<PathBuf> {
     (0..4)
@@ -42,7 +42,7 @@ fn wav_and_flac_of_the_same_audio_give_the_same_units() -> anyhow::Result<()> {
 
     let (tok, _) = SpeechTokenizer::fit_files(&training_clips(dir.path()), &small_cfg(1), &ProgressBar::hidden())?;
     let sw = tok.encode_file(&wav)?;
-    let sf = tok.encode_file(flac_fixture())?;
+    let sf = tok.encode_file(&flac_fixture())?;
     assert_eq!(sw.data, sf.data);
     let SegmentData::Tokens(units) = &sw.data else { anyhow::bail!("units are tokens") };
     // 1.5 s at 25 Hz.

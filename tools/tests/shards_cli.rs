@@ -383,7 +383,8 @@ fn sample() -> PathBuf {
 /// tokenizer files copied into the corpus and named in its manifest.
 fn ingest_sample_doc(dir: &Path) -> anyhow::Result<()> {
     use motley_tokenizers::{
-        ImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig, VqImageTokenizer,
+        AudioTokenizer, ImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig,
+        VqImageTokenizer,
     };
     let line = std::fs::read_to_string(sample().join("interleaved.jsonl"))?;
     let first: Value = serde_json::from_str(line.lines().next().unwrap_or_default())?;
@@ -411,7 +412,7 @@ fn ingest_sample_doc(dir: &Path) -> anyhow::Result<()> {
         } else if let Some(i) = p["image"].as_str() {
             segs.push(vq.encode_file(&sample().join(i))?);
         } else if let Some(a) = p["audio"].as_str() {
-            segs.push(speech.encode_file(sample().join(a))?);
+            segs.push(speech.encode_file(&sample().join(a))?);
         }
     }
     let vocab = Vocab::build(text.vocab_size(), ImageTokenizer::vocab_size(&vq), speech.vocab_size(), None);

@@ -1,13 +1,15 @@
 //! Pretrained neural tokenizers loaded from Hugging Face model folders (`config.json` +
-//! safetensors in diffusers' or transformers' layout), run on CPU by candle.
+//! safetensors in diffusers' or transformers' layout), run on CPU by candle: diffusers
+//! `AutoencoderKL` and `VQModel` for images, transformers `MimiModel` for speech.
 //!
 //! The network code is candle-transformers' (its Stable Diffusion VAE blocks load diffusers'
-//! weight names as they are); this module reads the folder, checks the architecture named in
+//! weight names as they are, its Mimi transformers'); this module reads the folder, checks the architecture named in
 //! `config.json`, and turns candle's errors into [`TokenizerError::Model`] naming the file and
 //! the tensor. A loaded model can be saved as one motley tokenizer file (the model's own
 //! safetensors bytes plus a `motley` header holding its `config.json` and motley's geometry),
 //! so a corpus manifest names one self-contained file as for the fitted tokenizers.
 
+pub mod mimi;
 pub mod vae;
 pub mod vq;
 
@@ -20,6 +22,7 @@ use safetensors::SafeTensors;
 
 use crate::error::{Result, TokenizerError};
 
+pub use mimi::MimiTokenizer;
 pub use vae::{AutoencoderKlTokenizer, VaeOptions};
 pub use vq::VqModelTokenizer;
 
@@ -43,6 +46,8 @@ pub enum Architecture {
     AutoencoderKl,
     /// diffusers `VQModel`.
     VqModel,
+    /// transformers `MimiModel` (`architectures[0]` or `model_type = "mimi"`).
+    Mimi,
 }
 
 impl ModelFolder {
@@ -83,6 +88,7 @@ pub fn architecture_of(config: &serde_json::Value, path: &Path) -> Result<Archit
     match (class, arch, model_type) {
         (Some("AutoencoderKL"), _, _) => Ok(Architecture::AutoencoderKl),
         (Some("VQModel"), _, _) => Ok(Architecture::VqModel),
+        (None, Some("MimiModel"), _) | (None, None, Some("mimi")) => Ok(Architecture::Mimi),
         (None, None, None) => Err(TokenizerError::model(
             path,
             "names no architecture (no `_class_name`, `architectures` or `model_type`)",
@@ -90,7 +96,7 @@ pub fn architecture_of(config: &serde_json::Value, path: &Path) -> Result<Archit
         _ => Err(TokenizerError::model(
             path,
             format!(
-                "unknown architecture {}; motley runs diffusers AutoencoderKL and VQModel",
+                "unknown architecture {}; motley runs diffusers AutoencoderKL and VQModel, transformers MimiModel",
                 class.or(arch).or(model_type).unwrap_or_default()
             ),
         )),
@@ -103,7 +109,29 @@ pub fn load_image_folder(dir: &Path) -> Result<Box<dyn crate::image::ImageTokeni
     match ModelFolder::open(dir)?.architecture()? {
         Architecture::AutoencoderKl => Ok(Box::new(AutoencoderKlTokenizer::from_folder(dir, VaeOptions::default())?)),
         Architecture::VqModel => Ok(Box::new(VqModelTokenizer::from_folder(dir, None)?)),
+        Architecture::Mimi => Err(TokenizerError::model(
+            dir.join("config.json"),
+            "MimiModel is a speech codec, not an image model (give it as the speech tokenizer)",
+        )),
     }
+}
+
+/// A speech codec: a transformers model folder (all its codebooks) or a saved codec file;
+/// `None` when `path` is neither (a fitted unit file, say).
+pub fn load_speech(path: &Path) -> Result<Option<Box<dyn crate::speech::AudioTokenizer>>> {
+    if path.is_dir() {
+        return match ModelFolder::open(path)?.architecture()? {
+            Architecture::Mimi => Ok(Some(Box::new(MimiTokenizer::from_folder(path, None)?))),
+            other => Err(TokenizerError::model(
+                path.join("config.json"),
+                format!("{other:?} is an image model, not a speech codec (give it as the image tokenizer)"),
+            )),
+        };
+    }
+    Ok(match crate::store::peek_kind(path)?.as_deref() {
+        Some(mimi::KIND) => Some(Box::new(MimiTokenizer::load(path)?)),
+        _ => None,
+    })
 }
 
 /// A saved pretrained image tokenizer file of `kind`, or `None` when `kind` is not one.
@@ -124,6 +152,7 @@ pub fn load_modality(path: &Path) -> Result<Option<Box<dyn crate::ModalityTokeni
         match crate::store::peek_kind(path)?.as_deref() {
             Some(vae::KIND) => return Ok(Some(Box::new(AutoencoderKlTokenizer::load(path)?))),
             Some(vq::KIND) => return Ok(Some(Box::new(VqModelTokenizer::load(path)?))),
+            Some(mimi::KIND) => return Ok(Some(Box::new(crate::Speech(Box::new(MimiTokenizer::load(path)?))))),
             _ => None,
         }
     };
@@ -132,6 +161,7 @@ pub fn load_modality(path: &Path) -> Result<Option<Box<dyn crate::ModalityTokeni
             Some(Box::new(AutoencoderKlTokenizer::from_folder(path, VaeOptions::default())?))
         }
         Some(Architecture::VqModel) => Some(Box::new(VqModelTokenizer::from_folder(path, None)?)),
+        Some(Architecture::Mimi) => Some(Box::new(crate::Speech(Box::new(MimiTokenizer::from_folder(path, None)?)))),
         None => None,
     })
 }

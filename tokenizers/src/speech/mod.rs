@@ -1,6 +1,8 @@
-//! Speech: audio → mono 16 kHz → log-mel frames (25 Hz by default) → discrete units by
-//! nearest k-means++ codeword (500 by default), optionally collapsing repeats. Decode for
-//! inspection: units → codeword mel frames → spectrogram PNG, and audible WAV by Griffin-Lim.
+//! Speech: the [`AudioTokenizer`] trait ingest codes against, and the fitted units —
+//! audio → mono 16 kHz → log-mel frames (25 Hz by default) → discrete units by nearest
+//! k-means++ codeword (500 by default), optionally collapsing repeats. Decode for inspection:
+//! units → codeword mel frames → spectrogram PNG, and audible WAV by Griffin-Lim. A neural
+//! codec (`crate::pretrained::MimiTokenizer`) implements the same trait.
 
 pub mod audio;
 pub mod mel;
@@ -21,6 +23,61 @@ pub use mel::{MelConfig, MelFrontend};
 use crate::error::{Result, TokenizerError};
 use crate::kmeans::{self, Codebook, KMeansConfig};
 use crate::store;
+
+/// A speech tokenizer: audio → a [`Segment`] of discrete units in the speech vocabulary, and
+/// back to audio a person can listen to. The fitted log-mel units ([`SpeechTokenizer`]) and a
+/// pretrained neural codec (`crate::pretrained::MimiTokenizer`) both implement it.
+pub trait AudioTokenizer: Send + Sync + std::fmt::Debug {
+    /// The `kind` in the saved file's header (`"speech-units"`, `"mimi"`).
+    fn kind(&self) -> &'static str;
+    /// Discrete vocabulary size (local ids are `0..n`).
+    fn vocab_size(&self) -> u32;
+    /// Tokens per second of audio (for a codec with several codebooks: frames/s × codebooks).
+    fn frame_rate(&self) -> f32;
+    /// The rate audio is resampled to before encoding, and decoded at.
+    fn sample_rate(&self) -> u32;
+    /// Units of mono samples at `sample_rate` (resampled if needed); `source` names them.
+    fn encode_samples(&self, samples: &[f32], sample_rate: u32, source: Option<&str>) -> Result<Segment>;
+    /// Audible reconstruction as 16-bit WAV bytes.
+    fn decode_to_wav(&self, seg: &Segment) -> Result<Vec<u8>>;
+    /// Writes the tokenizer file.
+    fn save(&self, path: &Path) -> Result<()>;
+    /// What a corpus manifest records beside the tokenizer's file name (a pretrained model's
+    /// name, codebooks and token order); `None` for the fitted units.
+    fn manifest_info(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// What a person gets for a segment: the WAV, and whatever else helps (a spectrogram).
+    fn render(&self, seg: &Segment) -> Result<Vec<crate::Rendered>> {
+        Ok(vec![crate::Rendered { extension: "wav", bytes: self.decode_to_wav(seg)? }])
+    }
+
+    /// Decodes in-memory audio (WAV, FLAC, MP3, Ogg Vorbis; `hint` is an extension like `wav`)
+    /// and encodes it.
+    fn encode_bytes(&self, bytes: &[u8], hint: Option<&str>, source: &str) -> Result<Segment> {
+        let a = audio::decode_bytes(bytes, hint, source)?;
+        self.encode_samples(&a.samples, a.sample_rate, Some(source))
+    }
+    /// Decodes and encodes an audio file.
+    fn encode_file(&self, path: &Path) -> Result<Segment> {
+        let a = audio::decode_file(path)?;
+        self.encode_samples(&a.samples, a.sample_rate, Some(&path.display().to_string()))
+    }
+    /// Encodes many files in parallel on the rayon pool; one result per file, in order.
+    fn encode_files(&self, paths: &[PathBuf]) -> Vec<Result<Segment>> {
+        paths.par_iter().map(|p| self.encode_file(p)).collect()
+    }
+}
+
+/// Opens a speech tokenizer: a fitted unit file, a saved codec file, or a transformers codec
+/// model folder (`config.json` + `model.safetensors`, MimiModel).
+pub fn load_speech_tokenizer(path: impl AsRef<Path>) -> Result<Box<dyn AudioTokenizer>> {
+    let path = path.as_ref();
+    if let Some(t) = crate::pretrained::load_speech(path)? {
+        return Ok(t);
+    }
+    Ok(Box::new(SpeechTokenizer::load(path)?))
+}
 
 /// How to fit speech units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,40 +300,6 @@ impl SpeechTokenizer {
         self.frontend.log_mel(samples_16k)
     }
 
-    /// Units of mono samples at `sample_rate` (resampled if needed).
-    pub fn encode_samples(&self, samples: &[f32], sample_rate: u32, source: Option<&str>) -> Result<Segment> {
-        let src = source.unwrap_or("<audio>");
-        if samples.is_empty() {
-            return Err(TokenizerError::AudioEmpty { source_name: src.into(), samples: 0, rate: sample_rate });
-        }
-        let audio = Audio { samples: samples.to_vec(), sample_rate };
-        let s = audio::resample(&audio, self.frontend.config().sample_rate, src)?;
-        let units = self.units_of(&self.frontend.log_mel(&s));
-        Ok(Segment::tokens(Modality::Speech, units).with_meta(SegmentMeta {
-            grid: None,
-            frame_rate: Some(self.frame_rate()),
-            source: source.map(str::to_string),
-        }))
-    }
-
-    /// Decodes and encodes an audio file (WAV, FLAC, MP3, Ogg Vorbis).
-    pub fn encode_file(&self, path: impl AsRef<Path>) -> Result<Segment> {
-        let path = path.as_ref();
-        let a = audio::decode_file(path)?;
-        self.encode_samples(&a.samples, a.sample_rate, Some(&path.display().to_string()))
-    }
-
-    /// Encodes many files in parallel on the rayon pool; one result per file, in order.
-    pub fn encode_files(&self, paths: &[PathBuf]) -> Vec<Result<Segment>> {
-        paths.par_iter().map(|p| self.encode_file(p)).collect()
-    }
-
-    /// Decodes and encodes in-memory audio; `hint` is an extension like `wav` or `flac`.
-    pub fn encode_bytes(&self, bytes: &[u8], hint: Option<&str>, source: &str) -> Result<Segment> {
-        let a = audio::decode_bytes(bytes, hint, source)?;
-        self.encode_samples(&a.samples, a.sample_rate, Some(source))
-    }
-
     /// Nearest unit per feature frame (serial: callers parallelize over files).
     pub fn units_of(&self, log_mel: &[f32]) -> Vec<u32> {
         let d = self.mean.len();
@@ -394,6 +417,47 @@ impl SpeechTokenizer {
         }
         let codebook = Codebook::new(d, words).map_err(|e| TokenizerError::bad_file(path, e))?;
         Ok(SpeechTokenizer { frontend, mean, std, codebook, collapse_repeats: h.collapse_repeats, seed: h.seed })
+    }
+}
+
+impl AudioTokenizer for SpeechTokenizer {
+    fn kind(&self) -> &'static str {
+        "speech-units"
+    }
+    fn vocab_size(&self) -> u32 {
+        SpeechTokenizer::vocab_size(self)
+    }
+    fn frame_rate(&self) -> f32 {
+        SpeechTokenizer::frame_rate(self)
+    }
+    fn sample_rate(&self) -> u32 {
+        self.frontend.config().sample_rate
+    }
+    fn encode_samples(&self, samples: &[f32], sample_rate: u32, source: Option<&str>) -> Result<Segment> {
+        let src = source.unwrap_or("<audio>");
+        if samples.is_empty() {
+            return Err(TokenizerError::AudioEmpty { source_name: src.into(), samples: 0, rate: sample_rate });
+        }
+        let audio = Audio { samples: samples.to_vec(), sample_rate };
+        let s = audio::resample(&audio, self.frontend.config().sample_rate, src)?;
+        let units = self.units_of(&self.frontend.log_mel(&s));
+        Ok(Segment::tokens(Modality::Speech, units).with_meta(SegmentMeta {
+            grid: None,
+            frame_rate: Some(SpeechTokenizer::frame_rate(self)),
+            source: source.map(str::to_string),
+        }))
+    }
+    fn decode_to_wav(&self, seg: &Segment) -> Result<Vec<u8>> {
+        SpeechTokenizer::decode_to_wav(self, seg)
+    }
+    fn save(&self, path: &Path) -> Result<()> {
+        SpeechTokenizer::save(self, path)
+    }
+    fn render(&self, seg: &Segment) -> Result<Vec<crate::Rendered>> {
+        Ok(vec![
+            crate::Rendered { extension: "wav", bytes: SpeechTokenizer::decode_to_wav(self, seg)? },
+            crate::Rendered { extension: "png", bytes: self.spectrogram_png(seg)? },
+        ])
     }
 }
 

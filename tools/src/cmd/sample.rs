@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use motley_shards::{Modality, Segment, SegmentMeta, Vocab};
-use motley_tokenizers::{ImageTokenizer, SpeechTokenizer, TextTokenizer};
+use motley_tokenizers::{AudioTokenizer, ImageTokenizer, TextTokenizer};
 use motley_trainer::diffusion::{self, GenerateOptions as DiffusionOptions, Sampler as DiffusionSampler};
 use motley_trainer::sample::{
     Constraints, GenSegment, GenerateOptions, Generation, LoadedRun, Sampler, SamplingConfig, generate, load_run,
@@ -64,7 +64,8 @@ pub struct Args {
     /// Corpus the run trained on (for its vocabulary and tokenizers), when it has moved.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Speech units after which a speech segment is closed (25 units per second).
+    /// Speech units after which a speech segment is closed (the fitted units: 25 per second;
+    /// Mimi: 12.5 frames per second x codebooks).
     #[arg(long, default_value_t = 250)]
     pub max_speech_units: usize,
     /// Recompute the whole sequence for every token instead of using the KV cache (baseline).
@@ -93,7 +94,7 @@ pub struct Args {
 pub struct Tokenizers {
     pub text: TextTokenizer,
     pub image: Option<ImageBackend>,
-    pub speech: Option<SpeechTokenizer>,
+    pub speech: Option<Box<dyn AudioTokenizer>>,
     /// Why a tokenizer is unavailable (reported when its modality is generated).
     pub missing: Vec<String>,
 }
@@ -212,7 +213,7 @@ pub fn open_tokenizers(run: &LoadedRun, dir: Option<&Path>) -> anyhow::Result<To
         }
     };
     let speech = match speech {
-        Some(p) => match SpeechTokenizer::load(&p) {
+        Some(p) => match motley_tokenizers::load_speech(&p) {
             Ok(t) => Some(t),
             Err(e) => {
                 missing.push(format!("speech: {e}"));
@@ -480,7 +481,14 @@ fn write_outputs(g: &Generation, toks: &Tokenizers, dir: &Path, seed: u64) -> an
                 }
                 let s = Segment::tokens(Modality::Speech, seg.ids.clone())
                     .with_meta(SegmentMeta { frame_rate: Some(t.frame_rate()), ..SegmentMeta::default() });
-                (t.decode_to_wav(&s)?, "wav")
+                match t.decode_to_wav(&s) {
+                    Ok(wav) => (wav, "wav"),
+                    // Too short to decode (less than one codec frame): said, not fatal.
+                    Err(e) => {
+                        tracing::warn!("speech segment {n} not rendered: {e}");
+                        continue;
+                    }
+                }
             }
         };
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -8,8 +8,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use motley_shards::{Modality, Segment, SegmentData, SegmentMeta};
 use motley_tokenizers::{
-    ImageTokenizer, LatentConfig, LatentImageTokenizer, MelConfig, ModalityTokenizer, SpeechConfig, SpeechTokenizer,
-    TextTokenizer, TextTrainConfig, VqConfig, VqImageTokenizer,
+    AudioTokenizer, ImageTokenizer, LatentConfig, LatentImageTokenizer, MelConfig, ModalityTokenizer, SpeechConfig,
+    SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig, VqImageTokenizer,
 };
 use serde_json::json;
 
@@ -23,9 +23,9 @@ pub enum Command {
     FitImage(FitImageArgs),
     /// Fit discrete speech units (k-means++ over log-mel frames).
     FitSpeech(FitSpeechArgs),
-    /// Import a pretrained model folder (diffusers AutoencoderKL or VQModel: config.json +
-    /// safetensors) as one tokenizer file that ingest, `shards decode` and `sample` use like a
-    /// fitted one.
+    /// Import a pretrained model folder (diffusers AutoencoderKL or VQModel, transformers
+    /// MimiModel: config.json + safetensors) as one tokenizer file that ingest, `shards decode`
+    /// and `sample` use like a fitted one.
     Import(ImportArgs),
     /// Encode one input with any tokenizer file; prints the ids (or latent shape).
     Encode(EncodeArgs),
@@ -133,8 +133,8 @@ pub struct FitSpeechArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
-    /// The model folder as `save_pretrained` writes it (config.json +
-    /// diffusion_pytorch_model.safetensors), e.g. a downloaded SD / SDXL / FLUX `vae/` folder.
+    /// The model folder as `save_pretrained` writes it (config.json + the safetensors), e.g. a
+    /// downloaded SD / SDXL / FLUX `vae/` folder or `kyutai/mimi`.
     model: PathBuf,
     /// Where to write the tokenizer (.safetensors): the model's weights, unchanged, plus a header.
     #[arg(long, short)]
@@ -147,6 +147,10 @@ pub struct ImportArgs {
     /// values). A VQModel has one code per latent cell.
     #[arg(long, default_value_t = 2)]
     patch: u32,
+    /// MimiModel: codebooks kept per frame (default: all of the model's `num_quantizers`;
+    /// Moshi keeps 8 of Mimi's 32). Tokens per second = 12.5 x codebooks.
+    #[arg(long)]
+    codebooks: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -350,6 +354,37 @@ fn import(a: ImportArgs, ctx: &Ctx) -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let arch = ModelFolder::open(&a.model)?.architecture()?;
+    let model = a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if arch == Architecture::Mimi {
+        let t = motley_tokenizers::pretrained::MimiTokenizer::from_folder(&a.model, a.codebooks)?;
+        AudioTokenizer::save(&t, &a.out)?;
+        if ctx.json {
+            return output::json(&json!({
+                "out": a.out,
+                "kind": t.kind(),
+                "model": model,
+                "codebooks": t.codebooks(),
+                "codebook_size": t.codebook_size(),
+                "vocab_size": t.vocab_size(),
+                "sample_rate": t.sample_rate(),
+                "frames_per_second": t.frames_per_second(),
+                "tokens_per_second": t.frame_rate(),
+                "seconds": start.elapsed().as_secs_f64(),
+            }));
+        }
+        return output::line(format!(
+            "mimi {model}: {} Hz -> {} codebooks x {} codes at {} frames/s ({} tokens/s) -> {}",
+            t.sample_rate(),
+            t.codebooks(),
+            t.codebook_size(),
+            t.frames_per_second(),
+            t.frame_rate(),
+            a.out.display()
+        ));
+    }
+    if a.codebooks.is_some() {
+        anyhow::bail!("--codebooks is for a speech codec (MimiModel); {} is an image model", a.model.display());
+    }
     let (tok, factors): (Box<dyn ImageTokenizer>, Option<(f64, f64)>) = match arch {
         Architecture::AutoencoderKl => {
             let t =
@@ -358,10 +393,10 @@ fn import(a: ImportArgs, ctx: &Ctx) -> anyhow::Result<()> {
             (Box::new(t), Some(f))
         }
         Architecture::VqModel => (Box::new(VqModelTokenizer::from_folder(&a.model, a.resolution)?), None),
+        Architecture::Mimi => unreachable!("handled above"),
     };
     tok.save(&a.out)?;
     let (gh, gw) = tok.grid();
-    let model = a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if ctx.json {
         return output::json(&json!({
             "out": a.out,

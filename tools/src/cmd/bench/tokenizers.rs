@@ -1,8 +1,10 @@
 //! `motley bench tokenizers`: text BPE encode throughput against HF Python `encode_batch`
 //! (same tokenizer.json, same input, same thread count), speech real-time factor per core,
 //! and image VQ images/s and tokens/s per core at the sample resolution and at 256×256;
-//! `--only vae`: a diffusers AutoencoderKL's images/s in motley (candle) against diffusers
-//! (PyTorch) in the same run, same model file, images, batch and threads.
+//! `--only vae` / `vq-model`: a diffusers AutoencoderKL's / VQModel's images/s in motley
+//! (candle) against diffusers (PyTorch); `--only mimi`: a transformers MimiModel's audio
+//! real-time factor in motley against transformers — each in the same run, on the same model
+//! file, inputs, batch and threads.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,7 +12,8 @@ use std::time::Instant;
 use anyhow::Context;
 use indicatif::ProgressBar;
 use motley_tokenizers::{
-    ImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig, VqImageTokenizer,
+    AudioTokenizer, ImageTokenizer, SpeechConfig, SpeechTokenizer, TextTokenizer, TextTrainConfig, VqConfig,
+    VqImageTokenizer,
 };
 use rayon::prelude::*;
 use serde_json::json;
@@ -66,6 +69,19 @@ pub struct Args {
     vae_batch: usize,
     #[arg(long, default_value = "scripts/bench/vae_diffusers.py")]
     vae_script: PathBuf,
+    /// `--only vq-model`: a diffusers VQModel folder; default: a VQ-GAN of Chameleon's geometry
+    /// (16x downsampling, 8192 codes), randomly initialized by diffusers for the run.
+    #[arg(long)]
+    vq_model: Option<PathBuf>,
+    /// `--only mimi`: a transformers MimiModel folder; default: the released kyutai/mimi
+    /// geometry, randomly initialized by transformers for the run (no download).
+    #[arg(long)]
+    mimi: Option<PathBuf>,
+    /// `--only mimi`: codebooks kept per frame, the same on both sides (Moshi keeps 8).
+    #[arg(long, default_value_t = 8)]
+    mimi_codebooks: usize,
+    #[arg(long, default_value = "scripts/bench/mimi_transformers.py")]
+    mimi_script: PathBuf,
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
@@ -83,7 +99,13 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         results.insert("image".into(), bench_image(&args, &tmp, ctx)?);
     }
     if wants("vae") {
-        results.insert("vae".into(), bench_vae(&args, &tmp, ctx)?);
+        results.insert("vae".into(), bench_vae(&args, &tmp, ctx, false)?);
+    }
+    if wants("vq-model") {
+        results.insert("vq_model".into(), bench_vae(&args, &tmp, ctx, true)?);
+    }
+    if wants("mimi") {
+        results.insert("mimi".into(), bench_mimi(&args, &tmp, ctx)?);
     }
     let _ = std::fs::remove_dir_all(&tmp);
     if ctx.json {
@@ -434,8 +456,21 @@ fn bench_image(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json:
     Ok(serde_json::Value::Array(out))
 }
 
-fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
-    use motley_tokenizers::pretrained::{AutoencoderKlTokenizer, VaeOptions};
+/// Runs a Python bench script; its last stdout line is JSON.
+fn python_json(args: &Args, script: &Path, cmd_args: &[std::ffi::OsString]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new(&args.python)
+        .arg(script)
+        .args(cmd_args)
+        .output()
+        .with_context(|| format!("running {} {}", args.python.display(), script.display()))?;
+    anyhow::ensure!(out.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(line.lines().last().unwrap_or_default())?)
+}
+
+/// A diffusers AutoencoderKL (`vq = false`) or VQModel: images/s, motley against diffusers.
+fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx, vq: bool) -> anyhow::Result<serde_json::Value> {
+    use motley_tokenizers::pretrained::{AutoencoderKlTokenizer, VaeOptions, VqModelTokenizer};
     let res = args.vae_resolution;
     let files = find_inputs(&args.images, &["png", "jpg", "jpeg"]).context("no images to encode")?;
     // Both sides read the same squared PNGs, so neither resizes.
@@ -449,53 +484,59 @@ fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::V
         squared.push(sq);
         paths.push(p);
     }
-    let model = args.vae.clone().unwrap_or_else(|| tmp.join("vae-sd"));
-    let py = |save: bool| -> anyhow::Result<serde_json::Value> {
-        let mut cmd = std::process::Command::new(&args.python);
-        cmd.arg(&args.vae_script).arg("--out").arg(&model).arg("--images").args(&paths);
-        cmd.args(["--resolution", &res.to_string(), "--batch", &args.vae_batch.to_string()]);
-        cmd.args(["--threads", &args.threads.to_string(), "--seconds", &args.seconds.to_string()]);
-        if save {
-            cmd.arg("--save");
-        }
-        let out = cmd.output().with_context(|| format!("running {}", args.python.display()))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{} failed: {}",
-            args.vae_script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = String::from_utf8_lossy(&out.stdout);
-        Ok(serde_json::from_str(line.lines().last().unwrap_or_default())?)
-    };
+    let (given, default_dir, arch) = if vq { (&args.vq_model, "vq-gan", "vq") } else { (&args.vae, "vae-sd", "kl") };
+    let model = given.clone().unwrap_or_else(|| tmp.join(default_dir));
+    let mut py_args: Vec<std::ffi::OsString> = vec!["--out".into(), model.clone().into(), "--images".into()];
+    py_args.extend(paths.iter().map(|p| p.clone().into_os_string()));
+    for (k, v) in [
+        ("--resolution", res.to_string()),
+        ("--batch", args.vae_batch.to_string()),
+        ("--threads", args.threads.to_string()),
+        ("--seconds", args.seconds.to_string()),
+        ("--arch", arch.to_string()),
+    ] {
+        py_args.extend([k.into(), v.into()]);
+    }
+    if given.is_none() {
+        py_args.push("--save".into());
+    }
     // diffusers builds (or reads) the model first; motley then loads the very same files.
-    let torch = py(args.vae.is_none())?;
-    let vae = AutoencoderKlTokenizer::from_folder(&model, VaeOptions { resolution: Some(res), patch: 2 })?;
+    let torch = python_json(args, &args.vae_script, &py_args)?;
     let refs: Vec<&image::RgbImage> = squared.iter().collect();
     let threads = pool(args.threads)?;
-    let (n, secs) = threads.install(|| {
-        time_for(args.seconds, || {
-            vae.encode_latents(&refs)?;
-            Ok(())
-        })
-    })?;
+    let (name, (n, secs)) = if vq {
+        let t = VqModelTokenizer::from_folder(&model, Some(res))?;
+        let timed = threads.install(|| {
+            time_for(args.seconds, || {
+                // One image per forward pass, rayon across images (as ingest does).
+                refs.par_iter().map(|img| t.encode_codes(img).map(|_| ())).collect::<Result<Vec<()>, _>>()?;
+                Ok(())
+            })
+        })?;
+        (t.model_name().to_string(), timed)
+    } else {
+        let t = AutoencoderKlTokenizer::from_folder(&model, VaeOptions { resolution: Some(res), patch: 2 })?;
+        let timed = threads.install(|| {
+            time_for(args.seconds, || {
+                t.encode_latents(&refs)?;
+                Ok(())
+            })
+        })?;
+        (t.model_name().to_string(), timed)
+    };
     let motley_ips = (n * refs.len()) as f64 / secs;
     let torch_ips = torch["images_per_s"].as_f64().unwrap_or(f64::NAN);
+    let what = if vq { "vq-model" } else { "vae" };
     if !ctx.json {
         output::line(format!(
-            "vae {} ({}x{} px, batch {}, {} threads): motley {:.2} images/s, diffusers {:.2} images/s: {:.2}x",
-            vae.model_name(),
-            res,
-            res,
+            "{what} {name} ({res}x{res} px, batch {}, {} threads): motley {motley_ips:.2} images/s, diffusers {torch_ips:.2} images/s: {:.2}x",
             refs.len(),
             args.threads,
-            motley_ips,
-            torch_ips,
             motley_ips / torch_ips
         ))?;
     }
     Ok(json!({
-        "model": vae.model_name(),
+        "model": name,
         "resolution": res,
         "batch": refs.len(),
         "threads": args.threads,
@@ -503,5 +544,77 @@ fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::V
         "diffusers_images_per_s": torch_ips,
         "ratio": motley_ips / torch_ips,
         "diffusers": torch,
+    }))
+}
+
+/// A transformers MimiModel: the real-time factor (encode seconds per audio second) of the
+/// sample clips at 24 kHz, one clip per call, motley against transformers.
+fn bench_mimi(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
+    use motley_tokenizers::AudioTokenizer;
+    use motley_tokenizers::pretrained::MimiTokenizer;
+    let files = find_inputs(&args.audio, &["wav", "flac", "mp3", "ogg"]).context("no audio to encode")?;
+    // Both sides read the same 24 kHz WAVs (resampled once here), so neither resamples.
+    let mut clips = Vec::new();
+    let mut paths = Vec::new();
+    let mut audio_s = 0.0;
+    for (i, f) in files.iter().take(16).enumerate() {
+        let a = motley_tokenizers::speech::audio::decode_file(f)?;
+        let x = motley_tokenizers::speech::audio::resample(&a, 24_000, &f.display().to_string())?;
+        let p = tmp.join(format!("clip{i}.wav"));
+        std::fs::write(&p, motley_tokenizers::speech::audio::wav_bytes(&x, 24_000)?)?;
+        // What the WAV holds (16-bit), so both sides encode the same samples.
+        let x = motley_tokenizers::speech::audio::decode_file(&p)?.samples;
+        audio_s += x.len() as f64 / 24_000.0;
+        clips.push(x);
+        paths.push(p);
+    }
+    let model = args.mimi.clone().unwrap_or_else(|| tmp.join("mimi"));
+    let mut py_args: Vec<std::ffi::OsString> = vec!["--out".into(), model.clone().into(), "--clips".into()];
+    py_args.extend(paths.iter().map(|p| p.clone().into_os_string()));
+    for (k, v) in [
+        ("--codebooks", args.mimi_codebooks.to_string()),
+        ("--threads", args.threads.to_string()),
+        ("--seconds", args.seconds.to_string()),
+    ] {
+        py_args.extend([k.into(), v.into()]);
+    }
+    if args.mimi.is_none() {
+        py_args.push("--save".into());
+    }
+    let torch = python_json(args, &args.mimi_script, &py_args)?;
+    let mimi = MimiTokenizer::from_folder(&model, Some(args.mimi_codebooks))?;
+    let threads = pool(args.threads)?;
+    // One clip per call, serially: the same work as the PyTorch side, whose threads go inside.
+    let (n, secs) = threads.install(|| {
+        time_for(args.seconds, || {
+            for c in &clips {
+                mimi.encode_codes(c)?;
+            }
+            Ok(())
+        })
+    })?;
+    let motley_rtf = secs / (n as f64 * audio_s);
+    let torch_rtf = torch["rtf"].as_f64().unwrap_or(f64::NAN);
+    if !ctx.json {
+        output::line(format!(
+            "mimi {} ({} clips, {audio_s:.1} s of audio, {} codebooks, {} threads): real-time factor motley {motley_rtf:.3}, transformers {torch_rtf:.3}: motley {:.2}x as fast",
+            mimi.model_name(),
+            clips.len(),
+            mimi.codebooks(),
+            args.threads,
+            torch_rtf / motley_rtf
+        ))?;
+    }
+    Ok(json!({
+        "model": mimi.model_name(),
+        "clips": clips.len(),
+        "audio_seconds": audio_s,
+        "codebooks": mimi.codebooks(),
+        "tokens_per_second_of_audio": mimi.frame_rate(),
+        "threads": args.threads,
+        "motley_rtf": motley_rtf,
+        "transformers_rtf": torch_rtf,
+        "speedup": torch_rtf / motley_rtf,
+        "transformers": torch,
     }))
 }

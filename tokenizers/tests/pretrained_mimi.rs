@@ -1,0 +1,222 @@
+//! transformers `MimiModel` parity: motley's codes of real espeak-ng clips equal transformers'
+//! (a code may differ only where the reference's two nearest codes tie within 1e-3, and then
+//! only that frame's later codes of the same quantizer), and decoding transformers' codes gives
+//! its audio within 1e-4 of its peak; the flattened token layout, the saved tokenizer file, the
+//! file path through the resampler, and bad input.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use motley_shards::{Modality, Segment, SegmentData};
+use motley_tokenizers::AudioTokenizer;
+use motley_tokenizers::pretrained::MimiTokenizer;
+use safetensors::SafeTensors;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretrained")
+}
+
+fn f32s(st: &SafeTensors<'_>, name: &str) -> Result<Vec<f32>> {
+    let v = st.tensor(name)?;
+    anyhow::ensure!(v.dtype() == safetensors::Dtype::F32, "{name}: {:?}", v.dtype());
+    Ok(v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+fn codes(st: &SafeTensors<'_>, name: &str) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
+    let v = st.tensor(name)?;
+    let shape = v.shape().to_vec();
+    let flat: Vec<u32> = v
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as u32)
+        .collect();
+    Ok((flat.chunks_exact(shape[1]).map(<[u32]>::to_vec).collect(), shape))
+}
+
+fn wav_samples(bytes: &[u8]) -> Result<Vec<f32>> {
+    let a = motley_tokenizers::speech::audio::decode_bytes(bytes, Some("wav"), "decoded.wav")?;
+    Ok(a.samples)
+}
+
+#[test]
+fn mimi_codes_and_decodes_match_transformers() -> Result<()> {
+    let mimi = MimiTokenizer::from_folder(fixtures().join("mimi"), None)?;
+    assert_eq!((mimi.codebooks(), mimi.codebook_size(), mimi.vocab_size(), mimi.sample_rate()), (4, 64, 256, 24_000));
+    assert_eq!(mimi.frames_per_second(), 12.5);
+    assert_eq!(mimi.frame_rate(), 50.0);
+    let buf = std::fs::read(fixtures().join("mimi_reference.safetensors"))?;
+    let (_, meta) = SafeTensors::read_metadata(&buf)?;
+    let clips: Vec<String> = serde_json::from_str(meta.metadata().as_ref().context("metadata")?["clips"].as_str())?;
+    let st = SafeTensors::deserialize(&buf)?;
+    let mut excused = 0;
+    let mut distinct = std::collections::BTreeSet::new();
+    for (i, clip) in clips.iter().enumerate() {
+        let input = f32s(&st, &format!("input.{i}"))?;
+        let (want, shape) = codes(&st, &format!("codes.{i}"))?;
+        let gaps = f32s(&st, &format!("gaps.{i}"))?;
+        let got = mimi.encode_codes(&input)?;
+        assert_eq!((got.len(), got[0].len()), (shape[0], shape[1]), "{clip}: code grid");
+        for f in 0..shape[1] {
+            // Codebook 0 is the semantic quantizer, 1.. the acoustic one's residual chain: a tie
+            // at q excuses q and the later codes of its chain in this frame.
+            let mut excused_chain = None;
+            for q in 0..shape[0] {
+                let chain = usize::from(q > 0);
+                if excused_chain == Some(chain) {
+                    continue;
+                }
+                distinct.insert((q, want[q][f]));
+                if got[q][f] != want[q][f] {
+                    let gap = gaps[q * shape[1] + f];
+                    assert!(
+                        gap < 1e-3,
+                        "{clip}: frame {f} codebook {q}: {} vs transformers' {} (gap {gap})",
+                        got[q][f],
+                        want[q][f]
+                    );
+                    excused += 1;
+                    excused_chain = Some(chain);
+                }
+            }
+        }
+        // Decoding transformers' codes gives transformers' audio.
+        let want_pcm = f32s(&st, &format!("decoded.{i}"))?;
+        let pcm = mimi.decode_codes(&want)?;
+        assert_eq!(pcm.len(), want_pcm.len(), "{clip}: decoded length");
+        let peak = want_pcm.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = pcm.iter().zip(&want_pcm).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-4 * peak.max(1.0), "{clip}: decoded audio differs by {d} (peak {peak})");
+        eprintln!("{clip}: {} frames; decoded audio within {d:.2e} of transformers' (peak {peak:.2})", shape[1]);
+
+        // The segment path: frame-major flat ids, each codebook in its own id range.
+        let seg = mimi.encode_samples(&input, 24_000, Some(clip))?;
+        let SegmentData::Tokens(ids) = &seg.data else { anyhow::bail!("not tokens") };
+        assert_eq!(ids.len(), shape[0] * shape[1]);
+        for (j, &id) in ids.iter().enumerate() {
+            let (f, q) = (j / 4, j % 4);
+            assert_eq!(id, q as u32 * 64 + got[q][f], "{clip}: flat id {j}");
+        }
+        assert_eq!(mimi.unflatten(ids), got);
+        assert_eq!(seg.meta.frame_rate, Some(50.0));
+        let wav = mimi.decode_to_wav(&seg)?;
+        assert_eq!(wav_samples(&wav)?.len(), shape[1] * 1920, "{clip}: one frame is 1920 samples at 24 kHz");
+    }
+    eprintln!("{excused} codes excused as ties");
+    assert!(excused <= 2, "{excused} codes excused as ties");
+    assert!(distinct.len() > 40, "reference codes barely vary ({} distinct)", distinct.len());
+    Ok(())
+}
+
+#[test]
+fn mimi_file_path_saved_file_fewer_codebooks_and_bad_segments() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mimi = MimiTokenizer::from_folder(fixtures().join("mimi"), None)?;
+    // A 16 kHz espeak-ng clip through the decoder and the resampler.
+    let clip = fixtures().join("../../../../data/sample/speech/seven_t1_gb.wav");
+    let seg = mimi.encode_file(&clip)?;
+    let SegmentData::Tokens(ids) = &seg.data else { anyhow::bail!("not tokens") };
+    assert!(ids.len() % 4 == 0 && !ids.is_empty());
+    assert!(seg.meta.source.as_deref().is_some_and(|s| s.ends_with("seven_t1_gb.wav")));
+
+    // Saved as one tokenizer file; loaded back through the generic loaders.
+    let file = dir.path().join("speech.safetensors");
+    mimi.save(&file)?;
+    let back = motley_tokenizers::load_speech(&file)?;
+    assert_eq!((back.kind(), back.vocab_size()), ("mimi", 256));
+    assert_eq!(back.encode_file(&clip)?, seg);
+    let any = motley_tokenizers::load_any(&file)?;
+    assert_eq!((any.modality(), any.token_vocab_size()), (Modality::Speech, 256));
+    assert_eq!(motley_tokenizers::load_speech(fixtures().join("mimi"))?.vocab_size(), 256);
+
+    // Keeping the first two codebooks keeps their codes.
+    let two = MimiTokenizer::from_folder(fixtures().join("mimi"), Some(2))?;
+    assert_eq!(two.vocab_size(), 128);
+    let s2 = two.encode_file(&clip)?;
+    let SegmentData::Tokens(ids2) = &s2.data else { anyhow::bail!("not tokens") };
+    let first_two: Vec<u32> = ids.chunks_exact(4).flat_map(|f| f[..2].to_vec()).collect();
+    assert_eq!(ids2, &first_two);
+    assert!(MimiTokenizer::from_folder(fixtures().join("mimi"), Some(5)).is_err());
+
+    // A generated sequence with a trailing partial frame still decodes; bad ids are errors.
+    let mut partial = ids.clone();
+    partial.truncate(ids.len() - 1);
+    let part = Segment::tokens(Modality::Speech, partial);
+    assert_eq!(wav_samples(&mimi.decode_to_wav(&part)?)?.len(), (ids.len() / 4 - 1) * 1920);
+    for bad in [vec![256u32; 8], vec![1u32; 3], vec![]] {
+        let e = mimi.decode_to_wav(&Segment::tokens(Modality::Speech, bad)).expect_err("a bad segment decoded");
+        assert!(matches!(e, motley_tokenizers::TokenizerError::BadSegment { .. }), "{e}");
+    }
+    assert!(mimi.decode_to_wav(&Segment::tokens(Modality::Image, ids.clone())).is_err());
+    // Not audio: a clear error naming the source.
+    let e = mimi.encode_bytes(b"not audio at all", Some("wav"), "x.wav").expect_err("not audio").to_string();
+    assert!(e.contains("x.wav"), "{e}");
+    Ok(())
+}
+
+/// Copies the fixture model into a temp dir, letting `edit` change its tensors and config.
+fn broken_model(
+    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<u8>)>, &mut serde_json::Value),
+) -> Result<tempfile::TempDir> {
+    let src = fixtures().join("mimi");
+    let buf = std::fs::read(src.join("model.safetensors"))?;
+    let st = SafeTensors::deserialize(&buf)?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
+    edit(&mut tensors, &mut config);
+    let dir = tempfile::tempdir()?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, d)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)?)))
+        .collect::<Result<_>>()?;
+    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(views, None)?)?;
+    std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&config)?)?;
+    Ok(dir)
+}
+
+fn load_err(dir: &Path) -> String {
+    match MimiTokenizer::from_folder(dir, None) {
+        Ok(_) => panic!("a broken model folder loaded"),
+        Err(e @ motley_tokenizers::TokenizerError::Model { .. }) => e.to_string(),
+        Err(e) => panic!("wrong error kind: {e}"),
+    }
+}
+
+#[test]
+fn broken_mimi_folders_are_clear_errors() -> Result<()> {
+    // A missing tensor: the error names the weights file and the tensor.
+    let name = "encoder_transformer.layers.1.self_attn.q_proj.weight";
+    let dir = broken_model(|t, _| t.retain(|(n, _, _)| n != name))?;
+    let e = load_err(dir.path());
+    assert!(e.contains("model.safetensors") && e.contains(name), "{e}");
+
+    // A tensor of the wrong shape.
+    let dir = broken_model(|t, _| {
+        let x = t.iter_mut().find(|(n, _, _)| n == "decoder.layers.0.conv.weight").expect("fixture tensor");
+        x.1[0] /= 2;
+        x.2.truncate(x.1.iter().product::<usize>() * 4);
+    })?;
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("decoder.layers.0.conv.weight") && e.contains("shape"),
+        "{e}"
+    );
+
+    // An unknown architecture, and a setting candle's Mimi cannot run, name config.json.
+    let dir = broken_model(|_, c| {
+        c["architectures"] = serde_json::json!(["EncodecModel"]);
+        c["model_type"] = "encodec".into();
+    })?;
+    let e = load_err(dir.path());
+    assert!(e.contains("config.json") && e.contains("EncodecModel"), "{e}");
+    let dir = broken_model(|_, c| c["pad_mode"] = "reflect".into())?;
+    let e = load_err(dir.path());
+    assert!(e.contains("config.json") && e.contains("pad_mode"), "{e}");
+
+    // A speech codec given as an image tokenizer (and the reverse) says which it is.
+    let e = motley_tokenizers::load_image(fixtures().join("mimi")).expect_err("a codec as an image model").to_string();
+    assert!(e.contains("speech codec"), "{e}");
+    let e = motley_tokenizers::load_speech(fixtures().join("vae")).expect_err("a VAE as a codec").to_string();
+    assert!(e.contains("image model"), "{e}");
+    Ok(())
+}
