@@ -83,6 +83,29 @@ fn sample_subset(dst: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `motley shards decode` of the corpus's last 20 documents, newest first, until one holds a
+/// part of `modality`: that part's first file (every modality must have had a decoder).
+fn decode_last_with(corpus: &Path, manifest: &serde_json::Value, modality: &str, dec: &Path) -> Option<PathBuf> {
+    let d = |p: &Path| p.display().to_string();
+    let num_docs = manifest["num_docs"].as_u64().expect("num_docs");
+    for doc in (0..num_docs).rev().take(20) {
+        let out = run_ok(&["shards", "decode", &d(corpus), "--doc", &doc.to_string(), "--out", &d(dec), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("decode --json prints JSON");
+        assert_eq!(v["missing_decoders"].as_object().map(serde_json::Map::len), Some(0), "{v}");
+        let file = v["parts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["modality"] == modality)
+            .flat_map(|p| p["files"].as_array().cloned().unwrap_or_default())
+            .find_map(|f| f.as_str().map(str::to_string));
+        if let Some(f) = file {
+            return Some(dec.join(f));
+        }
+    }
+    None
+}
+
 #[test]
 fn sample_flow_tokenize_ingest_verify_train_eval() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -365,29 +388,10 @@ fn pretrained_vae_import_ingest_decode_train_sample() {
 
     // Stored latents back to pictures: the last document holding an image (interleaved documents
     // follow the text ones) decodes to a PNG.
-    let dec = tmp.path().join("decoded");
-    let mut found = false;
-    let num_docs = manifest["num_docs"].as_u64().expect("num_docs");
-    for doc in (0..num_docs).rev().take(20) {
-        let out = run_ok(&["shards", "decode", &d(&corpus), "--doc", &doc.to_string(), "--out", &d(&dec), "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("decode --json prints JSON");
-        assert_eq!(v["missing_decoders"].as_object().map(serde_json::Map::len), Some(0), "{v}");
-        let pngs: Vec<String> = v["parts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["modality"] == "image")
-            .flat_map(|p| p["files"].as_array().cloned().unwrap_or_default())
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
-        if let Some(p) = pngs.first() {
-            let img = image::open(dec.join(p)).expect("a PNG");
-            assert_eq!((img.width(), img.height()), (32, 32));
-            found = true;
-            break;
-        }
-    }
-    assert!(found, "no image in the last 20 documents");
+    let png = decode_last_with(&corpus, &manifest, "image", &tmp.path().join("decoded"))
+        .expect("no image in the last 20 documents");
+    let img = image::open(&png).expect("a PNG");
+    assert_eq!((img.width(), img.height()), (32, 32));
 
     let run = tmp.path().join("run-vae");
     run_ok(&[
@@ -494,29 +498,11 @@ fn pretrained_mimi_import_ingest_decode_train_sample() {
     run_ok(&["shards", "verify", &d(&corpus)]);
 
     // Stored codes back to audio: the last documents are the speech ones.
-    let dec = tmp.path().join("decoded");
-    let num_docs = manifest["num_docs"].as_u64().expect("num_docs");
-    let mut found = false;
-    for doc in (0..num_docs).rev().take(20) {
-        let out = run_ok(&["shards", "decode", &d(&corpus), "--doc", &doc.to_string(), "--out", &d(&dec), "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("decode --json prints JSON");
-        let wavs: Vec<String> = v["parts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["modality"] == "speech")
-            .flat_map(|p| p["files"].as_array().cloned().unwrap_or_default())
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
-        if let Some(w) = wavs.first() {
-            let r = hound::WavReader::open(dec.join(w)).expect("a WAV");
-            assert_eq!(r.spec().sample_rate, 24_000);
-            assert!(r.len() > 0 && r.len() % 1920 == 0, "whole Mimi frames: {} samples", r.len());
-            found = true;
-            break;
-        }
-    }
-    assert!(found, "no speech in the last 20 documents");
+    let wav = decode_last_with(&corpus, &manifest, "speech", &tmp.path().join("decoded"))
+        .expect("no speech in the last 20 documents");
+    let r = hound::WavReader::open(&wav).expect("a WAV");
+    assert_eq!(r.spec().sample_rate, 24_000);
+    assert!(r.len() > 0 && r.len() % 1920 == 0, "whole Mimi frames: {} samples", r.len());
 
     let run = tmp.path().join("run-mimi");
     run_ok(&[

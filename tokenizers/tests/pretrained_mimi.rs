@@ -12,6 +12,8 @@ use motley_tokenizers::AudioTokenizer;
 use motley_tokenizers::pretrained::MimiTokenizer;
 use safetensors::SafeTensors;
 
+mod common;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretrained")
 }
@@ -153,25 +155,8 @@ fn mimi_file_path_saved_file_fewer_codebooks_and_bad_segments() -> Result<()> {
     Ok(())
 }
 
-/// Copies the fixture model into a temp dir, letting `edit` change its tensors and config.
-fn broken_model(
-    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<u8>)>, &mut serde_json::Value),
-) -> Result<tempfile::TempDir> {
-    let src = fixtures().join("mimi");
-    let buf = std::fs::read(src.join("model.safetensors"))?;
-    let st = SafeTensors::deserialize(&buf)?;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
-        st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec())).collect();
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
-    edit(&mut tensors, &mut config);
-    let dir = tempfile::tempdir()?;
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, d)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)?)))
-        .collect::<Result<_>>()?;
-    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(views, None)?)?;
-    std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&config)?)?;
-    Ok(dir)
+fn broken_model(edit: impl FnOnce(&mut Vec<common::RawTensor>, &mut serde_json::Value)) -> Result<tempfile::TempDir> {
+    common::broken_model("mimi", "model.safetensors", edit)
 }
 
 fn load_err(dir: &Path) -> String {

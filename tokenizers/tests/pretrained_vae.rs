@@ -10,6 +10,8 @@ use motley_tokenizers::pretrained::{AutoencoderKlTokenizer, VaeOptions};
 use motley_tokenizers::{ImageTokenizer, TokenizerError};
 use safetensors::SafeTensors;
 
+mod common;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretrained")
 }
@@ -128,25 +130,8 @@ fn autoencoder_kl_saved_file_reloads_identically() -> Result<()> {
     Ok(())
 }
 
-/// Copies the fixture model into a temp dir, letting `edit` change its tensors and config.
-fn broken_model(
-    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<u8>)>, &mut serde_json::Value),
-) -> Result<tempfile::TempDir> {
-    let src = fixtures().join("vae");
-    let buf = std::fs::read(src.join("diffusion_pytorch_model.safetensors"))?;
-    let st = SafeTensors::deserialize(&buf)?;
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
-        st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec())).collect();
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
-    edit(&mut tensors, &mut config);
-    let dir = tempfile::tempdir()?;
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, d)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)?)))
-        .collect::<Result<_>>()?;
-    std::fs::write(dir.path().join("diffusion_pytorch_model.safetensors"), safetensors::serialize(views, None)?)?;
-    std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&config)?)?;
-    Ok(dir)
+fn broken_model(edit: impl FnOnce(&mut Vec<common::RawTensor>, &mut serde_json::Value)) -> Result<tempfile::TempDir> {
+    common::broken_model("vae", "diffusion_pytorch_model.safetensors", edit)
 }
 
 fn load_err(dir: &Path) -> String {

@@ -166,6 +166,23 @@ pub fn load_modality(path: &Path) -> Result<Option<Box<dyn crate::ModalityTokeni
     })
 }
 
+/// A pretrained tokenizer file (`save_raw`: the model's safetensors plus the `motley` header):
+/// its header, checked to be of `kind`, and its tensors.
+pub(crate) fn read_saved<H: serde::de::DeserializeOwned>(
+    path: &Path,
+    kind: &str,
+) -> Result<(H, HashMap<String, Tensor>)> {
+    let buf = std::fs::read(path).map_err(|e| TokenizerError::io("read", path, e))?;
+    let header: serde_json::Value = serde_json::from_str(&crate::store::header_json(&buf, path)?)
+        .map_err(|e| TokenizerError::bad_file(path, format!("header: {e}")))?;
+    let found = header.get("kind").and_then(|k| k.as_str());
+    if found != Some(kind) {
+        return Err(TokenizerError::bad_file(path, format!("expected kind {kind:?}, found {found:?}")));
+    }
+    let header = serde_json::from_value(header).map_err(|e| TokenizerError::bad_file(path, format!("header: {e}")))?;
+    Ok((header, tensors_from_bytes(&buf, path)?))
+}
+
 /// diffusers' `VaeImageProcessor` input: `2·(v/255) − 1`, planar RGB.
 pub(crate) fn pixels_in(img: &image::RgbImage) -> Vec<f32> {
     let mut px = Vec::with_capacity(3 * img.width() as usize * img.height() as usize);

@@ -23,7 +23,7 @@ use image::{DynamicImage, RgbImage};
 use motley_shards::{Modality, Segment};
 use serde::{Deserialize, Serialize};
 
-use super::{ModelFolder, candle_err, tensors_from_bytes, var_builder};
+use super::{ModelFolder, candle_err, var_builder};
 use crate::error::{Result, TokenizerError};
 use crate::image::{ImageTokenizer, image_meta, square};
 
@@ -367,13 +367,7 @@ impl AutoencoderKlTokenizer {
     /// Loads a tokenizer file written by [`ImageTokenizer::save`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let buf = std::fs::read(path).map_err(|e| TokenizerError::io("read", path, e))?;
-        let header: Header = serde_json::from_str(&crate::store::header_json(&buf, path)?)
-            .map_err(|e| TokenizerError::bad_file(path, format!("header: {e}")))?;
-        if header.kind != KIND {
-            return Err(TokenizerError::bad_file(path, format!("expected kind {KIND:?}, found {:?}", header.kind)));
-        }
-        let tensors = tensors_from_bytes(&buf, path)?;
+        let (header, tensors): (Header, _) = super::read_saved(path, KIND)?;
         let opts = VaeOptions { resolution: Some(header.resolution), patch: header.patch };
         Self::build(header.config, path, tensors, path, header.model, opts)
     }

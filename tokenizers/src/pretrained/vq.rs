@@ -18,7 +18,7 @@ use motley_shards::{Modality, Segment, SegmentData};
 use serde::{Deserialize, Serialize};
 
 use super::vae::{Decoder, Encoder, VaeConfig};
-use super::{ModelFolder, candle_err, candle_message, tensors_from_bytes, var_builder};
+use super::{ModelFolder, candle_err, candle_message, var_builder};
 use crate::error::{Result, TokenizerError};
 use crate::image::{ImageTokenizer, check_grid, image_meta, square};
 
@@ -91,13 +91,7 @@ impl VqModelTokenizer {
     /// Loads a tokenizer file written by [`ImageTokenizer::save`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let buf = std::fs::read(path).map_err(|e| TokenizerError::io("read", path, e))?;
-        let header: Header = serde_json::from_str(&crate::store::header_json(&buf, path)?)
-            .map_err(|e| TokenizerError::bad_file(path, format!("header: {e}")))?;
-        if header.kind != KIND {
-            return Err(TokenizerError::bad_file(path, format!("expected kind {KIND:?}, found {:?}", header.kind)));
-        }
-        let tensors = tensors_from_bytes(&buf, path)?;
+        let (header, tensors): (Header, _) = super::read_saved(path, KIND)?;
         Self::build(header.config, path, tensors, path, header.model, Some(header.resolution))
     }
 

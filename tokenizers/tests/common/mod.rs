@@ -1,5 +1,6 @@
-//! Test data made in-test: seeded synthetic images and the integer-exact speech clip that
-//! fixtures/make_flac_fixture.py also writes (as FLAC).
+//! Test data made in-test: seeded synthetic images, the integer-exact speech clip that
+//! fixtures/make_flac_fixture.py also writes (as FLAC), and broken copies of the pretrained
+//! model fixtures.
 #![allow(dead_code)]
 
 use image::{DynamicImage, Rgb, RgbImage};
@@ -112,4 +113,31 @@ pub fn babble(seconds: f32, rate: u32, seed: u64) -> Vec<i16> {
         out.push((v * env * 32767.0).clamp(-32767.0, 32767.0) as i16);
     }
     out
+}
+
+/// A tensor of a safetensors file: name, shape, little-endian f32 bytes.
+pub type RawTensor = (String, Vec<usize>, Vec<u8>);
+
+/// Copies the pretrained fixture model folder `tests/fixtures/pretrained/{model}` (weights in
+/// `weights`) into a temp dir, letting `edit` change its tensors and config.
+pub fn broken_model(
+    model: &str,
+    weights: &str,
+    edit: impl FnOnce(&mut Vec<RawTensor>, &mut serde_json::Value),
+) -> anyhow::Result<tempfile::TempDir> {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretrained").join(model);
+    let buf = std::fs::read(src.join(weights))?;
+    let st = safetensors::SafeTensors::deserialize(&buf)?;
+    let mut tensors: Vec<RawTensor> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
+    edit(&mut tensors, &mut config);
+    let dir = tempfile::tempdir()?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, d)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)?)))
+        .collect::<anyhow::Result<_>>()?;
+    std::fs::write(dir.path().join(weights), safetensors::serialize(views, None)?)?;
+    std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&config)?)?;
+    Ok(dir)
 }
