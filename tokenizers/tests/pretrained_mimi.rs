@@ -205,3 +205,79 @@ fn broken_mimi_folders_are_clear_errors() -> Result<()> {
     assert!(e.contains("image model"), "{e}");
     Ok(())
 }
+
+/// A python with transformers: `$MOTLEY_PYTHON` (the test command sets it), else the
+/// repository's `.venv`; `None` (the test says so) when neither exists.
+fn python() -> Option<PathBuf> {
+    std::env::var_os("MOTLEY_PYTHON").map(PathBuf::from).or_else(|| {
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+        venv.is_file().then_some(venv)
+    })
+}
+
+/// A clip longer than the transformer's 250-frame sliding window (10 s at the encoder's 25 Hz)
+/// against transformers run in the test: the window, the rotary positions past it and the
+/// decoder's own window must agree, not only the short clips of the committed reference.
+#[test]
+fn mimi_matches_transformers_past_the_sliding_window() -> Result<()> {
+    let Some(py) = python() else {
+        eprintln!("NOTICE: skipping the long-clip Mimi parity: no python with transformers ($MOTLEY_PYTHON or .venv)");
+        return Ok(());
+    };
+    let mimi = MimiTokenizer::from_folder(fixtures().join("mimi"), None)?;
+    // 12+ s of espeak-ng speech: sample clips back to back at 24 kHz.
+    let speech = fixtures().join("../../../../data/sample/speech");
+    let mut clips: Vec<PathBuf> =
+        std::fs::read_dir(&speech)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
+    clips.retain(|p| p.extension().is_some_and(|x| x == "wav"));
+    clips.sort();
+    let mut x = Vec::new();
+    for c in &clips {
+        let a = motley_tokenizers::speech::audio::decode_file(c)?;
+        x.extend(motley_tokenizers::speech::audio::resample(&a, 24_000, &c.display().to_string())?);
+        if x.len() > 24_000 * 12 {
+            break;
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("input.f32");
+    std::fs::write(&input, x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+    let out = dir.path().join("reference.safetensors");
+    let status = std::process::Command::new(&py)
+        .arg(fixtures().join("mimi_encode.py"))
+        .arg(fixtures().join("mimi"))
+        .arg(&input)
+        .arg(&out)
+        .status()
+        .with_context(|| format!("running {}", py.display()))?;
+    anyhow::ensure!(status.success(), "mimi_encode.py failed ({status})");
+    let buf = std::fs::read(&out)?;
+    let st = SafeTensors::deserialize(&buf)?;
+    let (want, shape) = codes(&st, "codes")?;
+    let gaps = f32s(&st, "gaps")?;
+    assert!(shape[1] > 125, "{} frames: not past the 250-frame window at 25 Hz", shape[1]);
+    let got = mimi.encode_codes(&x)?;
+    let mut excused = 0;
+    for f in 0..shape[1] {
+        let mut excused_chain = None;
+        for q in 0..shape[0] {
+            let chain = usize::from(q > 0);
+            if excused_chain == Some(chain) || got[q][f] == want[q][f] {
+                continue;
+            }
+            let gap = gaps[q * shape[1] + f];
+            assert!(gap < 1e-3, "frame {f} codebook {q}: {} vs transformers' {} (gap {gap})", got[q][f], want[q][f]);
+            excused += 1;
+            excused_chain = Some(chain);
+        }
+    }
+    assert!(excused <= 4, "{excused} codes excused as ties");
+    let want_pcm = f32s(&st, "decoded")?;
+    let pcm = mimi.decode_codes(&want)?;
+    assert_eq!(pcm.len(), want_pcm.len());
+    let peak = want_pcm.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = pcm.iter().zip(&want_pcm).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d <= 1e-4 * peak.max(1.0), "decoded audio differs by {d} (peak {peak})");
+    eprintln!("{} frames past the window: {excused} ties excused, decoded within {d:.2e} (peak {peak:.2})", shape[1]);
+    Ok(())
+}
