@@ -116,6 +116,11 @@ impl MimiFields {
         self.upsampling_ratios.iter().product()
     }
 
+    /// Code frames per second: transformers always downsamples the encoder's frames by 2.
+    fn frame_rate(&self) -> f64 {
+        self.sampling_rate as f64 / (2 * self.hop()) as f64
+    }
+
     /// candle's config for these fields; anything candle's Mimi does not run is an error
     /// naming the field.
     fn to_candle(&self, codebooks: usize, path: &Path) -> Result<mimi::Config> {
@@ -187,8 +192,7 @@ impl MimiFields {
                 self.hop()
             ));
         }
-        // transformers always downsamples the encoder's frames by 2.
-        let frame_rate = self.sampling_rate as f64 / (2 * self.hop()) as f64;
+        let frame_rate = self.frame_rate();
         if let Some(f) = self.frame_rate.filter(|f| (f - frame_rate).abs() > 1e-9) {
             return bad(format!("frame_rate {f} disagrees with sampling_rate / (2 × strides) = {frame_rate}"));
         }
@@ -327,7 +331,7 @@ impl MimiTokenizer {
 
     /// Frames per second (12.5 for the released Mimi).
     pub fn frames_per_second(&self) -> f64 {
-        self.fields.sampling_rate as f64 / (2 * self.fields.hop()) as f64
+        self.fields.frame_rate()
     }
 
     /// Longest input in samples: the transformer's positions (`max_position_embeddings`) run
@@ -393,7 +397,7 @@ impl MimiTokenizer {
     pub fn unflatten(&self, ids: &[u32]) -> Vec<Vec<u32>> {
         let k = self.codebooks;
         let bins = self.fields.codebook_size as u32;
-        let mut codes = vec![Vec::with_capacity(ids.len() / k); k];
+        let mut codes: Vec<Vec<u32>> = (0..k).map(|_| Vec::with_capacity(ids.len() / k)).collect();
         for frame in ids.chunks_exact(k) {
             for (q, &id) in frame.iter().enumerate() {
                 codes[q].push(id % bins);
