@@ -18,7 +18,7 @@ fn main() {
         "csrc/checkpoint.cpp",
     ];
     // c10d: Gloo and the gradient hooks need only torch's headers (plus stand-ins for the
-    // Gloo headers the wheel lacks); NCCL needs CUDA's, so it is a unit of its own.
+    // Gloo headers the wheel lacks); NCCL needs CUDA's (and USE_CUDA), so it is a unit of its own.
     let c10d = ["csrc/c10d.cpp", "csrc/grad_sync.cpp"];
     let nccl = "csrc/c10d_nccl.cpp";
     for f in shims.iter().chain(&c10d).chain([&nccl]) {
@@ -45,8 +45,16 @@ fn main() {
             .warnings(false);
         b
     };
-    base().files(shims).compile("motley_shims");
-    base().files(c10d).include("csrc/gloo_stub").define("USE_C10D_GLOO", None).compile("motley_c10d");
+    // One translation unit for the shims and Gloo's c10d: each file alone parses torch's headers
+    // again (~20 s apiece, 130 s for the nine); included into one they compile in ~30 s. The
+    // files stay separate, one job each; USE_C10D_GLOO only changes what c10d's headers declare.
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let here = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let unity = out.join("motley_shims.cpp");
+    let body: String =
+        shims.iter().chain(&c10d).map(|f| format!("#include \"{}\"\n", here.join(f).display())).collect();
+    std::fs::write(&unity, body).expect("write the shims' translation unit into OUT_DIR");
+    base().file(&unity).include(here.join("csrc/gloo_stub")).define("USE_C10D_GLOO", None).compile("motley_shims");
     // The site folder of the torch wheel holds nvidia/cu13/include and nvidia/nccl/include;
     // scripts/setup adds the two header-only wheels they lack (crt/, nv/target).
     let site = Path::new(&lib).join("../..");
