@@ -216,12 +216,31 @@ pub(crate) fn ensure_font() {
     });
 }
 
+/// Draws a `w`×`h` plot in memory and writes it as PNG atomically (a temporary file, then a
+/// rename). `image` encodes it: plotters' own encoder would build a second, older `image`.
+pub(crate) fn write_png(
+    path: &Path,
+    (w, h): (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let err = |e: String| TrainError::Plot { path: path.to_path_buf(), msg: e };
+    let mut rgb = vec![0u8; w as usize * h as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(|e| err(e.to_string()))?;
+    }
+    let tmp = path.with_extension("png.tmp.png");
+    image::save_buffer_with_format(&tmp, &rgb, w, h, image::ExtendedColorType::Rgb8, image::ImageFormat::Png)
+        .map_err(|e| err(format!("write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(TrainError::io("rename plot", path))
+}
+
 /// Train loss per modality (lines) and held-out loss (dots), plus the diffusion loss in the
 /// Transfusion setting, written atomically as PNG.
 pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(), TrainError> {
     ensure_font();
     let err = |e: String| TrainError::Plot { path: path.to_path_buf(), msg: e };
-    let tmp = path.with_extension("png.tmp.png");
     let colors = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44)];
     let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1);
     let values = records
@@ -236,10 +255,9 @@ pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(
         .filter(|v| v.is_finite());
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let (lo, hi) = if lo.is_finite() { (lo.max(0.0) * 0.95, hi * 1.05 + 1e-6) } else { (0.0, 1.0) };
-    {
-        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
+    write_png(path, (900, 540), |root| {
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(36)
@@ -308,9 +326,8 @@ pub fn plot_losses(records: &[StepRecord], path: &Path, title: &str) -> Result<(
             .label_font(("sans-serif", 14))
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        root.present().map_err(|e| err(e.to_string()))?;
-    }
-    std::fs::rename(&tmp, path).map_err(TrainError::io("rename plot", path))
+        Ok(())
+    })
 }
 
 #[cfg(test)]

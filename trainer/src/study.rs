@@ -15,7 +15,7 @@ use motley_shards::{Modality, Split};
 
 use crate::error::TrainError;
 use crate::loader::open_source;
-use crate::metrics::{EvalRecord, ensure_font};
+use crate::metrics::{EvalRecord, ensure_font, write_png};
 use crate::model::Arch;
 use crate::train::{Trainer, prepare_run_dir};
 
@@ -479,10 +479,8 @@ pub fn plot_study(report: &StudyReport, path: &Path, title: &str) -> Result<(), 
     let err = |e: String| TrainError::Plot { path: path.to_path_buf(), msg: e };
     let curves: Vec<usize> =
         (0..CURVES.len()).filter(|&c| report.runs.iter().any(|r| !r.series(c).is_empty())).collect();
-    let tmp = path.with_extension("png.tmp.png");
     let panels = curves.len().max(1);
-    {
-        let root = BitMapBackend::new(&tmp, (440 * panels as u32, 480)).into_drawing_area();
+    write_png(path, (440 * panels as u32, 480), |root| {
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
         let root = root.titled(title, ("sans-serif", 20)).map_err(|e| err(e.to_string()))?;
         let areas = root.split_evenly((1, panels));
@@ -589,9 +587,8 @@ pub fn plot_study(report: &StudyReport, path: &Path, title: &str) -> Result<(), 
                 .draw()
                 .map_err(|e| err(e.to_string()))?;
         }
-        root.present().map_err(|e| err(e.to_string()))?;
-    }
-    std::fs::rename(&tmp, path).map_err(TrainError::io("rename plot", path))
+        Ok(())
+    })
 }
 
 #[cfg(test)]
