@@ -6,7 +6,7 @@ loads it from, and times transformers' own encode of the same 24 kHz clips, one 
 thread count. Prints one JSON line.
 
     python scripts/bench/mimi_transformers.py --out DIR --clips a.wav b.wav --codebooks 8 \
-        --threads 1 --seconds 5 [--save]
+        --threads 1 --seconds 5 [--device cuda] [--save]
 """
 
 import argparse
@@ -33,14 +33,16 @@ def main():
     ap.add_argument("--codebooks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N], as motley's --encoder-device")
     ap.add_argument("--save", action="store_true", help="build and save the model first")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.save:
         torch.manual_seed(0)
         MimiModel(MimiConfig()).save_pretrained(a.out, safe_serialization=True)
-    model = MimiModel.from_pretrained(a.out).eval()
-    clips = [torch.from_numpy(read_wav(p))[None, None] for p in a.clips]
+    dev = torch.device(a.device)
+    model = MimiModel.from_pretrained(a.out).eval().to(dev)
+    clips = [torch.from_numpy(read_wav(p))[None, None].to(dev) for p in a.clips]
     audio_s = sum(c.shape[-1] for c in clips) / 24000
     n = 0
     with torch.no_grad():
@@ -48,14 +50,15 @@ def main():
         start = time.perf_counter()
         while True:
             for c in clips:
-                codes = model.encode(c, num_quantizers=a.codebooks).audio_codes
+                # Codes come back to the host, as motley's do.
+                codes = model.encode(c, num_quantizers=a.codebooks).audio_codes.cpu()
             n += 1
             if time.perf_counter() - start >= a.seconds:
                 break
         secs = time.perf_counter() - start
     print(json.dumps({"passes": n, "seconds": secs, "audio_seconds": n * audio_s,
                       "rtf": secs / (n * audio_s), "codes_shape": list(codes.shape),
-                      "torch": torch.__version__}))
+                      "torch": torch.__version__, "device": str(dev)}))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ loads it from, and times diffusers' own encode (posterior mean, scaled; or the c
 same images, batch and thread count. Prints one JSON line.
 
     python scripts/bench/vae_diffusers.py --out DIR --images a.png b.png --resolution 256 \
-        --batch 4 --threads 1 --seconds 5 [--arch kl|vq] [--save]
+        --batch 4 --threads 1 --seconds 5 [--arch kl|vq] [--device cuda] [--save]
 """
 
 import argparse
@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--arch", choices=["kl", "vq"], default="kl")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N], as motley's --encoder-device")
     ap.add_argument("--save", action="store_true", help="build and save the model first")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -65,17 +66,20 @@ def main():
     if a.save:
         torch.manual_seed(0)
         cls(**geometry).save_pretrained(a.out, safe_serialization=True)
-    vae = cls.from_pretrained(a.out).eval()
+    dev = torch.device(a.device)
+    vae = cls.from_pretrained(a.out).eval().to(dev)
 
     def encode(x):
+        # Results come back to the host, as motley's do.
         if a.arch == "kl":
-            return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).cpu()
         # VQModel.encode stops after quant_conv; the codes are the quantizer's indices.
-        return vae.quantize(vae.encode(x).latents)[2][2]
+        return vae.quantize(vae.encode(x).latents)[2][2].cpu()
 
     imgs = [Image.open(p).convert("RGB").resize((a.resolution, a.resolution), Image.BICUBIC) for p in a.images]
     u8 = np.stack([np.asarray(i) for i in imgs[: a.batch]])
     x = 2.0 * torch.from_numpy(u8.astype(np.float32) / 255.0).permute(0, 3, 1, 2) - 1.0
+    x = x.to(dev)
     n = 0
     with torch.no_grad():
         encode(x)  # warm-up
@@ -87,7 +91,7 @@ def main():
                 break
         secs = time.perf_counter() - start
     print(json.dumps({"images": n, "seconds": secs, "images_per_s": n / secs, "batch": x.shape[0],
-                      "latent_shape": list(z.shape), "torch": torch.__version__}))
+                      "latent_shape": list(z.shape), "torch": torch.__version__, "device": str(dev)}))
 
 
 if __name__ == "__main__":

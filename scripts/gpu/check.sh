@@ -4,6 +4,7 @@
 #   cargo build --release -p motley-tools
 #   mkdir -p runs/gpu && objcopy --strip-debug target/release/motley runs/gpu/motley
 #   cp -r runs/demo/corpus runs/gpu/corpus          # the demo's ingested sample corpus
+#   bash scripts/gpu/build-cuda && cp target/cuda/release/motley runs/gpu/motley-cuda   # optional: encoders on CUDA
 # then, on the GPU machine from the repository root:  bash scripts/gpu/check.sh
 # Results (JSON, logs, metrics, plots) are packed after every stage into $OUT/gpu-results.tgz
 # (default OUT=runs/gpu/out). Each stage has its own time limit so one failure cannot eat the
@@ -89,6 +90,47 @@ if [ -n "${TRANSFUSION_CORPUS:-}" ]; then
   run train_transfusion 120 "$bin" train --compare --preset tiny --data "$TRANSFUSION_CORPUS" --device cuda \
     --out "$out/tf" --overwrite
   tail -12 "$out/train_transfusion.err" "$out/train_transfusion.out"
+fi
+cuda_bin=${MOTLEY_CUDA_BIN:-runs/gpu/motley-cuda}
+if [ -x "$cuda_bin" ]; then
+  stage "pretrained encoders on CUDA (scripts/gpu/build-cuda): the same binary on cuda vs cpu, parity fixtures"
+  # The CUDA build links the torch wheel's cuBLAS / NVRTC / cuRAND and the driver's libcuda.
+  nvlib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "lib"))')
+  fx=tokenizers/tests/fixtures/pretrained
+  img=data/sample/images/$(ls data/sample/images | head -1)
+  clip=data/sample/speech/seven_t1_gb.wav
+  for dev in cpu cuda; do
+    for m in vae:$img vq:$img mimi:$clip; do
+      run "enc_${m%%:*}_$dev" 60 env LD_LIBRARY_PATH="$nvlib:$LD_LIBRARY_PATH" "$cuda_bin" --json --encoder-device $dev \
+        tokenizer encode --tokenizer "$fx/${m%%:*}" "${m#*:}" --preview "$out/enc_${m%%:*}_$dev"
+    done
+  done
+  # Codes: the share equal between devices (near-ties may flip); VAE: decoded pixels' largest gap.
+  python3 - "$out" <<'PY' | tee "$out/encoders_cuda_vs_cpu.txt"
+import json, sys, os
+o = sys.argv[1]
+for m in ("vq", "mimi"):
+    try:
+        a, b = (json.load(open(f"{o}/enc_{m}_{d}.out"))["segment"]["ids"] for d in ("cpu", "cuda"))
+        print(m, "ids equal:", sum(x == y for x, y in zip(a, b)), "/", len(a), "lengths", len(a), len(b))
+    except Exception as e:
+        print(m, "no comparison:", e)
+try:
+    from PIL import Image
+    import numpy as np
+    a, b = (np.asarray(Image.open(f"{o}/enc_vae_{d}/decoded.png"), dtype=np.int16) for d in ("cpu", "cuda"))
+    print("vae decoded max |cuda - cpu| pixel:", int(np.abs(a - b).max()))
+except Exception as e:
+    print("vae no comparison:", e)
+PY
+  stage "pretrained encoders' speed on CUDA vs diffusers / transformers on the same GPU (needs both in python3)"
+  if python3 -c 'import diffusers, transformers' 2>/dev/null; then
+    run bench_encoders_cuda 240 env LD_LIBRARY_PATH="$nvlib:$LD_LIBRARY_PATH" "$cuda_bin" --json --encoder-device cuda \
+      bench tokenizers --only vae,vq-model,mimi --python python3 --threads 16 --seconds 5
+    cat "$out/bench_encoders_cuda.out"
+  else
+    echo "python3 has no diffusers/transformers: skipped (carry them, or pip install where a registry is reachable)"
+  fi
 fi
 pack
 ls -la "$dest"

@@ -32,6 +32,11 @@ struct Cli {
     /// Bytes of shards that cache keeps (released shards evicted past it; default 32 GiB; 0: no limit).
     #[arg(long, global = true, env = "MOTLEY_CACHE_LIMIT")]
     cache_limit: Option<u64>,
+    /// Where pretrained image/speech encoders (VAE, VQ-GAN, Mimi) run: auto (a CUDA GPU when this
+    /// build has the `cuda` feature and the machine a GPU, else the CPU), cpu, cuda or cuda:N.
+    /// The trainer's device is `train --device`.
+    #[arg(long, global = true, env = "MOTLEY_ENCODER_DEVICE", default_value = "auto")]
+    encoder_device: motley_tokenizers::pretrained::EncoderDevice,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +74,7 @@ fn main() {
     let remote = remote::options(cli.cache_dir.clone(), cli.cache_limit);
     remote::install(remote.clone());
     let ctx = output::Ctx { json: cli.json, remote };
+    motley_tokenizers::pretrained::set_encoder_device(cli.encoder_device);
     let result = match cli.command {
         Command::Tokenizer(c) => cmd::tokenizer::run(c, &ctx),
         Command::Ingest(a) => cmd::ingest::run(a, &ctx),

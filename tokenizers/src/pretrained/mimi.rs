@@ -272,6 +272,7 @@ pub struct MimiTokenizer {
     raw_config: serde_json::Value,
     model: String,
     net: Arc<mimi::Model>,
+    device: Device,
     weights: PathBuf,
 }
 
@@ -310,8 +311,17 @@ impl MimiTokenizer {
         let fields = MimiFields::parse(&raw_config, config_path)?;
         let codebooks = codebooks.unwrap_or(fields.num_quantizers);
         let cfg = fields.to_candle(codebooks, config_path)?;
-        let net = mimi::Model::new(cfg, var_builder(tensors)).map_err(candle_err(weights))?;
-        Ok(MimiTokenizer { fields, codebooks, raw_config, model, net: Arc::new(net), weights: weights.to_path_buf() })
+        let device = super::encoder_device()?;
+        let net = mimi::Model::new(cfg, var_builder(tensors, &device)).map_err(candle_err(weights))?;
+        Ok(MimiTokenizer {
+            fields,
+            codebooks,
+            raw_config,
+            model,
+            net: Arc::new(net),
+            device,
+            weights: weights.to_path_buf(),
+        })
     }
 
     /// The model folder's name it was imported from.
@@ -354,7 +364,7 @@ impl MimiTokenizer {
             ));
         }
         let run = || -> candle_core::Result<Vec<Vec<u32>>> {
-            let x = Tensor::from_slice(samples, (1, 1, samples.len()), &Device::Cpu)?;
+            let x = Tensor::from_slice(samples, (1, 1, samples.len()), &self.device)?;
             // candle's modules keep streaming state behind `&mut`; a clone shares the weights.
             let mut net = (*self.net).clone();
             net.encode(&x)?.squeeze(0)?.to_vec2::<u32>()
@@ -379,7 +389,7 @@ impl MimiTokenizer {
         }
         let flat: Vec<u32> = codes.iter().flatten().copied().collect();
         let run = || -> candle_core::Result<Vec<f32>> {
-            let c = Tensor::from_vec(flat, (1, self.codebooks, frames), &Device::Cpu)?;
+            let c = Tensor::from_vec(flat, (1, self.codebooks, frames), &self.device)?;
             let mut net = (*self.net).clone();
             net.decode(&c)?.flatten_all()?.to_vec1::<f32>()
         };

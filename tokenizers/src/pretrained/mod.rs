@@ -1,5 +1,6 @@
 //! Pretrained neural tokenizers loaded from Hugging Face model folders (`config.json` +
-//! safetensors in diffusers' or transformers' layout), run on CPU by candle: diffusers
+//! safetensors in diffusers' or transformers' layout), run by candle on the CPU or, in builds
+//! with the `cuda` feature, a CUDA GPU ([`device`]): diffusers
 //! `AutoencoderKL` and `VQModel` for images, transformers `MimiModel` for speech.
 //!
 //! The network code is candle-transformers' (its Stable Diffusion VAE blocks load diffusers'
@@ -9,6 +10,7 @@
 //! safetensors bytes plus a `motley` header holding its `config.json` and motley's geometry),
 //! so a corpus manifest names one self-contained file as for the fitted tokenizers.
 
+pub mod device;
 pub mod mimi;
 pub mod vae;
 pub mod vq;
@@ -22,6 +24,7 @@ use safetensors::SafeTensors;
 
 use crate::error::{Result, TokenizerError};
 
+pub use device::{CUDA_BUILD, EncoderDevice, device_name, encoder_device, set_encoder_device};
 pub use mimi::MimiTokenizer;
 pub use vae::{AutoencoderKlTokenizer, VaeOptions};
 pub use vq::VqModelTokenizer;
@@ -224,10 +227,11 @@ pub(crate) fn tensors_from_bytes(buf: &[u8], path: &Path) -> Result<HashMap<Stri
     Ok(out)
 }
 
-/// A var builder over `tensors`; a missing or misshapen tensor surfaces as candle's error
-/// naming it, which [`candle_err`] wraps with the file.
-pub(crate) fn var_builder(tensors: HashMap<String, Tensor>) -> VarBuilder<'static> {
-    VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
+/// A var builder over `tensors` that moves each onto `device` as the model takes it; a missing
+/// or misshapen tensor surfaces as candle's error naming it, which [`candle_err`] wraps with
+/// the file.
+pub(crate) fn var_builder(tensors: HashMap<String, Tensor>, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_tensors(tensors, DType::F32, device)
 }
 
 /// Wraps a candle error (it names the tensor: "cannot find tensor encoder.conv_in.weight",

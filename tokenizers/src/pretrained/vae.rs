@@ -295,6 +295,8 @@ pub struct AutoencoderKlTokenizer {
     resolution: u32,
     patch: u32,
     net: Arc<Net>,
+    /// Where the network runs ([`super::encoder_device`] when it was built).
+    device: Device,
     /// Where the weights' bytes are (a model folder's safetensors or a saved tokenizer file),
     /// re-read by `save` rather than kept in memory.
     weights: PathBuf,
@@ -320,7 +322,8 @@ impl AutoencoderKlTokenizer {
         let cfg: VaeConfig = serde_json::from_value(raw_config.clone())
             .map_err(|e| TokenizerError::model(config_path, format!("AutoencoderKL config: {e}")))?;
         cfg.check(config_path)?;
-        let vb = var_builder(tensors);
+        let device = super::encoder_device()?;
+        let vb = var_builder(tensors, &device);
         let e = candle_err(weights);
         let net = Net {
             encoder: Encoder::new(&cfg, 2 * cfg.latent_channels, vb.pp("encoder")).map_err(&e)?,
@@ -360,6 +363,7 @@ impl AutoencoderKlTokenizer {
             resolution,
             patch: opts.patch,
             net: Arc::new(net),
+            device,
             weights: weights.to_path_buf(),
         })
     }
@@ -413,7 +417,7 @@ impl AutoencoderKlTokenizer {
             let mut out =
                 Vec::with_capacity(images.len() * self.cfg.latent_channels * (self.latent_side() as usize).pow(2));
             for chunk in px.chunks_exact(plane) {
-                let x = Tensor::from_slice(chunk, (1, 3, side, side), &Device::Cpu)?;
+                let x = Tensor::from_slice(chunk, (1, 3, side, side), &self.device)?;
                 let mut h = self.net.encoder.forward(&x)?;
                 if let Some(q) = &self.net.quant_conv {
                     h = q.forward(&h)?;
@@ -441,7 +445,7 @@ impl AutoencoderKlTokenizer {
             let (scale, shift) = self.factors();
             let mut out = Vec::new();
             for zi in z.chunks_exact(c * s * s) {
-                let zi = Tensor::from_slice(zi, (1, c, s, s), &Device::Cpu)?;
+                let zi = Tensor::from_slice(zi, (1, c, s, s), &self.device)?;
                 let mut zi = ((zi / scale)? + shift)?;
                 if let Some(q) = &self.net.post_quant_conv {
                     zi = q.forward(&zi)?;

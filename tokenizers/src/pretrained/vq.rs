@@ -69,6 +69,7 @@ pub struct VqModelTokenizer {
     model: String,
     resolution: u32,
     net: Arc<Net>,
+    device: Device,
     weights: PathBuf,
 }
 
@@ -122,7 +123,8 @@ impl VqModelTokenizer {
         }
         let embed_dim = vq.vq_embed_dim.unwrap_or(cfg.latent_channels);
         let (n, l) = (vq.num_vq_embeddings, cfg.latent_channels);
-        let vb = var_builder(tensors);
+        let device = super::encoder_device()?;
+        let vb = var_builder(tensors, &device);
         let e = candle_err(weights);
         let codebook_t = vb.get((n, embed_dim), "quantize.embedding.weight").map_err(&e)?;
         let codebook: Vec<f32> = codebook_t.flatten_all().and_then(|t| t.to_vec1()).map_err(&e)?;
@@ -154,6 +156,7 @@ impl VqModelTokenizer {
             model,
             resolution,
             net: Arc::new(net),
+            device,
             weights: weights.to_path_buf(),
         })
     }
@@ -178,7 +181,7 @@ impl VqModelTokenizer {
         }
         let px = super::pixels_in(img);
         let run = || -> candle_core::Result<Vec<f32>> {
-            let x = Tensor::from_vec(px, (1, 3, side, side), &Device::Cpu)?;
+            let x = Tensor::from_vec(px, (1, 3, side, side), &self.device)?;
             let h = self.net.quant_conv.forward(&self.net.encoder.forward(&x)?)?;
             // [1, D, h, w] → [h·w, D]
             h.squeeze(0)?.flatten_from(1)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()
@@ -212,7 +215,7 @@ impl VqModelTokenizer {
             return Err(TokenizerError::config("codes", format!("code {c} outside the {}-code book", self.codes)));
         }
         let run = || -> candle_core::Result<Vec<f32>> {
-            let idx = Tensor::from_slice(codes, codes.len(), &Device::Cpu)?;
+            let idx = Tensor::from_slice(codes, codes.len(), &self.device)?;
             let q = self.net.codebook_t.index_select(&idx, 0)?; // [h·w, D]
             let q = q.t()?.reshape((1, self.embed_dim, s, s))?;
             let x = self.net.decoder.forward(&self.net.post_quant_conv.forward(&q)?)?;

@@ -4,7 +4,7 @@
 //! `--only vae` / `vq-model`: a diffusers AutoencoderKL's / VQModel's images/s in motley
 //! (candle) against diffusers (PyTorch); `--only mimi`: a transformers MimiModel's audio
 //! real-time factor in motley against transformers — each in the same run, on the same model
-//! file, inputs, batch and threads.
+//! file, inputs, batch, threads and device (`--encoder-device`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -121,6 +121,12 @@ fn sample_dir() -> PathBuf {
 fn find_inputs(given: &Option<PathBuf>, exts: &[&str]) -> Option<Vec<PathBuf>> {
     let root = given.clone().unwrap_or_else(sample_dir);
     collect_inputs(&[root], exts).ok().filter(|v| !v.is_empty())
+}
+
+/// `cpu` or `cuda:N`: where `--encoder-device` puts the pretrained encoders.
+fn encoder_device_name() -> anyhow::Result<String> {
+    use motley_tokenizers::pretrained::{device_name, encoder_device};
+    Ok(device_name(&encoder_device()?))
 }
 
 fn pool(threads: usize) -> anyhow::Result<rayon::ThreadPool> {
@@ -486,6 +492,8 @@ fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx, vq: bool) -> anyhow::Result<ser
     }
     let (given, default_dir, arch) = if vq { (&args.vq_model, "vq-gan", "vq") } else { (&args.vae, "vae-sd", "kl") };
     let model = given.clone().unwrap_or_else(|| tmp.join(default_dir));
+    // Both sides on the device motley's encoders use (--encoder-device).
+    let device = encoder_device_name()?;
     let mut py_args: Vec<std::ffi::OsString> = vec!["--out".into(), model.clone().into(), "--images".into()];
     py_args.extend(paths.iter().map(|p| p.clone().into_os_string()));
     for (k, v) in [
@@ -494,6 +502,7 @@ fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx, vq: bool) -> anyhow::Result<ser
         ("--threads", args.threads.to_string()),
         ("--seconds", args.seconds.to_string()),
         ("--arch", arch.to_string()),
+        ("--device", device.clone()),
     ] {
         py_args.extend([k.into(), v.into()]);
     }
@@ -529,7 +538,7 @@ fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx, vq: bool) -> anyhow::Result<ser
     let what = if vq { "vq-model" } else { "vae" };
     if !ctx.json {
         output::line(format!(
-            "{what} {name} ({res}x{res} px, batch {}, {} threads): motley {motley_ips:.2} images/s, diffusers {torch_ips:.2} images/s: {:.2}x",
+            "{what} {name} ({res}x{res} px, batch {}, {} threads, {device}): motley {motley_ips:.2} images/s, diffusers {torch_ips:.2} images/s: {:.2}x",
             refs.len(),
             args.threads,
             motley_ips / torch_ips
@@ -540,6 +549,7 @@ fn bench_vae(args: &Args, tmp: &Path, ctx: &Ctx, vq: bool) -> anyhow::Result<ser
         "resolution": res,
         "batch": refs.len(),
         "threads": args.threads,
+        "device": device,
         "motley_images_per_s": motley_ips,
         "diffusers_images_per_s": torch_ips,
         "ratio": motley_ips / torch_ips,
@@ -569,12 +579,14 @@ fn bench_mimi(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::
         paths.push(p);
     }
     let model = args.mimi.clone().unwrap_or_else(|| tmp.join("mimi"));
+    let device = encoder_device_name()?;
     let mut py_args: Vec<std::ffi::OsString> = vec!["--out".into(), model.clone().into(), "--clips".into()];
     py_args.extend(paths.iter().map(|p| p.clone().into_os_string()));
     for (k, v) in [
         ("--codebooks", args.mimi_codebooks.to_string()),
         ("--threads", args.threads.to_string()),
         ("--seconds", args.seconds.to_string()),
+        ("--device", device.clone()),
     ] {
         py_args.extend([k.into(), v.into()]);
     }
@@ -597,7 +609,7 @@ fn bench_mimi(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::
     let torch_rtf = torch["rtf"].as_f64().unwrap_or(f64::NAN);
     if !ctx.json {
         output::line(format!(
-            "mimi {} ({} clips, {audio_s:.1} s of audio, {} codebooks, {} threads): real-time factor motley {motley_rtf:.3}, transformers {torch_rtf:.3}: motley {:.2}x as fast",
+            "mimi {} ({} clips, {audio_s:.1} s of audio, {} codebooks, {} threads, {device}): real-time factor motley {motley_rtf:.3}, transformers {torch_rtf:.3}: motley {:.2}x as fast",
             mimi.model_name(),
             clips.len(),
             mimi.codebooks(),
@@ -612,6 +624,7 @@ fn bench_mimi(args: &Args, tmp: &Path, ctx: &Ctx) -> anyhow::Result<serde_json::
         "codebooks": mimi.codebooks(),
         "tokens_per_second_of_audio": mimi.frame_rate(),
         "threads": args.threads,
+        "device": device,
         "motley_rtf": motley_rtf,
         "transformers_rtf": torch_rtf,
         "speedup": torch_rtf / motley_rtf,
