@@ -51,6 +51,43 @@ fn sample_without_a_checkpoint_names_the_path_and_fails() {
     assert!(err.contains("no-such-run-e2e") && err.contains("does not exist"), "{err}");
 }
 
+#[test]
+fn encoder_device_cpu_encodes_and_cuda_names_the_missing_feature() {
+    let vq = repo().join("tokenizers/tests/fixtures/pretrained/vq");
+    let images = repo().join("data/sample/images");
+    let img = std::fs::read_dir(&images)
+        .expect("data/sample/images")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "png"))
+        .expect("a sample PNG");
+    let (vq, img) = (vq.display().to_string(), img.display().to_string());
+    let encode = |dev: &str| {
+        motley()
+            .args(["--json", "--encoder-device", dev, "tokenizer", "encode", "--tokenizer", &vq, &img])
+            .output()
+            .expect("spawn motley")
+    };
+    let cpu = encode("cpu");
+    assert!(cpu.status.success(), "{}", String::from_utf8_lossy(&cpu.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&cpu.stdout).expect("--json output");
+    assert!(json["segment"]["ids"].as_array().is_some_and(|ids| !ids.is_empty()), "{json}");
+    // `auto` on a build without CUDA is the CPU: the same codes.
+    let auto = encode("auto");
+    let auto: serde_json::Value = serde_json::from_slice(&auto.stdout).expect("--json output");
+    assert_eq!(auto["segment"]["ids"], json["segment"]["ids"]);
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let cuda = encode("cuda:1");
+    assert_eq!(cuda.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&cuda.stderr);
+    assert!(err.contains("cuda:1: this motley was built without CUDA") && err.contains("--features cuda"), "{err}");
+    // A device clap cannot parse is a usage error naming the choices.
+    let bad = encode("tpu");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected auto, cpu, cuda or cuda:N"));
+}
+
 /// Copies a small, self-consistent slice of data/sample (interleaved documents and the files
 /// they name, plus some text) into `dst`, so the whole flow runs in seconds in a debug build.
 fn sample_subset(dst: &Path) -> std::io::Result<()> {
