@@ -2,7 +2,7 @@
 //! errors naming the source; the same for audio.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -12,7 +12,7 @@ use motley_tokenizers::AudioTokenizer;
 use motley_tokenizers::pretrained::MimiTokenizer;
 use safetensors::SafeTensors;
 
-mod common;
+use crate::common;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretrained")

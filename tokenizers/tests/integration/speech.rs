@@ -2,7 +2,7 @@
 //! files round-trip, decode gives audible WAV and a spectrogram.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

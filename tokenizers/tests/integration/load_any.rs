@@ -2,7 +2,7 @@
 //! trait fits and reloads each modality the same way.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -10,7 +10,7 @@ use motley_tokenizers::pretrained::{AutoencoderKlTokenizer, VaeOptions};
 use motley_tokenizers::{ImageTokenizer, TokenizerError};
 use safetensors::SafeTensors;
 
-mod common;
+use crate::common;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretrained")

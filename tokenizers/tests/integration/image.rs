@@ -2,7 +2,7 @@
 //! round-trip, segments carry grid and source, latent patches invert.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use indicatif::ProgressBar;
 use motley_shards::{Modality, SegmentData};
