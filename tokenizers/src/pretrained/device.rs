@@ -27,11 +27,11 @@ impl FromStr for EncoderDevice {
             "auto" => Ok(EncoderDevice::Auto),
             "cpu" => Ok(EncoderDevice::Cpu),
             "cuda" | "gpu" => Ok(EncoderDevice::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(EncoderDevice::Cuda)
-                .ok_or_else(|| TokenizerError::config("encoder device", format!("{s:?}: expected auto, cpu, cuda or cuda:N"))),
+            other => {
+                other.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(EncoderDevice::Cuda).ok_or_else(|| {
+                    TokenizerError::config("encoder device", format!("{s:?}: expected auto, cpu, cuda or cuda:N"))
+                })
+            }
         }
     }
 }
