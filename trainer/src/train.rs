@@ -138,6 +138,13 @@ impl Trainer {
     /// agree on config and corpus, and rank 0's weights are broadcast.
     pub fn new(cfg: TrainConfig) -> Result<Self, TrainError> {
         cfg.validate()?;
+        if cfg.model.untie_head && cfg.model.arch != crate::model::Arch::Mot {
+            // Kept valid so one config serves `--compare`: a baseline has one norm and head.
+            tracing::warn!(
+                "model.untie_head applies to MoT only; the {:?} baseline keeps one shared head",
+                cfg.model.arch
+            );
+        }
         let launch = Launch::from_env()?;
         if cfg.train.threads > 0 {
             tch::set_num_threads(cfg.train.threads);
