@@ -4,12 +4,19 @@
 #   cargo build --release -p motley-tools
 #   mkdir -p runs/gpu && objcopy --strip-debug target/release/motley runs/gpu/motley
 #   cp -r runs/demo/corpus runs/gpu/corpus          # the demo's ingested sample corpus
-#   bash scripts/gpu/build-cuda && cp target/cuda/release/motley runs/gpu/motley-cuda   # optional: encoders on CUDA
+#   bash scripts/gpu/build-cuda && objcopy --strip-debug target/cuda/release/motley runs/gpu/motley-cuda  # optional:
+#     the encoders on CUDA; ~1 h cold on 2 cores, so before the device is started
+#   gzip -9 runs/gpu/motley runs/gpu/motley-cuda   # the device tool carries 64 MiB in all; stripped,
+#     motley is ~51 MB and the CUDA build more (candle's kernels; a stripped CUDA test binary of
+#     motley-tokenizers was 76 MB, 19 MB gzipped); check `du -ch runs/gpu` before carrying
 # then, on the GPU machine from the repository root:  bash scripts/gpu/check.sh
 # Results (JSON, logs, metrics, plots) are packed after every stage into $OUT/gpu-results.tgz
 # (default OUT=runs/gpu/out). Each stage has its own time limit so one failure cannot eat the
 # machine time of the rest.
 set -uo pipefail
+for b in runs/gpu/motley runs/gpu/motley-cuda; do
+  if [ -f "$b.gz" ] && [ ! -x "$b" ]; then gunzip -c "$b.gz" > "$b" && chmod +x "$b"; fi
+done
 bin=${MOTLEY_BIN:-runs/gpu/motley}
 corpus=${CORPUS:-runs/gpu/corpus}
 dest=${OUT:-runs/gpu/out}
