@@ -102,7 +102,7 @@ cuda_bin=${MOTLEY_CUDA_BIN:-runs/gpu/motley-cuda}
 if [ -x "$cuda_bin" ]; then
   stage "pretrained encoders on CUDA (scripts/gpu/build-cuda): the same binary on cuda vs cpu, parity fixtures"
   # The CUDA build links the torch wheel's cuBLAS / NVRTC / cuRAND and the driver's libcuda.
-  nvlib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "lib"))')
+  nvlib=$torch_lib/../../nvidia/cu13/lib
   fx=tokenizers/tests/fixtures/pretrained
   img=data/sample/images/$(ls data/sample/images | head -1)
   clip=data/sample/speech/seven_t1_gb.wav

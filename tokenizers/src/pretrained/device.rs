@@ -9,6 +9,9 @@ use candle_core::Device;
 
 use crate::error::{Result, TokenizerError};
 
+/// What a device choice may be, for the errors of both ways to give one.
+const CHOICES: &str = "expected auto, cpu, cuda or cuda:N";
+
 /// The device asked for: `auto` (the first GPU when this build has CUDA and the machine has
 /// one, else the CPU), `cpu`, `cuda` (GPU 0) or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,11 +30,11 @@ impl FromStr for EncoderDevice {
             "auto" => Ok(EncoderDevice::Auto),
             "cpu" => Ok(EncoderDevice::Cpu),
             "cuda" | "gpu" => Ok(EncoderDevice::Cuda(0)),
-            other => {
-                other.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(EncoderDevice::Cuda).ok_or_else(|| {
-                    TokenizerError::config("encoder device", format!("{s:?}: expected auto, cpu, cuda or cuda:N"))
-                })
-            }
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(EncoderDevice::Cuda)
+                .ok_or_else(|| TokenizerError::config("encoder device", format!("{s:?}: {CHOICES}"))),
         }
     }
 }
@@ -75,9 +78,9 @@ pub fn encoder_device() -> Result<Device> {
     let choice = match c.0 {
         Some(choice) => choice,
         None => match std::env::var(ENV) {
-            Ok(v) => v.parse().map_err(|_| {
-                TokenizerError::config("encoder device", format!("{ENV}={v:?}: expected auto, cpu, cuda or cuda:N"))
-            })?,
+            Ok(v) => {
+                v.parse().map_err(|_| TokenizerError::config("encoder device", format!("{ENV}={v:?}: {CHOICES}")))?
+            }
             Err(_) => EncoderDevice::Auto,
         },
     };

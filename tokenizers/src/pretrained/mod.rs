@@ -24,7 +24,7 @@ use safetensors::SafeTensors;
 
 use crate::error::{Result, TokenizerError};
 
-pub use device::{CUDA_BUILD, EncoderDevice, device_name, encoder_device, set_encoder_device};
+pub use device::{EncoderDevice, device_name, encoder_device, set_encoder_device};
 pub use mimi::MimiTokenizer;
 pub use vae::{AutoencoderKlTokenizer, VaeOptions};
 pub use vq::VqModelTokenizer;
