@@ -271,6 +271,25 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
     ]);
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
     assert_eq!(again["tokens"], summary["tokens"]);
+    // The run keeps its vocabulary and tokenizers: it samples the same with its corpus moved.
+    let moved = tmp.path().join("corpus-moved");
+    std::fs::rename(&corpus, &moved).expect("move the corpus");
+    let alone = run_ok(&[
+        "sample",
+        "--checkpoint",
+        &d(&run),
+        "--prompt",
+        "a handwritten digit seven",
+        "--image",
+        "--seed",
+        "1",
+        "--out",
+        &d(&tmp.path().join("samples3")),
+        "--json",
+    ]);
+    let alone: serde_json::Value = serde_json::from_slice(&alone.stdout).expect("JSON");
+    assert_eq!(alone["tokens"], summary["tokens"]);
+    std::fs::rename(&moved, &corpus).expect("move the corpus back");
     // Text generation stops at EOS or the budget.
     let out = run_ok(&["sample", "--checkpoint", &d(&run), "--prompt", "In the", "--max-tokens", "8", "--json"]);
     let text: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
@@ -539,7 +558,7 @@ fn pretrained_mimi_import_ingest_decode_train_sample() {
         .expect("no speech in the last 20 documents");
     let r = hound::WavReader::open(&wav).expect("a WAV");
     assert_eq!(r.spec().sample_rate, 24_000);
-    assert!(r.len() > 0 && r.len() % 1920 == 0, "whole Mimi frames: {} samples", r.len());
+    assert!(r.len() > 0 && r.len().is_multiple_of(1920), "whole Mimi frames: {} samples", r.len());
 
     let run = tmp.path().join("run-mimi");
     run_ok(&[

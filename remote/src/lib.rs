@@ -634,7 +634,8 @@ pub fn open_store(uri: &str, opts: &RemoteOptions) -> Result<(Corpus, Arc<Remote
     if let Ok(mut st) = rs.state.lock() {
         *st = state;
     }
-    // Tokenizer files (small) come along, best effort: `shards head` decodes text with them.
+    // Tokenizer files come along, best effort: `shards head` decodes with them, `sample` and a
+    // run's snapshot (RUN/tokenizers/) need them.
     for rel in tokenizer_files(&manifest) {
         let path = dir.join(&rel);
         if path.exists() {
@@ -694,14 +695,10 @@ pub fn upload(local: &Path, uri: &str, opts: &RemoteOptions, progress: &dyn Fn(u
     Ok(report)
 }
 
-/// Relative paths of the tokenizer files a manifest names (plain relative paths only).
+/// Relative paths of the tokenizer files a manifest names (plain relative paths only; a
+/// pretrained model's entry is an object with its `file`).
 fn tokenizer_files(m: &Manifest) -> Vec<String> {
-    m.tokenizers
-        .values()
-        .filter_map(|v| v.as_str())
-        .filter(|p| !p.is_empty() && !p.starts_with('/') && !p.split(['/', '\\']).any(|c| c == ".." || c.is_empty()))
-        .map(str::to_string)
-        .collect()
+    m.tokenizer_files().into_iter().map(|(_, p)| p.to_string()).collect()
 }
 
 fn child_rel(prefix: &ObjPath, rel: &str) -> ObjPath {

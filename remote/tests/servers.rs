@@ -51,6 +51,15 @@ fn write_corpus(dir: &Path) -> anyhow::Result<Arc<Corpus>> {
         w.add_document(&doc(i))?;
     }
     w.finish_with_manifest()?;
+    // Tokenizer files as ingest records them: a path string, and a pretrained model's object.
+    std::fs::create_dir_all(dir.join("tokenizers"))?;
+    std::fs::write(dir.join("tokenizers/text.json"), b"{}")?;
+    std::fs::write(dir.join("tokenizers/image.safetensors"), b"vae weights")?;
+    let mut m = motley_shards::Manifest::read(dir)?;
+    m.tokenizers.insert("text".into(), serde_json::json!("tokenizers/text.json"));
+    m.tokenizers
+        .insert("image".into(), serde_json::json!({"file": "tokenizers/image.safetensors", "kind": "vq-model"}));
+    m.write(dir)?;
     Ok(Arc::new(Corpus::open(dir)?))
 }
 
@@ -92,6 +101,10 @@ fn s3_upload_then_train_order_equals_local_through_a_bounded_cache() -> anyhow::
     let total = local.manifest().bytes;
     let first_bytes = first_store.cached_bytes();
     assert!(first_bytes < total / 4, "the first batch fetched {first_bytes} of the corpus's {total} bytes");
+    // The tokenizer files travel with the corpus, a pretrained model's too.
+    let (first, _) = motley_remote::open_store(uri, &unbounded)?;
+    assert_eq!(std::fs::read(first.dir().join("tokenizers/image.safetensors"))?, b"vae weights");
+    assert_eq!(std::fs::read(first.dir().join("tokenizers/text.json"))?, b"{}");
 
     let (remote, store) = motley_remote::open_store(uri, &opts)?;
     assert_eq!(remote.manifest(), local.manifest());

@@ -175,6 +175,35 @@ impl Manifest {
     pub fn compression(&self) -> Option<Compression> {
         self.shards.first().map(|s| s.compression)
     }
+
+    /// The tokenizer file recorded for `modality` (`"text"`, `"image"`, …): a path string, or
+    /// an object's `file` (pretrained models record one with their factors beside it).
+    pub fn tokenizer_file(&self, modality: &str) -> Option<&str> {
+        tokenizer_entry_file(self.tokenizers.get(modality)?)
+    }
+
+    /// Every tokenizer file recorded with a plain relative path (no `..`, not absolute: the
+    /// files that travel with the corpus), as `(modality, path)` in modality order.
+    pub fn tokenizer_files(&self) -> Vec<(&str, &str)> {
+        self.tokenizers
+            .iter()
+            .filter_map(|(m, v)| Some((m.as_str(), tokenizer_entry_file(v)?)))
+            .filter(|(_, p)| {
+                !p.is_empty()
+                    && !p.starts_with(['/', '\\'])
+                    && !p.contains(':')
+                    && !p.split(['/', '\\']).any(|c| c == ".." || c.is_empty())
+            })
+            .collect()
+    }
+}
+
+fn tokenizer_entry_file(v: &serde_json::Value) -> Option<&str> {
+    match v {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Object(o) => o.get("file").or_else(|| o.get("path")).and_then(|v| v.as_str()),
+        _ => None,
+    }
 }
 
 /// Shard names are plain file names inside the corpus directory.
@@ -208,4 +237,30 @@ pub(crate) fn read_meta_vocab(path: &Path, file: &[u8], footer: &Footer) -> Resu
         .map_err(|e| ShardError::corrupt(path, "meta", footer.meta_offset, e.to_string()))?;
     m.vocab.validate().map_err(|e| ShardError::corrupt(path, "meta", footer.meta_offset, format!("vocab: {e}")))?;
     Ok(m.vocab)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizer_files_take_strings_and_objects_and_only_plain_relative_paths() {
+        let mut m = Manifest::from_stats(Vocab::build(10, 4, 4, None), Vec::new());
+        let json = |v: &str| serde_json::from_str::<serde_json::Value>(v).expect("json");
+        m.tokenizers.insert("text".into(), json(r#""tokenizers/text.json""#));
+        m.tokenizers.insert("image".into(), json(r#"{"file": "tokenizers/image.safetensors", "kind": "vq-model"}"#));
+        m.tokenizers.insert("speech".into(), json(r#"{"file": "../elsewhere/speech.safetensors"}"#));
+        m.tokenizers.insert("other".into(), json("3"));
+        assert_eq!(m.tokenizer_file("image"), Some("tokenizers/image.safetensors"));
+        assert_eq!(m.tokenizer_file("speech"), Some("../elsewhere/speech.safetensors"));
+        assert_eq!(m.tokenizer_file("other"), None);
+        assert_eq!(
+            m.tokenizer_files(),
+            vec![("image", "tokenizers/image.safetensors"), ("text", "tokenizers/text.json")]
+        );
+        for bad in [r#""/abs/t.json""#, r#""s3://b/t.json""#, r#""a//t.json""#, r#""""#] {
+            m.tokenizers.insert("text".into(), json(bad));
+            assert_eq!(m.tokenizer_files(), vec![("image", "tokenizers/image.safetensors")], "{bad}");
+        }
+    }
 }

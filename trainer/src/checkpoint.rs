@@ -1,6 +1,8 @@
 //! Checkpoints: `model.safetensors`, `optimizer.safetensors` and `meta.json` in
 //! `RUN/checkpoints/step-NNNNNNNN/`, written into a temporary folder and renamed into place,
 //! so a crash leaves either the previous checkpoint or the new one, never half of one.
+//! Beside them, `RUN/tokenizers/` keeps the corpus's tokenizer files and every `meta.json` its
+//! vocabulary, so a run samples and decodes after its corpus has moved or gone.
 //!
 //! Weights over `train.checkpoint_shard_mb` are split as Hugging Face does it:
 //! `model-00001-of-00003.safetensors` … and `model.safetensors.index.json` mapping each tensor
@@ -12,6 +14,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use motley_shards::Vocab;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor, nn};
 
@@ -25,6 +28,9 @@ pub const MODEL_INDEX: &str = "model.safetensors.index.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const META_FILE: &str = "meta.json";
 pub const META_VERSION: u32 = 1;
+/// The run's copies of its corpus's tokenizers: `text.json`, `image.safetensors`,
+/// `speech.safetensors` (the layout `motley sample --tokenizers` reads).
+pub const TOKENIZERS_DIR: &str = "tokenizers";
 
 /// Everything besides tensors that exact resume needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +52,10 @@ pub struct Meta {
     pub optimizer_steps: BTreeMap<String, i64>,
     /// Tokens processed so far (this rank).
     pub tokens: u64,
+    /// The corpus's global vocabulary (absent in checkpoints written before it was recorded:
+    /// readers then take it from the corpus manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<Vocab>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +73,73 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
         f.sync_all().map_err(TrainError::io("sync", &tmp))?;
     }
     std::fs::rename(&tmp, path).map_err(TrainError::io("rename", path))
+}
+
+/// Puts the tokenizer files `files` (modality, path) into `RUN/tokenizers/` as
+/// `<modality>.<extension>`: hard-linked where the file system allows (ingest replaces files by
+/// renaming, so a link keeps the bytes the run trained with), else copied through a temporary
+/// file. A file already there with the same bytes is kept; other files in the folder (from a
+/// corpus the run no longer uses) are removed. Returns the files now there.
+pub fn snapshot_tokenizers(run: &Path, files: &[(String, PathBuf)]) -> Result<Vec<PathBuf>, TrainError> {
+    let dir = run.join(TOKENIZERS_DIR);
+    std::fs::create_dir_all(&dir).map_err(TrainError::io("create", &dir))?;
+    let mut kept = Vec::new();
+    for (modality, src) in files {
+        // Names come from someone's manifest: only plain modality names become file names.
+        if modality.is_empty() || !modality.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            continue;
+        }
+        let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("bin");
+        let dst = dir.join(format!("{modality}.{ext}"));
+        // An unreadable source fails in the copy below, with its name.
+        if !same_bytes(src, &dst).unwrap_or(false) {
+            let tmp = dir.join(format!(".{modality}.{ext}.tmp"));
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(src, &tmp).is_err() {
+                std::fs::copy(src, &tmp).map_err(TrainError::io("copy tokenizer", src))?;
+            }
+            std::fs::rename(&tmp, &dst).map_err(TrainError::io("rename", &dst))?;
+        }
+        kept.push(dst);
+    }
+    for entry in std::fs::read_dir(&dir).map_err(TrainError::io("list", &dir))? {
+        let path = entry.map_err(TrainError::io("list", &dir))?.path();
+        if path.is_file() && !kept.contains(&path) {
+            std::fs::remove_file(&path).map_err(TrainError::io("remove", &path))?;
+        }
+    }
+    Ok(kept)
+}
+
+/// Whether `b` exists and holds exactly `a`'s bytes (the same file counts without reading).
+fn same_bytes(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let ma = std::fs::metadata(a)?;
+    let Ok(mb) = std::fs::metadata(b) else { return Ok(false) };
+    if ma.len() != mb.len() {
+        return Ok(false);
+    }
+    if (ma.dev(), ma.ino()) == (mb.dev(), mb.ino()) {
+        return Ok(true);
+    }
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+/// The run directory of a checkpoint folder (`RUN/checkpoints/step-N` → `RUN`).
+pub fn run_of(ckpt: &Path) -> Option<&Path> {
+    ckpt.parent().filter(|p| p.file_name().is_some_and(|n| n == "checkpoints")).and_then(Path::parent)
 }
 
 fn checkpoints_dir(run: &Path) -> PathBuf {
@@ -331,6 +408,34 @@ mod tests {
 
     fn tensors() -> Vec<(String, Tensor)> {
         (0..5).map(|i| (format!("w{i}"), Tensor::from_slice(&vec![i as f32; 100]).view([10, 10]))).collect()
+    }
+
+    #[test]
+    fn tokenizer_snapshot_keeps_same_bytes_and_skips_unsafe_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, run) = (dir.path().join("src"), dir.path().join("run"));
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::write(src.join("vq.safetensors"), b"codes").expect("write");
+        let files = vec![
+            ("image".to_string(), src.join("vq.safetensors")),
+            ("../escape".to_string(), src.join("vq.safetensors")),
+        ];
+        let kept = snapshot_tokenizers(&run, &files).expect("snapshot");
+        assert_eq!(kept, vec![run.join("tokenizers/image.safetensors")]);
+        assert!(!dir.path().join("escape.safetensors").exists());
+        // A copy with the same bytes (a file system without hard links) is kept as it is.
+        std::fs::remove_file(&kept[0]).expect("rm");
+        std::fs::copy(src.join("vq.safetensors"), &kept[0]).expect("copy");
+        let inode = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&kept[0]).expect("stat"));
+        let before = inode();
+        snapshot_tokenizers(&run, &files).expect("again");
+        assert_eq!(inode(), before);
+        // New bytes replace it.
+        std::fs::remove_file(src.join("vq.safetensors")).expect("rm");
+        std::fs::write(src.join("vq.safetensors"), b"other").expect("write");
+        snapshot_tokenizers(&run, &files).expect("third");
+        assert_eq!(std::fs::read(&kept[0]).expect("read"), b"other");
+        assert!(snapshot_tokenizers(&run, &[("text".into(), src.join("missing.json"))]).is_err());
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub trait BatchSource: Send {
     fn state(&self) -> serde_json::Value;
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), TrainError>;
     fn vocab(&self) -> &Vocab;
+    /// The tokenizer files the data was made with, as (modality, local path); none for
+    /// synthetic data.
+    fn tokenizer_files(&self) -> Vec<(String, std::path::PathBuf)> {
+        Vec::new()
+    }
 }
 
 /// Deterministic synthetic documents: `bos caption boi image eoi bosp speech eosp eos`

@@ -1,7 +1,7 @@
 //! The shard loader behind the `BatchSource` seam, data sources from a config, and a writer
 //! for a synthetic shard corpus (tests and benchmarks that need a real corpus on disk).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use motley_shards::{CorpusWriter, Loader, LoaderConfig, LoaderState, Source, Split, Vocab, WriterProperties};
 
@@ -94,6 +94,21 @@ impl BatchSource for ShardSource {
 
     fn vocab(&self) -> &Vocab {
         self.loader.vocab()
+    }
+
+    /// Per modality, the first corpus's file that exists (corpora of one run share a vocabulary;
+    /// a remote corpus's files are in its cache folder).
+    fn tokenizer_files(&self) -> Vec<(String, PathBuf)> {
+        let mut out: Vec<(String, PathBuf)> = Vec::new();
+        for s in &self.sources {
+            for (m, rel) in s.corpus.manifest().tokenizer_files() {
+                let path = s.corpus.dir().join(rel);
+                if !out.iter().any(|(k, _)| k == m) && path.is_file() {
+                    out.push((m.to_string(), path));
+                }
+            }
+        }
+        out
     }
 }
 

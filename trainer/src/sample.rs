@@ -43,30 +43,39 @@ pub struct LoadedRun {
     pub vocab: Vocab,
     /// The first corpus directory the run trained on (None for synthetic data).
     pub corpus: Option<PathBuf>,
+    /// The run's copies of its corpus's tokenizers (`RUN/tokenizers/`), when it has them.
+    pub tokenizers: Option<PathBuf>,
 }
 
 /// Loads the latest checkpoint of run `path` (or the checkpoint folder `path`) onto `device`
-/// (`auto`, `cpu`, `cuda[:N]`). `corpus` overrides where the run's corpus is looked for (its
-/// manifest gives the vocabulary layout); by default it is the run's first `data.paths` entry.
+/// (`auto`, `cpu`, `cuda[:N]`). The vocabulary layout comes from the checkpoint's meta.json;
+/// `corpus` overrides that with a corpus's manifest (as do checkpoints that predate it, from
+/// the run's first `data.paths` entry).
 pub fn load_run(path: &Path, device: &str, corpus: Option<&Path>) -> Result<LoadedRun, TrainError> {
     let ckpt = checkpoint::resolve(path)?;
     let meta = checkpoint::read_meta(&ckpt)?;
     let config = meta.config;
-    let (vocab, corpus) =
-        if let Some(dir) = corpus.map(Path::to_path_buf).or_else(|| config.data.paths.first().cloned()) {
-            let m = Manifest::read(&dir).map_err(|e| TrainError::Data {
-                path: dir.display().to_string(),
-                msg: format!("cannot read the corpus manifest the run trained on (pass its corpus explicitly): {e}"),
-            })?;
-            (m.vocab, Some(dir))
-        } else if config.data.synthetic {
+    let recorded = config.data.paths.first().cloned();
+    let read_manifest = |dir: &Path| {
+        Manifest::read(dir).map(|m| m.vocab).map_err(|e| TrainError::Data {
+            path: dir.display().to_string(),
+            msg: format!("cannot read the corpus manifest the run trained on (pass its corpus explicitly): {e}"),
+        })
+    };
+    let (vocab, corpus) = match (corpus, meta.vocab, recorded) {
+        (Some(dir), _, _) => (read_manifest(dir)?, Some(dir.to_path_buf())),
+        (None, Some(vocab), recorded) => (vocab, recorded),
+        (None, None, Some(dir)) => (read_manifest(&dir)?, Some(dir)),
+        (None, None, None) if config.data.synthetic => {
             (SyntheticSource::new(config.train.seed, 1, 8).vocab().clone(), None)
-        } else {
+        }
+        (None, None, None) => {
             return Err(TrainError::Config {
                 path: ckpt.join(checkpoint::META_FILE).display().to_string(),
                 msg: "the run names no corpus (data.paths is empty)".into(),
             });
-        };
+        }
+    };
     if i64::from(vocab.total_size) > config.model.vocab_size {
         return Err(TrainError::Config {
             path: "model.vocab_size".into(),
@@ -80,7 +89,8 @@ pub fn load_run(path: &Path, device: &str, corpus: Option<&Path>) -> Result<Load
     let vs = nn::VarStore::new(device);
     let model = Model::new(&vs.root(), &config.model)?;
     checkpoint::load_weights(&vs, &ckpt)?;
-    Ok(LoadedRun { model, vs, config, checkpoint: ckpt, step: meta.step, vocab, corpus })
+    let tokenizers = checkpoint::run_of(&ckpt).map(|r| r.join(checkpoint::TOKENIZERS_DIR)).filter(|d| d.is_dir());
+    Ok(LoadedRun { model, vs, config, checkpoint: ckpt, step: meta.step, vocab, corpus, tokenizers })
 }
 
 // ---------------------------------------------------------------------------------------

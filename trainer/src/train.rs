@@ -364,6 +364,7 @@ impl Trainer {
         std::fs::create_dir_all(dir).map_err(TrainError::io("create run dir", dir))?;
         if self.comm.rank() == 0 {
             checkpoint::write_atomic(&dir.join("config.toml"), self.cfg.to_toml()?.as_bytes())?;
+            checkpoint::snapshot_tokenizers(dir, &self.data.tokenizer_files())?;
             self.log = Some(MetricsLog::open(dir, self.step)?);
         }
         if self.cfg.train.log_rows {
@@ -657,6 +658,7 @@ impl Trainer {
             rng: RngState { init_seed: self.cfg.train.seed, draws_after_init: 0 },
             optimizer_steps,
             tokens: self.tokens,
+            vocab: Some(self.data.vocab().clone()),
         };
         checkpoint::save(
             run,

@@ -164,3 +164,55 @@ fn transfusion_text_and_diffusion_losses_fall_for_mot_and_dense() -> anyhow::Res
     assert!(c.table().contains("diffusion"), "{}", c.table());
     Ok(())
 }
+
+/// A run keeps its corpus's vocabulary (in every checkpoint) and tokenizer files (in
+/// RUN/tokenizers/), so it loads for sampling after the corpus is gone.
+#[test]
+fn a_run_keeps_its_vocabulary_and_tokenizers_when_the_corpus_is_gone() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let corpus = dir.path().join("corpus");
+    motley_trainer::loader::write_synthetic_corpus(&corpus, 200, 5)?;
+    // Tokenizer files as ingest records them: a path string, and a pretrained model's object.
+    std::fs::create_dir_all(corpus.join("tokenizers"))?;
+    std::fs::write(corpus.join("tokenizers/text.json"), b"{\"text\": 1}")?;
+    std::fs::write(corpus.join("tokenizers/image.safetensors"), b"image bytes")?;
+    let mut manifest = motley_shards::Manifest::read(&corpus)?;
+    manifest.tokenizers.insert("text".into(), serde_json::json!("tokenizers/text.json"));
+    manifest
+        .tokenizers
+        .insert("image".into(), serde_json::json!({"file": "tokenizers/image.safetensors", "kind": "autoencoder-kl"}));
+    // Named but not there: nothing to copy, and no error.
+    manifest.tokenizers.insert("speech".into(), serde_json::json!("tokenizers/speech.safetensors"));
+    manifest.write(&corpus)?;
+    let vocab = manifest.vocab.clone();
+
+    let run = dir.path().join("run");
+    let mut cfg = common::tiny_cfg();
+    cfg.data.synthetic = false;
+    cfg.data.paths = vec![corpus.clone()];
+    cfg.train.steps = 3;
+    let mut t = Trainer::new(cfg)?;
+    t.verbose = false;
+    t.attach_run_dir(&run)?;
+    // A file of an earlier corpus in the same folder goes.
+    std::fs::write(run.join("tokenizers/speech.safetensors"), b"stale")?;
+    t.attach_run_dir(&run)?;
+    t.run()?;
+    let toks = run.join(checkpoint::TOKENIZERS_DIR);
+    let mut names: Vec<String> = std::fs::read_dir(&toks)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    names.sort();
+    assert_eq!(names, ["image.safetensors", "text.json"]);
+    assert_eq!(std::fs::read(toks.join("image.safetensors"))?, b"image bytes");
+
+    std::fs::remove_dir_all(&corpus)?;
+    let loaded = motley_trainer::sample::load_run(&run, "cpu", None)?;
+    assert_eq!(loaded.vocab, vocab);
+    assert_eq!(loaded.tokenizers.as_deref(), Some(toks.as_path()));
+    assert_eq!(std::fs::read(toks.join("text.json"))?, b"{\"text\": 1}", "the copy outlives the corpus");
+    // Naming a corpus explicitly still reads its manifest (and fails clearly when it is gone).
+    let err = motley_trainer::sample::load_run(&run, "cpu", Some(&corpus)).expect_err("corpus removed");
+    assert!(err.to_string().contains("manifest"), "{err}");
+    Ok(())
+}

@@ -58,10 +58,12 @@ pub struct Args {
     #[arg(long, short = 'o')]
     pub out: Option<PathBuf>,
     /// Tokenizer folder laid out like the demo's (text.json, image/ or image.safetensors,
-    /// speech/ or speech.safetensors); default: the ones the run's corpus records.
+    /// speech/ or speech.safetensors); default: the run's copies of its corpus's tokenizers
+    /// (RUN/tokenizers/), else the ones the run's corpus records.
     #[arg(long)]
     pub tokenizers: Option<PathBuf>,
-    /// Corpus the run trained on (for its vocabulary and tokenizers), when it has moved.
+    /// A corpus whose vocabulary and tokenizers to use instead of the run's own (runs whose
+    /// checkpoints predate recording them need it when their corpus has moved).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Speech units after which a speech segment is closed (the fitted units: 25 per second;
@@ -274,7 +276,9 @@ struct Summary<'a> {
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let run = load_run(&args.checkpoint, &args.device, args.data.as_deref())?;
-    let toks = open_tokenizers(&run, args.tokenizers.as_deref())?;
+    // --tokenizers, else the corpus --data names, else the run's copies, else its corpus's.
+    let dir = args.tokenizers.clone().or_else(|| run.tokenizers.clone().filter(|_| args.data.is_none()));
+    let toks = open_tokenizers(&run, dir.as_deref())?;
     tracing::info!(
         "loaded {} (step {}, {} {}) in {:.1}s",
         run.checkpoint.display(),

@@ -50,17 +50,11 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
 /// `tokenizer` field. Relative paths are relative to the corpus directory.
 pub(crate) fn tokenizer_path(dir: &Path, manifest: &Manifest, m: Modality) -> Option<PathBuf> {
     fn as_path(v: &serde_json::Value) -> Option<&str> {
-        match v {
-            serde_json::Value::String(s) => Some(s),
-            serde_json::Value::Object(o) => o.get("file").or_else(|| o.get("path")).and_then(|v| v.as_str()),
-            _ => None,
-        }
+        v.as_str().or_else(|| v.get("file").or_else(|| v.get("path")).and_then(|v| v.as_str()))
     }
     let key = m.as_str();
     let from_map = manifest
-        .tokenizers
-        .get(key)
-        .and_then(as_path)
+        .tokenizer_file(key)
         .or_else(|| manifest.extra.get("tokenizers").and_then(|t| t.get(key)).and_then(as_path))
         .or_else(|| manifest.vocab.modality(m).and_then(|v| v.tokenizer.as_deref()));
     let rel = from_map?;
