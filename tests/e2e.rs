@@ -229,66 +229,25 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
     assert!(eval.to_string().contains("text"), "{eval}");
 
     // Sampling an image from the trained run: 4x4 codes decoded through the VQ codebook.
-    let samples = tmp.path().join("samples");
-    let out = run_ok(&[
-        "sample",
-        "--checkpoint",
-        &d(&run),
-        "--prompt",
-        "a handwritten digit seven",
-        "--image",
-        "--seed",
-        "1",
-        "--out",
-        &d(&samples),
-        "--device",
-        "cpu",
-        "--json",
-    ]);
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sample --json prints JSON");
+    let sample_seven = |out: &str, extra: &[&str]| -> serde_json::Value {
+        let (out, run) = (d(&tmp.path().join(out)), d(&run));
+        let mut args = vec!["sample", "--checkpoint", &run, "--prompt", "a handwritten digit seven"];
+        args.extend(["--image", "--seed", "1", "--out", &out, "--device", "cpu", "--json"]);
+        args.extend(extra);
+        serde_json::from_slice(&run_ok(&args).stdout).expect("sample --json prints JSON")
+    };
+    let summary = sample_seven("samples", &[]);
     assert_eq!(summary["stop"], "image_done", "{summary}");
     assert_eq!(summary["generated_tokens"], 17, "16 codes and EOI: {summary}");
     let png = summary["files"][0]["path"].as_str().map(PathBuf::from).expect("one file written");
     let bytes = std::fs::read(&png).expect("the PNG exists");
     assert!(bytes.starts_with(b"\x89PNG"), "{} is not a PNG", png.display());
-    // Same seed, same image; the run's corpus records the tokenizers, --tokenizers gives the same.
-    let again = run_ok(&[
-        "sample",
-        "--checkpoint",
-        &d(&run),
-        "--prompt",
-        "a handwritten digit seven",
-        "--image",
-        "--seed",
-        "1",
-        "--out",
-        &d(&tmp.path().join("samples2")),
-        "--tokenizers",
-        &d(&tok),
-        "--device",
-        "cpu",
-        "--json",
-    ]);
-    let again: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
-    assert_eq!(again["tokens"], summary["tokens"]);
-    // The run keeps its vocabulary and tokenizers: it samples the same with its corpus moved.
+    // Same seed, same image: from the run's copies of its corpus's tokenizers, from the folder
+    // the corpus was made with, and with the corpus moved away (the run keeps its vocabulary).
+    assert_eq!(sample_seven("samples2", &["--tokenizers", &d(&tok)])["tokens"], summary["tokens"]);
     let moved = tmp.path().join("corpus-moved");
     std::fs::rename(&corpus, &moved).expect("move the corpus");
-    let alone = run_ok(&[
-        "sample",
-        "--checkpoint",
-        &d(&run),
-        "--prompt",
-        "a handwritten digit seven",
-        "--image",
-        "--seed",
-        "1",
-        "--out",
-        &d(&tmp.path().join("samples3")),
-        "--json",
-    ]);
-    let alone: serde_json::Value = serde_json::from_slice(&alone.stdout).expect("JSON");
-    assert_eq!(alone["tokens"], summary["tokens"]);
+    assert_eq!(sample_seven("samples3", &[])["tokens"], summary["tokens"]);
     std::fs::rename(&moved, &corpus).expect("move the corpus back");
     // Text generation stops at EOS or the budget.
     let out = run_ok(&["sample", "--checkpoint", &d(&run), "--prompt", "In the", "--max-tokens", "8", "--json"]);
