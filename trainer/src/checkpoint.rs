@@ -82,6 +82,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
 /// corpus the run no longer uses) are removed. Returns the files now there.
 pub fn snapshot_tokenizers(run: &Path, files: &[(String, PathBuf)]) -> Result<Vec<PathBuf>, TrainError> {
     let dir = run.join(TOKENIZERS_DIR);
+    if files.is_empty() && !dir.exists() {
+        return Ok(Vec::new()); // synthetic data: no folder that would promise tokenizers
+    }
     std::fs::create_dir_all(&dir).map_err(TrainError::io("create", &dir))?;
     let mut kept = Vec::new();
     for (modality, src) in files {
@@ -107,6 +110,9 @@ pub fn snapshot_tokenizers(run: &Path, files: &[(String, PathBuf)]) -> Result<Ve
         if path.is_file() && !kept.contains(&path) {
             std::fs::remove_file(&path).map_err(TrainError::io("remove", &path))?;
         }
+    }
+    if kept.is_empty() {
+        let _ = std::fs::remove_dir(&dir);
     }
     Ok(kept)
 }
@@ -436,6 +442,9 @@ mod tests {
         snapshot_tokenizers(&run, &files).expect("third");
         assert_eq!(std::fs::read(&kept[0]).expect("read"), b"other");
         assert!(snapshot_tokenizers(&run, &[("text".into(), src.join("missing.json"))]).is_err());
+        // No tokenizers (synthetic data): the folder goes, so nothing promises any.
+        assert_eq!(snapshot_tokenizers(&run, &[]).expect("none"), Vec::<PathBuf>::new());
+        assert!(!run.join(TOKENIZERS_DIR).exists());
     }
 
     #[test]
