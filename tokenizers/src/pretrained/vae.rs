@@ -411,7 +411,10 @@ impl AutoencoderKlTokenizer {
         }
         // One image per forward pass: candle-transformers 0.11.1's attention block gives wrong
         // results for every image but the first of a batch (0.08 off on the parity fixture), so
-        // images are parallel across records (rayon in ingest), not inside one tensor.
+        // images are parallel across records (rayon in ingest), not inside one tensor. The cause
+        // is candle-core 0.11.1's CPU matmul: with a batch-invariant rhs (the Linear's weight)
+        // it folds the batches of lhs into rows of one gemm, which is only right when lhs is
+        // row-major, and the attention block feeds its Linears a transposed `[b, hw, c]` view.
         let plane = 3 * side * side;
         let run = || -> candle_core::Result<Vec<f32>> {
             let mut out =
