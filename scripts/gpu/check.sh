@@ -5,7 +5,7 @@
 #   mkdir -p runs/gpu && objcopy --strip-debug target/release/motley runs/gpu/motley
 #   cp -r runs/demo/corpus runs/gpu/corpus          # the demo's ingested sample corpus
 #   bash scripts/gpu/build-cuda && objcopy --strip-debug target/cuda/release/motley runs/gpu/motley-cuda  # optional:
-#     the encoders on CUDA; ~1 h cold on 2 cores, so before the device is started
+#     the encoders on CUDA; ~45 min cold on 2 cores (29 MB gzipped), so before the device is started
 #   gzip -9 runs/gpu/motley runs/gpu/motley-cuda   # the device tool carries 64 MiB in all; stripped,
 #     motley is ~51 MB and the CUDA build more (candle's kernels; a stripped CUDA test binary of
 #     motley-tokenizers was 76 MB, 19 MB gzipped); check `du -ch runs/gpu` before carrying
