@@ -636,13 +636,13 @@ pub fn open_store(uri: &str, opts: &RemoteOptions) -> Result<(Corpus, Arc<Remote
     }
     // Tokenizer files come along, best effort: `shards head` decodes with them, `sample` and a
     // run's snapshot (RUN/tokenizers/) need them.
-    for rel in tokenizer_files(&manifest) {
-        let path = dir.join(&rel);
+    for (_, rel) in manifest.tokenizer_files() {
+        let path = dir.join(rel);
         if path.exists() {
             continue;
         }
-        let object = describe(uri, &rel);
-        match get_bytes(&rs.store, &child_rel(&rs.prefix, &rel), &object, opts) {
+        let object = describe(uri, rel);
+        match get_bytes(&rs.store, &child_rel(&rs.prefix, rel), &object, opts) {
             Ok(bytes) => {
                 if let Some(parent) = path.parent() {
                     let _ = std::fs::create_dir_all(parent);
@@ -683,22 +683,16 @@ pub fn upload(local: &Path, uri: &str, opts: &RemoteOptions, progress: &dyn Fn(u
         progress(report.bytes);
     }
     // The tokenizer files the manifest names travel with the corpus (before the manifest).
-    for rel in tokenizer_files(&manifest) {
-        let path = local.join(&rel);
+    for (_, rel) in manifest.tokenizer_files() {
+        let path = local.join(rel);
         if let Ok(bytes) = std::fs::read(&path) {
-            put(&store, &child_rel(&prefix, &rel), &describe(uri, &rel), bytes, opts)?;
+            put(&store, &child_rel(&prefix, rel), &describe(uri, rel), bytes, opts)?;
         }
     }
     let path = local.join(MANIFEST_NAME);
     let bytes = std::fs::read(&path).map_err(|e| io(&path, "read", e))?;
     put(&store, &child(&prefix, MANIFEST_NAME), &describe(uri, MANIFEST_NAME), bytes, opts)?;
     Ok(report)
-}
-
-/// Relative paths of the tokenizer files a manifest names (plain relative paths only; a
-/// pretrained model's entry is an object with its `file`).
-fn tokenizer_files(m: &Manifest) -> Vec<String> {
-    m.tokenizer_files().into_iter().map(|(_, p)| p.to_string()).collect()
 }
 
 fn child_rel(prefix: &ObjPath, rel: &str) -> ObjPath {

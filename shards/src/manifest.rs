@@ -198,7 +198,8 @@ impl Manifest {
     }
 }
 
-fn tokenizer_entry_file(v: &serde_json::Value) -> Option<&str> {
+/// The file of one `tokenizers` entry: a path string, or an object's `file` (or `path`).
+pub fn tokenizer_entry_file(v: &serde_json::Value) -> Option<&str> {
     match v {
         serde_json::Value::String(s) => Some(s),
         serde_json::Value::Object(o) => o.get("file").or_else(|| o.get("path")).and_then(|v| v.as_str()),

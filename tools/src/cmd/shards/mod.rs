@@ -11,6 +11,7 @@ mod verify;
 
 use std::path::{Path, PathBuf};
 
+use motley_shards::manifest::tokenizer_entry_file;
 use motley_shards::{Manifest, Modality};
 
 use crate::output::Ctx;
@@ -49,13 +50,10 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
 /// string, or an object with a `file` or `path` string), then the vocabulary's
 /// `tokenizer` field. Relative paths are relative to the corpus directory.
 pub(crate) fn tokenizer_path(dir: &Path, manifest: &Manifest, m: Modality) -> Option<PathBuf> {
-    fn as_path(v: &serde_json::Value) -> Option<&str> {
-        v.as_str().or_else(|| v.get("file").or_else(|| v.get("path")).and_then(|v| v.as_str()))
-    }
     let key = m.as_str();
     let from_map = manifest
         .tokenizer_file(key)
-        .or_else(|| manifest.extra.get("tokenizers").and_then(|t| t.get(key)).and_then(as_path))
+        .or_else(|| manifest.extra.get("tokenizers").and_then(|t| t.get(key)).and_then(tokenizer_entry_file))
         .or_else(|| manifest.vocab.modality(m).and_then(|v| v.tokenizer.as_deref()));
     let rel = from_map?;
     let p = Path::new(rel);
