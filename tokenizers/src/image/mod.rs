@@ -20,6 +20,12 @@ use crate::error::{Result, TokenizerError};
 pub use latent::{LatentConfig, LatentFitSummary, LatentImageTokenizer};
 pub use vq::{VqConfig, VqFitSummary, VqImageTokenizer};
 
+/// Largest square side images are tokenized at (fitted and pretrained tokenizers alike): a
+/// pretrained VAE's mid-block attention is quadratic in latent cells, 16 GB of scores at 2048.
+pub const MAX_RESOLUTION: u32 = 4096;
+/// Largest patch side, in pixels (fitted) or latent cells (pretrained).
+pub const MAX_PATCH: u32 = 64;
+
 /// Largest width or height accepted from an image header.
 pub const MAX_SIDE: u32 = 16_384;
 /// Largest decoder allocation accepted (bytes).
@@ -312,10 +318,10 @@ pub(crate) fn check_geometry(resolution: u32, patch: u32) -> Result<()> {
             format!("resolution {resolution} must be a positive multiple of patch {patch}"),
         ));
     }
-    if resolution > 4096 || patch > 64 {
+    if resolution > MAX_RESOLUTION || patch > MAX_PATCH {
         return Err(TokenizerError::config(
             "image geometry",
-            format!("resolution {resolution} / patch {patch} too large (max 4096 / 64)"),
+            format!("resolution {resolution} / patch {patch} too large (max {MAX_RESOLUTION} / {MAX_PATCH})"),
         ));
     }
     Ok(())

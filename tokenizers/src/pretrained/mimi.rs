@@ -24,7 +24,7 @@ use candle_transformers::models::mimi;
 use motley_shards::{Modality, Segment, SegmentData, SegmentMeta};
 use serde::{Deserialize, Serialize};
 
-use super::{ModelFolder, candle_err, candle_message, var_builder};
+use super::{ModelFolder, var_builder};
 use crate::error::{Result, TokenizerError};
 use crate::speech::{AudioTokenizer, audio};
 
@@ -173,6 +173,15 @@ impl MimiFields {
         if (self.norm_eps - 1e-5).abs() > 1e-12 {
             return bad(format!("norm_eps {} (candle's Mimi uses 1e-5)", self.norm_eps));
         }
+        // candle divides by `compress`, indexes the first transformer layer, and builds RoPE
+        // tables from the period: zeros there panic inside candle.
+        if self.compress == 0 || self.num_hidden_layers == 0 || self.max_position_embeddings == 0 {
+            return bad("compress, num_hidden_layers and max_position_embeddings must be positive".into());
+        }
+        let theta = self.rope_theta();
+        if !(theta.is_finite() && theta >= 1.0) {
+            return bad(format!("rope_theta {theta} must be a finite number >= 1"));
+        }
         if self.use_conv_shortcut {
             return bad("use_conv_shortcut = true is not supported".into());
         }
@@ -312,7 +321,7 @@ impl MimiTokenizer {
         let codebooks = codebooks.unwrap_or(fields.num_quantizers);
         let cfg = fields.to_candle(codebooks, config_path)?;
         let device = super::encoder_device()?;
-        let net = mimi::Model::new(cfg, var_builder(tensors, &device)).map_err(candle_err(weights))?;
+        let net = super::candle_call(weights, "load", || mimi::Model::new(cfg, var_builder(tensors, &device)))?;
         Ok(MimiTokenizer {
             fields,
             codebooks,
@@ -369,7 +378,7 @@ impl MimiTokenizer {
             let mut net = (*self.net).clone();
             net.encode(&x)?.squeeze(0)?.to_vec2::<u32>()
         };
-        run().map_err(|e| TokenizerError::model(&self.weights, format!("encode: {}", candle_message(&e))))
+        super::candle_call(&self.weights, "encode", run)
     }
 
     /// Samples at the model's rate of codes `[K][frames]`.
@@ -393,7 +402,7 @@ impl MimiTokenizer {
             let mut net = (*self.net).clone();
             net.decode(&c)?.flatten_all()?.to_vec1::<f32>()
         };
-        run().map_err(|e| TokenizerError::model(&self.weights, format!("decode: {}", candle_message(&e))))
+        super::candle_call(&self.weights, "decode", run)
     }
 
     /// Frame-major flat ids (see the module docs) of codes `[K][frames]`.
@@ -504,6 +513,7 @@ impl AudioTokenizer for MimiTokenizer {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

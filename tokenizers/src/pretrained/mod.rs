@@ -228,16 +228,30 @@ pub(crate) fn tensors_from_bytes(buf: &[u8], path: &Path) -> Result<HashMap<Stri
 }
 
 /// A var builder over `tensors` that moves each onto `device` as the model takes it; a missing
-/// or misshapen tensor surfaces as candle's error naming it, which [`candle_err`] wraps with
+/// or misshapen tensor surfaces as candle's error naming it, which [`candle_call`] wraps with
 /// the file.
 pub(crate) fn var_builder(tensors: HashMap<String, Tensor>, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_tensors(tensors, DType::F32, device)
 }
 
-/// Wraps a candle error (it names the tensor: "cannot find tensor encoder.conv_in.weight",
-/// "shape mismatch for …") with the file it came from.
-pub(crate) fn candle_err(path: &Path) -> impl Fn(candle_core::Error) -> TokenizerError + '_ {
-    move |e| TokenizerError::model(path, candle_message(&e))
+/// Runs candle work (`op`: "load", "encode", "decode") on the model in `path`, its error or
+/// panic as [`TokenizerError::Model`] naming the file. candle asserts on some inputs instead of
+/// returning an error (a zero-layer transformer indexes `layers[0]`, a zero `compress`
+/// divides by it); the config checks refuse the ones known, and this keeps an unknown one
+/// from aborting a long ingest: the record fails as a bad input does.
+pub(crate) fn candle_call<T>(path: &Path, op: &str, f: impl FnOnce() -> candle_core::Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(TokenizerError::model(path, format!("{op}: {}", candle_message(&e)))),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(TokenizerError::model(path, format!("{op}: candle panicked: {msg}")))
+        }
+    }
 }
 
 /// candle's message without its backtrace, on one line.
@@ -254,4 +268,24 @@ pub(crate) fn candle_message(e: &candle_core::Error) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_candle_is_an_error_naming_the_file_and_step() {
+        let p = Path::new("m/model.safetensors");
+        let e = candle_call(p, "encode", || -> candle_core::Result<()> { panic!("index out of bounds") })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m/model.safetensors") && e.contains("encode") && e.contains("index out of bounds"), "{e}");
+        let e = candle_call(p, "load", || -> candle_core::Result<()> { Err(candle_core::Error::Msg("bad".into())) })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("load: bad"), "{e}");
+        assert_eq!(candle_call(p, "decode", || Ok(3)).unwrap(), 3);
+    }
 }

@@ -23,7 +23,7 @@ use image::{DynamicImage, RgbImage};
 use motley_shards::{Modality, Segment};
 use serde::{Deserialize, Serialize};
 
-use super::{ModelFolder, candle_err, var_builder};
+use super::{ModelFolder, var_builder};
 use crate::error::{Result, TokenizerError};
 use crate::image::{ImageTokenizer, image_meta, square};
 
@@ -115,6 +115,14 @@ impl VaeConfig {
                 self.block_out_channels, self.norm_num_groups
             ));
         }
+        // Each block but the last halves the grid; more than 13 would downsample 4096 px below
+        // one cell (and overflow `downsample`'s shift).
+        if self.block_out_channels.len() > 13 {
+            return bad(format!("{} blocks in block_out_channels (at most 13)", self.block_out_channels.len()));
+        }
+        if self.shift_factor.is_some_and(|s| !s.is_finite()) {
+            return bad("shift_factor must be finite".into());
+        }
         if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
             return bad(format!("scaling_factor {} must be finite and non-zero", self.scaling_factor));
         }
@@ -126,14 +134,37 @@ impl VaeConfig {
         1 << (self.block_out_channels.len() - 1)
     }
 
-    /// `sample_size` as one side (diffusers writes an int, or a pair).
+    /// `sample_size` as one side (diffusers writes an int, or a pair); one past `u32` reads as
+    /// `u32::MAX`, which the resolution check refuses.
     pub(crate) fn sample_side(&self) -> Option<u32> {
-        match self.sample_size.as_ref()? {
-            serde_json::Value::Number(n) => n.as_u64().map(|v| v as u32),
-            serde_json::Value::Array(a) => a.first().and_then(|v| v.as_u64()).map(|v| v as u32),
+        let side = match self.sample_size.as_ref()? {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::Array(a) => a.first().and_then(|v| v.as_u64()),
             _ => None,
-        }
+        };
+        side.map(|v| u32::try_from(v).unwrap_or(u32::MAX))
     }
+}
+
+/// Checks a square side for a model that downsamples `downsample`× and cuts latents into
+/// `patch`-cell patches (1 for a VQ model's codes).
+pub(crate) fn check_resolution(resolution: u32, downsample: u32, patch: u32) -> Result<()> {
+    use crate::image::{MAX_PATCH, MAX_RESOLUTION};
+    if resolution > MAX_RESOLUTION || patch > MAX_PATCH {
+        return Err(TokenizerError::config(
+            "resolution",
+            format!("{resolution} px / patch {patch} too large (max {MAX_RESOLUTION} / {MAX_PATCH})"),
+        ));
+    }
+    let cell = downsample * patch;
+    if patch == 0 || resolution == 0 || !resolution.is_multiple_of(cell) {
+        let per_patch = if patch == 1 { String::new() } else { format!(" x {patch} latent cells per patch") };
+        return Err(TokenizerError::config(
+            "resolution",
+            format!("{resolution} px must be a positive multiple of {cell} ({downsample}x downsampling{per_patch})"),
+        ));
+    }
+    Ok(())
 }
 
 /// motley's geometry around the model.
@@ -324,38 +355,29 @@ impl AutoencoderKlTokenizer {
         cfg.check(config_path)?;
         let device = super::encoder_device()?;
         let vb = var_builder(tensors, &device);
-        let e = candle_err(weights);
-        let net = Net {
-            encoder: Encoder::new(&cfg, 2 * cfg.latent_channels, vb.pp("encoder")).map_err(&e)?,
-            decoder: Decoder::new(&cfg, vb.pp("decoder")).map_err(&e)?,
-            quant_conv: if cfg.use_quant_conv {
-                let n = 2 * cfg.latent_channels;
-                Some(candle_nn::conv2d(n, n, 1, Default::default(), vb.pp("quant_conv")).map_err(&e)?)
-            } else {
-                None
-            },
-            post_quant_conv: if cfg.use_post_quant_conv {
-                let n = cfg.latent_channels;
-                Some(candle_nn::conv2d(n, n, 1, Default::default(), vb.pp("post_quant_conv")).map_err(&e)?)
-            } else {
-                None
-            },
-        };
+        let net = super::candle_call(weights, "load", || {
+            Ok(Net {
+                encoder: Encoder::new(&cfg, 2 * cfg.latent_channels, vb.pp("encoder"))?,
+                decoder: Decoder::new(&cfg, vb.pp("decoder"))?,
+                quant_conv: if cfg.use_quant_conv {
+                    let n = 2 * cfg.latent_channels;
+                    Some(candle_nn::conv2d(n, n, 1, Default::default(), vb.pp("quant_conv"))?)
+                } else {
+                    None
+                },
+                post_quant_conv: if cfg.use_post_quant_conv {
+                    let n = cfg.latent_channels;
+                    Some(candle_nn::conv2d(n, n, 1, Default::default(), vb.pp("post_quant_conv"))?)
+                } else {
+                    None
+                },
+            })
+        })?;
         let resolution = opts
             .resolution
             .or_else(|| cfg.sample_side())
             .ok_or_else(|| TokenizerError::config("resolution", "the config has no sample_size; give a resolution"))?;
-        let cell = cfg.downsample() * opts.patch;
-        if opts.patch == 0 || resolution == 0 || resolution % cell != 0 {
-            return Err(TokenizerError::config(
-                "resolution",
-                format!(
-                    "{resolution} px must be a positive multiple of {cell} ({}x downsampling x {} latent cells per patch)",
-                    cfg.downsample(),
-                    opts.patch
-                ),
-            ));
-        }
+        check_resolution(resolution, cfg.downsample(), opts.patch)?;
         Ok(AutoencoderKlTokenizer {
             cfg,
             raw_config,
@@ -432,7 +454,7 @@ impl AutoencoderKlTokenizer {
             }
             Ok(out)
         };
-        run().map_err(|e| TokenizerError::model(&self.weights, format!("encode: {}", super::candle_message(&e))))
+        super::candle_call(&self.weights, "encode", run)
     }
 
     /// Images (`[n, H, W]` RGB) from scaled latents `[n, C, h, w]`: undo scale and shift,
@@ -459,8 +481,7 @@ impl AutoencoderKlTokenizer {
             }
             Ok(out)
         };
-        let v = run()
-            .map_err(|e| TokenizerError::model(&self.weights, format!("decode: {}", super::candle_message(&e))))?;
+        let v = super::candle_call(&self.weights, "decode", run)?;
         let per = 3 * (self.resolution as usize).pow(2);
         Ok(v.chunks_exact(per).map(|img| super::pixels_out(img, self.resolution)).collect())
     }
@@ -513,15 +534,27 @@ impl AutoencoderKlTokenizer {
         let refs: Vec<&RgbImage> = squared.iter().collect();
         let z = self.encode_latents(&refs)?;
         let per = z.len() / images.len().max(1);
-        Ok(images
+        images
             .iter()
             .enumerate()
             .map(|(i, (_, src))| {
-                let v = self.patchify(&z[i * per..(i + 1) * per]);
-                Segment::latent(Modality::Image, self.dim(), v.into_iter().map(f16::from_f32).collect())
-                    .with_meta(image_meta(self.grid(), *src))
+                let v: Vec<f16> = self.patchify(&z[i * per..(i + 1) * per]).into_iter().map(f16::from_f32).collect();
+                // Shards store latents as f16: a NaN or a value past ±65504 (a scaling_factor
+                // off by orders of magnitude, broken weights) would reach training as inf.
+                if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                    return Err(TokenizerError::model(
+                        &self.weights,
+                        format!(
+                            "encode {}: latent value {x} is not finite in f16 (scaling_factor {}, shift_factor {})",
+                            src.unwrap_or("<image>"),
+                            self.cfg.scaling_factor,
+                            self.cfg.shift_factor.unwrap_or(0.0)
+                        ),
+                    ));
+                }
+                Ok(Segment::latent(Modality::Image, self.dim(), v).with_meta(image_meta(self.grid(), *src)))
             })
-            .collect())
+            .collect()
     }
 
     /// Patch vector dimension `C·p·p`.

@@ -18,7 +18,7 @@ use motley_shards::{Modality, Segment, SegmentData};
 use serde::{Deserialize, Serialize};
 
 use super::vae::{Decoder, Encoder, VaeConfig};
-use super::{ModelFolder, candle_err, candle_message, var_builder};
+use super::{ModelFolder, var_builder};
 use crate::error::{Result, TokenizerError};
 use crate::image::{ImageTokenizer, check_grid, image_meta, square};
 
@@ -122,32 +122,30 @@ impl VqModelTokenizer {
             return Err(TokenizerError::model(config_path, format!("num_vq_embeddings {}", vq.num_vq_embeddings)));
         }
         let embed_dim = vq.vq_embed_dim.unwrap_or(cfg.latent_channels);
+        if embed_dim == 0 {
+            return Err(TokenizerError::model(config_path, "vq_embed_dim (or latent_channels) is 0"));
+        }
         let (n, l) = (vq.num_vq_embeddings, cfg.latent_channels);
         let device = super::encoder_device()?;
         let vb = var_builder(tensors, &device);
-        let e = candle_err(weights);
-        let codebook_t = vb.get((n, embed_dim), "quantize.embedding.weight").map_err(&e)?;
-        let codebook: Vec<f32> = codebook_t.flatten_all().and_then(|t| t.to_vec1()).map_err(&e)?;
-        let norms = codebook.chunks_exact(embed_dim).map(|r| r.iter().map(|v| v * v).sum()).collect();
-        let net = Net {
-            encoder: Encoder::new(&cfg, l, vb.pp("encoder")).map_err(&e)?,
-            decoder: Decoder::new(&cfg, vb.pp("decoder")).map_err(&e)?,
-            quant_conv: candle_nn::conv2d(l, embed_dim, 1, Default::default(), vb.pp("quant_conv")).map_err(&e)?,
-            post_quant_conv: candle_nn::conv2d(embed_dim, l, 1, Default::default(), vb.pp("post_quant_conv"))
-                .map_err(&e)?,
-            codebook,
-            norms,
-            codebook_t,
-        };
+        let net = super::candle_call(weights, "load", || {
+            let codebook_t = vb.get((n, embed_dim), "quantize.embedding.weight")?;
+            let codebook: Vec<f32> = codebook_t.flatten_all()?.to_vec1()?;
+            let norms = codebook.chunks_exact(embed_dim).map(|r| r.iter().map(|v| v * v).sum()).collect();
+            Ok(Net {
+                encoder: Encoder::new(&cfg, l, vb.pp("encoder"))?,
+                decoder: Decoder::new(&cfg, vb.pp("decoder"))?,
+                quant_conv: candle_nn::conv2d(l, embed_dim, 1, Default::default(), vb.pp("quant_conv"))?,
+                post_quant_conv: candle_nn::conv2d(embed_dim, l, 1, Default::default(), vb.pp("post_quant_conv"))?,
+                codebook,
+                norms,
+                codebook_t,
+            })
+        })?;
         let resolution = resolution
             .or_else(|| cfg.sample_side())
             .ok_or_else(|| TokenizerError::config("resolution", "the config has no sample_size; give a resolution"))?;
-        if resolution == 0 || resolution % cfg.downsample() != 0 {
-            return Err(TokenizerError::config(
-                "resolution",
-                format!("{resolution} px must be a positive multiple of the {}x downsampling", cfg.downsample()),
-            ));
-        }
+        super::vae::check_resolution(resolution, cfg.downsample(), 1)?;
         Ok(VqModelTokenizer {
             cfg,
             codes: n,
@@ -186,7 +184,7 @@ impl VqModelTokenizer {
             // [1, D, h, w] → [h·w, D]
             h.squeeze(0)?.flatten_from(1)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()
         };
-        let z = run().map_err(|e| TokenizerError::model(&self.weights, format!("encode: {}", candle_message(&e))))?;
+        let z = super::candle_call(&self.weights, "encode", run)?;
         Ok(z.chunks_exact(self.embed_dim).map(|v| self.nearest(v)).collect())
     }
 
@@ -222,7 +220,7 @@ impl VqModelTokenizer {
             let x = ((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
             x.flatten_all()?.to_vec1::<f32>()
         };
-        let v = run().map_err(|e| TokenizerError::model(&self.weights, format!("decode: {}", candle_message(&e))))?;
+        let v = super::candle_call(&self.weights, "decode", run)?;
         Ok(super::pixels_out(&v, self.resolution))
     }
 }

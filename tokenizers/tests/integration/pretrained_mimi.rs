@@ -198,6 +198,19 @@ fn broken_mimi_folders_are_clear_errors() -> Result<()> {
     let e = load_err(dir.path());
     assert!(e.contains("config.json") && e.contains("pad_mode"), "{e}");
 
+    // Zeros candle divides by or indexes with (its panics, once), and a nonsense RoPE period.
+    for (key, value) in [
+        ("compress", serde_json::json!(0)),
+        ("num_hidden_layers", serde_json::json!(0)),
+        ("max_position_embeddings", serde_json::json!(0)),
+        ("rope_parameters", serde_json::json!({"rope_theta": -1.0})),
+    ] {
+        let dir = broken_model(|_, c| c[key] = value.clone())?;
+        let e = load_err(dir.path());
+        let field = key.strip_prefix("rope_parameters").map_or(key, |_| "rope_theta");
+        assert!(e.contains("config.json") && e.contains(field), "{key}: {e}");
+    }
+
     // A speech codec given as an image tokenizer (and the reverse) says which it is.
     let e = motley_tokenizers::load_image(fixtures().join("mimi")).expect_err("a codec as an image model").to_string();
     assert!(e.contains("speech codec"), "{e}");

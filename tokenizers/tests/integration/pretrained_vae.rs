@@ -166,6 +166,20 @@ fn broken_model_folders_are_clear_errors() -> Result<()> {
     let e = load_err(dir.path());
     assert!(e.contains("config.json") && e.contains("AutoencoderTiny"), "{e}");
 
+    // Geometry past what fits in memory or in `u32` is refused before anything is allocated
+    // (a 4e9 px side once aborted in the resize), as are latents f16 cannot store.
+    let dir = broken_model(|_, c| c["sample_size"] = serde_json::json!(4_000_000_000u64))?;
+    let e = AutoencoderKlTokenizer::from_folder(dir.path(), VaeOptions::default()).expect_err("4e9 px").to_string();
+    assert!(e.contains("too large"), "{e}");
+    let dir = broken_model(|_, c| c["block_out_channels"] = serde_json::json!(vec![8; 40]))?;
+    let e = load_err(dir.path());
+    assert!(e.contains("config.json") && e.contains("block_out_channels"), "{e}");
+    let dir = broken_model(|_, c| c["scaling_factor"] = serde_json::json!(1e30))?;
+    let vae = AutoencoderKlTokenizer::from_folder(dir.path(), VaeOptions::default())?;
+    let img = &common::synthetic_images(1, 3)[0];
+    let e = vae.encode_image(img, Some("big.png")).expect_err("inf latents").to_string();
+    assert!(e.contains("big.png") && e.contains("not finite") && e.contains("scaling_factor"), "{e}");
+
     // No weights at all.
     let dir = tempfile::tempdir()?;
     std::fs::copy(fixtures().join("vae/config.json"), dir.path().join("config.json"))?;
