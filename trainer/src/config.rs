@@ -186,8 +186,9 @@ pub struct LoopConfig {
     /// Write the global row ids every rank trains on to `RUN/rows/rank-N.jsonl` (audits that
     /// every row is consumed exactly once, across resumes on other world sizes).
     pub log_rows: bool,
-    /// Memory of one device (`80GB`, `40GiB`; empty: no check): a run the memory plan
-    /// (`motley plan`) says cannot fit is refused at start, naming the settings that would fit.
+    /// Memory of one device (`80GB`, `40GiB`): a run the memory plan (`motley plan`) says cannot
+    /// fit is refused at start, naming the settings that would fit. Empty: on the CPU the
+    /// machine's physical memory shared by its ranks, on CUDA no check.
     pub device_memory: String,
 }
 
@@ -379,8 +380,20 @@ impl TrainConfig {
     /// Checks the parts that do not depend on the corpus.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |path: &str, msg: String| Err(TrainError::Config { path: path.into(), msg });
+        self.model.check_settings()?;
         if self.data.seq_len < 2 || self.data.batch_size < 1 {
             return bad("data", "seq_len must be >= 2 and batch_size >= 1".into());
+        }
+        // Caps far past real runs, so a typo is this message rather than an allocation abort.
+        for (name, v, max) in [
+            ("data.batch_size", self.data.batch_size as u64, 1 << 20),
+            ("data.prefetch", self.data.prefetch as u64, 256),
+            ("optim.grad_accum", self.optim.grad_accum, 1 << 20),
+            ("optim.global_batch", self.optim.global_batch, 1 << 30),
+        ] {
+            if v > max {
+                return bad(name, format!("{v} is larger than {max}"));
+            }
         }
         if !self.data.synthetic && self.data.paths.is_empty() {
             return bad("data.paths", "no corpus given (use --data DIR)".into());
@@ -397,8 +410,28 @@ impl TrainConfig {
         if self.optim.grad_accum < 1 || self.train.steps < 1 {
             return bad("optim.grad_accum / train.steps", "must be >= 1".into());
         }
-        if !(self.optim.lr > 0.0) || self.optim.min_lr < 0.0 || self.optim.min_lr > self.optim.lr {
-            return bad("optim.lr", format!("need 0 <= min_lr ({}) <= lr ({})", self.optim.min_lr, self.optim.lr));
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            return bad("optim.lr", format!("need 0 <= min_lr ({}) <= lr ({}), finite", o.min_lr, o.lr));
+        }
+        if !((0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2)) {
+            return bad("optim.beta1 / optim.beta2", format!("{} and {} must be in [0, 1)", o.beta1, o.beta2));
+        }
+        if !(o.eps > 0.0 && o.eps.is_finite()) {
+            return bad("optim.eps", format!("{} must be finite and > 0", o.eps));
+        }
+        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+            return bad("optim.weight_decay", format!("{} must be finite and >= 0", o.weight_decay));
+        }
+        if !(o.grad_clip >= 0.0) {
+            return bad("optim.grad_clip", format!("{} must be >= 0 (0: off)", o.grad_clip));
+        }
+        let t = &self.train;
+        if !(t.checkpoint_shard_mb > 0.0 && t.checkpoint_shard_mb.is_finite()) {
+            return bad("train.checkpoint_shard_mb", format!("{} must be finite and > 0", t.checkpoint_shard_mb));
+        }
+        if !(t.peak_tflops > 0.0 && t.peak_tflops.is_finite()) {
+            return bad("train.peak_tflops", format!("{} must be finite and > 0", t.peak_tflops));
         }
         if !matches!(self.train.zero, 0 | 1 | 3) {
             return bad(
@@ -429,8 +462,15 @@ impl TrainConfig {
         if !self.train.device_memory.is_empty() && crate::plan::parse_bytes(&self.train.device_memory).is_none() {
             return bad("train.device_memory", format!("{:?}: expected a size such as 80GB", self.train.device_memory));
         }
-        if !(self.train.dist_timeout_s > 0.0) || !(self.train.bucket_mb > 0.0) {
-            return bad("train.dist_timeout_s / train.bucket_mb", "must be > 0".into());
+        // A timeout past a year overflows the socket timeouts it becomes.
+        if !(t.dist_timeout_s > 0.0 && t.dist_timeout_s <= 3.2e7) || !(t.bucket_mb > 0.0 && t.bucket_mb.is_finite()) {
+            return bad(
+                "train.dist_timeout_s / train.bucket_mb",
+                format!(
+                    "{} s and {} MiB: both must be > 0 and finite (the timeout at most a year)",
+                    t.dist_timeout_s, t.bucket_mb
+                ),
+            );
         }
         Ok(())
     }
@@ -546,6 +586,44 @@ mod tests {
         assert!(c.validate().expect_err("zero 3 alone").to_string().contains("activation_checkpointing = true"));
         c.train.activation_checkpointing = Checkpointing::All(true);
         c.validate().expect("zero 3 with checkpointing");
+    }
+
+    #[test]
+    fn nonsense_values_are_config_errors_naming_the_key() {
+        // Each of these once reached training: as an allocation abort or a panic (sizes,
+        // diffusion_steps -1, an infinite timeout), or as a NaN loss at step 1 (norm_eps,
+        // rope_theta, init_std).
+        let mut base = TrainConfig::preset("tiny").expect("preset");
+        base.data.synthetic = true;
+        base.validate().expect("tiny is valid");
+        for (set, key) in [
+            ("model.vocab_size=4294967296", "vocab_size"),
+            ("model.d_model=4294967296", "d_model"),
+            ("model.n_layers=99999999999999", "n_layers"),
+            ("model.ffn_hidden=-1", "ffn_hidden"),
+            ("model.latent_dim=4294967296", "latent_dim"),
+            ("model.diffusion_steps=-1", "diffusion_steps"),
+            ("model.diffusion_steps=4294967296", "diffusion_steps"),
+            ("model.norm_eps=-1.0", "norm_eps"),
+            ("model.rope_theta=0.0", "rope_theta"),
+            ("model.init_std=nan", "init_std"),
+            ("data.batch_size=4294967296", "data.batch_size"),
+            ("data.prefetch=4294967296", "data.prefetch"),
+            ("optim.grad_accum=4294967296", "optim.grad_accum"),
+            ("optim.lr=inf", "optim.lr"),
+            ("optim.min_lr=nan", "optim.lr"),
+            ("optim.beta2=1.0", "optim.beta1 / optim.beta2"),
+            ("optim.eps=0.0", "optim.eps"),
+            ("optim.weight_decay=nan", "optim.weight_decay"),
+            ("optim.grad_clip=nan", "optim.grad_clip"),
+            ("train.dist_timeout_s=inf", "train.dist_timeout_s"),
+            ("train.checkpoint_shard_mb=0.0", "train.checkpoint_shard_mb"),
+            ("train.peak_tflops=nan", "train.peak_tflops"),
+        ] {
+            let c = base.apply_overrides(&[set.to_string()]).expect("parses");
+            let e = c.validate().expect_err(set).to_string();
+            assert!(e.contains(key), "{set}: {e}");
+        }
     }
 
     #[test]

@@ -214,12 +214,48 @@ impl ModelConfig {
 
     /// Checks shapes before any tensor is allocated.
     pub fn validate(&self) -> Result<(), TrainError> {
-        let bad = |msg: String| Err(TrainError::Config { path: "model".into(), msg });
         if self.vocab_size <= 0 {
-            return bad(format!("vocab_size must be > 0 (got {})", self.vocab_size));
+            return Err(TrainError::Config {
+                path: "model".into(),
+                msg: format!("vocab_size must be > 0 (got {})", self.vocab_size),
+            });
+        }
+        self.check_settings()
+    }
+
+    /// [`ModelConfig::validate`] but for the vocabulary, which may still come from the corpus
+    /// (`vocab_size = 0`): run before anything is built from the config.
+    pub fn check_settings(&self) -> Result<(), TrainError> {
+        let bad = |msg: String| Err(TrainError::Config { path: "model".into(), msg });
+        if self.vocab_size < 0 || self.vocab_size > i64::from(u32::MAX) {
+            return bad(format!("vocab_size {} is not in [0, 2^32) (token ids are u32)", self.vocab_size));
         }
         if self.d_model <= 0 || self.n_layers <= 0 || self.n_heads <= 0 {
             return bad("d_model, n_layers and n_heads must be > 0".into());
+        }
+        // Far past any model that trains (a 7B has d 4096, 32 layers, F 11008), and small enough
+        // that parameter counts and FLOPs stay exact in i64: a typo gets this message, not an
+        // allocation failure.
+        for (name, v, max) in [
+            ("d_model", self.d_model, 1 << 17),
+            ("n_layers", self.n_layers, 1 << 12),
+            ("ffn_hidden", self.ffn_hidden, 1 << 19),
+            ("ffn_multiple_of", self.ffn_multiple_of, 1 << 19),
+            ("n_experts", self.n_experts, 1 << 10),
+            ("latent_dim", self.latent_dim, 1 << 20),
+            ("diffusion_steps", self.diffusion_steps, 1 << 20),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is larger than {max}"));
+            }
+        }
+        if self.ffn_hidden < 0 || self.ffn_multiple_of < 0 || self.ce_chunk_rows < 0 {
+            return bad("ffn_hidden, ffn_multiple_of and ce_chunk_rows must be >= 0 (0: derived / off)".into());
+        }
+        for (name, v) in [("norm_eps", self.norm_eps), ("rope_theta", self.rope_theta), ("init_std", self.init_std)] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} must be a finite number > 0 (got {v})"));
+            }
         }
         if self.d_model % self.n_heads != 0 || self.head_dim() % 2 != 0 {
             return bad(format!("d_model {} must split into n_heads {} of even head_dim", self.d_model, self.n_heads));
@@ -235,11 +271,17 @@ impl ModelConfig {
             if self.n_experts < 1 || self.moe_top_k < 1 || self.moe_top_k > self.n_experts {
                 return bad(format!("need 1 <= moe_top_k ({}) <= n_experts ({})", self.moe_top_k, self.n_experts));
             }
-            if !(self.moe_capacity_factor > 0.0) {
-                return bad("moe_capacity_factor must be > 0".into());
+            if !(self.moe_capacity_factor > 0.0 && self.moe_capacity_factor.is_finite()) {
+                return bad("moe_capacity_factor must be finite and > 0".into());
+            }
+            if !(self.moe_aux_loss_coef >= 0.0 && self.moe_aux_loss_coef.is_finite()) {
+                return bad("moe_aux_loss_coef must be finite and >= 0".into());
             }
         }
-        if self.latent_dim < 0 || self.diffusion_steps < 1 || !(self.diffusion_lambda >= 0.0) {
+        if self.latent_dim < 0
+            || self.diffusion_steps < 1
+            || !(self.diffusion_lambda >= 0.0 && self.diffusion_lambda.is_finite())
+        {
             return bad("need latent_dim >= 0, diffusion_steps >= 1 and diffusion_lambda >= 0".into());
         }
         if !(self.latent_scale >= 0.0 && self.latent_scale.is_finite()) {

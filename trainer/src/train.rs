@@ -153,8 +153,9 @@ impl Trainer {
         }
         let device = resolve_device_for(&cfg.train.device, &launch)?;
         let timeout = Duration::from_secs_f64(cfg.train.dist_timeout_s);
+        let local_world = launch.local_world;
         let comm = Comm::for_process(launch, cfg.train.dist_backend, device, timeout)?;
-        let result = Self::build(cfg, device, Arc::clone(&comm));
+        let result = Self::build(cfg, device, Arc::clone(&comm), local_world);
         if let Err(e) = &result {
             // The other ranks would wait for this one at the next collective.
             comm.report_failure(e);
@@ -163,7 +164,7 @@ impl Trainer {
     }
 
     /// The rest of [`Trainer::new`], once this rank joined its job.
-    fn build(mut cfg: TrainConfig, device: Device, comm: Arc<Comm>) -> Result<Self, TrainError> {
+    fn build(mut cfg: TrainConfig, device: Device, comm: Arc<Comm>, local_world: usize) -> Result<Self, TrainError> {
         let (rank, world) = (comm.rank(), comm.world());
         cfg.resolve_global_batch(world)?;
         let data = open_source(&cfg.data, cfg.train.seed, Split::Train, rank, world)?
@@ -192,15 +193,14 @@ impl Trainer {
         }
         comm.agree("config and corpus", &run_facts(&cfg, data.vocab())?)?;
         let target = if device.is_cuda() { crate::plan::Target::Cuda } else { crate::plan::Target::Cpu };
-        let memory = crate::plan::parse_bytes(&cfg.train.device_memory).unwrap_or(f64::INFINITY);
+        let (memory, of) = memory_budget(&cfg, device, local_world);
         let plan = crate::plan::plan(&cfg, world, memory, target, 0);
         if !plan.fits {
             return Err(TrainError::Config {
                 path: "train.device_memory".into(),
                 msg: format!(
-                    "the memory plan needs {:.3} GB per rank, more than {}; {}",
+                    "the memory plan needs {:.3} GB per rank, more than {of}; {}",
                     plan.bytes.total / 1e9,
-                    cfg.train.device_memory,
                     match plan.suggestions.first() {
                         Some(s) if !s.starts_with("does not fit") =>
                             format!("it fits with: --set {}", s.replace(' ', " --set ")),
@@ -974,6 +974,38 @@ fn run_facts(cfg: &TrainConfig, vocab: &motley_shards::Vocab) -> Result<Vec<(&'s
         ("vocabulary", serde_json::to_string(vocab).unwrap_or_default()),
         ("motley build", env!("CARGO_PKG_VERSION").to_string()),
     ])
+}
+
+/// Memory one rank may plan for, and how to name it: `train.device_memory` when set; on the
+/// CPU, else, the machine's physical memory shared by its ranks (a run the plan puts past it
+/// would die in an allocation, so it is refused at start like a stated size); on CUDA without
+/// a stated size, no limit (tch does not report a device's memory).
+fn memory_budget(cfg: &TrainConfig, device: Device, local_world: usize) -> (f64, String) {
+    if let Some(b) = crate::plan::parse_bytes(&cfg.train.device_memory) {
+        return (b, format!("train.device_memory = {}", cfg.train.device_memory));
+    }
+    match (device, machine_memory()) {
+        (Device::Cpu, Some(total)) => {
+            let ranks = local_world.max(1);
+            let share = if ranks > 1 { format!(" shared by {ranks} ranks") } else { String::new() };
+            (
+                total / ranks as f64,
+                format!(
+                    "this machine's {:.3} GB{share} (plan for another size with --set train.device_memory=…)",
+                    total / 1e9
+                ),
+            )
+        }
+        _ => (f64::INFINITY, String::new()),
+    }
+}
+
+/// Physical memory in bytes (`MemTotal` of `/proc/meminfo`; None elsewhere).
+fn machine_memory() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: f64 =
+        text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024.0)
 }
 
 /// `1 / RMS` of the latent values in the first few global micro-batches (a fresh stream, so
