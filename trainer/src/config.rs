@@ -463,7 +463,7 @@ impl TrainConfig {
             return bad("train.device_memory", format!("{:?}: expected a size such as 80GB", self.train.device_memory));
         }
         // A timeout past a year overflows the socket timeouts it becomes.
-        if !(t.dist_timeout_s > 0.0 && t.dist_timeout_s <= 3.2e7) || !(t.bucket_mb > 0.0 && t.bucket_mb.is_finite()) {
+        if !(t.dist_timeout_s > 0.0 && t.dist_timeout_s <= 3.2e7 && t.bucket_mb > 0.0 && t.bucket_mb.is_finite()) {
             return bad(
                 "train.dist_timeout_s / train.bucket_mb",
                 format!(
