@@ -1000,12 +1000,15 @@ fn memory_budget(cfg: &TrainConfig, device: Device, local_world: usize) -> (f64,
     }
 }
 
-/// Physical memory in bytes (`MemTotal` of `/proc/meminfo`; None elsewhere).
+/// Memory this process may use, in bytes: `MemTotal` of `/proc/meminfo`, or a container's
+/// cgroup v2 limit (`memory.max`) when lower, as on a Kubernetes or Slurm node with a memory
+/// limit; None off Linux.
 fn machine_memory() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: f64 =
         text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024.0)
+    let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|t| t.trim().parse::<f64>().ok());
+    Some(limit.map_or(kib * 1024.0, |l| l.min(kib * 1024.0)))
 }
 
 /// `1 / RMS` of the latent values in the first few global micro-batches (a fresh stream, so
