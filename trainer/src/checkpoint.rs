@@ -343,7 +343,69 @@ pub fn read_meta(ckpt: &Path) -> Result<Meta, TrainError> {
             msg: format!("meta version {} (this build reads {META_VERSION})", meta.version),
         });
     }
+    // The config builds the model before the weights are read: one edited or copied from
+    // another run must not allocate what the weights do not hold (a vocab_size of 2^32 asked
+    // tch for 550 GB and panicked). Its parameter count must be the stored one.
+    meta.config.model.validate().map_err(|e| TrainError::Checkpoint { path: p.clone(), msg: e.to_string() })?;
+    let stored = stored_params(ckpt)?;
+    let described = meta.config.model.param_count();
+    if stored != described {
+        return Err(TrainError::Checkpoint {
+            path: p,
+            msg: format!(
+                "its config describes {described} parameters but {} holds {stored} (config and weights are from different models)",
+                model_path(ckpt).display()
+            ),
+        });
+    }
     Ok(meta)
+}
+
+/// Elements of a checkpoint's weights (one file or the shards its index names), from the
+/// safetensors headers alone.
+pub fn stored_params(ckpt: &Path) -> Result<i64, TrainError> {
+    let index = ckpt.join(MODEL_INDEX);
+    let files: Vec<PathBuf> = if index.exists() {
+        let bad = |msg: String| TrainError::Checkpoint { path: index.clone(), msg };
+        let text = std::fs::read_to_string(&index).map_err(TrainError::io("read", &index))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = v["weight_map"].as_object().ok_or_else(|| bad("no weight_map object".into()))?;
+        let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        if let Some(f) = names.iter().find(|f| f.contains('/') || f.contains("..")) {
+            return Err(bad(format!("shard file name {f:?} leaves the checkpoint folder")));
+        }
+        names.into_iter().map(|f| ckpt.join(f)).collect()
+    } else {
+        vec![ckpt.join(MODEL_FILE)]
+    };
+    let mut total: i64 = 0;
+    for f in files {
+        let bad = |msg: String| TrainError::Checkpoint { path: f.clone(), msg };
+        let mut file = std::fs::File::open(&f).map_err(TrainError::io("open", &f))?;
+        let mut head = [0u8; 8];
+        std::io::Read::read_exact(&mut file, &mut head).map_err(TrainError::io("read", &f))?;
+        let n = u64::from_le_bytes(head);
+        // safetensors caps its header at 100 MB.
+        if n > 100_000_000 {
+            return Err(bad(format!("safetensors header of {n} bytes")));
+        }
+        let mut json = vec![0u8; n as usize];
+        std::io::Read::read_exact(&mut file, &mut json).map_err(TrainError::io("read", &f))?;
+        // The header alone (safetensors' own parser wants the whole file in memory): a map of
+        // name → {dtype, shape, data_offsets}, and `__metadata__`.
+        let header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&json).map_err(|e| bad(format!("not a safetensors header: {e}")))?;
+        for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+            let shape: Vec<u64> =
+                serde_json::from_value(info["shape"].clone()).map_err(|e| bad(format!("tensor {name}: shape {e}")))?;
+            let n = shape.iter().try_fold(1i64, |a, &d| i64::try_from(d).ok().and_then(|d| a.checked_mul(d)));
+            total =
+                n.and_then(|n| total.checked_add(n)).ok_or_else(|| bad(format!("tensor {name}: size overflows")))?;
+        }
+    }
+    Ok(total)
 }
 
 /// Reads a safetensors file into a name → tensor map.

@@ -92,6 +92,19 @@ fn resume_refuses_model_changes_and_checkpoints_are_pruned() -> anyhow::Result<(
     let mut more = Trainer::resume(dir.path(), &["train.steps=5".into()])?;
     more.verbose = false;
     assert_eq!(more.run()?.steps, 5);
+
+    // A meta.json whose model is not the stored one (edited, or from another run) is refused
+    // before the model is built: a vocab_size of 2^32 - 1 once made tch panic allocating 550 GB.
+    let ckpt = checkpoint::resolve(dir.path())?;
+    let meta_path = ckpt.join(checkpoint::META_FILE);
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path)?)?;
+    for vocab in [4_294_967_295i64, meta["config"]["model"]["vocab_size"].as_i64().unwrap_or(0) + 1] {
+        meta["config"]["model"]["vocab_size"] = vocab.into();
+        std::fs::write(&meta_path, serde_json::to_vec(&meta)?)?;
+        let e = motley_trainer::sample::load_run(dir.path(), "cpu", None).expect_err("edited meta").to_string();
+        assert!(e.contains("meta.json") && e.contains("parameters") && e.contains("model.safetensors"), "{e}");
+        assert!(Trainer::resume(dir.path(), &[]).is_err());
+    }
     Ok(())
 }
 
