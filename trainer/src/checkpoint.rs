@@ -252,26 +252,41 @@ fn write_model(dir: &Path, vars: Vec<(String, Tensor)>, shard_mb: f64) -> Result
     Ok(files)
 }
 
-/// Reads a checkpoint's weights, from `model.safetensors` or from the shards its index names.
-pub fn read_model(ckpt: &Path) -> Result<BTreeMap<String, Tensor>, TrainError> {
+/// A sharded checkpoint's index: its path, its `weight_map` (tensor → file) and the files it
+/// names (sorted, each a plain name inside the folder); None for a one-file checkpoint.
+type Index = (PathBuf, serde_json::Map<String, serde_json::Value>, Vec<String>);
+
+fn read_index(ckpt: &Path) -> Result<Option<Index>, TrainError> {
     let index = ckpt.join(MODEL_INDEX);
     if !index.exists() {
-        return read_tensors(&ckpt.join(MODEL_FILE));
+        return Ok(None);
     }
     let bad = |msg: String| TrainError::Checkpoint { path: index.clone(), msg };
     let text = std::fs::read_to_string(&index).map_err(TrainError::io("read", &index))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let map = v["weight_map"].as_object().ok_or_else(|| bad("no weight_map object".into()))?;
-    let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = match v.get_mut("weight_map").map(serde_json::Value::take) {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => return Err(bad("no weight_map object".into())),
+    };
+    let mut files: Vec<String> = map.values().filter_map(|f| f.as_str()).map(str::to_string).collect();
     files.sort_unstable();
     files.dedup();
+    if let Some(f) = files.iter().find(|f| f.contains('/') || f.contains("..")) {
+        return Err(bad(format!("shard file name {f:?} leaves the checkpoint folder")));
+    }
+    Ok(Some((index, map, files)))
+}
+
+/// Reads a checkpoint's weights, from `model.safetensors` or from the shards its index names.
+pub fn read_model(ckpt: &Path) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    let Some((index, map, files)) = read_index(ckpt)? else {
+        return read_tensors(&ckpt.join(MODEL_FILE));
+    };
+    let bad = |msg: String| TrainError::Checkpoint { path: index.clone(), msg };
     let mut out = BTreeMap::new();
-    for f in files {
-        if f.contains('/') || f.contains("..") {
-            return Err(bad(format!("shard file name {f:?} leaves the checkpoint folder")));
-        }
+    for f in &files {
         for (name, t) in read_tensors(&ckpt.join(f))? {
-            if map.get(&name).and_then(|x| x.as_str()) != Some(f) {
+            if map.get(&name).and_then(|x| x.as_str()) != Some(f.as_str()) {
                 return Err(bad(format!("{f} holds {name}, which the index places elsewhere")));
             }
             out.insert(name, t);
@@ -364,21 +379,9 @@ pub fn read_meta(ckpt: &Path) -> Result<Meta, TrainError> {
 /// Elements of a checkpoint's weights (one file or the shards its index names), from the
 /// safetensors headers alone.
 pub fn stored_params(ckpt: &Path) -> Result<i64, TrainError> {
-    let index = ckpt.join(MODEL_INDEX);
-    let files: Vec<PathBuf> = if index.exists() {
-        let bad = |msg: String| TrainError::Checkpoint { path: index.clone(), msg };
-        let text = std::fs::read_to_string(&index).map_err(TrainError::io("read", &index))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let map = v["weight_map"].as_object().ok_or_else(|| bad("no weight_map object".into()))?;
-        let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        if let Some(f) = names.iter().find(|f| f.contains('/') || f.contains("..")) {
-            return Err(bad(format!("shard file name {f:?} leaves the checkpoint folder")));
-        }
-        names.into_iter().map(|f| ckpt.join(f)).collect()
-    } else {
-        vec![ckpt.join(MODEL_FILE)]
+    let files: Vec<PathBuf> = match read_index(ckpt)? {
+        Some((_, _, files)) => files.into_iter().map(|f| ckpt.join(f)).collect(),
+        None => vec![ckpt.join(MODEL_FILE)],
     };
     let mut total: i64 = 0;
     for f in files {
@@ -531,11 +534,14 @@ mod tests {
         assert_eq!(index["weight_map"]["w4"], "model-00003-of-00003.safetensors");
         let back = read_model(dir.path()).expect("read");
         assert_eq!(back.len(), 5);
+        // 5 tensors of 100 floats, counted from the headers alone.
+        assert_eq!(stored_params(dir.path()).expect("count"), 500);
         assert!(back["w3"].equal(&tensors()[3].1));
         // Small models stay one file.
         let one = tempfile::tempdir().expect("tempdir");
         assert_eq!(write_model(one.path(), tensors(), 1.0).expect("write").len(), 1);
         assert_eq!(read_model(one.path()).expect("read").len(), 5);
+        assert_eq!(stored_params(one.path()).expect("count"), 500);
         // A shard the index names but which is gone is an error naming it.
         std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).expect("rm");
         let e = read_model(dir.path()).expect_err("missing shard");
