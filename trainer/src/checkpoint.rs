@@ -396,14 +396,12 @@ pub fn stored_params(ckpt: &Path) -> Result<i64, TrainError> {
         }
         let mut json = vec![0u8; n as usize];
         std::io::Read::read_exact(&mut file, &mut json).map_err(TrainError::io("read", &f))?;
-        // The header alone (safetensors' own parser wants the whole file in memory): a map of
-        // name → {dtype, shape, data_offsets}, and `__metadata__`.
-        let header: BTreeMap<String, serde_json::Value> =
+        // The header alone, in safetensors' own schema (its `SafeTensors` parser wants the
+        // whole file in memory).
+        let header: safetensors::tensor::Metadata =
             serde_json::from_slice(&json).map_err(|e| bad(format!("not a safetensors header: {e}")))?;
-        for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
-            let shape: Vec<u64> =
-                serde_json::from_value(info["shape"].clone()).map_err(|e| bad(format!("tensor {name}: shape {e}")))?;
-            let n = shape.iter().try_fold(1i64, |a, &d| i64::try_from(d).ok().and_then(|d| a.checked_mul(d)));
+        for (name, info) in header.tensors() {
+            let n = info.shape.iter().try_fold(1i64, |a, &d| i64::try_from(d).ok().and_then(|d| a.checked_mul(d)));
             total =
                 n.and_then(|n| total.checked_add(n)).ok_or_else(|| bad(format!("tensor {name}: size overflows")))?;
         }
