@@ -120,7 +120,11 @@ pub fn decode_image_bytes(bytes: &[u8], source: &str) -> Result<DynamicImage> {
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_ALLOC);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| match e {
+    let decoded = crate::error::catch_panic(|| reader.decode()).map_err(|msg| TokenizerError::ImageDecode {
+        source_name: source.into(),
+        msg: format!("the decoder panicked: {msg}"),
+    })?;
+    let img = decoded.map_err(|e| match e {
         image::ImageError::Limits(l) => TokenizerError::ImageTooLarge {
             source_name: source.into(),
             msg: format!("{l} (limits: {MAX_SIDE} pixels a side, {} MiB decoded)", MAX_ALLOC >> 20),

@@ -240,17 +240,10 @@ pub(crate) fn var_builder(tensors: HashMap<String, Tensor>, device: &Device) -> 
 /// divides by it); the config checks refuse the ones known, and this keeps an unknown one
 /// from aborting a long ingest: the record fails as a bad input does.
 pub(crate) fn candle_call<T>(path: &Path, op: &str, f: impl FnOnce() -> candle_core::Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    match crate::error::catch_panic(f) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(TokenizerError::model(path, format!("{op}: {}", candle_message(&e)))),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            Err(TokenizerError::model(path, format!("{op}: candle panicked: {msg}")))
-        }
+        Err(msg) => Err(TokenizerError::model(path, format!("{op}: candle panicked: {msg}"))),
     }
 }
 

@@ -17,6 +17,27 @@ use crate::error::{Result, TokenizerError};
 /// Longest audio accepted, in seconds (guards against absurd allocations).
 pub const MAX_SECONDS: f64 = 4.0 * 3600.0;
 
+/// Sample rates accepted, in Hz: telephone speech (8 kHz) with room below, studio masters
+/// (768 kHz) at the top. A header's rate sizes the resampler's FFTs (a 4 GHz rate asked for
+/// 3.4 GB), so a corrupt one must be refused, not trusted.
+pub const SAMPLE_RATES: std::ops::RangeInclusive<u32> = 1_000..=768_000;
+
+/// Largest sample magnitude accepted (full scale is 1.0). Integer PCM cannot pass 1.0; float
+/// WAVs can, and one holding 1e30 turns every feature downstream into inf or NaN codes.
+pub const MAX_AMPLITUDE: f32 = 1000.0;
+
+fn check_rate(rate: u32) -> std::result::Result<(), String> {
+    if SAMPLE_RATES.contains(&rate) {
+        Ok(())
+    } else {
+        Err(format!(
+            "sample rate {rate} Hz is outside {}..={} Hz (a corrupt header?)",
+            SAMPLE_RATES.start(),
+            SAMPLE_RATES.end()
+        ))
+    }
+}
+
 /// Decoded mono audio.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Audio {
@@ -46,6 +67,12 @@ pub fn decode_bytes(bytes: &[u8], hint: Option<&str>, source: &str) -> Result<Au
 }
 
 fn decode_source(src: Box<dyn MediaSource>, hint_ext: Option<&str>, source: &str) -> Result<Audio> {
+    crate::error::catch_panic(|| decode_unguarded(src, hint_ext, source)).unwrap_or_else(|msg| {
+        Err(TokenizerError::AudioDecode { source_name: source.into(), msg: format!("the decoder panicked: {msg}") })
+    })
+}
+
+fn decode_unguarded(src: Box<dyn MediaSource>, hint_ext: Option<&str>, source: &str) -> Result<Audio> {
     let err = |msg: String| TokenizerError::AudioDecode { source_name: source.into(), msg };
     let mss = MediaSourceStream::new(src, Default::default());
     let mut hint = Hint::new();
@@ -63,6 +90,9 @@ fn decode_source(src: Box<dyn MediaSource>, hint_ext: Option<&str>, source: &str
         .and_then(|p| p.audio())
         .ok_or_else(|| err("audio track has no codec parameters".into()))?;
     let declared_rate = params.sample_rate;
+    if let Some(r) = declared_rate {
+        check_rate(r).map_err(err)?;
+    }
     let mut decoder = symphonia::default::get_codecs()
         .make_audio_decoder(params, &AudioDecoderOptions::default())
         .map_err(|e| err(format!("unsupported codec: {e}")))?;
@@ -99,6 +129,7 @@ fn decode_source(src: Box<dyn MediaSource>, hint_ext: Option<&str>, source: &str
         let spec = buf.spec();
         let ch = spec.channels().count().max(1);
         let r = spec.rate();
+        check_rate(r).map_err(err)?;
         match rate {
             Some(prev) if prev != r && !mono.is_empty() => {
                 return Err(err(format!("sample rate changes mid-stream ({prev} Hz to {r} Hz)")));
@@ -120,8 +151,10 @@ fn decode_source(src: Box<dyn MediaSource>, hint_ext: Option<&str>, source: &str
     if mono.is_empty() || sample_rate == 0 {
         return Err(TokenizerError::AudioEmpty { source_name: source.into(), samples: mono.len(), rate: sample_rate });
     }
-    if mono.iter().any(|v| !v.is_finite()) {
-        return Err(err("decoded samples contain NaN or infinity".into()));
+    if let Some((i, v)) = mono.iter().enumerate().find(|(_, v)| !(v.abs() <= MAX_AMPLITUDE)) {
+        return Err(err(format!(
+            "sample {i} is {v:e}, past {MAX_AMPLITUDE} times full scale: corrupt or unnormalized float audio"
+        )));
     }
     Ok(Audio { samples: mono, sample_rate })
 }
@@ -132,6 +165,19 @@ pub fn resample(audio: &Audio, to: u32, source: &str) -> Result<Vec<f32>> {
         return Ok(audio.samples.clone());
     }
     let rerr = |msg: String| TokenizerError::Resample { source_name: source.into(), from: audio.sample_rate, msg };
+    check_rate(audio.sample_rate).and_then(|()| check_rate(to)).map_err(rerr)?;
+    // realfft unwraps on a NaN its inverse transform meets (float WAVs holding 1e38 overflow
+    // the FFT): that input is an error of this record, not a panic.
+    let out = crate::error::catch_panic(|| resample_unguarded(audio, to, &rerr))
+        .unwrap_or_else(|msg| Err(rerr(format!("the resampler panicked: {msg}"))))?;
+    if out.iter().any(|v| !v.is_finite()) {
+        let peak = audio.samples.iter().fold(0f32, |m, v| m.max(v.abs()));
+        return Err(rerr(format!("resampling overflowed: samples reach {peak:e} (full scale is 1.0)")));
+    }
+    Ok(out)
+}
+
+fn resample_unguarded(audio: &Audio, to: u32, rerr: &dyn Fn(String) -> TokenizerError) -> Result<Vec<f32>> {
     let chunk = 1024;
     let mut rs = FftFixedIn::<f32>::new(audio.sample_rate as usize, to as usize, chunk, 2, 1)
         .map_err(|e| rerr(e.to_string()))?;

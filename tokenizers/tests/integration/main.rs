@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_input;
+mod decoder_mutations;
 mod image;
 mod load_any;
 mod pretrained_mimi;
