@@ -11,6 +11,8 @@ use std::sync::Arc;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use motley_tokenizers::error::catch_panic;
+
 use crate::error::{Reason, RecordError};
 use crate::plan::Unit;
 use crate::recipe::SourceKind;
@@ -35,9 +37,12 @@ pub(crate) fn read_parquet(
         Ok(h) => h,
         Err(e) => return f(Err(file_err(file, Reason::Io, format!("open: {e}")))),
     };
-    let builder = match ParquetRecordBatchReaderBuilder::try_new(handle) {
+    // The parquet crate overflows or indexes out of bounds on some corrupt footers and pages
+    // instead of returning an error: every call that decodes file bytes runs under a guard,
+    // so a broken file is its own error, not the run's end.
+    let builder = match guarded("reading the footer", || ParquetRecordBatchReaderBuilder::try_new(handle)) {
         Ok(b) => b,
-        Err(e) => return f(Err(file_err(file, Reason::Parquet, e.to_string()))),
+        Err(e) => return f(Err(file_err(file, Reason::Parquet, e))),
     };
     // Which columns this source reads, and whether each is required.
     let (media_field, text_required) = match spec.kind {
@@ -79,19 +84,20 @@ pub(crate) fn read_parquet(
     if let Some((start, end)) = unit.row_groups {
         builder = builder.with_row_groups((start..end).collect());
     }
-    let reader = match builder.build() {
+    let mut reader = match guarded("planning the read", || builder.build()) {
         Ok(r) => r,
-        Err(e) => return f(Err(file_err(file, Reason::Parquet, e.to_string()))),
+        Err(e) => return f(Err(file_err(file, Reason::Parquet, e))),
     };
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let file_name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut row = unit.first_row;
-    for batch in reader {
-        let batch = match batch {
-            Ok(b) => b,
+    loop {
+        let batch = match guarded("decoding pages", || reader.next().transpose()) {
+            Ok(Some(b)) => b,
+            Ok(None) => break,
             Err(e) => {
                 // A corrupt page ends the unit: later rows cannot be located reliably.
-                let mut err = file_err(file, Reason::Parquet, e.to_string());
+                let mut err = file_err(file, Reason::Parquet, e);
                 err.record = Some(row);
                 return f(Err(err));
             }
@@ -161,6 +167,14 @@ pub(crate) fn read_parquet(
         }
     }
     ControlFlow::Continue(())
+}
+
+/// A parquet call's error or panic as one message.
+pub(crate) fn guarded<T, E: std::fmt::Display>(op: &str, f: impl FnOnce() -> Result<T, E>) -> Result<T, String> {
+    match catch_panic(f) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(msg) => Err(format!("the Parquet decoder panicked while {op}: {msg}")),
+    }
 }
 
 fn ctx_pair(ctx: &ReadCtx<'_>, file: &Path, index: u64, text: Option<String>, media: RawPart) -> Vec<RawPart> {

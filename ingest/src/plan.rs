@@ -182,8 +182,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 fn parquet_row_groups(path: &Path) -> Result<Vec<(u64, u64)>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| Error::Parquet { path: path.to_path_buf(), message: e.to_string() })?;
+    let reader = crate::parquet_source::guarded("reading the footer", || SerializedFileReader::new(file))
+        .map_err(|message| Error::Parquet { path: path.to_path_buf(), message })?;
     Ok(reader
         .metadata()
         .row_groups()

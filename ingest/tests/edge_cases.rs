@@ -1,12 +1,21 @@
 //! Ingest edge cases: a second ingest into a busy `--out` refuses, a corpus's own
-//! `tokenizers/` folder works as `--tokenizers`, and the image formats of crawled data sets
-//! (BMP, GIF, TIFF, lossy WebP) ingest.
+//! `tokenizers/` folder works as `--tokenizers`, the image formats of crawled data sets
+//! (BMP, GIF, TIFF, lossy WebP) ingest, and mangled Parquet files (every codec and page
+//! encoding motley reads) are errors naming the file, never a panic.
 
 mod common;
 
+use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Arc;
 
-use motley_ingest::{Error, IngestConfig, Recipe, ingest};
+use arrow::array::{ArrayRef, Int64Array, LargeStringArray, RecordBatch, StringArray};
+use motley_ingest::source::{ReadCtx, read_unit};
+use motley_ingest::{Error, IngestConfig, Recipe, ingest, plan};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, Encoding, GzipLevel, ZstdLevel};
+use parquet::file::properties::{WriterProperties, WriterVersion};
+use rand::{Rng, SeedableRng};
 
 fn text_recipe(data: &Path) -> Recipe {
     common::recipe("[[source]]\nkind = \"text\"\npaths = [\"*.txt\"]\n", data)
@@ -94,5 +103,134 @@ fn crawled_image_formats_ingest() -> anyhow::Result<()> {
         .collect();
     sources.sort();
     assert_eq!(sources, ["formats.bmp", "formats.gif", "formats.tif", "formats.webp"]);
+    Ok(())
+}
+
+/// A 300-row text table written by the parquet crate with `props`; `large` uses LargeUtf8.
+fn text_parquet(props: WriterProperties, large: bool) -> anyhow::Result<Vec<u8>> {
+    let texts: Vec<Option<String>> =
+        (0..300).map(|i| (i % 7 != 0).then(|| format!("word{i} ").repeat(1 + i % 23))).collect();
+    let text: ArrayRef =
+        if large { Arc::new(LargeStringArray::from(texts)) } else { Arc::new(StringArray::from(texts)) };
+    let batch =
+        RecordBatch::try_from_iter([("text", text), ("n", Arc::new(Int64Array::from_iter_values(0..300)) as _)])?;
+    let mut out = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(out)
+}
+
+/// Plans `dir/x.parquet` and reads every unit: the errors it yields (records read are dropped).
+fn read_parquet_errors(recipe: &Recipe) -> Vec<motley_ingest::RecordError> {
+    let mut errors = Vec::new();
+    let tasks = match plan(recipe) {
+        Ok(t) => t,
+        Err(e) => {
+            let file = recipe.sources[0].paths[0].clone();
+            errors.push(motley_ingest::RecordError {
+                file,
+                record: None,
+                byte_offset: None,
+                reason: motley_ingest::Reason::Parquet,
+                error: e.to_string(),
+            });
+            return errors;
+        }
+    };
+    for t in &tasks {
+        let ctx = ReadCtx { spec: &recipe.sources[t.source], options: &recipe.options };
+        for u in &t.units {
+            let _ = read_unit(&ctx, u, &mut |item| {
+                if let Err(e) = item {
+                    errors.push(e);
+                }
+                ControlFlow::Continue(())
+            });
+        }
+    }
+    errors
+}
+
+#[test]
+fn mangled_parquet_is_an_error_never_a_panic() -> anyhow::Result<()> {
+    let base = || WriterProperties::builder().set_max_row_group_row_count(Some(100)).set_data_page_row_count_limit(40);
+    let mut inputs = vec![
+        ("text.parquet", std::fs::read(common::fixtures().join("parquet/text.parquet"))?),
+        ("images.parquet", std::fs::read(common::fixtures().join("parquet/images.parquet"))?),
+        ("snappy.parquet", text_parquet(base().set_compression(Compression::SNAPPY).build(), false)?),
+        ("zstd.parquet", text_parquet(base().set_compression(Compression::ZSTD(ZstdLevel::default())).build(), true)?),
+        ("gzip.parquet", text_parquet(base().set_compression(Compression::GZIP(GzipLevel::default())).build(), false)?),
+    ];
+    // Data pages v2, delta encodings, no dictionary, LZ4 (raw): the paths of newer writers.
+    let v2 = base()
+        .set_writer_version(WriterVersion::PARQUET_2_0)
+        .set_compression(Compression::LZ4_RAW)
+        .set_dictionary_enabled(false)
+        .set_column_encoding("text".into(), Encoding::DELTA_BYTE_ARRAY)
+        .set_column_encoding("n".into(), Encoding::DELTA_BINARY_PACKED)
+        .build();
+    inputs.push(("delta-v2.parquet", text_parquet(v2, false)?));
+    let tmp = tempfile::tempdir()?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    for (name, good) in &inputs {
+        let kind = if name.starts_with("images") { "image\"\ntext_field = \"caption" } else { "text" };
+        let recipe = common::recipe(&format!("[[source]]\nkind = \"{kind}\"\npaths = [\"x.parquet\"]\n"), tmp.path());
+        let file = tmp.path().join("x.parquet");
+        std::fs::write(&file, good)?;
+        let clean = read_parquet_errors(&recipe);
+        assert!(clean.iter().all(|e| e.reason != motley_ingest::Reason::Parquet), "{name}: {clean:?}");
+        for k in 0..150 {
+            let mut b = good.clone();
+            // Bytes anywhere, or in the last 600 (page headers near the footer, the footer itself).
+            let from = if k % 2 == 0 { 0 } else { b.len().saturating_sub(600) };
+            match rng.random_range(0..3) {
+                0 => {
+                    for _ in 0..rng.random_range(1..5) {
+                        let i = rng.random_range(from..b.len());
+                        b[i] ^= 1 << rng.random_range(0..8);
+                    }
+                }
+                1 => {
+                    let i = rng.random_range(from..b.len());
+                    b[i] = rng.random();
+                }
+                _ => b.truncate(rng.random_range(from..b.len())),
+            }
+            std::fs::write(&file, &b)?;
+            for e in read_parquet_errors(&recipe) {
+                assert!(e.file.contains("x.parquet"), "{name} mutant {k}: {e:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn parquet_files_that_panicked_the_decoder_are_file_errors_and_the_run_goes_on() -> anyhow::Result<()> {
+    // Single-byte mutants the mutation probe found (see fixtures/parquet/corrupt/README.md):
+    // parquet 60.1's arithmetic overflowed in a DELTA_BYTE_ARRAY page and in summing row counts.
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    for f in ["delta_byte_array_prefix.parquet", "row_count_sum.parquet"] {
+        std::fs::copy(common::fixtures().join("parquet/corrupt").join(f), data.join(f))?;
+    }
+    std::fs::copy(common::fixtures().join("parquet/text.parquet"), data.join("text.parquet"))?;
+    let out = tmp.path().join("out");
+    let recipe = common::recipe("[[source]]\nkind = \"text\"\npaths = [\"*.parquet\"]\n", &data);
+    let summary = ingest(&common::config(recipe, &out))?;
+    assert!(summary.documents > 0, "the good file's records are kept");
+    let errors = std::fs::read_to_string(out.join("errors.jsonl"))?;
+    for f in ["delta_byte_array_prefix.parquet", "row_count_sum.parquet"] {
+        let line = errors
+            .lines()
+            .find(|l| l.contains(f) && l.contains("\"parquet\""))
+            .unwrap_or_else(|| panic!("{f}: {errors}"));
+        if cfg!(debug_assertions) {
+            // Overflow checks on: the decoder panicked, and the guard made it this file's error.
+            assert!(line.contains("the Parquet decoder panicked"), "{line}");
+        }
+    }
     Ok(())
 }

@@ -82,11 +82,11 @@ impl TokenizerError {
     }
 }
 
-/// Runs third-party code that parses user bytes or files (symphonia, image, candle), returning
-/// its panic as the panic's message. Their decoders assert or overflow on some malformed
-/// inputs instead of returning an error; caught here, such an input costs one record, not the
-/// run. (The default hook still prints the panic to stderr.)
-pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+/// Runs third-party code that parses user bytes or files (symphonia, image, candle; ingest's
+/// Parquet reader), returning its panic as the panic's message. Their decoders assert or
+/// overflow on some malformed inputs instead of returning an error; caught here, such an input
+/// costs one record, not the run. (The default hook still prints the panic to stderr.)
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
         panic
             .downcast_ref::<&str>()
