@@ -917,6 +917,25 @@ fn check_resume(st: &LoaderState, cfg: &LoaderConfig, sources: &[Source]) -> Res
     if st.sources.len() != sources.len() {
         return bad(format!("state has {} sources, {} given", st.sources.len(), sources.len()));
     }
+    // Counters the loader increments: an edited 2^64-1 would overflow on the next batch. 2^53
+    // (exact in every JSON reader) is far past any run.
+    const MAX_COUNT: u64 = 1 << 53;
+    let mut counters = vec![("step".to_string(), st.step), ("rows".into(), st.rows), ("epoch".into(), st.epoch)];
+    for (i, c) in st.sources.iter().enumerate() {
+        counters.extend([(format!("sources[{i}].epoch"), c.epoch), (format!("sources[{i}].rows"), c.rows)]);
+    }
+    if let Some((name, v)) = counters.into_iter().find(|&(_, v)| v > MAX_COUNT) {
+        return bad(format!("state's {name} is {v}, past 2^53: not a state a run wrote"));
+    }
+    // What every batch keeps true; an edit that breaks it would resume somewhere else (or, in
+    // row-index mode, index epochs up to a row no run reached).
+    let source_rows: u64 = st.sources.iter().map(|c| c.rows).sum();
+    if source_rows != st.rows {
+        return bad(format!("state's sources hold {source_rows} rows in all, its rows counter says {}", st.rows));
+    }
+    if st.sources.first().is_some_and(|c| c.epoch != st.epoch) {
+        return bad(format!("state's epoch {} is not its first source's epoch {}", st.epoch, st.sources[0].epoch));
+    }
     for (i, (c, s)) in st.sources.iter().zip(sources).enumerate() {
         if c.num_docs != s.corpus.num_docs() {
             return bad(format!(

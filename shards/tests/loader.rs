@@ -1,5 +1,6 @@
 //! Loader contract: packed content equals the flattened documents, determinism, exact resume,
-//! elastic resume (W=2 → W=3) covering the epoch exactly once, mixing proportions, eval split.
+//! elastic resume (W=2 → W=3) covering the epoch exactly once, edited states refused (never a
+//! panic), mixing proportions, eval split.
 
 mod common;
 
@@ -199,6 +200,60 @@ fn resume_mid_epoch_equals_uninterrupted_stream() -> anyhow::Result<()> {
     }
     // A different seed is refused.
     assert!(Loader::resume(src(), LoaderConfig { seed: 1234, ..cfg }, st).is_err());
+    Ok(())
+}
+
+/// Every leaf path of a JSON value (`/sources/0/epoch`, ...).
+fn leaves(v: &serde_json::Value, path: String, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => m.iter().for_each(|(k, x)| leaves(x, format!("{path}/{k}"), out)),
+        serde_json::Value::Array(a) => a.iter().enumerate().for_each(|(i, x)| leaves(x, format!("{path}/{i}"), out)),
+        _ => out.push(path),
+    }
+}
+
+#[test]
+fn an_edited_state_resumes_or_is_refused_never_a_panic() -> anyhow::Result<()> {
+    // A checkpoint's loader_state is a JSON file a person can edit: every leaf set to a
+    // boundary value either resumes and streams, or is refused; before the counter check,
+    // step / rows / epoch = 2^64-1 overflowed on the next batch.
+    let (_d, a) = corpus(60, Compression::Raw)?;
+    let (_e, b) = corpus(25, Compression::Zstd)?;
+    let src = || vec![Source::new(a.clone(), 0.7), Source::new(b.clone(), 0.3)];
+    let cfg = LoaderConfig { world_size: 2, rank: 1, eval_fraction: 0.1, ..cfg() };
+    let mut l = Loader::new(src(), cfg.clone())?;
+    for _ in 0..7 {
+        l.next_batch()?;
+    }
+    let good = serde_json::to_value(l.state())?;
+    let mut paths = Vec::new();
+    leaves(&good, String::new(), &mut paths);
+    assert!(paths.len() > 15, "{paths:?}");
+    let values: [serde_json::Value; 5] =
+        [0.into(), 1.into(), (1u64 << 53).into(), ((1u64 << 53) + 1).into(), u64::MAX.into()];
+    let mut refused = 0;
+    for path in &paths {
+        for v in &values {
+            let mut st = good.clone();
+            if let Some(leaf) = st.pointer_mut(path) {
+                *leaf = v.clone();
+            }
+            let Ok(st) = serde_json::from_value::<LoaderState>(st) else { continue };
+            let run = || -> motley_shards::Result<()> {
+                let mut l = Loader::resume(src(), cfg.clone(), st.clone())?;
+                for _ in 0..40 {
+                    l.next_batch()?;
+                }
+                Ok(())
+            };
+            refused += run().is_err() as usize;
+        }
+    }
+    assert!(refused > 0);
+    let mut st: LoaderState = serde_json::from_value(good)?;
+    st.step = u64::MAX;
+    let e = Loader::resume(src(), cfg, st).expect_err("step 2^64-1 resumed");
+    assert!(e.to_string().contains("step"), "{e}");
     Ok(())
 }
 
