@@ -83,15 +83,81 @@ impl TokenizerError {
 }
 
 /// Runs third-party code that parses user bytes or files (symphonia, image, candle; ingest's
-/// Parquet reader), returning its panic as the panic's message. Their decoders assert or
-/// overflow on some malformed inputs instead of returning an error; caught here, such an input
-/// costs one record, not the run. (The default hook still prints the panic to stderr.)
+/// Parquet reader), returning its panic as the panic's message and where it was raised. Their
+/// decoders assert or overflow on some malformed inputs instead of returning an error; caught
+/// here, such an input costs one record, not the run. A panic caught here is not printed (the
+/// caller reports the error: ingest in `errors.jsonl`), so a corrupt file in a long ingest
+/// does not look like a crash on stderr; every other panic still reaches the previous hook.
 pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
-        panic
+    guard::install_hook();
+    let outer = guard::GUARDED.replace(true);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    guard::GUARDED.set(outer);
+    result.map_err(|panic| {
+        let msg = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no message".into())
+            .unwrap_or_else(|| "no message".into());
+        match guard::LOCATION.take() {
+            Some(at) => format!("{msg} (at {at})"),
+            None => msg,
+        }
     })
+}
+
+mod guard {
+    use std::cell::{Cell, RefCell};
+
+    thread_local! {
+        /// Inside [`super::catch_panic`] on this thread.
+        pub(super) static GUARDED: Cell<bool> = const { Cell::new(false) };
+        /// Where the last guarded panic on this thread was raised.
+        pub(super) static LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    /// Wraps the process's panic hook once: guarded panics record their location instead of
+    /// printing; the rest go to the hook that was there before.
+    pub(super) fn install_hook() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if GUARDED.get() {
+                    let at = info.location().map(|l| format!("{}:{}", crate_relative(l.file()), l.line()));
+                    LOCATION.set(at);
+                } else {
+                    previous(info);
+                }
+            }));
+        });
+    }
+
+    /// `…/registry/src/index.crates.io-…/parquet-60.1.0/src/x.rs` → `parquet-60.1.0/src/x.rs`.
+    fn crate_relative(file: &str) -> &str {
+        match file.find("/registry/src/") {
+            Some(i) => {
+                let rest = &file[i + "/registry/src/".len()..];
+                rest.split_once('/').map_or(rest, |(_, tail)| tail)
+            }
+            None => file,
+        }
+    }
+
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    mod tests {
+        #[test]
+        fn guarded_panics_carry_their_location_and_unguarded_code_is_untouched() {
+            let e = super::super::catch_panic(|| -> u32 { panic!("bad header") }).unwrap_err();
+            assert!(e.starts_with("bad header (at ") && e.contains("error.rs:"), "{e}");
+            assert_eq!(super::super::catch_panic(|| 7).unwrap(), 7);
+            assert!(!super::GUARDED.get(), "the flag is reset after the call");
+            assert_eq!(
+                super::crate_relative("/root/.cargo/registry/src/index.crates.io-1949/parquet-60.1.0/src/a.rs"),
+                "parquet-60.1.0/src/a.rs"
+            );
+            assert_eq!(super::crate_relative("src/x.rs"), "src/x.rs");
+        }
+    }
 }
