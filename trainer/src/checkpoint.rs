@@ -358,6 +358,7 @@ pub fn read_meta(ckpt: &Path) -> Result<Meta, TrainError> {
             msg: format!("meta version {} (this build reads {META_VERSION})", meta.version),
         });
     }
+    check_counters(&meta).map_err(|msg| TrainError::Checkpoint { path: p.clone(), msg })?;
     // The config builds the model before the weights are read: one edited or copied from
     // another run must not allocate what the weights do not hold (a vocab_size of 2^32 asked
     // tch for 550 GB and panicked). Its parameter count must be the stored one.
@@ -374,6 +375,28 @@ pub fn read_meta(ckpt: &Path) -> Result<Meta, TrainError> {
         });
     }
     Ok(meta)
+}
+
+/// What every checkpoint keeps true of its counters. The run increments them after a resume,
+/// so an edited 2^64-1 would overflow, and an optimizer step count past the run's steps (or
+/// below 0) gives AdamW a bias correction no run had.
+fn check_counters(meta: &Meta) -> Result<(), String> {
+    const MAX_COUNT: u64 = 1 << 53;
+    for (name, v) in [("step", meta.step), ("skipped", meta.skipped), ("tokens", meta.tokens)] {
+        if v > MAX_COUNT {
+            return Err(format!("{name} is {v}, past 2^53: not a checkpoint a run wrote"));
+        }
+    }
+    if meta.skipped > meta.step || meta.skipped_in_a_row > meta.skipped {
+        return Err(format!(
+            "skipped_in_a_row {} <= skipped {} <= step {} does not hold",
+            meta.skipped_in_a_row, meta.skipped, meta.step
+        ));
+    }
+    match meta.optimizer_steps.iter().find(|&(_, &s)| s < 0 || s as u64 > meta.step) {
+        Some((name, s)) => Err(format!("optimizer_steps of {name} is {s}, outside 0..={} (the run's step)", meta.step)),
+        None => Ok(()),
+    }
 }
 
 /// Elements of a checkpoint's weights (one file or the shards its index names), from the

@@ -97,7 +97,8 @@ fn resume_refuses_model_changes_and_checkpoints_are_pruned() -> anyhow::Result<(
     // before the model is built: a vocab_size of 2^32 - 1 once made tch panic allocating 550 GB.
     let ckpt = checkpoint::resolve(dir.path())?;
     let meta_path = ckpt.join(checkpoint::META_FILE);
-    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path)?)?;
+    let original = std::fs::read(&meta_path)?;
+    let mut meta: serde_json::Value = serde_json::from_slice(&original)?;
     for vocab in [4_294_967_295i64, meta["config"]["model"]["vocab_size"].as_i64().unwrap_or(0) + 1] {
         meta["config"]["model"]["vocab_size"] = vocab.into();
         std::fs::write(&meta_path, serde_json::to_vec(&meta)?)?;
@@ -105,6 +106,22 @@ fn resume_refuses_model_changes_and_checkpoints_are_pruned() -> anyhow::Result<(
         assert!(e.contains("meta.json") && e.contains("parameters") && e.contains("model.safetensors"), "{e}");
         assert!(Trainer::resume(dir.path(), &[]).is_err());
     }
+    // Counters the resumed run increments or feeds to AdamW: 2^64-1 once overflowed.
+    let edits: [(&str, serde_json::Value, &str); 4] = [
+        ("/step", u64::MAX.into(), "step"),
+        ("/skipped", 6.into(), "skipped"),
+        ("/optimizer_steps/layers.0.attn.v_proj.speech.weight", (-1).into(), "optimizer_steps"),
+        ("/optimizer_steps/layers.0.attn.v_proj.speech.weight", 6.into(), "optimizer_steps"),
+    ];
+    for (pointer, value, key) in edits {
+        let mut meta: serde_json::Value = serde_json::from_slice(&original)?;
+        *meta.pointer_mut(pointer).ok_or_else(|| anyhow::anyhow!("no {pointer}"))? = value;
+        std::fs::write(&meta_path, serde_json::to_vec(&meta)?)?;
+        let e = Trainer::resume(dir.path(), &[]).err().ok_or_else(|| anyhow::anyhow!("{pointer} resumed"))?.to_string();
+        assert!(e.contains("meta.json") && e.contains(key), "{pointer}: {e}");
+    }
+    std::fs::write(&meta_path, &original)?;
+    assert!(Trainer::resume(dir.path(), &[]).is_ok());
     Ok(())
 }
 
