@@ -76,10 +76,27 @@ pub fn exit_code(result: anyhow::Result<()>) -> i32 {
             if broken_pipe {
                 return 0;
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             if e.downcast_ref::<NotBuilt>().is_some() { EXIT_NOT_BUILT } else { 1 }
         }
     }
+}
+
+/// The error and its causes on one line, like anyhow's `{:#}`, but a cause whose text the
+/// message already ends with is not repeated: the library errors print their source in their
+/// own message (`read FILE: No such file…`) and mark it `#[source]` too.
+pub fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -91,5 +108,28 @@ mod tests {
         assert_eq!(exit_code(Ok(())), 0);
         assert_eq!(exit_code(not_built("something")), EXIT_NOT_BUILT);
         assert_eq!(exit_code(Err(anyhow::anyhow!("a real failure"))), 1);
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        #[derive(Debug)]
+        struct Read {
+            source: std::io::Error,
+        }
+        impl std::fmt::Display for Read {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "read model.safetensors: {}", self.source)
+            }
+        }
+        impl std::error::Error for Read {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.source)
+            }
+        }
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(Read { source: io() }).context("resuming run");
+        assert_eq!(message(&e), "resuming run: read model.safetensors: No such file or directory");
+        let plain = anyhow::Error::new(io()).context("open x");
+        assert_eq!(message(&plain), "open x: No such file or directory");
     }
 }

@@ -410,12 +410,16 @@ pub fn stored_params(ckpt: &Path) -> Result<i64, TrainError> {
     for f in files {
         let bad = |msg: String| TrainError::Checkpoint { path: f.clone(), msg };
         let mut file = std::fs::File::open(&f).map_err(TrainError::io("open", &f))?;
+        let len = file.metadata().map_err(TrainError::io("stat", &f))?.len();
         let mut head = [0u8; 8];
+        if len < 8 {
+            return Err(bad(format!("{len} bytes, shorter than a safetensors header")));
+        }
         std::io::Read::read_exact(&mut file, &mut head).map_err(TrainError::io("read", &f))?;
         let n = u64::from_le_bytes(head);
         // safetensors caps its header at 100 MB.
-        if n > 100_000_000 {
-            return Err(bad(format!("safetensors header of {n} bytes")));
+        if n > 100_000_000 || n > len - 8 {
+            return Err(bad(format!("safetensors header of {n} bytes in a file of {len}")));
         }
         let mut json = vec![0u8; n as usize];
         std::io::Read::read_exact(&mut file, &mut json).map_err(TrainError::io("read", &f))?;
@@ -488,10 +492,29 @@ pub fn copy_weights(
             if src.size() != var.size() {
                 return Err(bad(format!("{name} has shape {:?}, the model needs {:?}", src.size(), var.size())));
             }
+            check_values(&name, src, false).map_err(bad)?;
             var.f_copy_(src).map_err(|e| bad(format!("{name}: {e}")))?;
         }
         Ok(())
     })
+}
+
+/// A stored weight or moment must be floating point (an integer tensor would be truncated
+/// into the model silently) and finite (a NaN one surfaces steps later as a NaN loss that
+/// names no file); `non_negative` for AdamW's second moments, whose square root is taken.
+pub(crate) fn check_values(name: &str, t: &Tensor, non_negative: bool) -> Result<(), String> {
+    let torch = |e: tch::TchError| format!("{name}: {e}");
+    if !t.f_is_floating_point().map_err(torch)? {
+        return Err(format!("{name} is {:?}, not floating point", t.kind()));
+    }
+    let ok = |t: Tensor| -> Result<bool, String> { bool::try_from(&t.f_all().map_err(torch)?).map_err(torch) };
+    if !ok(t.f_isfinite().map_err(torch)?)? {
+        return Err(format!("{name} holds NaN or infinity"));
+    }
+    if non_negative && !ok(t.f_ge(0.0).map_err(torch)?)? {
+        return Err(format!("{name} holds negative values (a second moment is a mean of squares)"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -742,6 +742,7 @@ impl AdamW {
             if src.size() != dst.size() {
                 return Err(missing(format!("{key} has shape {:?}, the model needs {:?}", src.size(), dst.size())));
             }
+            crate::checkpoint::check_values(&key, src, key.ends_with("exp_avg_sq")).map_err(missing)?;
             dst.f_copy_(src).map_err(TrainError::torch(format!("copy {key}")))?;
             Ok(())
         };

@@ -122,6 +122,27 @@ fn resume_refuses_model_changes_and_checkpoints_are_pruned() -> anyhow::Result<(
     }
     std::fs::write(&meta_path, &original)?;
     assert!(Trainer::resume(dir.path(), &[]).is_ok());
+
+    // Weights and moments that are not finite floats (NaN once surfaced steps later as a NaN
+    // loss naming no file; integers were truncated in silently) are refused, naming the tensor.
+    let edit = |file: &str, name: &str, f: &dyn Fn(&tch::Tensor) -> tch::Tensor, key: &str| -> anyhow::Result<()> {
+        let path = ckpt.join(file);
+        let original = std::fs::read(&path)?;
+        let mut tensors = checkpoint::read_tensors(&path)?;
+        let t = tensors.get(name).ok_or_else(|| anyhow::anyhow!("no {name}"))?;
+        tensors.insert(name.to_string(), f(t));
+        tch::Tensor::write_safetensors(&tensors.iter().map(|(n, t)| (n.as_str(), t)).collect::<Vec<_>>(), &path)?;
+        let e = Trainer::resume(dir.path(), &[]).err().ok_or_else(|| anyhow::anyhow!("{file} {name} resumed"))?;
+        let e = e.to_string();
+        assert!(e.contains(file) && e.contains(name) && e.contains(key), "{e}");
+        std::fs::write(&path, original)?;
+        Ok(())
+    };
+    let w = "layers.0.attn.q_proj.text.weight";
+    edit(checkpoint::MODEL_FILE, w, &|t| t.full_like(f64::NAN), "NaN")?;
+    edit(checkpoint::MODEL_FILE, w, &|t| t.to_kind(tch::Kind::Int64), "not floating point")?;
+    edit(checkpoint::OPTIMIZER_FILE, &format!("{w}.exp_avg_sq"), &|t| -t - 1.0, "negative")?;
+    assert!(Trainer::resume(dir.path(), &[]).is_ok());
     Ok(())
 }
 
