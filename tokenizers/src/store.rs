@@ -13,6 +13,23 @@ use crate::error::{Result, TokenizerError};
 /// Metadata key holding the JSON header.
 pub const HEADER_KEY: &str = "motley";
 
+/// The header `version` every tokenizer file this build writes carries, and the only one it
+/// reads: a file from a newer motley may mean something else by the same keys.
+pub const HEADER_VERSION: u64 = 1;
+
+/// Refuses a header whose `version` is not [`HEADER_VERSION`] (a missing one is refused too:
+/// every file motley ever wrote has it).
+pub fn check_version(header: &serde_json::Value, path: &Path) -> Result<()> {
+    match header.get("version").and_then(|v| v.as_u64()) {
+        Some(HEADER_VERSION) => Ok(()),
+        Some(v) => Err(TokenizerError::bad_file(
+            path,
+            format!("header version {v}: this build reads version {HEADER_VERSION} (written by a newer motley?)"),
+        )),
+        None => Err(TokenizerError::bad_file(path, "header has no numeric `version`")),
+    }
+}
+
 /// A named f32 tensor to save.
 #[derive(Debug)]
 pub struct Tensor<'a> {
@@ -112,6 +129,7 @@ impl Loaded {
     }
 
     pub fn header_as<H: DeserializeOwned>(&self, path: &Path) -> Result<H> {
+        check_version(&self.header, path)?;
         serde_json::from_value(self.header.clone()).map_err(|e| TokenizerError::bad_file(path, format!("header: {e}")))
     }
 

@@ -182,6 +182,7 @@ pub(crate) fn read_saved<H: serde::de::DeserializeOwned>(
     if found != Some(kind) {
         return Err(TokenizerError::bad_file(path, format!("expected kind {kind:?}, found {found:?}")));
     }
+    crate::store::check_version(&header, path)?;
     let header = serde_json::from_value(header).map_err(|e| TokenizerError::bad_file(path, format!("header: {e}")))?;
     Ok((header, tensors_from_bytes(&buf, path)?))
 }

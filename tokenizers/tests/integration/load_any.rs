@@ -1,5 +1,5 @@
-//! `load_any` opens every kind of tokenizer file through the shared trait, and the `Fit`
-//! trait fits and reloads each modality the same way.
+//! `load_any` opens every kind of tokenizer file through the shared trait (and refuses one of
+//! another format version), and the `Fit` trait fits and reloads each modality the same way.
 #![allow(clippy::unwrap_used)]
 
 use crate::common;
@@ -62,6 +62,22 @@ fn load_any_dispatches_on_the_file() -> anyhow::Result<()> {
     let empty = dir.path().join("empty");
     std::fs::write(&empty, b"")?;
     assert!(load_any(&empty).is_err());
+
+    // A header of another format version (a newer motley's file) is refused, naming the file.
+    use motley_tokenizers::store;
+    for path in [&vq_path, &latent_path, &sp_path] {
+        let mut loaded = store::load(path)?;
+        loaded.header["version"] = 2.into();
+        let views: Vec<store::Tensor<'_>> = loaded
+            .tensors
+            .iter()
+            .map(|(name, (shape, data))| store::Tensor { name, shape: shape.clone(), data })
+            .collect();
+        let newer = dir.path().join("newer.safetensors");
+        store::save(&newer, &loaded.header, &views)?;
+        let e = load_any(&newer).unwrap_err().to_string();
+        assert!(e.contains("newer.safetensors") && e.contains("header version 2"), "{e}");
+    }
     Ok(())
 }
 
