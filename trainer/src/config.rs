@@ -372,6 +372,11 @@ impl TrainConfig {
                 return Err(err(key, format!("unknown key `{last}`")));
             }
             table.insert((*last).to_string(), value);
+            // Checked key by key, so a bad value is named by its key (the whole document's
+            // error would point at a line of motley's own re-serialized TOML).
+            if let Err(e) = doc.clone().try_into::<TrainConfig>() {
+                return Err(err(key, format!("{}: {}", raw.trim(), e.message().trim())));
+            }
         }
         let text = toml::to_string(&doc).map_err(|e| err("<config>", e.to_string()))?;
         Self::from_toml_str(&text, "--set overrides")
@@ -643,5 +648,15 @@ mod tests {
         assert_eq!(c.optim.lr, 0.01);
         assert_eq!(c.data.paths, vec![PathBuf::from("a"), PathBuf::from("b")]);
         assert!(!c.model.qk_norm);
+        // A value of the wrong type or variant is named by its key and value, not by a line of
+        // the re-serialized TOML the overrides are checked in.
+        for (set, key, says) in [
+            ("model.arch=zzz", "model.arch", "expected one of `dense`, `mot`, `moe`"),
+            ("model.d_model=abc", "model.d_model", "expected i64"),
+            ("train.steps=-3", "train.steps", "u64"),
+        ] {
+            let e = base.apply_overrides(&["train.seed=3".into(), set.into()]).expect_err(set).to_string();
+            assert!(e.contains(key) && e.contains(says) && !e.contains("line"), "{set}: {e}");
+        }
     }
 }
