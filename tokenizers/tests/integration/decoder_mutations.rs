@@ -150,28 +150,27 @@ fn an_adpcm_block_whose_step_overflows_is_an_error() -> anyhow::Result<()> {
 #[test]
 fn float_audio_far_past_full_scale_is_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("loud.wav");
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: 16_000,
-        bits_per_sample: 32,
-        sample_format: hound::SampleFormat::Float,
+    // 0.1 s of float samples at 0.1 with one sample of `peak` at index 800.
+    let wav = |name: &str, peak: f32| -> anyhow::Result<PathBuf> {
+        let path = dir.path().join(name);
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16_000,
+            bits_per_sample: 32,
+            sample_format: hound::SampleFormat::Float,
+        };
+        let mut w = hound::WavWriter::create(&path, spec)?;
+        for i in 0..1600 {
+            w.write_sample(if i == 800 { peak } else { 0.1 })?;
+        }
+        w.finalize()?;
+        Ok(path)
     };
-    let mut w = hound::WavWriter::create(&path, spec)?;
-    for i in 0..1600 {
-        w.write_sample(if i == 800 { 3e30f32 } else { 0.1 })?;
-    }
-    w.finalize()?;
-    let e = audio::decode_file(&path).expect_err("1e30 samples decoded");
+    let e = audio::decode_file(&wav("loud.wav", 3e30)?).expect_err("1e30 samples decoded");
     let msg = e.to_string();
     assert!(msg.contains("loud.wav") && msg.contains("sample 800"), "{msg}");
     // Overs a mastering chain leaves (2x full scale) are kept.
-    let mut w = hound::WavWriter::create(&path, spec)?;
-    for i in 0..1600 {
-        w.write_sample(if i == 800 { 2.0f32 } else { 0.1 })?;
-    }
-    w.finalize()?;
-    assert_eq!(audio::decode_file(&path)?.samples.len(), 1600);
+    assert_eq!(audio::decode_file(&wav("over.wav", 2.0)?)?.samples.len(), 1600);
     Ok(())
 }
 
