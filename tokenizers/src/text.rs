@@ -59,6 +59,47 @@ fn text_err(op: &'static str, what: impl std::fmt::Display, e: impl std::fmt::Di
     TokenizerError::Text { op, what: what.to_string(), msg: e.to_string() }
 }
 
+/// A call into HF `tokenizers` on a file someone else wrote: its error or its panic (the crate
+/// asserts on some inconsistent files) as this tokenizer's error.
+fn guarded<T, E: std::fmt::Display>(
+    op: &'static str,
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
+    match crate::error::catch_panic(f) {
+        Ok(r) => r.map_err(|e| text_err(op, what, e)),
+        Err(msg) => Err(text_err(op, what, format!("the tokenizers crate panicked: {msg}"))),
+    }
+}
+
+/// With a `continuing_subword_prefix`, HF's BPE builder strips the prefix's byte length from
+/// each merge's second token without checking that it starts with the prefix: a shorter token
+/// underflows, and one that does not start with it is cut inside a character and read as
+/// UTF-8 unchecked. Refuse such a file before the builder sees it.
+fn check_bpe_merges(json: &[u8]) -> std::result::Result<(), String> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return Ok(()); // not JSON: the HF parser reports it
+    };
+    let model = &doc["model"];
+    let Some(prefix) = model["continuing_subword_prefix"].as_str().filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    let Some(merges) = model["merges"].as_array() else { return Ok(()) };
+    for (i, m) in merges.iter().enumerate() {
+        let second = match m {
+            serde_json::Value::String(s) => s.split_once(' ').map(|(_, b)| b),
+            serde_json::Value::Array(a) => a.get(1).and_then(|b| b.as_str()),
+            _ => None,
+        };
+        if let Some(b) = second.filter(|b| !b.starts_with(prefix)) {
+            return Err(format!(
+                "merge {i}: {b:?} does not start with the model's continuing_subword_prefix {prefix:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl TextTokenizer {
     /// Trains a byte-level BPE on UTF-8 text files (one or many; lines are the unit HF reads).
     pub fn train(files: &[PathBuf], cfg: &TextTrainConfig) -> Result<(Self, TextTrainSummary)> {
@@ -127,7 +168,8 @@ impl TextTokenizer {
 
     /// Parses `tokenizer.json` contents; `origin` names them in errors.
     pub fn from_bytes(json: &[u8], origin: &str) -> Result<Self> {
-        let inner = Tokenizer::from_bytes(json).map_err(|e| text_err("load", origin, e))?;
+        check_bpe_merges(json).map_err(|e| text_err("load", origin, e))?;
+        let inner = guarded("load", origin, || Tokenizer::from_bytes(json))?;
         Ok(TextTokenizer { inner, origin: origin.to_string() })
     }
 
@@ -152,16 +194,13 @@ impl TextTokenizer {
 
     /// Encodes one text (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| text_err("encode with", &self.origin, e))?;
+        let enc = guarded("encode with", &self.origin, || self.inner.encode_fast(text, false))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Encodes many texts in parallel on the rayon pool (no special tokens added).
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        let encs = self
-            .inner
-            .encode_batch_fast(texts.to_vec(), false)
-            .map_err(|e| text_err("encode with", &self.origin, e))?;
+        let encs = guarded("encode with", &self.origin, || self.inner.encode_batch_fast(texts.to_vec(), false))?;
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
@@ -178,7 +217,7 @@ impl TextTokenizer {
         if let Some(bad) = ids.iter().find(|&&i| i >= v) {
             return Err(TokenizerError::bad_segment(None, format!("text id {bad} is outside the vocabulary of {v}")));
         }
-        self.inner.decode(ids, false).map_err(|e| text_err("decode with", &self.origin, e))
+        guarded("decode with", &self.origin, || self.inner.decode(ids, false))
     }
 
     /// Decodes a text segment.

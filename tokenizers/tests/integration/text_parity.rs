@@ -1,5 +1,6 @@
 //! tokenizer.json files written by HF's Python library (fixtures made by
-//! fixtures/make_text_fixture.py) load here and encode to exactly the ids Python produced.
+//! fixtures/make_text_fixture.py) load here and encode to exactly the ids Python produced; an
+//! inconsistent one is an error, not a panic inside HF `tokenizers`.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -75,5 +76,17 @@ fn trained_tokenizer_loads_in_python_shape() -> anyhow::Result<()> {
     for s in ["token shards", "never seen: ∮ E⋅da = Q", "\u{0}\u{7f}"] {
         assert_eq!(back.decode(&back.encode(s)?)?, s);
     }
+    Ok(())
+}
+
+#[test]
+fn merges_that_lack_the_subword_prefix_are_refused() -> anyhow::Result<()> {
+    // HF's BPE builder strips `continuing_subword_prefix` from each merge's second token
+    // unchecked: a shorter token underflowed (a panic), a longer one was cut inside a
+    // character and read as UTF-8 unchecked. Such a file is an error naming it.
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("hf_gpt2style.json"))?)?;
+    json["model"]["continuing_subword_prefix"] = "Ġ".into();
+    let e = TextTokenizer::from_bytes(&serde_json::to_vec(&json)?, "edited.json").unwrap_err().to_string();
+    assert!(e.contains("edited.json") && e.contains("continuing_subword_prefix"), "{e}");
     Ok(())
 }
