@@ -366,13 +366,23 @@ fn part_bytes(p: &crate::source::RawPart) -> usize {
     }
 }
 
-fn read_marker(out: &Path, task: u32, fingerprint: &str) -> Option<TaskMarker> {
+fn read_marker(out: &Path, task: u32, fingerprint: &str, vocab: &Vocab) -> Option<TaskMarker> {
     let bytes = std::fs::read(marker_path(out, task)).ok()?;
     let m: TaskMarker = serde_json::from_slice(&bytes).ok()?;
-    // A marker is only trusted if every shard it lists is still there with its size.
-    let ok = m.task == task
-        && m.fingerprint == fingerprint
-        && m.shards.iter().all(|s| std::fs::metadata(out.join(&s.name)).is_ok_and(|md| md.len() == s.bytes));
+    // A marker is only trusted if every shard it lists is still there and its footer agrees
+    // with the marker (size, documents, chunks, payload, per-modality counts, vocabulary):
+    // the manifest is built from markers, so a truncated shard or an edited marker would make
+    // a corpus that `shards verify` refuses. Reading footers costs no payload pass; a flipped
+    // payload byte is left to `shards verify`'s checksums. An untrusted task is run again.
+    let shards_agree = || {
+        m.shards.iter().all(|s| {
+            let path = out.join(&s.name);
+            std::fs::metadata(&path).is_ok_and(|md| md.len() == s.bytes)
+                && motley_shards::ShardReader::open(&path).is_ok_and(|r| r.check_against(s, vocab).is_ok())
+        })
+    };
+    let documents: u64 = m.shards.iter().map(|s| s.num_docs).sum();
+    let ok = m.task == task && m.fingerprint == fingerprint && m.documents == documents && shards_agree();
     ok.then_some(m)
 }
 
@@ -649,7 +659,7 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
 
     let mut done: BTreeMap<u32, TaskMarker> = BTreeMap::new();
     for t in &tasks {
-        if let Some(m) = read_marker(&cfg.out, t.id, &fingerprint) {
+        if let Some(m) = read_marker(&cfg.out, t.id, &fingerprint, &vocab) {
             done.insert(t.id, m);
         }
     }

@@ -191,3 +191,46 @@ fn refuses_to_clobber_what_is_not_a_corpus_and_dedups() -> anyhow::Result<()> {
     assert!(matches!(ingest(&common::config(recipe(false), &out)), Err(Error::OutputExists { .. })));
     Ok(())
 }
+
+/// A resumed run trusts a finished task only if the shards its marker lists still have the
+/// footers the marker records; an edited marker (or a replaced shard) makes the task run again,
+/// and the corpus still comes out identical instead of failing `shards verify` later.
+#[test]
+fn a_marker_that_disagrees_with_its_shards_reruns_the_task() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    make_data(&data)?;
+    let reference = tmp.path().join("reference");
+    ingest(&common::config(resume_recipe(&data), &reference))?;
+
+    let out = tmp.path().join("edited");
+    assert!(!run_child(&data, &out, Some("after_task:3"))?.success(), "the failpoint fired");
+    let mut markers: Vec<_> = std::fs::read_dir(out.join(".ingest"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "done"))
+        .collect();
+    markers.sort();
+    assert!(markers.len() >= 3, "{markers:?}");
+    let edit = |path: &Path, f: &dyn Fn(&mut serde_json::Value)| -> anyhow::Result<()> {
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+        f(&mut m);
+        std::fs::write(path, serde_json::to_vec(&m)?)?;
+        Ok(())
+    };
+    let bump = |v: &mut serde_json::Value| *v = (v.as_u64().unwrap_or(0) + 1).into();
+    // A shard's document count no longer matches its footer (the total is kept consistent).
+    edit(&markers[0], &|m| {
+        bump(&mut m["shards"][0]["num_docs"]);
+        bump(&mut m["documents"]);
+    })?;
+    // The total no longer matches the shards.
+    edit(&markers[1], &|m| bump(&mut m["documents"]))?;
+
+    let s = ingest(&common::config(resume_recipe(&data), &out))?;
+    let trusted = markers.len() as u64 - 2;
+    assert_eq!(s.tasks_run, s.tasks - trusted, "the two edited tasks ran again");
+    assert_eq!(common::corpus_files(&out), common::corpus_files(&reference));
+    Ok(())
+}
