@@ -13,7 +13,7 @@ use arrow::array::{ArrayRef, Int64Array, LargeStringArray, RecordBatch, StringAr
 use motley_ingest::source::{ReadCtx, read_unit};
 use motley_ingest::{Error, IngestConfig, Recipe, ingest, plan};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, Encoding, GzipLevel, ZstdLevel};
+use parquet::basic::{BrotliLevel, Compression, Encoding, GzipLevel, ZstdLevel};
 use parquet::file::properties::{WriterProperties, WriterVersion};
 use rand::{Rng, SeedableRng};
 
@@ -161,6 +161,10 @@ fn mangled_parquet_is_an_error_never_a_panic() -> anyhow::Result<()> {
         ("snappy.parquet", text_parquet(base().set_compression(Compression::SNAPPY).build(), false)?),
         ("zstd.parquet", text_parquet(base().set_compression(Compression::ZSTD(ZstdLevel::default())).build(), true)?),
         ("gzip.parquet", text_parquet(base().set_compression(Compression::GZIP(GzipLevel::default())).build(), false)?),
+        (
+            "brotli.parquet",
+            text_parquet(base().set_compression(Compression::BROTLI(BrotliLevel::default())).build(), false)?,
+        ),
     ];
     // Data pages v2, delta encodings, no dictionary, LZ4 (raw): the paths of newer writers.
     let v2 = base()
