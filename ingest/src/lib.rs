@@ -35,6 +35,6 @@ pub use error::{Error, Reason, RecordError, Result};
 pub use plan::{Part, Task, plan, select_part};
 pub use recipe::{ImageMode, Recipe, RecipeOptions, SourceKind, SourceSpec, SpeechMode, TokenizerPaths};
 pub use run::{
-    ERRORS_FILE, IngestConfig, LOCK_FILE, ModalityCounts, OutputLock, STATE_DIR, Summary, TOKENIZERS_DIR, TaskMarker,
-    ingest, lock_output, read_errors,
+    ERRORS_FILE, IngestConfig, LOCK_FILE, MAX_WORKERS, ModalityCounts, OutputLock, STATE_DIR, Summary, TOKENIZERS_DIR,
+    TaskMarker, ingest, lock_output, read_errors,
 };

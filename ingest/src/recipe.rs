@@ -90,6 +90,9 @@ pub struct RecipeOptions {
     pub all_tokenizers: bool,
 }
 
+/// Largest `options.shard_mib` (16 TiB shards; far past any file system's sweet spot).
+pub const MAX_SHARD_MIB: u64 = 1 << 24;
+
 fn default_shard_mib() -> u64 {
     256
 }
@@ -329,8 +332,9 @@ impl Recipe {
         if self.options.task_files == 0 {
             return Err("options.task_files must be > 0".into());
         }
-        if self.options.shard_mib == 0 {
-            return Err("options.shard_mib must be > 0".into());
+        // Shards are sized in bytes (`shard_mib << 20`): past 2^44 MiB that no longer fits a u64.
+        if self.options.shard_mib == 0 || self.options.shard_mib > MAX_SHARD_MIB {
+            return Err(format!("options.shard_mib must be in 1..={MAX_SHARD_MIB}"));
         }
         if self.options.max_text_bytes == 0 {
             return Err("options.max_text_bytes must be > 0".into());
@@ -468,6 +472,14 @@ mod tests {
         let bad_p = Recipe::from_toml("[[source]]\nkind = \"image\"\npaths = [\"a\"]\ntext_first = 1.5\n");
         assert!(bad_p.is_err_and(|e| e.contains("text_first")));
         assert!(Recipe::from_toml("").is_err());
+        for (key, value) in
+            [("shard_mib", "0"), ("shard_mib", "17592186044416"), ("task_mib", "nan"), ("task_files", "0")]
+        {
+            let r = Recipe::from_toml(&format!(
+                "[options]\n{key} = {value}\n[[source]]\nkind = \"text\"\npaths = [\"a\"]\n"
+            ));
+            assert!(r.as_ref().is_err_and(|e| e.contains(key)), "{key} = {value}: {r:?}");
+        }
     }
 
     #[test]

@@ -40,6 +40,9 @@ const BATCH_RECORDS: usize = 256;
 /// A batch is also cut when its inline media bytes pass this (bounded memory).
 const BATCH_BYTES: usize = 32 << 20;
 
+/// Most task and encoding threads one run starts (`--workers`).
+pub const MAX_WORKERS: usize = 4096;
+
 /// Everything that shapes an ingest run.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -634,6 +637,10 @@ fn dedup_plan(sh: &Shared<'_>, tasks: &[Task]) -> Result<BTreeMap<u32, BTreeSet<
 pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     let start = Instant::now();
     cfg.recipe.validate().map_err(|message| Error::Recipe { path: PathBuf::from("<recipe>"), message })?;
+    // Thread creation would take minutes (and the memory of their stacks) before failing.
+    if cfg.workers.is_some_and(|w| w > MAX_WORKERS) {
+        return Err(Error::Options(format!("workers must be at most {MAX_WORKERS}")));
+    }
     let all = plan(&cfg.recipe)?;
     let tasks = select_part(&all, cfg.part);
     let toks =

@@ -189,6 +189,11 @@ fn refuses_to_clobber_what_is_not_a_corpus_and_dedups() -> anyhow::Result<()> {
     assert_eq!(kept, vec![all[0].clone(), all[1].clone(), all[3].clone()], "first occurrences kept, in order");
     // A different command over an unfinished or finished corpus needs --overwrite.
     assert!(matches!(ingest(&common::config(recipe(false), &out)), Err(Error::OutputExists { .. })));
+    // An absurd thread count is refused up front instead of spawning threads for minutes.
+    let mut cfg = common::config(recipe(false), &tmp.path().join("threads"));
+    cfg.workers = Some(motley_ingest::MAX_WORKERS + 1);
+    assert!(matches!(ingest(&cfg), Err(Error::Options(m)) if m.contains("workers")));
+    assert!(!tmp.path().join("threads").exists(), "nothing written");
     Ok(())
 }
 

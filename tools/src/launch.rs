@@ -40,10 +40,20 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// Most ranks `--nproc` starts on one machine.
+pub const MAX_LOCAL_RANKS: usize = 256;
+
 /// Runs `args` (this binary's arguments, `--nproc` removed) as `nproc` ranks and returns the
 /// exit code the launcher should end with: 0 when every rank succeeded, else the first
 /// failing rank's.
 pub fn run_local(nproc: usize, args: &[OsString], timeout: Duration) -> anyhow::Result<i32> {
+    // One machine's ranks: a GPU node has 8 or 16; past a few hundred processes the spawn
+    // itself would exhaust the machine before a rank could report a problem.
+    if nproc > MAX_LOCAL_RANKS {
+        anyhow::bail!(
+            "--nproc {nproc}: at most {MAX_LOCAL_RANKS} ranks on one machine; start more machines with torchrun or srun"
+        );
+    }
     if std::env::var_os("WORLD_SIZE").is_some() {
         anyhow::bail!("--nproc inside a launch (WORLD_SIZE is already set): let one launcher start the ranks");
     }
@@ -127,5 +137,14 @@ mod tests {
         let args = ["motley", "train", "--nproc", "2", "--preset", "tiny", "--nproc=3", "--json"].map(OsString::from);
         let got: Vec<String> = strip_nproc(args).into_iter().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(got, ["motley", "train", "--preset", "tiny", "--json"]);
+    }
+
+    #[test]
+    fn absurd_rank_counts_are_refused_before_any_spawn() {
+        let args = ["motley", "train"].map(OsString::from);
+        for n in [MAX_LOCAL_RANKS + 1, usize::MAX] {
+            let err = run_local(n, &args, Duration::from_secs(1)).expect_err("refused");
+            assert!(err.to_string().contains("at most"), "{err}");
+        }
     }
 }
