@@ -227,6 +227,18 @@ pub fn generate_image(
     if n_patches == 0 {
         return Err(TrainError::Batch("n_patches must be > 0".into()));
     }
+    // A NaN or negative eta / clip would not fail: it would quietly change the sampler.
+    let bad = |path: &str, msg: String| Err(TrainError::Config { path: path.into(), msg });
+    if let Sampler::Ddim { eta } = opts.sampler
+        && !(eta.is_finite() && eta >= 0.0)
+    {
+        return bad("eta", format!("must be a finite number >= 0 (got {eta})"));
+    }
+    if let Some(c) = opts.clip_x0
+        && !(c > 0.0)
+    {
+        return bad("clip_x0", format!("must be > 0 (got {c})"));
+    }
     let mut ids: Vec<u32> = prompt.to_vec();
     if ids.last() != Some(&boi) {
         ids.push(boi);
@@ -423,6 +435,13 @@ mod tests {
             outs.push(x);
         }
         assert!(!outs[0].equal(&outs[1]), "DDPM and DDIM take different paths");
+        for (sampler, clip_x0) in
+            [(Sampler::Ddim { eta: f64::NAN }, None), (Sampler::Ddim { eta: -1.0 }, None), (Sampler::Ddpm, Some(-2.0))]
+        {
+            let opts = GenerateOptions { steps: 2, sampler, seed: 1, clip_x0 };
+            let err = generate_image(&model, &vocab, &prompt, 4, &opts, Device::Cpu);
+            assert!(matches!(err, Err(TrainError::Config { .. })), "{sampler:?} {clip_x0:?}: {err:?}");
+        }
         let seg = latents_to_segment(&outs[0], (4, 4)).expect("segment");
         assert_eq!((seg.meta.grid, seg.modality), (Some((4, 4)), Modality::Image));
         assert!(latents_to_segment(&outs[0], (3, 3)).is_err());

@@ -411,7 +411,8 @@ fn diffuse_image(
         steps: args.diffusion_steps.max(1),
         sampler,
         seed: args.seed,
-        clip_x0: (args.clip_x0 > 0.0).then_some(args.clip_x0),
+        // 0 = no clamp; anything else (negative and NaN too) goes to the sampler's check.
+        clip_x0: (args.clip_x0 != 0.0).then_some(args.clip_x0),
     };
     let grid = tok.grid();
     let n_patches = grid.0 as usize * grid.1 as usize;
