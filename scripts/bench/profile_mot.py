@@ -54,8 +54,8 @@ def make_batch(b, t, text_vocab, seed=7):
 
 
 def pertower_forward(self, x, r, ck):
-    """The per-tower Block.forward motley used before (session 2): each tower's slice runs its own
-    norms, matmuls and elementwise ops; slices are narrowed (zero-filled full-size gradients
+    """The per-tower Block.forward motley used before the fused towers of bfe0b55: each tower's
+    slice runs its own norms, matmuls and elementwise ops; slices are narrowed (zero-filled full-size gradients
     in backward) and per-tower q/k/v matmuls are separate. Weights are sliced from the stacked
     parameters of mot_torch.Block."""
     spans, b, t = r["spans"], r["b"], r["t"]
