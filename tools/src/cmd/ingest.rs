@@ -68,7 +68,7 @@ pub struct Args {
     /// Drop exact duplicate records (content hash), keeping the first.
     #[arg(long)]
     dedup: bool,
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: all cores; at most 4,096).
     #[arg(long)]
     workers: Option<usize>,
     /// Stop after N documents (dry runs).

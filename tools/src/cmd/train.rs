@@ -55,7 +55,8 @@ pub struct Args {
     #[arg(long)]
     dry_run: bool,
     /// Start N data-parallel ranks on this machine (like `torchrun --standalone
-    /// --nproc-per-node N`): the global batch is N × the micro-batch × accumulation.
+    /// --nproc-per-node N`, N at most 256): the global batch is N × the micro-batch ×
+    /// accumulation.
     #[arg(long, value_name = "N")]
     nproc: Option<usize>,
 }
