@@ -379,7 +379,7 @@ fn read_marker(out: &Path, task: u32, fingerprint: &str, vocab: &Vocab) -> Optio
     // payload byte is left to `shards verify`'s checksums. An untrusted task is run again.
     let shards_agree = || {
         m.shards.iter().all(|s| {
-            motley_shards::ShardReader::open(&out.join(&s.name)).is_ok_and(|r| r.check_against(s, vocab).is_ok())
+            motley_shards::ShardReader::open(out.join(&s.name)).is_ok_and(|r| r.check_against(s, vocab).is_ok())
         })
     };
     let documents: u64 = m.shards.iter().map(|s| s.num_docs).sum();
