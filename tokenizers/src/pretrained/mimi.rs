@@ -121,6 +121,42 @@ impl MimiFields {
         self.sampling_rate as f64 / (2 * self.hop()) as f64
     }
 
+    /// How many encoder frames back one frame's code, or one code frame's audio, can depend
+    /// on: each transformer layer attends `sliding_window` frames back and itself (candle's
+    /// and transformers' window), the SEANet convolutions reach back their receptive field,
+    /// and the stride-2 down- and upsampling (kernel 4) two more frames each way.
+    fn reach(&self) -> usize {
+        let powers = |j: usize| self.dilation_growth_rate.saturating_pow(j as u32);
+        let residual = |jump: usize| -> usize {
+            (0..self.num_residual_layers)
+                .map(|j| self.residual_kernel_size.saturating_sub(1).saturating_mul(powers(j)).saturating_mul(jump))
+                .fold(0, usize::saturating_add)
+        };
+        // Encoder, in samples: first conv, per stride (reversed) residual convs and the
+        // strided conv (kernel 2r), last conv.
+        let (mut enc, mut jump) = (self.kernel_size.saturating_sub(1), 1usize);
+        for &r in self.upsampling_ratios.iter().rev() {
+            enc = enc.saturating_add(residual(jump)).saturating_add((2 * r).saturating_sub(1).saturating_mul(jump));
+            jump = jump.saturating_mul(r);
+        }
+        enc = enc.saturating_add(self.last_kernel_size.saturating_sub(1).saturating_mul(jump));
+        // Decoder, in samples: first conv at the frame rate, per stride a transposed conv
+        // (kernel 2r: one input frame back) and residual convs at the new rate, last conv.
+        let mut jump = self.hop();
+        let mut dec = self.kernel_size.saturating_sub(1).saturating_mul(jump);
+        for &r in &self.upsampling_ratios {
+            dec = dec.saturating_add(jump);
+            jump = (jump / r.max(1)).max(1);
+            dec = dec.saturating_add(residual(jump));
+        }
+        dec = dec.saturating_add(self.last_kernel_size.saturating_sub(1));
+        let convs = enc.max(dec).div_ceil(self.hop().max(1)) + 1;
+        self.num_hidden_layers
+            .saturating_mul(self.sliding_window.saturating_add(1))
+            .saturating_add(convs)
+            .saturating_add(4)
+    }
+
     /// candle's config for these fields; anything candle's Mimi does not run is an error
     /// naming the field.
     fn to_candle(&self, codebooks: usize, path: &Path) -> Result<mimi::Config> {
@@ -353,25 +389,46 @@ impl MimiTokenizer {
         self.fields.frame_rate()
     }
 
-    /// Longest input in samples: the transformer's positions (`max_position_embeddings`) run
-    /// at the encoder's frame rate.
+    /// Longest input in samples one forward pass takes: the transformer's positions
+    /// (`max_position_embeddings`) run at the encoder's frame rate. Longer clips are encoded
+    /// in overlapping windows (see [`Self::encode_codes`]).
     pub fn max_samples(&self) -> usize {
         self.fields.max_position_embeddings.saturating_mul(self.fields.hop())
     }
 
     /// Codes `[K][frames]` of mono samples already at the model's rate.
+    ///
+    /// A clip of at most [`Self::max_samples`] is one forward pass, as in transformers. A longer
+    /// one is cut into windows of `max_position_embeddings` encoder frames that overlap by the
+    /// model's reach into the past ([`MimiFields::reach`]); each window's first frames, which
+    /// saw the window's edge instead of the audio before it, are dropped. Mimi is causal and
+    /// its attention is a sliding window, so every kept frame saw exactly what it sees in one
+    /// pass over the whole clip (RoPE scores depend on relative positions only): the codes are
+    /// transformers' codes of the whole clip up to rounding, the memory stays that of one window.
     pub fn encode_codes(&self, samples: &[f32]) -> Result<Vec<Vec<u32>>> {
-        if samples.len() > self.max_samples() {
-            return Err(TokenizerError::config(
-                "audio length",
-                format!(
-                    "{:.1} s is longer than the model's {:.1} s ({} transformer positions)",
-                    samples.len() as f64 / self.fields.sampling_rate as f64,
-                    self.max_samples() as f64 / self.fields.sampling_rate as f64,
-                    self.fields.max_position_embeddings
-                ),
-            ));
+        if samples.len() <= self.max_samples() {
+            return self.encode_pass(samples);
         }
+        let (window, overlap) = self.windows(samples.len() as f64 / self.fields.sampling_rate as f64)?;
+        let step = 2 * self.fields.hop(); // samples per code frame
+        let mut codes: Vec<Vec<u32>> = vec![Vec::new(); self.codebooks];
+        let mut next = 0usize; // first code frame not yet kept
+        loop {
+            let start = next.saturating_sub(overlap);
+            let end = ((start + window) * step).min(samples.len());
+            let part = self.encode_pass(&samples[start * step..end])?;
+            for (all, got) in codes.iter_mut().zip(part) {
+                all.extend_from_slice(got.get(next - start..).unwrap_or_default());
+            }
+            if end == samples.len() {
+                return Ok(codes);
+            }
+            next = start + window;
+        }
+    }
+
+    /// One forward pass of the encoder over at most [`Self::max_samples`] samples.
+    fn encode_pass(&self, samples: &[f32]) -> Result<Vec<Vec<u32>>> {
         let run = || -> candle_core::Result<Vec<Vec<u32>>> {
             let x = Tensor::from_slice(samples, (1, 1, samples.len()), &self.device)?;
             // candle's modules keep streaming state behind `&mut`; a clone shares the weights.
@@ -381,7 +438,39 @@ impl MimiTokenizer {
         super::candle_call(&self.weights, "encode", run)
     }
 
-    /// Samples at the model's rate of codes `[K][frames]`.
+    /// Window length and overlap in code frames for input longer than one pass (`seconds`
+    /// long, for the error): a window must keep at least one frame past its overlap.
+    fn windows(&self, seconds: f64) -> Result<(usize, usize)> {
+        let f = &self.fields;
+        let window = f.max_position_embeddings / 2;
+        let overlap = f.reach().div_ceil(2);
+        if !f.use_causal_conv || window <= overlap {
+            return Err(TokenizerError::config(
+                "audio length",
+                format!(
+                    "{seconds:.1} s is longer than the model's {:.1} s ({} transformer positions), and {}",
+                    self.max_samples() as f64 / f.sampling_rate as f64,
+                    f.max_position_embeddings,
+                    if f.use_causal_conv {
+                        format!(
+                            "a window of them cannot cover the {} frames each frame looks back \
+                             ({} layers × sliding_window {}, and the convolutions)",
+                            f.reach(),
+                            f.num_hidden_layers,
+                            f.sliding_window
+                        )
+                    } else {
+                        "a non-causal model (use_causal_conv = false) cannot be cut into windows".into()
+                    }
+                ),
+            ));
+        }
+        Ok((window, overlap))
+    }
+
+    /// Samples at the model's rate of codes `[K][frames]`; a sequence longer than one pass
+    /// (`max_position_embeddings / 2` code frames) is decoded in overlapping windows, as
+    /// [`Self::encode_codes`] encodes, since the decoder is causal with the same reach.
     pub fn decode_codes(&self, codes: &[Vec<u32>]) -> Result<Vec<f32>> {
         let frames = codes.first().map_or(0, Vec::len);
         if codes.len() != self.codebooks || codes.iter().any(|c| c.len() != frames) || frames == 0 {
@@ -396,7 +485,29 @@ impl MimiTokenizer {
                 format!("code {c} outside the {}-code book", self.fields.codebook_size),
             ));
         }
-        let flat: Vec<u32> = codes.iter().flatten().copied().collect();
+        if 2 * frames <= self.fields.max_position_embeddings {
+            return self.decode_pass(codes, 0..frames);
+        }
+        let (window, overlap) = self.windows(frames as f64 / self.frames_per_second())?;
+        let step = 2 * self.fields.hop();
+        let mut pcm = Vec::with_capacity(frames * step);
+        let mut next = 0usize;
+        loop {
+            let start = next.saturating_sub(overlap);
+            let end = (start + window).min(frames);
+            let part = self.decode_pass(codes, start..end)?;
+            pcm.extend_from_slice(part.get((next - start) * step..).unwrap_or_default());
+            if end == frames {
+                return Ok(pcm);
+            }
+            next = end;
+        }
+    }
+
+    /// One forward pass of the decoder over code frames `range` (at most one pass long).
+    fn decode_pass(&self, codes: &[Vec<u32>], range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let frames = range.len();
+        let flat: Vec<u32> = codes.iter().flat_map(|c| c[range.clone()].iter().copied()).collect();
         let run = || -> candle_core::Result<Vec<f32>> {
             let c = Tensor::from_vec(flat, (1, self.codebooks, frames), &self.device)?;
             let mut net = (*self.net).clone();
@@ -545,5 +656,15 @@ mod tests {
         let f = MimiFields::parse(&serde_json::json!({}), Path::new("c.json")).unwrap();
         assert!(f.to_candle(33, Path::new("c.json")).unwrap_err().to_string().contains("codebooks"));
         assert_eq!(f.to_candle(8, Path::new("c.json")).unwrap().frame_rate, 12.5);
+    }
+
+    #[test]
+    fn the_released_models_reach_sets_its_windows() {
+        // 8 layers × (250 + 1) frames of attention, 9 frames of convolutions (the decoder's,
+        // 7,156 samples, reach further than the encoder's 4,279), 4 of down/upsampling.
+        let f = MimiFields::parse(&serde_json::json!({}), Path::new("c.json")).unwrap();
+        assert_eq!(f.reach(), 8 * 251 + 9 + 4);
+        // Windows of 4,000 code frames (320 s) overlapping by 1,011 (81 s).
+        assert_eq!((f.max_position_embeddings / 2, f.reach().div_ceil(2)), (4000, 1011));
     }
 }

@@ -227,17 +227,8 @@ fn python() -> Option<PathBuf> {
     })
 }
 
-/// A clip longer than the transformer's 250-frame sliding window (10 s at the encoder's 25 Hz)
-/// against transformers run in the test: the window, the rotary positions past it and the
-/// decoder's own window must agree, not only the short clips of the committed reference.
-#[test]
-fn mimi_matches_transformers_past_the_sliding_window() -> Result<()> {
-    let Some(py) = python() else {
-        eprintln!("NOTICE: skipping the long-clip Mimi parity: no python with transformers ($MOTLEY_PYTHON or .venv)");
-        return Ok(());
-    };
-    let mimi = MimiTokenizer::from_folder(fixtures().join("mimi"), None)?;
-    // 12+ s of espeak-ng speech: sample clips back to back at 24 kHz.
+/// 12+ s of espeak-ng speech at 24 kHz: the sample corpus's clips back to back.
+fn long_clip() -> Result<Vec<f32>> {
     let speech = fixtures().join("../../../../data/sample/speech");
     let mut clips: Vec<PathBuf> =
         std::fs::read_dir(&speech)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
@@ -251,13 +242,22 @@ fn mimi_matches_transformers_past_the_sliding_window() -> Result<()> {
             break;
         }
     }
+    Ok(x)
+}
+
+/// transformers' codes `[K][frames]`, their shape, tie gaps and decoded audio.
+type Reference = (Vec<Vec<u32>>, Vec<usize>, Vec<f32>, Vec<f32>);
+
+/// transformers' codes, tie gaps and decoded audio of `x` through the model folder `model`,
+/// run by `mimi_encode.py` with `py`.
+fn transformers_reference(py: &Path, model: &Path, x: &[f32]) -> Result<Reference> {
     let dir = tempfile::tempdir()?;
     let input = dir.path().join("input.f32");
     std::fs::write(&input, x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
     let out = dir.path().join("reference.safetensors");
-    let status = std::process::Command::new(&py)
+    let status = std::process::Command::new(py)
         .arg(fixtures().join("mimi_encode.py"))
-        .arg(fixtures().join("mimi"))
+        .arg(model)
         .arg(&input)
         .arg(&out)
         .status()
@@ -266,9 +266,17 @@ fn mimi_matches_transformers_past_the_sliding_window() -> Result<()> {
     let buf = std::fs::read(&out)?;
     let st = SafeTensors::deserialize(&buf)?;
     let (want, shape) = codes(&st, "codes")?;
-    let gaps = f32s(&st, "gaps")?;
-    assert!(shape[1] > 125, "{} frames: not past the 250-frame window at 25 Hz", shape[1]);
-    let got = mimi.encode_codes(&x)?;
+    Ok((want, shape, f32s(&st, "gaps")?, f32s(&st, "decoded")?))
+}
+
+/// Encodes `x` with `model_dir` in motley and in transformers: codes equal but for ties
+/// (at most `max_excused`), and motley's decode of transformers' codes within 1e-4 of its
+/// peak. Returns the frame count.
+fn assert_parity_with_transformers(py: &Path, model_dir: &Path, x: &[f32], max_excused: usize) -> Result<usize> {
+    let mimi = MimiTokenizer::from_folder(model_dir, None)?;
+    let (want, shape, gaps, want_pcm) = transformers_reference(py, model_dir, x)?;
+    let got = mimi.encode_codes(x)?;
+    assert_eq!((got.len(), got[0].len()), (shape[0], shape[1]), "code grid");
     let mut excused = 0;
     for f in 0..shape[1] {
         let mut excused_chain = None;
@@ -283,13 +291,95 @@ fn mimi_matches_transformers_past_the_sliding_window() -> Result<()> {
             excused_chain = Some(chain);
         }
     }
-    assert!(excused <= 4, "{excused} codes excused as ties");
-    let want_pcm = f32s(&st, "decoded")?;
+    assert!(excused <= max_excused, "{excused} codes excused as ties");
     let pcm = mimi.decode_codes(&want)?;
     assert_eq!(pcm.len(), want_pcm.len());
     let peak = want_pcm.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = pcm.iter().zip(&want_pcm).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(d <= 1e-4 * peak.max(1.0), "decoded audio differs by {d} (peak {peak})");
-    eprintln!("{} frames past the window: {excused} ties excused, decoded within {d:.2e} (peak {peak:.2})", shape[1]);
+    eprintln!("{} frames: {excused} ties excused, decoded within {d:.2e} (peak {peak:.2})", shape[1]);
+    Ok(shape[1])
+}
+
+/// A clip longer than the transformer's 250-frame sliding window (10 s at the encoder's 25 Hz)
+/// against transformers run in the test: the window, the rotary positions past it and the
+/// decoder's own window must agree, not only the short clips of the committed reference.
+#[test]
+fn mimi_matches_transformers_past_the_sliding_window() -> Result<()> {
+    let Some(py) = python() else {
+        eprintln!("NOTICE: skipping the long-clip Mimi parity: no python with transformers ($MOTLEY_PYTHON or .venv)");
+        return Ok(());
+    };
+    let frames = assert_parity_with_transformers(&py, &fixtures().join("mimi"), &long_clip()?, 4)?;
+    assert!(frames > 125, "{frames} frames: not past the 250-frame window at 25 Hz");
+    Ok(())
+}
+
+/// The fixture Mimi with `max_position_embeddings` positions and a 20-frame sliding window;
+/// `gain` multiplies its transformers' attention projections and (×50 when not 1) their layer
+/// scales. At transformers' initial scales (0.01, weights of std 0.02) the transformers barely
+/// move the residual stream, so frames missing from a window's far edge would change nothing
+/// a test can see; amplified, they do.
+/// Loud enough that a window 4 code frames short of the reach fails (decode off by 7.6e-5 of
+/// the peak, against 8e-7 for the right overlap); much louder saturates the softmax onto the
+/// nearest frames and hides the far edge again.
+const GAIN: f32 = 20.0;
+fn windowed_mimi(max_position_embeddings: usize, gain: f32) -> Result<tempfile::TempDir> {
+    broken_model(|tensors, cfg| {
+        for (name, _, data) in tensors.iter_mut() {
+            let g = if name.ends_with("layer_scale.scale") {
+                if gain == 1.0 { 1.0 } else { 50.0 }
+            } else if name.contains("self_attn.") && name.ends_with("proj.weight") {
+                gain
+            } else {
+                continue;
+            };
+            for b in data.chunks_exact_mut(4) {
+                b.copy_from_slice(&(f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * g).to_le_bytes());
+            }
+        }
+        cfg["max_position_embeddings"] = serde_json::json!(max_position_embeddings);
+        cfg["sliding_window"] = serde_json::json!(20);
+    })
+}
+
+/// A clip longer than `max_position_embeddings` is encoded and decoded in overlapping windows.
+/// transformers runs it in one pass (its rotary table grows): the codes and audio must be the
+/// same. The fixture's model gets 120 positions and a 20-frame sliding window, so the 12 s clip
+/// (300 encoder frames) takes five windows. Then, with the transformers amplified (see
+/// [`windowed_mimi`]; too loud for float32 parity with transformers), against motley's own
+/// one pass: a window overlapping less than the model's reach fails here.
+#[test]
+fn mimi_windows_clips_past_max_position_embeddings_like_one_pass() -> Result<()> {
+    let Some(py) = python() else {
+        eprintln!("NOTICE: skipping the windowed Mimi parity: no python with transformers ($MOTLEY_PYTHON or .venv)");
+        return Ok(());
+    };
+    let x = long_clip()?;
+    let dir = windowed_mimi(120, 1.0)?;
+    let mimi = MimiTokenizer::from_folder(dir.path(), None)?;
+    assert!(x.len() > 2 * mimi.max_samples(), "{} samples: not two windows", x.len());
+    assert_parity_with_transformers(&py, dir.path(), &x, 4)?;
+
+    let windowed = MimiTokenizer::from_folder(windowed_mimi(120, GAIN)?.path(), None)?;
+    let one_pass = MimiTokenizer::from_folder(windowed_mimi(1000, GAIN)?.path(), None)?;
+    let codes = windowed.encode_codes(&x)?;
+    let want_codes = one_pass.encode_codes(&x)?;
+    let (pcm, want) = (windowed.decode_codes(&codes)?, one_pass.decode_codes(&codes)?);
+    assert_eq!(pcm.len(), want.len());
+    let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = pcm.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert_eq!(codes, want_codes, "windowed codes differ from one pass");
+    assert!(d <= 1e-5 * peak, "windowed decode differs from one pass by {d} (peak {peak})");
+    eprintln!("windows vs one pass: codes equal, decoded within {d:.2e} (peak {peak:.2})");
+
+    // A window too short for the model's reach is refused, naming what to change.
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path)?)?;
+    cfg["sliding_window"] = serde_json::json!(250);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
+    let mimi = MimiTokenizer::from_folder(dir.path(), None)?;
+    let e = mimi.encode_codes(&x).expect_err("a window shorter than the reach").to_string();
+    assert!(e.contains("120 transformer positions") && e.contains("sliding_window 250"), "{e}");
     Ok(())
 }
