@@ -737,8 +737,12 @@ impl AdamW {
         origin: &std::path::Path,
     ) -> Result<(), TrainError> {
         let missing = |what: String| TrainError::Checkpoint { path: origin.to_path_buf(), msg: what };
+        // Every stored tensor and step count must be one the model asks for, as for the
+        // weights (torch's strict `load_state_dict`): a stray one means another model's state.
+        let used = std::cell::RefCell::new(std::collections::BTreeSet::new());
         let copy_in = |key: String, dst: &mut Tensor| -> Result<(), TrainError> {
             let src = tensors.get(&key).ok_or_else(|| missing(format!("optimizer state lacks {key}")))?;
+            used.borrow_mut().insert(key.clone());
             if src.size() != dst.size() {
                 return Err(missing(format!("{key} has shape {:?}, the model needs {:?}", src.size(), dst.size())));
             }
@@ -785,6 +789,18 @@ impl AdamW {
                     step = Some(s);
                 }
                 p.step = step.unwrap_or(0);
+            }
+            let used = used.borrow();
+            if let Some(k) = tensors.keys().find(|k| !used.contains(*k)) {
+                return Err(missing(format!("unexpected optimizer tensor {k} (config and checkpoint disagree)")));
+            }
+            let names: std::collections::BTreeSet<String> = self
+                .params
+                .iter()
+                .flat_map(|p| public_views(&p.name, &p.shaped()).into_iter().map(|(n, _)| n))
+                .collect();
+            if let Some(k) = steps.keys().find(|k| !names.contains(*k)) {
+                return Err(missing(format!("meta.json's optimizer_steps name {k}, which the model does not have")));
             }
             Ok(())
         })

@@ -120,6 +120,11 @@ fn resume_refuses_model_changes_and_checkpoints_are_pruned() -> anyhow::Result<(
         let e = Trainer::resume(dir.path(), &[]).err().ok_or_else(|| anyhow::anyhow!("{pointer} resumed"))?.to_string();
         assert!(e.contains("meta.json") && e.contains(key), "{pointer}: {e}");
     }
+    let mut meta: serde_json::Value = serde_json::from_slice(&original)?;
+    meta["optimizer_steps"]["layers.9.attn.v_proj.speech.weight"] = 5.into();
+    std::fs::write(&meta_path, serde_json::to_vec(&meta)?)?;
+    let e = Trainer::resume(dir.path(), &[]).err().ok_or_else(|| anyhow::anyhow!("a stray step count resumed"))?;
+    assert!(e.to_string().contains("optimizer_steps name layers.9"), "{e}");
     std::fs::write(&meta_path, &original)?;
     assert!(Trainer::resume(dir.path(), &[]).is_ok());
 
@@ -142,6 +147,16 @@ fn resume_refuses_model_changes_and_checkpoints_are_pruned() -> anyhow::Result<(
     edit(checkpoint::MODEL_FILE, w, &|t| t.full_like(f64::NAN), "NaN")?;
     edit(checkpoint::MODEL_FILE, w, &|t| t.to_kind(tch::Kind::Int64), "not floating point")?;
     edit(checkpoint::OPTIMIZER_FILE, &format!("{w}.exp_avg_sq"), &|t| -t - 1.0, "negative")?;
+    // Moments of a tensor the model does not have (another model's state) are refused too.
+    let path = ckpt.join(checkpoint::OPTIMIZER_FILE);
+    let original = std::fs::read(&path)?;
+    let mut tensors = checkpoint::read_tensors(&path)?;
+    tensors.insert("layers.9.attn.q_proj.text.weight.exp_avg".into(), tch::Tensor::zeros([2], tch::kind::FLOAT_CPU));
+    tch::Tensor::write_safetensors(&tensors.iter().map(|(n, t)| (n.as_str(), t)).collect::<Vec<_>>(), &path)?;
+    let e = Trainer::resume(dir.path(), &[]).err().ok_or_else(|| anyhow::anyhow!("a stray moment resumed"))?;
+    let e = e.to_string();
+    assert!(e.contains(checkpoint::OPTIMIZER_FILE) && e.contains("unexpected optimizer tensor layers.9"), "{e}");
+    std::fs::write(&path, original)?;
     assert!(Trainer::resume(dir.path(), &[]).is_ok());
     Ok(())
 }
