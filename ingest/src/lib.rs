@@ -1,4 +1,4 @@
-//! motley-ingest: turns text files, JSONL, Parquet, image folders, audio and interleaved JSONL
+//! motley-ingest: turns text files, JSONL, Parquet, WebDataset tars, image folders, audio and interleaved JSONL
 //! into a motley shard corpus with the motley tokenizers — parallel, resumable, bounded in memory.
 //!
 //! ```no_run
@@ -30,6 +30,7 @@ pub mod progress;
 pub mod recipe;
 pub mod run;
 pub mod source;
+pub mod webdataset;
 
 pub use error::{Error, Reason, RecordError, Result};
 pub use plan::{Part, Task, plan, select_part};

@@ -26,6 +26,9 @@ pub enum FileFormat {
     ImageFile,
     /// One audio file (transcript from a sidecar `.txt`, if any).
     AudioFile,
+    /// A WebDataset shard: a tar whose members sharing a key form one sample.
+    #[serde(rename = "webdataset")]
+    WebDataset,
 }
 
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"];
@@ -42,6 +45,7 @@ pub fn detect_format(kind: SourceKind, path: &Path, explicit: bool) -> Option<Fi
     match ext.as_str() {
         "jsonl" | "ndjson" | "json" => return Some(FileFormat::Jsonl),
         "parquet" | "pq" => return Some(FileFormat::Parquet),
+        "tar" => return Some(FileFormat::WebDataset),
         _ => {}
     }
     match kind {

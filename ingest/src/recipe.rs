@@ -159,19 +159,22 @@ pub struct SourceSpec {
     #[serde(default)]
     pub name: Option<String>,
     pub kind: SourceKind,
-    /// Files, directories or glob patterns. `.jsonl`/`.json` are JSONL, `.parquet` Parquet;
-    /// text sources read other files as plain text, image and speech sources read image and
+    /// Files, directories or glob patterns. `.jsonl`/`.json` are JSONL, `.parquet` Parquet,
+    /// `.tar` WebDataset shards; text sources read other files as plain text, image and speech sources read image and
     /// audio files (sidecar `.txt` with the same stem = caption / transcript); directories are
     /// walked recursively.
     pub paths: Vec<String>,
-    /// JSONL key / Parquet column of the text, caption or transcript.
+    /// JSONL key / Parquet column of the text, caption or transcript; in a WebDataset tar, the
+    /// extension of its member (default `txt`).
     #[serde(default, alias = "text_key", alias = "text_column", alias = "caption_field", alias = "transcript_field")]
     pub text_field: Option<String>,
     /// JSONL key / Parquet column of the image (bytes, path relative to the file, or a
-    /// `{bytes, path}` struct as in Hugging Face datasets dumps).
+    /// `{bytes, path}` struct as in Hugging Face datasets dumps); in a WebDataset tar, the
+    /// extension of its member (default: the first with an image format's extension).
     #[serde(default, alias = "image_key", alias = "image_column")]
     pub image_field: Option<String>,
-    /// JSONL key / Parquet column of the audio (like `image_field`).
+    /// JSONL key / Parquet column of the audio; in a WebDataset tar, its member's extension
+    /// (like `image_field`).
     #[serde(default, alias = "audio_key", alias = "audio_column")]
     pub audio_field: Option<String>,
     /// JSONL key of the interleaved part list (default `parts`).

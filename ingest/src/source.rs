@@ -1,5 +1,6 @@
 //! Source readers: stream the records of one planned [`Unit`] (a text file, JSONL lines,
-//! Parquet rows, an image or audio file with its sidecar) as raw parts, in file order.
+//! Parquet rows, an image or audio file with its sidecar, WebDataset samples) as raw parts, in
+//! file order.
 //!
 //! Readers never tokenize; they hand `RawRecord`s (or the `RecordError` that made a record
 //! unusable) to a callback, which decides when to stop. Images and audio referenced by path
@@ -152,6 +153,7 @@ pub fn read_unit(ctx: &ReadCtx<'_>, unit: &Unit, f: &mut dyn FnMut(Item) -> Cont
         FileFormat::Jsonl => read_jsonl(ctx, &file, f),
         FileFormat::Parquet => crate::parquet_source::read_parquet(ctx, unit, &file, f),
         FileFormat::ImageFile | FileFormat::AudioFile => read_media_file(ctx, &file, f),
+        FileFormat::WebDataset => crate::webdataset::read_webdataset(ctx, &file, f),
     }
 }
 

@@ -46,7 +46,7 @@ enum Command {
     /// Train or fit tokenizers: text BPE, image VQ codebook / latent patches, speech units.
     #[command(subcommand)]
     Tokenizer(cmd::tokenizer::Command),
-    /// Turn folders, JSONL and Parquet of text, images and speech into a shard corpus.
+    /// Turn folders, JSONL, Parquet and WebDataset tars of text, images and speech into a shard corpus.
     Ingest(cmd::ingest::Args),
     /// Inspect, verify, decode, merge and export shard corpora.
     #[command(subcommand)]

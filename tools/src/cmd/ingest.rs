@@ -24,7 +24,7 @@ enum ImageModeArg {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  motley ingest --config data/sample/recipe.toml --tokenizers runs/demo/tokenizers --out runs/demo/corpus\n  motley ingest 'books/*.txt' --tokenizers tok --out corpus\n  motley ingest train.parquet --text-column content --tokenizers tok --out corpus --part 0/4"
+    after_help = "Examples:\n  motley ingest --config data/sample/recipe.toml --tokenizers runs/demo/tokenizers --out runs/demo/corpus\n  motley ingest 'books/*.txt' --tokenizers tok --out corpus\n  motley ingest train.parquet --text-column content --tokenizers tok --out corpus --part 0/4\n  motley ingest 'laion/*.tar' --kind image --tokenizers tok --out corpus   # WebDataset: 000123.jpg + 000123.txt"
 )]
 pub struct Args {
     /// Input files, directories or globs (one source of --kind); or use --config.
@@ -47,16 +47,18 @@ pub struct Args {
     /// Kind of the command-line inputs.
     #[arg(long, value_enum, default_value = "text")]
     kind: KindArg,
-    /// JSONL key of the text / caption / transcript.
+    /// JSONL key of the text / caption / transcript (in WebDataset tars: its member's
+    /// extension, default txt).
     #[arg(long)]
     text_key: Option<String>,
     /// Parquet column of the text / caption / transcript.
     #[arg(long)]
     text_column: Option<String>,
-    /// JSONL key / Parquet column of the image.
+    /// JSONL key / Parquet column of the image (in WebDataset tars: its member's extension,
+    /// default the first image format).
     #[arg(long)]
     image_key: Option<String>,
-    /// JSONL key / Parquet column of the audio.
+    /// JSONL key / Parquet column of the audio (in WebDataset tars: its member's extension).
     #[arg(long)]
     audio_key: Option<String>,
     /// Probability that the caption/transcript precedes the image/speech.

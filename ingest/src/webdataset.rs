@@ -1,0 +1,343 @@
+//! WebDataset source reader: a POSIX tar whose consecutive members sharing a key form one
+//! sample (`000123.jpg` + `000123.txt` → an image with its caption), the layout of img2dataset,
+//! LAION / DataComp shards and Megatron-Energon's WebDataset corpora.
+//!
+//! A member's key is its path up to the first `.` of its file name, the rest its extension
+//! (`shard/000123.seg.png` → key `shard/000123`, extension `seg.png`), as in the `webdataset`
+//! Python library. Per sample, the media member is the one whose extension is `image_field` /
+//! `audio_field` when set, else the first whose last extension is an image (audio) format; the
+//! caption / transcript (or, for a text source, the document) is the member with extension
+//! `text_field` (default `txt`). Members are read one at a time into memory and never written
+//! to disk; other members (`.json`, `.cls`, …) are skipped. A tar that breaks off (a bad header
+//! checksum, a truncated member) is one error at the byte offset where it broke, after every
+//! sample before it.
+
+use std::io::Read;
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Arc;
+
+use motley_tokenizers::error::catch_panic;
+
+use crate::error::{Reason, RecordError};
+use crate::plan::{AUDIO_EXTENSIONS, IMAGE_EXTENSIONS};
+use crate::recipe::SourceKind;
+use crate::source::{Blob, Item, RawPart, RawRecord, ReadCtx};
+
+/// The caption / transcript / document member's extension when `text_field` is not set.
+pub const DEFAULT_TEXT_EXTENSION: &str = "txt";
+
+/// One member of the current sample, read into memory.
+struct Member {
+    /// Extension after the key, lowercased (`jpg`, `seg.png`).
+    ext: String,
+    path: String,
+    data: Vec<u8>,
+}
+
+/// Consecutive members with one key.
+struct Sample {
+    key: String,
+    /// Where its first member's header starts in the tar.
+    offset: u64,
+    members: Vec<Member>,
+}
+
+/// `dir/000123.seg.PNG` → (`dir/000123`, `seg.png`); a name without a dot has no extension.
+fn split_key(path: &str) -> (&str, String) {
+    let name_start = path.rfind('/').map_or(0, |i| i + 1);
+    match path[name_start..].find('.') {
+        Some(dot) => (&path[..name_start + dot], path[name_start + dot + 1..].to_ascii_lowercase()),
+        None => (path, String::new()),
+    }
+}
+
+fn rec_err(file: &Path, index: u64, offset: u64, reason: Reason, e: impl Into<String>) -> RecordError {
+    RecordError {
+        file: file.display().to_string(),
+        record: Some(index),
+        byte_offset: Some(offset),
+        reason,
+        error: e.into(),
+    }
+}
+
+pub(crate) fn read_webdataset(
+    ctx: &ReadCtx<'_>,
+    file: &Arc<Path>,
+    f: &mut dyn FnMut(Item) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    let handle = match std::fs::File::open(file) {
+        Ok(h) => h,
+        Err(e) => {
+            let e = RecordError {
+                file: file.display().to_string(),
+                record: None,
+                byte_offset: None,
+                reason: Reason::Io,
+                error: format!("open: {e}"),
+            };
+            return f(Err(e));
+        }
+    };
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, handle));
+    let mut entries = match archive.entries() {
+        Ok(e) => e,
+        Err(e) => return f(Err(rec_err(file, 0, 0, Reason::Io, format!("not a tar archive: {e}")))),
+    };
+    let mut index = 0u64;
+    let mut current: Option<Sample> = None;
+    // Where the next header starts (after the last member read), for errors that break the tar.
+    let mut next_offset = 0u64;
+    loop {
+        // The tar crate returns errors for the malformed headers we know of; the guard keeps any
+        // it does not foresee to this file.
+        let next = match catch_panic(|| entries.next()) {
+            Ok(n) => n,
+            Err(msg) => Some(Err(std::io::Error::other(format!("the tar reader panicked: {msg}")))),
+        };
+        let mut entry = match next {
+            None => break,
+            Some(Ok(e)) => e,
+            Some(Err(e)) => {
+                if let Some(s) = current.take() {
+                    emit(ctx, file, index, s, f)?;
+                    index += 1;
+                }
+                return f(Err(rec_err(file, index, next_offset, Reason::Io, format!("the tar breaks off here: {e}"))));
+            }
+        };
+        let offset = entry.raw_header_position();
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = match entry.path() {
+            Ok(p) => p.to_string_lossy().into_owned(),
+            Err(e) => return f(Err(rec_err(file, index, offset, Reason::Io, format!("member name: {e}")))),
+        };
+        let size = entry.size();
+        let mut data = Vec::with_capacity(size.min(64 << 20) as usize);
+        if let Err(e) = catch_panic(|| entry.read_to_end(&mut data)).unwrap_or_else(|m| Err(std::io::Error::other(m))) {
+            if let Some(s) = current.take() {
+                emit(ctx, file, index, s, f)?;
+                index += 1;
+            }
+            let e = format!("member {path} ({size} bytes) breaks off: {e}");
+            return f(Err(rec_err(file, index, offset, Reason::Io, e)));
+        }
+        if data.len() as u64 != size {
+            if let Some(s) = current.take() {
+                emit(ctx, file, index, s, f)?;
+                index += 1;
+            }
+            let e = format!("member {path} breaks off after {} of its {size} bytes", data.len());
+            return f(Err(rec_err(file, index, offset, Reason::Io, e)));
+        }
+        next_offset = entry.raw_file_position() + size.div_ceil(512) * 512;
+        let (key, ext) = split_key(&path);
+        if current.as_ref().is_some_and(|s| s.key != key)
+            && let Some(s) = current.take()
+        {
+            emit(ctx, file, index, s, f)?;
+            index += 1;
+        }
+        let sample = current.get_or_insert_with(|| Sample { key: key.to_string(), offset, members: Vec::new() });
+        sample.members.push(Member { ext, path, data });
+    }
+    match current.take() {
+        Some(s) => emit(ctx, file, index, s, f),
+        None if index == 0 => f(Err(rec_err(file, 0, 0, Reason::Empty, "a tar without members"))),
+        None => ControlFlow::Continue(()),
+    }
+}
+
+/// Turns one sample into a record (or the error that makes it unusable) and hands it on.
+fn emit(
+    ctx: &ReadCtx<'_>,
+    file: &Arc<Path>,
+    index: u64,
+    sample: Sample,
+    f: &mut dyn FnMut(Item) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    f(record(ctx, file, index, sample))
+}
+
+fn record(ctx: &ReadCtx<'_>, file: &Arc<Path>, index: u64, mut sample: Sample) -> Item {
+    let spec = ctx.spec;
+    let err = |reason: Reason, e: String| rec_err(file, index, sample.offset, reason, e);
+    let text_ext = spec.text_field.as_deref().unwrap_or(DEFAULT_TEXT_EXTENSION).to_ascii_lowercase();
+    let text = match sample.members.iter().position(|m| m.ext == text_ext) {
+        None => None,
+        Some(i) => {
+            let m = sample.members.swap_remove(i);
+            match String::from_utf8(m.data) {
+                Ok(s) => Some(s.trim().to_string()),
+                Err(e) => {
+                    let at = e.utf8_error().valid_up_to();
+                    return Err(err(Reason::InvalidUtf8, format!("{}: invalid UTF-8 at byte {at}", m.path)));
+                }
+            }
+        }
+    };
+    let (explicit, formats, what) = match spec.kind {
+        SourceKind::Text => {
+            return match text.filter(|t| !t.is_empty()) {
+                Some(t) => Ok(RawRecord {
+                    file: file.clone(),
+                    index,
+                    byte_offset: Some(sample.offset),
+                    parts: vec![RawPart::Text(t)],
+                }),
+                None => Err(err(Reason::Empty, format!("sample {}: no .{text_ext} member with text", sample.key))),
+            };
+        }
+        SourceKind::Image => (spec.image_field.as_deref(), IMAGE_EXTENSIONS, "image"),
+        SourceKind::Speech => (spec.audio_field.as_deref(), AUDIO_EXTENSIONS, "audio"),
+        SourceKind::Interleaved => {
+            return Err(err(Reason::WrongType, "interleaved sources read JSONL only, not WebDataset tars".into()));
+        }
+    };
+    let is_media = |m: &Member| match explicit {
+        Some(ext) => m.ext.eq_ignore_ascii_case(ext),
+        None => formats.contains(&m.ext.rsplit('.').next().unwrap_or_default()),
+    };
+    let Some(i) = sample.members.iter().position(is_media) else {
+        let want = explicit.map_or_else(|| format!("{what} member"), |e| format!(".{e} member"));
+        let have: Vec<&str> = sample.members.iter().map(|m| m.ext.as_str()).collect();
+        return Err(err(Reason::MissingField, format!("sample {}: no {want} (has {have:?})", sample.key)));
+    };
+    let m = sample.members.swap_remove(i);
+    let blob = Blob::Bytes { data: m.data, name: m.path };
+    let media = match spec.kind {
+        SourceKind::Speech => RawPart::Audio(blob),
+        _ => RawPart::Image(blob),
+    };
+    Ok(RawRecord {
+        file: file.clone(),
+        index,
+        byte_offset: Some(sample.offset),
+        parts: ctx.pair(file, index, text, media),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::plan::{FileFormat, Unit};
+    use crate::recipe::{RecipeOptions, SourceSpec};
+
+    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in members {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn read(kind: SourceKind, bytes: &[u8], edit: impl FnOnce(&mut SourceSpec)) -> Vec<Item> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shard-000.tar");
+        std::fs::write(&p, bytes).unwrap();
+        let mut spec = SourceSpec::new(kind, vec![]);
+        edit(&mut spec);
+        let options = RecipeOptions::default();
+        let ctx = ReadCtx { spec: &spec, options: &options };
+        let unit = Unit { file: p, format: FileFormat::WebDataset, bytes: 0, row_groups: None, first_row: 0 };
+        let mut out = Vec::new();
+        let _ = crate::source::read_unit(&ctx, &unit, &mut |i| {
+            out.push(i);
+            ControlFlow::Continue(())
+        });
+        out
+    }
+
+    #[test]
+    fn keys_split_at_the_first_dot_of_the_file_name() {
+        assert_eq!(split_key("a/b.c/000123.seg.PNG"), ("a/b.c/000123", "seg.png".into()));
+        assert_eq!(split_key("x.jpg"), ("x", "jpg".into()));
+        assert_eq!(split_key("dir/noext"), ("dir/noext", String::new()));
+    }
+
+    #[test]
+    fn samples_group_consecutive_members_and_pick_media_and_caption() {
+        let tar = tar_of(&[
+            ("s/000.jpg", b"JPG0"),
+            ("s/000.txt", b" a cat \n"),
+            ("s/000.json", b"{}"),
+            ("s/001.png", b"PNG1"),
+            ("s/002.txt", b"no image here"),
+            ("s/003.seg.png", b"SEG3"),
+            ("s/003.webp", b"WEBP3"),
+        ]);
+        let items = read(SourceKind::Image, &tar, |s| s.text_first = Some(1.0));
+        assert_eq!(items.len(), 4);
+        let r0 = items[0].as_ref().unwrap();
+        assert_eq!((r0.index, r0.byte_offset), (0, Some(0)));
+        assert_eq!(
+            r0.parts,
+            vec![
+                RawPart::Text("a cat".into()),
+                RawPart::Image(Blob::Bytes { data: b"JPG0".to_vec(), name: "s/000.jpg".into() })
+            ]
+        );
+        let r1 = items[1].as_ref().unwrap();
+        assert_eq!(r1.parts, vec![RawPart::Image(Blob::Bytes { data: b"PNG1".to_vec(), name: "s/001.png".into() })]);
+        // Four members of 512-byte header + one 512-byte block before sample 1's header.
+        assert_eq!(r1.byte_offset, Some(3 * 1024));
+        let e = items[2].as_ref().unwrap_err();
+        assert_eq!((e.reason, e.record), (Reason::MissingField, Some(2)));
+        assert!(e.error.contains("s/002") && e.error.contains("image member"), "{}", e.error);
+        // The first image-format member, unless image_field names one.
+        let r3 = items[3].as_ref().unwrap();
+        assert!(matches!(&r3.parts[0], RawPart::Image(Blob::Bytes { name, .. }) if name == "s/003.seg.png"));
+        let items = read(SourceKind::Image, &tar, |s| s.image_field = Some("webp".into()));
+        assert!(
+            matches!(&items[3].as_ref().unwrap().parts[0], RawPart::Image(Blob::Bytes { name, .. }) if name == "s/003.webp")
+        );
+        assert!(items[0].is_err() && items[1].is_err());
+    }
+
+    #[test]
+    fn text_and_speech_sources_and_a_caption_member_by_extension() {
+        let tar = tar_of(&[("k1.flac", b"F"), ("k1.transcript.txt", b"hello"), ("k2.txt", b"\xff\xfe")]);
+        let items = read(SourceKind::Speech, &tar, |s| s.text_field = Some("transcript.txt".into()));
+        let r = items[0].as_ref().unwrap();
+        assert!(r.parts.contains(&RawPart::Text("hello".into())));
+        assert!(r.parts.iter().any(|p| matches!(p, RawPart::Audio(_))));
+        let items = read(SourceKind::Text, &tar, |_| {});
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].as_ref().unwrap_err().reason, Reason::Empty);
+        let e = items[1].as_ref().unwrap_err();
+        assert_eq!(e.reason, Reason::InvalidUtf8);
+        assert!(e.error.contains("k2.txt"), "{}", e.error);
+    }
+
+    #[test]
+    fn a_broken_tar_keeps_the_samples_before_the_break() {
+        let tar = tar_of(&[("a.jpg", b"A"), ("a.txt", b"cap"), ("b.jpg", &[7u8; 2000]), ("c.jpg", b"C")]);
+        // Cut inside b.jpg's data (its header at 2,048, its data from 2,560).
+        let cut = &tar[..2 * 1024 + 512 + 1000];
+        let items = read(SourceKind::Image, cut, |_| {});
+        assert!(items[0].is_ok(), "{:?}", items[0]);
+        let e = items.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(e.reason, Reason::Io);
+        assert_eq!(e.byte_offset, Some(2 * 1024));
+        assert!(e.error.contains("b.jpg"), "{}", e.error);
+        // A damaged header (checksum) past the first sample: one error where it starts.
+        let mut bad = tar.clone();
+        bad[2 * 1024 + 10] ^= 0x55;
+        let items = read(SourceKind::Image, &bad, |_| {});
+        assert!(items[0].is_ok());
+        let e = items.last().unwrap().as_ref().unwrap_err();
+        assert_eq!((e.reason, e.byte_offset), (Reason::Io, Some(2 * 1024)));
+        // Empty, and not a tar at all.
+        assert_eq!(read(SourceKind::Image, b"", |_| {})[0].as_ref().unwrap_err().reason, Reason::Empty);
+        let items = read(SourceKind::Image, b"definitely not a tar archive, just some text", |_| {});
+        assert!(items.iter().all(Result::is_err) && !items.is_empty());
+    }
+}
