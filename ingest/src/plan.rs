@@ -38,10 +38,19 @@ fn ext_of(path: &Path) -> String {
     path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default()
 }
 
+/// `*.tar.gz` or `*.tgz`: a gzip-compressed WebDataset shard.
+pub fn is_gzipped_tar(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    name.ends_with(".tar.gz") || name.ends_with(".tgz")
+}
+
 /// The format of `path` inside a source of `kind`; `explicit` is true when the user named the
 /// file itself (then an image source reads it as an image whatever its extension).
 pub fn detect_format(kind: SourceKind, path: &Path, explicit: bool) -> Option<FileFormat> {
     let ext = ext_of(path);
+    if is_gzipped_tar(path) {
+        return Some(FileFormat::WebDataset);
+    }
     match ext.as_str() {
         "jsonl" | "ndjson" | "json" => return Some(FileFormat::Jsonl),
         "parquet" | "pq" => return Some(FileFormat::Parquet),

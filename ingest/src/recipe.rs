@@ -160,7 +160,7 @@ pub struct SourceSpec {
     pub name: Option<String>,
     pub kind: SourceKind,
     /// Files, directories or glob patterns. `.jsonl`/`.json` are JSONL, `.parquet` Parquet,
-    /// `.tar` WebDataset shards; text sources read other files as plain text, image and speech sources read image and
+    /// `.tar` (`.tar.gz`, `.tgz`) WebDataset shards; text sources read other files as plain text, image and speech sources read image and
     /// audio files (sidecar `.txt` with the same stem = caption / transcript); directories are
     /// walked recursively.
     pub paths: Vec<String>,

@@ -10,7 +10,8 @@
 //! `text_field` (default `txt`). Members are read one at a time into memory and never written
 //! to disk; other members (`.json`, `.cls`, …) are skipped. A tar that breaks off (a bad header
 //! checksum, a truncated member) is one error at the byte offset where it broke, after every
-//! sample before it.
+//! sample before it. `*.tar.gz` / `*.tgz` shards are decompressed on the fly (gzip; byte
+//! offsets are then those of the uncompressed tar).
 
 use std::io::Read;
 use std::ops::ControlFlow;
@@ -80,7 +81,13 @@ pub(crate) fn read_webdataset(
             return f(Err(e));
         }
     };
-    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, handle));
+    let buffered = std::io::BufReader::with_capacity(1 << 20, handle);
+    let reader: Box<dyn Read> = if crate::plan::is_gzipped_tar(file) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
+    } else {
+        Box::new(buffered)
+    };
+    let mut archive = tar::Archive::new(reader);
     let mut entries = match archive.entries() {
         Ok(e) => e,
         Err(e) => return f(Err(rec_err(file, 0, 0, Reason::Io, format!("not a tar archive: {e}")))),

@@ -1,5 +1,5 @@
-//! WebDataset tars as ingest input: the same samples as a tar and as JSONL with files give the
-//! same documents (image and speech sources, captions first), and a tar that breaks off keeps
+//! WebDataset tars as ingest input: the same samples as a tar, a gzipped tar and as JSONL with
+//! files give the same documents (image and speech sources, captions first), and a tar that breaks off keeps
 //! every sample before the break and reports the break with its byte offset.
 
 mod common;
@@ -78,6 +78,12 @@ fn a_tar_gives_the_documents_of_the_same_samples_as_files() -> anyhow::Result<()
         let from_files = run(&j, &format!("text_field = {text_key:?}\n{media_key}_field = {media_key:?}\n"), "files")?;
         let from_tar = run(&t, "", "tar")?;
         assert_eq!(tokens(&from_tar), tokens(&from_files), "{kind}");
+        // The same tar gzipped (`.tar.gz`, read through a decompressor).
+        let gz = dir.join("shard-000000.tar.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, &std::fs::read(&t)?)?;
+        std::fs::write(&gz, enc.finish()?)?;
+        assert_eq!(tokens(&run(&gz, "", "tar.gz")?), tokens(&from_files), "{kind} .tar.gz");
         let source = from_tar[3].segments[1].meta.source.as_deref().unwrap_or_default();
         assert!(source.starts_with("s/000003."), "{kind}: {source}");
     }
@@ -106,5 +112,21 @@ fn a_broken_tar_keeps_the_samples_before_it_and_reports_the_offset() -> anyhow::
     let offset = e.byte_offset.unwrap_or(u64::MAX);
     assert!(offset.is_multiple_of(512) && offset < bytes.len() as u64 / 2, "{e:?}");
     assert!(e.file.ends_with("shard-000000.tar") && e.error.contains("breaks off"), "{e:?}");
+
+    // A gzipped tar cut short: the samples decompressed before the cut are kept.
+    let gz = tmp.path().join("cut.tar.gz");
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut enc, &bytes)?;
+    let zipped = enc.finish()?;
+    std::fs::write(&gz, &zipped[..zipped.len() / 2])?;
+    let r = common::recipe(
+        &format!("[options]\nimage_mode = \"vq\"\n[[source]]\nkind = \"image\"\npaths = [{:?}]\n", gz.display()),
+        tmp.path(),
+    );
+    let out = tmp.path().join("corpus-gz");
+    let s = ingest(&common::config(r, &out))?;
+    assert!(s.documents >= 1 && s.documents < 10, "{} documents", s.documents);
+    let errors = read_errors(&out)?;
+    assert_eq!((errors.len(), errors[0].reason), (1, motley_ingest::Reason::Io), "{errors:?}");
     Ok(())
 }
