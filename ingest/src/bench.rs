@@ -1,6 +1,8 @@
-//! The text-ingest benchmark shared by `motley bench ingest` and `examples/bench_text.rs`:
+//! The ingest benchmarks shared by `motley bench ingest` and `examples/bench_text.rs`. Text:
 //! the same documents go through `motley ingest` end to end (JSONL files → finished shards)
 //! and through HF Python `tokenizers` `encode_batch` alone (scripts/bench/ingest_hf.py).
+//! WebDataset: motley's tar reader against Python's `tarfile` grouping the same samples
+//! (scripts/bench/wds_tarfile.py), and image ingest from tars against the same images as files.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -142,4 +144,199 @@ pub fn run_python(
     let tokens = v["tokens"].as_u64().ok_or_else(|| bench_err("python output lacks tokens"))?;
     let seconds = v["seconds"].as_f64().ok_or_else(|| bench_err("python output lacks seconds"))?;
     Ok(Timing { tokens, seconds, tokens_per_s: tokens as f64 / seconds })
+}
+
+/// WebDataset benchmark input: the same captioned images as tars (`KEY.png`, `KEY.txt`,
+/// `KEY.json`, as img2dataset writes them) and as image files listed in a JSONL.
+#[derive(Debug, Clone)]
+pub struct WdsBenchInput {
+    pub samples: usize,
+    /// Bytes of the tars.
+    pub tar_bytes: u64,
+    pub tars: Vec<PathBuf>,
+    pub jsonl: PathBuf,
+}
+
+/// Reads `images_jsonl` (`{"image": path relative to it, "caption": …}` lines), repeats its
+/// records `copies` times, and writes them to `work` as `n_tars` tars and as files + JSONL.
+pub fn prepare_webdataset(images_jsonl: &Path, copies: usize, n_tars: usize, work: &Path) -> Result<WdsBenchInput> {
+    let base = images_jsonl.parent().unwrap_or(Path::new("."));
+    let text = std::fs::read_to_string(images_jsonl).map_err(|e| Error::io("read", images_jsonl, e))?;
+    let mut records = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(bench_err)?;
+        let (Some(img), Some(cap)) = (v["image"].as_str(), v["caption"].as_str()) else { continue };
+        let p = base.join(img);
+        let bytes = std::fs::read(&p).map_err(|e| Error::io("read", &p, e))?;
+        records.push((bytes, cap.to_string(), line.to_string()));
+    }
+    let files_dir = work.join("files");
+    std::fs::create_dir_all(&files_dir).map_err(|e| Error::io("create", &files_dir, e))?;
+    let n = records.len() * copies.max(1);
+    let per_tar = n.div_ceil(n_tars.max(1)).max(1);
+    let (mut tars, mut jsonl, mut tar_bytes) = (Vec::new(), String::new(), 0u64);
+    let mut builder: Option<tar::Builder<Vec<u8>>> = None;
+    let flush = |b: tar::Builder<Vec<u8>>, tars: &mut Vec<PathBuf>, tar_bytes: &mut u64| -> Result<()> {
+        let bytes = b.into_inner().map_err(bench_err)?;
+        let p = work.join(format!("shard-{:06}.tar", tars.len()));
+        std::fs::write(&p, &bytes).map_err(|e| Error::io("write", &p, e))?;
+        *tar_bytes += bytes.len() as u64;
+        tars.push(p);
+        Ok(())
+    };
+    for k in 0..n {
+        let (img, cap, meta) = &records[k % records.len()];
+        let key = format!("{k:09}");
+        let b = builder.get_or_insert_with(|| tar::Builder::new(Vec::new()));
+        for (ext, data) in [("png", img.as_slice()), ("txt", cap.as_bytes()), ("json", meta.as_bytes())] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, format!("{key}.{ext}"), data).map_err(bench_err)?;
+        }
+        let file = files_dir.join(format!("{key}.png"));
+        std::fs::write(&file, img).map_err(|e| Error::io("write", &file, e))?;
+        jsonl.push_str(&serde_json::json!({"image": file, "caption": cap}).to_string());
+        jsonl.push('\n');
+        if (k + 1) % per_tar == 0
+            && let Some(b) = builder.take()
+        {
+            flush(b, &mut tars, &mut tar_bytes)?;
+        }
+    }
+    if let Some(b) = builder.take() {
+        flush(b, &mut tars, &mut tar_bytes)?;
+    }
+    let jsonl_path = work.join("files.jsonl");
+    std::fs::write(&jsonl_path, jsonl).map_err(|e| Error::io("write", &jsonl_path, e))?;
+    Ok(WdsBenchInput { samples: n, tar_bytes, tars, jsonl: jsonl_path })
+}
+
+/// One side's best time at reading samples.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadTiming {
+    pub samples: u64,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+    pub mb_per_s: f64,
+}
+
+/// motley's WebDataset reader alone (tar → grouped samples with their bytes), one thread,
+/// best of `repeat`.
+pub fn read_webdataset_alone(input: &WdsBenchInput, repeat: usize) -> Result<ReadTiming> {
+    let spec = SourceSpec::new(SourceKind::Image, vec![]);
+    let options = RecipeOptions::default();
+    let ctx = crate::source::ReadCtx { spec: &spec, options: &options };
+    let (mut best, mut samples) = (f64::INFINITY, 0u64);
+    for _ in 0..repeat.max(1) {
+        let t0 = std::time::Instant::now();
+        let mut ok = 0u64;
+        for t in &input.tars {
+            let unit = crate::plan::Unit {
+                file: t.clone(),
+                format: crate::plan::FileFormat::WebDataset,
+                bytes: 0,
+                row_groups: None,
+                first_row: 0,
+            };
+            let _ = crate::source::read_unit(&ctx, &unit, &mut |item| {
+                ok += u64::from(item.is_ok());
+                std::ops::ControlFlow::Continue(())
+            });
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+        samples = ok;
+    }
+    if samples != input.samples as u64 {
+        return Err(bench_err(format!("read {samples} of {} samples", input.samples)));
+    }
+    Ok(ReadTiming {
+        samples,
+        seconds: best,
+        samples_per_s: samples as f64 / best,
+        mb_per_s: input.tar_bytes as f64 / 1e6 / best,
+    })
+}
+
+/// Python's `tarfile` reading the same tars into samples grouped by key, as the `webdataset`
+/// library does (scripts/bench/wds_tarfile.py), best of `repeat`.
+pub fn read_webdataset_python(
+    python: &Path,
+    script: &Path,
+    input: &WdsBenchInput,
+    repeat: usize,
+) -> Result<ReadTiming> {
+    let out = Command::new(python)
+        .arg(script)
+        .arg("--repeat")
+        .arg(repeat.max(1).to_string())
+        .args(&input.tars)
+        .output()
+        .map_err(|e| bench_err(format!("run {} {}: {e}", python.display(), script.display())))?;
+    if !out.status.success() {
+        return Err(bench_err(format!("python baseline failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| bench_err(format!("python output: {e}")))?;
+    let samples = v["samples"].as_u64().ok_or_else(|| bench_err("python output lacks samples"))?;
+    let seconds = v["seconds"].as_f64().ok_or_else(|| bench_err("python output lacks seconds"))?;
+    Ok(ReadTiming {
+        samples,
+        seconds,
+        samples_per_s: samples as f64 / seconds,
+        mb_per_s: input.tar_bytes as f64 / 1e6 / seconds,
+    })
+}
+
+/// `motley ingest` of the images (VQ `image_tokenizer`, captions with `text_tokenizer`) from
+/// the tars or from the files + JSONL into `work/corpus-*`, best of `repeat`: images/s.
+pub fn run_image_ingest(
+    input: &WdsBenchInput,
+    from_tars: bool,
+    text_tokenizer: &Path,
+    image_tokenizer: &Path,
+    workers: usize,
+    repeat: usize,
+    work: &Path,
+) -> Result<ReadTiming> {
+    let paths = if from_tars {
+        input.tars.iter().map(|p| p.display().to_string()).collect()
+    } else {
+        vec![input.jsonl.display().to_string()]
+    };
+    let (mut best, mut samples) = (f64::INFINITY, 0u64);
+    for _ in 0..repeat.max(1) {
+        let mut spec = SourceSpec::new(SourceKind::Image, paths.clone());
+        spec.text_first = Some(1.0);
+        let recipe = Recipe {
+            tokenizers: TokenizerPaths {
+                text: Some(text_tokenizer.to_path_buf()),
+                image: Some(image_tokenizer.to_path_buf()),
+                speech: None,
+            },
+            options: RecipeOptions { task_mib: 1.0, ..Default::default() },
+            sources: vec![spec],
+        };
+        let cfg = IngestConfig {
+            recipe,
+            out: work.join(if from_tars { "corpus-tars" } else { "corpus-files" }),
+            workers: Some(workers),
+            limit: None,
+            part: Default::default(),
+            max_errors: None,
+            overwrite: true,
+            progress: false,
+        };
+        let t0 = std::time::Instant::now();
+        let s = ingest(&cfg)?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        samples = s.documents;
+    }
+    Ok(ReadTiming {
+        samples,
+        seconds: best,
+        samples_per_s: samples as f64 / best,
+        mb_per_s: input.tar_bytes as f64 / 1e6 / best,
+    })
 }

@@ -1,6 +1,7 @@
-//! Integration test of `motley bench trainer` at toy shapes: the report's fields are there
-//! and consistent (timings are not checked — no thresholds in tests), the operator counts
-//! come from real dispatches, and the PyTorch reference script runs on the same batch.
+//! Integration tests of the benchmarks at toy sizes: `motley bench trainer` (the report's
+//! fields are there and consistent — timings are not checked, no thresholds in tests — the
+//! operator counts come from real dispatches, and the PyTorch reference script runs on the same
+//! batch) and `motley bench ingest --webdataset` (every sample read on both sides).
 
 use std::path::Path;
 use std::process::Command;
@@ -52,6 +53,33 @@ fn bench_trainer_reports_ratios_and_operator_counts() -> anyhow::Result<()> {
     match python {
         Some(_) => assert!(f("tch_over_torch") > 0.0 && f("torch_fwd_bwd_ms") > 0.0, "PyTorch reference ran: {r}"),
         None => assert_eq!(r["torch_note"], "skipped (--no-torch)"),
+    }
+    Ok(())
+}
+
+/// `motley bench ingest --webdataset` on one copy of the sample digits: both readers see every
+/// sample, and image ingest from the tars and from the files gives the same document count.
+#[test]
+fn bench_ingest_webdataset_reads_every_sample_on_both_sides() -> anyhow::Result<()> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var("MOTLEY_PYTHON").unwrap_or_else(|_| "python3".into());
+    let args = ["--json", "bench", "ingest", "--webdataset", "--copies", "1", "--files", "3", "--repeat", "1"];
+    let out = Command::new(env!("CARGO_BIN_EXE_motley"))
+        .args(args)
+        .args(["--python", &python, "--workers", "2"])
+        .current_dir(&repo)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "motley {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    let n = r["samples"].as_u64();
+    assert_eq!(n, Some(1797), "{r}");
+    assert_eq!(r["tars"], 3);
+    for side in ["motley_reader_alone", "python_tarfile_alone", "ingest_from_tars", "ingest_from_files"] {
+        assert_eq!(r[side]["samples"].as_u64(), n, "{side}: {r}");
+        assert!(r[side]["samples_per_s"].as_f64().is_some_and(|v| v > 0.0), "{side}: {r}");
+    }
+    for ratio in ["read_ratio", "ingest_ratio"] {
+        assert!(r[ratio].as_f64().is_some_and(|v| v > 0.0), "{ratio}: {r}");
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `motley bench ingest`: text ingest end to end (JSONL files → finished shards, tokens/s)
 //! against HF Python `tokenizers` `encode_batch` alone on the same documents and cores,
-//! measured in the same run and printed as a ratio (goal ≥ 1.0).
+//! measured in the same run and printed as a ratio (goal ≥ 1.0). `--webdataset`: the
+//! WebDataset tar reader against Python's `tarfile` on the same tars, and image ingest from
+//! tars against the same images as files.
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +40,10 @@ pub struct Args {
     /// Scratch directory (default: a temporary one, removed afterwards).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Benchmark WebDataset input instead of text: the sample digits (data/sample/images.jsonl)
+    /// `--copies` times as `--files` tars.
+    #[arg(long)]
+    webdataset: bool,
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
@@ -49,6 +55,13 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("motley-bench-ingest-{}", std::process::id())));
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    if args.webdataset {
+        let r = webdataset(&args, &inputs, workers, &work, ctx);
+        if args.work_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        return r;
+    }
     let tokenizer = match &args.tokenizer {
         Some(t) => t.clone(),
         None => {
@@ -100,6 +113,64 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     output::line(format!(
         "ratio: {ratio:.2}x (goal >= 1.0){}",
         if rust.tokens == py.tokens { "" } else { "  [token counts differ]" }
+    ))
+}
+
+/// `--webdataset`: reader alone vs Python `tarfile`, then image ingest from tars vs files.
+fn webdataset(args: &Args, text_inputs: &[PathBuf], workers: usize, work: &Path, ctx: &Ctx) -> anyhow::Result<()> {
+    let input = bench::prepare_webdataset(Path::new("data/sample/images.jsonl"), args.copies, args.files, work)?;
+    let reader = bench::read_webdataset_alone(&input, args.repeat)?;
+    let py =
+        bench::read_webdataset_python(&args.python, Path::new("scripts/bench/wds_tarfile.py"), &input, args.repeat)?;
+    // Tokenizers for the end-to-end runs: a BPE on the text inputs, a VQ codebook on 200 digits.
+    let text = work.join("text.json");
+    let cfg = motley_tokenizers::TextTrainConfig { vocab_size: 2048, ..Default::default() };
+    motley_tokenizers::TextTokenizer::train(text_inputs, &cfg)?.0.save(&text)?;
+    let images: Vec<PathBuf> = (0..200).map(|i| PathBuf::from(format!("data/sample/images/{i:05}.png"))).collect();
+    let vq_cfg = motley_tokenizers::VqConfig { codebook_size: 256, max_iter: 10, ..Default::default() };
+    let (vq, _) = <motley_tokenizers::VqImageTokenizer as motley_tokenizers::Fit>::fit(
+        &images,
+        &vq_cfg,
+        &indicatif::ProgressBar::hidden(),
+    )?;
+    let vq_path = work.join("vq.safetensors");
+    motley_tokenizers::ImageTokenizer::save(&vq, &vq_path)?;
+    let tars = bench::run_image_ingest(&input, true, &text, &vq_path, workers, args.repeat, work)?;
+    let files = bench::run_image_ingest(&input, false, &text, &vq_path, workers, args.repeat, work)?;
+    let (read_ratio, ingest_ratio) =
+        (reader.samples_per_s / py.samples_per_s, tars.samples_per_s / files.samples_per_s);
+    if ctx.json {
+        return output::json(&serde_json::json!({
+            "samples": input.samples,
+            "tars": input.tars.len(),
+            "tar_bytes": input.tar_bytes,
+            "workers": workers,
+            "motley_reader_alone": reader,
+            "python_tarfile_alone": py,
+            "read_ratio": read_ratio,
+            "ingest_from_tars": tars,
+            "ingest_from_files": files,
+            "ingest_ratio": ingest_ratio,
+        }));
+    }
+    output::line(format!(
+        "input: {} captioned digits in {} tars, {:.1} MB (png + txt + json per sample)",
+        input.samples,
+        input.tars.len(),
+        input.tar_bytes as f64 / 1e6
+    ))?;
+    output::line(format!(
+        "motley WebDataset reader (1 thread):  {:.0} samples/s, {:.0} MB/s",
+        reader.samples_per_s, reader.mb_per_s
+    ))?;
+    output::line(format!(
+        "Python tarfile grouping (1 thread):   {:.0} samples/s, {:.0} MB/s",
+        py.samples_per_s, py.mb_per_s
+    ))?;
+    output::line(format!("read ratio: {read_ratio:.2}x (goal >= 1.0)"))?;
+    output::line(format!(
+        "image ingest end to end, {workers} threads: from tars {:.0} images/s, from files + JSONL {:.0} images/s: {ingest_ratio:.2}x",
+        tars.samples_per_s, files.samples_per_s
     ))
 }
 
