@@ -68,18 +68,20 @@ pub(crate) fn read_webdataset(
     file: &Arc<Path>,
     f: &mut dyn FnMut(Item) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
+    let file_err = |reason: Reason, error: String| RecordError {
+        file: file.display().to_string(),
+        record: None,
+        byte_offset: None,
+        reason,
+        error,
+    };
+    if ctx.spec.kind == SourceKind::Interleaved {
+        // One error for the file, not one per sample.
+        return f(Err(file_err(Reason::WrongType, "interleaved sources read JSONL only, not WebDataset tars".into())));
+    }
     let handle = match std::fs::File::open(file) {
         Ok(h) => h,
-        Err(e) => {
-            let e = RecordError {
-                file: file.display().to_string(),
-                record: None,
-                byte_offset: None,
-                reason: Reason::Io,
-                error: format!("open: {e}"),
-            };
-            return f(Err(e));
-        }
+        Err(e) => return f(Err(file_err(Reason::Io, format!("open: {e}")))),
     };
     let buffered = std::io::BufReader::with_capacity(1 << 20, handle);
     let reader: Box<dyn Read> = if crate::plan::is_gzipped_tar(file) {
@@ -200,9 +202,8 @@ fn record(ctx: &ReadCtx<'_>, file: &Arc<Path>, index: u64, mut sample: Sample) -
         }
         SourceKind::Image => (spec.image_field.as_deref(), IMAGE_EXTENSIONS, "image"),
         SourceKind::Speech => (spec.audio_field.as_deref(), AUDIO_EXTENSIONS, "audio"),
-        SourceKind::Interleaved => {
-            return Err(err(Reason::WrongType, "interleaved sources read JSONL only, not WebDataset tars".into()));
-        }
+        // Refused once per file in `read_webdataset`; never reached.
+        SourceKind::Interleaved => return Err(err(Reason::WrongType, "not for interleaved sources".into())),
     };
     let is_media = |m: &Member| match explicit {
         Some(ext) => m.ext.eq_ignore_ascii_case(ext),
@@ -322,6 +323,15 @@ mod tests {
         let e = items[1].as_ref().unwrap_err();
         assert_eq!(e.reason, Reason::InvalidUtf8);
         assert!(e.error.contains("k2.txt"), "{}", e.error);
+    }
+
+    #[test]
+    fn an_interleaved_source_refuses_a_tar_once() {
+        let tar = tar_of(&[("a.jpg", b"A"), ("b.jpg", b"B"), ("c.jpg", b"C")]);
+        let items = read(SourceKind::Interleaved, &tar, |_| {});
+        assert_eq!(items.len(), 1);
+        let e = items[0].as_ref().unwrap_err();
+        assert_eq!((e.reason, e.record), (Reason::WrongType, None));
     }
 
     #[test]
