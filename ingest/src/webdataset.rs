@@ -7,8 +7,8 @@
 //! Python library. Per sample, the media member is the one whose extension is `image_field` /
 //! `audio_field` when set, else the first whose last extension is an image (audio) format; the
 //! caption / transcript (or, for a text source, the document) is the member with extension
-//! `text_field` (default `txt`). Members are read one at a time into memory and never written
-//! to disk; other members (`.json`, `.cls`, …) are skipped. A tar that breaks off (a bad header
+//! `text_field` (default `txt`). Those members are read into memory a sample at a time, never
+//! written to disk; other members (`.json`, `.cls`, …) are skipped unread. A tar that breaks off (a bad header
 //! checksum, a truncated member) is one error at the byte offset where it broke, after every
 //! sample before it. `*.tar.gz` / `*.tgz` shards are decompressed on the fly (gzip; byte
 //! offsets are then those of the uncompressed tar).
@@ -83,6 +83,8 @@ pub(crate) fn read_webdataset(
         Ok(h) => h,
         Err(e) => return f(Err(file_err(Reason::Io, format!("open: {e}")))),
     };
+    // Offsets past the end (a member cut short and skipped unread) are reported as the end.
+    let file_len = handle.metadata().map_or(u64::MAX, |m| m.len());
     let buffered = std::io::BufReader::with_capacity(1 << 20, handle);
     let reader: Box<dyn Read> = if crate::plan::is_gzipped_tar(file) {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
@@ -113,7 +115,8 @@ pub(crate) fn read_webdataset(
                     emit(ctx, file, index, s, f)?;
                     index += 1;
                 }
-                return f(Err(rec_err(file, index, next_offset, Reason::Io, format!("the tar breaks off here: {e}"))));
+                let at = if crate::plan::is_gzipped_tar(file) { next_offset } else { next_offset.min(file_len) };
+                return f(Err(rec_err(file, index, at, Reason::Io, format!("the tar breaks off here: {e}"))));
             }
         };
         let offset = entry.raw_header_position();
@@ -125,25 +128,29 @@ pub(crate) fn read_webdataset(
             Err(e) => return f(Err(rec_err(file, index, offset, Reason::Io, format!("member name: {e}")))),
         };
         let size = entry.size();
-        let mut data = Vec::with_capacity(size.min(64 << 20) as usize);
-        if let Err(e) = catch_panic(|| entry.read_to_end(&mut data)).unwrap_or_else(|m| Err(std::io::Error::other(m))) {
-            if let Some(s) = current.take() {
-                emit(ctx, file, index, s, f)?;
-                index += 1;
+        let (key, ext) = split_key(&path);
+        // Only members a record can use are read; the others (`.json`, `.cls`, a video next
+        // to the image) are skipped by the tar reader without being held in memory.
+        let mut data = Vec::new();
+        if wanted(ctx, &ext) {
+            data.reserve(size.min(64 << 20) as usize);
+            let read = catch_panic(|| entry.read_to_end(&mut data)).unwrap_or_else(|m| Err(std::io::Error::other(m)));
+            let broken = match read {
+                Err(e) => Some(format!("member {path} ({size} bytes) breaks off: {e}")),
+                Ok(_) if data.len() as u64 != size => {
+                    Some(format!("member {path} breaks off after {} of its {size} bytes", data.len()))
+                }
+                Ok(_) => None,
+            };
+            if let Some(e) = broken {
+                if let Some(s) = current.take() {
+                    emit(ctx, file, index, s, f)?;
+                    index += 1;
+                }
+                return f(Err(rec_err(file, index, offset, Reason::Io, e)));
             }
-            let e = format!("member {path} ({size} bytes) breaks off: {e}");
-            return f(Err(rec_err(file, index, offset, Reason::Io, e)));
-        }
-        if data.len() as u64 != size {
-            if let Some(s) = current.take() {
-                emit(ctx, file, index, s, f)?;
-                index += 1;
-            }
-            let e = format!("member {path} breaks off after {} of its {size} bytes", data.len());
-            return f(Err(rec_err(file, index, offset, Reason::Io, e)));
         }
         next_offset = entry.raw_file_position() + size.div_ceil(512) * 512;
-        let (key, ext) = split_key(&path);
         if current.as_ref().is_some_and(|s| s.key != key)
             && let Some(s) = current.take()
         {
@@ -160,6 +167,30 @@ pub(crate) fn read_webdataset(
     }
 }
 
+/// The caption / transcript / document member's extension for this source.
+fn text_extension(ctx: &ReadCtx<'_>) -> String {
+    ctx.spec.text_field.as_deref().unwrap_or(DEFAULT_TEXT_EXTENSION).to_ascii_lowercase()
+}
+
+/// Whether a member with extension `ext` is this source's media: the one `image_field`
+/// (`audio_field`) names, else any image (audio) format.
+fn is_media(ctx: &ReadCtx<'_>, ext: &str) -> bool {
+    let (explicit, formats) = match ctx.spec.kind {
+        SourceKind::Image => (ctx.spec.image_field.as_deref(), IMAGE_EXTENSIONS),
+        SourceKind::Speech => (ctx.spec.audio_field.as_deref(), AUDIO_EXTENSIONS),
+        SourceKind::Text | SourceKind::Interleaved => return false,
+    };
+    match explicit {
+        Some(e) => ext.eq_ignore_ascii_case(e),
+        None => formats.contains(&ext.rsplit('.').next().unwrap_or_default()),
+    }
+}
+
+/// Whether a member's bytes can end up in a record (and so are read at all).
+fn wanted(ctx: &ReadCtx<'_>, ext: &str) -> bool {
+    ext == text_extension(ctx) || is_media(ctx, ext)
+}
+
 /// Turns one sample into a record (or the error that makes it unusable) and hands it on.
 fn emit(
     ctx: &ReadCtx<'_>,
@@ -174,7 +205,7 @@ fn emit(
 fn record(ctx: &ReadCtx<'_>, file: &Arc<Path>, index: u64, mut sample: Sample) -> Item {
     let spec = ctx.spec;
     let err = |reason: Reason, e: String| rec_err(file, index, sample.offset, reason, e);
-    let text_ext = spec.text_field.as_deref().unwrap_or(DEFAULT_TEXT_EXTENSION).to_ascii_lowercase();
+    let text_ext = text_extension(ctx);
     let text = match sample.members.iter().position(|m| m.ext == text_ext) {
         None => None,
         Some(i) => {
@@ -188,7 +219,7 @@ fn record(ctx: &ReadCtx<'_>, file: &Arc<Path>, index: u64, mut sample: Sample) -
             }
         }
     };
-    let (explicit, formats, what) = match spec.kind {
+    let (explicit, what) = match spec.kind {
         SourceKind::Text => {
             return match text.filter(|t| !t.is_empty()) {
                 Some(t) => Ok(RawRecord {
@@ -200,16 +231,12 @@ fn record(ctx: &ReadCtx<'_>, file: &Arc<Path>, index: u64, mut sample: Sample) -
                 None => Err(err(Reason::Empty, format!("sample {}: no .{text_ext} member with text", sample.key))),
             };
         }
-        SourceKind::Image => (spec.image_field.as_deref(), IMAGE_EXTENSIONS, "image"),
-        SourceKind::Speech => (spec.audio_field.as_deref(), AUDIO_EXTENSIONS, "audio"),
+        SourceKind::Image => (spec.image_field.as_deref(), "image"),
+        SourceKind::Speech => (spec.audio_field.as_deref(), "audio"),
         // Refused once per file in `read_webdataset`; never reached.
         SourceKind::Interleaved => return Err(err(Reason::WrongType, "not for interleaved sources".into())),
     };
-    let is_media = |m: &Member| match explicit {
-        Some(ext) => m.ext.eq_ignore_ascii_case(ext),
-        None => formats.contains(&m.ext.rsplit('.').next().unwrap_or_default()),
-    };
-    let Some(i) = sample.members.iter().position(is_media) else {
+    let Some(i) = sample.members.iter().position(|m| is_media(ctx, &m.ext)) else {
         let want = explicit.map_or_else(|| format!("{what} member"), |e| format!(".{e} member"));
         let have: Vec<&str> = sample.members.iter().map(|m| m.ext.as_str()).collect();
         return Err(err(Reason::MissingField, format!("sample {}: no {want} (has {have:?})", sample.key)));
@@ -345,6 +372,14 @@ mod tests {
         assert_eq!(e.reason, Reason::Io);
         assert_eq!(e.byte_offset, Some(2 * 1024));
         assert!(e.error.contains("b.jpg"), "{}", e.error);
+        // Cut inside a member that is skipped unread (`.json`): the break is found when the
+        // reader steps past it, and reported at the end of the file.
+        let tar2 = tar_of(&[("a.jpg", b"A"), ("a.json", &[b' '; 3000]), ("b.jpg", b"B")]);
+        let items = read(SourceKind::Image, &tar2[..1024 + 512 + 100], |_| {});
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert!(items[0].is_ok());
+        let e = items[1].as_ref().unwrap_err();
+        assert_eq!((e.reason, e.record, e.byte_offset), (Reason::Io, Some(1), Some(1024 + 512 + 100)));
         // A damaged header (checksum) past the first sample: one error where it starts.
         let mut bad = tar.clone();
         bad[2 * 1024 + 10] ^= 0x55;
