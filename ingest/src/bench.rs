@@ -239,6 +239,7 @@ pub fn read_webdataset_alone(input: &WdsBenchInput, repeat: usize) -> Result<Rea
                 bytes: 0,
                 row_groups: None,
                 first_row: 0,
+                remote: None,
             };
             let _ = crate::source::read_unit(&ctx, &unit, &mut |item| {
                 ok += u64::from(item.is_ok());

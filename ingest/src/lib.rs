@@ -28,6 +28,7 @@ pub mod parquet_source;
 pub mod plan;
 pub mod progress;
 pub mod recipe;
+pub mod remote_input;
 pub mod run;
 pub mod source;
 pub mod webdataset;

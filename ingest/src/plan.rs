@@ -82,6 +82,10 @@ pub struct Unit {
     /// Index of the first row of `row_groups` in the file (record numbers stay file-global).
     #[serde(default)]
     pub first_row: u64,
+    /// The object `file` is fetched from, for an input in an object store (`file` is then its
+    /// place in the local cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<crate::remote_input::RemoteInput>,
 }
 
 /// A unit of work: consecutive units of one source, written as the shards `task-NNNNN-*`.
@@ -136,8 +140,45 @@ impl std::fmt::Display for Part {
     }
 }
 
+/// One input file of a source: where it is read from, how, and the object it is fetched from.
+type Input = (PathBuf, FileFormat, Option<crate::remote_input::RemoteInput>);
+
+/// Expands an object-store location or glob into its objects. They are fetched only when their
+/// task runs, so a source may only name files that hold their records whole: media files
+/// named from a JSONL, or sidecar captions, would not be fetched with them.
+fn expand_remote(kind: SourceKind, pattern: &str) -> Result<Vec<Input>> {
+    let mut out = Vec::new();
+    for (local, remote) in crate::remote_input::list(pattern)? {
+        let Some(format) = detect_format(kind, Path::new(&remote.uri), false) else { continue };
+        let ok = match kind {
+            SourceKind::Text => format != FileFormat::ImageFile && format != FileFormat::AudioFile,
+            SourceKind::Image | SourceKind::Speech => matches!(format, FileFormat::WebDataset | FileFormat::Parquet),
+            SourceKind::Interleaved => false,
+        };
+        if !ok {
+            return Err(Error::Options(format!(
+                "{}: a {kind:?} source reads object-store inputs as WebDataset tars or Parquet{} \
+                 (a {format:?} input names other files, which would not be fetched with it)",
+                remote.uri,
+                if kind == SourceKind::Text { ", JSONL or text files" } else { "" }
+            )));
+        }
+        out.push((local, format, Some(remote)));
+    }
+    Ok(out)
+}
+
 /// Expands one path / directory / glob into sorted files of a source.
-fn expand(kind: SourceKind, pattern: &str) -> Result<Vec<(PathBuf, FileFormat)>> {
+fn expand(kind: SourceKind, pattern: &str) -> Result<Vec<Input>> {
+    if crate::remote_input::is_remote(pattern) {
+        return expand_remote(kind, pattern);
+    }
+    let local = expand_local(kind, pattern)?;
+    Ok(local.into_iter().map(|(p, f)| (p, f, None)).collect())
+}
+
+/// [`expand`] of a local path.
+fn expand_local(kind: SourceKind, pattern: &str) -> Result<Vec<(PathBuf, FileFormat)>> {
     let path = Path::new(pattern);
     let mut out = Vec::new();
     let is_glob = pattern.contains(['*', '?', '[']);
@@ -213,9 +254,9 @@ pub fn plan(recipe: &Recipe) -> Result<Vec<Task>> {
     for (si, source) in recipe.sources.iter().enumerate() {
         let mut files = Vec::new();
         for pattern in &source.paths {
-            for (p, f) in expand(source.kind, pattern)? {
+            for (p, f, remote) in expand(source.kind, pattern)? {
                 if seen.insert((si, p.clone())) {
-                    files.push((p, f));
+                    files.push((p, f, remote));
                 }
             }
         }
@@ -230,11 +271,18 @@ pub fn plan(recipe: &Recipe) -> Result<Vec<Task>> {
                 *open_bytes = 0;
             }
         };
-        for (file, format) in files {
-            let bytes = std::fs::metadata(&file).map_err(|e| Error::io("stat", &file, e))?.len();
+        for (file, format, remote) in files {
+            let bytes = match &remote {
+                Some(r) => r.size,
+                None => std::fs::metadata(&file).map_err(|e| Error::io("stat", &file, e))?.len(),
+            };
             if format == FileFormat::Parquet && bytes > target {
                 // Big Parquet files: tasks of consecutive row groups of about `target` bytes.
                 flush(&mut open, &mut open_bytes, &mut tasks);
+                let whole =
+                    Unit { file: file.clone(), format, bytes, row_groups: None, first_row: 0, remote: remote.clone() };
+                // The footer is read from a local copy; the row-group tasks share it.
+                crate::remote_input::ensure_local(&whole)?;
                 let groups = parquet_row_groups(&file)?;
                 let (mut start, mut acc, mut first_row, mut rows_before) = (0usize, 0u64, 0u64, 0u64);
                 for (g, (size, rows)) in groups.iter().enumerate() {
@@ -247,6 +295,7 @@ pub fn plan(recipe: &Recipe) -> Result<Vec<Task>> {
                             bytes: acc,
                             row_groups: Some((start, g + 1)),
                             first_row,
+                            remote: remote.clone(),
                         };
                         tasks.push(Task { id: tasks.len() as u32, source: si, units: vec![unit] });
                         start = g + 1;
@@ -260,7 +309,7 @@ pub fn plan(recipe: &Recipe) -> Result<Vec<Task>> {
                 flush(&mut open, &mut open_bytes, &mut tasks);
             }
             open_bytes += bytes;
-            open.push(Unit { file, format, bytes, row_groups: None, first_row: 0 });
+            open.push(Unit { file, format, bytes, row_groups: None, first_row: 0, remote });
         }
         flush(&mut open, &mut open_bytes, &mut tasks);
     }
@@ -343,6 +392,7 @@ mod tests {
                     bytes: (i as u64 * 7919) % 1000,
                     row_groups: None,
                     first_row: 0,
+                    remote: None,
                 }],
             })
             .collect();

@@ -355,7 +355,7 @@ impl Recipe {
         }
         for s in &mut self.sources {
             for p in &mut s.paths {
-                if !Path::new(p.as_str()).is_absolute() {
+                if !Path::new(p.as_str()).is_absolute() && !crate::remote_input::is_remote(p) {
                     *p = base.join(p.as_str()).to_string_lossy().into_owned();
                 }
             }
@@ -501,11 +501,14 @@ mod tests {
     #[test]
     fn rebases_relative_paths() {
         let mut r = Recipe::from_toml(
-            "[tokenizers]\ntext = \"t.json\"\n[[source]]\nkind = \"text\"\npaths = [\"a/*.txt\", \"/abs\"]\n",
+            "[tokenizers]\ntext = \"t.json\"\n[[source]]\nkind = \"text\"\npaths = [\"a/*.txt\", \"/abs\", \"s3://b/x/*.tar\"]\n",
         )
         .expect("valid");
         r.rebase(Path::new("/data/x"));
         assert_eq!(r.tokenizers.text.as_deref(), Some(Path::new("/data/x/t.json")));
-        assert_eq!(r.sources[0].paths, vec!["/data/x/a/*.txt".to_string(), "/abs".to_string()]);
+        assert_eq!(
+            r.sources[0].paths,
+            vec!["/data/x/a/*.txt".to_string(), "/abs".to_string(), "s3://b/x/*.tar".into()]
+        );
     }
 }

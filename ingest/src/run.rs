@@ -298,6 +298,12 @@ fn run_task(
     };
 
     'units: for (ui, unit) in task.units.iter().enumerate() {
+        // An object-store input is fetched when its task reaches it (a network failure stops
+        // the run, which resumes here, rather than costing the task its records).
+        if let Err(e) = crate::remote_input::ensure_local(unit) {
+            fatal = Some(e);
+            break 'units;
+        }
         let flow = read_unit(&ctx, unit, &mut |item| {
             if sh.stop.load(Ordering::Relaxed) {
                 aborted = true;
@@ -328,6 +334,7 @@ fn run_task(
             ControlFlow::Continue(())
         });
         sh.progress.bytes(unit.bytes);
+        crate::remote_input::release(unit);
         if flow.is_break() {
             break 'units;
         }
@@ -349,6 +356,14 @@ fn run_task(
     let unit_of =
         |file: &str| task.units.iter().position(|u| u.file.display().to_string() == file).unwrap_or(usize::MAX);
     m.errors.sort_by_cached_key(|e| (unit_of(&e.file), e.record));
+    // Errors in a fetched object name the object, not its place in the cache.
+    for e in &mut m.errors {
+        if let Some(r) =
+            task.units.iter().find(|u| u.file.display().to_string() == e.file).and_then(|u| u.remote.as_ref())
+        {
+            e.file = r.uri.clone();
+        }
+    }
     let json = serde_json::to_vec(&m)
         .map_err(|e| Error::Marker { path: marker_path(&cfg.out, task.id), message: e.to_string() })?;
     write_atomic(&marker_path(&cfg.out, task.id), &json)?;
@@ -586,6 +601,10 @@ fn dedup_plan(sh: &Shared<'_>, tasks: &[Task]) -> Result<BTreeMap<u32, BTreeSet<
                             let ctx = ReadCtx { spec, options: &sh.cfg.recipe.options };
                             let mut v: Vec<Entry> = Vec::new();
                             for (ui, unit) in task.units.iter().enumerate() {
+                                if let Err(e) = crate::remote_input::ensure_local(unit) {
+                                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                                    return;
+                                }
                                 let _ = read_unit(&ctx, unit, &mut |item| {
                                     if let Ok(r) = item
                                         && let Ok(h) = content_hash(&r)
@@ -594,6 +613,7 @@ fn dedup_plan(sh: &Shared<'_>, tasks: &[Task]) -> Result<BTreeMap<u32, BTreeSet<
                                     }
                                     ControlFlow::Continue(())
                                 });
+                                crate::remote_input::release(unit);
                             }
                             let mut bytes = Vec::with_capacity(v.len() * 28);
                             for (u, r, h) in &v {

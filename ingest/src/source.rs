@@ -547,7 +547,7 @@ mod tests {
     }
 
     fn unit(file: PathBuf, format: FileFormat) -> Unit {
-        Unit { file, format, bytes: 0, row_groups: None, first_row: 0 }
+        Unit { file, format, bytes: 0, row_groups: None, first_row: 0, remote: None }
     }
 
     #[test]

@@ -282,7 +282,8 @@ mod tests {
         edit(&mut spec);
         let options = RecipeOptions::default();
         let ctx = ReadCtx { spec: &spec, options: &options };
-        let unit = Unit { file: p, format: FileFormat::WebDataset, bytes: 0, row_groups: None, first_row: 0 };
+        let unit =
+            Unit { file: p, format: FileFormat::WebDataset, bytes: 0, row_groups: None, first_row: 0, remote: None };
         let mut out = Vec::new();
         let _ = crate::source::read_unit(&ctx, &unit, &mut |i| {
             out.push(i);

@@ -1,4 +1,4 @@
-//! motley-remote: shard corpora in object stores — `s3://`, `gs://`, `az://`, `http(s)://` —
+//! motley-remote: shard corpora (and ingest inputs, `inputs.rs`) in object stores — `s3://`, `gs://`, `az://`, `http(s)://` —
 //! through Apache Arrow's `object_store`. Reading: the manifest is fetched first, then each
 //! shard into a bounded local cache when the loader first needs it or is about to (a fetch-ahead
 //! thread follows the loader's hints), checked against the manifest's size and blake3 on
@@ -21,6 +21,9 @@ use motley_shards::writer::ShardStats;
 use motley_shards::{Corpus, MANIFEST_NAME, Manifest, ShardError};
 use object_store::path::Path as ObjPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+mod inputs;
+pub use inputs::{fetch_input, list_inputs, put_object};
 
 /// The one error type of this crate: every variant names the object or file.
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +285,22 @@ fn get_ranges(
     opts: &RemoteOptions,
 ) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(size as usize);
+    for_each_range(store, path, object, size, opts, &mut |b| {
+        out.extend_from_slice(b);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`get_ranges`] handing each range to `sink` as it arrives (memory: one range).
+fn for_each_range(
+    store: &Arc<dyn ObjectStore>,
+    path: &ObjPath,
+    object: &str,
+    size: u64,
+    opts: &RemoteOptions,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
     let part = opts.range_bytes.max(1);
     let mut at = 0u64;
     while at < size {
@@ -292,7 +311,7 @@ fn get_ranges(
             let (s, p) = (store.clone(), path.clone());
             match block(async move { s.get_range(&p, at..end).await }) {
                 Ok(b) if b.len() as u64 == end - at => {
-                    out.extend_from_slice(&b);
+                    sink(&b)?;
                     break;
                 }
                 Ok(b) => {
@@ -326,7 +345,7 @@ fn get_ranges(
         }
         at = end;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Whole-request retries on top of object_store's own per-request ones (which already back off

@@ -1,7 +1,7 @@
 //! Object-store locations on the command line: the opener that lets every corpus argument be
 //! `s3://…`, `gs://…`, `az://…` or `http(s)://…` (motley-remote behind motley-shards' hook),
-//! and `--out` to an object store: write into a local staging folder, then upload the shards
-//! and the manifest last.
+//! `--out` to an object store: write into a local staging folder, then upload the shards
+//! and the manifest last; and ingest inputs in object stores (listed, fetched per task).
 
 use std::path::{Path, PathBuf};
 
@@ -17,9 +17,29 @@ pub fn options(cache_dir: Option<PathBuf>, cache_limit: Option<u64>) -> RemoteOp
     o
 }
 
-/// Registers the opener for `scheme://` corpus locations.
+/// Registers the opener for `scheme://` corpus locations, and the object-store access ingest
+/// uses for `scheme://` inputs.
 pub fn install(opts: RemoteOptions) {
+    motley_ingest::remote_input::set_input_store(Inputs(opts.clone()));
     motley_shards::store::set_remote_opener(move |uri| motley_remote::open(uri, &opts).map_err(Into::into));
+}
+
+/// Ingest inputs in object stores through motley-remote; fetched objects live in
+/// `<cache-dir>/inputs/` while their task runs.
+struct Inputs(RemoteOptions);
+
+impl motley_ingest::remote_input::InputStore for Inputs {
+    fn list(&self, pattern: &str) -> Result<Vec<(String, u64)>, String> {
+        motley_remote::list_inputs(pattern, &self.0).map_err(|e| e.to_string())
+    }
+
+    fn fetch(&self, uri: &str, size: u64, dest: &Path) -> Result<(), String> {
+        motley_remote::fetch_input(uri, size, dest, &self.0).map_err(|e| e.to_string())
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.0.cache_dir.clone().unwrap_or_else(motley_remote::default_cache_root).join("inputs")
+    }
 }
 
 /// Replaces each object-store location by its local cache folder (fetching the manifest):

@@ -156,3 +156,103 @@ fn ingest_out_to_s3_uploads_zstd_shards_and_the_manifest() {
     assert!(m.num_docs > 0 && !m.shards.is_empty());
     assert!(m.shards.iter().all(|s| s.compression == motley_shards::Compression::Zstd), "{:?}", m.shards);
 }
+
+/// `motley ingest s3://…/*` reads its inputs from the bucket: text files and a WebDataset tar
+/// give the documents the same files give from disk, an error in an object names the object,
+/// fetched objects are deleted from the cache when their task ends, and an image source that
+/// names a JSONL in a bucket (whose image paths would not be fetched) is refused.
+#[test]
+fn ingest_reads_inputs_from_s3_like_local_files() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let local = tmp.path().join("in");
+    std::fs::create_dir_all(&local).expect("mkdir");
+    let mut files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            let body: String = (0..120).map(|k| format!("line {k} of file {i}: a lazy dog {} naps\n", k * i)).collect();
+            (format!("f{i}.txt"), body.into_bytes())
+        })
+        .collect();
+    files.push(("bad.txt".into(), b"valid, then \xff\xfe not UTF-8".to_vec()));
+    let mut tar = tar::Builder::new(Vec::new());
+    for k in 0..5 {
+        let text = format!("sample {k} of the tar: the quick brown fox");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(text.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, format!("{k:06}.txt"), text.as_bytes()).expect("tar member");
+    }
+    files.push(("shard-000000.tar".into(), tar.into_inner().expect("tar")));
+    files.push(("notes.json".into(), b"{\"text\": \"not matched by the globs below\"}\n".to_vec()));
+
+    let server = common::moto().expect("moto server");
+    common::create_bucket(server.port, "bkt").expect("bucket");
+    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let opts = motley_remote::RemoteOptions {
+        config: vec![
+            kv("aws_endpoint", &format!("http://127.0.0.1:{}", server.port)),
+            kv("aws_access_key_id", "test"),
+            kv("aws_secret_access_key", "test"),
+            kv("aws_region", "us-east-1"),
+            kv("aws_allow_http", "true"),
+        ],
+        ..Default::default()
+    };
+    for (name, bytes) in &files {
+        std::fs::write(local.join(name), bytes).expect("write");
+        motley_remote::put_object(&format!("s3://bkt/in/{name}"), bytes.clone(), &opts).expect("put");
+    }
+    let cache = tmp.path().join("cache");
+    let tok = tmp.path().join("tok");
+    let mut c = motley(server.port, &cache);
+    c.args(["tokenizer", "train-text"]).arg(local.join("f0.txt")).arg("--out").arg(tok.join("text.json"));
+    c.args(["--vocab-size", "300"]);
+    run(c, "tokenizer train-text");
+
+    let ingest = |inputs: [String; 2], out: &Path| -> Value {
+        let mut c = motley(server.port, &cache);
+        c.arg("ingest").args(inputs).arg("--tokenizers").arg(&tok).arg("--out").arg(out);
+        c.args(["--json", "--no-progress", "--workers", "2"]);
+        serde_json::from_slice(&run(c, "ingest").stdout).expect("ingest json")
+    };
+    let from_disk = tmp.path().join("from-disk");
+    let l = |p: &str| local.join(p).display().to_string();
+    let a = ingest([l("*.txt"), l("*.tar")], &from_disk);
+    let from_s3 = tmp.path().join("from-s3");
+    let b = ingest(["s3://bkt/in/*.txt".into(), "s3://bkt/in/*.tar".into()], &from_s3);
+    assert_eq!(
+        (a["documents"].as_u64(), a["errors"].as_u64()),
+        (b["documents"].as_u64(), b["errors"].as_u64()),
+        "{a}\n{b}"
+    );
+    assert!(b["documents"].as_u64().is_some_and(|d| d > 5), "{b}");
+    let docs = |dir: &Path| {
+        let c = motley_shards::Corpus::open(dir).expect("corpus");
+        (0..c.num_docs()).map(|i| c.get(i).expect("doc").to_owned().segments).collect::<Vec<_>>()
+    };
+    assert_eq!(docs(&from_disk), docs(&from_s3));
+    let errors = std::fs::read_to_string(from_s3.join("errors.jsonl")).expect("errors.jsonl");
+    assert!(errors.contains("s3://bkt/in/bad.txt"), "{errors}");
+    // Every fetched object is gone from the cache once its task finished.
+    let left: Vec<_> = walk(&cache.join("inputs"));
+    assert!(left.is_empty(), "{left:?}");
+
+    // An image source cannot take a JSONL from a bucket: the files it names are not fetched.
+    let mut c = motley(server.port, &cache);
+    c.args(["ingest", "s3://bkt/in/*.json", "--kind", "image", "--tokenizers"]).arg(&tok);
+    c.arg("--out").arg(tmp.path().join("refused"));
+    let out = c.output().expect("run motley");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("s3://bkt/in/notes.json") && err.contains("WebDataset"), "{err}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        }
+    }
+    out
+}

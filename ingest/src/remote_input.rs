@@ -1,0 +1,97 @@
+//! Inputs in object stores (`s3://…`, `gs://…`, `az://…`, `http(s)://…`): the hook through
+//! which the `motley` binary (motley-remote) lists and fetches them, so this crate holds no
+//! network code. The plan lists a remote pattern's objects (names and sizes are all it needs);
+//! a task fetches its objects into a local cache when it starts and deletes them when it ends.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::plan::Unit;
+
+/// Lists and fetches objects; registered once per process with [`set_input_store`].
+pub trait InputStore: Send + Sync {
+    /// The objects a location or glob names, as `(uri, bytes)` sorted by uri.
+    fn list(&self, pattern: &str) -> std::result::Result<Vec<(String, u64)>, String>;
+    /// Downloads `uri` (`size` bytes) to `dest`, whole or not at all.
+    fn fetch(&self, uri: &str, size: u64, dest: &Path) -> std::result::Result<(), String>;
+    /// The local folder fetched objects are kept in while their task runs.
+    fn cache_dir(&self) -> PathBuf;
+}
+
+static STORE: OnceLock<Box<dyn InputStore>> = OnceLock::new();
+
+/// Registers the process's object-store access; false if one was registered already.
+pub fn set_input_store(store: impl InputStore + 'static) -> bool {
+    STORE.set(Box::new(store)).is_ok()
+}
+
+/// Where a unit's bytes live when they are not on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteInput {
+    pub uri: String,
+    /// The object's size when the plan listed it.
+    pub size: u64,
+}
+
+/// Whether a source path is an object-store location rather than a local path.
+pub fn is_remote(pattern: &str) -> bool {
+    motley_shards::store::is_remote(pattern)
+}
+
+fn store(what: &str) -> Result<&'static dyn InputStore> {
+    STORE.get().map(|b| b.as_ref()).ok_or_else(|| {
+        Error::Options(format!("{what}: object-store inputs need the `motley` binary (no object store is registered)"))
+    })
+}
+
+/// The objects of a remote pattern with their local paths in the cache.
+pub(crate) fn list(pattern: &str) -> Result<Vec<(PathBuf, RemoteInput)>> {
+    let s = store(pattern)?;
+    let listed = s.list(pattern).map_err(|e| Error::Options(format!("listing {pattern}: {e}")))?;
+    let cache = s.cache_dir();
+    Ok(listed.into_iter().map(|(uri, size)| (local_path(&cache, &uri), RemoteInput { uri, size })).collect())
+}
+
+/// `s3://bucket/a/b.tar` → `CACHE/s3/bucket/a/b.tar` (empty, `.` and `..` parts dropped, so a
+/// name cannot point outside the cache).
+pub(crate) fn local_path(cache: &Path, uri: &str) -> PathBuf {
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("remote", uri));
+    let mut p = cache.join(scheme);
+    for part in rest.split('/').filter(|s| !s.is_empty() && *s != "." && *s != "..") {
+        p.push(part);
+    }
+    p
+}
+
+/// Makes a remote unit's file present: fetched unless a file of the listed size is there.
+pub(crate) fn ensure_local(unit: &Unit) -> Result<()> {
+    let Some(r) = &unit.remote else { return Ok(()) };
+    if std::fs::metadata(&unit.file).is_ok_and(|m| m.len() == r.size) {
+        return Ok(());
+    }
+    store(&r.uri)?.fetch(&r.uri, r.size, &unit.file).map_err(|e| Error::Options(format!("fetching {}: {e}", r.uri)))
+}
+
+/// Deletes a remote unit's local copy once its task is done with it. A Parquet file split into
+/// row-group tasks is shared by them and stays (the plan fetched it to read its footer).
+pub(crate) fn release(unit: &Unit) {
+    if unit.remote.is_some() && unit.row_groups.is_none() {
+        let _ = std::fs::remove_file(&unit.file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_paths_stay_inside_the_cache() {
+        let c = Path::new("/cache");
+        assert_eq!(local_path(c, "s3://b/x/y.tar"), Path::new("/cache/s3/b/x/y.tar"));
+        assert_eq!(local_path(c, "s3://b/../../etc/passwd"), Path::new("/cache/s3/b/etc/passwd"));
+        assert_eq!(local_path(c, "https://h.org//a/./b"), Path::new("/cache/https/h.org/a/b"));
+    }
+}

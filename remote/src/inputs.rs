@@ -1,0 +1,114 @@
+//! Ingest inputs in object stores: the objects a location or glob names (`s3://b/laion/*.tar`),
+//! each fetched to a local file when its ingest task runs, and single objects written.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures_util::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::{RemoteError, RemoteOptions, Result, block, for_each_range, io, parse_location, put};
+
+/// Splits `s3://b/data/shard-*.tar` into the location before the first path segment holding a
+/// glob character (`s3://b/data`) and the pattern relative to it (`shard-*.tar`; empty: none).
+fn split_glob(pattern: &str) -> (String, String) {
+    let Some(g) = pattern.find(['*', '?', '[']) else {
+        return (pattern.trim_end_matches('/').to_string(), String::new());
+    };
+    let cut = pattern[..g].rfind('/').unwrap_or(0);
+    (pattern[..cut].to_string(), pattern[cut + 1..].to_string())
+}
+
+/// The objects `pattern` names, as `(uri, bytes)` sorted by uri: every object under a location
+/// (a "directory"; names starting with `.` are skipped, as a local walk skips them), the object
+/// itself when the location is one, or the objects whose path below the location matches a
+/// glob (`*` and `?` do not cross `/`, as in a shell).
+pub fn list_inputs(pattern: &str, opts: &RemoteOptions) -> Result<Vec<(String, u64)>> {
+    let (base, glob) = split_glob(pattern);
+    let bad = |detail: String| RemoteError::Location { uri: pattern.to_string(), detail };
+    let matcher = if glob.is_empty() {
+        None
+    } else {
+        Some(glob::Pattern::new(&glob).map_err(|e| bad(format!("glob {glob:?}: {e}")))?)
+    };
+    let (store, prefix) = parse_location(&base, opts)?;
+    let (s, p) = (store.clone(), prefix.clone());
+    let listed = block(async move { s.list(Some(&p)).try_collect::<Vec<_>>().await })
+        .map_err(|source| RemoteError::Object { object: base.clone(), op: "LIST", attempts: 1, source })?;
+    let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+    let mut out = Vec::new();
+    for meta in listed {
+        let rel = match meta.location.prefix_match(&prefix) {
+            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
+            None => continue,
+        };
+        let keep = match &matcher {
+            Some(m) => m.matches_with(&rel, options),
+            None => !rel.split('/').any(|part| part.starts_with('.')),
+        };
+        if keep {
+            let uri = if rel.is_empty() { base.clone() } else { format!("{}/{rel}", base.trim_end_matches('/')) };
+            out.push((uri, meta.size));
+        }
+    }
+    if out.is_empty() && matcher.is_none() {
+        // Not a "directory": the location may be one object.
+        let (s, p) = (store.clone(), prefix.clone());
+        if let Ok(meta) = block(async move { s.head(&p).await }) {
+            out.push((base.clone(), meta.size));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Downloads the object `uri` (`size` bytes, as listed) to `dest`: range reads, each retried,
+/// written to a temporary file beside `dest` and renamed into place, so `dest` is whole or
+/// absent.
+pub fn fetch_input(uri: &str, size: u64, dest: &Path, opts: &RemoteOptions) -> Result<()> {
+    let (store, path): (Arc<dyn ObjectStore>, ObjPath) = parse_location(uri, opts)?;
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, "create", e))?;
+    }
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dest.with_file_name(format!(".{name}.part-{}", std::process::id()));
+    let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, "create", e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut got = 0u64;
+    let r = for_each_range(&store, &path, uri, size, opts, &mut |b| {
+        got += b.len() as u64;
+        w.write_all(b).map_err(|e| io(&tmp, "write", e))
+    })
+    .and_then(|()| w.flush().map_err(|e| io(&tmp, "write", e)));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if got != size {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&tmp, "fetch", std::io::Error::other(format!("{uri}: got {got} of {size} bytes"))));
+    }
+    std::fs::rename(&tmp, dest).map_err(|e| io(dest, "rename", e))
+}
+
+/// Writes `bytes` as the object `uri` (multipart past 64 MiB), retrying transient errors.
+pub fn put_object(uri: &str, bytes: Vec<u8>, opts: &RemoteOptions) -> Result<()> {
+    let (store, path) = parse_location(uri, opts)?;
+    put(&store, &path, uri, bytes, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_split_at_the_segment_that_holds_them() {
+        let s = |p: &str| split_glob(p);
+        assert_eq!(s("s3://b/data/shard-*.tar"), ("s3://b/data".into(), "shard-*.tar".into()));
+        assert_eq!(s("s3://b/data/*/x?.tar"), ("s3://b/data".into(), "*/x?.tar".into()));
+        assert_eq!(s("s3://b/data/"), ("s3://b/data".into(), String::new()));
+        assert_eq!(s("gs://b/a/b/c.parquet"), ("gs://b/a/b/c.parquet".into(), String::new()));
+    }
+}
