@@ -35,8 +35,18 @@ pub fn list_inputs(pattern: &str, opts: &RemoteOptions) -> Result<Vec<(String, u
     };
     let (store, prefix) = parse_location(&base, opts)?;
     let (s, p) = (store.clone(), prefix.clone());
-    let listed = block(async move { s.list(Some(&p)).try_collect::<Vec<_>>().await })
-        .map_err(|source| RemoteError::Object { object: base.clone(), op: "LIST", attempts: 1, source })?;
+    let listed = match block(async move { s.list(Some(&p)).try_collect::<Vec<_>>().await }) {
+        Ok(l) => l,
+        // A plain HTTP server cannot list (object_store lists over WebDAV): one named object
+        // still works.
+        Err(source) => {
+            let (s, p) = (store.clone(), prefix.clone());
+            return match block(async move { s.head(&p).await }) {
+                Ok(meta) if matcher.is_none() => Ok(vec![(base.clone(), meta.size)]),
+                _ => Err(RemoteError::Object { object: base.clone(), op: "LIST", attempts: 1, source }),
+            };
+        }
+    };
     let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
     let mut out = Vec::new();
     for meta in listed {

@@ -1,5 +1,5 @@
-//! motley-remote: shard corpora (and ingest inputs, `inputs.rs`) in object stores — `s3://`, `gs://`, `az://`, `http(s)://` —
-//! through Apache Arrow's `object_store`. Reading: the manifest is fetched first, then each
+//! motley-remote: shard corpora in object stores — `s3://`, `gs://`, `az://`, `http(s)://` —
+//! through Apache Arrow's `object_store` (and ingest inputs there: `inputs.rs`). Reading: the manifest is fetched first, then each
 //! shard into a bounded local cache when the loader first needs it or is about to (a fetch-ahead
 //! thread follows the loader's hints), checked against the manifest's size and blake3 on
 //! arrival, retried with backoff on transient errors; released shards are evicted least
