@@ -27,7 +27,8 @@ enum ImageModeArg {
     after_help = "Examples:\n  motley ingest --config data/sample/recipe.toml --tokenizers runs/demo/tokenizers --out runs/demo/corpus\n  motley ingest 'books/*.txt' --tokenizers tok --out corpus\n  motley ingest train.parquet --text-column content --tokenizers tok --out corpus --part 0/4\n  motley ingest 'laion/*.tar' --kind image --tokenizers tok --out corpus   # WebDataset: 000123.jpg + 000123.txt"
 )]
 pub struct Args {
-    /// Input files, directories or globs (one source of --kind); or use --config.
+    /// Input files, directories or globs (one source of --kind), local or in an object store
+    /// (s3://, gs://, az://, https://; fetched per task into <cache-dir>/inputs); or use --config.
     inputs: Vec<String>,
     /// TOML recipe combining sources and tokenizers (paths relative to the recipe).
     #[arg(long, short = 'c')]
