@@ -88,30 +88,38 @@ pub fn run_ingest(
     repeat: usize,
     work: &Path,
 ) -> Result<Timing> {
-    let mut best = f64::INFINITY;
-    let mut tokens = 0;
-    for _ in 0..repeat.max(1) {
-        let recipe = Recipe {
-            tokenizers: TokenizerPaths { text: Some(tokenizer.to_path_buf()), image: None, speech: None },
-            options: RecipeOptions { task_mib: 1.0, ..Default::default() },
-            sources: vec![SourceSpec::new(SourceKind::Text, vec![input.input_dir.display().to_string()])],
-        };
-        let cfg = IngestConfig {
-            recipe,
-            out: work.join("corpus"),
-            workers: Some(workers),
-            limit: None,
-            part: Default::default(),
-            max_errors: None,
-            overwrite: true,
-            progress: false,
-        };
-        let t0 = std::time::Instant::now();
-        let s = ingest(&cfg)?;
-        best = best.min(t0.elapsed().as_secs_f64());
-        tokens = s.tokens.text;
-    }
+    let recipe = Recipe {
+        tokenizers: TokenizerPaths { text: Some(tokenizer.to_path_buf()), image: None, speech: None },
+        options: RecipeOptions { task_mib: 1.0, ..Default::default() },
+        sources: vec![SourceSpec::new(SourceKind::Text, vec![input.input_dir.display().to_string()])],
+    };
+    let (s, best) = timed_ingest(recipe, work.join("corpus"), workers, repeat)?;
+    let tokens = s.tokens.text;
     Ok(Timing { tokens, seconds: best, tokens_per_s: tokens as f64 / best })
+}
+
+/// `motley ingest` of `recipe` into `out` (overwritten), best of `repeat`: the last summary and
+/// the best time in seconds.
+fn timed_ingest(recipe: Recipe, out: PathBuf, workers: usize, repeat: usize) -> Result<(crate::run::Summary, f64)> {
+    let cfg = IngestConfig {
+        recipe,
+        out,
+        workers: Some(workers),
+        limit: None,
+        part: Default::default(),
+        max_errors: None,
+        overwrite: true,
+        progress: false,
+    };
+    let mut best = f64::INFINITY;
+    let mut last = None;
+    for _ in 0..repeat.max(1) {
+        let t0 = std::time::Instant::now();
+        last = Some(ingest(&cfg)?);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let summary = last.ok_or_else(|| bench_err("no run"))?;
+    Ok((summary, best))
 }
 
 /// HF Python `encode_batch` alone on the same documents (reading excluded), best of `repeat`.
@@ -306,34 +314,20 @@ pub fn run_image_ingest(
     } else {
         vec![input.jsonl.display().to_string()]
     };
-    let (mut best, mut samples) = (f64::INFINITY, 0u64);
-    for _ in 0..repeat.max(1) {
-        let mut spec = SourceSpec::new(SourceKind::Image, paths.clone());
-        spec.text_first = Some(1.0);
-        let recipe = Recipe {
-            tokenizers: TokenizerPaths {
-                text: Some(text_tokenizer.to_path_buf()),
-                image: Some(image_tokenizer.to_path_buf()),
-                speech: None,
-            },
-            options: RecipeOptions { task_mib: 1.0, ..Default::default() },
-            sources: vec![spec],
-        };
-        let cfg = IngestConfig {
-            recipe,
-            out: work.join(if from_tars { "corpus-tars" } else { "corpus-files" }),
-            workers: Some(workers),
-            limit: None,
-            part: Default::default(),
-            max_errors: None,
-            overwrite: true,
-            progress: false,
-        };
-        let t0 = std::time::Instant::now();
-        let s = ingest(&cfg)?;
-        best = best.min(t0.elapsed().as_secs_f64());
-        samples = s.documents;
-    }
+    let mut spec = SourceSpec::new(SourceKind::Image, paths);
+    spec.text_first = Some(1.0);
+    let recipe = Recipe {
+        tokenizers: TokenizerPaths {
+            text: Some(text_tokenizer.to_path_buf()),
+            image: Some(image_tokenizer.to_path_buf()),
+            speech: None,
+        },
+        options: RecipeOptions { task_mib: 1.0, ..Default::default() },
+        sources: vec![spec],
+    };
+    let out = work.join(if from_tars { "corpus-tars" } else { "corpus-files" });
+    let (s, best) = timed_ingest(recipe, out, workers, repeat)?;
+    let samples = s.documents;
     Ok(ReadTiming {
         samples,
         seconds: best,

@@ -156,11 +156,20 @@ fn expand_remote(kind: SourceKind, pattern: &str) -> Result<Vec<Input>> {
             SourceKind::Interleaved => false,
         };
         if !ok {
+            let takes = match kind {
+                SourceKind::Text => "an object store's inputs as text files, JSONL, Parquet or WebDataset tars",
+                SourceKind::Image | SourceKind::Speech => "an object store's inputs as WebDataset tars or Parquet",
+                SourceKind::Interleaved => "no inputs from an object store",
+            };
             return Err(Error::Options(format!(
-                "{}: a {kind:?} source reads object-store inputs as WebDataset tars or Parquet{} \
-                 (a {format:?} input names other files, which would not be fetched with it)",
+                "{}: {} source reads {takes} (a {format:?} input names other files, which would not be fetched with it)",
                 remote.uri,
-                if kind == SourceKind::Text { ", JSONL or text files" } else { "" }
+                match kind {
+                    SourceKind::Text => "a text",
+                    SourceKind::Image => "an image",
+                    SourceKind::Speech => "a speech",
+                    SourceKind::Interleaved => "an interleaved",
+                },
             )));
         }
         out.push((local, format, Some(remote)));
