@@ -122,6 +122,15 @@ fn timed_ingest(recipe: Recipe, out: PathBuf, workers: usize, repeat: usize) -> 
     Ok((summary, best))
 }
 
+/// The one JSON object a baseline script printed on stdout.
+fn python_json(out: std::io::Result<std::process::Output>, python: &Path, script: &Path) -> Result<serde_json::Value> {
+    let out = out.map_err(|e| bench_err(format!("run {} {}: {e}", python.display(), script.display())))?;
+    if !out.status.success() {
+        return Err(bench_err(format!("python baseline failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| bench_err(format!("python output: {e}")))
+}
+
 /// HF Python `encode_batch` alone on the same documents (reading excluded), best of `repeat`.
 pub fn run_python(
     python: &Path,
@@ -142,13 +151,8 @@ pub fn run_python(
         .arg("--repeat")
         .arg(repeat.max(1).to_string())
         .env("RAYON_NUM_THREADS", workers.to_string())
-        .output()
-        .map_err(|e| bench_err(format!("run {} {}: {e}", python.display(), script.display())))?;
-    if !out.status.success() {
-        return Err(bench_err(format!("python baseline failed: {}", String::from_utf8_lossy(&out.stderr))));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| bench_err(format!("python output: {e}")))?;
+        .output();
+    let v = python_json(out, python, script)?;
     let tokens = v["tokens"].as_u64().ok_or_else(|| bench_err("python output lacks tokens"))?;
     let seconds = v["seconds"].as_f64().ok_or_else(|| bench_err("python output lacks seconds"))?;
     Ok(Timing { tokens, seconds, tokens_per_s: tokens as f64 / seconds })
@@ -276,18 +280,9 @@ pub fn read_webdataset_python(
     input: &WdsBenchInput,
     repeat: usize,
 ) -> Result<ReadTiming> {
-    let out = Command::new(python)
-        .arg(script)
-        .arg("--repeat")
-        .arg(repeat.max(1).to_string())
-        .args(&input.tars)
-        .output()
-        .map_err(|e| bench_err(format!("run {} {}: {e}", python.display(), script.display())))?;
-    if !out.status.success() {
-        return Err(bench_err(format!("python baseline failed: {}", String::from_utf8_lossy(&out.stderr))));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| bench_err(format!("python output: {e}")))?;
+    let out =
+        Command::new(python).arg(script).arg("--repeat").arg(repeat.max(1).to_string()).args(&input.tars).output();
+    let v = python_json(out, python, script)?;
     let samples = v["samples"].as_u64().ok_or_else(|| bench_err("python output lacks samples"))?;
     let seconds = v["seconds"].as_f64().ok_or_else(|| bench_err("python output lacks seconds"))?;
     Ok(ReadTiming {
