@@ -43,6 +43,9 @@ pub enum Error {
     TooManyErrors { errors: u64, max: u64, out: PathBuf },
     #[error("task marker {path}: {message}")]
     Marker { path: PathBuf, message: String },
+    /// An input in an object store could not be listed or fetched (or may not be used).
+    #[error("input {uri}: {message}")]
+    Remote { uri: String, message: String },
 }
 
 impl Error {

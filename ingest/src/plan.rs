@@ -161,16 +161,18 @@ fn expand_remote(kind: SourceKind, pattern: &str) -> Result<Vec<Input>> {
                 SourceKind::Image | SourceKind::Speech => "an object store's inputs as WebDataset tars or Parquet",
                 SourceKind::Interleaved => "no inputs from an object store",
             };
-            return Err(Error::Options(format!(
-                "{}: {} source reads {takes} (a {format:?} input names other files, which would not be fetched with it)",
-                remote.uri,
-                match kind {
-                    SourceKind::Text => "a text",
-                    SourceKind::Image => "an image",
-                    SourceKind::Speech => "a speech",
-                    SourceKind::Interleaved => "an interleaved",
-                },
-            )));
+            return Err(Error::Remote {
+                uri: remote.uri.clone(),
+                message: format!(
+                    "{} source reads {takes} (a {format:?} input names other files, which would not be fetched with it)",
+                    match kind {
+                        SourceKind::Text => "a text",
+                        SourceKind::Image => "an image",
+                        SourceKind::Speech => "a speech",
+                        SourceKind::Interleaved => "an interleaved",
+                    }
+                ),
+            });
         }
         out.push((local, format, Some(remote)));
     }

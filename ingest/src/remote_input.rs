@@ -41,16 +41,18 @@ pub fn is_remote(pattern: &str) -> bool {
     motley_shards::store::is_remote(pattern)
 }
 
-fn store(what: &str) -> Result<&'static dyn InputStore> {
-    STORE.get().map(|b| b.as_ref()).ok_or_else(|| {
-        Error::Options(format!("{what}: object-store inputs need the `motley` binary (no object store is registered)"))
+fn store(uri: &str) -> Result<&'static dyn InputStore> {
+    STORE.get().map(|b| b.as_ref()).ok_or_else(|| Error::Remote {
+        uri: uri.to_string(),
+        message: "object-store inputs need the `motley` binary (no object store is registered)".into(),
     })
 }
 
 /// The objects of a remote pattern with their local paths in the cache.
 pub(crate) fn list(pattern: &str) -> Result<Vec<(PathBuf, RemoteInput)>> {
     let s = store(pattern)?;
-    let listed = s.list(pattern).map_err(|e| Error::Options(format!("listing {pattern}: {e}")))?;
+    let listed =
+        s.list(pattern).map_err(|e| Error::Remote { uri: pattern.to_string(), message: format!("listing: {e}") })?;
     let cache = s.cache_dir();
     Ok(listed.into_iter().map(|(uri, size)| (local_path(&cache, &uri), RemoteInput { uri, size })).collect())
 }
@@ -72,7 +74,9 @@ pub(crate) fn ensure_local(unit: &Unit) -> Result<()> {
     if std::fs::metadata(&unit.file).is_ok_and(|m| m.len() == r.size) {
         return Ok(());
     }
-    store(&r.uri)?.fetch(&r.uri, r.size, &unit.file).map_err(|e| Error::Options(format!("fetching {}: {e}", r.uri)))
+    store(&r.uri)?
+        .fetch(&r.uri, r.size, &unit.file)
+        .map_err(|e| Error::Remote { uri: r.uri.clone(), message: format!("fetching: {e}") })
 }
 
 /// Deletes a remote unit's local copy once its task is done with it. A Parquet file split into
