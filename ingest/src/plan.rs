@@ -290,10 +290,8 @@ pub fn plan(recipe: &Recipe) -> Result<Vec<Task>> {
             if format == FileFormat::Parquet && bytes > target {
                 // Big Parquet files: tasks of consecutive row groups of about `target` bytes.
                 flush(&mut open, &mut open_bytes, &mut tasks);
-                let whole =
-                    Unit { file: file.clone(), format, bytes, row_groups: None, first_row: 0, remote: remote.clone() };
                 // The footer is read from a local copy; the row-group tasks share it.
-                crate::remote_input::ensure_local(&whole)?;
+                crate::remote_input::ensure_local(&file, remote.as_ref())?;
                 let groups = parquet_row_groups(&file)?;
                 let (mut start, mut acc, mut first_row, mut rows_before) = (0usize, 0u64, 0u64, 0u64);
                 for (g, (size, rows)) in groups.iter().enumerate() {

@@ -159,10 +159,11 @@ pub struct SourceSpec {
     #[serde(default)]
     pub name: Option<String>,
     pub kind: SourceKind,
-    /// Files, directories or glob patterns. `.jsonl`/`.json` are JSONL, `.parquet` Parquet,
-    /// `.tar` (`.tar.gz`, `.tgz`) WebDataset shards; text sources read other files as plain text, image and speech sources read image and
-    /// audio files (sidecar `.txt` with the same stem = caption / transcript); directories are
-    /// walked recursively.
+    /// Files, directories or glob patterns, local or in an object store (`s3://…`).
+    /// `.jsonl`/`.json` are JSONL, `.parquet` Parquet, `.tar` (`.tar.gz`, `.tgz`) WebDataset
+    /// shards; text sources read other files as plain text, image and speech sources read
+    /// image and audio files (sidecar `.txt` with the same stem = caption / transcript);
+    /// directories are walked recursively.
     pub paths: Vec<String>,
     /// JSONL key / Parquet column of the text, caption or transcript; in a WebDataset tar, the
     /// extension of its member (default `txt`).

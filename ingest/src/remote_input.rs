@@ -68,14 +68,15 @@ pub(crate) fn local_path(cache: &Path, uri: &str) -> PathBuf {
     p
 }
 
-/// Makes a remote unit's file present: fetched unless a file of the listed size is there.
-pub(crate) fn ensure_local(unit: &Unit) -> Result<()> {
-    let Some(r) = &unit.remote else { return Ok(()) };
-    if std::fs::metadata(&unit.file).is_ok_and(|m| m.len() == r.size) {
+/// Makes `file` present when it is the local copy of `remote`: fetched unless a file of the
+/// listed size is there. A local input (`None`) is left alone.
+pub(crate) fn ensure_local(file: &Path, remote: Option<&RemoteInput>) -> Result<()> {
+    let Some(r) = remote else { return Ok(()) };
+    if std::fs::metadata(file).is_ok_and(|m| m.len() == r.size) {
         return Ok(());
     }
     store(&r.uri)?
-        .fetch(&r.uri, r.size, &unit.file)
+        .fetch(&r.uri, r.size, file)
         .map_err(|e| Error::Remote { uri: r.uri.clone(), message: format!("fetching: {e}") })
 }
 

@@ -300,7 +300,7 @@ fn run_task(
     'units: for (ui, unit) in task.units.iter().enumerate() {
         // An object-store input is fetched when its task reaches it (a network failure stops
         // the run, which resumes here, rather than costing the task its records).
-        if let Err(e) = crate::remote_input::ensure_local(unit) {
+        if let Err(e) = crate::remote_input::ensure_local(&unit.file, unit.remote.as_ref()) {
             fatal = Some(e);
             break 'units;
         }
@@ -601,7 +601,7 @@ fn dedup_plan(sh: &Shared<'_>, tasks: &[Task]) -> Result<BTreeMap<u32, BTreeSet<
                             let ctx = ReadCtx { spec, options: &sh.cfg.recipe.options };
                             let mut v: Vec<Entry> = Vec::new();
                             for (ui, unit) in task.units.iter().enumerate() {
-                                if let Err(e) = crate::remote_input::ensure_local(unit) {
+                                if let Err(e) = crate::remote_input::ensure_local(&unit.file, unit.remote.as_ref()) {
                                     *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                                     return;
                                 }

@@ -137,7 +137,8 @@ impl ReadCtx<'_> {
         }
     }
 
-    fn media(&self, blob: Blob) -> RawPart {
+    /// The source's media part (audio for speech sources, else an image) holding `blob`.
+    pub(crate) fn media(&self, blob: Blob) -> RawPart {
         match self.spec.kind {
             SourceKind::Speech => RawPart::Audio(blob),
             _ => RawPart::Image(blob),

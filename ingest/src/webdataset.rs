@@ -8,9 +8,9 @@
 //! `audio_field` when set, else the first whose last extension is an image (audio) format; the
 //! caption / transcript (or, for a text source, the document) is the member with extension
 //! `text_field` (default `txt`). Those members are read into memory a sample at a time, never
-//! written to disk; other members (`.json`, `.cls`, …) are skipped unread. A tar that breaks off (a bad header
-//! checksum, a truncated member) is one error at the byte offset where it broke, after every
-//! sample before it. `*.tar.gz` / `*.tgz` shards are decompressed on the fly (gzip; byte
+//! written to disk; other members (`.json`, `.cls`, …) are skipped unread. A tar that breaks
+//! off (a bad header checksum, a truncated member) is one error at the byte offset where it
+//! broke, after every sample before it. `*.tar.gz` / `*.tgz` shards are decompressed on the fly (gzip; byte
 //! offsets are then those of the uncompressed tar).
 
 use std::io::Read;
@@ -96,6 +96,7 @@ pub(crate) fn read_webdataset(
         Ok(e) => e,
         Err(e) => return f(Err(rec_err(file, 0, 0, Reason::Io, format!("not a tar archive: {e}")))),
     };
+    let text_ext = text_extension(ctx);
     let mut index = 0u64;
     let mut current: Option<Sample> = None;
     // Where the next header starts (after the last member read), for errors that break the tar.
@@ -111,10 +112,7 @@ pub(crate) fn read_webdataset(
             None => break,
             Some(Ok(e)) => e,
             Some(Err(e)) => {
-                if let Some(s) = current.take() {
-                    emit(ctx, file, index, s, f)?;
-                    index += 1;
-                }
+                flush(ctx, file, &text_ext, &mut index, &mut current, f)?;
                 let at = if crate::plan::is_gzipped_tar(file) { next_offset } else { next_offset.min(file_len) };
                 return f(Err(rec_err(file, index, at, Reason::Io, format!("the tar breaks off here: {e}"))));
             }
@@ -132,7 +130,7 @@ pub(crate) fn read_webdataset(
         // Only members a record can use are read; the others (`.json`, `.cls`, a video next
         // to the image) are skipped by the tar reader without being held in memory.
         let mut data = Vec::new();
-        if wanted(ctx, &ext) {
+        if ext == text_ext || is_media(ctx, &ext) {
             data.reserve(size.min(64 << 20) as usize);
             let read = catch_panic(|| entry.read_to_end(&mut data)).unwrap_or_else(|m| Err(std::io::Error::other(m)));
             let broken = match read {
@@ -143,28 +141,21 @@ pub(crate) fn read_webdataset(
                 Ok(_) => None,
             };
             if let Some(e) = broken {
-                if let Some(s) = current.take() {
-                    emit(ctx, file, index, s, f)?;
-                    index += 1;
-                }
+                flush(ctx, file, &text_ext, &mut index, &mut current, f)?;
                 return f(Err(rec_err(file, index, offset, Reason::Io, e)));
             }
         }
         next_offset = entry.raw_file_position() + size.div_ceil(512) * 512;
-        if current.as_ref().is_some_and(|s| s.key != key)
-            && let Some(s) = current.take()
-        {
-            emit(ctx, file, index, s, f)?;
-            index += 1;
+        if current.as_ref().is_some_and(|s| s.key != key) {
+            flush(ctx, file, &text_ext, &mut index, &mut current, f)?;
         }
         let sample = current.get_or_insert_with(|| Sample { key: key.to_string(), offset, members: Vec::new() });
         sample.members.push(Member { ext, path, data });
     }
-    match current.take() {
-        Some(s) => emit(ctx, file, index, s, f),
-        None if index == 0 => f(Err(rec_err(file, 0, 0, Reason::Empty, "a tar without members"))),
-        None => ControlFlow::Continue(()),
+    if current.is_none() && index == 0 {
+        return f(Err(rec_err(file, 0, 0, Reason::Empty, "a tar without members")));
     }
+    flush(ctx, file, &text_ext, &mut index, &mut current, f)
 }
 
 /// The caption / transcript / document member's extension for this source.
@@ -186,26 +177,25 @@ fn is_media(ctx: &ReadCtx<'_>, ext: &str) -> bool {
     }
 }
 
-/// Whether a member's bytes can end up in a record (and so are read at all).
-fn wanted(ctx: &ReadCtx<'_>, ext: &str) -> bool {
-    ext == text_extension(ctx) || is_media(ctx, ext)
-}
-
-/// Turns one sample into a record (or the error that makes it unusable) and hands it on.
-fn emit(
+/// Hands the sample being gathered (if any) on as record `index`, which then counts.
+fn flush(
     ctx: &ReadCtx<'_>,
     file: &Arc<Path>,
-    index: u64,
-    sample: Sample,
+    text_ext: &str,
+    index: &mut u64,
+    current: &mut Option<Sample>,
     f: &mut dyn FnMut(Item) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
-    f(record(ctx, file, index, sample))
+    let Some(s) = current.take() else { return ControlFlow::Continue(()) };
+    let item = record(ctx, file, text_ext, *index, s);
+    *index += 1;
+    f(item)
 }
 
-fn record(ctx: &ReadCtx<'_>, file: &Arc<Path>, index: u64, mut sample: Sample) -> Item {
+/// One sample as a record, or the error that makes it unusable.
+fn record(ctx: &ReadCtx<'_>, file: &Arc<Path>, text_ext: &str, index: u64, mut sample: Sample) -> Item {
     let spec = ctx.spec;
     let err = |reason: Reason, e: String| rec_err(file, index, sample.offset, reason, e);
-    let text_ext = text_extension(ctx);
     let text = match sample.members.iter().position(|m| m.ext == text_ext) {
         None => None,
         Some(i) => {
@@ -242,11 +232,7 @@ fn record(ctx: &ReadCtx<'_>, file: &Arc<Path>, index: u64, mut sample: Sample) -
         return Err(err(Reason::MissingField, format!("sample {}: no {want} (has {have:?})", sample.key)));
     };
     let m = sample.members.swap_remove(i);
-    let blob = Blob::Bytes { data: m.data, name: m.path };
-    let media = match spec.kind {
-        SourceKind::Speech => RawPart::Audio(blob),
-        _ => RawPart::Image(blob),
-    };
+    let media = ctx.media(Blob::Bytes { data: m.data, name: m.path });
     Ok(RawRecord {
         file: file.clone(),
         index,

@@ -90,6 +90,14 @@ fn a_tar_gives_the_documents_of_the_same_samples_as_files() -> anyhow::Result<()
     Ok(())
 }
 
+/// Ingests the image tar `path` (VQ codes) into `out`.
+fn ingest_images(path: &Path, out: &Path) -> anyhow::Result<motley_ingest::Summary> {
+    let toml =
+        format!("[options]\nimage_mode = \"vq\"\n[[source]]\nkind = \"image\"\npaths = [{:?}]\n", path.display());
+    let base = path.parent().unwrap_or(Path::new("."));
+    Ok(ingest(&common::config(common::recipe(&toml, base), out))?)
+}
+
 #[test]
 fn a_broken_tar_keeps_the_samples_before_it_and_reports_the_offset() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -97,12 +105,8 @@ fn a_broken_tar_keeps_the_samples_before_it_and_reports_the_offset() -> anyhow::
     let bytes = std::fs::read(&t)?;
     // Cut in the middle of the archive: the member there breaks off.
     std::fs::write(&t, &bytes[..bytes.len() / 2])?;
-    let r = common::recipe(
-        &format!("[options]\nimage_mode = \"vq\"\n[[source]]\nkind = \"image\"\npaths = [{:?}]\n", t.display()),
-        tmp.path(),
-    );
     let out = tmp.path().join("corpus");
-    let s = ingest(&common::config(r, &out))?;
+    let s = ingest_images(&t, &out)?;
     assert!(s.documents >= 3 && s.documents < 10, "{} documents", s.documents);
     let errors = read_errors(&out)?;
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -119,12 +123,8 @@ fn a_broken_tar_keeps_the_samples_before_it_and_reports_the_offset() -> anyhow::
     std::io::Write::write_all(&mut enc, &bytes)?;
     let zipped = enc.finish()?;
     std::fs::write(&gz, &zipped[..zipped.len() / 2])?;
-    let r = common::recipe(
-        &format!("[options]\nimage_mode = \"vq\"\n[[source]]\nkind = \"image\"\npaths = [{:?}]\n", gz.display()),
-        tmp.path(),
-    );
     let out = tmp.path().join("corpus-gz");
-    let s = ingest(&common::config(r, &out))?;
+    let s = ingest_images(&gz, &out)?;
     assert!(s.documents >= 1 && s.documents < 10, "{} documents", s.documents);
     let errors = read_errors(&out)?;
     assert_eq!((errors.len(), errors[0].reason), (1, motley_ingest::Reason::Io), "{errors:?}");

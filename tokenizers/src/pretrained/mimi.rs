@@ -409,22 +409,16 @@ impl MimiTokenizer {
         if samples.len() <= self.max_samples() {
             return self.encode_pass(samples);
         }
-        let (window, overlap) = self.windows(samples.len() as f64 / self.fields.sampling_rate as f64)?;
         let step = 2 * self.fields.hop(); // samples per code frame
+        let seconds = samples.len() as f64 / self.fields.sampling_rate as f64;
         let mut codes: Vec<Vec<u32>> = vec![Vec::new(); self.codebooks];
-        let mut next = 0usize; // first code frame not yet kept
-        loop {
-            let start = next.saturating_sub(overlap);
-            let end = ((start + window) * step).min(samples.len());
-            let part = self.encode_pass(&samples[start * step..end])?;
+        for (frames, drop) in self.window_plan(samples.len().div_ceil(step), seconds)? {
+            let part = self.encode_pass(&samples[frames.start * step..(frames.end * step).min(samples.len())])?;
             for (all, got) in codes.iter_mut().zip(part) {
-                all.extend_from_slice(got.get(next - start..).unwrap_or_default());
+                all.extend_from_slice(got.get(drop..).unwrap_or_default());
             }
-            if end == samples.len() {
-                return Ok(codes);
-            }
-            next = start + window;
         }
+        Ok(codes)
     }
 
     /// One forward pass of the encoder over at most [`Self::max_samples`] samples.
@@ -436,6 +430,25 @@ impl MimiTokenizer {
             net.encode(&x)?.squeeze(0)?.to_vec2::<u32>()
         };
         super::candle_call(&self.weights, "encode", run)
+    }
+
+    /// The windows that cover `frames` code frames of input longer than one pass (`seconds`
+    /// long, for the error): each a range of code frames to run and how many of its first
+    /// frames to drop (they saw the window's edge, not the audio before it). Every frame is
+    /// kept exactly once, in order.
+    fn window_plan(&self, frames: usize, seconds: f64) -> Result<Vec<(std::ops::Range<usize>, usize)>> {
+        let (window, overlap) = self.windows(seconds)?;
+        let mut plan = Vec::new();
+        let mut next = 0usize; // first code frame not yet kept
+        loop {
+            let start = next.saturating_sub(overlap);
+            let end = (start + window).min(frames);
+            plan.push((start..end, next - start));
+            if end == frames {
+                return Ok(plan);
+            }
+            next = end;
+        }
     }
 
     /// Window length and overlap in code frames for input longer than one pass (`seconds`
@@ -488,20 +501,13 @@ impl MimiTokenizer {
         if 2 * frames <= self.fields.max_position_embeddings {
             return self.decode_pass(codes, 0..frames);
         }
-        let (window, overlap) = self.windows(frames as f64 / self.frames_per_second())?;
         let step = 2 * self.fields.hop();
         let mut pcm = Vec::with_capacity(frames * step);
-        let mut next = 0usize;
-        loop {
-            let start = next.saturating_sub(overlap);
-            let end = (start + window).min(frames);
-            let part = self.decode_pass(codes, start..end)?;
-            pcm.extend_from_slice(part.get((next - start) * step..).unwrap_or_default());
-            if end == frames {
-                return Ok(pcm);
-            }
-            next = end;
+        for (range, drop) in self.window_plan(frames, frames as f64 / self.frames_per_second())? {
+            let part = self.decode_pass(codes, range)?;
+            pcm.extend_from_slice(part.get(drop * step..).unwrap_or_default());
         }
+        Ok(pcm)
     }
 
     /// One forward pass of the decoder over code frames `range` (at most one pass long).
