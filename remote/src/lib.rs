@@ -1,5 +1,5 @@
 //! motley-remote: shard corpora in object stores — `s3://`, `gs://`, `az://`, `http(s)://` —
-//! through Apache Arrow's `object_store` (and ingest inputs there: `inputs.rs`). Reading: the manifest is fetched first, then each
+//! through Apache Arrow's `object_store` (and single objects: ingest inputs, mirrored training runs: `objects.rs`). Reading: the manifest is fetched first, then each
 //! shard into a bounded local cache when the loader first needs it or is about to (a fetch-ahead
 //! thread follows the loader's hints), checked against the manifest's size and blake3 on
 //! arrival, retried with backoff on transient errors; released shards are evicted least
@@ -22,8 +22,8 @@ use motley_shards::{Corpus, MANIFEST_NAME, Manifest, ShardError};
 use object_store::path::Path as ObjPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
-mod inputs;
-pub use inputs::{fetch_input, list_inputs, put_object};
+mod objects;
+pub use objects::{delete_object, fetch_input, list_inputs, put_file, put_object};
 
 /// The one error type of this crate: every variant names the object or file.
 #[derive(Debug, thiserror::Error)]
@@ -695,8 +695,7 @@ pub fn upload(local: &Path, uri: &str, opts: &RemoteOptions, progress: &dyn Fn(u
     let mut report = UploadReport::default();
     for s in &manifest.shards {
         let path = local.join(&s.name);
-        let bytes = std::fs::read(&path).map_err(|e| io(&path, "read", e))?;
-        put(&store, &child(&prefix, &s.name), &describe(uri, &s.name), bytes, opts)?;
+        objects::put_file_at(&store, &child(&prefix, &s.name), &describe(uri, &s.name), &path, opts)?;
         report.shards += 1;
         report.bytes += s.bytes;
         progress(report.bytes);

@@ -3,7 +3,8 @@
 //! local corpus's exact batches through a bounded cache; a corrupted object is rejected by its
 //! checksum; a server stopped mid-run fails with the object named after retries, one back
 //! within the retries is no error; an upload cut short leaves no manifest; plain HTTP works
-//! through range reads, and a server without Range support is an error.
+//! through range reads, and a server without Range support is an error; a file past 64 MiB
+//! streams up as a multipart upload.
 
 mod common;
 
@@ -263,5 +264,34 @@ fn a_server_back_within_the_retries_is_not_an_error() -> anyhow::Result<()> {
         assert_eq!(remote.get(d)?.to_owned(), local.get(d)?.to_owned(), "document {d}");
     }
     let _server = back.join().map_err(|_| anyhow::anyhow!("restart thread panicked"))??;
+    Ok(())
+}
+
+/// A file past the single-PUT limit goes up as a multipart upload streamed from disk and comes
+/// back byte for byte; a file that cannot be read is an error naming it, and leaves no object.
+#[test]
+fn a_large_file_streams_up_in_parts_and_deletes() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let server = moto()?;
+    create_bucket(server.port, "bkt")?;
+    let opts = RemoteOptions { range_bytes: 16 << 20, ..s3_opts(server.port, &tmp.path().join("cache")) };
+    // 70 MiB of a pattern that shifts per part, so a part out of place would show.
+    let big = tmp.path().join("big.bin");
+    let bytes: Vec<u8> = (0..70u64 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&big, &bytes)?;
+    motley_remote::put_file("s3://bkt/run/big.bin", &big, &opts)?;
+    let listed = motley_remote::list_inputs("s3://bkt/run", &opts)?;
+    assert_eq!(listed, vec![("s3://bkt/run/big.bin".to_string(), bytes.len() as u64)]);
+    let back = tmp.path().join("back.bin");
+    motley_remote::fetch_input("s3://bkt/run/big.bin", bytes.len() as u64, &back, &opts)?;
+    assert!(std::fs::read(&back)? == bytes, "the object differs from the file");
+
+    let err = motley_remote::put_file("s3://bkt/run/none.bin", &tmp.path().join("none.bin"), &opts)
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("uploading a missing file succeeded"))?;
+    assert!(err.to_string().contains("none.bin"), "{err}");
+    motley_remote::delete_object("s3://bkt/run/big.bin", &opts)?;
+    motley_remote::delete_object("s3://bkt/run/big.bin", &opts)?; // already gone: fine
+    assert!(motley_remote::list_inputs("s3://bkt/run", &opts)?.is_empty());
     Ok(())
 }

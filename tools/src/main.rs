@@ -7,6 +7,7 @@ mod cmd;
 mod launch;
 mod output;
 mod remote;
+mod remote_run;
 #[cfg(test)]
 mod test_alloc;
 

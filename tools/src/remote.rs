@@ -44,16 +44,51 @@ impl motley_ingest::remote_input::InputStore for Inputs {
 
 /// Replaces each object-store location by its local cache folder (fetching the manifest):
 /// everything downstream, the trainer's start-up checks included, then reads a local
-/// manifest, and the folder's marker file reopens the remote corpus for the shards.
-pub fn localize(paths: &mut [PathBuf], opts: &RemoteOptions) -> anyhow::Result<()> {
-    for p in paths.iter_mut() {
+/// manifest, and the folder's marker file reopens the remote corpus for the shards. Returns
+/// where each path came from (`""` for a local one; empty when all are local), which a run
+/// records as `data.origins`.
+pub fn localize(paths: &mut [PathBuf], opts: &RemoteOptions) -> anyhow::Result<Vec<String>> {
+    let mut origins = vec![String::new(); paths.len()];
+    for (p, origin) in paths.iter_mut().zip(&mut origins) {
         if let Some(uri) = p.to_str().filter(|s| motley_shards::store::is_remote(s)).map(str::to_string) {
             let (_, store) = motley_remote::open_store(&uri, opts)?;
             tracing::info!("{uri}: cached in {}", store.dir().display());
             *p = store.dir().to_path_buf();
+            *origin = uri;
         }
     }
-    Ok(())
+    if origins.iter().all(String::is_empty) {
+        origins.clear();
+    }
+    Ok(origins)
+}
+
+/// The corpora a run (or checkpoint) trained on, fetched again into this machine's cache when
+/// they came from an object store (`data.origins`); None when all were on disk, so the
+/// recorded paths stand.
+pub fn recorded_corpora(run: &Path, opts: &RemoteOptions) -> anyhow::Result<Option<(Vec<PathBuf>, Vec<String>)>> {
+    let ckpt = motley_trainer::checkpoint::resolve(run)?;
+    let data = motley_trainer::checkpoint::read_meta(&ckpt)?.config.data;
+    if data.origins.iter().all(String::is_empty) {
+        return Ok(None);
+    }
+    let mut paths: Vec<PathBuf> = data
+        .paths
+        .iter()
+        .zip(&data.origins)
+        .map(|(p, o)| if o.is_empty() { p.clone() } else { PathBuf::from(o) })
+        .collect();
+    let origins = localize(&mut paths, opts)?;
+    Ok(Some((paths, origins)))
+}
+
+/// `--set` values for a run's corpora: `data.paths`, and `data.origins` when any is remote.
+pub fn data_overrides(paths: &[PathBuf], origins: &[String]) -> Vec<String> {
+    let quoted = |v: Vec<String>| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(",");
+    vec![
+        format!("data.paths=[{}]", quoted(paths.iter().map(|p| p.display().to_string()).collect())),
+        format!("data.origins=[{}]", quoted(origins.to_vec())),
+    ]
 }
 
 /// Whether a path argument is an object-store location.

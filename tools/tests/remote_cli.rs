@@ -54,29 +54,35 @@ fn losses(run: &Path) -> Vec<Value> {
 }
 
 fn train(port: u16, cache: &Path, data: &str, out: &Path) {
+    train_with(port, cache, data, out, &[]);
+}
+
+fn train_with(port: u16, cache: &Path, data: &str, out: &Path, extra: &[&str]) -> Output {
     let mut c = motley(port, cache);
     c.args(["train", "--preset", "tiny", "--data", data, "--out"]).arg(out);
-    for s in [
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.ffn_multiple_of=16",
-        "data.seq_len=64",
-        "data.batch_size=4",
-        "data.eval_fraction=0.1",
-        "optim.warmup_steps=2",
-        "train.steps=6",
-        "train.log_every=1",
-        "train.eval_every=3",
-        "train.eval_batches=1",
-        "train.checkpoint_every=6",
-        "train.device=\"cpu\"",
-        "train.threads=1",
-    ] {
+    for s in TINY.iter().chain(extra) {
         c.args(["--set", s]);
     }
-    run(c, &format!("train from {data}"));
+    run(c, &format!("train from {data} to {}", out.display()))
 }
+
+const TINY: [&str; 15] = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.ffn_multiple_of=16",
+    "data.seq_len=64",
+    "data.batch_size=4",
+    "data.eval_fraction=0.1",
+    "optim.warmup_steps=2",
+    "train.steps=6",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.eval_batches=1",
+    "train.checkpoint_every=6",
+    "train.device=\"cpu\"",
+    "train.threads=1",
+];
 
 #[test]
 fn train_from_s3_equals_training_from_the_local_copy() {
@@ -244,6 +250,97 @@ fn ingest_reads_inputs_from_s3_like_local_files() {
     let out = c.output().expect("run motley");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("s3://bkt/in/notes.json") && err.contains("WebDataset"), "{err}");
+}
+
+/// `train --out s3://…` copies each checkpoint and the run's files to the bucket as they are
+/// written, pruned to `keep_checkpoints` there too; `train --resume s3://…` on a machine that
+/// has none of it (a fresh cache: neither the run nor its corpus, which is in the bucket too)
+/// fetches the latest checkpoint and the corpus and continues the same loss curve an
+/// uninterrupted local run draws; `eval --checkpoint s3://…` reads a run or one checkpoint
+/// from the bucket; a second fresh run at the same location is refused.
+#[test]
+fn train_out_to_s3_copies_checkpoints_and_resumes_from_the_bucket() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let corpus = tmp.path().join("corpus");
+    motley_trainer::loader::write_synthetic_corpus(&corpus, 300, 5).expect("corpus");
+    let data = corpus.to_str().expect("utf-8");
+    let server = common::moto().expect("moto server");
+    common::create_bucket(server.port, "bkt").expect("bucket");
+    let steps = ["train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2"];
+    let uri = "s3://bkt/runs/a";
+
+    let local = tmp.path().join("run-local");
+    train_with(server.port, &tmp.path().join("cache0"), data, &local, &steps);
+    // The bucket run reads the same corpus from the bucket.
+    let mut c = motley(server.port, &tmp.path().join("cache0"));
+    c.args(["shards", "merge", "--out", "s3://bkt/corpora/c"]).arg(&corpus);
+    run(c, "merge --out s3://");
+    let mut first = steps.to_vec();
+    first.push("train.stop_at=4");
+    train_with(server.port, &tmp.path().join("cache1"), "s3://bkt/corpora/c", Path::new(uri), &first);
+    // Nothing of the first machine's cache (staging folder, cached corpus) is left.
+    std::fs::remove_dir_all(tmp.path().join("cache1")).expect("rm cache1");
+
+    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let opts = motley_remote::RemoteOptions {
+        config: vec![
+            kv("aws_endpoint", &format!("http://127.0.0.1:{}", server.port)),
+            kv("aws_access_key_id", "test"),
+            kv("aws_secret_access_key", "test"),
+            kv("aws_region", "us-east-1"),
+            kv("aws_allow_http", "true"),
+        ],
+        ..Default::default()
+    };
+    let objects = || -> Vec<String> {
+        motley_remote::list_inputs(uri, &opts)
+            .expect("list the run")
+            .into_iter()
+            .map(|(u, _)| u.trim_start_matches("s3://bkt/runs/a/").to_string())
+            .collect()
+    };
+    let ckpt = |step: u32| {
+        ["meta.json", "model.safetensors", "optimizer.safetensors"]
+            .map(|f| format!("checkpoints/step-{step:08}/{f}"))
+            .to_vec()
+    };
+    let mut want: Vec<String> = [ckpt(2), ckpt(4)].concat();
+    want.extend(["config.toml", "losses.png", "metrics.jsonl"].map(String::from));
+    want.sort();
+    assert_eq!(objects(), want, "the bucket after 4 of 8 steps");
+
+    // Another machine (a fresh cache) resumes from the bucket.
+    let mut c = motley(server.port, &tmp.path().join("cache2"));
+    c.args(["train", "--resume", uri, "--set", "train.stop_at=0"]);
+    run(c, "train --resume s3://");
+    let mut want: Vec<String> = [ckpt(6), ckpt(8)].concat();
+    want.extend(["config.toml", "losses.png", "metrics.jsonl"].map(String::from));
+    want.sort();
+    assert_eq!(objects(), want, "the bucket after 8 steps: older checkpoints pruned there too");
+    let fetched = tmp.path().join("fetched");
+    std::fs::create_dir_all(&fetched).expect("mkdir");
+    let metrics = fetched.join("metrics.jsonl");
+    let size = motley_remote::list_inputs(&format!("{uri}/metrics.jsonl"), &opts).expect("list")[0].1;
+    motley_remote::fetch_input(&format!("{uri}/metrics.jsonl"), size, &metrics, &opts)
+        .expect("metrics.jsonl from the bucket");
+    assert_eq!(losses(&fetched), losses(&local), "the resumed run's curve differs from the uninterrupted one");
+
+    let eval = |checkpoint: &str, cache: &str| -> Value {
+        let mut c = motley(server.port, &tmp.path().join(cache));
+        c.args(["--json", "eval", "--checkpoint", checkpoint, "--batches", "2", "--device", "cpu"]);
+        serde_json::from_slice(&run(c, "eval").stdout).expect("eval json")
+    };
+    let (here, there) = (eval(local.to_str().expect("utf-8"), "cache3"), eval(uri, "cache3"));
+    assert_eq!((&here["step"], &here["loss"]), (&there["step"], &there["loss"]), "{here}\n{there}");
+    let six = eval(&format!("{uri}/checkpoints/step-00000006"), "cache4");
+    assert_eq!(six["step"], 6, "{six}");
+
+    // A fresh run at a location that holds one is refused, naming it.
+    let mut c = motley(server.port, &tmp.path().join("cache5"));
+    c.args(["train", "--preset", "tiny", "--data", data, "--out", uri]);
+    let out = c.output().expect("run motley");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(uri) && err.contains("--overwrite"), "{err}");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -300,7 +300,8 @@ pub fn read_model(ckpt: &Path) -> Result<BTreeMap<String, Tensor>, TrainError> {
     Ok(out)
 }
 
-/// Writes one checkpoint and prunes all but the newest `keep`.
+/// Writes one checkpoint and prunes all but the newest `keep`, except `pinned` (a checkpoint
+/// still being copied elsewhere: it goes at a later save).
 pub fn save(
     run: &Path,
     vars: Vec<(String, Tensor)>,
@@ -308,6 +309,7 @@ pub fn save(
     meta: &Meta,
     keep: usize,
     shard_mb: f64,
+    pinned: Option<&Path>,
 ) -> Result<PathBuf, TrainError> {
     let dir = checkpoints_dir(run);
     std::fs::create_dir_all(&dir).map_err(TrainError::io("create", &dir))?;
@@ -338,13 +340,19 @@ pub fn save(
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
+    prune(run, keep, pinned)?;
+    Ok(final_dir)
+}
+
+/// Deletes all but the newest `keep` checkpoints, except `pinned`.
+pub fn prune(run: &Path, keep: usize, pinned: Option<&Path>) -> Result<(), TrainError> {
     let all = list(run)?;
     if all.len() > keep.max(1) {
-        for (_, old) in &all[..all.len() - keep.max(1)] {
+        for (_, old) in all[..all.len() - keep.max(1)].iter().filter(|(_, p)| Some(p.as_path()) != pinned) {
             std::fs::remove_dir_all(old).map_err(TrainError::io("prune", old))?;
         }
     }
-    Ok(final_dir)
+    Ok(())
 }
 
 pub fn read_meta(ckpt: &Path) -> Result<Meta, TrainError> {

@@ -17,6 +17,10 @@ use crate::model::{Arch, ModelConfig, Routing};
 pub struct DataConfig {
     /// Shard corpus directories, mixed by `weights` (empty weights = equal).
     pub paths: Vec<PathBuf>,
+    /// The object-store location each of `paths` is the local cache of (`""` for a corpus
+    /// on disk), so that a resume on another machine fetches it again there. Empty: all on disk.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub origins: Vec<String>,
     pub weights: Vec<f64>,
     /// Use the built-in synthetic documents instead of a corpus (tests, smoke runs).
     pub synthetic: bool,
@@ -42,6 +46,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
             paths: Vec::new(),
+            origins: Vec::new(),
             weights: Vec::new(),
             synthetic: false,
             seq_len: 256,
@@ -402,6 +407,12 @@ impl TrainConfig {
         }
         if !self.data.synthetic && self.data.paths.is_empty() {
             return bad("data.paths", "no corpus given (use --data DIR)".into());
+        }
+        if !self.data.origins.is_empty() && self.data.origins.len() != self.data.paths.len() {
+            return bad(
+                "data.origins",
+                format!("{} origins for {} paths", self.data.origins.len(), self.data.paths.len()),
+            );
         }
         if !self.data.weights.is_empty() && self.data.weights.len() != self.data.paths.len() {
             return bad(

@@ -37,6 +37,9 @@ pub enum TrainError {
     Plot { path: PathBuf, msg: String },
     #[error("data parallel: {0}")]
     Distributed(String),
+    /// Copying the run elsewhere failed (its checkpoints stay in the local run directory).
+    #[error("{0}")]
+    Mirror(String),
 }
 
 impl TrainError {

@@ -11,7 +11,8 @@
 //! - [`optim`]: AdamW with saveable moments, warmup + cosine schedule.
 //! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
 //! - [`sample`]: generation from a checkpoint (KV-cached decoding, constrained sampling).
-//! - [`checkpoint`], [`metrics`]: files on disk, metrics and plot.
+//! - [`checkpoint`], [`metrics`]: files on disk, metrics and plot; [`mirror`]: the hook that
+//!   copies a run's checkpoints elsewhere (an object store) as they are written.
 //! - [`dist`]: data parallelism on torch's c10d (launch variables, process groups, gradient
 //!   buckets from autograd hooks, heartbeats); [`flat`]: the flat buffers' layout, buckets and
 //!   ZeRO shards; [`fsdp`]: ZeRO-3, each block's weights gathered around its runs.
@@ -31,6 +32,7 @@ pub mod fsdp;
 pub mod layout;
 pub mod loader;
 pub mod metrics;
+pub mod mirror;
 pub mod model;
 pub mod ops;
 pub mod optim;

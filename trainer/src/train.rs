@@ -118,6 +118,8 @@ pub struct Trainer {
     tokens: u64,
     run_dir: Option<PathBuf>,
     log: Option<MetricsLog>,
+    /// Where rank 0 copies its checkpoints as they are written (an object store).
+    mirror: Option<Box<dyn crate::mirror::RunMirror>>,
     /// Print a console line every `log_every` steps.
     pub verbose: bool,
 }
@@ -263,6 +265,7 @@ impl Trainer {
             tokens: 0,
             run_dir: None,
             log: None,
+            mirror: None,
             verbose: true,
         };
         t.broadcast_weights()?;
@@ -388,6 +391,12 @@ impl Trainer {
 
     pub fn run_dir(&self) -> Option<&Path> {
         self.run_dir.as_deref()
+    }
+
+    /// Copies every checkpoint rank 0 writes (and the run's files) through `mirror`, in the
+    /// background; the run waits for the copies only at its end.
+    pub fn set_mirror(&mut self, mirror: Box<dyn crate::mirror::RunMirror>) {
+        self.mirror = Some(mirror);
     }
 
     /// Step records logged so far (empty without a run directory).
@@ -660,15 +669,20 @@ impl Trainer {
             tokens: self.tokens,
             vocab: Some(self.data.vocab().clone()),
         };
-        checkpoint::save(
+        let pinned = self.mirror.as_ref().and_then(|m| m.in_use());
+        let dir = checkpoint::save(
             run,
             weights,
             opt_tensors,
             &meta,
             self.cfg.train.keep_checkpoints,
             self.cfg.train.checkpoint_shard_mb,
-        )
-        .map(Some)
+            pinned.as_deref(),
+        )?;
+        if let Some(m) = &self.mirror {
+            m.saved(run, &dir).map_err(TrainError::Mirror)?;
+        }
+        Ok(Some(dir))
     }
 
     /// The weights under their public names, sorted by name. Under ZeRO-3 every rank must
@@ -712,7 +726,22 @@ impl Trainer {
     /// Trains until `train.steps`, logging, evaluating and checkpointing on the way. In a job
     /// of several ranks, a failure is posted for the other ranks (their errors name this one).
     pub fn run(&mut self) -> Result<TrainSummary, TrainError> {
-        let result = self.run_inner();
+        let mut result = self.run_inner();
+        // The copies still in flight finish either way: a failed run keeps its checkpoints.
+        if let (Some(m), Some(run)) = (&self.mirror, &self.run_dir) {
+            let keep = self.cfg.train.keep_checkpoints;
+            let done = m
+                .wait()
+                .map_err(TrainError::Mirror)
+                // The checkpoint pinned while it was copied is pruned now, here and there.
+                .and_then(|()| checkpoint::prune(run, keep, None))
+                .and_then(|()| m.finish(run).map_err(TrainError::Mirror));
+            match (&result, done) {
+                (Ok(_), Err(e)) => result = Err(e),
+                (Err(_), Err(e)) => eprintln!("{e}"),
+                _ => {}
+            }
+        }
         if let Err(e) = &result {
             self.comm.report_failure(e);
         }

@@ -27,7 +27,8 @@ use crate::output::{self, Ctx};
                   runs/demo/train/mot --prompt \"the digit\" --json"
 )]
 pub struct Args {
-    /// Run directory (its latest checkpoint) or one checkpoint folder.
+    /// Run directory (its latest checkpoint) or one checkpoint folder; either may be in an
+    /// object store (its weights and tokenizers are fetched into the cache first).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Text the generation continues (BOS is put in front).
@@ -275,7 +276,8 @@ struct Summary<'a> {
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let run = load_run(&args.checkpoint, &args.device, args.data.as_deref())?;
+    let checkpoint = crate::remote_run::localize(&args.checkpoint, &ctx.remote)?;
+    let run = load_run(&checkpoint, &args.device, args.data.as_deref())?;
     // --tokenizers, else the corpus --data names, else the run's copies, else its corpus's.
     let dir = args.tokenizers.clone().or_else(|| run.tokenizers.clone().filter(|_| args.data.is_none()));
     let toks = open_tokenizers(&run, dir.as_deref())?;
@@ -363,8 +365,12 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--out`, else `RUN/samples` (the checkpoint is `RUN/checkpoints/step-N`).
+/// `--out`, else `RUN/samples` (the checkpoint is `RUN/checkpoints/step-N`), or `samples/`
+/// here for a run in an object store (not inside the cache).
 fn out_dir(args: &Args, run: &LoadedRun) -> PathBuf {
+    if crate::remote::is_remote(&args.checkpoint) && args.out.is_none() {
+        return PathBuf::from("samples");
+    }
     args.out
         .clone()
         .unwrap_or_else(|| run.checkpoint.parent().and_then(Path::parent).unwrap_or(Path::new(".")).join("samples"))

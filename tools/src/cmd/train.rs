@@ -1,17 +1,18 @@
 //! `motley train` and `motley eval`: a thin layer over motley-trainer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use motley_shards::Split;
 use motley_trainer::train::prepare_run_dir;
 use motley_trainer::{Arch, TrainConfig, Trainer, compare_mot_dense, evaluate_checkpoint};
 
 use crate::output::{self, Ctx};
+use crate::remote_run::{Need, ObjectMirror};
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  motley train --preset tiny --data runs/demo/corpus --out runs/tiny-mot\n  motley train --preset tiny --data runs/demo/corpus --arch dense --steps 300 --out runs/tiny-dense\n  motley train --preset tiny --data runs/demo/corpus --compare --out runs/compare\n  motley train --resume runs/tiny-mot --steps 400\n  motley train --config my.toml --set model.untie_head=true --set optim.lr=1e-3 --out runs/x\n  motley train --nproc 2 --preset tiny --data runs/demo/corpus --out runs/tiny-dp2\n  torchrun --no-python --nproc-per-node 8 motley train --preset 443m --data /corpus --out runs/443m\n\nData parallel: under torchrun or srun every process is one rank (RANK, WORLD_SIZE, LOCAL_RANK,\nMASTER_ADDR, MASTER_PORT, or SLURM_*); --nproc N starts N local ranks itself. See the README's\n\"Training on a cluster\"."
+    after_help = "Examples:\n  motley train --preset tiny --data runs/demo/corpus --out runs/tiny-mot\n  motley train --preset tiny --data runs/demo/corpus --arch dense --steps 300 --out runs/tiny-dense\n  motley train --preset tiny --data runs/demo/corpus --compare --out runs/compare\n  motley train --resume runs/tiny-mot --steps 400\n  motley train --preset tiny --data s3://bkt/corpora/web --out s3://bkt/runs/tiny\n  motley train --resume s3://bkt/runs/tiny --steps 400\n  motley train --config my.toml --set model.untie_head=true --set optim.lr=1e-3 --out runs/x\n  motley train --nproc 2 --preset tiny --data runs/demo/corpus --out runs/tiny-dp2\n  torchrun --no-python --nproc-per-node 8 motley train --preset 443m --data /corpus --out runs/443m\n\nData parallel: under torchrun or srun every process is one rank (RANK, WORLD_SIZE, LOCAL_RANK,\nMASTER_ADDR, MASTER_PORT, or SLURM_*); --nproc N starts N local ranks itself. See the README's\n\"Training on a cluster\"."
 )]
 pub struct Args {
     /// Start from a preset: tiny; the paper's Chameleon sizes 37m, 94m, 443m, 1.5b, 7b; its
@@ -24,10 +25,12 @@ pub struct Args {
     /// Shard corpus directory (repeat to mix several; weights via --set data.weights=[..]).
     #[arg(long)]
     data: Vec<PathBuf>,
-    /// Run directory (config, metrics.jsonl, losses.png, checkpoints/).
+    /// Run directory (config, metrics.jsonl, losses.png, checkpoints/), or an object-store
+    /// location (s3://, gs://, az://) the run is copied to as each checkpoint is written.
     #[arg(long, short = 'o')]
     out: Option<PathBuf>,
-    /// Continue the run in this directory from its latest checkpoint.
+    /// Continue the run in this directory (or object-store location) from its latest
+    /// checkpoint.
     #[arg(long, conflicts_with_all = ["config", "compare", "overwrite"])]
     resume: Option<PathBuf>,
     /// Replace an existing run directory.
@@ -66,7 +69,8 @@ pub struct Args {
     after_help = "Examples:\n  motley eval --checkpoint runs/tiny-mot --data runs/demo/corpus\n  motley eval --checkpoint runs/tiny-mot/checkpoints/step-00000200 --json"
 )]
 pub struct EvalArgs {
-    /// Run directory (its latest checkpoint) or one checkpoint folder.
+    /// Run directory (its latest checkpoint) or one checkpoint folder; either may be in an
+    /// object store.
     #[arg(long)]
     checkpoint: PathBuf,
     /// Corpus to evaluate on (default: the one the run trained on).
@@ -103,7 +107,7 @@ fn resolve_config(args: &Args, remote: &motley_remote::RemoteOptions) -> anyhow:
         cfg.data.paths = args.data.clone();
         cfg.data.synthetic = false;
     }
-    crate::remote::localize(&mut cfg.data.paths, remote)?;
+    cfg.data.origins = crate::remote::localize(&mut cfg.data.paths, remote)?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -154,14 +158,27 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         if let Some(d) = &args.device {
             sets.push(format!("train.device=\"{d}\""));
         }
+        let remote = run.to_str().filter(|s| crate::remote::is_remote(Path::new(s)));
+        let (mirror, local) = match remote {
+            Some(uri) => {
+                let (run_uri, local) = crate::remote_run::pull(uri, Need::Resume, &ctx.remote)?;
+                (Some(run_uri), local)
+            }
+            None => (None, run.clone()),
+        };
         if !args.data.is_empty() {
             let mut data = args.data.clone();
-            crate::remote::localize(&mut data, &ctx.remote)?;
-            let list: Vec<String> = data.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
-            sets.push(format!("data.paths=[{}]", list.join(",")));
+            let origins = crate::remote::localize(&mut data, &ctx.remote)?;
+            sets.extend(crate::remote::data_overrides(&data, &origins));
+        } else if let Some((data, origins)) = crate::remote::recorded_corpora(&local, &ctx.remote)? {
+            // Corpora from object stores are fetched again into this machine's cache.
+            sets.extend(crate::remote::data_overrides(&data, &origins));
         }
         sets.extend(args.set.iter().cloned());
-        let mut t = Trainer::resume(run, &sets).with_context(|| format!("resuming {}", run.display()))?;
+        let mut t = Trainer::resume(&local, &sets).with_context(|| format!("resuming {}", run.display()))?;
+        if let Some(uri) = mirror.filter(|_| t.comm().rank() == 0) {
+            t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
+        }
         let summary = t.run()?;
         return report(&summary, t.comm().rank(), ctx);
     }
@@ -177,29 +194,48 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         ))
     });
     let rank = motley_trainer::dist::Launch::from_env()?.rank;
+    let remote_out = out.to_str().filter(|s| crate::remote::is_remote(Path::new(s))).map(str::to_string);
     if args.compare {
+        if let Some(uri) = &remote_out {
+            bail!("--compare writes OUT/mot and OUT/dense on this machine: give it a local --out, not {uri}");
+        }
         let c = compare_mot_dense(&cfg, &out, args.overwrite, true)?;
         if rank != 0 {
             return Ok(());
         }
         return if ctx.json { output::json(&c) } else { output::line(c.table()) };
     }
-    if rank == 0 {
-        prepare_run_dir(&out, args.overwrite)?;
-    }
+    // A run in an object store trains in a local staging folder that rank 0 copies from.
+    let local = match &remote_out {
+        Some(uri) if rank == 0 => crate::remote_run::prepare_new(uri, args.overwrite, &ctx.remote)?,
+        Some(uri) => crate::remote_run::staging_dir(uri, &ctx.remote),
+        None => {
+            if rank == 0 {
+                prepare_run_dir(&out, args.overwrite)?;
+            }
+            out.clone()
+        }
+    };
     let mut t = Trainer::new(cfg)?;
-    t.attach_run_dir(&out)?;
+    t.attach_run_dir(&local)?;
+    if let Some(uri) = remote_out.filter(|_| rank == 0) {
+        t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
+    }
     let summary = t.run()?;
     report(&summary, t.comm().rank(), ctx)
 }
 
 pub fn eval(args: EvalArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let split = if args.split == "train" { Split::Train } else { Split::Eval };
+    let checkpoint = crate::remote_run::localize(&args.checkpoint, &ctx.remote)?;
     let mut data = (!args.data.is_empty()).then(|| args.data.clone());
-    if let Some(d) = data.as_mut() {
-        crate::remote::localize(d, &ctx.remote)?;
+    match data.as_mut() {
+        Some(d) => {
+            crate::remote::localize(d, &ctx.remote)?;
+        }
+        None => data = crate::remote::recorded_corpora(&checkpoint, &ctx.remote)?.map(|(paths, _)| paths),
     }
-    let (step, r) = evaluate_checkpoint(&args.checkpoint, data, args.batches, split, &args.device)?;
+    let (step, r) = evaluate_checkpoint(&checkpoint, data, args.batches, split, &args.device)?;
     if ctx.json {
         let v = serde_json::json!({
             "checkpoint": args.checkpoint,

@@ -1,5 +1,6 @@
-//! Ingest inputs in object stores: the objects a location or glob names (`s3://b/laion/*.tar`),
-//! each fetched to a local file when its ingest task runs, and single objects written.
+//! Single objects in object stores: the objects a location or glob names (`s3://b/laion/*.tar`),
+//! each fetched to a local file (ingest inputs, a mirrored run's checkpoint), written from
+//! bytes or streamed from a file, and deleted.
 
 use std::io::Write;
 use std::path::Path;
@@ -9,7 +10,10 @@ use futures_util::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::{RemoteError, RemoteOptions, Result, block, for_each_range, io, parse_location, put};
+use crate::{
+    RemoteError, RemoteOptions, Result, backoff, block, for_each_range, io, outer_retries, parse_location, put,
+    transient,
+};
 
 /// Splits `s3://b/data/shard-*.tar` into the location before the first path segment holding a
 /// glob character (`s3://b/data`) and the pattern relative to it (`shard-*.tar`; empty: none).
@@ -107,6 +111,102 @@ pub fn fetch_input(uri: &str, size: u64, dest: &Path, opts: &RemoteOptions) -> R
 pub fn put_object(uri: &str, bytes: Vec<u8>, opts: &RemoteOptions) -> Result<()> {
     let (store, path) = parse_location(uri, opts)?;
     put(&store, &path, uri, bytes, opts)
+}
+
+/// Writes the file `local` as the object `uri`: one PUT up to 64 MiB, past that a multipart
+/// upload streamed from the file in 16 MiB parts (memory: a few parts, whatever the file's
+/// size), retrying transient errors from the start. The object appears whole or not at all.
+pub fn put_file(uri: &str, local: &Path, opts: &RemoteOptions) -> Result<()> {
+    let (store, path) = parse_location(uri, opts)?;
+    put_file_at(&store, &path, uri, local, opts)
+}
+
+pub(crate) fn put_file_at(
+    store: &Arc<dyn ObjectStore>,
+    path: &ObjPath,
+    object: &str,
+    local: &Path,
+    opts: &RemoteOptions,
+) -> Result<()> {
+    const PART: usize = 16 << 20;
+    let size = std::fs::metadata(local).map_err(|e| io(local, "read", e))?.len();
+    if size <= 64 << 20 {
+        let bytes = std::fs::read(local).map_err(|e| io(local, "read", e))?;
+        return put(store, path, object, bytes, opts);
+    }
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (s, p, file) = (store.clone(), path.clone(), local.to_path_buf());
+        // A read error ends the upload (aborted) and is reported as the file's, not retried.
+        let r: std::result::Result<(), std::result::Result<std::io::Error, object_store::Error>> = block(async move {
+            let upload = s.put_multipart(&p).await.map_err(Err)?;
+            let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
+            let mut f = std::fs::File::open(&file).map_err(Ok)?;
+            let mut buf = vec![0u8; PART];
+            loop {
+                w.wait_for_capacity(4).await.map_err(Err)?;
+                let n = match read_full(&mut f, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = w.abort().await;
+                        return Err(Ok(e));
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                w.write(&buf[..n]);
+            }
+            w.finish().await.map(|_| ()).map_err(Err)
+        });
+        match r {
+            Ok(()) => return Ok(()),
+            Err(Ok(e)) => return Err(io(local, "read", e)),
+            Err(Err(e)) if transient(&e) && attempt <= outer_retries(opts) => {
+                tracing::warn!("{object}: {e}; retrying the upload");
+                std::thread::sleep(backoff(opts, attempt));
+            }
+            Err(Err(source)) => {
+                return Err(RemoteError::Object { object: object.to_string(), op: "PUT", attempts: attempt, source });
+            }
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends; the bytes read.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Deletes the object `uri`; an object that is already gone is not an error.
+pub fn delete_object(uri: &str, opts: &RemoteOptions) -> Result<()> {
+    let (store, path) = parse_location(uri, opts)?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (s, p) = (store.clone(), path.clone());
+        match block(async move { s.delete(&p).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) if transient(&e) && attempt <= outer_retries(opts) => {
+                tracing::warn!("{uri}: {e}; retrying");
+                std::thread::sleep(backoff(opts, attempt));
+            }
+            Err(source) => {
+                return Err(RemoteError::Object { object: uri.to_string(), op: "DELETE", attempts: attempt, source });
+            }
+        }
+    }
 }
 
 #[cfg(test)]
