@@ -1,4 +1,5 @@
-//! Training behaviour: losses fall per modality, guards against silent mistakes, NaN handling.
+//! Training behaviour: losses fall per modality, guards against silent mistakes, NaN handling,
+//! the hook that copies checkpoints elsewhere (pinning, failure).
 
 mod common;
 
@@ -280,5 +281,62 @@ fn a_run_keeps_its_vocabulary_and_tokenizers_when_the_corpus_is_gone() -> anyhow
     // Naming a corpus explicitly still reads its manifest (and fails clearly when it is gone).
     let err = motley_trainer::sample::load_run(&run, "cpu", Some(&corpus)).expect_err("corpus removed");
     assert!(err.to_string().contains("manifest"), "{err}");
+    Ok(())
+}
+
+/// What a [`motley_trainer::mirror::RunMirror`] sees: the checkpoints on disk at each `saved`.
+#[derive(Clone, Default)]
+struct SlowMirror {
+    first: std::sync::Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
+    waited: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl motley_trainer::mirror::RunMirror for SlowMirror {
+    /// Still copying the first checkpoint it was given, until the run waits for it.
+    fn in_use(&self) -> Option<std::path::PathBuf> {
+        self.first.lock().ok()?.clone().filter(|_| !self.waited.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn saved(&self, run: &std::path::Path, ckpt: &std::path::Path) -> Result<(), String> {
+        let mut first = self.first.lock().map_err(|e| e.to_string())?;
+        first.get_or_insert_with(|| ckpt.to_path_buf());
+        let on_disk: Vec<u64> = checkpoint::list(run).map_err(|e| e.to_string())?.into_iter().map(|(s, _)| s).collect();
+        let mut seen = self.seen.lock().map_err(|e| e.to_string())?;
+        seen.push(on_disk);
+        if seen.len() == 5 { Err("copying step 5: the bucket went away".into()) } else { Ok(()) }
+    }
+
+    fn wait(&self) -> Result<(), String> {
+        self.waited.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn finish(&self, _run: &std::path::Path) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A checkpoint the mirror is still copying is not pruned under it (it goes once the run has
+/// waited for the copy), and a copy's failure stops the run with its message while every
+/// checkpoint written stays on disk.
+#[test]
+fn a_mirror_keeps_its_checkpoint_from_pruning_and_its_failure_stops_the_run() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = common::tiny_cfg();
+    cfg.train.checkpoint_every = 1;
+    cfg.train.keep_checkpoints = 2;
+    cfg.train.steps = 6;
+    let mut t = Trainer::new(cfg)?;
+    t.verbose = false;
+    t.attach_run_dir(dir.path())?;
+    let mirror = SlowMirror::default();
+    t.set_mirror(Box::new(mirror.clone()));
+    let err = t.run().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("the bucket went away"), "{err}");
+    let seen = mirror.seen.lock().map_err(|e| anyhow::anyhow!("{e}"))?.clone();
+    assert_eq!(seen, vec![vec![1], vec![1, 2], vec![1, 2, 3], vec![1, 3, 4], vec![1, 4, 5]]);
+    let left: Vec<u64> = checkpoint::list(dir.path())?.into_iter().map(|(s, _)| s).collect();
+    assert_eq!(left, vec![4, 5], "after the run waited for the copy, the pinned step 1 is pruned");
     Ok(())
 }
