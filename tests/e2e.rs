@@ -1,6 +1,7 @@
 //! End-to-end tests: the `motley` binary driven like a user would, from raw sample files to a
 //! trained checkpoint — tokenizers fitted, corpus ingested, shards verified, MoT trained, eval,
-//! and an image sampled from it.
+//! and an image sampled from it, its log-probabilities matched by the PyTorch model of
+//! docs/MODEL.md.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -253,6 +254,76 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
     let out = run_ok(&["sample", "--checkpoint", &d(&run), "--prompt", "In the", "--max-tokens", "8", "--json"]);
     let text: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert!(text["generated_tokens"].as_u64().is_some_and(|n| (1..=8 + 17).contains(&n)), "{text}");
+
+    // docs/MODEL.md is enough to run a checkpoint elsewhere: the PyTorch model written from it
+    // (scripts/reference/mot_model.py) gives every sampled token the log-probability motley
+    // gave it — the MoT run above, one with the other norm placement, untied heads, no
+    // QK-norm and another RoPE base, and a dense one; image codes and speech units go through
+    // their towers.
+    let variants: [(&str, &[&str]); 2] = [
+        (
+            "run-variant",
+            &["--set", "model.norm=\"swin\"", "--set", "model.untie_head=true", "--set", "model.qk_norm=false"],
+        ),
+        ("run-dense", &["--arch", "dense", "--set", "model.rope_theta=500000.0"]),
+    ];
+    let mut runs = vec![run.clone()];
+    for (name, extra) in variants {
+        let dir = tmp.path().join(name);
+        let (data, out) = (d(&corpus), d(&dir));
+        let mut args = vec!["train", "--preset", "tiny", "--data", &data, "--out", &out, "--steps", "4"];
+        args.extend(["--set", "train.threads=1"]);
+        args.extend(extra);
+        run_ok(&args);
+        runs.push(dir);
+    }
+    for r in &runs {
+        for kind in ["--image", "--speech"] {
+            let out = run_ok(&[
+                "sample",
+                "--checkpoint",
+                &d(r),
+                "--prompt",
+                "a handwritten digit",
+                kind,
+                "--max-tokens",
+                "12",
+                "--max-speech-units",
+                "10",
+                "--out",
+                &d(&tmp.path().join("samples-ref")),
+                "--device",
+                "cpu",
+                "--json",
+            ]);
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sample --json prints JSON");
+            let ids = |k: &str| s[k].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect::<Vec<_>>());
+            let (prompt, tokens) = (ids("prompt_ids").expect("prompt_ids"), ids("tokens").expect("tokens"));
+            let all: Vec<String> = prompt.iter().chain(&tokens).map(u64::to_string).collect();
+            let py = std::env::var("MOTLEY_PYTHON").unwrap_or_else(|_| "python3".into());
+            let out = Command::new(py)
+                .arg(repo().join("scripts/reference/mot_model.py"))
+                .arg(r)
+                .args(["--ids", &all.join(","), "--score-from", &prompt.len().to_string()])
+                .output()
+                .expect("run the PyTorch reference");
+            assert!(out.status.success(), "reference: {}", String::from_utf8_lossy(&out.stderr));
+            let reference: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reference JSON");
+            let f =
+                |v: &serde_json::Value| v.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<_>>());
+            let (ours, theirs) = (f(&s["logprobs"]).expect("logprobs"), f(&reference["logprobs"]).expect("logprobs"));
+            assert_eq!(ours.len(), tokens.len());
+            assert_eq!(ours.len(), theirs.len(), "{reference}");
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{} {kind}: token {i} ({}): motley {a}, reference {b}",
+                    r.display(),
+                    tokens[i]
+                );
+            }
+        }
+    }
 
     // The Transfusion setting on the same subset: latent patches, diffusion loss, an image by
     // denoising. The latent tokenizer sits beside the VQ one, as in the demo.

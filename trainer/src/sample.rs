@@ -346,6 +346,10 @@ pub enum StopReason {
 pub struct Generation {
     /// Generated global ids, in order (the prompt not included).
     pub tokens: Vec<u32>,
+    /// Each generated id's log-probability under the model itself: the log-softmax of the raw
+    /// logits over the whole vocabulary (no temperature, top-k/p or constraint applied), what
+    /// another implementation of the model computes for the same sequence.
+    pub logprobs: Vec<f32>,
     pub segments: Vec<GenSegment>,
     pub stop: StopReason,
     pub prompt_tokens: usize,
@@ -422,6 +426,7 @@ pub fn generate_with(
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut generated = Vec::new();
+    let mut logprobs = Vec::new();
     let stop = loop {
         let id = sampler.sample(&logits, &constraints.allowed(mode)).ok_or_else(|| {
             TrainError::Batch(format!(
@@ -432,6 +437,7 @@ pub fn generate_with(
         let before = mode;
         mode = constraints.advance(mode, id);
         generated.push(id);
+        logprobs.push(log_softmax_at(&logits, id));
         progress(generated.len());
         if opts.stop_at_eos && id == constraints.eos {
             break StopReason::Eos;
@@ -446,7 +452,22 @@ pub fn generate_with(
     };
     let decode_seconds = t1.elapsed().as_secs_f64();
     let segments = split_segments(vocab, constraints, start_mode, &generated);
-    Ok(Generation { tokens: generated, segments, stop, prompt_tokens: prompt.len(), prefill_seconds, decode_seconds })
+    Ok(Generation {
+        tokens: generated,
+        logprobs,
+        segments,
+        stop,
+        prompt_tokens: prompt.len(),
+        prefill_seconds,
+        decode_seconds,
+    })
+}
+
+/// `log softmax(logits)[id]`, in f64 (max-shifted; infinite logits masked by nobody here).
+fn log_softmax_at(logits: &[f32], id: u32) -> f32 {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
+    let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
+    logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| (f64::from(l) - max - sum.ln()) as f32)
 }
 
 /// Cuts generated ids into per-modality segments; `start` is the mode the prompt left (a

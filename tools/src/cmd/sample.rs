@@ -272,6 +272,10 @@ struct Summary<'a> {
     tokens_per_second: f64,
     /// Generated global ids.
     tokens: &'a [u32],
+    /// The prompt's global ids (BOS, text, and BOI / BOSP when generation starts inside one).
+    prompt_ids: &'a [u32],
+    /// Each generated id's log-probability under the model (raw logits, whole vocabulary).
+    logprobs: &'a [f32],
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
@@ -348,6 +352,8 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             decode_seconds: g.decode_seconds,
             tokens_per_second: g.tokens_per_second(),
             tokens: &g.tokens,
+            prompt_ids: &prompt,
+            logprobs: &g.logprobs,
         });
     }
     if !text.is_empty() {
