@@ -1,7 +1,8 @@
 //! Integration tests of the benchmarks at toy sizes: `motley bench trainer` (the report's
 //! fields are there and consistent — timings are not checked, no thresholds in tests — the
 //! operator counts come from real dispatches, and the PyTorch reference script runs on the same
-//! batch) and `motley bench ingest --webdataset` (every sample read on both sides).
+//! batch), `motley bench ingest --webdataset` (every sample read on both sides) and `motley
+//! bench checkpoint` (both modes write the same checkpoints).
 
 use std::path::Path;
 use std::process::Command;
@@ -79,6 +80,35 @@ fn bench_ingest_webdataset_reads_every_sample_on_both_sides() -> anyhow::Result<
         assert!(r[side]["samples_per_s"].as_f64().is_some_and(|v| v > 0.0), "{side}: {r}");
     }
     for ratio in ["read_ratio", "ingest_ratio"] {
+        assert!(r[ratio].as_f64().is_some_and(|v| v > 0.0), "{ratio}: {r}");
+    }
+    Ok(())
+}
+
+/// `motley bench checkpoint` on the tiny preset: both modes train the same steps, write the
+/// same checkpoints, and report their stall and the ratios.
+#[test]
+fn bench_checkpoint_times_both_modes() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let args = ["--json", "bench", "checkpoint", "--preset", "tiny", "--steps", "4", "--every", "2", "--repeat", "1"];
+    let out = Command::new(env!("CARGO_BIN_EXE_motley"))
+        .args(args)
+        .arg("--dir")
+        .arg(tmp.path())
+        .env("OMP_NUM_THREADS", "1")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "motley {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    let rows = r["rows"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.iter().map(|x| x["mode"].clone()).collect::<Vec<_>>(), ["sync", "async"], "{r}");
+    for row in &rows {
+        assert_eq!((row["steps"].as_u64(), row["checkpoints"].as_u64()), (Some(4), Some(2)), "{r}");
+        // The same tensors; meta.json says `"checkpoint_async": true` or `false`.
+        let (a, b) = (row["checkpoint_bytes"].as_u64().unwrap_or(0), rows[0]["checkpoint_bytes"].as_u64().unwrap_or(1));
+        assert!(a > 0 && a.abs_diff(b) <= 1, "{r}");
+        assert!(row["checkpoint_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    }
+    for ratio in ["stall_ratio", "wall_ratio"] {
         assert!(r[ratio].as_f64().is_some_and(|v| v > 0.0), "{ratio}: {r}");
     }
     Ok(())

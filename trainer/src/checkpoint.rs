@@ -152,6 +152,11 @@ fn checkpoints_dir(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
+/// The folder of the checkpoint of `step` in `run` (`RUN/checkpoints/step-NNNNNNNN`).
+pub fn dir_of(run: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run).join(step_name(step))
+}
+
 fn step_name(step: u64) -> String {
     format!("step-{step:08}")
 }
@@ -196,6 +201,19 @@ fn to_cpu(named: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
         named.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// Each tensor copied into a fresh host buffer (a snapshot the training step cannot change:
+/// on the CPU, `to_device` would hand back the live storage).
+pub(crate) fn host_copies(named: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, TrainError> {
+    named
+        .into_iter()
+        .map(|(n, t)| {
+            let mut host = Tensor::empty(t.size(), (t.kind(), Device::Cpu));
+            tch::no_grad(|| host.f_copy_(&t)).map_err(TrainError::torch(format!("copy {n} to the host")))?;
+            Ok((n, host))
+        })
+        .collect()
 }
 
 /// Groups name-ordered tensors into files of at most `limit` bytes (a tensor larger than
@@ -531,6 +549,21 @@ mod tests {
 
     fn tensors() -> Vec<(String, Tensor)> {
         (0..5).map(|i| (format!("w{i}"), Tensor::from_slice(&vec![i as f32; 100]).view([10, 10]))).collect()
+    }
+
+    /// An async checkpoint writes from host copies that later in-place updates (AdamW's) do not
+    /// reach: on the CPU `to_device` would hand back the live storage.
+    #[test]
+    fn host_copies_do_not_share_storage() {
+        let live = tensors();
+        let copies = host_copies(live.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()).expect("copies");
+        for (_, t) in &live {
+            let mut t = t.shallow_clone();
+            let _ = t.f_add_scalar_(1.0).expect("in place");
+        }
+        for ((_, c), i) in copies.iter().zip(0..) {
+            assert_eq!(c.double_value(&[3, 3]), f64::from(i), "the copy changed with the live tensor");
+        }
     }
 
     #[test]

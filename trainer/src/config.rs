@@ -160,6 +160,11 @@ pub struct LoopConfig {
     /// Split the weights into files of at most this many MB with an HF-style index (5 GB, as
     /// `save_pretrained`'s default).
     pub checkpoint_shard_mb: f64,
+    /// Write each checkpoint on a background thread from a host copy of the weights and
+    /// moments taken at the step (torchtitan's async checkpointing): training goes on while
+    /// the files are written, fsynced and renamed; one write at a time. Host memory: that
+    /// copy (on CUDA the synchronous path copies to the host too; on the CPU it is extra).
+    pub checkpoint_async: bool,
     pub on_nonfinite: OnNonFinite,
     pub max_skipped: u64,
     /// Peak dense bf16 TFLOP/s of one accelerator, for model FLOPs utilization (H100/H200: 989).
@@ -210,6 +215,7 @@ impl Default for LoopConfig {
             checkpoint_every: 500,
             keep_checkpoints: 2,
             checkpoint_shard_mb: 5000.0,
+            checkpoint_async: false,
             on_nonfinite: OnNonFinite::Stop,
             max_skipped: 10,
             peak_tflops: 989.0,

@@ -119,7 +119,12 @@ pub struct Trainer {
     run_dir: Option<PathBuf>,
     log: Option<MetricsLog>,
     /// Where rank 0 copies its checkpoints as they are written (an object store).
-    mirror: Option<Box<dyn crate::mirror::RunMirror>>,
+    mirror: Option<Arc<dyn crate::mirror::RunMirror>>,
+    /// `train.checkpoint_async`: the checkpoint being written in the background.
+    writer: Option<std::thread::JoinHandle<Result<PathBuf, TrainError>>>,
+    /// Seconds the loop spent in checkpointing (with `checkpoint_async`: the host copy and
+    /// any wait for the previous write).
+    checkpoint_s: f64,
     /// Print a console line every `log_every` steps.
     pub verbose: bool,
 }
@@ -266,6 +271,8 @@ impl Trainer {
             run_dir: None,
             log: None,
             mirror: None,
+            writer: None,
+            checkpoint_s: 0.0,
             verbose: true,
         };
         t.broadcast_weights()?;
@@ -396,7 +403,7 @@ impl Trainer {
     /// Copies every checkpoint rank 0 writes (and the run's files) through `mirror`, in the
     /// background; the run waits for the copies only at its end.
     pub fn set_mirror(&mut self, mirror: Box<dyn crate::mirror::RunMirror>) {
-        self.mirror = Some(mirror);
+        self.mirror = Some(Arc::from(mirror));
     }
 
     /// Step records logged so far (empty without a run directory).
@@ -651,9 +658,33 @@ impl Trainer {
     }
 
     /// Writes a checkpoint into the run directory. Every rank must call it (sharded optimizer
-    /// state is gathered); rank 0 writes.
-    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>, TrainError> {
-        let Some(run) = &self.run_dir else { return Ok(None) };
+    /// state is gathered); rank 0 writes — with `train.checkpoint_async`, on a background
+    /// thread from a host copy, after the previous write has finished. Returns the folder
+    /// the checkpoint is (or will be, once renamed into place) in.
+    pub fn save_checkpoint(&mut self) -> Result<Option<PathBuf>, TrainError> {
+        let t0 = Instant::now();
+        let r = self.save_checkpoint_inner();
+        self.checkpoint_s += t0.elapsed().as_secs_f64();
+        r
+    }
+
+    /// Waits for the checkpoint being written in the background, if any; its failure is the
+    /// run's.
+    pub fn wait_for_checkpoint(&mut self) -> Result<(), TrainError> {
+        match self.writer.take() {
+            None => Ok(()),
+            Some(h) => h
+                .join()
+                .map_err(|p| TrainError::Checkpoint {
+                    path: self.run_dir.clone().unwrap_or_default(),
+                    msg: format!("the checkpoint writer panicked: {}", panic_text(&p)),
+                })?
+                .map(|_| ()),
+        }
+    }
+
+    fn save_checkpoint_inner(&mut self) -> Result<Option<PathBuf>, TrainError> {
+        let Some(run) = self.run_dir.clone() else { return Ok(None) };
         // Under ZeRO-3 every rank takes part in gathering the weights rank 0 writes.
         let weights = self.public_weights(false)?;
         let Some((opt_tensors, optimizer_steps)) = self.opt.state(&self.comm)? else { return Ok(None) };
@@ -669,19 +700,29 @@ impl Trainer {
             tokens: self.tokens,
             vocab: Some(self.data.vocab().clone()),
         };
-        let pinned = self.mirror.as_ref().and_then(|m| m.in_use());
-        let dir = checkpoint::save(
-            run,
-            weights,
-            opt_tensors,
-            &meta,
-            self.cfg.train.keep_checkpoints,
-            self.cfg.train.checkpoint_shard_mb,
-            pinned.as_deref(),
-        )?;
-        if let Some(m) = &self.mirror {
-            m.saved(run, &dir).map_err(TrainError::Mirror)?;
+        let (keep, shard_mb, mirror) =
+            (self.cfg.train.keep_checkpoints, self.cfg.train.checkpoint_shard_mb, self.mirror.clone());
+        // One write at a time, in step order (pruning and the mirror see them in order).
+        self.wait_for_checkpoint()?;
+        let write = move |weights, opt_tensors, meta: Meta| -> Result<PathBuf, TrainError> {
+            let pinned = mirror.as_ref().and_then(|m| m.in_use());
+            let dir = checkpoint::save(&run, weights, opt_tensors, &meta, keep, shard_mb, pinned.as_deref())?;
+            if let Some(m) = &mirror {
+                m.saved(&run, &dir).map_err(TrainError::Mirror)?;
+            }
+            Ok(dir)
+        };
+        if !self.cfg.train.checkpoint_async {
+            return write(weights, opt_tensors, meta).map(Some);
         }
+        // Host copies of their own: training goes on updating the live tensors in place.
+        let dir = checkpoint::dir_of(self.run_dir.as_deref().unwrap_or(Path::new(".")), meta.step);
+        let (weights, opt_tensors) = (checkpoint::host_copies(weights)?, checkpoint::host_copies(opt_tensors)?);
+        let handle = std::thread::Builder::new()
+            .name("motley-checkpoint".into())
+            .spawn(move || write(weights, opt_tensors, meta))
+            .map_err(TrainError::io("start the checkpoint writer", &dir))?;
+        self.writer = Some(handle);
         Ok(Some(dir))
     }
 
@@ -727,6 +768,13 @@ impl Trainer {
     /// of several ranks, a failure is posted for the other ranks (their errors name this one).
     pub fn run(&mut self) -> Result<TrainSummary, TrainError> {
         let mut result = self.run_inner();
+        // A checkpoint still being written (the run failed after starting it) is finished.
+        if let Err(e) = self.wait_for_checkpoint() {
+            match &result {
+                Ok(_) => result = Err(e),
+                Err(_) => eprintln!("{e}"),
+            }
+        }
         // The copies still in flight finish either way: a failed run keeps its checkpoints.
         if let (Some(m), Some(run)) = (&self.mirror, &self.run_dir) {
             let keep = self.cfg.train.keep_checkpoints;
@@ -850,6 +898,10 @@ impl Trainer {
                 self.save_checkpoint()?;
             }
         }
+        // The run ends when its last checkpoint is on disk.
+        let t0 = Instant::now();
+        self.wait_for_checkpoint()?;
+        self.checkpoint_s += t0.elapsed().as_secs_f64();
         let weights_blake3 = self.verify_replicas()?;
         let summary = TrainSummary {
             arch: self.cfg.model.arch,
@@ -858,6 +910,7 @@ impl Trainer {
             skipped: self.skipped,
             tokens: self.tokens,
             wall_s: started.elapsed().as_secs_f64(),
+            checkpoint_s: self.checkpoint_s,
             params: self.param_count(),
             final_train: final_train_losses(self.records()),
             final_eval: last_eval,
@@ -1111,6 +1164,10 @@ pub struct TrainSummary {
     pub skipped: u64,
     pub tokens: u64,
     pub wall_s: f64,
+    /// Seconds of `wall_s` the loop spent checkpointing (async: the host copies, and waiting
+    /// for writes; the last write included).
+    #[serde(default)]
+    pub checkpoint_s: f64,
     pub params: i64,
     /// Mean train loss per modality over the last logged steps.
     pub final_train: PerModality,
@@ -1318,4 +1375,9 @@ pub fn evaluate_checkpoint(
     checkpoint::load_weights(&vs, &ckpt)?;
     let r = evaluate_model(&model, src.as_mut(), batches, cfg.train.routing, device, &comm)?;
     Ok((meta.step, r))
+}
+
+/// A panic payload's message.
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
 }

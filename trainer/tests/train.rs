@@ -340,3 +340,47 @@ fn a_mirror_keeps_its_checkpoint_from_pruning_and_its_failure_stops_the_run() ->
     assert_eq!(left, vec![4, 5], "after the run waited for the copy, the pinned step 1 is pruned");
     Ok(())
 }
+
+/// `train.checkpoint_async` writes from host copies on a background thread: the checkpoints
+/// hold exactly the bytes the synchronous path writes (weights, moments, loader state), the
+/// same ones are pruned, and a run resumes from them.
+#[test]
+fn async_checkpoints_hold_the_bytes_of_sync_ones_and_resume() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let train = |name: &str, asynchronous: bool| -> anyhow::Result<std::path::PathBuf> {
+        let mut cfg = common::tiny_cfg();
+        cfg.train.checkpoint_every = 2;
+        cfg.train.keep_checkpoints = 2;
+        cfg.train.checkpoint_async = asynchronous;
+        let run = dir.path().join(name);
+        let mut t = Trainer::new(cfg)?;
+        t.verbose = false;
+        t.attach_run_dir(&run)?;
+        let s = t.run()?;
+        assert!(s.checkpoint_s > 0.0, "{s:?}");
+        Ok(run)
+    };
+    let (sync, asynchronous) = (train("sync", false)?, train("async", true)?);
+    let steps = |run: &std::path::Path| -> anyhow::Result<Vec<u64>> {
+        Ok(checkpoint::list(run)?.into_iter().map(|(s, _)| s).collect())
+    };
+    assert_eq!(steps(&sync)?, vec![4, 6]);
+    assert_eq!(steps(&asynchronous)?, vec![4, 6]);
+    for step in [4, 6] {
+        let (a, b) = (checkpoint::dir_of(&sync, step), checkpoint::dir_of(&asynchronous, step));
+        for f in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+            assert!(std::fs::read(a.join(f))? == std::fs::read(b.join(f))?, "step {step} {f} differs");
+        }
+        let meta = |d: &std::path::Path| -> anyhow::Result<serde_json::Value> {
+            let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join(checkpoint::META_FILE))?)?;
+            v["config"]["train"]["checkpoint_async"] = serde_json::Value::Null;
+            Ok(v)
+        };
+        assert_eq!(meta(&a)?, meta(&b)?, "step {step} meta.json differs beyond checkpoint_async");
+    }
+    let mut more = Trainer::resume(&asynchronous, &["train.steps=8".into()])?;
+    more.verbose = false;
+    assert_eq!(more.run()?.steps, 8);
+    assert_eq!(steps(&asynchronous)?, vec![6, 8]);
+    Ok(())
+}

@@ -2,6 +2,7 @@
 
 use crate::output::Ctx;
 
+pub mod checkpoint;
 pub mod dist;
 pub mod ingest;
 pub mod loader;
@@ -21,6 +22,8 @@ pub enum Command {
     Trainer(trainer::Args),
     /// Decoding with the KV cache vs full recomputation per token, at several lengths.
     Sample(sample::Args),
+    /// Training's stall per checkpoint: written on the loop's thread vs in the background.
+    Checkpoint(checkpoint::Args),
     /// Data parallel: collectives vs memcpy, step time at 1 and N ranks, communication share.
     Dist(dist::Args),
     /// One rank of `bench dist`'s collective measurements (started by it).
@@ -35,6 +38,7 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         Command::Ingest(a) => ingest::run(a, ctx),
         Command::Trainer(a) => trainer::run(a, ctx),
         Command::Sample(a) => sample::run(a, ctx),
+        Command::Checkpoint(a) => checkpoint::run(a, ctx),
         Command::Dist(a) => dist::run(a, ctx),
         Command::DistWorker(a) => dist::worker(a),
     }
