@@ -110,6 +110,7 @@ fn timed_ingest(recipe: Recipe, out: PathBuf, workers: usize, repeat: usize) -> 
         max_errors: None,
         overwrite: true,
         progress: false,
+        upload: None,
     };
     let mut best = f64::INFINITY;
     let mut last = None;

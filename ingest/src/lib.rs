@@ -15,6 +15,7 @@
 //!     max_errors: None,
 //!     overwrite: true,
 //!     progress: true,
+//!     upload: None,
 //! };
 //! let summary = ingest(&cfg)?;
 //! println!("{} documents", summary.documents);

@@ -1,7 +1,9 @@
-//! Inputs in object stores (`s3://…`, `gs://…`, `az://…`, `http(s)://…`): the hook through
-//! which the `motley` binary (motley-remote) lists and fetches them, so this crate holds no
-//! network code. The plan lists a remote pattern's objects (names and sizes are all it needs);
-//! a task fetches its objects into a local cache when it starts and deletes them when it ends.
+//! Object stores (`s3://…`, `gs://…`, `az://…`, `http(s)://…`): the hook through which the
+//! `motley` binary (motley-remote) lists, fetches and writes objects, so this crate holds no
+//! network code. Inputs: the plan lists a remote pattern's objects (names and sizes are all it
+//! needs); a task fetches its objects into a local cache when it starts and deletes them when it
+//! ends. Output (`IngestConfig::upload`): a finished task's shards are uploaded and deleted
+//! here before its marker is written.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -19,6 +21,8 @@ pub trait InputStore: Send + Sync {
     fn fetch(&self, uri: &str, size: u64, dest: &Path) -> std::result::Result<(), String>;
     /// The local folder fetched objects are kept in while their task runs.
     fn cache_dir(&self) -> PathBuf;
+    /// Writes the file `local` as the object `uri`, whole or not at all.
+    fn put(&self, local: &Path, uri: &str) -> std::result::Result<(), String>;
 }
 
 static STORE: OnceLock<Box<dyn InputStore>> = OnceLock::new();
@@ -78,6 +82,30 @@ pub(crate) fn ensure_local(file: &Path, remote: Option<&RemoteInput>) -> Result<
     store(&r.uri)?
         .fetch(&r.uri, r.size, file)
         .map_err(|e| Error::Remote { uri: r.uri.clone(), message: format!("fetching: {e}") })
+}
+
+/// The objects directly under the location `uri`, by name, with their sizes (what an
+/// interrupted ingest already uploaded there).
+pub(crate) fn uploaded(uri: &str) -> Result<std::collections::HashMap<String, u64>> {
+    let s = store(uri)?;
+    let base = uri.trim_end_matches('/');
+    let listed = s.list(base).map_err(|e| Error::Remote { uri: uri.to_string(), message: format!("listing: {e}") })?;
+    Ok(listed
+        .into_iter()
+        .filter_map(|(u, size)| {
+            let name = u.strip_prefix(base)?.strip_prefix('/')?;
+            (!name.contains('/')).then(|| (name.to_string(), size))
+        })
+        .collect())
+}
+
+/// Uploads a finished shard to `uri/name` and deletes the local file.
+pub(crate) fn upload_shard(local: &Path, uri: &str, name: &str) -> Result<()> {
+    let object = format!("{}/{name}", uri.trim_end_matches('/'));
+    store(&object)?
+        .put(local, &object)
+        .map_err(|e| Error::Remote { uri: object.clone(), message: format!("uploading: {e}") })?;
+    std::fs::remove_file(local).map_err(|e| Error::io("remove uploaded shard", local, e))
 }
 
 /// Deletes a remote unit's local copy once its task is done with it. A Parquet file split into

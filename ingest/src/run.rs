@@ -10,7 +10,7 @@
 //! and the encoding of a batch runs on a rayon pool of `workers` threads. At most `workers`
 //! batches are alive at once, so memory is bounded whatever the corpus size.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,11 @@ pub struct IngestConfig {
     pub overwrite: bool,
     /// Draw progress bars on stderr.
     pub progress: bool,
+    /// An object-store location (`s3://…`) the shards go to as each task finishes: uploaded,
+    /// then deleted here, before the task's marker is written, so `out` never holds more than
+    /// the running tasks' shards. The manifest (and tokenizers) are left to the caller, which
+    /// uploads them last. A resume trusts an uploaded shard whose object has the marker's size.
+    pub upload: Option<String>,
 }
 
 /// Per-modality counts: sequence positions (tokens or latent vectors) and segments.
@@ -352,6 +357,11 @@ fn run_task(
         return Ok(None);
     }
     m.shards = writer.finish().map_err(|e| shard_err(&cfg.out, e))?;
+    if let Some(uri) = &cfg.upload {
+        for s in &m.shards {
+            crate::remote_input::upload_shard(&cfg.out.join(&s.name), uri, &s.name)?;
+        }
+    }
     // Reader errors are seen before encoding errors of the same batch: list them in input order.
     let unit_of =
         |file: &str| task.units.iter().position(|u| u.file.display().to_string() == file).unwrap_or(usize::MAX);
@@ -384,7 +394,13 @@ fn part_bytes(p: &crate::source::RawPart) -> usize {
     }
 }
 
-fn read_marker(out: &Path, task: u32, fingerprint: &str, vocab: &Vocab) -> Option<TaskMarker> {
+fn read_marker(
+    out: &Path,
+    task: u32,
+    fingerprint: &str,
+    vocab: &Vocab,
+    uploaded: Option<&HashMap<String, u64>>,
+) -> Option<TaskMarker> {
     let bytes = std::fs::read(marker_path(out, task)).ok()?;
     let m: TaskMarker = serde_json::from_slice(&bytes).ok()?;
     // A marker is only trusted if every shard it lists is still there and its footer agrees
@@ -392,9 +408,14 @@ fn read_marker(out: &Path, task: u32, fingerprint: &str, vocab: &Vocab) -> Optio
     // the manifest is built from markers, so a truncated shard or an edited marker would make
     // a corpus that `shards verify` refuses. Reading footers costs no payload pass; a flipped
     // payload byte is left to `shards verify`'s checksums. An untrusted task is run again.
+    // Shards uploaded as their task finished are no longer here: their objects must have the
+    // marker's sizes (`shards verify` checks their bytes).
     let shards_agree = || {
-        m.shards.iter().all(|s| {
-            motley_shards::ShardReader::open(out.join(&s.name)).is_ok_and(|r| r.check_against(s, vocab).is_ok())
+        m.shards.iter().all(|s| match uploaded {
+            Some(there) => there.get(&s.name) == Some(&s.bytes),
+            None => {
+                motley_shards::ShardReader::open(out.join(&s.name)).is_ok_and(|r| r.check_against(s, vocab).is_ok())
+            }
         })
     };
     let documents: u64 = m.shards.iter().map(|s| s.num_docs).sum();
@@ -682,9 +703,10 @@ pub fn ingest(cfg: &IngestConfig) -> Result<Summary> {
     let tok_files = copy_tokenizers(&cfg.out, &toks)?;
     let vocab = toks.vocab(&tok_files);
 
+    let uploaded = cfg.upload.as_deref().map(crate::remote_input::uploaded).transpose()?;
     let mut done: BTreeMap<u32, TaskMarker> = BTreeMap::new();
     for t in &tasks {
-        if let Some(m) = read_marker(&cfg.out, t.id, &fingerprint, &vocab) {
+        if let Some(m) = read_marker(&cfg.out, t.id, &fingerprint, &vocab, uploaded.as_ref()) {
             done.insert(t.id, m);
         }
     }

@@ -688,12 +688,23 @@ pub struct UploadReport {
 }
 
 /// Uploads the corpus in `local` to `uri`: every shard, then the manifest, so a reader never
-/// sees a manifest naming a missing shard. `progress` gets the bytes sent after each shard.
+/// sees a manifest naming a missing shard. A shard whose object is already there with its size
+/// is not sent again (uploaded as its ingest task finished, or by an interrupted upload; its
+/// local file may be gone). `progress` gets the bytes done after each shard.
 pub fn upload(local: &Path, uri: &str, opts: &RemoteOptions, progress: &dyn Fn(u64)) -> Result<UploadReport> {
     let (store, prefix) = parse_location(uri, opts)?;
     let manifest = Manifest::read(local)?;
+    let there: std::collections::HashMap<String, u64> = list_inputs(uri, opts)?
+        .into_iter()
+        .filter_map(|(u, size)| Some((u.strip_prefix(&describe(uri, ""))?.to_string(), size)))
+        .collect();
     let mut report = UploadReport::default();
     for s in &manifest.shards {
+        if there.get(&s.name) == Some(&s.bytes) {
+            report.bytes += s.bytes;
+            progress(report.bytes);
+            continue;
+        }
         let path = local.join(&s.name);
         objects::put_file_at(&store, &child(&prefix, &s.name), &describe(uri, &s.name), &path, opts)?;
         report.shards += 1;

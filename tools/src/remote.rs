@@ -40,6 +40,10 @@ impl motley_ingest::remote_input::InputStore for Inputs {
     fn cache_dir(&self) -> PathBuf {
         self.0.cache_dir.clone().unwrap_or_else(motley_remote::default_cache_root).join("inputs")
     }
+
+    fn put(&self, local: &Path, uri: &str) -> Result<(), String> {
+        motley_remote::put_file(uri, local, &self.0).map_err(|e| e.to_string())
+    }
 }
 
 /// Replaces each object-store location by its local cache folder (fetching the manifest):

@@ -123,8 +123,11 @@ fn train_from_s3_equals_training_from_the_local_copy() {
     assert!(err.contains("s3://bkt/nothing-here/manifest.json"), "{err}");
 }
 
+/// `ingest --out s3://…` uploads each task's shards as the task finishes (deleting them from
+/// the staging folder), so a run killed between tasks has them in the bucket and resumes
+/// without redoing them; the manifest goes last; the corpus verifies from the bucket.
 #[test]
-fn ingest_out_to_s3_uploads_zstd_shards_and_the_manifest() {
+fn ingest_out_to_s3_uploads_zstd_shards_as_tasks_finish_and_the_manifest_last() {
     let tmp = tempfile::tempdir().expect("tmp");
     let text = tmp.path().join("text");
     std::fs::create_dir_all(&text).expect("mkdir");
@@ -142,12 +145,54 @@ fn ingest_out_to_s3_uploads_zstd_shards_and_the_manifest() {
     c.args(["--vocab-size", "300"]);
     run(c, "tokenizer train-text");
 
+    // One task per file (options.task_mib), so a run can stop between tasks.
+    let recipe = tmp.path().join("recipe.toml");
+    let r = format!(
+        "[options]\ntask_mib = 0.005\n\n[[source]]\nname = \"text\"\nkind = \"text\"\npaths = [\"{}/*.txt\"]\n",
+        text.display()
+    );
+    std::fs::write(&recipe, r).expect("recipe");
     let uri = "s3://bkt/ingested";
-    let mut c = motley(server.port, &cache);
-    c.arg("ingest").arg(format!("{}/*.txt", text.display())).arg("--tokenizers").arg(&tok);
-    c.args(["--out", uri, "--json", "--no-progress"]);
-    let summary: Value = serde_json::from_slice(&run(c, "ingest --out s3://").stdout).expect("ingest json");
+    let ingest = |failpoint: Option<&str>| {
+        let mut c = motley(server.port, &cache);
+        c.arg("ingest").arg("--config").arg(&recipe).arg("--tokenizers").arg(&tok);
+        c.args(["--out", uri, "--json", "--no-progress", "--workers", "1"]);
+        if let Some(f) = failpoint {
+            c.env("MOTLEY_FAILPOINT", f);
+        }
+        c.output().expect("run motley")
+    };
+    // Killed after its second task: those two tasks' shards are in the bucket already (and no
+    // longer in the staging folder), the manifest is not.
+    let out = ingest(Some("after_task:2"));
+    assert_eq!(out.status.code(), Some(86), "{}", String::from_utf8_lossy(&out.stderr));
+    let names = |prefix: &str| -> Vec<String> {
+        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let opts = motley_remote::RemoteOptions {
+            config: vec![
+                kv("aws_endpoint", &format!("http://127.0.0.1:{}", server.port)),
+                kv("aws_access_key_id", "test"),
+                kv("aws_secret_access_key", "test"),
+                kv("aws_region", "us-east-1"),
+                kv("aws_allow_http", "true"),
+            ],
+            ..Default::default()
+        };
+        let list = motley_remote::list_inputs(prefix, &opts).expect("list");
+        list.into_iter().map(|(u, _)| u.trim_start_matches(&format!("{prefix}/")).to_string()).collect()
+    };
+    let early = names(uri);
+    assert_eq!(early.iter().filter(|n| n.ends_with(".mshard")).count(), 2, "{early:?}");
+    assert!(!early.contains(&"manifest.json".to_string()), "{early:?}");
+    let staging = walk(&cache).into_iter().filter(|p| p.extension().is_some_and(|e| e == "mshard")).count();
+    assert_eq!(staging, 0, "uploaded shards stay in the staging folder");
+    // The same command resumes: the two uploaded tasks are kept, the rest run, then the manifest.
+    let out = ingest(None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("ingest json");
     assert_eq!(summary["out"], uri, "{summary}");
+    assert_eq!((summary["tasks"].as_u64(), summary["tasks_resumed"].as_u64()), (Some(6), Some(2)), "{summary}");
+    assert_eq!(names(uri).iter().filter(|n| n.ends_with(".mshard")).count(), 6);
 
     let mut c = motley(server.port, &cache);
     c.args(["--json", "shards", "verify", uri]);

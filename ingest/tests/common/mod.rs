@@ -73,6 +73,7 @@ pub fn config(recipe: Recipe, out: &Path) -> IngestConfig {
         max_errors: None,
         overwrite: false,
         progress: false,
+        upload: None,
     }
 }
 

@@ -39,7 +39,8 @@ pub struct Args {
     #[arg(long)]
     tokenizers: Option<PathBuf>,
     /// Output corpus directory, or an object-store location (s3://, gs://, az://): the corpus
-    /// is built in a local staging folder, then its shards and, last, its manifest are uploaded.
+    /// is built in a local staging folder, each task's shards uploaded (and deleted there) as
+    /// the task finishes, the manifest last.
     #[arg(long, short = 'o')]
     out: PathBuf,
     /// Chunk compression of the shards (default: raw on disk, zstd for an object-store --out).
@@ -173,6 +174,7 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         max_errors: args.max_errors,
         overwrite: args.overwrite,
         progress: !args.no_progress,
+        upload: remote.clone(),
     };
     let mut summary = motley_ingest::ingest(&cfg).with_context(|| format!("ingest into {}", out.display()))?;
     if let Some(uri) = &remote {
