@@ -258,14 +258,16 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
     // docs/MODEL.md is enough to run a checkpoint elsewhere: the PyTorch model written from it
     // (scripts/reference/mot_model.py) gives every sampled token the log-probability motley
     // gave it — the MoT run above, one with the other norm placement, untied heads, no
-    // QK-norm and another RoPE base, and a dense one; image codes and speech units go through
-    // their towers.
-    let variants: [(&str, &[&str]); 2] = [
+    // QK-norm, and dense ones with another RoPE base, with and without QK-norm; image codes
+    // and speech units go through their towers. The dense runs, exported with `motley export`,
+    // give the same numbers in transformers itself (Qwen3ForCausalLM, LlamaForCausalLM).
+    let variants: [(&str, &[&str]); 3] = [
         (
             "run-variant",
             &["--set", "model.norm=\"swin\"", "--set", "model.untie_head=true", "--set", "model.qk_norm=false"],
         ),
         ("run-dense", &["--arch", "dense", "--set", "model.rope_theta=500000.0"]),
+        ("run-dense-llama", &["--arch", "dense", "--set", "model.qk_norm=false"]),
     ];
     let mut runs = vec![run.clone()];
     for (name, extra) in variants {
@@ -277,7 +279,30 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
         run_ok(&args);
         runs.push(dir);
     }
+    let py = std::env::var("MOTLEY_PYTHON").unwrap_or_else(|_| "python3".into());
+    // Log-probabilities of each sequence's ids from its start on, by a reference script.
+    let score = |script: &str, model: &Path, seqs: &[(Vec<String>, usize)]| -> (Vec<Vec<f64>>, serde_json::Value) {
+        let mut c = Command::new(&py);
+        c.arg(repo().join("scripts/reference").join(script)).arg(model);
+        for (ids, from) in seqs {
+            c.args(["--ids", &ids.join(","), "--score-from", &from.to_string()]);
+        }
+        let out = c.output().expect("run the reference");
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reference JSON");
+        let f = |x: &serde_json::Value| x.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<_>>());
+        let lp = v["logprobs"].as_array().map(|a| a.iter().filter_map(f).collect()).unwrap_or_default();
+        (lp, v)
+    };
     for r in &runs {
+        let dense = r.file_name().is_some_and(|n| n.to_string_lossy().starts_with("run-dense"));
+        let hf = tmp.path().join("hf").join(r.file_name().unwrap_or_default());
+        if dense {
+            run_ok(&["export", "--checkpoint", &d(r), "--out", &d(&hf)]);
+        }
+        // An image and a speech sample: their ids, the prompt's length, motley's log-probabilities.
+        let mut seqs = Vec::new();
+        let mut ours: Vec<Vec<f64>> = Vec::new();
         for kind in ["--image", "--speech"] {
             let out = run_ok(&[
                 "sample",
@@ -299,31 +324,37 @@ fn sample_flow_tokenize_ingest_verify_train_eval() {
             let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sample --json prints JSON");
             let ids = |k: &str| s[k].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect::<Vec<_>>());
             let (prompt, tokens) = (ids("prompt_ids").expect("prompt_ids"), ids("tokens").expect("tokens"));
-            let all: Vec<String> = prompt.iter().chain(&tokens).map(u64::to_string).collect();
-            let py = std::env::var("MOTLEY_PYTHON").unwrap_or_else(|_| "python3".into());
-            let out = Command::new(py)
-                .arg(repo().join("scripts/reference/mot_model.py"))
-                .arg(r)
-                .args(["--ids", &all.join(","), "--score-from", &prompt.len().to_string()])
-                .output()
-                .expect("run the PyTorch reference");
-            assert!(out.status.success(), "reference: {}", String::from_utf8_lossy(&out.stderr));
-            let reference: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reference JSON");
-            let f =
-                |v: &serde_json::Value| v.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<_>>());
-            let (ours, theirs) = (f(&s["logprobs"]).expect("logprobs"), f(&reference["logprobs"]).expect("logprobs"));
-            assert_eq!(ours.len(), tokens.len());
-            assert_eq!(ours.len(), theirs.len(), "{reference}");
-            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-                assert!(
-                    (a - b).abs() < 1e-4,
-                    "{} {kind}: token {i} ({}): motley {a}, reference {b}",
-                    r.display(),
-                    tokens[i]
-                );
+            let lp: Vec<f64> =
+                s["logprobs"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+            assert_eq!(lp.len(), tokens.len(), "{s}");
+            seqs.push((prompt.iter().chain(&tokens).map(u64::to_string).collect::<Vec<_>>(), prompt.len()));
+            ours.push(lp);
+        }
+        let mut references = vec![("mot_model.py", r.clone())];
+        if dense {
+            references.push(("transformers_logprobs.py", hf.clone()));
+        }
+        for (script, model) in references {
+            let (theirs, v) = score(script, &model, &seqs);
+            assert_eq!(theirs.len(), 2, "{v}");
+            for (k, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
+                assert_eq!(ours.len(), theirs.len(), "{v}");
+                for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{} sample {k} by {script}: token {i} ({}): motley {a}, reference {b}",
+                        r.display(),
+                        seqs[k].0[seqs[k].1 + i]
+                    );
+                }
             }
         }
     }
+    // A MoT checkpoint has no transformers class: refused, saying what runs it instead.
+    let out = motley().args(["export", "--checkpoint", &d(&run), "--out", &d(&tmp.path().join("hf-mot"))]).output();
+    let out = out.expect("spawn motley");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("mot_model.py"), "{err}");
 
     // The Transfusion setting on the same subset: latent patches, diffusion loss, an image by
     // denoising. The latent tokenizer sits beside the VQ one, as in the demo.

@@ -10,7 +10,8 @@ generated with it and compares the log-probabilities, which keeps docs/MODEL.md 
 
     python scripts/reference/mot_model.py RUN --ids 1001,17,42,1003 --score-from 3
 
-prints {"step": N, "logprobs": [log p(ids[i] | ids[:i]) for i >= score-from]} as one JSON line.
+prints {"step": N, "logprobs": [[log p(ids[i] | ids[:i]) for i >= score-from], …]} as one JSON
+line, one list per --ids.
 """
 
 import argparse
@@ -152,14 +153,19 @@ class Model:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")
-    ap.add_argument("--ids", required=True, help="comma-separated global ids, BOS first")
-    ap.add_argument("--score-from", type=int, default=1, help="first position whose id is scored")
+    ap.add_argument("--ids", required=True, action="append",
+                    help="comma-separated global ids, BOS first (repeat for several sequences)")
+    ap.add_argument("--score-from", type=int, action="append",
+                    help="first position whose id is scored, per --ids (default 1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = Model(resolve(args.checkpoint))
-    ids = [int(t) for t in args.ids.split(",")]
-    logp = torch.log_softmax(model.logits(ids).double(), dim=-1)
-    out = [float(logp[i - 1, ids[i]]) for i in range(max(args.score_from, 1), len(ids))]
+    out = []
+    for k, text in enumerate(args.ids):
+        ids = [int(t) for t in text.split(",")]
+        start = args.score_from[k] if args.score_from and k < len(args.score_from) else 1
+        logp = torch.log_softmax(model.logits(ids).double(), dim=-1)
+        out.append([float(logp[i - 1, ids[i]]) for i in range(max(start, 1), len(ids))])
     print(json.dumps({"step": model.step, "mot": model.mot, "untied_head": model.untied, "logprobs": out}))
 
 

@@ -56,6 +56,8 @@ enum Command {
     Train(cmd::train::Args),
     /// Evaluate a checkpoint on a corpus: per-modality loss.
     Eval(cmd::train::EvalArgs),
+    /// Write a dense checkpoint as a Hugging Face transformers model folder (Qwen3 / Llama).
+    Export(cmd::export::Args),
     /// Memory per GPU of a run (weights, gradients, moments, activations, loss) and the settings that make it fit.
     Plan(cmd::plan::Args),
     /// Step matching: the step at which MoT (and MoE-4x) reach dense's final held-out loss, per modality.
@@ -82,6 +84,7 @@ fn main() {
         Command::Shards(c) => cmd::shards::run(c, &ctx),
         Command::Train(a) => cmd::train::run(a, &ctx),
         Command::Eval(a) => cmd::train::eval(a, &ctx),
+        Command::Export(a) => cmd::export::run(a, &ctx),
         Command::Plan(a) => cmd::plan::run(a, &ctx),
         Command::Study(a) => cmd::study::run(a, &ctx),
         Command::Sample(a) => cmd::sample::run(a, &ctx),

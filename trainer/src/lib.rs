@@ -11,6 +11,7 @@
 //! - [`optim`]: AdamW with saveable moments, warmup + cosine schedule.
 //! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
 //! - [`sample`]: generation from a checkpoint (KV-cached decoding, constrained sampling).
+//! - [`export`]: a dense checkpoint as a transformers (Llama / Qwen3) model folder.
 //! - [`checkpoint`], [`metrics`]: files on disk, metrics and plot; [`mirror`]: the hook that
 //!   copies a run's checkpoints elsewhere (an object store) as they are written.
 //! - [`dist`]: data parallelism on torch's c10d (launch variables, process groups, gradient
@@ -27,6 +28,7 @@ pub mod data;
 pub mod diffusion;
 pub mod dist;
 pub mod error;
+pub mod export;
 pub mod flat;
 pub mod fsdp;
 pub mod layout;

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod export;
 pub mod ingest;
 pub mod plan;
 pub mod sample;
