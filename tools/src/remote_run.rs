@@ -121,30 +121,19 @@ pub fn pull(uri: &str, need: Need, opts: &RemoteOptions) -> anyhow::Result<(Stri
     lock.lock().with_context(|| format!("lock {}", local.join(".pull.lock").display()))?;
 
     let ckpt = step_rel(step);
-    let mut files: Vec<(&String, u64)> = objects
-        .iter()
-        .filter(|(rel, _)| {
-            let run_file = RUN_FILES.contains(&rel.as_str()) || rel.starts_with("tokenizers/");
-            let of_ckpt = rel
-                .strip_prefix(&ckpt)
-                .and_then(|r| r.strip_prefix('/'))
-                .is_some_and(|name| !name.contains('/') && name != META && (need == Need::Resume || name != OPTIMIZER));
-            run_file || of_ckpt
-        })
-        .map(|(rel, &size)| (rel, size))
-        .collect();
     let meta = format!("{ckpt}/{META}");
-    let meta_size = *objects.get(&meta).with_context(|| format!("{}: missing", join(&run_uri, &meta)))?;
-    let meta_rel = meta.clone();
-    files.push((&meta_rel, meta_size)); // last: the local checkpoint is complete only once it is there
+    if !objects.contains_key(&meta) {
+        bail!("{}: missing", join(&run_uri, &meta));
+    }
+    let files = files_to_pull(&objects, step, need);
     let t0 = Instant::now();
     let mut fetched = 0u64;
     for (rel, size) in files {
-        let dest = local.join(rel);
-        if std::fs::metadata(&dest).is_ok_and(|m| m.len() == size) && rel != &meta {
+        let dest = local.join(&rel);
+        if std::fs::metadata(&dest).is_ok_and(|m| m.len() == size) && rel != meta {
             continue;
         }
-        motley_remote::fetch_input(&join(&run_uri, rel), size, &dest, opts)?;
+        motley_remote::fetch_input(&join(&run_uri, &rel), size, &dest, opts)?;
         fetched += size;
     }
     if need == Need::Resume {
@@ -172,6 +161,33 @@ pub fn pull(uri: &str, need: Need, opts: &RemoteOptions) -> anyhow::Result<(Stri
     let _ = lock.unlock();
     let path = if uri == run_uri { local } else { local.join(ckpt) };
     Ok((run_uri, path))
+}
+
+/// The objects of a run to fetch for checkpoint `step`: the run's files, its tokenizers and
+/// the checkpoint's files (without the optimizer state for [`Need::Weights`]), the
+/// checkpoint's `meta.json` last (locally too, a checkpoint is complete once it is there).
+/// Only plain relative names: an object called `tokenizers/../../x` is left out.
+fn files_to_pull(objects: &BTreeMap<String, u64>, step: u64, need: Need) -> Vec<(String, u64)> {
+    let ckpt = step_rel(step);
+    let plain = |rel: &str| Path::new(rel).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    let mut files: Vec<(String, u64)> = objects
+        .iter()
+        .filter(|(rel, _)| plain(rel))
+        .filter(|(rel, _)| {
+            let run_file = RUN_FILES.contains(&rel.as_str()) || rel.starts_with("tokenizers/");
+            let of_ckpt = rel
+                .strip_prefix(&ckpt)
+                .and_then(|r| r.strip_prefix('/'))
+                .is_some_and(|name| !name.contains('/') && name != META && (need == Need::Resume || name != OPTIMIZER));
+            run_file || of_ckpt
+        })
+        .map(|(rel, &size)| (rel.clone(), size))
+        .collect();
+    let meta = format!("{ckpt}/{META}");
+    if let Some(&size) = objects.get(&meta) {
+        files.push((meta, size));
+    }
+    files
 }
 
 /// `path`, or when it is an object-store location the local copy of its latest checkpoint's
@@ -394,5 +410,36 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         assert_eq!(complete_steps(&objects), vec![4, 12]);
+    }
+
+    #[test]
+    fn a_pull_takes_one_checkpoint_meta_last_and_no_names_that_climb_out() {
+        let objects: BTreeMap<String, u64> = [
+            "config.toml",
+            "metrics.jsonl",
+            "tokenizers/text.json",
+            "tokenizers/../../../etc/passwd",
+            "checkpoints/step-00000004/meta.json",
+            "checkpoints/step-00000004/model.safetensors",
+            "checkpoints/step-00000004/optimizer.safetensors",
+            "checkpoints/step-00000008/model.safetensors",
+            "notes/other.txt",
+        ]
+        .into_iter()
+        .map(|k| (k.to_string(), 1))
+        .collect();
+        let names = |need| files_to_pull(&objects, 4, need).into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(
+            names(Need::Resume),
+            [
+                "checkpoints/step-00000004/model.safetensors",
+                "checkpoints/step-00000004/optimizer.safetensors",
+                "config.toml",
+                "metrics.jsonl",
+                "tokenizers/text.json",
+                "checkpoints/step-00000004/meta.json",
+            ]
+        );
+        assert!(!names(Need::Weights).iter().any(|n| n.ends_with("optimizer.safetensors")));
     }
 }
