@@ -32,6 +32,21 @@ fn motley(port: u16, cache: &Path) -> Command {
     c
 }
 
+/// Options that reach the test server directly from this process (listing, fetching).
+fn s3_opts(port: u16) -> motley_remote::RemoteOptions {
+    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+    motley_remote::RemoteOptions {
+        config: vec![
+            kv("aws_endpoint", &format!("http://127.0.0.1:{port}")),
+            kv("aws_access_key_id", "test"),
+            kv("aws_secret_access_key", "test"),
+            kv("aws_region", "us-east-1"),
+            kv("aws_allow_http", "true"),
+        ],
+        ..Default::default()
+    }
+}
+
 fn run(mut c: Command, what: &str) -> Output {
     let out = c.output().expect("run motley");
     assert!(
@@ -167,17 +182,7 @@ fn ingest_out_to_s3_uploads_zstd_shards_as_tasks_finish_and_the_manifest_last() 
     let out = ingest(Some("after_task:2"));
     assert_eq!(out.status.code(), Some(86), "{}", String::from_utf8_lossy(&out.stderr));
     let names = |prefix: &str| -> Vec<String> {
-        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
-        let opts = motley_remote::RemoteOptions {
-            config: vec![
-                kv("aws_endpoint", &format!("http://127.0.0.1:{}", server.port)),
-                kv("aws_access_key_id", "test"),
-                kv("aws_secret_access_key", "test"),
-                kv("aws_region", "us-east-1"),
-                kv("aws_allow_http", "true"),
-            ],
-            ..Default::default()
-        };
+        let opts = s3_opts(server.port);
         let list = motley_remote::list_inputs(prefix, &opts).expect("list");
         list.into_iter().map(|(u, _)| u.trim_start_matches(&format!("{prefix}/")).to_string()).collect()
     };
@@ -238,17 +243,7 @@ fn ingest_reads_inputs_from_s3_like_local_files() {
 
     let server = common::moto().expect("moto server");
     common::create_bucket(server.port, "bkt").expect("bucket");
-    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
-    let opts = motley_remote::RemoteOptions {
-        config: vec![
-            kv("aws_endpoint", &format!("http://127.0.0.1:{}", server.port)),
-            kv("aws_access_key_id", "test"),
-            kv("aws_secret_access_key", "test"),
-            kv("aws_region", "us-east-1"),
-            kv("aws_allow_http", "true"),
-        ],
-        ..Default::default()
-    };
+    let opts = s3_opts(server.port);
     for (name, bytes) in &files {
         std::fs::write(local.join(name), bytes).expect("write");
         motley_remote::put_object(&format!("s3://bkt/in/{name}"), bytes.clone(), &opts).expect("put");
@@ -326,17 +321,7 @@ fn train_out_to_s3_copies_checkpoints_and_resumes_from_the_bucket() {
     // Nothing of the first machine's cache (staging folder, cached corpus) is left.
     std::fs::remove_dir_all(tmp.path().join("cache1")).expect("rm cache1");
 
-    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
-    let opts = motley_remote::RemoteOptions {
-        config: vec![
-            kv("aws_endpoint", &format!("http://127.0.0.1:{}", server.port)),
-            kv("aws_access_key_id", "test"),
-            kv("aws_secret_access_key", "test"),
-            kv("aws_region", "us-east-1"),
-            kv("aws_allow_http", "true"),
-        ],
-        ..Default::default()
-    };
+    let opts = s3_opts(server.port);
     let objects = || -> Vec<String> {
         motley_remote::list_inputs(uri, &opts)
             .expect("list the run")
