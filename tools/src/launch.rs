@@ -3,11 +3,15 @@
 //! serves the rendezvous store itself (every rank is a client, `TORCHELASTIC_USE_AGENT_STORE`),
 //! gives each child its `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`
 //! and `MASTER_PORT`, and waits. When a rank fails the others end on their own (they name it);
-//! any still running a timeout later are killed. Children die with the launcher.
+//! any still running a timeout later are killed. Children die with the launcher. SIGTERM,
+//! SIGINT and SIGUSR1 are passed on to the ranks (each in its own process group, so a Ctrl-C
+//! arrives once), which checkpoint and stop together.
 
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -40,6 +44,31 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// Passes SIGTERM, SIGINT and SIGUSR1 on to every rank started so far (as torchrun does), so
+/// each finishes its step, the job checkpoints and the ranks exit; the launcher then exits
+/// with their code. Returns the list the ranks' process ids go in, and the last signal
+/// passed on (0: none).
+fn forward_signals() -> anyhow::Result<(Arc<Mutex<Vec<i32>>>, Arc<AtomicI32>)> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let pids = Arc::new(Mutex::new(Vec::<i32>::new()));
+    let last = Arc::new(AtomicI32::new(0));
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+    let (to, seen) = (pids.clone(), last.clone());
+    std::thread::Builder::new().name("motley-signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            seen.store(sig, Ordering::SeqCst);
+            eprintln!("motley: signal {sig}: passing it to the ranks");
+            for &pid in to.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                // SAFETY: kill(2) with a child's pid and a valid signal number.
+                unsafe {
+                    libc::kill(pid, sig);
+                }
+            }
+        }
+    })?;
+    Ok((pids, last))
+}
+
 /// Most ranks `--nproc` starts on one machine.
 pub const MAX_LOCAL_RANKS: usize = 256;
 
@@ -62,6 +91,7 @@ pub fn run_local(nproc: usize, args: &[OsString], timeout: Duration) -> anyhow::
     let port = store.port();
     eprintln!("motley: starting {nproc} ranks (rendezvous 127.0.0.1:{port})");
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(nproc);
+    let (pids, signalled) = forward_signals()?;
     for rank in 0..nproc {
         let mut cmd = Command::new(&exe);
         cmd.args(&args[1..])
@@ -73,7 +103,9 @@ pub fn run_local(nproc: usize, args: &[OsString], timeout: Duration) -> anyhow::
             .env("MASTER_PORT", port.to_string())
             .env("TORCHELASTIC_USE_AGENT_STORE", "True")
             .env("TORCHELASTIC_RESTART_COUNT", "0")
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            // Its own process group: a Ctrl-C reaches the ranks once, through the launcher.
+            .process_group(0);
         // SAFETY: the closure only calls prctl, which is async-signal-safe, between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -83,6 +115,7 @@ pub fn run_local(nproc: usize, args: &[OsString], timeout: Duration) -> anyhow::
             });
         }
         let child = cmd.spawn().with_context(|| format!("starting rank {rank}"))?;
+        pids.lock().unwrap_or_else(|p| p.into_inner()).push(child.id() as i32);
         children.push((rank, child));
     }
     let mut first_failure: Option<(usize, ExitStatus, Instant)> = None;
@@ -93,7 +126,10 @@ pub fn run_local(nproc: usize, args: &[OsString], timeout: Duration) -> anyhow::
             match children[i].1.try_wait() {
                 Ok(Some(status)) => {
                     let (rank, _) = children.remove(i);
-                    if !status.success() && first_failure.is_none() {
+                    // A rank that stopped on the signal passed to it did what it was asked.
+                    let sig = signalled.load(Ordering::SeqCst);
+                    let stopped = sig > 0 && status.code() == Some(128 + sig);
+                    if !status.success() && !stopped && first_failure.is_none() {
                         first_failure = Some((rank, status, Instant::now()));
                         eprintln!("motley: rank {rank} failed ({}); waiting for the others to stop", describe(status));
                     }
@@ -118,6 +154,11 @@ pub fn run_local(nproc: usize, args: &[OsString], timeout: Duration) -> anyhow::
     }
     drop(store);
     match first_failure {
+        None if results.iter().any(|(_, s)| !s.success()) => {
+            let sig = signalled.load(Ordering::SeqCst);
+            eprintln!("motley: every rank stopped on signal {sig} after checkpointing; `--resume` continues");
+            Ok(128 + sig)
+        }
         None => Ok(0),
         Some((rank, status, _)) => {
             results.sort_by_key(|(r, _)| *r);

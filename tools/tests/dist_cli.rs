@@ -2,8 +2,8 @@
 //! torch's c10d (Gloo): N ranks × batch b train what one process with batch N·b trains, ZeRO-1
 //! shards the moments without changing the curve, a run resumes on another number of ranks
 //! consuming every row exactly once, a killed rank ends the job with its name, ranks that
-//! disagree on the config fail at start, and the torchrun and Slurm launches work as the
-//! README shows them.
+//! disagree on the config fail at start, the torchrun and Slurm launches work as the README
+//! shows them, and SIGTERM makes every rank checkpoint the same step and exit 143.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -566,4 +566,82 @@ fn torchrun_starts_the_ranks_as_in_the_readme() {
     let out = ok(cmd.output().expect("spawn torchrun"), "torchrun … motley train");
     let s: Value = serde_json::from_slice(&out.stdout).expect("rank 0's summary");
     assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(2), Some(3)), "{s}");
+}
+
+/// SIGTERM, as a scheduler preempting the job sends it, to one process or to the `--nproc`
+/// launcher (which passes it on): every rank finishes the same step, a checkpoint of that step
+/// is written, and the process exits 143 (128 + SIGTERM) with the summary saying so. `--resume`
+/// then draws exactly the curve of a run that was never interrupted.
+#[test]
+fn sigterm_checkpoints_the_step_on_every_rank_and_resume_continues_the_curve() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = corpus(tmp.path(), false);
+    // A schedule far longer than the test: the signal always arrives mid-run.
+    let long = [set("train.steps=100000"), set("train.eval_every=0"), set("train.checkpoint_every=0")].concat();
+    for nproc in [None, Some("2")] {
+        let name = nproc.map_or("one".to_string(), |n| format!("nproc{n}"));
+        let with_nproc = |mut a: Vec<String>| {
+            if let Some(n) = nproc {
+                a.extend(args(&["--nproc", n]));
+            }
+            a
+        };
+        let run = tmp.path().join(format!("run-{name}"));
+        let child = motley()
+            .args(with_nproc(tiny(&data, &run, &long)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn motley");
+        let t0 = Instant::now();
+        while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |s| s.lines().count()) < 3 {
+            assert!(t0.elapsed() < Duration::from_secs(120), "{name}: no third step within 2 minutes");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: kill(2) with our child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let out = wait_within(child, Duration::from_secs(120), "the signalled run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(143), "{name}: {stderr}");
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{name}: {e}: {stderr}"));
+        assert_eq!(summary["interrupted"], true, "{summary}");
+        let step = summary["steps"].as_u64().expect("steps");
+        assert!((3..100_000).contains(&step), "{summary}");
+        let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+            .expect("checkpoints")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(ckpts, [format!("step-{step:08}")], "{name}: the step it stopped after, checkpointed");
+        assert_eq!(metrics(&run).len() as u64, step);
+
+        // Resumed to two steps further = a run that never stopped, stopped there.
+        let until = set(&format!("train.stop_at={}", step + 2));
+        resume(&run, &with_nproc(until.clone()));
+        let reference = tmp.path().join(format!("reference-{name}"));
+        train(&with_nproc(tiny(&data, &reference, &[long.clone(), until].concat())));
+        assert_eq!(curve(&run), curve(&reference), "{name}: the resumed curve differs from an uninterrupted one");
+    }
+
+    // A signal to one rank only (a node's agent, say): the other learns of it through the
+    // step's all-reduce and stops after the same step.
+    let run = tmp.path().join("run-one-rank-signalled");
+    let mut ranks = spawn_ranks(2, torchrun_vars(2, free_port()), |_| tiny(&data, &run, &long));
+    let t0 = Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no third step within 2 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) with our child's pid.
+    assert_eq!(unsafe { libc::kill(ranks[1].id() as i32, libc::SIGTERM) }, 0);
+    let outs: Vec<Output> = ranks.drain(..).map(|c| wait_within(c, Duration::from_secs(120), "a rank")).collect();
+    for (r, out) in outs.iter().enumerate() {
+        assert_eq!(out.status.code(), Some(143), "rank {r}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let summary: Value = serde_json::from_slice(&outs[0].stdout).expect("rank 0's summary");
+    let step = summary["steps"].as_u64().expect("steps");
+    assert_eq!(summary["interrupted"], true, "{summary}");
+    assert_eq!(
+        motley_trainer::checkpoint::list(&run).expect("checkpoints").into_iter().map(|(s, _)| s).collect::<Vec<_>>(),
+        [step]
+    );
 }

@@ -15,6 +15,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use motley_shards::{Modality, Split};
@@ -125,6 +126,11 @@ pub struct Trainer {
     /// Seconds the loop spent in checkpointing (with `checkpoint_async`: the host copy and
     /// any wait for the previous write).
     checkpoint_s: f64,
+    /// Set (by a signal handler) to ask the run to checkpoint and stop after the current step.
+    stop_flag: Option<Arc<AtomicBool>>,
+    /// Some rank's stop flag was set at the last step (agreed through the step's all-reduce,
+    /// so every rank stops after the same step).
+    stop_agreed: bool,
     /// Print a console line every `log_every` steps.
     pub verbose: bool,
 }
@@ -273,6 +279,8 @@ impl Trainer {
             mirror: None,
             writer: None,
             checkpoint_s: 0.0,
+            stop_flag: None,
+            stop_agreed: false,
             verbose: true,
         };
         t.broadcast_weights()?;
@@ -400,6 +408,13 @@ impl Trainer {
         self.run_dir.as_deref()
     }
 
+    /// A flag that, once set (by a SIGTERM handler, say), makes the run finish its current
+    /// step, write a checkpoint and return early (`TrainSummary::interrupted`). Every rank of a
+    /// job stops after the same step: the flags travel with the step's metrics all-reduce.
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop_flag = Some(flag);
+    }
+
     /// Copies every checkpoint rank 0 writes (and the run's files) through `mirror`, in the
     /// background; the run waits for the copies only at its end.
     pub fn set_mirror(&mut self, mirror: Box<dyn crate::mirror::RunMirror>) {
@@ -512,9 +527,12 @@ impl Trainer {
         let mut reduce = host.clone();
         reduce.extend(counts);
         reduce.extend(diff_counts);
+        // Last: how many ranks were asked to stop (read once here, so all ranks agree).
+        reduce.push(if self.stop_flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) { 1.0 } else { 0.0 });
         let t0 = Instant::now();
         self.comm.all_reduce_sum(&mut reduce)?;
         comm_s += t0.elapsed().as_secs_f64();
+        self.stop_agreed |= reduce.pop().is_some_and(|n| n > 0.0);
         let mean = |sum: usize, count: usize| (reduce[count] > 0.0).then(|| reduce[sum] / reduce[count]);
         let per_modality: PerModality = std::array::from_fn(|m| mean(1 + m, sums_len + m));
         let d0 = 1 + Modality::COUNT;
@@ -845,6 +863,7 @@ impl Trainer {
             self.run_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
         );
         let mut last_eval = None;
+        let mut interrupted = false;
         let mut measured = 0;
         let stop = if self.cfg.train.stop_at > 0 { self.cfg.train.stop_at.min(total) } else { total };
         while self.step < stop {
@@ -894,8 +913,16 @@ impl Trainer {
                     log.plot(&title)?;
                 }
             }
-            if (ckpt_every > 0 && step % ckpt_every == 0) || step == total || step == stop {
+            let scheduled = (ckpt_every > 0 && step % ckpt_every == 0) || step == total || step == stop;
+            if scheduled || self.stop_agreed {
                 self.save_checkpoint()?;
+            }
+            if self.stop_agreed && step < stop {
+                if self.verbose && rank0 {
+                    eprintln!("asked to stop: checkpoint of step {step} written; `--resume` continues the run");
+                }
+                interrupted = true;
+                break;
             }
         }
         // The run ends when its last checkpoint is on disk.
@@ -911,6 +938,7 @@ impl Trainer {
             tokens: self.tokens,
             wall_s: started.elapsed().as_secs_f64(),
             checkpoint_s: self.checkpoint_s,
+            interrupted,
             params: self.param_count(),
             final_train: final_train_losses(self.records()),
             final_eval: last_eval,
@@ -1168,6 +1196,10 @@ pub struct TrainSummary {
     /// for writes; the last write included).
     #[serde(default)]
     pub checkpoint_s: f64,
+    /// The run stopped before `train.steps` because it was asked to (a signal), after writing
+    /// a checkpoint of its last step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
     pub params: i64,
     /// Mean train loss per modality over the last logged steps.
     pub final_train: PerModality,

@@ -1,6 +1,8 @@
 //! `motley train` and `motley eval`: a thin layer over motley-trainer.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{Context, bail};
 use motley_shards::Split;
@@ -134,11 +136,40 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let result = train(args, ctx);
-    if result.is_ok() {
-        motley_trainer::dist::shutdown()?;
+    let code = train(args, ctx)?;
+    motley_trainer::dist::shutdown()?;
+    if code != 0 {
+        std::process::exit(code);
     }
-    result
+    Ok(())
+}
+
+/// SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's `--signal=USR1@120`)
+/// set the trainer's stop flag: it finishes the step, writes a checkpoint and returns, and the
+/// process exits 128 + the signal's number, as one ended by the signal would, so a job script
+/// sees that the run did not finish (`--resume` continues it). A second such signal ends the
+/// process at once. Returns the flag and the number of the signal that set it.
+fn stop_on_signals() -> anyhow::Result<(Arc<AtomicBool>, Arc<AtomicUsize>)> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let stop = Arc::new(AtomicBool::new(false));
+    let which = Arc::new(AtomicUsize::new(0));
+    for sig in [SIGTERM, SIGINT, SIGUSR1] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
+        signal_hook::flag::register_usize(sig, Arc::clone(&which), sig as usize)?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    Ok((stop, which))
+}
+
+/// The exit code of a run that ended: 0, or 128 + the signal that interrupted it (SIGTERM's
+/// 143 on a rank that stopped because another rank was signalled).
+fn exit_code(summary: &motley_trainer::TrainSummary, which: &AtomicUsize) -> i32 {
+    match (summary.interrupted, which.load(Ordering::SeqCst)) {
+        (false, _) => 0,
+        (true, 0) => 128 + signal_hook::consts::SIGTERM,
+        (true, sig) => 128 + sig as i32,
+    }
 }
 
 /// Prints a finished run's summary (rank 0 only: the other ranks' stdout stays empty).
@@ -149,7 +180,7 @@ fn report(summary: &motley_trainer::TrainSummary, rank: usize, ctx: &Ctx) -> any
     if ctx.json { output::json(summary) } else { output::line(summary.line()) }
 }
 
-fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+fn train(args: Args, ctx: &Ctx) -> anyhow::Result<i32> {
     if let Some(run) = &args.resume {
         let mut sets = Vec::new();
         if let Some(s) = args.steps {
@@ -179,12 +210,16 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         if let Some(uri) = mirror.filter(|_| t.comm().rank() == 0) {
             t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
         }
+        let (stop, which) = stop_on_signals()?;
+        t.set_stop_flag(stop);
         let summary = t.run()?;
-        return report(&summary, t.comm().rank(), ctx);
+        report(&summary, t.comm().rank(), ctx)?;
+        return Ok(exit_code(&summary, &which));
     }
     let cfg = resolve_config(&args, &ctx.remote)?;
     if args.dry_run {
-        return output::line(cfg.to_toml()?);
+        output::line(cfg.to_toml()?)?;
+        return Ok(0);
     }
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
@@ -201,9 +236,14 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         }
         let c = compare_mot_dense(&cfg, &out, args.overwrite, true)?;
         if rank != 0 {
-            return Ok(());
+            return Ok(0);
         }
-        return if ctx.json { output::json(&c) } else { output::line(c.table()) };
+        if ctx.json {
+            output::json(&c)?
+        } else {
+            output::line(c.table())?
+        };
+        return Ok(0);
     }
     // A run in an object store trains in a local staging folder that rank 0 copies from.
     let local = match &remote_out {
@@ -221,8 +261,11 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     if let Some(uri) = remote_out.filter(|_| rank == 0) {
         t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
     }
+    let (stop, which) = stop_on_signals()?;
+    t.set_stop_flag(stop);
     let summary = t.run()?;
-    report(&summary, t.comm().rank(), ctx)
+    report(&summary, t.comm().rank(), ctx)?;
+    Ok(exit_code(&summary, &which))
 }
 
 pub fn eval(args: EvalArgs, ctx: &Ctx) -> anyhow::Result<()> {
