@@ -46,9 +46,8 @@ fn describe(status: ExitStatus) -> String {
 
 /// Passes SIGTERM, SIGINT and SIGUSR1 on to every rank started so far (as torchrun does), so
 /// each finishes its step, the job checkpoints and the ranks exit; the launcher then exits
-/// with their code. Returns the list the ranks' process ids go in, and the last signal
-/// passed on (0: none).
-fn forward_signals() -> anyhow::Result<(Arc<Mutex<Vec<i32>>>, Arc<AtomicI32>)> {
+/// with their code.
+fn forward_signals() -> anyhow::Result<Forwarding> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let pids = Arc::new(Mutex::new(Vec::<i32>::new()));
     let last = Arc::new(AtomicI32::new(0));
@@ -66,7 +65,14 @@ fn forward_signals() -> anyhow::Result<(Arc<Mutex<Vec<i32>>>, Arc<AtomicI32>)> {
             }
         }
     })?;
-    Ok((pids, last))
+    Ok(Forwarding { pids, last })
+}
+
+/// Where signals go: the ranks' process ids (pushed as they start), and the last signal
+/// passed on (0: none).
+struct Forwarding {
+    pids: Arc<Mutex<Vec<i32>>>,
+    last: Arc<AtomicI32>,
 }
 
 /// Most ranks `--nproc` starts on one machine.
@@ -91,7 +97,7 @@ pub fn run_local(nproc: usize, args: &[OsString], timeout: Duration) -> anyhow::
     let port = store.port();
     eprintln!("motley: starting {nproc} ranks (rendezvous 127.0.0.1:{port})");
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(nproc);
-    let (pids, signalled) = forward_signals()?;
+    let Forwarding { pids, last: signalled } = forward_signals()?;
     for rank in 0..nproc {
         let mut cmd = Command::new(&exe);
         cmd.args(&args[1..])
