@@ -88,19 +88,39 @@ pub fn run_ingest(
     repeat: usize,
     work: &Path,
 ) -> Result<Timing> {
+    run_ingest_from(&input.input_dir.display().to_string(), tokenizer, workers, repeat, work, 0)
+}
+
+/// `motley ingest` of the JSONL files at `source` (a folder, or an object-store location
+/// when the binary registered a store) into `work/corpus`, each task fetching `fetch_ahead`
+/// objects ahead; best of `repeat`.
+pub fn run_ingest_from(
+    source: &str,
+    tokenizer: &Path,
+    workers: usize,
+    repeat: usize,
+    work: &Path,
+    fetch_ahead: usize,
+) -> Result<Timing> {
     let recipe = Recipe {
         tokenizers: TokenizerPaths { text: Some(tokenizer.to_path_buf()), image: None, speech: None },
         options: RecipeOptions { task_mib: 1.0, ..Default::default() },
-        sources: vec![SourceSpec::new(SourceKind::Text, vec![input.input_dir.display().to_string()])],
+        sources: vec![SourceSpec::new(SourceKind::Text, vec![source.to_string()])],
     };
-    let (s, best) = timed_ingest(recipe, work.join("corpus"), workers, repeat)?;
+    let (s, best) = timed_ingest(recipe, work.join("corpus"), workers, repeat, fetch_ahead)?;
     let tokens = s.tokens.text;
     Ok(Timing { tokens, seconds: best, tokens_per_s: tokens as f64 / best })
 }
 
 /// `motley ingest` of `recipe` into `out` (overwritten), best of `repeat`: the last summary and
 /// the best time in seconds.
-fn timed_ingest(recipe: Recipe, out: PathBuf, workers: usize, repeat: usize) -> Result<(crate::run::Summary, f64)> {
+fn timed_ingest(
+    recipe: Recipe,
+    out: PathBuf,
+    workers: usize,
+    repeat: usize,
+    fetch_ahead: usize,
+) -> Result<(crate::run::Summary, f64)> {
     let cfg = IngestConfig {
         recipe,
         out,
@@ -111,6 +131,7 @@ fn timed_ingest(recipe: Recipe, out: PathBuf, workers: usize, repeat: usize) -> 
         overwrite: true,
         progress: false,
         upload: None,
+        fetch_ahead,
     };
     let mut best = f64::INFINITY;
     let mut last = None;
@@ -322,7 +343,7 @@ pub fn run_image_ingest(
         sources: vec![spec],
     };
     let out = work.join(if from_tars { "corpus-tars" } else { "corpus-files" });
-    let (s, best) = timed_ingest(recipe, out, workers, repeat)?;
+    let (s, best) = timed_ingest(recipe, out, workers, repeat, 0)?;
     let samples = s.documents;
     Ok(ReadTiming {
         samples,

@@ -16,6 +16,7 @@
 //!     overwrite: true,
 //!     progress: true,
 //!     upload: None,
+//!     fetch_ahead: 4,
 //! };
 //! let summary = ingest(&cfg)?;
 //! println!("{} documents", summary.documents);

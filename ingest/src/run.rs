@@ -64,6 +64,10 @@ pub struct IngestConfig {
     /// the running tasks' shards. The manifest (and tokenizers) are left to the caller, which
     /// uploads them last. A resume trusts an uploaded shard whose object has the marker's size.
     pub upload: Option<String>,
+    /// Objects of an object-store input fetched ahead of the one a task is reading, in
+    /// parallel (many small objects: one request's latency each); 0 fetches each when the task
+    /// reaches it.
+    pub fetch_ahead: usize,
 }
 
 /// Per-modality counts: sequence positions (tokens or latent vectors) and segments.
@@ -302,48 +306,51 @@ fn run_task(
         cont
     };
 
-    'units: for (ui, unit) in task.units.iter().enumerate() {
-        // An object-store input is fetched when its task reaches it (a network failure stops
-        // the run, which resumes here, rather than costing the task its records).
-        if let Err(e) = crate::remote_input::ensure_local(&unit.file, unit.remote.as_ref()) {
-            fatal = Some(e);
-            break 'units;
-        }
-        let flow = read_unit(&ctx, unit, &mut |item| {
-            if sh.stop.load(Ordering::Relaxed) {
-                aborted = true;
-                return ControlFlow::Break(());
+    crate::remote_input::fetch_ahead(&task.units, cfg.fetch_ahead, |ready| {
+        'units: for (ui, unit) in task.units.iter().enumerate() {
+            // An object-store input is fetched when its task reaches it, or ahead of that (a
+            // network failure stops the run, which resumes here, rather than costing the task
+            // its records).
+            if let Err(e) = ready(ui) {
+                fatal = Some(e);
+                break 'units;
             }
-            m.records += 1;
-            match item {
-                Err(e) => {
-                    m.errors.push(e);
-                    if !sh.count_error() {
-                        aborted = true;
-                        return ControlFlow::Break(());
+            let flow = read_unit(&ctx, unit, &mut |item| {
+                if sh.stop.load(Ordering::Relaxed) {
+                    aborted = true;
+                    return ControlFlow::Break(());
+                }
+                m.records += 1;
+                match item {
+                    Err(e) => {
+                        m.errors.push(e);
+                        if !sh.count_error() {
+                            aborted = true;
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    Ok(r) => {
+                        if drop.contains(&(ui as u32, r.index)) {
+                            m.duplicates += 1;
+                            return ControlFlow::Continue(());
+                        }
+                        batch_bytes += r.parts.iter().map(part_bytes).sum::<usize>();
+                        batch.push(r);
+                        if batch.len() >= BATCH_RECORDS || batch_bytes >= BATCH_BYTES {
+                            batch_bytes = 0;
+                            return flush(&mut batch, &mut m, &mut fatal);
+                        }
                     }
                 }
-                Ok(r) => {
-                    if drop.contains(&(ui as u32, r.index)) {
-                        m.duplicates += 1;
-                        return ControlFlow::Continue(());
-                    }
-                    batch_bytes += r.parts.iter().map(part_bytes).sum::<usize>();
-                    batch.push(r);
-                    if batch.len() >= BATCH_RECORDS || batch_bytes >= BATCH_BYTES {
-                        batch_bytes = 0;
-                        return flush(&mut batch, &mut m, &mut fatal);
-                    }
-                }
+                ControlFlow::Continue(())
+            });
+            sh.progress.bytes(unit.bytes);
+            crate::remote_input::release(unit);
+            if flow.is_break() {
+                break 'units;
             }
-            ControlFlow::Continue(())
-        });
-        sh.progress.bytes(unit.bytes);
-        crate::remote_input::release(unit);
-        if flow.is_break() {
-            break 'units;
         }
-    }
+    });
     if fatal.is_none() && !aborted && !sh.stop.load(Ordering::Relaxed) {
         let _ = flush(&mut batch, &mut m, &mut fatal);
     }

@@ -151,8 +151,23 @@ pub fn parse_location(uri: &str, opts: &RemoteOptions) -> Result<(Arc<dyn Object
     let client = ClientOptions::new().with_allow_http(http).with_connect_timeout(Duration::from_secs(10));
     let err = |e: object_store::Error| bad(e.to_string());
     let path = |p: &str| ObjPath::parse(p.trim_matches('/')).map_err(|e| bad(e.to_string()));
-    let store: Arc<dyn ObjectStore> = match url.scheme() {
-        "s3" | "s3a" => Arc::new(
+    // One store per bucket and options for the whole process: its HTTP client keeps its
+    // connections (and TLS sessions) and its credentials, instead of a new client, handshake
+    // and credential lookup for every object.
+    static STORES: std::sync::OnceLock<Mutex<std::collections::HashMap<String, Arc<dyn ObjectStore>>>> =
+        std::sync::OnceLock::new();
+    let key = format!(
+        "{}://{}|{:?}|{}|{:?}|{http}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        opts.config,
+        opts.retries,
+        opts.backoff
+    );
+    let cached = STORES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+    let store: Arc<dyn ObjectStore> = match (cached, url.scheme()) {
+        (Some(store), scheme) if !matches!(scheme, "http" | "https") => store,
+        (_, "s3" | "s3a") => Arc::new(
             opts.config
                 .iter()
                 .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse().ok()?, v)))
@@ -163,7 +178,7 @@ pub fn parse_location(uri: &str, opts: &RemoteOptions) -> Result<(Arc<dyn Object
                 .build()
                 .map_err(err)?,
         ),
-        "gs" => Arc::new(
+        (_, "gs") => Arc::new(
             opts.config
                 .iter()
                 .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse().ok()?, v)))
@@ -174,7 +189,7 @@ pub fn parse_location(uri: &str, opts: &RemoteOptions) -> Result<(Arc<dyn Object
                 .build()
                 .map_err(err)?,
         ),
-        "az" | "azure" | "abfs" | "abfss" | "adl" => Arc::new(
+        (_, "az" | "azure" | "abfs" | "abfss" | "adl") => Arc::new(
             opts.config
                 .iter()
                 .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse().ok()?, v)))
@@ -185,7 +200,7 @@ pub fn parse_location(uri: &str, opts: &RemoteOptions) -> Result<(Arc<dyn Object
                 .build()
                 .map_err(err)?,
         ),
-        "http" | "https" => {
+        (_, "http" | "https") => {
             // The whole URL is the base; objects are relative to it.
             let base = uri.trim_end_matches('/');
             let store = object_store::http::HttpBuilder::new()
@@ -196,8 +211,9 @@ pub fn parse_location(uri: &str, opts: &RemoteOptions) -> Result<(Arc<dyn Object
                 .map_err(err)?;
             return Ok((Arc::new(store), ObjPath::default()));
         }
-        other => return Err(bad(format!("unsupported scheme {other:?} (s3, gs, az, http, https)"))),
+        (_, other) => return Err(bad(format!("unsupported scheme {other:?} (s3, gs, az, http, https)"))),
     };
+    STORES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner()).insert(key, store.clone());
     let prefix = match url.scheme() {
         // az://container/path and friends: object_store's parser knows each form.
         "az" | "azure" | "abfs" | "abfss" | "adl" => {

@@ -87,7 +87,10 @@ pub fn fetch_input(uri: &str, size: u64, dest: &Path, opts: &RemoteOptions) -> R
         std::fs::create_dir_all(dir).map_err(|e| io(dir, "create", e))?;
     }
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dest.with_file_name(format!(".{name}.part-{}", std::process::id()));
+    // Unique per call: two threads of this process may fetch the same object at once.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dest.with_file_name(format!(".{name}.part-{}-{n}", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, "create", e))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut got = 0u64;

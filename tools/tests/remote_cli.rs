@@ -1,6 +1,8 @@
 //! Corpora in an object store through the `motley` binary, against moto's S3 server started
-//! on 127.0.0.1: `shards merge --out s3://…` uploads, `shards verify|stats` read it back, and
-//! training from `s3://` gives exactly the losses of training from the local copy.
+//! on 127.0.0.1: `shards merge --out s3://…` uploads, `shards verify|stats` read it back,
+//! training from `s3://` gives exactly the losses of training from the local copy, ingest reads
+//! inputs from and writes shards to a bucket, runs live there (`train --out|--resume s3://…`),
+//! and `bench ingest --remote` measures it.
 
 #[path = "../../remote/tests/common/mod.rs"]
 mod common;
@@ -382,4 +384,25 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// `motley bench ingest --remote s3://…` uploads its inputs and ingests them from the bucket
+/// one object at a time and with fetch-ahead, against the files on disk: the same tokens on
+/// all three sides, and every timing reported.
+#[test]
+fn bench_ingest_remote_reads_the_same_tokens_three_ways() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = common::moto().expect("moto server");
+    common::create_bucket(server.port, "bkt").expect("bucket");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut c = motley(server.port, &tmp.path().join("cache"));
+    c.current_dir(&repo).args(["--json", "bench", "ingest", "--remote", "s3://bkt/bench", "--files", "24"]);
+    c.args(["--copies", "1", "--repeat", "1", "--fetch-ahead", "3", "--work-dir"]).arg(tmp.path().join("work"));
+    let r: Value = serde_json::from_slice(&run(c, "bench ingest --remote").stdout).expect("bench json");
+    assert_eq!(r["same_tokens"], true, "{r}");
+    assert!(r["objects"].as_u64().is_some_and(|n| n >= 20), "{r}");
+    for side in ["local_files", "remote_one_at_a_time", "remote_fetch_ahead"] {
+        assert!(r[side]["tokens_per_s"].as_f64().is_some_and(|v| v > 0.0), "{side}: {r}");
+    }
+    assert!(r["ratio_fetch_ahead_vs_one_at_a_time"].as_f64().is_some_and(|v| v > 0.0), "{r}");
 }

@@ -74,6 +74,7 @@ pub fn config(recipe: Recipe, out: &Path) -> IngestConfig {
         overwrite: false,
         progress: false,
         upload: None,
+        fetch_ahead: 4,
     }
 }
 

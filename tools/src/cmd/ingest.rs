@@ -72,6 +72,10 @@ pub struct Args {
     /// Drop exact duplicate records (content hash), keeping the first.
     #[arg(long)]
     dedup: bool,
+    /// Objects of an object-store input each task fetches ahead of the one it reads, in
+    /// parallel (0: one at a time, when the task reaches it).
+    #[arg(long, default_value_t = 8)]
+    fetch_ahead: usize,
     /// Worker threads (default: all cores; at most 4,096).
     #[arg(long)]
     workers: Option<usize>,
@@ -175,6 +179,7 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         overwrite: args.overwrite,
         progress: !args.no_progress,
         upload: remote.clone(),
+        fetch_ahead: args.fetch_ahead,
     };
     let mut summary = motley_ingest::ingest(&cfg).with_context(|| format!("ingest into {}", out.display()))?;
     if let Some(uri) = &remote {

@@ -44,6 +44,15 @@ pub struct Args {
     /// `--copies` times as `--files` tars.
     #[arg(long)]
     webdataset: bool,
+    /// Benchmark text ingest from an object store: the `--files` JSONL inputs are uploaded to
+    /// this location (`s3://bucket/prefix`; credentials and endpoint from the environment) and
+    /// ingested from there one object at a time and with `--fetch-ahead`, against the same
+    /// files on disk.
+    #[arg(long, value_name = "URI")]
+    remote: Option<String>,
+    /// Objects each task fetches ahead in the `--remote` run.
+    #[arg(long, default_value_t = 8)]
+    fetch_ahead: usize,
 }
 
 pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
@@ -73,6 +82,13 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         }
     };
     let input = bench::prepare_text(&inputs, args.copies, args.doc_bytes, args.files, &work)?;
+    if let Some(uri) = &args.remote {
+        let r = remote(&args, uri, &input, &tokenizer, workers, &work, ctx);
+        if args.work_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        return r;
+    }
     let rust = bench::run_ingest(&input, &tokenizer, workers, args.repeat, &work)?;
     let py = bench::run_python(
         &args.python,
@@ -113,6 +129,64 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     output::line(format!(
         "ratio: {ratio:.2}x (goal >= 1.0){}",
         if rust.tokens == py.tokens { "" } else { "  [token counts differ]" }
+    ))
+}
+
+/// `--remote URI`: the JSONL inputs uploaded there, then ingested from the files on disk (the
+/// baseline), from the bucket one object at a time as each task reaches it, and from the
+/// bucket with `--fetch-ahead` objects fetched ahead in parallel; tokens must agree.
+fn remote(
+    args: &Args,
+    uri: &str,
+    input: &bench::TextBenchInput,
+    tokenizer: &Path,
+    workers: usize,
+    work: &Path,
+    ctx: &Ctx,
+) -> anyhow::Result<()> {
+    let uri = uri.trim_end_matches('/');
+    let mut objects = 0;
+    for e in std::fs::read_dir(&input.input_dir)? {
+        let p = e?.path();
+        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        motley_remote::put_file(&format!("{uri}/{name}"), &p, &ctx.remote)?;
+        objects += 1;
+    }
+    let local = bench::run_ingest(input, tokenizer, workers, args.repeat, work)?;
+    let one = bench::run_ingest_from(uri, tokenizer, workers, args.repeat, work, 0)?;
+    let ahead = bench::run_ingest_from(uri, tokenizer, workers, args.repeat, work, args.fetch_ahead)?;
+    let same = local.tokens == one.tokens && one.tokens == ahead.tokens;
+    let (vs_one, vs_local) = (ahead.tokens_per_s / one.tokens_per_s, ahead.tokens_per_s / local.tokens_per_s);
+    if ctx.json {
+        return output::json(&serde_json::json!({
+            "documents": input.documents,
+            "input_bytes": input.bytes,
+            "objects": objects,
+            "workers": workers,
+            "fetch_ahead": args.fetch_ahead,
+            "local_files": local,
+            "remote_one_at_a_time": one,
+            "remote_fetch_ahead": ahead,
+            "ratio_fetch_ahead_vs_one_at_a_time": vs_one,
+            "ratio_fetch_ahead_vs_local": vs_local,
+            "same_tokens": same,
+        }));
+    }
+    output::line(format!(
+        "input: {} documents, {:.1} MB in {objects} objects at {uri}, {workers} threads",
+        input.documents,
+        input.bytes as f64 / 1e6
+    ))?;
+    for (what, t) in [
+        ("local files (baseline)", &local),
+        ("object store, one at a time", &one),
+        (&*format!("object store, {} ahead", args.fetch_ahead), &ahead),
+    ] {
+        output::line(format!("{what:<30} {} tokens in {:.3} s = {:.0} tokens/s", t.tokens, t.seconds, t.tokens_per_s))?;
+    }
+    output::line(format!(
+        "fetch-ahead: {vs_one:.2}x one at a time, {vs_local:.2}x the local files{}",
+        if same { "" } else { "  [token counts differ]" }
     ))
 }
 
