@@ -163,6 +163,12 @@ pub fn pull(uri: &str, need: Need, opts: &RemoteOptions) -> anyhow::Result<(Stri
     Ok((run_uri, path))
 }
 
+/// The optimizer state of a checkpoint: `optimizer.safetensors`, or a per-rank checkpoint's
+/// `optimizer-rank-*` files.
+fn is_optimizer(name: &str) -> bool {
+    name == OPTIMIZER || name.starts_with("optimizer-rank-")
+}
+
 /// The objects of a run to fetch for checkpoint `step`: the run's files, its tokenizers and
 /// the checkpoint's files (without the optimizer state for [`Need::Weights`]), the
 /// checkpoint's `meta.json` last (locally too, a checkpoint is complete once it is there).
@@ -175,10 +181,9 @@ fn files_to_pull(objects: &BTreeMap<String, u64>, step: u64, need: Need) -> Vec<
         .filter(|(rel, _)| plain(rel))
         .filter(|(rel, _)| {
             let run_file = RUN_FILES.contains(&rel.as_str()) || rel.starts_with("tokenizers/");
-            let of_ckpt = rel
-                .strip_prefix(&ckpt)
-                .and_then(|r| r.strip_prefix('/'))
-                .is_some_and(|name| !name.contains('/') && name != META && (need == Need::Resume || name != OPTIMIZER));
+            let of_ckpt = rel.strip_prefix(&ckpt).and_then(|r| r.strip_prefix('/')).is_some_and(|name| {
+                !name.contains('/') && name != META && (need == Need::Resume || !is_optimizer(name))
+            });
             run_file || of_ckpt
         })
         .map(|(rel, &size)| (rel.clone(), size))
@@ -423,6 +428,10 @@ mod tests {
             "checkpoints/step-00000004/model.safetensors",
             "checkpoints/step-00000004/optimizer.safetensors",
             "checkpoints/step-00000008/model.safetensors",
+            "checkpoints/step-00000008/ranks.json",
+            "checkpoints/step-00000008/model-rank-00000-of-00002.safetensors",
+            "checkpoints/step-00000008/optimizer-rank-00000-of-00002.safetensors",
+            "checkpoints/step-00000008/meta.json",
             "notes/other.txt",
         ]
         .into_iter()
@@ -441,5 +450,14 @@ mod tests {
             ]
         );
         assert!(!names(Need::Weights).iter().any(|n| n.ends_with("optimizer.safetensors")));
+        // A per-rank checkpoint: its index and every rank's files; weights only for eval.
+        let at8 = |need| files_to_pull(&objects, 8, need).into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert!(
+            at8(Need::Resume).contains(&"checkpoints/step-00000008/optimizer-rank-00000-of-00002.safetensors".into())
+        );
+        let weights = at8(Need::Weights);
+        assert!(weights.contains(&"checkpoints/step-00000008/ranks.json".into()), "{weights:?}");
+        assert!(weights.contains(&"checkpoints/step-00000008/model-rank-00000-of-00002.safetensors".into()));
+        assert!(!weights.iter().any(|n| n.contains("optimizer")), "{weights:?}");
     }
 }

@@ -311,6 +311,57 @@ fn checkpoints_move_between_zero_three_and_plain_on_other_world_sizes() {
     assert_curves_close(&curve(&whole), &curve(&run), 1e-5, "plain → ZeRO-3 (3 ranks, 1 rank) → plain");
 }
 
+#[test]
+fn per_rank_checkpoints_are_written_by_every_rank_and_resume_on_other_world_sizes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let base = |steps| {
+        [
+            set("model.n_layers=3"),
+            set("train.activation_checkpointing=true"),
+            set("data.batch_size=2"),
+            set("optim.global_batch=12"),
+            set(&format!("train.steps={steps}")),
+            set("train.checkpoint_every=3"),
+            set("train.eval_every=3"),
+        ]
+        .concat()
+    };
+    let whole = dir.path().join("whole");
+    train(&tiny(&data, &whole, &[args(&["--nproc", "2"]), base(9), set("train.zero=3")].concat()));
+    // ZeRO-3 on 2 ranks, each writing its own files → 3 ranks (in the background) → one process.
+    let run = dir.path().join("per-rank");
+    let per_rank = set("train.checkpoint_format=\"per_rank\"");
+    let first = [args(&["--nproc", "2"]), base(9), set("train.zero=3"), per_rank.clone(), set("train.stop_at=3")];
+    train(&tiny(&data, &run, &first.concat()));
+    let ckpt = run.join("checkpoints/step-00000003");
+    for f in ["ranks.json", "model-rank-00000-of-00002.safetensors", "optimizer-rank-00001-of-00002.safetensors"] {
+        assert!(ckpt.join(f).exists(), "{f} in {}", ckpt.display());
+    }
+    assert!(!ckpt.join("model.safetensors").exists());
+    let s =
+        resume(&run, &[args(&["--nproc", "3"]), set("train.stop_at=6"), set("train.checkpoint_async=true")].concat());
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(3), Some(6)), "{s}");
+    let six = run.join("checkpoints/step-00000006");
+    assert!(six.join("meta.json").exists() && six.join("model-rank-00002-of-00003.safetensors").exists());
+    let s = resume(&run, &[set("train.stop_at=0"), set("train.zero=0")].concat());
+    assert_eq!((s["world"].as_u64(), s["steps"].as_u64()), (Some(1), Some(9)), "{s}");
+    assert_curves_close(&curve(&whole), &curve(&run), 1e-5, "per-rank checkpoints: 2 → 3 → 1 ranks");
+    // The weights read back whole (as eval, sample and export read them) are the full format's.
+    let end = "checkpoints/step-00000009";
+    let x = motley_trainer::checkpoint::read_model(&whole.join(end)).expect("full checkpoint");
+    let y = motley_trainer::checkpoint::read_model(&run.join(end)).expect("per-rank checkpoint");
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+    for (k, t) in &x {
+        let diff = f64::try_from((t - &y[k]).abs().max()).expect("max");
+        assert!(diff < 1e-4, "{k}: differs by {diff}");
+    }
+    // A rank's file missing (written to another node's disk) is named at once.
+    std::fs::remove_file(six.join("model-rank-00001-of-00003.safetensors")).expect("remove");
+    let e = motley_trainer::checkpoint::read_model(&six).expect_err("missing rank file").to_string();
+    assert!(e.contains("model-rank-00001-of-00003.safetensors") && e.contains("every node"), "{e}");
+}
+
 /// `motley --json train --resume RUN EXTRA…`: the summary.
 fn resume(run: &Path, extra: &[String]) -> Value {
     let mut a: Vec<String> = vec!["--json".into(), "train".into(), "--resume".into(), run.display().to_string()];

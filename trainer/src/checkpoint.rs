@@ -21,6 +21,7 @@ use tch::{Device, Tensor, nn};
 use crate::config::TrainConfig;
 use crate::error::TrainError;
 use crate::model::public_parameters;
+use crate::per_rank::Stored;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 /// The index of a sharded model (`weight_map`: tensor name → file), as in HF checkpoints.
@@ -274,7 +275,7 @@ fn write_model(dir: &Path, vars: Vec<(String, Tensor)>, shard_mb: f64) -> Result
 /// names (sorted, each a plain name inside the folder); None for a one-file checkpoint.
 type Index = (PathBuf, serde_json::Map<String, serde_json::Value>, Vec<String>);
 
-fn read_index(ckpt: &Path) -> Result<Option<Index>, TrainError> {
+pub(crate) fn read_index(ckpt: &Path) -> Result<Option<Index>, TrainError> {
     let index = ckpt.join(MODEL_INDEX);
     if !index.exists() {
         return Ok(None);
@@ -297,6 +298,10 @@ fn read_index(ckpt: &Path) -> Result<Option<Index>, TrainError> {
 
 /// Reads a checkpoint's weights, from `model.safetensors` or from the shards its index names.
 pub fn read_model(ckpt: &Path) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    if Stored::is_per_rank(ckpt) {
+        let stored = Stored::open(ckpt, false)?;
+        return stored.names().map(|n| Ok((n.clone(), stored.read(n)?))).collect();
+    }
     let Some((index, map, files)) = read_index(ckpt)? else {
         return read_tensors(&ckpt.join(MODEL_FILE));
     };
@@ -329,14 +334,7 @@ pub fn save(
     shard_mb: f64,
     pinned: Option<&Path>,
 ) -> Result<PathBuf, TrainError> {
-    let dir = checkpoints_dir(run);
-    std::fs::create_dir_all(&dir).map_err(TrainError::io("create", &dir))?;
-    let final_dir = dir.join(step_name(meta.step));
-    let tmp = dir.join(format!(".tmp-{}", step_name(meta.step)));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(TrainError::io("remove stale", &tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(TrainError::io("create", &tmp))?;
+    let tmp = prepare(run, meta.step)?;
     let torch_err = |p: &Path| {
         let p = p.to_path_buf();
         move |e: tch::TchError| TrainError::Checkpoint { path: p, msg: e.to_string() }
@@ -344,18 +342,40 @@ pub fn save(
     let mut written = write_model(&tmp, vars, shard_mb)?;
     let opt_path = tmp.join(OPTIMIZER_FILE);
     Tensor::write_safetensors(&to_cpu(optimizer), &opt_path).map_err(torch_err(&opt_path))?;
-    let meta_json = serde_json::to_vec_pretty(meta)
-        .map_err(|e| TrainError::Checkpoint { path: tmp.join(META_FILE), msg: e.to_string() })?;
-    write_atomic(&tmp.join(META_FILE), &meta_json)?;
     written.push(opt_path);
     for p in &written {
         std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(TrainError::io("sync", p))?;
     }
+    commit(run, meta, keep, pinned)
+}
+
+/// The temporary folder the checkpoint of `step` is written into (emptied, created).
+pub fn prepare(run: &Path, step: u64) -> Result<PathBuf, TrainError> {
+    let tmp = tmp_dir(run, step);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(TrainError::io("remove stale", &tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(TrainError::io("create", &tmp))?;
+    Ok(tmp)
+}
+
+/// Where the checkpoint of `step` is written before it is complete.
+pub fn tmp_dir(run: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run).join(format!(".tmp-{}", step_name(step)))
+}
+
+/// Completes the checkpoint whose tensors are in [`tmp_dir`]: writes `meta.json`, renames the
+/// folder into place and prunes (see [`save`]).
+pub fn commit(run: &Path, meta: &Meta, keep: usize, pinned: Option<&Path>) -> Result<PathBuf, TrainError> {
+    let (tmp, final_dir) = (tmp_dir(run, meta.step), dir_of(run, meta.step));
+    let meta_json = serde_json::to_vec_pretty(meta)
+        .map_err(|e| TrainError::Checkpoint { path: tmp.join(META_FILE), msg: e.to_string() })?;
+    write_atomic(&tmp.join(META_FILE), &meta_json)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(TrainError::io("replace", &final_dir))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(TrainError::io("rename", &final_dir))?;
-    if let Ok(d) = std::fs::File::open(&dir) {
+    if let Ok(d) = std::fs::File::open(checkpoints_dir(run)) {
         let _ = d.sync_all();
     }
     prune(run, keep, pinned)?;
@@ -428,6 +448,9 @@ fn check_counters(meta: &Meta) -> Result<(), String> {
 /// Elements of a checkpoint's weights (one file or the shards its index names), from the
 /// safetensors headers alone.
 pub fn stored_params(ckpt: &Path) -> Result<i64, TrainError> {
+    if Stored::is_per_rank(ckpt) {
+        return Ok(Stored::open(ckpt, false)?.weight_elements());
+    }
     let files: Vec<PathBuf> = match read_index(ckpt)? {
         Some((_, _, files)) => files.into_iter().map(|f| ckpt.join(f)).collect(),
         None => vec![ckpt.join(MODEL_FILE)],
@@ -485,6 +508,9 @@ pub fn load_weights(vs: &nn::VarStore, ckpt: &Path) -> Result<(), TrainError> {
 
 /// The model file of checkpoint `ckpt` (the index when sharded), for errors.
 fn model_path(ckpt: &Path) -> PathBuf {
+    if Stored::is_per_rank(ckpt) {
+        return ckpt.join(crate::per_rank::INDEX_FILE);
+    }
     if ckpt.join(MODEL_INDEX).exists() { ckpt.join(MODEL_INDEX) } else { ckpt.join(MODEL_FILE) }
 }
 

@@ -137,6 +137,20 @@ pub enum OnNonFinite {
     Skip,
 }
 
+/// How a checkpoint's tensors are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointFormat {
+    /// Whole tensors under their public names (Hugging Face's layout): under ZeRO rank 0
+    /// gathers the model and moments and writes them alone.
+    #[default]
+    Full,
+    /// Every rank writes its own chunk of the flat weights and moments (no gather; all ranks
+    /// write at once) beside a `ranks.json` index; any world size resumes from it, and eval,
+    /// sample and export read it. The run directory must be one folder every node sees.
+    PerRank,
+}
+
 /// The loop: length, cadence, checkpoints, device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -165,6 +179,9 @@ pub struct LoopConfig {
     /// the files are written, fsynced and renamed; one write at a time. Host memory: that
     /// copy (on CUDA the synchronous path copies to the host too; on the CPU it is extra).
     pub checkpoint_async: bool,
+    /// `full` (whole tensors, rank 0 writes) or `per_rank` (each rank its chunk; see
+    /// [`CheckpointFormat`]).
+    pub checkpoint_format: CheckpointFormat,
     pub on_nonfinite: OnNonFinite,
     pub max_skipped: u64,
     /// Peak dense bf16 TFLOP/s of one accelerator, for model FLOPs utilization (H100/H200: 989).
@@ -216,6 +233,7 @@ impl Default for LoopConfig {
             keep_checkpoints: 2,
             checkpoint_shard_mb: 5000.0,
             checkpoint_async: false,
+            checkpoint_format: CheckpointFormat::Full,
             on_nonfinite: OnNonFinite::Stop,
             max_skipped: 10,
             peak_tflops: 989.0,

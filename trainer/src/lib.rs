@@ -38,6 +38,7 @@ pub mod mirror;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod per_rank;
 pub mod plan;
 pub mod sample;
 pub mod study;

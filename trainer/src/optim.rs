@@ -37,18 +37,6 @@ pub struct Param {
     pub shape: Vec<i64>,
 }
 
-impl Param {
-    /// A tensor of the parameter's shape for naming its parts ([`public_views`]): the parameter
-    /// itself, or a broadcast scalar while ZeRO-3 has freed it (no memory either way).
-    fn shaped(&self) -> Tensor {
-        if self.tensor.size() == self.shape {
-            self.tensor.shallow_clone()
-        } else {
-            Tensor::zeros([1], (self.tensor.kind(), tch::Device::Cpu)).expand(self.shape.as_slice(), false)
-        }
-    }
-}
-
 /// ZeRO-3's view of the optimizer: the layout, this rank's parameter chunks, its shard
 /// gradient, and every parameter (empty between uses) with its shape.
 pub type FullShardParts = (Layout, Tensor, Tensor, Vec<(String, Tensor, Vec<i64>)>);
@@ -695,12 +683,7 @@ impl AdamW {
     /// chunks are gathered (a collective every rank must call); only rank 0 gets Some.
     #[allow(clippy::type_complexity)]
     pub fn state(&self, comm: &Comm) -> Result<Option<(Vec<(String, Tensor)>, BTreeMap<String, i64>)>, TrainError> {
-        let mut steps = BTreeMap::new();
-        for p in &self.params {
-            for (name, _) in public_views(&p.name, &p.shaped()) {
-                steps.insert(name, p.step);
-            }
-        }
+        let steps = self.steps();
         let mut tensors = Vec::with_capacity(self.params.len() * 2);
         match &self.flat {
             Some(f) if f.zero => {
@@ -728,82 +711,178 @@ impl AdamW {
         Ok(Some((tensors, steps)))
     }
 
-    /// Restores moments saved by [`AdamW::state`] (from any world size and sharding); every
-    /// parameter must be present with its shape.
+    /// Step counts under the checkpoint's per-tower names.
+    pub fn steps(&self) -> BTreeMap<String, i64> {
+        let mut steps = BTreeMap::new();
+        for p in &self.params {
+            for (name, _, _) in crate::towers::public_ranges(&p.name, &p.shape) {
+                steps.insert(name, p.step);
+            }
+        }
+        steps
+    }
+
+    /// (name, shape) of every parameter, by index: what [`crate::per_rank::pieces`] cuts.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        self.params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect()
+    }
+
+    /// This rank's place in a per-rank checkpoint: the flat layout, its rank, and the buffers
+    /// its pieces are copied from. None on the per-tensor path (no flat buffers).
+    pub fn rank_buffers(&self) -> Option<(&Layout, usize, crate::per_rank::RankBuffers)> {
+        let f = self.flat.as_ref()?;
+        Some((
+            &f.layout,
+            f.rank,
+            crate::per_rank::RankBuffers {
+                param: f.param.shallow_clone(),
+                param_sharded: f.full_shard,
+                exp_avg: f.exp_avg.shallow_clone(),
+                exp_avg_sq: f.exp_avg_sq.shallow_clone(),
+                moments_sharded: f.zero,
+            },
+        ))
+    }
+
+    /// The ranges of stored tensors that fill this rank's flat buffers: its own pieces when
+    /// the buffer is its shard, every rank's when it is whole; with the buffer offset.
+    fn fill_plan(f: &Flat, params: &[(String, Vec<i64>)], sharded: bool) -> Vec<(crate::per_rank::Piece, i64)> {
+        if sharded {
+            crate::per_rank::pieces(&f.layout, params, f.rank).into_iter().map(|p| (p.clone(), p.shard)).collect()
+        } else {
+            (0..f.layout.world)
+                .flat_map(|r| crate::per_rank::pieces(&f.layout, params, r))
+                .map(|p| (p.clone(), p.flat))
+                .collect()
+        }
+    }
+
+    /// ZeRO-3: reads this rank's chunks of the weights straight from a checkpoint (any world
+    /// size, per-rank or whole files), so no rank holds the whole model. Every weight must be
+    /// present with its shape; a stored weight the model lacks is an error.
+    pub fn load_weight_shard(&mut self, src: &crate::per_rank::Stored) -> Result<(), TrainError> {
+        let params = self.param_shapes();
+        let Some(f) = self.flat.as_ref().filter(|f| f.full_shard) else {
+            return Err(TrainError::Distributed("load_weight_shard without ZeRO-3".into()));
+        };
+        let bad = |path: std::path::PathBuf, msg: String| TrainError::Checkpoint { path, msg };
+        let mut names = std::collections::BTreeSet::new();
+        for (name, shape) in &params {
+            for (public, _, pshape) in crate::towers::public_ranges(name, shape) {
+                match src.shape(&public) {
+                    None => return Err(bad(src.origin().to_path_buf(), format!("missing tensor {public}"))),
+                    Some(s) if s != pshape.as_slice() => {
+                        return Err(bad(
+                            src.origin_of(&public),
+                            format!("{public} has shape {s:?}, the model needs {pshape:?}"),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                names.insert(public);
+            }
+        }
+        if let Some(n) = src.names().find(|n| !crate::per_rank::is_moment(n) && !names.contains(*n)) {
+            return Err(bad(src.origin_of(n), format!("unexpected tensor {n} (config and checkpoint disagree)")));
+        }
+        tch::no_grad(|| {
+            for (p, at) in Self::fill_plan(f, &params, true) {
+                let t = src.range(&p.name, p.start, p.len)?;
+                crate::checkpoint::check_values(&p.name, &t, false).map_err(|m| bad(src.origin_of(&p.name), m))?;
+                f.param.narrow(0, at, p.len).f_copy_(&t).map_err(TrainError::torch(format!("copy {}", p.name)))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Restores moments saved by [`AdamW::state`] or a per-rank checkpoint, from any world
+    /// size and sharding, reading only the ranges this rank keeps; every parameter must be
+    /// present with its shape.
     pub fn load_state(
         &mut self,
-        tensors: &BTreeMap<String, Tensor>,
+        src: &crate::per_rank::Stored,
         steps: &BTreeMap<String, i64>,
-        origin: &std::path::Path,
     ) -> Result<(), TrainError> {
-        let missing = |what: String| TrainError::Checkpoint { path: origin.to_path_buf(), msg: what };
+        let bad = |key: &str, what: String| TrainError::Checkpoint { path: src.origin_of(key), msg: what };
+        let params = self.param_shapes();
         // Every stored tensor and step count must be one the model asks for, as for the
         // weights (torch's strict `load_state_dict`): a stray one means another model's state.
-        let used = std::cell::RefCell::new(std::collections::BTreeSet::new());
-        let copy_in = |key: String, dst: &mut Tensor| -> Result<(), TrainError> {
-            let src = tensors.get(&key).ok_or_else(|| missing(format!("optimizer state lacks {key}")))?;
-            used.borrow_mut().insert(key.clone());
-            if src.size() != dst.size() {
-                return Err(missing(format!("{key} has shape {:?}, the model needs {:?}", src.size(), dst.size())));
-            }
-            crate::checkpoint::check_values(&key, src, key.ends_with("exp_avg_sq")).map_err(missing)?;
-            dst.f_copy_(src).map_err(TrainError::torch(format!("copy {key}")))?;
-            Ok(())
-        };
-        tch::no_grad(|| {
-            match &self.flat {
-                Some(f) if f.zero => {
-                    // Fill full-size host buffers, then keep this rank's chunks.
-                    let full = || Tensor::zeros([f.layout.total], (f.exp_avg.kind(), tch::Device::Cpu));
-                    for (suffix, dst) in [("exp_avg", &f.exp_avg), ("exp_avg_sq", &f.exp_avg_sq)] {
-                        let buf = full();
-                        for (_, name, mut view) in self.public_flat_views(f, &buf) {
-                            copy_in(format!("{name}.{suffix}"), &mut view)?;
+        let mut keys = std::collections::BTreeSet::new();
+        for (name, shape) in &params {
+            for (public, _, pshape) in crate::towers::public_ranges(name, shape) {
+                for m in crate::per_rank::MOMENTS {
+                    let key = format!("{public}.{m}");
+                    match src.shape(&key) {
+                        None => return Err(bad(&key, format!("optimizer state lacks {key}"))),
+                        Some(s) if s != pshape.as_slice() => {
+                            return Err(bad(&key, format!("{key} has shape {s:?}, the model needs {pshape:?}")));
                         }
-                        for (b, k) in f.layout.buckets.iter().enumerate() {
-                            let (start, n) = f.layout.chunk(b, f.rank);
-                            dst.narrow(0, k.shard_offset, n).copy_(&buf.narrow(0, start, n));
+                        Some(_) => {}
+                    }
+                    keys.insert(key);
+                }
+            }
+        }
+        if let Some(k) = src.names().find(|k| crate::per_rank::is_moment(k) && !keys.contains(*k)) {
+            return Err(bad(k, format!("unexpected optimizer tensor {k} (config and checkpoint disagree)")));
+        }
+        let read = |key: &str, start: i64, len: i64| -> Result<Tensor, TrainError> {
+            let t = src.range(key, start, len)?;
+            crate::checkpoint::check_values(key, &t, key.ends_with("exp_avg_sq")).map_err(|m| bad(key, m))?;
+            Ok(t)
+        };
+        tch::no_grad(|| -> Result<(), TrainError> {
+            match &self.flat {
+                Some(f) => {
+                    for (p, at) in Self::fill_plan(f, &params, f.zero) {
+                        for (m, dst) in crate::per_rank::MOMENTS.iter().zip([&f.exp_avg, &f.exp_avg_sq]) {
+                            let key = format!("{}.{m}", p.name);
+                            let t = read(&key, p.start, p.len)?;
+                            dst.narrow(0, at, p.len).f_copy_(&t).map_err(TrainError::torch(format!("copy {key}")))?;
                         }
                     }
                 }
-                _ => {
+                None => {
                     for p in &self.params {
                         let Some((m, v)) = &p.moments else { continue };
                         for (suffix, moment) in [("exp_avg", m), ("exp_avg_sq", v)] {
                             // Views of the moment: copying into them fills it.
                             for (name, mut dst) in public_views(&p.name, moment) {
-                                copy_in(format!("{name}.{suffix}"), &mut dst)?;
+                                let key = format!("{name}.{suffix}");
+                                let t = read(&key, 0, dst.numel() as i64)?;
+                                dst.f_copy_(&t.view(dst.size().as_slice()))
+                                    .map_err(TrainError::torch(format!("copy {key}")))?;
                             }
                         }
                     }
                 }
             }
-            for p in &mut self.params {
-                // One step count per stored tensor; the parts of a stacked one must agree.
-                let mut step = None;
-                for (name, _) in public_views(&p.name, &p.shaped()) {
-                    let s = *steps.get(&name).ok_or_else(|| missing(format!("optimizer steps lack {name}")))?;
-                    if step.is_some_and(|prev| prev != s) {
-                        return Err(missing(format!("step counts differ within {} ({name}: {s})", p.name)));
-                    }
-                    step = Some(s);
-                }
-                p.step = step.unwrap_or(0);
-            }
-            let used = used.borrow();
-            if let Some(k) = tensors.keys().find(|k| !used.contains(*k)) {
-                return Err(missing(format!("unexpected optimizer tensor {k} (config and checkpoint disagree)")));
-            }
-            let names: std::collections::BTreeSet<String> = self
-                .params
-                .iter()
-                .flat_map(|p| public_views(&p.name, &p.shaped()).into_iter().map(|(n, _)| n))
-                .collect();
-            if let Some(k) = steps.keys().find(|k| !names.contains(*k)) {
-                return Err(missing(format!("meta.json's optimizer_steps name {k}, which the model does not have")));
-            }
             Ok(())
-        })
+        })?;
+        // Step counts come from meta.json, beside the tensor files.
+        let origin = src.origin().with_file_name(crate::checkpoint::META_FILE);
+        let missing = |what: String| TrainError::Checkpoint { path: origin.clone(), msg: what };
+        for p in &mut self.params {
+            // One step count per stored tensor; the parts of a stacked one must agree.
+            let mut step = None;
+            for (name, _, _) in crate::towers::public_ranges(&p.name, &p.shape) {
+                let s = *steps.get(&name).ok_or_else(|| missing(format!("optimizer steps lack {name}")))?;
+                if step.is_some_and(|prev| prev != s) {
+                    return Err(missing(format!("step counts differ within {} ({name}: {s})", p.name)));
+                }
+                step = Some(s);
+            }
+            p.step = step.unwrap_or(0);
+        }
+        let names: std::collections::BTreeSet<String> = self
+            .params
+            .iter()
+            .flat_map(|p| crate::towers::public_ranges(&p.name, &p.shape).into_iter().map(|(n, _, _)| n))
+            .collect();
+        if let Some(k) = steps.keys().find(|k| !names.contains(*k)) {
+            return Err(missing(format!("meta.json's optimizer_steps name {k}, which the model does not have")));
+        }
+        Ok(())
     }
 }
 
@@ -1105,10 +1184,17 @@ mod tests {
         assert!(names.contains(&"layers.0.attn_norm.speech.weight.exp_avg_sq"), "{names:?}");
         assert_eq!(tensors.len(), 2 * (3 + 1));
         assert_eq!(steps.get("layers.0.attn_norm.image.weight"), Some(&7));
-        let tensors: BTreeMap<String, Tensor> = tensors.into_iter().map(|(n, v)| (n, v.copy())).collect();
-        let origin = std::path::Path::new("optimizer.safetensors");
+        // Through the files a checkpoint holds, read back a range at a time.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let copies = |v: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
+            v.into_iter().map(|(n, t)| (n, t.detach().contiguous().copy())).collect()
+        };
+        let weights: Vec<(String, Tensor)> = vars().iter().flat_map(|(n, t)| public_views(n, t)).collect();
+        Tensor::write_safetensors(&copies(weights), dir.path().join("model.safetensors")).expect("weights");
+        Tensor::write_safetensors(&copies(tensors), dir.path().join("optimizer.safetensors")).expect("moments");
+        let stored = crate::per_rank::Stored::open(dir.path(), true).expect("open");
         let mut fresh = AdamW::new(vars(), &OptimConfig::default());
-        fresh.load_state(&tensors, &steps, origin).expect("round trip");
+        fresh.load_state(&stored, &steps).expect("round trip");
         for (a, b) in opt.params.iter().zip(&fresh.params) {
             let (ma, mb) = (a.moments.as_ref().expect("moments"), b.moments.as_ref().expect("moments"));
             assert!(ma.0.equal(&mb.0) && a.step == b.step, "{}", a.name);
@@ -1116,7 +1202,7 @@ mod tests {
         // The towers of one stacked tensor share a step count: disagreeing ones are an error.
         let mut bad = steps.clone();
         bad.insert("layers.0.attn_norm.image.weight".into(), 6);
-        let err = fresh.load_state(&tensors, &bad, origin).expect_err("steps differ");
+        let err = fresh.load_state(&stored, &bad).expect_err("steps differ");
         assert!(err.to_string().contains("step counts differ within layers.0.attn_norm.stacked"), "{err}");
     }
 

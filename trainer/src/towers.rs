@@ -156,6 +156,37 @@ pub fn public_views(name: &str, t: &Tensor) -> Vec<(String, Tensor)> {
     })
 }
 
+/// Where each of [`public_views`]'s tensors lies in variable `name` of shape `shape`, flattened
+/// row-major: `(public name, first element, shape)`. Each is one contiguous run (a tower's
+/// part is whole rows of the stacked tensor), which is what lets a rank's flat chunk be cut
+/// into pieces of public tensors without the tensor itself (ZeRO-3 frees it between uses).
+pub fn public_ranges(name: &str, shape: &[i64]) -> Vec<(String, i64, Vec<i64>)> {
+    let whole = || vec![(name.to_string(), 0, shape.to_vec())];
+    let Some(site) = name.strip_suffix(STACKED).and_then(|s| s.strip_suffix('.')) else { return whole() };
+    if shape.len() < 2 {
+        return whole();
+    }
+    let (prefix, parts) = site.rsplit_once('.').map_or(("", site), |(pre, last)| (pre, last));
+    let parts: Vec<&str> = parts.split('+').collect();
+    let (towers, rows, len) = (shape[0], shape[1], shape[1] / parts.len() as i64);
+    let row: i64 = shape[2..].iter().product();
+    let dot = if prefix.is_empty() { "" } else { "." };
+    let mut out = Vec::with_capacity(towers as usize * parts.len());
+    for m in 0..towers {
+        let tower = match Modality::ALL.get(m as usize) {
+            _ if towers == 1 => String::new(),
+            Some(modality) => format!(".{}", modality.as_str()),
+            None => format!(".{m}"),
+        };
+        for (j, part) in parts.iter().enumerate() {
+            let mut s = vec![len];
+            s.extend_from_slice(&shape[2..]);
+            out.push((format!("{prefix}{dot}{part}{tower}.weight"), (m * rows + j as i64 * len) * row, s));
+        }
+    }
+    out
+}
+
 /// Every variable of `vs` under its checkpoint name (see [`public_views`]), in name order.
 pub fn public_parameters(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs.variables().iter().flat_map(|(n, t)| public_views(n, t)).collect();
@@ -213,5 +244,32 @@ pub(crate) fn site_weight(site: &Stacked, fold: Option<&TowerNorm>, ck: Kind) ->
     match fold {
         Some(n) => (&site.weight * n.weight().unsqueeze(1)).to_kind(ck),
         None => site.weight.to_kind(ck),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_ranges_are_where_the_public_views_lie() {
+        for (name, shape) in [
+            ("layers.0.attn.q_proj+k_proj.stacked", vec![3i64, 8, 5]),
+            ("layers.1.ffn.w1.stacked", vec![1, 4, 6]),
+            ("layers.1.norm.stacked", vec![3, 7]),
+            ("embed.weight", vec![11, 4]),
+        ] {
+            let n: i64 = shape.iter().product();
+            let t = Tensor::arange(n, (Kind::Float, tch::Device::Cpu)).view(shape.as_slice());
+            let views = public_views(name, &t);
+            let ranges = public_ranges(name, &shape);
+            assert_eq!(views.len(), ranges.len(), "{name}");
+            for ((vn, v), (rn, start, s)) in views.iter().zip(&ranges) {
+                assert_eq!(vn, rn);
+                assert_eq!(&v.size(), s, "{vn}");
+                let want = Tensor::arange_start(*start, start + v.numel() as i64, (Kind::Float, tch::Device::Cpu));
+                assert!(v.reshape([-1]).equal(&want), "{vn} is not elements {start}..");
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::checkpoint::{self, META_VERSION, Meta, RngState};
-use crate::config::{OnNonFinite, TrainConfig};
+use crate::config::{CheckpointFormat, OnNonFinite, TrainConfig};
 use crate::data::BatchSource;
 use crate::diffusion::{BUCKETS, NoisePolicy, Schedule};
 use crate::dist::c10d::GradSync;
@@ -123,6 +123,9 @@ pub struct Trainer {
     mirror: Option<Arc<dyn crate::mirror::RunMirror>>,
     /// `train.checkpoint_async`: the checkpoint being written in the background.
     writer: Option<std::thread::JoinHandle<Result<PathBuf, TrainError>>>,
+    /// `per_rank` with `checkpoint_async`: this rank's files being written, and the meta the
+    /// checkpoint completes with once every rank has written (agreed in a step's all-reduce).
+    pending: Option<(std::thread::JoinHandle<Result<(), TrainError>>, Meta)>,
     /// Seconds the loop spent in checkpointing (with `checkpoint_async`: the host copy and
     /// any wait for the previous write).
     checkpoint_s: f64,
@@ -278,6 +281,7 @@ impl Trainer {
             log: None,
             mirror: None,
             writer: None,
+            pending: None,
             checkpoint_s: 0.0,
             stop_flag: None,
             stop_agreed: false,
@@ -347,24 +351,15 @@ impl Trainer {
             });
         }
         let mut t = Trainer::new(cfg)?;
+        // Memory-mapped and read a range at a time: each rank reads what it keeps.
+        let stored = crate::per_rank::Stored::open(&ckpt, true)?;
         match &t.fsdp {
-            Some(f) => {
-                // Unit by unit: whole parameters to read into, then this rank's chunks kept.
-                let saved = checkpoint::read_model(&ckpt)?;
-                let mut seen = std::collections::BTreeSet::new();
-                f.each_unit_filled(|params| {
-                    let views: Vec<(String, Tensor)> =
-                        params.iter().flat_map(|(n, t)| crate::model::public_views(n, t)).collect();
-                    seen.extend(views.iter().map(|(n, _)| n.clone()));
-                    checkpoint::copy_weights(&saved, views, &ckpt)
-                })?;
-                checkpoint::check_unexpected(&saved, &seen, &ckpt)?;
-            }
+            // This rank's chunks only: no rank holds the whole model.
+            Some(_) => t.opt.load_weight_shard(&stored)?,
             None => checkpoint::load_weights(&t.vs, &ckpt)?,
         }
         t.broadcast_weights()?;
-        let opt_tensors = checkpoint::read_tensors(&ckpt.join(checkpoint::OPTIMIZER_FILE))?;
-        t.opt.load_state(&opt_tensors, &meta.optimizer_steps, &ckpt.join(checkpoint::OPTIMIZER_FILE))?;
+        t.opt.load_state(&stored, &meta.optimizer_steps)?;
         t.data.restore(&meta.loader_state)?;
         t.step = meta.step;
         t.skipped = meta.skipped;
@@ -527,12 +522,20 @@ impl Trainer {
         let mut reduce = host.clone();
         reduce.extend(counts);
         reduce.extend(diff_counts);
-        // Last: how many ranks were asked to stop (read once here, so all ranks agree).
+        // Then how many ranks still write their part of a per-rank checkpoint, last how many
+        // were asked to stop (each read once here, so all ranks agree).
+        reduce.push(if self.pending.as_ref().is_some_and(|(h, _)| !h.is_finished()) { 1.0 } else { 0.0 });
         reduce.push(if self.stop_flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) { 1.0 } else { 0.0 });
         let t0 = Instant::now();
         self.comm.all_reduce_sum(&mut reduce)?;
         comm_s += t0.elapsed().as_secs_f64();
         self.stop_agreed |= reduce.pop().is_some_and(|n| n > 0.0);
+        if reduce.pop().is_some_and(|n| n == 0.0) && self.pending.is_some() {
+            // Every rank's files are written: the checkpoint is completed now, not at the next.
+            let t0 = Instant::now();
+            self.finish_pending()?;
+            self.checkpoint_s += t0.elapsed().as_secs_f64();
+        }
         let mean = |sum: usize, count: usize| (reduce[count] > 0.0).then(|| reduce[sum] / reduce[count]);
         let per_modality: PerModality = std::array::from_fn(|m| mean(1 + m, sums_len + m));
         let d0 = 1 + Modality::COUNT;
@@ -689,6 +692,7 @@ impl Trainer {
     /// Waits for the checkpoint being written in the background, if any; its failure is the
     /// run's.
     pub fn wait_for_checkpoint(&mut self) -> Result<(), TrainError> {
+        self.finish_pending()?;
         match self.writer.take() {
             None => Ok(()),
             Some(h) => h
@@ -701,12 +705,9 @@ impl Trainer {
         }
     }
 
-    fn save_checkpoint_inner(&mut self) -> Result<Option<PathBuf>, TrainError> {
-        let Some(run) = self.run_dir.clone() else { return Ok(None) };
-        // Under ZeRO-3 every rank takes part in gathering the weights rank 0 writes.
-        let weights = self.public_weights(false)?;
-        let Some((opt_tensors, optimizer_steps)) = self.opt.state(&self.comm)? else { return Ok(None) };
-        let meta = Meta {
+    /// What the checkpoint of this step records besides tensors.
+    fn meta(&self, optimizer_steps: std::collections::BTreeMap<String, i64>) -> Meta {
+        Meta {
             version: META_VERSION,
             step: self.step,
             skipped: self.skipped,
@@ -717,7 +718,18 @@ impl Trainer {
             optimizer_steps,
             tokens: self.tokens,
             vocab: Some(self.data.vocab().clone()),
-        };
+        }
+    }
+
+    fn save_checkpoint_inner(&mut self) -> Result<Option<PathBuf>, TrainError> {
+        let Some(run) = self.run_dir.clone() else { return Ok(None) };
+        if self.cfg.train.checkpoint_format == CheckpointFormat::PerRank {
+            return self.save_per_rank(&run).map(Some);
+        }
+        // Under ZeRO-3 every rank takes part in gathering the weights rank 0 writes.
+        let weights = self.public_weights(false)?;
+        let Some((opt_tensors, optimizer_steps)) = self.opt.state(&self.comm)? else { return Ok(None) };
+        let meta = self.meta(optimizer_steps);
         let (keep, shard_mb, mirror) =
             (self.cfg.train.keep_checkpoints, self.cfg.train.checkpoint_shard_mb, self.mirror.clone());
         // One write at a time, in step order (pruning and the mirror see them in order).
@@ -742,6 +754,99 @@ impl Trainer {
             .map_err(TrainError::io("start the checkpoint writer", &dir))?;
         self.writer = Some(handle);
         Ok(Some(dir))
+    }
+
+    /// `per_rank`: every rank copies its pieces of the flat weights and moments to the host and
+    /// writes them into the checkpoint's temporary folder (rank 0 the index too; with
+    /// `checkpoint_async` on a background thread); once all have written, rank 0 completes
+    /// the checkpoint ([`Trainer::commit_per_rank`]). Every rank must call it.
+    fn save_per_rank(&mut self, run: &Path) -> Result<PathBuf, TrainError> {
+        self.wait_for_checkpoint()?;
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let params = self.opt.param_shapes();
+        let Some((layout, _, buffers)) = self.opt.rank_buffers() else {
+            return Err(TrainError::Config {
+                path: "train.checkpoint_format".into(),
+                msg: "per_rank needs the optimizer's flat buffers (parameters of one dtype and device)".into(),
+            });
+        };
+        let pieces = crate::per_rank::pieces(layout, &params, rank);
+        let index = (rank == 0).then(|| crate::per_rank::RankIndex::new(layout, &params));
+        // A snapshot: the next step updates the buffers in place.
+        let (weights, moments) = crate::per_rank::host_pieces(&pieces, &buffers)?;
+        let meta = self.meta(self.opt.steps());
+        // Rank 0 empties the temporary folder before anyone writes into it.
+        let prepared = if rank == 0 { checkpoint::prepare(run, meta.step).map(|_| ()) } else { Ok(()) };
+        self.agree_ok(prepared)?;
+        let tmp = checkpoint::tmp_dir(run, meta.step);
+        let write = move || -> Result<(), TrainError> {
+            if let Some(index) = index {
+                let json = serde_json::to_vec(&index).map_err(|e| TrainError::Checkpoint {
+                    path: tmp.join(crate::per_rank::INDEX_FILE),
+                    msg: e.to_string(),
+                })?;
+                checkpoint::write_atomic(&tmp.join(crate::per_rank::INDEX_FILE), &json)?;
+            }
+            crate::per_rank::write_rank(&tmp, rank, world, weights, moments)
+        };
+        let dir = checkpoint::dir_of(run, meta.step);
+        if self.cfg.train.checkpoint_async {
+            let handle = std::thread::Builder::new()
+                .name("motley-checkpoint".into())
+                .spawn(write)
+                .map_err(TrainError::io("start the checkpoint writer", &dir))?;
+            self.pending = Some((handle, meta));
+            return Ok(dir);
+        }
+        self.commit_per_rank(write(), &meta)?;
+        Ok(dir)
+    }
+
+    /// Every rank's outcome agreed (a collective): all succeeded, or each rank returns an error.
+    fn agree_ok(&self, mine: Result<(), TrainError>) -> Result<(), TrainError> {
+        let mut failed = [if mine.is_err() { 1.0 } else { 0.0 }];
+        self.comm.all_reduce_sum(&mut failed)?;
+        mine?;
+        if failed[0] > 0.0 {
+            return Err(TrainError::Distributed(format!(
+                "{} rank(s) failed to write their part of the checkpoint (their errors say why)",
+                failed[0]
+            )));
+        }
+        Ok(())
+    }
+
+    /// `per_rank`: once every rank has written its files (`written` is this rank's outcome),
+    /// rank 0 checks the folder holds them all, writes `meta.json`, renames it into place,
+    /// prunes, and hands it to the mirror. Every rank must call it.
+    fn commit_per_rank(&mut self, written: Result<(), TrainError>, meta: &Meta) -> Result<(), TrainError> {
+        self.agree_ok(written)?;
+        let Some(run) = self.run_dir.clone() else { return Ok(()) };
+        if self.comm.rank() != 0 {
+            return Ok(());
+        }
+        // Every rank's files, complete and as the index says (their headers only): a rank
+        // that wrote to a disk of its own shows up here, not at resume.
+        crate::per_rank::Stored::open(&checkpoint::tmp_dir(&run, meta.step), true)?;
+        let pinned = self.mirror.as_ref().and_then(|m| m.in_use());
+        let dir = checkpoint::commit(&run, meta, self.cfg.train.keep_checkpoints, pinned.as_deref())?;
+        if let Some(m) = &self.mirror {
+            m.saved(&run, &dir).map_err(TrainError::Mirror)?;
+        }
+        Ok(())
+    }
+
+    /// `per_rank` with `checkpoint_async`: joins this rank's writer and completes the
+    /// checkpoint. Every rank must call it (it is called where all ranks agree to).
+    fn finish_pending(&mut self) -> Result<(), TrainError> {
+        let Some((handle, meta)) = self.pending.take() else { return Ok(()) };
+        let written = handle.join().unwrap_or_else(|p| {
+            Err(TrainError::Checkpoint {
+                path: self.run_dir.clone().unwrap_or_default(),
+                msg: format!("the checkpoint writer panicked: {}", panic_text(&p)),
+            })
+        });
+        self.commit_per_rank(written, &meta)
     }
 
     /// The weights under their public names, sorted by name. Under ZeRO-3 every rank must
@@ -786,6 +891,13 @@ impl Trainer {
     /// of several ranks, a failure is posted for the other ranks (their errors name this one).
     pub fn run(&mut self) -> Result<TrainSummary, TrainError> {
         let mut result = self.run_inner();
+        if result.is_err()
+            && let Some((handle, _)) = self.pending.take()
+        {
+            // Completing a per-rank checkpoint takes every rank, which a failed run may not
+            // have: its files are left in the temporary folder, the previous checkpoint stands.
+            let _ = handle.join();
+        }
         // A checkpoint still being written (the run failed after starting it) is finished.
         if let Err(e) = self.wait_for_checkpoint() {
             match &result {

@@ -2,7 +2,9 @@
 
 mod common;
 
-use motley_trainer::{Trainer, loader};
+use motley_trainer::config::CheckpointFormat;
+use motley_trainer::per_rank::{self, Stored};
+use motley_trainer::{Trainer, checkpoint, loader};
 
 /// Step, loss, per-modality train losses and per-modality eval losses of one log line.
 type LossRow = (u64, Option<f64>, [Option<f64>; 3], Option<[Option<f64>; 3]>);
@@ -28,6 +30,7 @@ fn check_resume(cfg: motley_trainer::TrainConfig) -> anyhow::Result<()> {
             b.train_step()?;
         }
         b.save_checkpoint()?;
+        b.wait_for_checkpoint()?; // `checkpoint_async`: on disk before the trainer goes
         b.train_step()?; // lost work: not checkpointed
     }
     let mut c = Trainer::resume(&run_b, &[])?;
@@ -95,5 +98,66 @@ fn resume_is_bit_exact_with_latent_images() -> anyhow::Result<()> {
     c.verbose = false;
     c.run()?;
     assert_eq!(&diffusion(&a)[3..], &diffusion(&c)[..], "resumed diffusion losses differ");
+    Ok(())
+}
+
+#[test]
+fn resume_is_bit_exact_from_per_rank_checkpoints_written_in_line_or_in_the_background() -> anyhow::Result<()> {
+    for background in [false, true] {
+        let mut cfg = common::tiny_cfg();
+        cfg.train.checkpoint_format = CheckpointFormat::PerRank;
+        cfg.train.checkpoint_async = background;
+        check_resume(cfg)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_per_rank_checkpoint_holds_the_full_checkpoint_s_tensors_bit_for_bit() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut dirs = Vec::new();
+    for (name, format) in [("full", CheckpointFormat::Full), ("per-rank", CheckpointFormat::PerRank)] {
+        let mut cfg = common::tiny_cfg();
+        cfg.train.checkpoint_format = format;
+        let mut t = Trainer::new(cfg)?;
+        t.verbose = false;
+        t.attach_run_dir(&dir.path().join(name))?;
+        t.run()?;
+        dirs.push(checkpoint::resolve(&dir.path().join(name))?);
+    }
+    let (full, ranked) = (&dirs[0], &dirs[1]);
+    assert!(ranked.join(per_rank::INDEX_FILE).exists() && ranked.join(per_rank::model_file(0, 1)).exists());
+    assert!(!ranked.join(checkpoint::MODEL_FILE).exists());
+    // Eval, sample and export read weights through read_model; resume through Stored.
+    let (a, b) = (checkpoint::read_model(full)?, checkpoint::read_model(ranked)?);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "{k}");
+    }
+    assert_eq!(checkpoint::stored_params(full)?, checkpoint::stored_params(ranked)?);
+    let (x, y) = (Stored::open(full, true)?, Stored::open(ranked, true)?);
+    assert_eq!(x.names().collect::<Vec<_>>(), y.names().collect::<Vec<_>>());
+    for k in x.names() {
+        assert!(x.read(k)?.equal(&y.read(k)?), "{k}");
+    }
+    // A piece missing from a rank's file, or a file missing, is named.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken)?;
+    for e in std::fs::read_dir(ranked)? {
+        let e = e?;
+        std::fs::copy(e.path(), broken.join(e.file_name()))?;
+    }
+    let index: per_rank::RankIndex =
+        serde_json::from_str(&std::fs::read_to_string(broken.join(per_rank::INDEX_FILE))?)?;
+    let mut edited = index.clone();
+    let first = edited.tensors.values_mut().next().expect("a tensor");
+    first.pieces[0][2] -= 1;
+    std::fs::write(broken.join(per_rank::INDEX_FILE), serde_json::to_vec(&edited)?)?;
+    let e = Stored::open(&broken, true).expect_err("a short piece").to_string();
+    assert!(e.contains(per_rank::INDEX_FILE), "{e}");
+    std::fs::write(broken.join(per_rank::INDEX_FILE), serde_json::to_vec(&index)?)?;
+    std::fs::remove_file(broken.join(per_rank::optimizer_file(0, 1)))?;
+    let e = Trainer::resume(&broken, &[]).err().expect("a missing rank file").to_string();
+    assert!(e.contains(&per_rank::optimizer_file(0, 1)) && e.contains("every node"), "{e}");
     Ok(())
 }
