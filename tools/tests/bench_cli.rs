@@ -2,7 +2,7 @@
 //! fields are there and consistent — timings are not checked, no thresholds in tests — the
 //! operator counts come from real dispatches, and the PyTorch reference script runs on the same
 //! batch), `motley bench ingest --webdataset` (every sample read on both sides) and `motley
-//! bench checkpoint` (both modes write the same checkpoints).
+//! bench checkpoint` (both modes, and both formats on two ranks, write the same checkpoints).
 
 use std::path::Path;
 use std::process::Command;
@@ -111,5 +111,33 @@ fn bench_checkpoint_times_both_modes() -> anyhow::Result<()> {
     for ratio in ["stall_ratio", "wall_ratio"] {
         assert!(r[ratio].as_f64().is_some_and(|v| v > 0.0), "{ratio}: {r}");
     }
+    Ok(())
+}
+
+/// `motley bench checkpoint --nproc 2`: two ranks under ZeRO-3 write the same checkpoints in
+/// both formats, rank 0 gathering (full) or every rank its own chunk (per_rank).
+#[test]
+fn bench_checkpoint_compares_the_formats_on_two_ranks() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let args = ["--json", "bench", "checkpoint", "--nproc", "2", "--preset", "tiny", "--steps", "2", "--every", "2"];
+    let out = Command::new(env!("CARGO_BIN_EXE_motley"))
+        .args(args)
+        .args(["--repeat", "1", "--dir"])
+        .arg(tmp.path())
+        .env("OMP_NUM_THREADS", "1")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "motley {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    let rows = r["rows"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.iter().map(|x| x["mode"].clone()).collect::<Vec<_>>(), ["full", "per_rank"], "{r}");
+    assert_eq!(r["nproc"].as_u64(), Some(2), "{r}");
+    for row in &rows {
+        assert_eq!((row["steps"].as_u64(), row["checkpoints"].as_u64()), (Some(2), Some(1)), "{r}");
+        assert!(row["checkpoint_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    }
+    // The same tensors: per_rank adds only its index and the pieces' names.
+    let bytes = |i: usize| rows[i]["checkpoint_bytes"].as_f64().unwrap_or(0.0);
+    assert!(bytes(0) > 0.0 && (bytes(1) / bytes(0) - 1.0).abs() < 0.05, "{r}");
+    assert!(r["stall_ratio"].as_f64().is_some_and(|v| v > 0.0), "{r}");
     Ok(())
 }
