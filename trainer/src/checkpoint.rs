@@ -7,8 +7,10 @@
 //! Weights over `train.checkpoint_shard_mb` are split as Hugging Face does it:
 //! `model-00001-of-00003.safetensors` … and `model.safetensors.index.json` mapping each tensor
 //! name to its file. Names are the public per-tower ones, so any tool that reads HF
-//! checkpoints reads these. Optimizer moments are stored under the same names (whole, never
-//! sharded per rank), so a run resumes on any number of ranks with or without ZeRO.
+//! checkpoints reads these. Optimizer moments are stored under the same names, so a run
+//! resumes on any number of ranks with or without ZeRO. With `train.checkpoint_format =
+//! "per_rank"` each rank writes its own pieces instead ([`crate::per_rank`]); both formats
+//! complete through [`commit`] and are read by [`read_model`] and [`crate::per_rank::Stored`].
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -157,7 +157,8 @@ fn a_per_rank_checkpoint_holds_the_full_checkpoint_s_tensors_bit_for_bit() -> an
     assert!(e.contains(per_rank::INDEX_FILE), "{e}");
     std::fs::write(broken.join(per_rank::INDEX_FILE), serde_json::to_vec(&index)?)?;
     std::fs::remove_file(broken.join(per_rank::optimizer_file(0, 1)))?;
-    let e = Trainer::resume(&broken, &[]).err().expect("a missing rank file").to_string();
+    // (Trainer is not Debug, so no expect_err.)
+    let e = Trainer::resume(&broken, &[]).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains(&per_rank::optimizer_file(0, 1)) && e.contains("every node"), "{e}");
     Ok(())
 }
