@@ -375,6 +375,56 @@ fn train_out_to_s3_copies_checkpoints_and_resumes_from_the_bucket() {
     assert!(!out.status.success() && err.contains(uri) && err.contains("--overwrite"), "{err}");
 }
 
+#[test]
+fn per_rank_checkpoints_are_copied_to_s3_and_resume_from_there_on_two_ranks() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let corpus = tmp.path().join("corpus");
+    motley_trainer::loader::write_synthetic_corpus(&corpus, 300, 5).expect("corpus");
+    let data = corpus.to_str().expect("utf-8");
+    let server = common::moto().expect("moto server");
+    common::create_bucket(server.port, "bkt").expect("bucket");
+    let uri = "s3://bkt/runs/p";
+    let sets = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=1", "train.stop_at=2"];
+    let per_rank = "train.checkpoint_format=\"per_rank\"";
+    train_with(server.port, &tmp.path().join("cache1"), data, Path::new(uri), &[&sets[..], &[per_rank]].concat());
+    let opts = s3_opts(server.port);
+    let objects = || -> Vec<String> {
+        let mut v: Vec<String> = motley_remote::list_inputs(uri, &opts)
+            .expect("list the run")
+            .into_iter()
+            .map(|(u, _)| u.trim_start_matches("s3://bkt/runs/p/").to_string())
+            .filter(|u| u.starts_with("checkpoints/"))
+            .collect();
+        v.sort();
+        v
+    };
+    let ckpt = |step: u32, world: usize| {
+        let mut v = vec!["meta.json".to_string(), "ranks.json".to_string()];
+        for r in 0..world {
+            v.push(format!("model-rank-{r:05}-of-{world:05}.safetensors"));
+            v.push(format!("optimizer-rank-{r:05}-of-{world:05}.safetensors"));
+        }
+        let mut v: Vec<String> = v.into_iter().map(|f| format!("checkpoints/step-{step:08}/{f}")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(objects(), ckpt(2, 1), "one rank's files in the bucket");
+    // Another machine resumes the one-rank checkpoint on two ranks, from the bucket.
+    let mut c = motley(server.port, &tmp.path().join("cache2"));
+    c.args(["train", "--resume", uri, "--nproc", "2", "--set", "train.stop_at=0", "--set", "data.batch_size=2"]);
+    run(c, "train --resume s3:// --nproc 2");
+    assert_eq!(objects(), ckpt(4, 2), "both ranks' files, the older checkpoint pruned");
+    // Eval fetches the weights' files only.
+    let cache = tmp.path().join("cache3");
+    let mut c = motley(server.port, &cache);
+    c.args(["--json", "eval", "--checkpoint", uri, "--batches", "1", "--device", "cpu"]);
+    let v: Value = serde_json::from_slice(&run(c, "eval").stdout).expect("eval json");
+    assert_eq!(v["step"], 4, "{v}");
+    let fetched: Vec<String> = walk(&cache).iter().map(|p| p.display().to_string()).collect();
+    assert!(fetched.iter().any(|p| p.ends_with("model-rank-00001-of-00002.safetensors")), "{fetched:?}");
+    assert!(!fetched.iter().any(|p| p.contains("optimizer-rank")), "{fetched:?}");
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
