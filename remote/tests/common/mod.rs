@@ -27,8 +27,20 @@ pub fn servers_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.test-servers"))
 }
 
+/// A port nothing listens on, never the same twice in this process: the OS may hand a port
+/// just released to the next bind(0), and two tests' servers on one port would answer each
+/// other's requests until one is killed (a "connection reset" in the other test).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no fresh port in 100 tries")
 }
 
 pub fn start(args: &[&str], cwd: &Path) -> anyhow::Result<Server> {
@@ -61,6 +73,21 @@ pub fn moto() -> anyhow::Result<Server> {
 
 /// Creates a bucket with a plain HTTP request (moto accepts it unsigned).
 pub fn create_bucket(port: u16, name: &str) -> anyhow::Result<()> {
+    // A server that has just started may still drop a first connection on a loaded machine;
+    // creating a bucket twice is harmless.
+    let mut tries = 0;
+    loop {
+        match put_bucket(port, name) {
+            Err(e) if tries < 4 && e.downcast_ref::<std::io::Error>().is_some() => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(250 * tries));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn put_bucket(port: u16, name: &str) -> anyhow::Result<()> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     write!(s, "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut resp = String::new();
