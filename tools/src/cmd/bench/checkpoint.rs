@@ -182,8 +182,8 @@ pub fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     output::line(format!(
         "{} ({:.1} M parameters) on {} rank(s), {} steps, a checkpoint every {} ({:.0} MB each), fastest of {}:",
         report.preset,
-        report.nproc,
         report.params as f64 / 1e6,
+        report.nproc,
         args.steps,
         args.every,
         report.rows[0].checkpoint_bytes as f64 / 1e6,
