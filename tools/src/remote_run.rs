@@ -198,8 +198,13 @@ fn files_to_pull(objects: &BTreeMap<String, u64>, step: u64, need: Need) -> Vec<
 /// `path`, or when it is an object-store location the local copy of its latest checkpoint's
 /// weights (or of the checkpoint it names): what eval and sample read.
 pub fn localize(path: &Path, opts: &RemoteOptions) -> anyhow::Result<PathBuf> {
+    localize_for(path, Need::Weights, opts)
+}
+
+/// [`localize`], fetching what `need` says (the optimizer state too for [`Need::Resume`]).
+pub fn localize_for(path: &Path, need: Need, opts: &RemoteOptions) -> anyhow::Result<PathBuf> {
     match path.to_str().filter(|s| motley_shards::store::is_remote(s)) {
-        Some(uri) => Ok(pull(uri, Need::Weights, opts)?.1),
+        Some(uri) => Ok(pull(uri, need, opts)?.1),
         None => Ok(path.to_path_buf()),
     }
 }

@@ -356,6 +356,19 @@ fn per_rank_checkpoints_are_written_by_every_rank_and_resume_on_other_world_size
         let diff = f64::try_from((t - &y[k]).abs().max()).expect("max");
         assert!(diff < 1e-4, "{k}: differs by {diff}");
     }
+    // `motley export --whole` consolidates the 3-rank checkpoint into the full format.
+    let whole6 = dir.path().join("whole-6");
+    let mut c = motley();
+    c.args(["--json", "export", "--whole", "--checkpoint"]).arg(&six).arg("--out").arg(&whole6);
+    let out = ok(c.output().expect("spawn motley"), "motley export --whole");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("export json");
+    assert_eq!((v["step"].as_u64(), v["source_world"].as_u64()), (Some(6), Some(3)), "{v}");
+    let opt = motley_trainer::checkpoint::read_tensors(&whole6.join("optimizer.safetensors")).expect("moments");
+    let ranked = motley_trainer::per_rank::Stored::open(&six, true).expect("per-rank checkpoint");
+    assert_eq!(opt.len(), ranked.names().filter(|n| motley_trainer::per_rank::is_moment(n)).count());
+    for (k, t) in &opt {
+        assert!(t.equal(&ranked.read(k).expect("read")), "{k}");
+    }
     // A rank's file missing (written to another node's disk) is named at once.
     std::fs::remove_file(six.join("model-rank-00001-of-00003.safetensors")).expect("remove");
     let e = motley_trainer::checkpoint::read_model(&six).expect_err("missing rank file").to_string();

@@ -384,6 +384,63 @@ pub fn commit(run: &Path, meta: &Meta, keep: usize, pinned: Option<&Path>) -> Re
     Ok(final_dir)
 }
 
+/// What [`consolidate`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Consolidated {
+    pub checkpoint: PathBuf,
+    pub step: u64,
+    pub out: PathBuf,
+    /// Ranks that wrote the source (None: it was already whole).
+    pub source_world: Option<usize>,
+    pub files: Vec<PathBuf>,
+    pub parameters: i64,
+}
+
+/// Writes checkpoint `ckpt` into the empty (or new) folder `out` in the whole-tensor format:
+/// `model.safetensors` (split past `shard_mb` MB, with its index), `optimizer.safetensors`
+/// and `meta.json` — a per-rank checkpoint consolidated, as torch's `dcp_to_torch_save`
+/// does. The result reads with any safetensors tool and resumes like any checkpoint. Holds
+/// the whole model and its moments in host memory.
+pub fn consolidate(ckpt: &Path, out: &Path, shard_mb: f64) -> Result<Consolidated, TrainError> {
+    let meta = read_meta(ckpt)?;
+    if out.join(META_FILE).exists() || std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(TrainError::Checkpoint { path: out.to_path_buf(), msg: "is not empty".into() });
+    }
+    std::fs::create_dir_all(out).map_err(TrainError::io("create", out))?;
+    let source_world = if Stored::is_per_rank(ckpt) {
+        let text = std::fs::read_to_string(ckpt.join(crate::per_rank::INDEX_FILE))
+            .map_err(TrainError::io("read", &ckpt.join(crate::per_rank::INDEX_FILE)))?;
+        serde_json::from_str::<crate::per_rank::RankIndex>(&text).ok().map(|i| i.world)
+    } else {
+        None
+    };
+    let stored = Stored::open(ckpt, true)?;
+    let (mut weights, mut moments) = (Vec::new(), Vec::new());
+    for name in stored.names() {
+        let t = stored.read(name)?;
+        if crate::per_rank::is_moment(name) { moments.push((name.clone(), t)) } else { weights.push((name.clone(), t)) }
+    }
+    let parameters = stored.weight_elements();
+    let mut files = write_model(out, weights, shard_mb)?;
+    let opt_path = out.join(OPTIMIZER_FILE);
+    Tensor::write_safetensors(&to_cpu(moments), &opt_path)
+        .map_err(|e| TrainError::Checkpoint { path: opt_path.clone(), msg: e.to_string() })?;
+    files.push(opt_path);
+    let meta_json = serde_json::to_vec_pretty(&meta)
+        .map_err(|e| TrainError::Checkpoint { path: out.join(META_FILE), msg: e.to_string() })?;
+    // Last: the folder is a checkpoint once its meta.json is there.
+    write_atomic(&out.join(META_FILE), &meta_json)?;
+    files.push(out.join(META_FILE));
+    Ok(Consolidated {
+        checkpoint: ckpt.to_path_buf(),
+        step: meta.step,
+        out: out.to_path_buf(),
+        source_world,
+        files,
+        parameters,
+    })
+}
+
 /// Deletes all but the newest `keep` checkpoints, except `pinned`.
 pub fn prune(run: &Path, keep: usize, pinned: Option<&Path>) -> Result<(), TrainError> {
     let all = list(run)?;

@@ -140,6 +140,18 @@ fn a_per_rank_checkpoint_holds_the_full_checkpoint_s_tensors_bit_for_bit() -> an
     for k in x.names() {
         assert!(x.read(k)?.equal(&y.read(k)?), "{k}");
     }
+    // Consolidated into the whole-tensor format: the full checkpoint's files, tensor for tensor.
+    let whole = dir.path().join("consolidated");
+    let c = checkpoint::consolidate(ranked, &whole, 5000.0)?;
+    assert_eq!((c.step, c.source_world), (6, Some(1)));
+    for f in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+        let (x, y) = (checkpoint::read_tensors(&full.join(f))?, checkpoint::read_tensors(&whole.join(f))?);
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{f}");
+        for (k, t) in &x {
+            assert!(t.equal(&y[k]), "{f}: {k}");
+        }
+    }
+    assert!(checkpoint::consolidate(ranked, &whole, 5000.0).is_err(), "an existing checkpoint is not overwritten");
     // A piece missing from a rank's file, or a file missing, is named.
     let broken = dir.path().join("broken");
     std::fs::create_dir_all(&broken)?;
