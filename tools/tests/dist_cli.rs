@@ -279,22 +279,25 @@ fn zero_three_shards_the_weights_gathers_a_block_at_a_time_and_keeps_the_curve()
     }
 }
 
+/// Three checkpointed blocks, 12 rows a step, a checkpoint and an evaluation every 3 steps.
+fn three_blocks_every_third_step(steps: u64) -> Vec<String> {
+    [
+        set("model.n_layers=3"),
+        set("train.activation_checkpointing=true"),
+        set("data.batch_size=2"),
+        set("optim.global_batch=12"),
+        set(&format!("train.steps={steps}")),
+        set("train.checkpoint_every=3"),
+        set("train.eval_every=3"),
+    ]
+    .concat()
+}
+
 #[test]
 fn checkpoints_move_between_zero_three_and_plain_on_other_world_sizes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = corpus(dir.path(), false);
-    let base = |steps| {
-        [
-            set("model.n_layers=3"),
-            set("train.activation_checkpointing=true"),
-            set("data.batch_size=2"),
-            set("optim.global_batch=12"),
-            set(&format!("train.steps={steps}")),
-            set("train.checkpoint_every=3"),
-            set("train.eval_every=3"),
-        ]
-        .concat()
-    };
+    let base = three_blocks_every_third_step;
     let whole = dir.path().join("whole");
     train(&tiny(&data, &whole, &[args(&["--nproc", "2"]), base(9)].concat()));
     // Plain on 2 ranks → ZeRO-3 on 3 ranks → ZeRO-3 in one process → plain on 2 ranks.
@@ -315,18 +318,7 @@ fn checkpoints_move_between_zero_three_and_plain_on_other_world_sizes() {
 fn per_rank_checkpoints_are_written_by_every_rank_and_resume_on_other_world_sizes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = corpus(dir.path(), false);
-    let base = |steps| {
-        [
-            set("model.n_layers=3"),
-            set("train.activation_checkpointing=true"),
-            set("data.batch_size=2"),
-            set("optim.global_batch=12"),
-            set(&format!("train.steps={steps}")),
-            set("train.checkpoint_every=3"),
-            set("train.eval_every=3"),
-        ]
-        .concat()
-    };
+    let base = three_blocks_every_third_step;
     let whole = dir.path().join("whole");
     train(&tiny(&data, &whole, &[args(&["--nproc", "2"]), base(9), set("train.zero=3")].concat()));
     // ZeRO-3 on 2 ranks, each writing its own files → 3 ranks (in the background) → one process.

@@ -7,7 +7,7 @@
 #[path = "../../remote/tests/common/mod.rs"]
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -294,6 +294,16 @@ fn ingest_reads_inputs_from_s3_like_local_files() {
     assert!(!out.status.success() && err.contains("s3://bkt/in/notes.json") && err.contains("WebDataset"), "{err}");
 }
 
+/// A temporary folder with a small synthetic corpus in it, and a moto server with bucket `bkt`.
+fn training_setup() -> (tempfile::TempDir, PathBuf, common::Server) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let corpus = tmp.path().join("corpus");
+    motley_trainer::loader::write_synthetic_corpus(&corpus, 300, 5).expect("corpus");
+    let server = common::moto().expect("moto server");
+    common::create_bucket(server.port, "bkt").expect("bucket");
+    (tmp, corpus, server)
+}
+
 /// `train --out s3://…` copies each checkpoint and the run's files to the bucket as they are
 /// written, pruned to `keep_checkpoints` there too; `train --resume s3://…` on a machine that
 /// has none of it (a fresh cache: neither the run nor its corpus, which is in the bucket too)
@@ -302,12 +312,8 @@ fn ingest_reads_inputs_from_s3_like_local_files() {
 /// from the bucket; a second fresh run at the same location is refused.
 #[test]
 fn train_out_to_s3_copies_checkpoints_and_resumes_from_the_bucket() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let corpus = tmp.path().join("corpus");
-    motley_trainer::loader::write_synthetic_corpus(&corpus, 300, 5).expect("corpus");
+    let (tmp, corpus, server) = training_setup();
     let data = corpus.to_str().expect("utf-8");
-    let server = common::moto().expect("moto server");
-    common::create_bucket(server.port, "bkt").expect("bucket");
     let steps = ["train.steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2"];
     let uri = "s3://bkt/runs/a";
 
@@ -377,12 +383,8 @@ fn train_out_to_s3_copies_checkpoints_and_resumes_from_the_bucket() {
 
 #[test]
 fn per_rank_checkpoints_are_copied_to_s3_and_resume_from_there_on_two_ranks() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let corpus = tmp.path().join("corpus");
-    motley_trainer::loader::write_synthetic_corpus(&corpus, 300, 5).expect("corpus");
+    let (tmp, corpus, server) = training_setup();
     let data = corpus.to_str().expect("utf-8");
-    let server = common::moto().expect("moto server");
-    common::create_bucket(server.port, "bkt").expect("bucket");
     let uri = "s3://bkt/runs/p";
     let sets = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=1", "train.stop_at=2"];
     let per_rank = "train.checkpoint_format=\"per_rank\"";

@@ -132,27 +132,22 @@ impl Stacked {
 /// `q_proj.weight` with one tower); any other variable passes through. The views share
 /// memory with `t`, so copying into them loads `t`.
 pub fn public_views(name: &str, t: &Tensor) -> Vec<(String, Tensor)> {
-    let Some(site) = name.strip_suffix(STACKED).and_then(|s| s.strip_suffix('.')) else {
-        return vec![(name.to_string(), t.shallow_clone())];
-    };
-    let (prefix, parts) = site.rsplit_once('.').map_or(("", site), |(pre, last)| (pre, last));
-    let parts: Vec<&str> = parts.split('+').collect();
     let size = t.size();
-    let (towers, len) = (size[0], size.get(1).copied().unwrap_or(0) / parts.len() as i64);
-    let dot = if prefix.is_empty() { "" } else { "." };
+    let ranges = public_ranges(name, &size);
+    if ranges.len() == 1 && ranges[0].0 == name {
+        return vec![(name.to_string(), t.shallow_clone())];
+    }
+    // Towers outer, parts inner, as public_ranges lists them.
+    let parts = ranges.len() / size[0].max(1) as usize;
     tch::no_grad(|| {
-        let mut out = Vec::with_capacity(towers as usize * parts.len());
-        for m in 0..towers {
-            let tower = match Modality::ALL.get(m as usize) {
-                _ if towers == 1 => String::new(),
-                Some(modality) => format!(".{}", modality.as_str()),
-                None => format!(".{m}"),
-            };
-            for (j, part) in parts.iter().enumerate() {
-                out.push((format!("{prefix}{dot}{part}{tower}.weight"), t.get(m).narrow(0, j as i64 * len, len)));
-            }
-        }
-        out
+        ranges
+            .into_iter()
+            .enumerate()
+            .map(|(i, (public, _, shape))| {
+                let (m, j) = ((i / parts) as i64, (i % parts) as i64);
+                (public, t.get(m).narrow(0, j * shape[0], shape[0]))
+            })
+            .collect()
     })
 }
 
