@@ -85,20 +85,25 @@ fn bench_ingest_webdataset_reads_every_sample_on_both_sides() -> anyhow::Result<
     Ok(())
 }
 
-/// `motley bench checkpoint` on the tiny preset: both modes train the same steps, write the
-/// same checkpoints, and report their stall and the ratios.
-#[test]
-fn bench_checkpoint_times_both_modes() -> anyhow::Result<()> {
+/// `motley --json bench checkpoint --preset tiny --repeat 1 EXTRA…` in a temporary folder.
+fn bench_checkpoint(extra: &[&str]) -> anyhow::Result<Value> {
     let tmp = tempfile::tempdir()?;
-    let args = ["--json", "bench", "checkpoint", "--preset", "tiny", "--steps", "4", "--every", "2", "--repeat", "1"];
+    let args = [&["--json", "bench", "checkpoint", "--preset", "tiny", "--repeat", "1"], extra].concat();
     let out = Command::new(env!("CARGO_BIN_EXE_motley"))
-        .args(args)
+        .args(&args)
         .arg("--dir")
         .arg(tmp.path())
         .env("OMP_NUM_THREADS", "1")
         .output()?;
     anyhow::ensure!(out.status.success(), "motley {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `motley bench checkpoint` on the tiny preset: both modes train the same steps, write the
+/// same checkpoints, and report their stall and the ratios.
+#[test]
+fn bench_checkpoint_times_both_modes() -> anyhow::Result<()> {
+    let r = bench_checkpoint(&["--steps", "4", "--every", "2"])?;
     let rows = r["rows"].as_array().cloned().unwrap_or_default();
     assert_eq!(rows.iter().map(|x| x["mode"].clone()).collect::<Vec<_>>(), ["sync", "async"], "{r}");
     for row in &rows {
@@ -118,16 +123,7 @@ fn bench_checkpoint_times_both_modes() -> anyhow::Result<()> {
 /// both formats, rank 0 gathering (full) or every rank its own chunk (per_rank).
 #[test]
 fn bench_checkpoint_compares_the_formats_on_two_ranks() -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let args = ["--json", "bench", "checkpoint", "--nproc", "2", "--preset", "tiny", "--steps", "2", "--every", "2"];
-    let out = Command::new(env!("CARGO_BIN_EXE_motley"))
-        .args(args)
-        .args(["--repeat", "1", "--dir"])
-        .arg(tmp.path())
-        .env("OMP_NUM_THREADS", "1")
-        .output()?;
-    anyhow::ensure!(out.status.success(), "motley {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout)?;
+    let r = bench_checkpoint(&["--nproc", "2", "--steps", "2", "--every", "2"])?;
     let rows = r["rows"].as_array().cloned().unwrap_or_default();
     assert_eq!(rows.iter().map(|x| x["mode"].clone()).collect::<Vec<_>>(), ["full", "per_rank"], "{r}");
     assert_eq!(r["nproc"].as_u64(), Some(2), "{r}");
