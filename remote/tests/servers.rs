@@ -21,20 +21,12 @@ use motley_shards::{
 };
 
 fn s3_opts(port: u16, cache: &Path) -> RemoteOptions {
-    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
     RemoteOptions {
         cache_dir: Some(cache.to_path_buf()),
         retries: 2,
         backoff: Duration::from_millis(10),
         range_bytes: 16 << 10,
-        config: vec![
-            kv("aws_endpoint", &format!("http://127.0.0.1:{port}")),
-            kv("aws_access_key_id", "test"),
-            kv("aws_secret_access_key", "test"),
-            kv("aws_region", "us-east-1"),
-            kv("aws_allow_http", "true"),
-        ],
-        ..RemoteOptions::default()
+        ..common::s3_options(port)
     }
 }
 

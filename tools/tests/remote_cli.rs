@@ -36,17 +36,7 @@ fn motley(port: u16, cache: &Path) -> Command {
 
 /// Options that reach the test server directly from this process (listing, fetching).
 fn s3_opts(port: u16) -> motley_remote::RemoteOptions {
-    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
-    motley_remote::RemoteOptions {
-        config: vec![
-            kv("aws_endpoint", &format!("http://127.0.0.1:{port}")),
-            kv("aws_access_key_id", "test"),
-            kv("aws_secret_access_key", "test"),
-            kv("aws_region", "us-east-1"),
-            kv("aws_allow_http", "true"),
-        ],
-        ..Default::default()
-    }
+    common::s3_options(port)
 }
 
 fn run(mut c: Command, what: &str) -> Output {

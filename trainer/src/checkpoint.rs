@@ -407,13 +407,6 @@ pub fn consolidate(ckpt: &Path, out: &Path, shard_mb: f64) -> Result<Consolidate
         return Err(TrainError::Checkpoint { path: out.to_path_buf(), msg: "is not empty".into() });
     }
     std::fs::create_dir_all(out).map_err(TrainError::io("create", out))?;
-    let source_world = if Stored::is_per_rank(ckpt) {
-        let text = std::fs::read_to_string(ckpt.join(crate::per_rank::INDEX_FILE))
-            .map_err(TrainError::io("read", &ckpt.join(crate::per_rank::INDEX_FILE)))?;
-        serde_json::from_str::<crate::per_rank::RankIndex>(&text).ok().map(|i| i.world)
-    } else {
-        None
-    };
     let stored = Stored::open(ckpt, true)?;
     let (mut weights, mut moments) = (Vec::new(), Vec::new());
     for name in stored.names() {
@@ -435,7 +428,7 @@ pub fn consolidate(ckpt: &Path, out: &Path, shard_mb: f64) -> Result<Consolidate
         checkpoint: ckpt.to_path_buf(),
         step: meta.step,
         out: out.to_path_buf(),
-        source_world,
+        source_world: stored.world(),
         files,
         parameters,
     })

@@ -747,14 +747,14 @@ impl AdamW {
     /// The ranges of stored tensors that fill this rank's flat buffers: its own pieces when
     /// the buffer is its shard, every rank's when it is whole; with the buffer offset.
     fn fill_plan(f: &Flat, params: &[(String, Vec<i64>)], sharded: bool) -> Vec<(crate::per_rank::Piece, i64)> {
-        if sharded {
-            crate::per_rank::pieces(&f.layout, params, f.rank).into_iter().map(|p| (p.clone(), p.shard)).collect()
-        } else {
-            (0..f.layout.world)
-                .flat_map(|r| crate::per_rank::pieces(&f.layout, params, r))
-                .map(|p| (p.clone(), p.flat))
-                .collect()
-        }
+        let ranks = if sharded { f.rank..f.rank + 1 } else { 0..f.layout.world };
+        ranks
+            .flat_map(|r| crate::per_rank::pieces(&f.layout, params, r))
+            .map(|p| {
+                let at = if sharded { p.shard } else { p.flat };
+                (p, at)
+            })
+            .collect()
     }
 
     /// ZeRO-3: reads this rank's chunks of the weights straight from a checkpoint (any world

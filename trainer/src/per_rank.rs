@@ -213,6 +213,8 @@ struct StoredTensor {
 #[derive(Debug)]
 pub struct Stored {
     origin: PathBuf,
+    /// Ranks that wrote a per-rank checkpoint (None: whole-tensor files).
+    world: Option<usize>,
     files: Vec<Mapped>,
     tensors: BTreeMap<String, StoredTensor>,
 }
@@ -264,7 +266,7 @@ impl Stored {
         if optimizer {
             names.push(ckpt.join(crate::checkpoint::OPTIMIZER_FILE));
         }
-        let mut s = Stored { origin, files: Vec::new(), tensors: BTreeMap::new() };
+        let mut s = Stored { origin, world: None, files: Vec::new(), tensors: BTreeMap::new() };
         for path in names {
             let m = Self::map(&path)?;
             let bad = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
@@ -296,7 +298,8 @@ impl Stored {
             return Err(bad(format!("world of {} ranks", index.world)));
         }
         let world = index.world;
-        let mut s = Stored { origin: index_path.clone(), files: Vec::new(), tensors: BTreeMap::new() };
+        let mut s =
+            Stored { origin: index_path.clone(), world: Some(world), files: Vec::new(), tensors: BTreeMap::new() };
         // File `rank` holds the weights, `world + rank` the moments.
         for rank in 0..world {
             s.files.push(Self::map(&ckpt.join(model_file(rank, world))).map_err(|e| shared_hint(e, world))?);
@@ -360,6 +363,11 @@ impl Stored {
             }
         }
         Ok(s)
+    }
+
+    /// Ranks that wrote it, for a per-rank checkpoint.
+    pub fn world(&self) -> Option<usize> {
+        self.world
     }
 
     /// The file errors about the checkpoint as a whole name (`ranks.json`, or the model file).

@@ -67,6 +67,21 @@ pub fn start_on(args: &[&str], cwd: &Path, port: u16) -> anyhow::Result<Server> 
     Ok(server)
 }
 
+/// Client options that reach a moto server on `port` (test credentials, plain HTTP).
+pub fn s3_options(port: u16) -> motley_remote::RemoteOptions {
+    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+    motley_remote::RemoteOptions {
+        config: vec![
+            kv("aws_endpoint", &format!("http://127.0.0.1:{port}")),
+            kv("aws_access_key_id", "test"),
+            kv("aws_secret_access_key", "test"),
+            kv("aws_region", "us-east-1"),
+            kv("aws_allow_http", "true"),
+        ],
+        ..Default::default()
+    }
+}
+
 pub fn moto() -> anyhow::Result<Server> {
     start(&["-m", "moto.server", "-H", "127.0.0.1", "-p", "{port}"], Path::new("."))
 }
