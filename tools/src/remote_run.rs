@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use motley_remote::RemoteOptions;
-use motley_trainer::checkpoint;
+use motley_trainer::{checkpoint, per_rank};
 
 const META: &str = "meta.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
@@ -289,10 +289,12 @@ fn worker(s: &Shared) {
 fn copy_checkpoint(s: &Shared, run: &Path, ckpt: &Path, tokenizers: bool) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let name = ckpt.file_name().map(|n| n.to_string_lossy().to_string()).context("checkpoint folder name")?;
+    // A per-rank checkpoint's rank files were copied by their ranks: checked, not copied.
     let mut files: Vec<PathBuf> = std::fs::read_dir(ckpt)
         .with_context(|| format!("list {}", ckpt.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n != META))
+        .filter(|p| p.is_file())
+        .filter(|p| p.file_name().is_some_and(|n| n != META && !per_rank::is_rank_file(&n.to_string_lossy())))
         .collect();
     files.sort();
     let mut bytes = 0u64;
@@ -301,11 +303,37 @@ fn copy_checkpoint(s: &Shared, run: &Path, ckpt: &Path, tokenizers: bool) -> any
         motley_remote::put_file(&join(&s.uri, &format!("checkpoints/{name}/{fname}")), f, &s.opts)?;
         bytes += std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
     }
+    if per_rank::Stored::is_per_rank(ckpt) {
+        bytes += check_rank_files(s, ckpt, &name)?;
+    }
     copy_run_files(s, run, tokenizers)?;
     motley_remote::put_file(&join(&s.uri, &format!("checkpoints/{name}/{META}")), &ckpt.join(META), &s.opts)?;
     prune(s, run)?;
     tracing::info!("{name}: copied to {} ({:.1} MB in {:.1}s)", s.uri, bytes as f64 / 1e6, t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// A per-rank checkpoint's rank files, which every rank copied itself: all there, and those
+/// this node has at its size. Returns their bytes.
+fn check_rank_files(s: &Shared, ckpt: &Path, name: &str) -> anyhow::Result<u64> {
+    let world = per_rank::RankIndex::read(ckpt)?.world;
+    let prefix = join(&s.uri, &format!("checkpoints/{name}"));
+    let there = list(&prefix, &s.opts)?;
+    let mut bytes = 0;
+    for f in per_rank::rank_files(world) {
+        let Some(&size) = there.get(&f) else {
+            bail!(
+                "{prefix}/{f}: missing; its rank wrote it but did not copy it (the checkpoint stays incomplete there)"
+            )
+        };
+        if let Ok(m) = std::fs::metadata(ckpt.join(&f))
+            && m.len() != size
+        {
+            bail!("{prefix}/{f}: {size} bytes, {} here", m.len());
+        }
+        bytes += size;
+    }
+    Ok(bytes)
 }
 
 fn copy_run_files(s: &Shared, run: &Path, tokenizers: bool) -> anyhow::Result<()> {
@@ -331,14 +359,16 @@ fn copy_run_files(s: &Shared, run: &Path, tokenizers: bool) -> anyhow::Result<()
 }
 
 /// Deletes the location's checkpoints that the local run no longer has, `meta.json` first.
+/// Those newer than every local one are left: the ranks may be copying their files of it.
 fn prune(s: &Shared, run: &Path) -> anyhow::Result<()> {
     let local: Vec<u64> = checkpoint::list(run)?.into_iter().map(|(step, _)| step).collect();
+    let newest = local.iter().max().copied().unwrap_or(0);
     let there = list(&join(&s.uri, "checkpoints"), &s.opts)?;
     let mut gone: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
     for rel in there.keys() {
         let Some((dir, _)) = rel.split_once('/') else { continue };
         let step = dir.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok());
-        if step.is_some_and(|n| !local.contains(&n)) {
+        if step.is_some_and(|n| n < newest && !local.contains(&n)) {
             gone.entry(dir).or_default().push(rel);
         }
     }
@@ -372,6 +402,16 @@ impl motley_trainer::mirror::RunMirror for ObjectMirror {
             );
         }
         self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    fn put_rank_files(&self, step: u64, files: &[PathBuf]) -> Result<(), String> {
+        let dir = step_rel(step);
+        for f in files {
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            motley_remote::put_file(&join(&self.shared.uri, &format!("{dir}/{name}")), f, &self.shared.opts)
+                .map_err(|e| format!("copying {} to {}: {e:#}", f.display(), self.shared.uri))?;
+        }
         Ok(())
     }
 

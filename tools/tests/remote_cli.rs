@@ -417,6 +417,103 @@ fn per_rank_checkpoints_are_copied_to_s3_and_resume_from_there_on_two_ranks() {
     assert!(!fetched.iter().any(|p| p.contains("optimizer-rank")), "{fetched:?}");
 }
 
+/// Two nodes that share no disk (each rank its own cache, so its own staging folder) train
+/// with per-rank checkpoints to a bucket: each rank copies its own files there and rank 0 adds
+/// the index and `meta.json` once both have; the other node keeps no checkpoint folder. Two
+/// fresh nodes resume from the bucket and end on the curve of an uninterrupted local run.
+#[test]
+fn per_rank_checkpoints_need_no_shared_disk_between_nodes() {
+    let (tmp, corpus, server) = training_setup();
+    let data = corpus.to_str().expect("utf-8");
+    let uri = "s3://bkt/runs/nodes";
+    let sets = [
+        "train.steps=6",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=1",
+        "train.checkpoint_format=\"per_rank\"",
+        "train.zero=1",
+        "data.batch_size=2",
+    ];
+    let local = tmp.path().join("run-local");
+    let mut c = motley(server.port, &tmp.path().join("cache-local"));
+    c.args(["train", "--preset", "tiny", "--nproc", "2", "--data", data, "--out"]).arg(&local);
+    for s in TINY.iter().chain(&sets) {
+        c.args(["--set", s]);
+    }
+    run(c, "train --nproc 2 (local, uninterrupted)");
+
+    // Rank r runs on "node" r: its own cache, launched as a cluster's launcher starts it.
+    let nodes = |caches: [&str; 2], args: &[&str]| {
+        let port = common::free_port().expect("port");
+        let children: Vec<_> = (0..2)
+            .map(|r| {
+                let mut c = motley(server.port, &tmp.path().join(caches[r]));
+                c.args(args).envs([
+                    ("RANK", r.to_string()),
+                    ("WORLD_SIZE", "2".into()),
+                    ("LOCAL_RANK", "0".into()),
+                    ("LOCAL_WORLD_SIZE", "1".into()),
+                    ("MASTER_ADDR", "127.0.0.1".into()),
+                    ("MASTER_PORT", port.to_string()),
+                ]);
+                c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn rank")
+            })
+            .collect();
+        for (r, child) in children.into_iter().enumerate() {
+            let out = child.wait_with_output().expect("wait for rank");
+            assert!(out.status.success(), "rank {r} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    let mut first = vec!["train", "--preset", "tiny", "--data", data, "--out", uri];
+    for s in TINY.iter().chain(&sets).chain(&["train.stop_at=4"]) {
+        first.extend(["--set", s]);
+    }
+    nodes(["node0", "node1"], &first);
+    let opts = s3_opts(server.port);
+    let objects: Vec<String> = motley_remote::list_inputs(&format!("{uri}/checkpoints"), &opts)
+        .expect("list")
+        .into_iter()
+        .map(|(u, _)| u.trim_start_matches(&format!("{uri}/checkpoints/")).to_string())
+        .collect();
+    let mut want: Vec<String> = ["meta.json", "ranks.json"]
+        .into_iter()
+        .map(String::from)
+        .chain(motley_trainer::per_rank::rank_files(2))
+        .map(|f| format!("step-00000004/{f}"))
+        .collect();
+    want.sort();
+    assert_eq!(objects, want, "both ranks' files in the bucket, step 2 pruned");
+    // Node 1 kept nothing of the checkpoints it copied; node 0 has its own files only.
+    let staged = |node: &str| -> Vec<String> {
+        walk(&tmp.path().join(node))
+            .iter()
+            .map(|p| p.display().to_string())
+            .filter(|p| p.contains("checkpoints"))
+            .collect()
+    };
+    assert!(staged("node1").is_empty(), "{:?}", staged("node1"));
+    let zero = staged("node0");
+    assert!(zero.iter().any(|p| p.ends_with("step-00000004/model-rank-00000-of-00002.safetensors")), "{zero:?}");
+    assert!(!zero.iter().any(|p| p.contains("rank-00001")), "{zero:?}");
+
+    // Two fresh nodes resume from the bucket (each fetches the checkpoint).
+    nodes(["node2", "node3"], &["train", "--resume", uri, "--set", "train.stop_at=0"]);
+    let fetched = tmp.path().join("fetched");
+    let size = motley_remote::list_inputs(&format!("{uri}/metrics.jsonl"), &opts).expect("list")[0].1;
+    motley_remote::fetch_input(&format!("{uri}/metrics.jsonl"), size, &fetched.join("metrics.jsonl"), &opts)
+        .expect("metrics.jsonl from the bucket");
+    let (a, b) = (losses(&local), losses(&fetched));
+    assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        for (p, q) in x.as_array().expect("row").iter().zip(y.as_array().expect("row")) {
+            match (p.as_f64(), q.as_f64()) {
+                (Some(p), Some(q)) => assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{x} vs {y}"),
+                _ => assert_eq!(p, q, "{x} vs {y}"),
+            }
+        }
+    }
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {

@@ -147,7 +147,8 @@ pub enum CheckpointFormat {
     Full,
     /// Every rank writes its own chunk of the flat weights and moments (no gather; all ranks
     /// write at once) beside a `ranks.json` index; any world size resumes from it, and eval,
-    /// sample and export read it. The run directory must be one folder every node sees.
+    /// sample and export read it. The run directory must be one folder every node sees, or
+    /// an object store (`--out s3://…`), to which each rank copies its own files.
     PerRank,
 }
 

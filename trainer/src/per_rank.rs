@@ -37,6 +37,17 @@ pub fn optimizer_file(rank: usize, world: usize) -> String {
     format!("optimizer-rank-{rank:05}-of-{world:05}.safetensors")
 }
 
+/// Whether `name` is one rank's file of a per-rank checkpoint (with a run mirrored to an
+/// object store, each rank copies its own there).
+pub fn is_rank_file(name: &str) -> bool {
+    (name.starts_with("model-rank-") || name.starts_with("optimizer-rank-")) && name.ends_with(".safetensors")
+}
+
+/// The files of a checkpoint that `world` ranks wrote, rank by rank.
+pub fn rank_files(world: usize) -> Vec<String> {
+    (0..world).flat_map(|r| [model_file(r, world), optimizer_file(r, world)]).collect()
+}
+
 /// Whether `name` is a stored moment rather than a weight.
 pub fn is_moment(name: &str) -> bool {
     MOMENTS.iter().any(|m| name.strip_suffix(m).is_some_and(|s| s.ends_with('.')))
@@ -105,6 +116,21 @@ pub struct IndexedTensor {
 }
 
 impl RankIndex {
+    /// The index of the per-rank checkpoint in `ckpt`, its version and world checked.
+    pub fn read(ckpt: &Path) -> Result<Self, TrainError> {
+        let path = ckpt.join(INDEX_FILE);
+        let bad = |msg: String| TrainError::Checkpoint { path: path.clone(), msg };
+        let text = std::fs::read_to_string(&path).map_err(TrainError::io("read", &path))?;
+        let index: RankIndex = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if index.version != INDEX_VERSION {
+            return Err(bad(format!("version {}, this motley reads {INDEX_VERSION}", index.version)));
+        }
+        if index.world == 0 || index.world > MAX_WORLD {
+            return Err(bad(format!("world of {} ranks", index.world)));
+        }
+        Ok(index)
+    }
+
     /// The index of a checkpoint every rank of `layout`'s world writes: computed from the
     /// layout alone, so rank 0 writes it without hearing from the others.
     pub fn new(layout: &Layout, params: &[(String, Vec<i64>)]) -> Self {
@@ -289,14 +315,7 @@ impl Stored {
     fn open_per_rank(ckpt: &Path, optimizer: bool) -> Result<Self, TrainError> {
         let index_path = ckpt.join(INDEX_FILE);
         let bad = |msg: String| TrainError::Checkpoint { path: index_path.clone(), msg };
-        let text = std::fs::read_to_string(&index_path).map_err(TrainError::io("read", &index_path))?;
-        let index: RankIndex = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if index.version != INDEX_VERSION {
-            return Err(bad(format!("version {}, this motley reads {INDEX_VERSION}", index.version)));
-        }
-        if index.world == 0 || index.world > MAX_WORLD {
-            return Err(bad(format!("world of {} ranks", index.world)));
-        }
+        let index = RankIndex::read(ckpt)?;
         let world = index.world;
         let mut s =
             Stored { origin: index_path.clone(), world: Some(world), files: Vec::new(), tensors: BTreeMap::new() };
@@ -445,7 +464,7 @@ fn shared_hint(e: TrainError, world: usize) -> TrainError {
             path,
             msg: format!(
                 "missing: a per_rank checkpoint needs all {world} ranks' files in one folder (a run directory every \
-                 node shares, or copied together)"
+                 node shares, or `--out s3://…`, where each rank copies its own files)"
             ),
         },
         e => e,

@@ -410,8 +410,9 @@ impl Trainer {
         self.stop_flag = Some(flag);
     }
 
-    /// Copies every checkpoint rank 0 writes (and the run's files) through `mirror`, in the
-    /// background; the run waits for the copies only at its end.
+    /// Copies every checkpoint (and the run's files) through `mirror`, in the background; the
+    /// run waits for the copies only at its end. Every rank takes one: rank 0 copies complete
+    /// checkpoints, and each rank its own files of a per-rank checkpoint.
     pub fn set_mirror(&mut self, mirror: Box<dyn crate::mirror::RunMirror>) {
         self.mirror = Some(Arc::from(mirror));
     }
@@ -777,9 +778,12 @@ impl Trainer {
         let meta = self.meta(self.opt.steps());
         // Rank 0 empties the temporary folder before anyone writes into it.
         let prepared = if rank == 0 { checkpoint::prepare(run, meta.step).map(|_| ()) } else { Ok(()) };
-        self.agree_ok(prepared)?;
+        self.agree_ok(prepared, "prepare the checkpoint folder")?;
         let tmp = checkpoint::tmp_dir(run, meta.step);
+        let (step, mirror) = (meta.step, self.mirror.clone());
         let write = move || -> Result<(), TrainError> {
+            // On a node that does not share rank 0's disk, nobody else made the folder.
+            std::fs::create_dir_all(&tmp).map_err(TrainError::io("create", &tmp))?;
             if let Some(index) = index {
                 let json = serde_json::to_vec(&index).map_err(|e| TrainError::Checkpoint {
                     path: tmp.join(crate::per_rank::INDEX_FILE),
@@ -787,10 +791,16 @@ impl Trainer {
                 })?;
                 checkpoint::write_atomic(&tmp.join(crate::per_rank::INDEX_FILE), &json)?;
             }
-            crate::per_rank::write_rank(&tmp, rank, world, weights, moments)
+            crate::per_rank::write_rank(&tmp, rank, world, weights, moments)?;
+            if let Some(m) = &mirror {
+                let files = [crate::per_rank::model_file(rank, world), crate::per_rank::optimizer_file(rank, world)];
+                m.put_rank_files(step, &files.map(|f| tmp.join(f))).map_err(TrainError::Mirror)?;
+            }
+            Ok(())
         };
         let dir = checkpoint::dir_of(run, meta.step);
-        if self.cfg.train.checkpoint_async {
+        // Copying to the mirror is part of writing: always behind the training loop.
+        if self.cfg.train.checkpoint_async || self.mirror.is_some() {
             let handle = std::thread::Builder::new()
                 .name("motley-checkpoint".into())
                 .spawn(write)
@@ -803,13 +813,13 @@ impl Trainer {
     }
 
     /// Every rank's outcome agreed (a collective): all succeeded, or each rank returns an error.
-    fn agree_ok(&self, mine: Result<(), TrainError>) -> Result<(), TrainError> {
+    fn agree_ok(&self, mine: Result<(), TrainError>, what: &str) -> Result<(), TrainError> {
         let mut failed = [if mine.is_err() { 1.0 } else { 0.0 }];
         self.comm.all_reduce_sum(&mut failed)?;
         mine?;
         if failed[0] > 0.0 {
             return Err(TrainError::Distributed(format!(
-                "{} rank(s) failed to write their part of the checkpoint (their errors say why)",
+                "{} rank(s) failed to {what} (their errors say why)",
                 failed[0]
             )));
         }
@@ -820,18 +830,35 @@ impl Trainer {
     /// rank 0 checks the folder holds them all, writes `meta.json`, renames it into place,
     /// prunes, and hands it to the mirror. Every rank must call it.
     fn commit_per_rank(&mut self, written: Result<(), TrainError>, meta: &Meta) -> Result<(), TrainError> {
-        self.agree_ok(written)?;
+        self.agree_ok(written, "write their part of the checkpoint")?;
         let Some(run) = self.run_dir.clone() else { return Ok(()) };
-        if self.comm.rank() != 0 {
-            return Ok(());
+        let tmp = checkpoint::tmp_dir(&run, meta.step);
+        let committed = if self.comm.rank() == 0 { self.commit_here(&run, meta) } else { Ok(()) };
+        self.agree_ok(committed, "complete the checkpoint")?;
+        if self.comm.rank() != 0 && self.mirror.is_some() && tmp.exists() {
+            // A node without rank 0's disk: its files are at the mirror, the folder was never
+            // committed here (ranks sharing this node may race to remove it).
+            if let Err(e) = std::fs::remove_dir_all(&tmp)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("{}: could not remove ({e}); its files are copied already", tmp.display());
+            }
         }
-        // Every rank's files, complete and as the index says (their headers only): a rank
-        // that wrote to a disk of its own shows up here, not at resume.
-        crate::per_rank::Stored::open(&checkpoint::tmp_dir(&run, meta.step), true)?;
+        Ok(())
+    }
+
+    /// Rank 0's part of [`Trainer::commit_per_rank`].
+    fn commit_here(&self, run: &Path, meta: &Meta) -> Result<(), TrainError> {
+        if self.mirror.is_none() {
+            // Every rank's files, complete and as the index says (their headers only): a
+            // rank that wrote to a disk of its own shows up here, not at resume. With a
+            // mirror the ranks copied their files there, and the mirror checks them.
+            crate::per_rank::Stored::open(&checkpoint::tmp_dir(run, meta.step), true)?;
+        }
         let pinned = self.mirror.as_ref().and_then(|m| m.in_use());
-        let dir = checkpoint::commit(&run, meta, self.cfg.train.keep_checkpoints, pinned.as_deref())?;
+        let dir = checkpoint::commit(run, meta, self.cfg.train.keep_checkpoints, pinned.as_deref())?;
         if let Some(m) = &self.mirror {
-            m.saved(&run, &dir).map_err(TrainError::Mirror)?;
+            m.saved(run, &dir).map_err(TrainError::Mirror)?;
         }
         Ok(())
     }
@@ -906,7 +933,7 @@ impl Trainer {
             }
         }
         // The copies still in flight finish either way: a failed run keeps its checkpoints.
-        if let (Some(m), Some(run)) = (&self.mirror, &self.run_dir) {
+        if let (Some(m), Some(run), 0) = (&self.mirror, &self.run_dir, self.comm.rank()) {
             let keep = self.cfg.train.keep_checkpoints;
             let done = m
                 .wait()

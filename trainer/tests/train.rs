@@ -307,6 +307,10 @@ impl motley_trainer::mirror::RunMirror for SlowMirror {
         if seen.len() == 5 { Err("copying step 5: the bucket went away".into()) } else { Ok(()) }
     }
 
+    fn put_rank_files(&self, _step: u64, _files: &[std::path::PathBuf]) -> Result<(), String> {
+        Err("full checkpoints have no rank files".into())
+    }
+
     fn wait(&self) -> Result<(), String> {
         self.waited.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())

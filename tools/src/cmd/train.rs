@@ -207,7 +207,7 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<i32> {
         }
         sets.extend(args.set.iter().cloned());
         let mut t = Trainer::resume(&local, &sets).with_context(|| format!("resuming {}", run.display()))?;
-        if let Some(uri) = mirror.filter(|_| t.comm().rank() == 0) {
+        if let Some(uri) = mirror {
             t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
         }
         let (stop, which) = stop_on_signals()?;
@@ -245,7 +245,8 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<i32> {
         };
         return Ok(0);
     }
-    // A run in an object store trains in a local staging folder that rank 0 copies from.
+    // A run in an object store trains in a local staging folder that rank 0 copies from (and
+    // every rank its own files of per-rank checkpoints, so nodes need no shared disk).
     let local = match &remote_out {
         Some(uri) if rank == 0 => crate::remote_run::prepare_new(uri, args.overwrite, &ctx.remote)?,
         Some(uri) => crate::remote_run::staging_dir(uri, &ctx.remote),
@@ -258,7 +259,7 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<i32> {
     };
     let mut t = Trainer::new(cfg)?;
     t.attach_run_dir(&local)?;
-    if let Some(uri) = remote_out.filter(|_| rank == 0) {
+    if let Some(uri) = remote_out {
         t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
     }
     let (stop, which) = stop_on_signals()?;
