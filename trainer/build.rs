@@ -1,7 +1,7 @@
 //! Link-time glue for libtorch (rpath, keep libtorch_cuda; see link_libtorch.rs) and the
 //! C++ shims in `csrc/` (fused AdamW, operator counting, memory tracking, CUDA capability, the
-//! tower_linear and chunked cross-entropy ops, torch's c10d for data parallelism), compiled
-//! against the same libtorch's headers.
+//! tower_linear and chunked cross-entropy ops, torch's profiler, torch's c10d for data
+//! parallelism), compiled against the same libtorch's headers.
 include!("link_libtorch.rs");
 
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ fn main() {
         "csrc/linear_cross_entropy.cpp",
         "csrc/mem_track.cpp",
         "csrc/checkpoint.cpp",
+        "csrc/profiler.cpp",
     ];
     // c10d: Gloo and the gradient hooks need only torch's headers (plus stand-ins for the
     // Gloo headers the wheel lacks); NCCL needs CUDA's (and USE_CUDA), so it is a unit of its own.

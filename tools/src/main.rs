@@ -60,6 +60,8 @@ enum Command {
     Export(cmd::export::Args),
     /// Memory per GPU of a run (weights, gradients, moments, activations, loss) and the settings that make it fit.
     Plan(cmd::plan::Args),
+    /// The operators by self time of the torch profiler traces a run wrote (`train.profile_steps`).
+    Profile(cmd::profile::Args),
     /// Step matching: the step at which MoT (and MoE-4x) reach dense's final held-out loss, per modality.
     Study(cmd::study::Args),
     /// Generate text, images or speech from a checkpoint.
@@ -86,6 +88,7 @@ fn main() {
         Command::Eval(a) => cmd::train::eval(a, &ctx),
         Command::Export(a) => cmd::export::run(a, &ctx),
         Command::Plan(a) => cmd::plan::run(a, &ctx),
+        Command::Profile(a) => cmd::profile::run(a, &ctx),
         Command::Study(a) => cmd::study::run(a, &ctx),
         Command::Sample(a) => cmd::sample::run(a, &ctx),
         Command::Bench(c) => cmd::bench::run(c, &ctx),

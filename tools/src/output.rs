@@ -72,6 +72,9 @@ pub fn exit_code(result: anyhow::Result<()>) -> i32 {
         Err(e) => {
             let broken_pipe = e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                    // `--json` output writes through serde_json, which wraps the io error.
+                    || c.downcast_ref::<serde_json::Error>()
+                        .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
             });
             if broken_pipe {
                 return 0;

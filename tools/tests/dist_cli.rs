@@ -701,3 +701,43 @@ fn sigterm_checkpoints_the_step_on_every_rank_and_resume_continues_the_curve() {
         [step]
     );
 }
+
+/// `train.profile_steps` on two ranks: each rank writes torch's trace of the step, with the
+/// gradient all-reduce (c10d's `gloo:all_reduce`) in it, and `motley --json profile RUN`
+/// summarizes both.
+#[test]
+fn every_rank_writes_a_profile_trace_and_motley_profile_reads_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let run = dir.path().join("run");
+    let extra =
+        [args(&["--nproc", "2"]), set("train.steps=3"), set("train.profile_steps=[2,2]"), set("data.batch_size=2")];
+    train(&tiny(&data, &run, &extra.concat()));
+    let mut c = motley();
+    c.args(["--json", "profile"]).arg(&run);
+    let out = ok(c.output().expect("spawn motley"), "motley profile");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("profile json");
+    let traces = v.as_array().expect("one summary per trace");
+    assert_eq!(traces.len(), 2, "{v}");
+    for (r, t) in traces.iter().enumerate() {
+        assert!(
+            t["trace"].as_str().is_some_and(|p| p.ends_with(&format!("steps-2-2/rank-{r:05}.pt.trace.json"))),
+            "{t}"
+        );
+        assert_eq!(t["steps"][0]["step"], 2, "{t}");
+        let names = |k: &str| -> Vec<String> {
+            t[k].as_array().expect(k).iter().filter_map(|o| o["name"].as_str().map(String::from)).collect()
+        };
+        assert!(names("ops").iter().any(|n| n == "aten::mm"), "{t}");
+        let ranges = names("ranges");
+        assert!(
+            ranges.iter().any(|n| n == "gloo:all_reduce") && ranges.iter().any(|n| n == "motley::backward"),
+            "{ranges:?}"
+        );
+    }
+    // The table names the trace and its operators.
+    let mut c = motley();
+    c.args(["profile", "--top", "3"]).arg(run.join("profile/steps-2-2/rank-00001.pt.trace.json"));
+    let table = String::from_utf8(ok(c.output().expect("spawn motley"), "motley profile").stdout).expect("utf-8");
+    assert!(table.contains("rank-00001.pt.trace.json") && table.contains("self ms"), "{table}");
+}

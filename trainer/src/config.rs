@@ -218,6 +218,10 @@ pub struct LoopConfig {
     /// fit is refused at start, naming the settings that would fit. Empty: on the CPU the
     /// machine's physical memory shared by its ranks, on CUDA no check.
     pub device_memory: String,
+    /// Record steps `[first, last]` (as numbered in the log, inclusive) with torch's profiler:
+    /// every rank writes `RUN/profile/steps-FIRST-LAST/rank-R.pt.trace.json`, and rank 0 prints
+    /// the operators by self time. Empty: off.
+    pub profile_steps: Vec<u64>,
 }
 
 impl Default for LoopConfig {
@@ -248,6 +252,7 @@ impl Default for LoopConfig {
             activation_checkpointing: Checkpointing::default(),
             log_rows: false,
             device_memory: String::new(),
+            profile_steps: Vec::new(),
         }
     }
 }
@@ -429,6 +434,16 @@ impl TrainConfig {
             if v > max {
                 return bad(name, format!("{v} is larger than {max}"));
             }
+        }
+        if let [first, last] = self.train.profile_steps[..] {
+            if first == 0 || first > last {
+                return bad(
+                    "train.profile_steps",
+                    format!("[{first}, {last}]: steps are numbered from 1, first <= last"),
+                );
+            }
+        } else if !self.train.profile_steps.is_empty() {
+            return bad("train.profile_steps", "[first, last] (two step numbers) or [] (off)".into());
         }
         if !self.data.synthetic && self.data.paths.is_empty() {
             return bad("data.paths", "no corpus given (use --data DIR)".into());

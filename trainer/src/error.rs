@@ -33,6 +33,9 @@ pub enum TrainError {
     NonFinite { what: &'static str, step: u64, detail: String },
     #[error("run directory {path}: {msg}")]
     RunDir { path: PathBuf, msg: String },
+    /// torch's profiler failed, or a trace cannot be read.
+    #[error("profile {path}: {msg}")]
+    Profile { path: PathBuf, msg: String },
     #[error("plot {path}: {msg}")]
     Plot { path: PathBuf, msg: String },
     #[error("data parallel: {0}")]

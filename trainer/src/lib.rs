@@ -20,6 +20,7 @@
 //!   ZeRO shards; [`fsdp`]: ZeRO-3, each block's weights gathered around its runs.
 //! - [`ops`]: counting the operators a step dispatches (how launch-bound it is), the bytes it
 //!   allocates, and the C++ ops (tower_linear, chunked cross-entropy, block checkpointing).
+//! - [`profile`]: torch's profiler over a window of steps (Chrome traces) and their summary.
 //! - [`plan`]: bytes per GPU of a run (weights, gradients, moments, activations, loss) and the
 //!   settings that make it fit.
 
@@ -41,6 +42,7 @@ pub mod ops;
 pub mod optim;
 pub mod per_rank;
 pub mod plan;
+pub mod profile;
 pub mod sample;
 pub mod study;
 pub mod towers;

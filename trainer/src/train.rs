@@ -35,6 +35,7 @@ use crate::loader::open_source;
 use crate::metrics::{EvalRecord, MODALITY_NAMES, MetricsLog, PerModality, StepRecord};
 use crate::model::{Arch, Model, Prepared};
 use crate::optim::{AdamW, Sharding, StateBytes, learning_rate};
+use crate::profile::{self, Profiler};
 
 /// `auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`.
 pub fn resolve_device(spec: &str) -> Result<Device, TrainError> {
@@ -441,6 +442,7 @@ impl Trainer {
         let step = self.step + 1;
         let routing = self.cfg.train.routing;
         // Lay out all micro-batches first: their loss-token counts weight the accumulation.
+        let data_range = profile::range("motley::data");
         let mut micro = Vec::with_capacity(self.cfg.optim.grad_accum as usize);
         let mut tokens = 0u64;
         let policy = noise_policy(&self.model.cfg);
@@ -466,6 +468,7 @@ impl Trainer {
             }
             global[Modality::COUNT] += p.latent.as_ref().map_or(0, |l| l.n_images()) as f64;
         }
+        drop(data_range);
         let counts: [f64; Modality::COUNT] = std::array::from_fn(|m| global[m]);
         self.comm.all_reduce_sum(&mut global)?;
         let total = global[..Modality::COUNT].iter().sum::<f64>().max(1.0);
@@ -490,10 +493,12 @@ impl Trainer {
                 // Only the last micro-batch communicates (DDP's no_sync for the others).
                 sync.arm();
             }
+            let forward = profile::range("motley::forward");
             let out = self.model.loss(p);
             if let Some(f) = &self.fsdp {
                 f.take_error()?;
             }
+            drop(forward);
             let share = p.loss_tokens.iter().sum::<i64>() as f64 / total;
             let mut scaled = out.lm_loss * share;
             if let (Some(d), Some(per_image), Some(lat)) = (&out.diffusion_loss, &out.image_diffusion, &p.latent) {
@@ -501,11 +506,13 @@ impl Trainer {
                 let (idx, src) = bucket_index(&self.schedule, &lat.timesteps, per_image, &mut diff_counts);
                 diff_acc = diff_acc.index_add(0, &idx, &src);
             }
+            let _backward = profile::range("motley::backward");
             scaled.f_backward().map_err(TrainError::torch("backward"))?;
             loss_acc += scaled.detach();
             sums_acc += out.per_modality_sum;
         }
         let comm_started = Instant::now();
+        let grad_sync = profile::range("motley::grad_sync");
         let overlap = match &mut self.sync {
             Some(sync) => sync.finish().map_err(|e| self.comm.explain(e))?,
             None => Overlap::default(),
@@ -513,6 +520,7 @@ impl Trainer {
         if let Some(f) = &self.fsdp {
             f.reduce_pending()?;
         }
+        drop(grad_sync);
         let mut comm_s = comm_started.elapsed().as_secs_f64();
         // One device → host read per step: the loss, for the finiteness check and the log.
         // Layout: [loss, per-modality sums (3), diffusion sums (1 + BUCKETS)].
@@ -583,6 +591,7 @@ impl Trainer {
             record.skipped = true;
         } else {
             let t0 = Instant::now();
+            let _optimizer = profile::range("motley::optimizer");
             let norm = self.opt.grad_norm(&self.comm)?;
             record.grad_norm = norm;
             if !norm.is_finite() {
@@ -1005,8 +1014,18 @@ impl Trainer {
         let mut interrupted = false;
         let mut measured = 0;
         let stop = if self.cfg.train.stop_at > 0 { self.cfg.train.stop_at.min(total) } else { total };
+        let mut profiler = match (&self.cfg.train.profile_steps[..], &self.run_dir) {
+            (&[first, last], Some(run)) => {
+                Some(Profiler::new([first, last], run, self.comm.rank(), self.device.is_cuda()))
+            }
+            _ => None,
+        };
         while self.step < stop {
-            let mut record = if measured < 2 {
+            let step_range = profiler.as_mut().map(|p| p.before_step(self.step + 1)).transpose()?;
+            // The memory tracker takes the thread's profiler slot (as torch.profiler's
+            // profile_memory does): steps being profiled are not measured.
+            let profiling = profiler.as_ref().is_some_and(Profiler::recording);
+            let mut record = if measured < 2 && !profiling {
                 // The allocations of this process's second step (the first also makes what
                 // lives on, such as lazily built tables) beside the plan's prediction.
                 let (record, span) = crate::ops::track_memory(|| self.train_step())?;
@@ -1039,6 +1058,7 @@ impl Trainer {
             };
             let step = record.step;
             if (eval_every > 0 && step % eval_every == 0) || step == total {
+                let _eval = profile::range("motley::eval");
                 record.eval = self.evaluate()?;
                 last_eval = record.eval.clone().or(last_eval);
             }
@@ -1054,7 +1074,24 @@ impl Trainer {
             }
             let scheduled = (ckpt_every > 0 && step % ckpt_every == 0) || step == total || step == stop;
             if scheduled || self.stop_agreed {
+                let _ckpt = profile::range("motley::checkpoint");
                 self.save_checkpoint()?;
+            }
+            drop(step_range);
+            if let Some(p) = &mut profiler
+                && let Some(trace) = p.after_step(step, step >= stop || self.stop_agreed)?
+                && self.verbose
+                && rank0
+            {
+                eprintln!(
+                    "profile of steps {:?} written by every rank beside {}",
+                    self.cfg.train.profile_steps,
+                    trace.display()
+                );
+                match profile::summarize(&trace) {
+                    Ok(summary) => eprint!("{}", summary.table(12)),
+                    Err(e) => eprintln!("{e}"),
+                }
             }
             if self.stop_agreed && step < stop {
                 if self.verbose && rank0 {

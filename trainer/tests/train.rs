@@ -388,3 +388,44 @@ fn async_checkpoints_hold_the_bytes_of_sync_ones_and_resume() -> anyhow::Result<
     assert_eq!(steps(&asynchronous)?, vec![6, 8]);
     Ok(())
 }
+
+/// `train.profile_steps` records exactly those steps with torch's profiler: a Chrome trace
+/// with one `ProfilerStep#N` per step, the ATen operators with their input shapes, and
+/// motley's phases; the loss curve is the one an unprofiled run draws.
+#[test]
+fn profile_steps_write_a_torch_trace_of_those_steps_and_change_no_loss() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let train = |name: &str, profile: Vec<u64>| -> anyhow::Result<Vec<Option<f64>>> {
+        let mut cfg = common::tiny_cfg();
+        cfg.train.steps = 4;
+        cfg.train.eval_every = 3;
+        cfg.train.profile_steps = profile;
+        let mut t = Trainer::new(cfg)?;
+        t.verbose = false;
+        t.attach_run_dir(&dir.path().join(name))?;
+        t.run()?;
+        Ok(t.records().iter().map(|r| r.loss).collect())
+    };
+    let plain = train("plain", vec![])?;
+    let profiled = train("profiled", vec![2, 3])?;
+    assert_eq!(plain, profiled, "profiling changed the losses");
+    assert!(!dir.path().join("plain/profile").exists());
+    let trace = dir.path().join("profiled/profile/steps-2-3/rank-00000.pt.trace.json");
+    let s = motley_trainer::profile::summarize(&trace)?;
+    assert_eq!(s.steps.iter().map(|t| t.step).collect::<Vec<_>>(), [2, 3], "{s:?}");
+    assert!(s.ops.iter().any(|o| o.name.starts_with("aten::") && o.self_ms > 0.0), "{}", s.table(10));
+    let phases: Vec<&str> = s.ranges.iter().map(|p| p.name.as_str()).collect();
+    for p in ["motley::data", "motley::forward", "motley::backward", "motley::optimizer", "motley::eval"] {
+        assert!(phases.contains(&p), "{p} missing from {phases:?}");
+    }
+    // record_shapes: operators carry their input dimensions, as torch.profiler's do.
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace)?)?;
+    let events = v["traceEvents"].as_array().expect("events");
+    assert!(events.iter().any(|e| e["cat"] == "cpu_op" && e["args"]["Input Dims"].is_array()));
+    // A window the run never reaches writes nothing; a bad one is refused.
+    train("late", vec![9, 10])?;
+    assert!(!dir.path().join("late/profile/steps-9-10").exists());
+    let err = train("bad", vec![3, 2]).expect_err("first > last").to_string();
+    assert!(err.contains("train.profile_steps"), "{err}");
+    Ok(())
+}

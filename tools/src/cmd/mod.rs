@@ -5,6 +5,7 @@ pub mod demo;
 pub mod export;
 pub mod ingest;
 pub mod plan;
+pub mod profile;
 pub mod sample;
 pub mod shards;
 pub mod study;
