@@ -346,6 +346,14 @@ fn copy_run_files(s: &Shared, run: &Path, tokenizers: bool) -> anyhow::Result<()
         }
         motley_remote::put_object(&join(&s.uri, f), bytes, &s.opts)?;
     }
+    // TensorBoard event files (train.tensorboard) grow: copied whole each time. Older
+    // processes' files stay in the location (a resume elsewhere need not fetch them).
+    for e in std::fs::read_dir(run.join("tensorboard")).into_iter().flatten().flatten() {
+        if e.path().is_file() {
+            let rel = format!("tensorboard/{}", e.file_name().to_string_lossy());
+            motley_remote::put_file(&join(&s.uri, &rel), &e.path(), &s.opts)?;
+        }
+    }
     if tokenizers {
         let dir = run.join("tokenizers");
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {

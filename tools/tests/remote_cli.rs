@@ -433,6 +433,7 @@ fn per_rank_checkpoints_need_no_shared_disk_between_nodes() {
         "train.checkpoint_format=\"per_rank\"",
         "train.zero=1",
         "data.batch_size=2",
+        "train.tensorboard=true",
     ];
     let local = tmp.path().join("run-local");
     let mut c = motley(server.port, &tmp.path().join("cache-local"));
@@ -502,6 +503,10 @@ fn per_rank_checkpoints_need_no_shared_disk_between_nodes() {
     let size = motley_remote::list_inputs(&format!("{uri}/metrics.jsonl"), &opts).expect("list")[0].1;
     motley_remote::fetch_input(&format!("{uri}/metrics.jsonl"), size, &fetched.join("metrics.jsonl"), &opts)
         .expect("metrics.jsonl from the bucket");
+    // Both processes' TensorBoard event files are there too.
+    let events = motley_remote::list_inputs(&format!("{uri}/tensorboard"), &opts).expect("list tensorboard/");
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().all(|(u, size)| u.contains("/events.out.tfevents.") && *size > 0), "{events:?}");
     let (a, b) = (losses(&local), losses(&fetched));
     assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
     for (x, y) in a.iter().zip(&b) {

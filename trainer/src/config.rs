@@ -222,6 +222,9 @@ pub struct LoopConfig {
     /// every rank writes `RUN/profile/steps-FIRST-LAST/rank-R.pt.trace.json`, and rank 0 prints
     /// the operators by self time. Empty: off.
     pub profile_steps: Vec<u64>,
+    /// Rank 0 also writes each step's scalars as TensorBoard events to `RUN/tensorboard/`
+    /// (`tensorboard --logdir runs/`).
+    pub tensorboard: bool,
 }
 
 impl Default for LoopConfig {
@@ -253,6 +256,7 @@ impl Default for LoopConfig {
             log_rows: false,
             device_memory: String::new(),
             profile_steps: Vec::new(),
+            tensorboard: false,
         }
     }
 }

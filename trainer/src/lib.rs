@@ -12,7 +12,8 @@
 //! - [`data`] / [`loader`]: the `BatchSource` seam, the shard loader, synthetic data.
 //! - [`sample`]: generation from a checkpoint (KV-cached decoding, constrained sampling).
 //! - [`export`]: a dense checkpoint as a transformers (Llama / Qwen3) model folder.
-//! - [`checkpoint`], [`metrics`]: files on disk, metrics and plot; [`per_rank`]: checkpoints
+//! - [`checkpoint`], [`metrics`]: files on disk, metrics and plot ([`tensorboard`]: the same
+//!   as TensorBoard events); [`per_rank`]: checkpoints
 //!   each rank writes its chunk of, and range reads of any checkpoint; [`mirror`]: the hook that
 //!   copies a run's checkpoints elsewhere (an object store) as they are written.
 //! - [`dist`]: data parallelism on torch's c10d (launch variables, process groups, gradient
@@ -45,6 +46,7 @@ pub mod plan;
 pub mod profile;
 pub mod sample;
 pub mod study;
+pub mod tensorboard;
 pub mod towers;
 pub mod train;
 

@@ -120,6 +120,8 @@ pub struct Trainer {
     tokens: u64,
     run_dir: Option<PathBuf>,
     log: Option<MetricsLog>,
+    /// `train.tensorboard`: rank 0's event file.
+    events: Option<crate::tensorboard::EventWriter>,
     /// Where rank 0 copies its checkpoints as they are written (an object store).
     mirror: Option<Arc<dyn crate::mirror::RunMirror>>,
     /// `train.checkpoint_async`: the checkpoint being written in the background.
@@ -280,6 +282,7 @@ impl Trainer {
             tokens: 0,
             run_dir: None,
             log: None,
+            events: None,
             mirror: None,
             writer: None,
             pending: None,
@@ -380,6 +383,10 @@ impl Trainer {
             checkpoint::write_atomic(&dir.join("config.toml"), self.cfg.to_toml()?.as_bytes())?;
             checkpoint::snapshot_tokenizers(dir, &self.data.tokenizer_files())?;
             self.log = Some(MetricsLog::open(dir, self.step)?);
+            if self.cfg.train.tensorboard {
+                let resumed = (self.step > 0).then_some(self.step);
+                self.events = Some(crate::tensorboard::EventWriter::create(&dir.join("tensorboard"), resumed)?);
+            }
         }
         if self.cfg.train.log_rows {
             let path = dir.join("rows").join(format!("rank-{}.jsonl", self.comm.rank()));
@@ -1065,6 +1072,9 @@ impl Trainer {
             let log_now = step % log_every == 0 || step == 1 || step == total || record.eval.is_some();
             if self.verbose && log_now && rank0 {
                 eprintln!("{}", record.console_line(total));
+            }
+            if let Some(events) = &mut self.events {
+                events.record(&record)?;
             }
             if let Some(log) = &mut self.log {
                 log.append(record)?;

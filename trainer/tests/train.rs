@@ -1,5 +1,6 @@
 //! Training behaviour: losses fall per modality, guards against silent mistakes, NaN handling,
-//! the hook that copies checkpoints elsewhere (pinning, failure).
+//! the hook that copies checkpoints elsewhere (pinning, failure), the profiler window and
+//! TensorBoard events.
 
 mod common;
 
@@ -427,5 +428,68 @@ fn profile_steps_write_a_torch_trace_of_those_steps_and_change_no_loss() -> anyh
     assert!(!dir.path().join("late/profile/steps-9-10").exists());
     let err = train("bad", vec![3, 2]).expect_err("first > last").to_string();
     assert!(err.contains("train.profile_steps"), "{err}");
+    Ok(())
+}
+
+/// A python with TensorBoard: `$MOTLEY_PYTHON` (the test command sets it), else the
+/// repository's `.venv` (scripts/setup installs TensorBoard's reader there).
+fn python() -> std::path::PathBuf {
+    std::env::var_os("MOTLEY_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
+}
+
+/// `train.tensorboard`: TensorBoard's own reader finds each step's losses, learning rate and
+/// held-out losses as `metrics.jsonl` has them, and a run resumed from an earlier checkpoint
+/// replaces the steps it trains again (one value per step, not two).
+#[test]
+fn tensorboard_events_read_back_with_tensorboard_as_the_metrics_log() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("run");
+    let mut cfg = common::tiny_cfg();
+    cfg.train.tensorboard = true;
+    let mut t = Trainer::new(cfg)?;
+    t.verbose = false;
+    t.attach_run_dir(&run)?;
+    t.run()?;
+    // Back to step 3: steps 4-6 are trained and logged again, in a second event file.
+    std::fs::remove_dir_all(checkpoint::dir_of(&run, 6))?;
+    let mut t = Trainer::resume(&run, &[])?;
+    t.verbose = false;
+    t.run()?;
+    assert_eq!(std::fs::read_dir(run.join("tensorboard"))?.count(), 2, "one event file per process");
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/reference/tensorboard_scalars.py");
+    let out = std::process::Command::new(python()).arg(&script).arg(run.join("tensorboard")).output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tb: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(records.len(), 6);
+    for (tag, pointer) in [
+        ("train/loss", "/loss"),
+        ("train/loss_text", "/loss_text"),
+        ("train/loss_speech", "/loss_speech"),
+        ("optim/lr", "/lr"),
+        ("optim/grad_norm", "/grad_norm"),
+        ("eval/loss_image", "/eval/image"),
+    ] {
+        let want: Vec<(u64, f64)> =
+            records.iter().filter_map(|r| Some((r["step"].as_u64()?, r.pointer(pointer)?.as_f64()?))).collect();
+        let got: Vec<(u64, f64)> = tb[tag]
+            .as_array()
+            .unwrap_or(&Vec::new())
+            .iter()
+            .filter_map(|p| Some((p[0].as_u64()?, p[1].as_f64()?)))
+            .collect();
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), want.iter().map(|p| p.0).collect::<Vec<_>>(), "{tag}");
+        for ((step, g), (_, w)) in got.iter().zip(&want) {
+            // TensorBoard scalars are f32.
+            assert!((g - w).abs() <= 1e-6 * w.abs() + 1e-12, "{tag} at step {step}: {g} vs {w}");
+        }
+    }
+    assert_eq!(tb["eval/loss_image"].as_array().map(Vec::len), Some(2), "evaluations at steps 3 and 6: {tb}");
     Ok(())
 }
