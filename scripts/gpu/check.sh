@@ -22,7 +22,7 @@ corpus=${CORPUS:-runs/gpu/corpus}
 dest=${OUT:-runs/gpu/out}
 out=$(mktemp -d)
 mkdir -p "$dest"
-pack() { tar czf "$dest/gpu-results.tgz" --exclude=checkpoints -C "$out" . ; }
+pack() { tar czf "$dest/gpu-results.tgz" --exclude=checkpoints --exclude='*.pt.trace.json' -C "$out" . ; }
 torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 stage() { printf '\n== %s\n' "$*"; }
@@ -63,6 +63,12 @@ stage "94M MoT on the sample corpus, CUDA: tokens/s and MFU"
 run train_94m 75 "$bin" train --preset 94m --data "$corpus" --device cuda --steps 40 --out "$out/m94" --overwrite \
   --set train.log_every=10 --set train.eval_every=0 --set train.checkpoint_every=0 --set optim.warmup_steps=10
 tail -6 "$out/train_94m.err" "$out/train_94m.out"
+
+stage "train.profile_steps on CUDA: Kineto with CUDA activities (kernels in the trace), 94M, steps 6-7"
+run train_94m_profile 90 "$bin" train --preset 94m --data "$corpus" --device cuda --steps 8 --out "$out/m94-prof" \
+  --overwrite --set train.eval_every=0 --set train.checkpoint_every=0 --set 'train.profile_steps=[6,7]'
+run profile_94m 60 "$bin" profile "$out/m94-prof" --top 12
+cat "$out/profile_94m.out"; tail -3 "$out/train_94m_profile.err"
 
 stage "data parallel: NCCL in a world of one (the DP path, every collective) vs one plain process, 94M"
 dp_common=(--preset 94m --data "$corpus" --steps 30 --set train.log_every=10 --set train.eval_every=0
