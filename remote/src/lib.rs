@@ -94,6 +94,10 @@ pub struct RemoteOptions {
     /// Shards are fetched as range reads of at most this many bytes each, every one retried
     /// on its own (a failure resumes at that range, not at byte 0).
     pub range_bytes: u64,
+    /// Range reads of one object in flight at once (one object store connection each): a
+    /// single stream runs at one connection's rate (tens of MB/s to S3), so a large shard or
+    /// checkpoint file is fetched as this many concurrent ranges. 1: one after another.
+    pub range_streams: usize,
     /// Extra configuration of the store, as `object_store` names it (`aws_endpoint`,
     /// `aws_allow_http`, `google_service_account`, …), applied after the environment's.
     pub config: Vec<(String, String)>,
@@ -108,6 +112,7 @@ impl Default for RemoteOptions {
             backoff: Duration::from_millis(100),
             prefetch: 2,
             range_bytes: 16 << 20,
+            range_streams: 8,
             config: Vec::new(),
         }
     }
@@ -292,7 +297,8 @@ fn get_bytes(store: &Arc<dyn ObjectStore>, path: &ObjPath, object: &str, opts: &
 }
 
 /// Fetches `size` bytes of an object as range reads of `opts.range_bytes`, each retried on
-/// its own; a server that does not honour Range is an error, not a silent full download.
+/// its own, `opts.range_streams` at once; a server that does not honour Range is an error, not
+/// a silent full download.
 fn get_ranges(
     store: &Arc<dyn ObjectStore>,
     path: &ObjPath,
@@ -300,68 +306,105 @@ fn get_ranges(
     size: u64,
     opts: &RemoteOptions,
 ) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(size as usize);
-    for_each_range(store, path, object, size, opts, &mut |b| {
-        out.extend_from_slice(b);
+    let out = Mutex::new(vec![0u8; size as usize]);
+    for_each_range(store, path, object, size, opts, &|at, b| {
+        let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+        out[at as usize..at as usize + b.len()].copy_from_slice(b);
         Ok(())
     })?;
-    Ok(out)
+    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
-/// [`get_ranges`] handing each range to `sink` as it arrives (memory: one range).
+/// Fetches `size` bytes of an object as range reads of `opts.range_bytes` (each retried on its
+/// own: a failure resumes at that range, not at byte 0), up to `opts.range_streams` in flight
+/// at once, handing each to `sink` with its offset as it arrives (any order). Memory: one
+/// range per stream. The first error stops the others and is returned.
 fn for_each_range(
     store: &Arc<dyn ObjectStore>,
     path: &ObjPath,
     object: &str,
     size: u64,
     opts: &RemoteOptions,
-    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    sink: &(dyn Fn(u64, &[u8]) -> Result<()> + Sync),
 ) -> Result<()> {
     let part = opts.range_bytes.max(1);
-    let mut at = 0u64;
-    while at < size {
-        let end = (at + part).min(size);
-        let mut attempt = 0;
+    let parts = size.div_ceil(part);
+    let streams = (opts.range_streams.max(1) as u64).min(parts.max(1)) as usize;
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let failed: Mutex<Option<RemoteError>> = Mutex::new(None);
+    let work = || {
         loop {
-            attempt += 1;
-            let (s, p) = (store.clone(), path.clone());
-            match block(async move { s.get_range(&p, at..end).await }) {
-                Ok(b) if b.len() as u64 == end - at => {
-                    sink(&b)?;
-                    break;
-                }
-                Ok(b) => {
-                    return Err(RemoteError::Object {
-                        object: object.to_string(),
-                        op: "GET range",
-                        attempts: attempt,
-                        source: object_store::Error::Generic {
-                            store: "motley",
-                            source: format!(
-                                "bytes {at}..{end}: got {} bytes (the object is shorter than the manifest says)",
-                                b.len()
-                            )
-                            .into(),
-                        },
-                    });
-                }
-                Err(e) if transient(&e) && attempt <= outer_retries(opts) => {
-                    tracing::warn!("{object} bytes {at}..{end}: {e}; retrying");
-                    std::thread::sleep(backoff(opts, attempt));
-                }
-                Err(source) => {
-                    return Err(RemoteError::Object {
-                        object: object.to_string(),
-                        op: "GET range",
-                        attempts: attempt,
-                        source,
-                    });
-                }
+            if failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                return;
+            }
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if i >= parts {
+                return;
+            }
+            let (at, end) = (i * part, ((i + 1) * part).min(size));
+            let r = get_range(store, path, object, at, end, opts).and_then(|b| sink(at, &b));
+            if let Err(e) = r {
+                failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                return;
             }
         }
-        at = end;
+    };
+    if streams <= 1 {
+        work();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 0..streams {
+                s.spawn(work);
+            }
+        });
     }
-    Ok(())
+    failed.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(Ok(()), Err)
+}
+
+/// Bytes `at..end` of an object, retried on transient errors; a short answer is an error.
+fn get_range(
+    store: &Arc<dyn ObjectStore>,
+    path: &ObjPath,
+    object: &str,
+    at: u64,
+    end: u64,
+    opts: &RemoteOptions,
+) -> Result<impl std::ops::Deref<Target = [u8]>> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (s, p) = (store.clone(), path.clone());
+        match block(async move { s.get_range(&p, at..end).await }) {
+            Ok(b) if b.len() as u64 == end - at => return Ok(b),
+            Ok(b) => {
+                return Err(RemoteError::Object {
+                    object: object.to_string(),
+                    op: "GET range",
+                    attempts: attempt,
+                    source: object_store::Error::Generic {
+                        store: "motley",
+                        source: format!(
+                            "bytes {at}..{end}: got {} bytes (the object is shorter than the manifest says)",
+                            b.len()
+                        )
+                        .into(),
+                    },
+                });
+            }
+            Err(e) if transient(&e) && attempt <= outer_retries(opts) => {
+                tracing::warn!("{object} bytes {at}..{end}: {e}; retrying");
+                std::thread::sleep(backoff(opts, attempt));
+            }
+            Err(source) => {
+                return Err(RemoteError::Object {
+                    object: object.to_string(),
+                    op: "GET range",
+                    attempts: attempt,
+                    source,
+                });
+            }
+        }
+    }
 }
 
 /// Whole-request retries on top of object_store's own per-request ones (which already back off

@@ -2,7 +2,7 @@
 //! each fetched to a local file (ingest inputs, a mirrored run's checkpoint), written from
 //! bytes or streamed from a file, and deleted.
 
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -92,17 +92,19 @@ pub fn fetch_input(uri: &str, size: u64, dest: &Path, opts: &RemoteOptions) -> R
     let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dest.with_file_name(format!(".{name}.part-{}-{n}", std::process::id()));
     let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, "create", e))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let mut got = 0u64;
-    let r = for_each_range(&store, &path, uri, size, opts, &mut |b| {
-        got += b.len() as u64;
-        w.write_all(b).map_err(|e| io(&tmp, "write", e))
-    })
-    .and_then(|()| w.flush().map_err(|e| io(&tmp, "write", e)));
+    // Ranges arrive in any order (several in flight): each is written at its offset.
+    let got = std::sync::atomic::AtomicU64::new(0);
+    let r = file.set_len(size).map_err(|e| io(&tmp, "size", e)).and_then(|()| {
+        for_each_range(&store, &path, uri, size, opts, &|at, b| {
+            got.fetch_add(b.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            file.write_all_at(b, at).map_err(|e| io(&tmp, "write", e))
+        })
+    });
     if let Err(e) = r {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
+    let got = got.into_inner();
     if got != size {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(&tmp, "fetch", std::io::Error::other(format!("{uri}: got {got} of {size} bytes"))));

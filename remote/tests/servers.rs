@@ -277,6 +277,14 @@ fn a_large_file_streams_up_in_parts_and_deletes() -> anyhow::Result<()> {
     let back = tmp.path().join("back.bin");
     motley_remote::fetch_input("s3://bkt/run/big.bin", bytes.len() as u64, &back, &opts)?;
     assert!(std::fs::read(&back)? == bytes, "the object differs from the file");
+    // Ranges one after another, and many small ones several at a time (arriving out of order,
+    // each written at its offset): the same bytes.
+    for (range_streams, range_bytes) in [(1, 16 << 20), (3, 1 << 20)] {
+        let o = RemoteOptions { range_streams, range_bytes, ..opts.clone() };
+        std::fs::remove_file(&back)?;
+        motley_remote::fetch_input("s3://bkt/run/big.bin", bytes.len() as u64, &back, &o)?;
+        assert!(std::fs::read(&back)? == bytes, "{range_streams} streams of {range_bytes} bytes: differs");
+    }
 
     let err = motley_remote::put_file("s3://bkt/run/none.bin", &tmp.path().join("none.bin"), &opts)
         .err()

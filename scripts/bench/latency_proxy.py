@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """An HTTP proxy that holds every request for a fixed delay before passing it on, for
-`motley bench ingest --remote` against a local S3 emulator: the delay stands in for the
-latency to a real object store (tens of milliseconds to first byte), which a server on
-127.0.0.1 does not have. Threaded, so requests in flight overlap as they would on a network.
+`motley bench ingest --remote` and `motley bench fetch` against a local S3 emulator: the delay
+stands in for the latency to a real object store (tens of milliseconds to first byte), which a
+server on 127.0.0.1 does not have, and `--mbps` for the rate of one connection to it (S3 serves
+one GET stream at tens of MB/s). Threaded, so requests in flight overlap as they would on a
+network.
 
-    python scripts/bench/latency_proxy.py --port 9100 --upstream http://127.0.0.1:9000 --delay-ms 40
+    python scripts/bench/latency_proxy.py --port 9100 --upstream http://127.0.0.1:9000 --delay-ms 40 [--mbps 25]
 """
 
 import argparse
@@ -19,6 +21,8 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--delay-ms", type=float, default=40.0)
+    ap.add_argument("--mbps", type=float, default=0.0,
+                    help="each response body sent at most this many MB/s (0: as fast as it goes)")
     args = ap.parse_args()
     up = urllib.parse.urlsplit(args.upstream)
 
@@ -44,7 +48,16 @@ def main():
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(data)
+                if args.mbps <= 0:
+                    self.wfile.write(data)
+                else:
+                    # Paced in 256 KiB pieces: one connection's rate, whatever the others do.
+                    step, t0 = 256 << 10, time.monotonic()
+                    for i in range(0, len(data), step):
+                        self.wfile.write(data[i:i + step])
+                        ahead = t0 + (i + step) / (args.mbps * 1e6) - time.monotonic()
+                        if ahead > 0:
+                            time.sleep(ahead)
             conn.close()
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = relay

@@ -33,6 +33,10 @@ struct Cli {
     /// Bytes of shards that cache keeps (released shards evicted past it; default 32 GiB; 0: no limit).
     #[arg(long, global = true, env = "MOTLEY_CACHE_LIMIT")]
     cache_limit: Option<u64>,
+    /// Range reads of one object in flight at once when fetching shards, inputs and
+    /// checkpoints from object stores (default 8; 1: one after another).
+    #[arg(long, global = true, env = "MOTLEY_RANGE_STREAMS")]
+    range_streams: Option<usize>,
     /// Where pretrained image/speech encoders (VAE, VQ-GAN, Mimi) run: auto (a CUDA GPU when this
     /// build has the `cuda` feature and the machine a GPU, else the CPU), cpu, cuda or cuda:N.
     /// The trainer's device is `train --device`.
@@ -76,7 +80,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     output::init_logging(cli.verbose);
-    let remote = remote::options(cli.cache_dir.clone(), cli.cache_limit);
+    let remote = remote::options(cli.cache_dir.clone(), cli.cache_limit, cli.range_streams);
     remote::install(remote.clone());
     let ctx = output::Ctx { json: cli.json, remote };
     motley_tokenizers::pretrained::set_encoder_device(cli.encoder_device);

@@ -9,10 +9,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use motley_remote::RemoteOptions;
 
 /// The options of this process (global `--cache-dir`, `--cache-limit`).
-pub fn options(cache_dir: Option<PathBuf>, cache_limit: Option<u64>) -> RemoteOptions {
+pub fn options(cache_dir: Option<PathBuf>, cache_limit: Option<u64>, range_streams: Option<usize>) -> RemoteOptions {
     let mut o = RemoteOptions { cache_dir, ..RemoteOptions::default() };
     if let Some(l) = cache_limit {
         o.cache_limit = l;
+    }
+    if let Some(n) = range_streams {
+        o.range_streams = n.max(1);
     }
     o
 }

@@ -550,3 +550,24 @@ fn bench_ingest_remote_reads_the_same_tokens_three_ways() {
     }
     assert!(r["ratio_fetch_ahead_vs_one_at_a_time"].as_f64().is_some_and(|v| v > 0.0), "{r}");
 }
+
+/// `motley bench fetch --remote s3://…` uploads one object, fetches it with one range stream
+/// and with several, checks the bytes both times and removes the object.
+#[test]
+fn bench_fetch_times_one_stream_against_several() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = common::moto().expect("moto server");
+    common::create_bucket(server.port, "bkt").expect("bucket");
+    let mut c = motley(server.port, &tmp.path().join("cache"));
+    c.args(["--json", "bench", "fetch", "--remote", "s3://bkt/bench", "--mb", "4", "--range-mb", "1"]);
+    c.args(["--streams", "3", "--repeat", "1"]);
+    let r: Value = serde_json::from_slice(&run(c, "bench fetch").stdout).expect("bench json");
+    assert_eq!((r["same_bytes"].as_bool(), r["bytes"].as_u64()), (Some(true), Some(4 << 20)), "{r}");
+    assert_eq!((r["one_stream"]["streams"].as_u64(), r["streams"]["streams"].as_u64()), (Some(1), Some(3)), "{r}");
+    for side in ["one_stream", "streams"] {
+        assert!(r[side]["mb_per_s"].as_f64().is_some_and(|v| v > 0.0), "{side}: {r}");
+    }
+    assert!(r["ratio_streams_vs_one"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    let left = motley_remote::list_inputs("s3://bkt/bench", &s3_opts(server.port)).expect("list");
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -233,6 +233,8 @@ fn stages(a: &Args) -> Vec<Stage> {
     // Held-out loss over 16 batches (the preset's 4 hold ~130 image and often no speech target
     // tokens of this corpus: too few to compare towers on).
     let eval = ["--set".to_string(), "train.eval_batches=16".to_string()];
+    // And TensorBoard events: `tensorboard --logdir runs/demo/train` draws MoT and dense together.
+    let eval = [&eval[..], &["--set".to_string(), "train.tensorboard=true".to_string()]].concat();
     let mut train_common = vec!["--preset".into(), "tiny".into(), "--data".into(), s(&corpus), "--overwrite".into()];
     train_common.extend(eval.iter().cloned());
     if let Some(n) = a.steps {

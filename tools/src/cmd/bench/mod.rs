@@ -4,6 +4,7 @@ use crate::output::Ctx;
 
 pub mod checkpoint;
 pub mod dist;
+pub mod fetch;
 pub mod ingest;
 pub mod loader;
 pub mod sample;
@@ -24,6 +25,8 @@ pub enum Command {
     Sample(sample::Args),
     /// Training's stall per checkpoint: written on the loop's thread vs in the background.
     Checkpoint(checkpoint::Args),
+    /// Object-store fetch of one large object: ranges one at a time vs several in flight.
+    Fetch(fetch::Args),
     /// Data parallel: collectives vs memcpy, step time at 1 and N ranks, communication share.
     Dist(dist::Args),
     /// One rank of `bench dist`'s collective measurements (started by it).
@@ -36,6 +39,7 @@ pub fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
         Command::Loader(a) => loader::run(a, ctx),
         Command::Tokenizers(a) => tokenizers::run(a, ctx),
         Command::Ingest(a) => ingest::run(a, ctx),
+        Command::Fetch(a) => fetch::run(a, ctx),
         Command::Trainer(a) => trainer::run(a, ctx),
         Command::Sample(a) => sample::run(a, ctx),
         Command::Checkpoint(a) => checkpoint::run(a, ctx),
