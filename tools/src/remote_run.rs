@@ -81,6 +81,18 @@ pub fn prepare_new(uri: &str, overwrite: bool, opts: &RemoteOptions) -> anyhow::
     Ok(dir)
 }
 
+/// The `meta.json` of the latest complete checkpoint of the run at `uri` (None: it has none),
+/// fetched into a temporary folder and read as a local one is.
+pub fn latest_meta(uri: &str, opts: &RemoteOptions) -> anyhow::Result<Option<checkpoint::Meta>> {
+    let uri = uri.trim_end_matches('/');
+    let objects = list(uri, opts)?;
+    let Some(step) = complete_steps(&objects).pop() else { return Ok(None) };
+    let rel = format!("{}/{META}", step_rel(step));
+    let tmp = tempfile::tempdir()?;
+    motley_remote::fetch_input(&join(uri, &rel), objects[&rel], &tmp.path().join(META), opts)?;
+    Ok(Some(checkpoint::read_meta(tmp.path()).with_context(|| join(uri, &rel))?))
+}
+
 /// What a command needs of a run in an object store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {

@@ -741,3 +741,51 @@ fn every_rank_writes_a_profile_trace_and_motley_profile_reads_them() {
     let table = String::from_utf8(ok(c.output().expect("spawn motley"), "motley profile").stdout).expect("utf-8");
     assert!(table.contains("rank-00001.pt.trace.json") && table.contains("self ms"), "{table}");
 }
+
+/// `--auto-resume`: the same command starts a run and, after it stopped at step 4, continues
+/// it; when torchrun restarts the ranks (`TORCHELASTIC_RESTART_COUNT`) the command continues
+/// even without the flag and with `--overwrite` in it (a restart never wipes the run). Both
+/// end on the uninterrupted curve. A command whose model differs from the run's is refused,
+/// naming the key.
+#[test]
+fn auto_resume_makes_one_command_start_or_continue_a_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = corpus(dir.path(), false);
+    let base = [set("train.checkpoint_every=2"), set("train.steps=8")].concat();
+    let whole = dir.path().join("whole");
+    train(&tiny(&data, &whole, &base));
+
+    let run = dir.path().join("auto");
+    let auto = [base.clone(), args(&["--auto-resume"])].concat();
+    let s = train(&tiny(&data, &run, &[auto.clone(), set("train.stop_at=4")].concat()));
+    assert_eq!(s["steps"].as_u64(), Some(4), "{s}");
+    let s = train(&tiny(&data, &run, &auto));
+    assert_eq!(s["steps"].as_u64(), Some(8), "{s}");
+    assert_curves_close(&curve(&whole), &curve(&run), 1e-6, "--auto-resume");
+
+    // torchrun's restart of a job whose command carries --overwrite: continued, not wiped.
+    let restarted = dir.path().join("restarted");
+    train(&tiny(&data, &restarted, &[base.clone(), set("train.stop_at=4")].concat()));
+    let port = free_port();
+    let mut vars = torchrun_vars(1, port)(0);
+    vars.push(("TORCHELASTIC_RESTART_COUNT".into(), "1".into()));
+    let out = ok(
+        motley()
+            .args(tiny(&data, &restarted, &[base.clone(), args(&["--overwrite"])].concat()))
+            .envs(vars)
+            .output()
+            .expect("spawn"),
+        "a restarted rank",
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("continuing"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_curves_close(&curve(&whole), &curve(&restarted), 1e-5, "torchrun restart");
+
+    let mut c = motley();
+    c.args(tiny(&data, &run, &[auto, set("model.d_model=64")].concat()));
+    let out = c.output().expect("spawn motley");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("model.d_model: 32 there, 64 here") && err.contains("--overwrite"),
+        "{err}"
+    );
+}

@@ -3,6 +3,7 @@
 //! A run's config is resolved once (preset → file → overrides → vocabulary from the corpus)
 //! and written into the run directory; resume and eval read it back from there.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -407,13 +408,16 @@ impl TrainConfig {
                     .ok_or_else(|| err(key, format!("no section `{p}`")))?;
             }
             let table = cur.as_table_mut().ok_or_else(|| err(key, "not a section".into()))?;
-            if !table.contains_key(*last) {
-                return Err(err(key, format!("unknown key `{last}`")));
-            }
+            // A key may be absent from the serialized config (empty lists are skipped, as
+            // `data.origins` is) and still be one: the schema, not the table, decides.
+            let present = table.contains_key(*last);
             table.insert((*last).to_string(), value);
             // Checked key by key, so a bad value is named by its key (the whole document's
             // error would point at a line of motley's own re-serialized TOML).
             if let Err(e) = doc.clone().try_into::<TrainConfig>() {
+                if !present {
+                    return Err(err(key, format!("unknown key `{last}`")));
+                }
                 return Err(err(key, format!("{}: {}", raw.trim(), e.message().trim())));
             }
         }
@@ -422,6 +426,59 @@ impl TrainConfig {
     }
 
     /// Checks the parts that do not depend on the corpus.
+    /// How `fresh` (a command's config) differs from this one (a run's saved config), key by
+    /// flattened key (`train.steps`): `[train]` keys as `key=value` overrides a resume applies;
+    /// any other key (but `preset` and the data's paths, origins and loader tuning, which a
+    /// resume may change, and the keys the run resolved at its start where `fresh` leaves them
+    /// 0) as a conflict `key: saved there, fresh here`, since the run's checkpoint cannot
+    /// continue as that config.
+    pub fn resume_delta(&self, fresh: &TrainConfig) -> Result<(Vec<String>, Vec<String>), TrainError> {
+        fn flat(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        flat(&key, v, out);
+                    }
+                }
+                v => {
+                    out.insert(prefix.to_string(), v.clone());
+                }
+            }
+        }
+        let table = |c: &TrainConfig| -> Result<BTreeMap<String, toml::Value>, TrainError> {
+            let v = toml::Value::try_from(c)
+                .map_err(|e| TrainError::Config { path: "config".into(), msg: e.to_string() })?;
+            let mut m = BTreeMap::new();
+            flat("", &v, &mut m);
+            Ok(m)
+        };
+        let (a, b) = (table(self)?, table(fresh)?);
+        // `grad_accum` follows the run's global batch on any world size, as on `--resume`.
+        let free = ["preset", "data.paths", "data.origins", "data.prefetch", "data.index_dir", "optim.grad_accum"];
+        // Set from the corpus or the launch when the run started: 0 here means "as then".
+        let resolved = ["model.vocab_size", "model.latent_dim", "model.latent_scale", "optim.global_batch"];
+        let zero = |v: Option<&toml::Value>| {
+            matches!(v, Some(toml::Value::Integer(0))) || v.and_then(|v| v.as_float()) == Some(0.0)
+        };
+        let (mut sets, mut conflicts) = (Vec::new(), Vec::new());
+        for key in a.keys().chain(b.keys()).collect::<BTreeSet<_>>() {
+            let (x, y) = (a.get(key), b.get(key));
+            if x == y || free.contains(&key.as_str()) || (resolved.contains(&key.as_str()) && zero(y)) {
+                continue;
+            }
+            match (key.starts_with("train."), y) {
+                (true, Some(y)) => sets.push(format!("{key}={y}")),
+                _ => conflicts.push(format!(
+                    "{key}: {} there, {} here",
+                    x.map_or("unset".into(), ToString::to_string),
+                    y.map_or("unset".into(), ToString::to_string)
+                )),
+            }
+        }
+        Ok((sets, conflicts))
+    }
+
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |path: &str, msg: String| Err(TrainError::Config { path: path.into(), msg });
         self.model.check_settings()?;
@@ -713,5 +770,38 @@ mod tests {
             let e = base.apply_overrides(&["train.seed=3".into(), set.into()]).expect_err(set).to_string();
             assert!(e.contains(key) && e.contains(says) && !e.contains("line"), "{set}: {e}");
         }
+        // A key the serialized config skips when empty (`data.origins`, as `--resume --data`
+        // sets it) is still a key; a misspelt one is not.
+        assert!(base.data.origins.is_empty());
+        let c = base.apply_overrides(&["data.origins=[\"\"]".into()]).expect("data.origins");
+        assert_eq!(c.data.origins, vec![String::new()]);
+        let e = base.apply_overrides(&["data.origin=[\"\"]".into()]).expect_err("misspelt").to_string();
+        assert!(e.contains("data.origin") && e.contains("unknown key"), "{e}");
+    }
+
+    /// `--auto-resume`: a command's `[train]` keys become overrides; a model change is a
+    /// conflict; keys the run resolved at start (vocabulary, global batch) are not, when the
+    /// command leaves them 0.
+    #[test]
+    fn resume_delta_splits_overrides_from_conflicts() {
+        let fresh = TrainConfig::preset("tiny").expect("preset");
+        let mut saved = fresh.clone();
+        saved.model.vocab_size = 4487;
+        saved.optim.global_batch = 8;
+        saved.train.steps = 10;
+        saved.data.paths = vec![PathBuf::from("/cache/corpus")];
+        let (sets, conflicts) = saved.resume_delta(&fresh).expect("delta");
+        assert_eq!(sets, vec![format!("train.steps={}", fresh.train.steps)]);
+        assert!(conflicts.is_empty(), "{conflicts:?}");
+        let mut other = fresh.clone();
+        other.model.d_model = 8;
+        other.model.vocab_size = 99;
+        let (_, conflicts) = saved.resume_delta(&other).expect("delta");
+        assert_eq!(conflicts.len(), 2, "{conflicts:?}");
+        assert!(
+            conflicts[0].starts_with("model.d_model: ")
+                && conflicts[1].starts_with("model.vocab_size: 4487 there, 99 here"),
+            "{conflicts:?}"
+        );
     }
 }

@@ -38,6 +38,12 @@ pub struct Args {
     /// Replace an existing run directory.
     #[arg(long)]
     overwrite: bool,
+    /// When `--out` already holds a checkpoint, continue from it instead of starting (the same
+    /// command then starts or continues a run, as a requeued or restarted job needs). The
+    /// command's config must match the run's, but for `[train]` keys and the data paths,
+    /// which it changes. Implied when torchrun restarts the ranks (`--max-restarts`).
+    #[arg(long, conflicts_with_all = ["resume", "overwrite", "compare"])]
+    auto_resume: bool,
     /// Architecture: mot, dense or moe.
     #[arg(long)]
     arch: Option<Arch>,
@@ -172,6 +178,70 @@ fn exit_code(summary: &motley_trainer::TrainSummary, which: &AtomicUsize) -> i32
     }
 }
 
+/// `--resume RUN` (also where `--auto-resume` finds a checkpoint): the run's saved config with
+/// `sets` laid over it; `data` replaces its corpora.
+fn resume(run: &Path, data: &[PathBuf], mut sets: Vec<String>, ctx: &Ctx) -> anyhow::Result<i32> {
+    let remote = run.to_str().filter(|s| crate::remote::is_remote(Path::new(s)));
+    let (mirror, local) = match remote {
+        Some(uri) => {
+            let (run_uri, local) = crate::remote_run::pull(uri, Need::Resume, &ctx.remote)?;
+            (Some(run_uri), local)
+        }
+        None => (None, run.to_path_buf()),
+    };
+    let mut corpus_sets = Vec::new();
+    if !data.is_empty() {
+        let mut data = data.to_vec();
+        let origins = crate::remote::localize(&mut data, &ctx.remote)?;
+        corpus_sets.extend(crate::remote::data_overrides(&data, &origins));
+    } else if let Some((data, origins)) = crate::remote::recorded_corpora(&local, &ctx.remote)? {
+        // Corpora from object stores are fetched again into this machine's cache.
+        corpus_sets.extend(crate::remote::data_overrides(&data, &origins));
+    }
+    corpus_sets.append(&mut sets);
+    let mut t = Trainer::resume(&local, &corpus_sets).with_context(|| format!("resuming {}", run.display()))?;
+    if let Some(uri) = mirror {
+        t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
+    }
+    let (stop, which) = stop_on_signals()?;
+    t.set_stop_flag(stop);
+    let summary = t.run()?;
+    report(&summary, t.comm().rank(), ctx)?;
+    Ok(exit_code(&summary, &which))
+}
+
+/// The run directory a command without `--out` uses.
+fn default_out(preset: &str, arch: &str, compare: bool) -> PathBuf {
+    PathBuf::from("runs").join(format!("{preset}-{}", if compare { "compare" } else { arch }))
+}
+
+/// `--auto-resume`: None when `out` holds no complete checkpoint (the run starts). Otherwise
+/// the overrides that turn the run's saved config into this command's: its `[train]` keys
+/// that differ. Any other difference (model, optimizer, data but its paths) is an error naming
+/// the keys, since the checkpoint cannot continue as that run.
+fn auto_resume_sets(fresh: &TrainConfig, out: &Path, ctx: &Ctx) -> anyhow::Result<Option<Vec<String>>> {
+    let saved = match out.to_str().filter(|s| crate::remote::is_remote(Path::new(s))) {
+        Some(uri) => match crate::remote_run::latest_meta(uri, &ctx.remote)? {
+            Some(meta) => meta.config,
+            None => return Ok(None),
+        },
+        None => match motley_trainer::checkpoint::list(out)?.pop() {
+            Some((_, ckpt)) => motley_trainer::checkpoint::read_meta(&ckpt)?.config,
+            None => return Ok(None),
+        },
+    };
+    let (sets, conflicts) = saved.resume_delta(fresh)?;
+    if !conflicts.is_empty() {
+        bail!(
+            "{}: holds a run this command cannot continue (--auto-resume): {}; fix the command, or pass \
+             --overwrite (without --auto-resume) to start over",
+            out.display(),
+            conflicts.join(", ")
+        );
+    }
+    Ok(Some(sets))
+}
+
 /// Prints a finished run's summary (rank 0 only: the other ranks' stdout stays empty).
 fn report(summary: &motley_trainer::TrainSummary, rank: usize, ctx: &Ctx) -> anyhow::Result<()> {
     if rank != 0 {
@@ -189,46 +259,30 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<i32> {
         if let Some(d) = &args.device {
             sets.push(format!("train.device=\"{d}\""));
         }
-        let remote = run.to_str().filter(|s| crate::remote::is_remote(Path::new(s)));
-        let (mirror, local) = match remote {
-            Some(uri) => {
-                let (run_uri, local) = crate::remote_run::pull(uri, Need::Resume, &ctx.remote)?;
-                (Some(run_uri), local)
-            }
-            None => (None, run.clone()),
-        };
-        if !args.data.is_empty() {
-            let mut data = args.data.clone();
-            let origins = crate::remote::localize(&mut data, &ctx.remote)?;
-            sets.extend(crate::remote::data_overrides(&data, &origins));
-        } else if let Some((data, origins)) = crate::remote::recorded_corpora(&local, &ctx.remote)? {
-            // Corpora from object stores are fetched again into this machine's cache.
-            sets.extend(crate::remote::data_overrides(&data, &origins));
-        }
         sets.extend(args.set.iter().cloned());
-        let mut t = Trainer::resume(&local, &sets).with_context(|| format!("resuming {}", run.display()))?;
-        if let Some(uri) = mirror {
-            t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
-        }
-        let (stop, which) = stop_on_signals()?;
-        t.set_stop_flag(stop);
-        let summary = t.run()?;
-        report(&summary, t.comm().rank(), ctx)?;
-        return Ok(exit_code(&summary, &which));
+        return resume(run, &args.data, sets, ctx);
     }
+    let launch = motley_trainer::dist::Launch::from_env()?;
     let cfg = resolve_config(&args, &ctx.remote)?;
+    if (args.auto_resume || launch.restart > 0) && !args.compare && !args.dry_run {
+        let out = args.out.clone().unwrap_or_else(|| default_out(&cfg.preset, &cfg.model.arch.to_string(), false));
+        if let Some(sets) = auto_resume_sets(&cfg, &out, ctx)? {
+            if launch.restart > 0 && !args.auto_resume {
+                tracing::warn!(
+                    "torchrun restarted the ranks (attempt {}): continuing {} from its latest checkpoint",
+                    launch.restart,
+                    out.display()
+                );
+            }
+            return resume(&out, &args.data, sets, ctx);
+        }
+    }
     if args.dry_run {
         output::line(cfg.to_toml()?)?;
         return Ok(0);
     }
-    let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "{}-{}",
-            cfg.preset,
-            if args.compare { "compare".into() } else { cfg.model.arch.to_string() }
-        ))
-    });
-    let rank = motley_trainer::dist::Launch::from_env()?.rank;
+    let out = args.out.clone().unwrap_or_else(|| default_out(&cfg.preset, &cfg.model.arch.to_string(), args.compare));
+    let rank = launch.rank;
     let remote_out = out.to_str().filter(|s| crate::remote::is_remote(Path::new(s))).map(str::to_string);
     if args.compare {
         if let Some(uri) = &remote_out {
