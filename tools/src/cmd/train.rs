@@ -199,7 +199,13 @@ fn resume(run: &Path, data: &[PathBuf], mut sets: Vec<String>, ctx: &Ctx) -> any
         corpus_sets.extend(crate::remote::data_overrides(&data, &origins));
     }
     corpus_sets.append(&mut sets);
-    let mut t = Trainer::resume(&local, &corpus_sets).with_context(|| format!("resuming {}", run.display()))?;
+    let t = Trainer::resume(&local, &corpus_sets).with_context(|| format!("resuming {}", run.display()))?;
+    run_to_end(t, mirror, ctx)
+}
+
+/// Runs a started or resumed trainer to its end under the stop signals (copying to `mirror`,
+/// a run's object-store location, if any), prints the summary and returns the exit code.
+fn run_to_end(mut t: Trainer, mirror: Option<String>, ctx: &Ctx) -> anyhow::Result<i32> {
     if let Some(uri) = mirror {
         t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
     }
@@ -313,14 +319,7 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<i32> {
     };
     let mut t = Trainer::new(cfg)?;
     t.attach_run_dir(&local)?;
-    if let Some(uri) = remote_out {
-        t.set_mirror(Box::new(ObjectMirror::new(&uri, ctx.remote.clone())));
-    }
-    let (stop, which) = stop_on_signals()?;
-    t.set_stop_flag(stop);
-    let summary = t.run()?;
-    report(&summary, t.comm().rank(), ctx)?;
-    Ok(exit_code(&summary, &which))
+    run_to_end(t, remote_out, ctx)
 }
 
 pub fn eval(args: EvalArgs, ctx: &Ctx) -> anyhow::Result<()> {
