@@ -742,8 +742,8 @@ fn every_rank_writes_a_profile_trace_and_motley_profile_reads_them() {
     assert!(table.contains("rank-00001.pt.trace.json") && table.contains("self ms"), "{table}");
 }
 
-/// `--auto-resume`: the same command starts a run and, after it stopped at step 4, continues
-/// it; when torchrun restarts the ranks (`TORCHELASTIC_RESTART_COUNT`) the command continues
+/// `--auto-resume`: the same command starts a run (in a folder a run cut off before its first
+/// checkpoint left) and, after it stopped at step 4, continues it; when torchrun restarts the ranks (`TORCHELASTIC_RESTART_COUNT`) the command continues
 /// even without the flag and with `--overwrite` in it (a restart never wipes the run). Both
 /// end on the uninterrupted curve. A command whose model differs from the run's is refused,
 /// naming the key.
@@ -755,7 +755,10 @@ fn auto_resume_makes_one_command_start_or_continue_a_run() {
     let whole = dir.path().join("whole");
     train(&tiny(&data, &whole, &base));
 
+    // A run cut off before its first checkpoint left a folder: --auto-resume starts over there.
     let run = dir.path().join("auto");
+    std::fs::create_dir_all(&run).expect("mkdir");
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\": 1}\n").expect("stray metrics");
     let auto = [base.clone(), args(&["--auto-resume"])].concat();
     let s = train(&tiny(&data, &run, &[auto.clone(), set("train.stop_at=4")].concat()));
     assert_eq!(s["steps"].as_u64(), Some(4), "{s}");

@@ -270,7 +270,8 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<i32> {
     }
     let launch = motley_trainer::dist::Launch::from_env()?;
     let cfg = resolve_config(&args, &ctx.remote)?;
-    if (args.auto_resume || launch.restart > 0) && !args.compare && !args.dry_run {
+    let auto = (args.auto_resume || launch.restart > 0) && !args.compare && !args.dry_run;
+    if auto {
         let out = args.out.clone().unwrap_or_else(|| default_out(&cfg.preset, &cfg.model.arch.to_string(), false));
         if let Some(sets) = auto_resume_sets(&cfg, &out, ctx)? {
             if launch.restart > 0 && !args.auto_resume {
@@ -306,13 +307,15 @@ fn train(args: Args, ctx: &Ctx) -> anyhow::Result<i32> {
         return Ok(0);
     }
     // A run in an object store trains in a local staging folder that rank 0 copies from (and
-    // every rank its own files of per-rank checkpoints, so nodes need no shared disk).
+    // every rank its own files of per-rank checkpoints, so nodes need no shared disk). Under
+    // --auto-resume a run without a complete checkpoint (cut off before its first) starts over.
+    let overwrite = args.overwrite || auto;
     let local = match &remote_out {
-        Some(uri) if rank == 0 => crate::remote_run::prepare_new(uri, args.overwrite, &ctx.remote)?,
+        Some(uri) if rank == 0 => crate::remote_run::prepare_new(uri, overwrite, &ctx.remote)?,
         Some(uri) => crate::remote_run::staging_dir(uri, &ctx.remote),
         None => {
             if rank == 0 {
-                prepare_run_dir(&out, args.overwrite)?;
+                prepare_run_dir(&out, overwrite)?;
             }
             out.clone()
         }
