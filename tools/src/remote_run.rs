@@ -435,6 +435,11 @@ impl motley_trainer::mirror::RunMirror for ObjectMirror {
         Ok(())
     }
 
+    fn put_run_file(&self, rel: &str, path: &Path) -> Result<(), String> {
+        motley_remote::put_file(&join(&self.shared.uri, rel), path, &self.shared.opts)
+            .map_err(|e| format!("copying {} to {}: {e:#}", path.display(), self.shared.uri))
+    }
+
     fn wait(&self) -> Result<(), String> {
         let s = &self.shared;
         let mut st = s.lock();

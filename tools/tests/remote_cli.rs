@@ -434,6 +434,7 @@ fn per_rank_checkpoints_need_no_shared_disk_between_nodes() {
         "train.zero=1",
         "data.batch_size=2",
         "train.tensorboard=true",
+        "train.profile_steps=[5,5]",
     ];
     let local = tmp.path().join("run-local");
     let mut c = motley(server.port, &tmp.path().join("cache-local"));
@@ -503,6 +504,10 @@ fn per_rank_checkpoints_need_no_shared_disk_between_nodes() {
     let size = motley_remote::list_inputs(&format!("{uri}/metrics.jsonl"), &opts).expect("list")[0].1;
     motley_remote::fetch_input(&format!("{uri}/metrics.jsonl"), size, &fetched.join("metrics.jsonl"), &opts)
         .expect("metrics.jsonl from the bucket");
+    // Each rank's profile of step 5 (the resumed run's), copied by the rank itself.
+    let traces = motley_remote::list_inputs(&format!("{uri}/profile"), &opts).expect("list profile/");
+    let names: Vec<&str> = traces.iter().map(|(u, _)| u.rsplit('/').next().unwrap_or("")).collect();
+    assert_eq!(names, ["rank-00000.pt.trace.json", "rank-00001.pt.trace.json"], "{traces:?}");
     // Both processes' TensorBoard event files are there too.
     let events = motley_remote::list_inputs(&format!("{uri}/tensorboard"), &opts).expect("list tensorboard/");
     assert_eq!(events.len(), 2, "{events:?}");

@@ -22,6 +22,9 @@ pub trait RunMirror: Send + Sync {
     /// Per-rank checkpoints: copies this rank's `files` of the checkpoint of `step` now (on
     /// the checkpoint writer's thread), before the ranks agree the checkpoint is written.
     fn put_rank_files(&self, step: u64, files: &[PathBuf]) -> Result<(), String>;
+    /// A file of this rank's under the run (`rel`, such as `profile/steps-4-5/rank-00001.pt.trace.json`),
+    /// copied now: what only the rank that wrote it has.
+    fn put_run_file(&self, rel: &str, path: &Path) -> Result<(), String>;
     /// Waits until every queued checkpoint is copied (or one failed).
     fn wait(&self) -> Result<(), String>;
     /// The run ended and pruned its checkpoints: copy its final files and delete the copies

@@ -1088,8 +1088,17 @@ impl Trainer {
                 self.save_checkpoint()?;
             }
             drop(step_range);
-            if let Some(p) = &mut profiler
-                && let Some(trace) = p.after_step(step, step >= stop || self.stop_agreed)?
+            let trace = match &mut profiler {
+                Some(p) => p.after_step(step, step >= stop || self.stop_agreed)?,
+                None => None,
+            };
+            if let (Some(trace), Some(m), Some(run)) = (&trace, &self.mirror, &self.run_dir)
+                && let Ok(rel) = trace.strip_prefix(run)
+            {
+                // Every rank copies its own trace (nodes may not share a disk).
+                m.put_run_file(&rel.to_string_lossy(), trace).map_err(TrainError::Mirror)?;
+            }
+            if let Some(trace) = trace
                 && self.verbose
                 && rank0
             {

@@ -312,6 +312,10 @@ impl motley_trainer::mirror::RunMirror for SlowMirror {
         Err("full checkpoints have no rank files".into())
     }
 
+    fn put_run_file(&self, rel: &str, _path: &std::path::Path) -> Result<(), String> {
+        Err(format!("this run writes no {rel}"))
+    }
+
     fn wait(&self) -> Result<(), String> {
         self.waited.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
