@@ -508,6 +508,13 @@ fn per_rank_checkpoints_need_no_shared_disk_between_nodes() {
     let traces = motley_remote::list_inputs(&format!("{uri}/profile"), &opts).expect("list profile/");
     let names: Vec<&str> = traces.iter().map(|(u, _)| u.rsplit('/').next().unwrap_or("")).collect();
     assert_eq!(names, ["rank-00000.pt.trace.json", "rank-00001.pt.trace.json"], "{traces:?}");
+    // `motley profile` reads them there.
+    let mut c = motley(server.port, &tmp.path().join("cache-profile"));
+    c.args(["--json", "profile", uri]);
+    let v: Value = serde_json::from_slice(&run(c, "profile s3://").stdout).expect("profile json");
+    let read: Vec<&str> = v.as_array().expect("summaries").iter().filter_map(|t| t["trace"].as_str()).collect();
+    assert_eq!(read, traces.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(), "{v}");
+    assert!(v[0]["steps"][0]["step"] == 5 && v[1]["ops"].as_array().is_some_and(|o| !o.is_empty()), "{v}");
     // Both processes' TensorBoard event files are there too.
     let events = motley_remote::list_inputs(&format!("{uri}/tensorboard"), &opts).expect("list tensorboard/");
     assert_eq!(events.len(), 2, "{events:?}");
