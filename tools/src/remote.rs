@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use motley_remote::RemoteOptions;
 
-/// The options of this process (global `--cache-dir`, `--cache-limit`).
+/// The options of this process (global `--cache-dir`, `--cache-limit`, `--range-streams`).
 pub fn options(cache_dir: Option<PathBuf>, cache_limit: Option<u64>, range_streams: Option<usize>) -> RemoteOptions {
     let mut o = RemoteOptions { cache_dir, ..RemoteOptions::default() };
     if let Some(l) = cache_limit {

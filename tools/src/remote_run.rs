@@ -360,19 +360,19 @@ fn copy_run_files(s: &Shared, run: &Path, tokenizers: bool) -> anyhow::Result<()
     }
     // TensorBoard event files (train.tensorboard) grow: copied whole each time. Older
     // processes' files stay in the location (a resume elsewhere need not fetch them).
-    for e in std::fs::read_dir(run.join("tensorboard")).into_iter().flatten().flatten() {
-        if e.path().is_file() {
-            let rel = format!("tensorboard/{}", e.file_name().to_string_lossy());
-            motley_remote::put_file(&join(&s.uri, &rel), &e.path(), &s.opts)?;
-        }
-    }
+    copy_folder(s, run, "tensorboard")?;
     if tokenizers {
-        let dir = run.join("tokenizers");
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if e.path().is_file() {
-                let rel = format!("tokenizers/{}", e.file_name().to_string_lossy());
-                motley_remote::put_file(&join(&s.uri, &rel), &e.path(), &s.opts)?;
-            }
+        copy_folder(s, run, "tokenizers")?;
+    }
+    Ok(())
+}
+
+/// The files of `run/<folder>` (none when it is missing), as `<folder>/<name>`.
+fn copy_folder(s: &Shared, run: &Path, folder: &str) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(run.join(folder)).into_iter().flatten().flatten() {
+        if e.path().is_file() {
+            let rel = format!("{folder}/{}", e.file_name().to_string_lossy());
+            motley_remote::put_file(&join(&s.uri, &rel), &e.path(), &s.opts)?;
         }
     }
     Ok(())
@@ -422,16 +422,6 @@ impl motley_trainer::mirror::RunMirror for ObjectMirror {
             );
         }
         self.shared.changed.notify_all();
-        Ok(())
-    }
-
-    fn put_rank_files(&self, step: u64, files: &[PathBuf]) -> Result<(), String> {
-        let dir = step_rel(step);
-        for f in files {
-            let name = f.file_name().unwrap_or_default().to_string_lossy();
-            motley_remote::put_file(&join(&self.shared.uri, &format!("{dir}/{name}")), f, &self.shared.opts)
-                .map_err(|e| format!("copying {} to {}: {e:#}", f.display(), self.shared.uri))?;
-        }
         Ok(())
     }
 

@@ -425,7 +425,6 @@ impl TrainConfig {
         Self::from_toml_str(&text, "--set overrides")
     }
 
-    /// Checks the parts that do not depend on the corpus.
     /// How `fresh` (a command's config) differs from this one (a run's saved config), key by
     /// flattened key (`train.steps`): `[train]` keys as `key=value` overrides a resume applies;
     /// any other key (but `preset` and the data's paths, origins and loader tuning, which a
@@ -479,6 +478,7 @@ impl TrainConfig {
         Ok((sets, conflicts))
     }
 
+    /// Checks the parts that do not depend on the corpus.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |path: &str, msg: String| Err(TrainError::Config { path: path.into(), msg });
         self.model.check_settings()?;

@@ -148,11 +148,12 @@ impl EventWriter {
     }
 }
 
-/// The tags and values of one step record (non-finite and absent values left out).
+/// The tags and values of one step record (absent values left out; [`EventWriter::scalars`]
+/// drops non-finite ones).
 pub fn scalars_of(r: &StepRecord) -> Vec<(String, f64)> {
     let mut v: Vec<(String, f64)> = Vec::new();
     let mut put = |tag: &str, x: Option<f64>| {
-        if let Some(x) = x.filter(|x| x.is_finite()) {
+        if let Some(x) = x {
             v.push((tag.to_string(), x));
         }
     };

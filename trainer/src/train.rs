@@ -809,8 +809,11 @@ impl Trainer {
             }
             crate::per_rank::write_rank(&tmp, rank, world, weights, moments)?;
             if let Some(m) = &mirror {
-                let files = [crate::per_rank::model_file(rank, world), crate::per_rank::optimizer_file(rank, world)];
-                m.put_rank_files(step, &files.map(|f| tmp.join(f))).map_err(TrainError::Mirror)?;
+                // Under the name the checkpoint will have, not its temporary folder's.
+                let at = checkpoint::dir_of(Path::new(""), step);
+                for f in [crate::per_rank::model_file(rank, world), crate::per_rank::optimizer_file(rank, world)] {
+                    m.put_run_file(&at.join(&f).to_string_lossy(), &tmp.join(&f)).map_err(TrainError::Mirror)?;
+                }
             }
             Ok(())
         };

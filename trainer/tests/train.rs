@@ -308,10 +308,6 @@ impl motley_trainer::mirror::RunMirror for SlowMirror {
         if seen.len() == 5 { Err("copying step 5: the bucket went away".into()) } else { Ok(()) }
     }
 
-    fn put_rank_files(&self, _step: u64, _files: &[std::path::PathBuf]) -> Result<(), String> {
-        Err("full checkpoints have no rank files".into())
-    }
-
     fn put_run_file(&self, rel: &str, _path: &std::path::Path) -> Result<(), String> {
         Err(format!("this run writes no {rel}"))
     }
